@@ -211,15 +211,22 @@ def emulator_config(base_config: dict, slots: list[Slot]):
     return config
 
 
-def load_emulator(path: str | Path) -> Emulator:
-    """Read and verify an emulator bundle (digests, layer map, weights)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def load_emulator_manifest(path: str | Path) -> dict:
+    """An emulator bundle's verified manifest, without loading its model (for the owner's checks)."""
     path = Path(path)
     manifest = _read_manifest(path, EMULATOR_FORMAT)
     _verify_files(path, manifest)
     if emulator_digest(manifest) != manifest.get("digest"):
         raise BundleError(f"{path / MANIFEST} does not match its own digest (modified after writing)")
+    return manifest
+
+
+def load_emulator(path: str | Path) -> Emulator:
+    """Read and verify an emulator bundle (digests, layer map, weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest = load_emulator_manifest(path)
     try:
         slots = [Slot.from_json(s) for s in manifest["slots"]]
         base_config = json.loads((path / "config.json").read_text())

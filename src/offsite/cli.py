@@ -1,0 +1,269 @@
+"""The ``offsite`` command.
+
+    offsite fetch                      fetch the embedded model and data into the cache
+    offsite emulate --model M --method uniform --keep 8 --out DIR      (model owner)
+    offsite tune --emulator DIR --task arc_easy --out DIR              (data owner)
+    offsite plug --model M --adapter DIR --out DIR                     (model owner)
+    offsite eval --model M|--emulator DIR --task arc_easy              (either)
+    offsite run --model M --task arc_easy --method uniform             (both, one machine)
+
+Errors in the user's input print one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+import typing
+
+from .errors import OffsiteError
+
+
+def _add_dataclass_args(parser, cls, seen: set[str], prefix: str = "") -> None:
+    """One ``--option`` per dataclass field (``keep`` -> ``--keep``), typed from the annotation."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        if flag in seen:
+            continue
+        seen.add(flag)
+        typ = hints[f.name]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        base = args[0] if args else typ
+        kw = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = base
+        parser.add_argument(flag, **kw)
+
+
+def _method_options(args, method) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(method.options_cls) if hasattr(args, f.name)}
+
+
+def _add_train_args(p) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--adapter", default="full", choices=["full", "lora", "bitfit"],
+                   help="what to train in the adapter blocks (default: full, as in the paper)")
+    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=int, default=16)
+    g.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--batch-size", type=int, help="global examples per optimizer step")
+    g.add_argument("--micro-batch-size", type=int, help="examples per forward pass (gradient accumulation)")
+    g.add_argument("--schedule", choices=["linear", "cosine", "constant"])
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--eval-every", type=int, help="optimizer steps between validations (default: each epoch)")
+    g.add_argument("--checkpoint-every", type=int)
+    g.add_argument("--max-length", type=int)
+    g.add_argument("--seed", type=int)
+
+
+def _tune_settings(args, base=None):
+    from .adapters import LoraOptions
+    from .train import TrainConfig
+    from .tune import TuneSettings
+
+    cfg = base or TrainConfig()
+    changes = {k: getattr(args, k) for k in ("lr", "epochs", "max_steps", "batch_size", "micro_batch_size",
+                                             "schedule", "warmup_steps", "weight_decay", "eval_every",
+                                             "checkpoint_every", "max_length", "seed")
+               if getattr(args, k, None) is not None}
+    if "batch_size" in changes and "micro_batch_size" not in changes:
+        changes["micro_batch_size"] = min(changes["batch_size"], cfg.micro_batch_size)
+    cfg = dataclasses.replace(cfg, **changes)
+    return TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .emulator import all_methods
+
+    parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning of large language models.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="fetch the embedded model and the offline data into the cache")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default="arc_easy", help="comma-separated tasks to fetch, or 'all'")
+
+    methods = all_methods()
+    p = sub.add_parser("emulate", help="model owner: build an emulator bundle")
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or Hub id")
+    p.add_argument("--method", default="uniform", choices=sorted(methods))
+    p.add_argument("--adapter-layers", default="2,2", help="BOTTOM,TOP adapter blocks (default 2,2)")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--overwrite", action="store_true")
+    seen: set[str] = set()
+    for m in methods.values():
+        _add_dataclass_args(p.add_argument_group(f"{m.name} options ({m.help})"), m.options_cls, seen)
+
+    p = sub.add_parser("tune", help="data owner: tune the adapter on an emulator")
+    p.add_argument("--emulator", required=True, help="emulator bundle directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="a built-in task (its training split)")
+    src.add_argument("--data", help="JSONL/CSV file (prompt/completion or text) or a Hugging Face dataset name")
+    p.add_argument("--out", required=True, help="adapter bundle directory to create")
+    p.add_argument("--overwrite", action="store_true")
+    _add_train_args(p)
+
+    p = sub.add_parser("plug", help="model owner: plug an adapter into the full model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", required=True, help="adapter bundle directory")
+    p.add_argument("--emulator", help="the emulator bundle the adapter should have been tuned on (checked)")
+    p.add_argument("--out", required=True, help="output directory (a plain Hugging Face model)")
+    p.add_argument("--peft", action="store_true", help="LoRA only: write a PEFT adapter for the full model instead")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("eval", help="evaluate a model or an emulator on a task")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model")
+    who.add_argument("--emulator")
+    p.add_argument("--task", default="arc_easy", help="task name, or 'text' for held-out perplexity")
+    p.add_argument("--limit", type=int, help="first N documents of the evaluation split")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", help="write the metrics to this JSON file")
+
+    p = sub.add_parser("run", help="play both parties on one machine and print the papers' table")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="arc_easy")
+    p.add_argument("--method", default="uniform", choices=sorted(methods))
+    p.add_argument("--adapter-layers", default="2,2")
+    p.add_argument("--preset", default="demo", choices=["quick", "demo", "gpu"],
+                   help="quick: minutes; demo: <20 min on 2 CPU cores; gpu: the paper's budget")
+    p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=None,
+                   help="also fine-tune the full model (the FT row); default: on for the gpu preset")
+    p.add_argument("--eval-limit", type=int, help="evaluate the first N documents (default: the preset's)")
+    p.add_argument("--text-docs", type=int, help="held-out text documents for perplexity (0: skip)")
+    p.add_argument("--batch-size-eval", type=int, default=32)
+    p.add_argument("--out", default=None, help="run directory (default runs/<model>-<task>-<method>)")
+    p.add_argument("--overwrite", action="store_true")
+    seen = set()
+    for m in methods.values():
+        _add_dataclass_args(p.add_argument_group(f"{m.name} options"), m.options_cls, seen)
+    _add_train_args(p)
+    return parser
+
+
+def cmd_fetch(args) -> None:
+    from .data.tasks import TASKS, load_task
+    from .data.text import public_text
+    from .models.load import resolve_model_path
+
+    print(f"model {args.model}: {resolve_model_path(args.model)}")
+    tasks = TASKS if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+    for t in tasks:
+        print(f"task {t}: {len(load_task(t, 'train'))} train / {len(load_task(t, 'eval'))} eval documents")
+    print(f"public text: {len(public_text('train'))} train / {len(public_text('heldout'))} held-out documents")
+
+
+def cmd_emulate(args) -> None:
+    from .bundle import save_emulator
+    from .emulator import build_emulator, get_method
+    from .models.load import load_model, model_display_name
+
+    method = get_method(args.method)
+    model, tokenizer = load_model(args.model)
+    emu = build_emulator(args.method, model, tokenizer, model_display_name(args.model), args.adapter_layers,
+                         **_method_options(args, method))
+    manifest = save_emulator(emu, args.out, overwrite=args.overwrite)
+    sh = manifest["shapes"]
+    print(f"wrote {args.out}: {args.method} emulator, {len(emu.slots)} blocks "
+          f"(sources {[s.source for s in emu.slots]}), middle {sh['middle_params']:,} of "
+          f"{sh['original_middle_params']:,} parameters ({sh['middle_params'] / sh['original_middle_params']:.1%})")
+
+
+def cmd_tune(args) -> None:
+    from .bundle import load_emulator
+    from .tune import file_data, task_data, tune_to_dir
+
+    emu = load_emulator(args.emulator)
+    data = task_data(args.task) if args.task else file_data(args.data)
+    bundle = tune_to_dir(emu, data, _tune_settings(args), args.out, overwrite=args.overwrite)
+    t = bundle.training
+    print(f"wrote {args.out}: {bundle.kind} adapter for blocks {bundle.sources}, {t['steps']} steps, "
+          f"best validation loss {t['best_val_loss']}")
+
+
+def cmd_plug(args) -> None:
+    from .models.load import load_model
+    from .plug import plug_to_dir
+
+    model, tokenizer = load_model(args.model)
+    out = plug_to_dir(model, tokenizer, args.adapter, args.out, emulator_dir=args.emulator,
+                      overwrite=args.overwrite, peft_format=args.peft)
+    print(f"wrote {out}")
+
+
+def cmd_eval(args) -> None:
+    from .bundle import load_emulator, write_json_atomic
+    from .eval import evaluate
+    from .models.load import load_model
+
+    if args.emulator:
+        emu = load_emulator(args.emulator)
+        model, tokenizer = emu.model, emu.tokenizer
+    else:
+        model, tokenizer = load_model(args.model)
+    metrics = evaluate(model, tokenizer, args.task, limit=args.limit, batch_size=args.batch_size)
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        write_json_atomic(args.json, metrics)
+
+
+def cmd_run(args) -> None:
+    from .emulator import get_method
+    from .models.load import model_display_name
+    from .run import PRESETS, format_table, run
+
+    method = get_method(args.method)
+    out = args.out or f"runs/{model_display_name(args.model)}-{args.task}-{args.method}"
+    preset = PRESETS[args.preset]
+    settings = _tune_settings(args, base=preset.train)
+    result = run(args.model, args.task, args.method, args.adapter_layers, _method_options(args, method), out,
+                 preset=args.preset, settings=settings, full_ft=args.full_ft,
+                 eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
+                 text_docs=args.text_docs if args.text_docs is not None else "preset",
+                 batch_size=args.batch_size_eval, overwrite=args.overwrite,
+                 command="offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print()
+    print(f"{model_display_name(args.model)} · {args.task} · {args.method} {args.adapter_layers} "
+          f"{_method_options(args, method) or ''}".rstrip())
+    print(format_table(result.records, args.task))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"results: {out}/results.json, table: {out}/table.md")
+
+
+COMMANDS = {"fetch": cmd_fetch, "emulate": cmd_emulate, "tune": cmd_tune, "plug": cmd_plug,
+            "eval": cmd_eval, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if not args.verbose:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+        COMMANDS[args.command](args)
+    except OffsiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""``offsite run``: play both parties on one machine and print the papers' table.
+
+1. the model owner builds the emulator and writes its bundle;
+2. the data owner loads the bundle, evaluates it untouched (Emulator ZS), tunes the adapter and
+   writes the adapter bundle; evaluates the emulator with the tuned adapter (Emulator FT);
+3. the model owner loads the adapter bundle, checks it and plugs it into the full model (Plug-in);
+4. Full ZS is the untouched model; Full FT (optional) fine-tunes every block through the same loop.
+
+Every row is evaluated on the same documents: the task's headline metric (with standard errors)
+and perplexity on held-out English text.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .bundle import load_adapter, load_emulator, save_emulator, write_json_atomic
+from .emulator import build_emulator
+from .errors import OffsiteError
+from .models.load import load_model
+from .plug import plug
+from .train import TrainConfig
+from .tune import TrainingData, TuneSettings, finetune_full, task_data, tune_to_dir
+
+ROWS = ("full_zs", "emu_zs", "emu_ft", "plugin", "full_ft")
+ROW_TITLES = {"full_zs": "Full ZS", "emu_zs": "Emulator ZS", "emu_ft": "Emulator FT",
+              "plugin": "Plug-in", "full_ft": "Full FT"}
+
+
+@dataclass
+class Preset:
+    """How much work a run does. The evaluation subset is the first N documents of the task's
+    pinned evaluation split (the same N for every row and method)."""
+
+    eval_limit: int | None
+    text_docs: int | None  # held-out text documents for perplexity (about 1k tokens each)
+    train: TrainConfig
+    full_ft: bool
+    full_ft_lr: float
+
+
+PRESETS = {
+    # minutes on a 2-core CPU: a smoke run of the whole pipeline
+    "quick": Preset(eval_limit=100, text_docs=4, full_ft=False, full_ft_lr=2e-5,
+                    train=TrainConfig(lr=1e-4, epochs=1, batch_size=8, micro_batch_size=8,
+                                      schedule="linear", warmup_ratio=0.0, checkpoint_every=20)),
+    # `make demo`: under 20 minutes on a 2-core CPU
+    "demo": Preset(eval_limit=500, text_docs=8, full_ft=False, full_ft_lr=2e-5,
+                   train=TrainConfig(lr=1e-4, epochs=2, batch_size=8, micro_batch_size=8,
+                                     schedule="linear", warmup_ratio=0.0, checkpoint_every=20)),
+    # a GPU: the paper's recipe (5 epochs, batch 32, linear schedule), every document, Full FT on
+    "gpu": Preset(eval_limit=None, text_docs=None, full_ft=True, full_ft_lr=2e-5,
+                  train=TrainConfig(lr=2e-5, epochs=5, batch_size=32, micro_batch_size=32,
+                                    schedule="linear", checkpoint_every=100)),
+}
+
+
+def _meta(command: str) -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "command": command,
+        "git_commit": commit,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
+                   + f", {torch.get_num_threads()} threads"
+                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"offsite": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+@dataclass
+class RunResult:
+    meta: dict
+    records: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def evaluate_row(model, tokenizer, task: str, eval_limit, text_docs, batch_size: int) -> dict[str, dict]:
+    """The task's metrics and held-out text perplexity of one model."""
+    from .eval import evaluate
+
+    out = {task: evaluate(model, tokenizer, task, limit=eval_limit, batch_size=batch_size)}
+    if text_docs != 0:
+        out["text"] = evaluate(model, tokenizer, "text", limit=text_docs, batch_size=batch_size)
+    return out
+
+
+def _records(row: str, results: dict[str, dict], base: dict, seconds: float, extra: dict) -> list[dict]:
+    recs = []
+    for task, metrics in results.items():
+        n = metrics.get("n")
+        for metric, value in metrics.items():
+            if metric == "n" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            recs.append({**base, "task": task, "row": row, "metric": metric, "value": float(value),
+                         "stderr": metrics.get(f"{metric}_stderr"), "n": n,
+                         "seconds": round(seconds, 2), **extra})
+    return recs
+
+
+def run(model_name: str, task: str, method: str, adapter_layers, method_options: dict, out: str | Path,
+        preset: str = "demo", settings: TuneSettings | None = None, full_ft: bool | None = None,
+        eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
+        batch_size: int = 32, overwrite: bool = False, command: str = "", log=print) -> RunResult:
+    if preset not in PRESETS:
+        raise OffsiteError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    eval_limit = p.eval_limit if eval_limit == "preset" else eval_limit
+    text_docs = p.text_docs if text_docs == "preset" else text_docs
+    full_ft = p.full_ft if full_ft is None else full_ft
+    settings = settings or TuneSettings(train=replace(p.train))
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OffsiteError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+    data: TrainingData = task_data(task)  # fail early on an unknown task, before any model work
+    result = RunResult(meta=_meta(command))
+    subset = f"first {eval_limit} documents of the evaluation split" if eval_limit else "every evaluation document"
+    result.notes.append(f"evaluated on {subset}; held-out text: "
+                        + (f"{text_docs} documents" if text_docs else "all documents"))
+    if not full_ft:
+        result.notes.append("Full FT skipped (pass --full-ft to run it)")
+
+    def timed(label, fn):
+        log(f"[offsite] {label} ...")
+        t0 = time.perf_counter()
+        value = fn()
+        dt = time.perf_counter() - t0
+        log(f"[offsite] {label}: {dt:.1f}s")
+        return value, dt
+
+    model, tokenizer = load_model(model_name)
+    # 1. owner: emulator bundle
+    emu, build_s = timed("building the emulator", lambda: build_emulator(
+        method, model, tokenizer, _name(model_name), adapter_layers, **method_options))
+    emu_dir = out / "emulator"
+    save_emulator(emu, emu_dir, overwrite=True)
+    del emu
+    base = {"model": _name(model_name), "method": method,
+            "setting": {"adapter_layers": list(_pair(adapter_layers)), **method_options}}
+
+    def add(row, results, seconds, extra=None):
+        result.records.extend(_records(row, results, base, seconds, extra or {}))
+        _save(result, out)
+
+    # 2. data owner
+    emu = load_emulator(emu_dir)
+    middle = emu.middle_params()
+    base["middle_params"] = middle
+    res, dt = timed("Emulator ZS", lambda: evaluate_row(emu.model, emu.tokenizer, task, eval_limit, text_docs, batch_size))
+    add("emu_zs", res, dt)
+    adapter_dir = out / "adapter"
+    _, dt = timed("tuning the adapter on the emulator",
+                  lambda: tune_to_dir(emu, data, settings, adapter_dir, overwrite=True))
+    res, dt2 = timed("Emulator FT", lambda: evaluate_row(emu.model, emu.tokenizer, task, eval_limit, text_docs, batch_size))
+    add("emu_ft", res, dt2, {"train_seconds": round(dt, 2)})
+    del emu
+
+    # 3. owner: Full ZS, then plug in
+    res, dt = timed("Full ZS", lambda: evaluate_row(model, tokenizer, task, eval_limit, text_docs, batch_size))
+    add("full_zs", res, dt)
+    bundle = load_adapter(adapter_dir)
+    plugged = plug(model, bundle, load_emulator(emu_dir).manifest)
+    res, dt = timed("Plug-in", lambda: evaluate_row(plugged, tokenizer, task, eval_limit, text_docs, batch_size))
+    add("plugin", res, dt)
+    del plugged, model
+
+    # 4. Full FT baseline through the same training loop
+    if full_ft:
+        ft_model, _ = load_model(model_name)
+        ft_settings = replace(settings, train=replace(settings.train, lr=p.full_ft_lr))
+        _, dt = timed("Full FT training", lambda: finetune_full(ft_model, tokenizer, data, ft_settings,
+                                                                out / "full_ft.work"))
+        res, dt2 = timed("Full FT", lambda: evaluate_row(ft_model, tokenizer, task, eval_limit, text_docs, batch_size))
+        add("full_ft", res, dt2, {"train_seconds": round(dt, 2)})
+    (out / "table.md").write_text(format_table(result.records, task) + "\n\n" + "\n".join(
+        f"* {n}" for n in result.notes) + "\n")
+    return result
+
+
+def _name(model_name: str) -> str:
+    from .models.load import model_display_name
+
+    return model_display_name(model_name)
+
+
+def _pair(adapter_layers):
+    from .emulator import parse_adapter_layers
+
+    return parse_adapter_layers(adapter_layers)
+
+
+def _save(result: RunResult, out: Path) -> None:
+    write_json_atomic(out / "results.json", {"meta": result.meta, "notes": result.notes,
+                                             "records": result.records})
+
+
+def _fmt(rec: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    if rec is None:
+        return "–"
+    v = rec["value"] * scale
+    se = rec.get("stderr")
+    return f"{v:.{digits}f} ± {se * scale:.{digits}f}" if se is not None else f"{v:.{digits}f}"
+
+
+def headline_metric(task: str) -> str:
+    from .eval import METRIC
+
+    return METRIC[task]
+
+
+def format_table(records: list[dict], task: str) -> str:
+    """The papers' table for one task: rows, the task metric and held-out perplexity."""
+    metric = headline_metric(task)
+    by = {(r["row"], r["task"], r["metric"]): r for r in records}
+    ppl_metric = headline_metric("text")
+    lines = [f"| row | {task} {metric} (%) | text {ppl_metric} |", "|---|---|---|"]
+    for row in ROWS:
+        acc = by.get((row, task, metric))
+        ppl = by.get((row, "text", ppl_metric))
+        if acc is None and ppl is None:
+            continue
+        lines.append(f"| {ROW_TITLES[row]} | {_fmt(acc)} | {_fmt(ppl, 1.0, 2)} |")
+    plug_r, emu_r = by.get(("plugin", task, metric)), by.get(("emu_ft", task, metric))
+    if plug_r and emu_r:
+        gap = plug_r["value"] - emu_r["value"]
+        se = ((plug_r.get("stderr") or 0) ** 2 + (emu_r.get("stderr") or 0) ** 2) ** 0.5
+        lines.append(f"| gap (Plug-in − Emulator FT) | {gap * 100:+.1f} ± {se * 100:.1f} | |")
+    return "\n".join(lines)
+
+
+def results_json(result: RunResult) -> str:
+    return json.dumps({"meta": result.meta, "records": result.records}, indent=2)
+
+
+__all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Preset", "RunResult", "format_table", "run", "asdict"]

@@ -1,0 +1,147 @@
+"""The data owner's job: tune the adapter on the emulator, return only the adapter.
+
+Also the full fine-tuning baseline (all blocks trainable; embeddings, final norm and head frozen,
+as in the paper's FT), through the same training engine (:mod:`offsite.train`).
+
+QA data (a task or prompt/completion pairs) is trained with the loss on the answer tokens only;
+raw text with the plain LM loss. A fixed part of the training data is held out for validation
+(every 10th example in a seeded order, at least one), and the adapter with the lowest validation
+loss is kept, as the reference code keeps the best-perplexity adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import adapters
+from .bundle import AdapterBundle, save_adapter
+from .emulator.core import Emulator, state_digest
+from .errors import OffsiteError
+from .models.families import get_blocks
+from .train import TrainConfig, TrainResult, tokenize_qa, tokenize_text, train
+
+
+@dataclass
+class TrainingData:
+    """What to train on: QA pairs (context, target) or raw text documents."""
+
+    kind: str  # "qa" | "text"
+    items: list  # list[tuple[str, str]] for qa, list[str] for text
+    source: str = ""  # task name or file, for the record
+
+    def __post_init__(self):
+        if not self.items:
+            raise OffsiteError(f"training data {self.source or ''} has no examples".replace("  ", " "))
+
+
+def task_data(task: str) -> TrainingData:
+    from .data.tasks import load_task, train_pairs
+
+    return TrainingData("qa", train_pairs(load_task(task, "train")), source=task)
+
+
+def file_data(path: str) -> TrainingData:
+    from .data.user import load_user_data
+
+    kind, items = load_user_data(path)
+    return TrainingData(kind, items, source=str(path))
+
+
+def split_validation(items: list, fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
+    """Hold out a fixed ``fraction`` (at least one item, when there are two or more)."""
+    if len(items) < 2:
+        return list(items), []
+    keyed = sorted(range(len(items)), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    n_val = max(1, round(len(items) * fraction))
+    val_idx = set(keyed[:n_val])
+    return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
+
+
+def tokenize(tokenizer, data: TrainingData, max_length: int) -> list[dict]:
+    if data.kind == "qa":
+        return tokenize_qa(tokenizer, data.items, max_length)
+    return tokenize_text(tokenizer, data.items, max_length)
+
+
+@dataclass
+class TuneSettings:
+    adapter: str = "full"  # full | lora | bitfit
+    lora: adapters.LoraOptions = field(default_factory=adapters.LoraOptions)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val_fraction: float = 0.1
+
+
+def _train(model, tokenizer, data: TrainingData, settings: TuneSettings, work_dir: Path | None,
+           accelerator=None) -> TrainResult:
+    train_items, val_items = split_validation(data.items, settings.val_fraction, settings.train.seed)
+    train_ex = tokenize(tokenizer, TrainingData(data.kind, train_items, data.source), settings.train.max_length)
+    val_ex = tokenize(tokenizer, TrainingData(data.kind, val_items, data.source), settings.train.max_length) \
+        if val_items else None
+    return train(model, None, train_ex, val_ex, settings.train, out_dir=work_dir,
+                 pad_id=tokenizer.pad_token_id, accelerator=accelerator)
+
+
+def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
+                 work_dir: str | Path | None = None, accelerator=None) -> tuple[AdapterBundle, TrainResult]:
+    """Train the adapter of ``emu`` in place and return it as a bundle (not yet written)."""
+    positions = emu.adapter_positions
+    init_digest = state_digest(emu.adapter_state())
+    model = adapters.prepare(emu.model, positions, settings.adapter, settings.lora)
+    result = _train(model, emu.tokenizer, data, settings, Path(work_dir) if work_dir else None, accelerator)
+    state = adapters.extract(model, positions, settings.adapter)
+    if settings.adapter == "lora":
+        emu.model = model.merge_and_unload()  # the emulator now carries the tuned adapter
+    for p in emu.model.parameters():
+        p.requires_grad_(False)
+    emu.model.eval()
+    manifest = emu.manifest or {}
+    bundle = AdapterBundle(
+        kind=settings.adapter,
+        state=state,
+        emulator_digest=manifest.get("digest", ""),
+        adapter_init_digest=manifest.get("adapter_init_digest", init_digest),
+        base=emu.base,
+        lora=asdict(settings.lora) if settings.adapter == "lora" else None,
+        training={
+            "data": data.source, "data_kind": data.kind, "examples": len(data.items),
+            "config": asdict(settings.train), "steps": result.steps, "tokens_seen": result.tokens_seen,
+            "seconds": round(result.seconds, 2), "best_val_loss": result.best_val_loss,
+            "best_step": result.best_step, "history": result.history,
+        },
+    )
+    return bundle, result
+
+
+def tune_to_dir(emu: Emulator, data: TrainingData, settings: TuneSettings, out: str | Path,
+                overwrite: bool = False, accelerator=None) -> AdapterBundle:
+    """Tune and write the adapter bundle atomically. Checkpoints go to ``<out>.work/`` so that a
+    killed run resumes when the same command is run again; they are removed on success."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OffsiteError(f"{out} already exists; choose another path or pass --overwrite")
+    work = out.with_name(out.name + ".work")
+    bundle, _ = tune_adapter(emu, data, settings, work, accelerator)
+    is_main = accelerator is None or accelerator.is_main_process
+    if is_main:
+        save_adapter(bundle, out, overwrite=overwrite)
+        shutil.rmtree(work, ignore_errors=True)
+    return bundle
+
+
+def finetune_full(model, tokenizer, data: TrainingData, settings: TuneSettings,
+                  work_dir: str | Path | None = None) -> TrainResult:
+    """The FT baseline: every block trainable, embeddings, final norm and head frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in get_blocks(model):
+        for p in block.parameters():
+            p.requires_grad_(True)
+    result = _train(model, tokenizer, data, settings, Path(work_dir) if work_dir else None)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return result
+
