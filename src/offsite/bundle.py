@@ -69,12 +69,17 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def check_new_path(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write over an existing path unless asked to (checked before any heavy work)."""
+    if Path(path).exists() and not overwrite:
+        raise OffsiteError(f"{path} already exists; choose another path or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False):
     """Yield a temporary directory that becomes ``path`` only if the block succeeds."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OffsiteError(f"{path} already exists; choose another path or pass --overwrite")
+    check_new_path(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:

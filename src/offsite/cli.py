@@ -164,11 +164,12 @@ def cmd_fetch(args) -> None:
 
 
 def cmd_emulate(args) -> None:
-    from .bundle import save_emulator
+    from .bundle import check_new_path, save_emulator
     from .emulator import build_emulator, get_method
     from .models.load import load_model, model_display_name
 
     method = get_method(args.method)
+    check_new_path(args.out, args.overwrite)
     model, tokenizer = load_model(args.model)
     emu = build_emulator(args.method, model, tokenizer, model_display_name(args.model), args.adapter_layers,
                          **_method_options(args, method))
@@ -180,11 +181,12 @@ def cmd_emulate(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from .bundle import load_emulator
+    from .bundle import check_new_path, load_emulator
     from .tune import file_data, task_data, tune_to_dir
 
-    emu = load_emulator(args.emulator)
+    check_new_path(args.out, args.overwrite)
     data = task_data(args.task) if args.task else file_data(args.data)
+    emu = load_emulator(args.emulator)
     bundle = tune_to_dir(emu, data, _tune_settings(args), args.out, overwrite=args.overwrite)
     t = bundle.training
     print(f"wrote {args.out}: {bundle.kind} adapter for blocks {bundle.sources}, {t['steps']} steps, "
@@ -192,11 +194,14 @@ def cmd_tune(args) -> None:
 
 
 def cmd_plug(args) -> None:
+    from .bundle import check_new_path, load_adapter
     from .models.load import load_model
     from .plug import plug_to_dir
 
+    check_new_path(args.out, args.overwrite)
+    bundle = load_adapter(args.adapter)  # check what the peer sent before any heavy work
     model, tokenizer = load_model(args.model)
-    out = plug_to_dir(model, tokenizer, args.adapter, args.out, emulator_dir=args.emulator,
+    out = plug_to_dir(model, tokenizer, bundle, args.out, emulator_dir=args.emulator,
                       overwrite=args.overwrite, peft_format=args.peft)
     print(f"wrote {out}")
 
@@ -255,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             import transformers
 
             transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
         COMMANDS[args.command](args)
     except OffsiteError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,14 +25,14 @@ def plug(model, bundle: AdapterBundle, emulator_manifest: dict | None = None):
     return plugged
 
 
-def plug_to_dir(model, tokenizer, adapter_dir: str | Path, out: str | Path, emulator_dir=None,
+def plug_to_dir(model, tokenizer, adapter: AdapterBundle | str | Path, out: str | Path, emulator_dir=None,
                 overwrite: bool = False, peft_format: bool = False) -> Path:
     """Plug an adapter bundle into ``model`` and save the result as a Hugging Face directory.
 
     With ``peft_format`` (LoRA only) the output is a PEFT adapter directory for the full model
     (``adapter_config.json`` + ``adapter_model.safetensors``) instead of merged weights.
     """
-    bundle = load_adapter(adapter_dir)
+    bundle = adapter if isinstance(adapter, AdapterBundle) else load_adapter(adapter)
     manifest = load_emulator_manifest(emulator_dir) if emulator_dir else None
     if peft_format:
         if bundle.kind != "lora":

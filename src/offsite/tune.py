@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import adapters
-from .bundle import AdapterBundle, save_adapter
+from .bundle import AdapterBundle, check_new_path, save_adapter
 from .emulator.core import Emulator, state_digest
 from .errors import OffsiteError
 from .models.families import get_blocks
@@ -97,22 +97,31 @@ def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
     for p in emu.model.parameters():
         p.requires_grad_(False)
     emu.model.eval()
-    manifest = emu.manifest or {}
-    bundle = AdapterBundle(
-        kind=settings.adapter,
-        state=state,
-        emulator_digest=manifest.get("digest", ""),
-        adapter_init_digest=manifest.get("adapter_init_digest", init_digest),
-        base=emu.base,
-        lora=asdict(settings.lora) if settings.adapter == "lora" else None,
-        training={
-            "data": data.source, "data_kind": data.kind, "examples": len(data.items),
-            "config": asdict(settings.train), "steps": result.steps, "tokens_seen": result.tokens_seen,
-            "seconds": round(result.seconds, 2), "best_val_loss": result.best_val_loss,
-            "best_step": result.best_step, "history": result.history,
-        },
-    )
+    training = {
+        "data": data.source, "data_kind": data.kind, "examples": len(data.items),
+        "config": asdict(settings.train), "steps": result.steps, "tokens_seen": result.tokens_seen,
+        "seconds": round(result.seconds, 2), "best_val_loss": result.best_val_loss,
+        "best_step": result.best_step, "history": result.history,
+    }
+    lora = asdict(settings.lora) if settings.adapter == "lora" else None
+    bundle = adapter_bundle(emu, settings.adapter, state, lora, training, init_digest)
     return bundle, result
+
+
+def adapter_bundle(emu: Emulator, kind: str, state: dict, lora: dict | None = None,
+                   training: dict | None = None, init_digest: str | None = None) -> AdapterBundle:
+    """Wrap adapter tensors of ``emu`` as a bundle that names the emulator it belongs to."""
+    manifest = emu.manifest or {}
+    return AdapterBundle(
+        kind=kind, state=state, emulator_digest=manifest.get("digest", ""),
+        adapter_init_digest=manifest.get("adapter_init_digest") or init_digest or state_digest(emu.adapter_state()),
+        base=emu.base, lora=lora, training=training or {},
+    )
+
+
+def untuned_adapter(emu: Emulator) -> AdapterBundle:
+    """The adapter as shipped (the original blocks), as a full adapter bundle."""
+    return adapter_bundle(emu, "full", adapters.extract(emu.model, emu.adapter_positions, "full"))
 
 
 def tune_to_dir(emu: Emulator, data: TrainingData, settings: TuneSettings, out: str | Path,
@@ -120,8 +129,7 @@ def tune_to_dir(emu: Emulator, data: TrainingData, settings: TuneSettings, out: 
     """Tune and write the adapter bundle atomically. Checkpoints go to ``<out>.work/`` so that a
     killed run resumes when the same command is run again; they are removed on success."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OffsiteError(f"{out} already exists; choose another path or pass --overwrite")
+    check_new_path(out, overwrite)
     work = out.with_name(out.name + ".work")
     bundle, _ = tune_adapter(emu, data, settings, work, accelerator)
     is_main = accelerator is None or accelerator.is_main_process

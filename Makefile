@@ -1,0 +1,37 @@
+# `make demo`: set up, fetch the embedded model and data, run the main job (<20 min on 2 CPU cores).
+# `make test`: set up, run the tests (tiny random models, a few minutes).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo quick test test-slow bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to 2.13.0: the CPU build on disk here, the CUDA build from PyPI on a GPU machine.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/offsite fetch --model smollm2-135m --tasks arc_easy
+	$(BIN)/offsite run --model smollm2-135m --task arc_easy --method uniform --keep 8 --preset demo --overwrite
+
+quick: setup
+	$(BIN)/offsite run --model smollm2-135m --task arc_easy --method uniform --keep 8 --preset quick --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/python bench/efficiency.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,166 @@
+"""Bad input: one-line error, exit status 2, and nothing half-written left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import make_tokenizer, tiny_model
+
+from offsite.bundle import sha256_file
+from offsite.cli import main
+
+PAIRS = [{"prompt": f"Question: {i}?\nAnswer:", "completion": f" {i}"} for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model (and a different one), an emulator bundle, a tuned adapter bundle."""
+    root = tmp_path_factory.mktemp("world")
+    tok = make_tokenizer()
+    for name, seed in (("model", 0), ("other", 1)):
+        m = tiny_model("llama", 6, seed=seed)
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    (root / "empty.jsonl").write_text("")
+    assert main(["emulate", "--model", str(root / "model"), "--keep", "1", "--out", str(root / "emu")]) == 0
+    assert main(["emulate", "--model", str(root / "model"), "--keep", "2", "--out", str(root / "emu2")]) == 0
+    assert main(["tune", "--emulator", str(root / "emu"), "--data", str(data), "--out", str(root / "ad"),
+                 "--max-steps", "1", "--batch-size", "4"]) == 0
+    return root
+
+
+def copy_of(world, name, tmp_path):
+    dst = tmp_path / name
+    shutil.copytree(world / name, dst)
+    return dst
+
+
+def fails(capsys, argv, *words):
+    """Run the CLI; it must exit 2 with one line on stderr containing ``words``."""
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def no_leftovers(parent, out):
+    assert not out.exists()
+    assert not [p for p in parent.iterdir() if ".tmp-" in p.name], list(parent.iterdir())
+
+
+def tune_argv(emu, data, out):
+    return ["tune", "--emulator", emu, "--data", data, "--out", out, "--max-steps", "1", "--batch-size", "4"]
+
+
+def test_truncated_weight_file(world, tmp_path, capsys):
+    emu = copy_of(world, "emu", tmp_path)
+    f = emu / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    fails(capsys, tune_argv(emu, world / "train.jsonl", tmp_path / "ad"), "SHA-256")
+    no_leftovers(tmp_path, tmp_path / "ad")
+
+
+def test_truncated_weight_file_with_matching_digest(world, tmp_path, capsys):
+    """Even if the manifest is rewritten to match, a broken safetensors file is refused."""
+    ad = copy_of(world, "ad", tmp_path)
+    f = ad / "adapter.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    manifest = json.loads((ad / "manifest.json").read_text())
+    manifest["files"]["adapter.safetensors"] = sha256_file(f)
+    (ad / "manifest.json").write_text(json.dumps(manifest))
+    fails(capsys, ["plug", "--model", world / "model", "--adapter", ad, "--out", tmp_path / "p"], "safetensors")
+    no_leftovers(tmp_path, tmp_path / "p")
+
+
+def test_corrupted_weight_byte(world, tmp_path, capsys):
+    ad = copy_of(world, "ad", tmp_path)
+    f = ad / "adapter.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    fails(capsys, ["plug", "--model", world / "model", "--adapter", ad, "--out", tmp_path / "p"], "digest")
+    no_leftovers(tmp_path, tmp_path / "p")
+
+
+def test_tampered_manifest(world, tmp_path, capsys):
+    emu = copy_of(world, "emu", tmp_path)
+    manifest = json.loads((emu / "manifest.json").read_text())
+    manifest["slots"][2]["source"] = 3
+    (emu / "manifest.json").write_text(json.dumps(manifest))
+    fails(capsys, tune_argv(emu, world / "train.jsonl", tmp_path / "ad"), "digest")
+    no_leftovers(tmp_path, tmp_path / "ad")
+
+
+def test_adapter_from_another_emulator(world, tmp_path, capsys):
+    fails(capsys, ["plug", "--model", world / "model", "--adapter", world / "ad", "--emulator", world / "emu2",
+                   "--out", tmp_path / "p"], "another emulator")
+    no_leftovers(tmp_path, tmp_path / "p")
+
+
+def test_adapter_from_another_model(world, tmp_path, capsys):
+    fails(capsys, ["plug", "--model", world / "other", "--adapter", world / "ad", "--out", tmp_path / "p"],
+          "another model")
+    no_leftovers(tmp_path, tmp_path / "p")
+
+
+def test_adapter_for_a_model_of_another_depth(world, tmp_path, capsys):
+    deep = tmp_path / "deep"
+    tiny_model("llama", 8).save_pretrained(deep)
+    make_tokenizer().save_pretrained(deep)
+    fails(capsys, ["plug", "--model", deep, "--adapter", world / "ad", "--out", tmp_path / "p"], "blocks")
+
+
+def test_missing_files(world, tmp_path, capsys):
+    emu = copy_of(world, "emu", tmp_path)
+    (emu / "model.safetensors").unlink()
+    fails(capsys, tune_argv(emu, world / "train.jsonl", tmp_path / "ad"), "missing")
+    fails(capsys, tune_argv(tmp_path / "nope", world / "train.jsonl", tmp_path / "ad"), "does not exist")
+    fails(capsys, tune_argv(world / "emu", tmp_path / "nope.jsonl", tmp_path / "ad"))
+    (emu / "manifest.json").unlink()
+    fails(capsys, tune_argv(emu, world / "train.jsonl", tmp_path / "ad"), "manifest.json")
+    no_leftovers(tmp_path, tmp_path / "ad")
+
+
+def test_unknown_task_and_model(world, tmp_path, capsys):
+    fails(capsys, ["tune", "--emulator", world / "emu", "--task", "no_such_task", "--out", tmp_path / "ad"],
+          "no_such_task")
+    fails(capsys, ["emulate", "--model", "no-such-model", "--out", tmp_path / "e"], "no-such-model")
+    fails(capsys, ["emulate", "--model", tmp_path, "--out", tmp_path / "e"])
+    no_leftovers(tmp_path, tmp_path / "ad")
+    assert not (tmp_path / "e").exists()
+
+
+def test_empty_dataset(world, tmp_path, capsys):
+    fails(capsys, tune_argv(world / "emu", world / "empty.jsonl", tmp_path / "ad"), "no examples")
+    no_leftovers(tmp_path, tmp_path / "ad")
+
+
+def test_existing_bundle_path_is_not_touched(world, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    fails(capsys, ["emulate", "--model", world / "model", "--keep", "1", "--out", out], "already exists")
+    fails(capsys, tune_argv(world / "emu", world / "train.jsonl", out), "already exists")
+    fails(capsys, ["plug", "--model", world / "model", "--adapter", world / "ad", "--out", out], "already exists")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_adapter_layers_and_keep(world, tmp_path, capsys):
+    fails(capsys, ["emulate", "--model", world / "model", "--adapter-layers", "3,3", "--out", tmp_path / "e"],
+          "no middle")
+    fails(capsys, ["emulate", "--model", world / "model", "--keep", "9", "--out", tmp_path / "e"], "keep")
+    fails(capsys, ["emulate", "--model", world / "model", "--adapter-layers", "two", "--out", tmp_path / "e"])
+    assert not (tmp_path / "e").exists()
+
+
+def test_weights_are_never_unpickled(world):
+    """Bundles hold only safetensors and JSON (plus tokenizer files): nothing to unpickle."""
+    for bundle in ("emu", "ad"):
+        for f in (world / bundle).iterdir():
+            assert f.suffix in {".safetensors", ".json", ".jinja", ".txt", ".model"}, f

@@ -1,0 +1,158 @@
+"""The two-party pipeline on tiny random models: emulate -> tune -> plug, for every family."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import FAMILY_NAMES, tiny_model
+
+from offsite.adapters import LoraOptions
+from offsite.bundle import load_adapter, load_emulator, save_emulator
+from offsite.emulator import build_emulator, split_layers, uniform_choose
+from offsite.errors import OffsiteError
+from offsite.models import family_of, get_blocks
+from offsite.plug import plug
+from offsite.train import TrainConfig
+from offsite.tune import TrainingData, TuneSettings, tune_adapter, untuned_adapter
+
+X = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+PAIRS = [(f"Question: what is {i} plus {i}?\nAnswer:", f" {2 * i}") for i in range(24)]
+
+
+def logits(model, x=X):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def settings(kind="full", steps=3):
+    return TuneSettings(adapter=kind, lora=LoraOptions(r=4, alpha=8),
+                        train=TrainConfig(lr=1e-2, max_steps=steps, batch_size=4, micro_batch_size=4,
+                                          progress=False, checkpoint_every=None))
+
+
+# --- the uniform rule ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_layers,k,expected", [
+    (24, 8, [2, 5, 7, 10, 13, 16, 18, 21]),
+    (48, 16, [2, 5, 8, 11, 13, 16, 19, 22, 25, 28, 31, 34, 36, 39, 42, 45]),
+    (32, 18, [2, 4, 5, 7, 8, 10, 12, 13, 15, 16, 18, 19, 21, 23, 24, 26, 27, 29]),
+    (30, 12, [2, 4, 7, 9, 11, 13, 16, 18, 20, 22, 25, 27]),
+])
+def test_uniform_selection_matches_reference(n_layers, k, expected):
+    _, middle, _ = split_layers(n_layers, (2, 2))
+    assert [middle[i] for i in uniform_choose(len(middle), k)] == expected
+
+
+def test_uniform_rejects_impossible_k():
+    with pytest.raises(OffsiteError):
+        uniform_choose(4, 5)
+    with pytest.raises(OffsiteError):
+        split_layers(4, (2, 2))
+
+
+# --- exactness for every family -----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_keep_all_emulator_and_untuned_plugin_are_the_full_model(family, tokenizer, tmp_path):
+    model = tiny_model(family, 6)
+    expected = logits(model)
+    emu = build_emulator("uniform", model, tokenizer, "tiny", "2,2", keep=2)
+    assert torch.equal(logits(emu.model), expected)
+    assert family_of(emu.model).name == family_of(model).name
+    # round trip through the bundle, then plug the untuned adapter back
+    save_emulator(emu, tmp_path / "emu")
+    loaded = load_emulator(tmp_path / "emu")
+    assert torch.equal(logits(loaded.model), expected)
+    bundle = untuned_adapter(loaded)
+    plugged = plug(copy.deepcopy(model), bundle, loaded.manifest)
+    assert torch.equal(logits(plugged), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("kind", ["full", "lora", "bitfit"])
+def test_plugin_of_keep_all_emulator_equals_tuned_emulator(family, kind, tokenizer, tmp_path):
+    """With every middle block kept, the emulator with the tuned adapter IS the plugged model."""
+    if kind == "bitfit" and family == "llama":
+        pytest.skip("LLaMA blocks have norm gains only; covered by gpt2/opt with biases")
+    model = tiny_model(family, 6)
+    emu = build_emulator("uniform", model, tokenizer, "tiny", "2,2", keep=2)
+    save_emulator(emu, tmp_path / "emu")
+    emu = load_emulator(tmp_path / "emu")
+    before = logits(emu.model)
+    bundle, _ = tune_adapter(emu, TrainingData("qa", PAIRS), settings(kind))
+    after = logits(emu.model)
+    assert not torch.allclose(before, after), "tuning changed nothing"
+    plugged = plug(copy.deepcopy(model), bundle, emu.manifest)
+    torch.testing.assert_close(logits(plugged), after, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_bundle_holds_only_the_adapter(tokenizer, tmp_path):
+    from offsite.bundle import save_adapter
+
+    model = tiny_model("llama", 8)
+    emu = build_emulator("uniform", model, tokenizer, "tiny", "1,2", keep=3)
+    bundle, _ = tune_adapter(emu, TrainingData("qa", PAIRS), settings())
+    assert bundle.sources == [0, 6, 7]
+    save_adapter(bundle, tmp_path / "ad")
+    back = load_adapter(tmp_path / "ad")
+    assert back.state.keys() == bundle.state.keys()
+    assert all(torch.equal(back.state[k], bundle.state[k]) for k in bundle.state)
+    n_adapter = sum(p.numel() for i in (0, 6, 7) for p in get_blocks(model)[i].parameters())
+    assert sum(t.numel() for t in back.state.values()) == n_adapter
+
+
+def test_emulator_bundle_round_trip_is_bit_exact(tokenizer, tmp_path):
+    model = tiny_model("qwen2", 8)
+    emu = build_emulator("uniform", model, tokenizer, "tiny", "2,2", keep=3)
+    manifest = save_emulator(emu, tmp_path / "emu")
+    back = load_emulator(tmp_path / "emu")
+    a, b = emu.model.state_dict(), back.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [s.to_json() for s in back.slots] == manifest["slots"]
+    assert [s.source for s in back.slots] == [0, 1, 2, 4, 5, 6, 7]
+    assert back.manifest["digest"] == manifest["digest"]
+
+
+def test_plugged_directory_loads_with_plain_transformers(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from offsite.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS))
+    assert main(["emulate", "--model", str(tiny_dir), "--keep", "1", "--out", str(tmp_path / "emu")]) == 0
+    assert main(["tune", "--emulator", str(tmp_path / "emu"), "--data", str(data), "--out", str(tmp_path / "ad"),
+                 "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2"]) == 0
+    assert main(["plug", "--model", str(tiny_dir), "--adapter", str(tmp_path / "ad"),
+                 "--emulator", str(tmp_path / "emu"), "--out", str(tmp_path / "plugged")]) == 0
+    plugged = AutoModelForCausalLM.from_pretrained(tmp_path / "plugged")
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    bundle = load_adapter(tmp_path / "ad")
+    for key, t in bundle.state.items():
+        _, src, name = key.split(".", 2)
+        assert torch.equal(get_blocks(plugged)[int(src)].get_parameter(name), t)
+    assert not torch.equal(logits(plugged), logits(original))
+
+
+def test_lora_exports_in_peft_format(tiny_dir, tmp_path, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from offsite.bundle import save_adapter
+    from offsite.cli import main
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    emu = build_emulator("uniform", model, tokenizer, "tiny", "2,2", keep=2)
+    save_emulator(emu, tmp_path / "emu")
+    emu = load_emulator(tmp_path / "emu")
+    bundle, _ = tune_adapter(emu, TrainingData("qa", PAIRS), settings("lora"))
+    save_adapter(bundle, tmp_path / "ad")
+    assert main(["plug", "--model", str(tiny_dir), "--adapter", str(tmp_path / "ad"), "--peft",
+                 "--out", str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "peft").eval()
+    merged = plug(AutoModelForCausalLM.from_pretrained(tiny_dir), load_adapter(tmp_path / "ad"))
+    torch.testing.assert_close(logits(served), logits(merged), rtol=1e-5, atol=1e-5)
