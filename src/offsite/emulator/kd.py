@@ -100,13 +100,20 @@ def make_kd_loss(teacher: nn.ModuleList, tap: MiddleTap, kd_weight: float, lm_we
 
 def build(model, tokenizer, name: str, adapter_layers, opts: KDOptions) -> Emulator:
     from ..data.text import public_text
-    from ..train import TrainConfig, tokenize_text, train
     from .core import keep_blocks
 
     keep = chosen_blocks(num_blocks(model.config), adapter_layers, opts.keep)
     emu = keep_blocks(model, tokenizer, name, adapter_layers, keep, "kd", {"keep": len(keep)})
+    return distill(emu, model, public_text("train"), public_text("heldout")[: opts.kd_val_docs], opts)
+
+
+def distill(emu: Emulator, model, train_docs: list[str], val_docs: list[str], opts: KDOptions) -> Emulator:
+    """Train the middle blocks of ``emu`` to match the middle of the full ``model`` (in place)."""
+    from ..train import TrainConfig, tokenize_text, train
+
+    tokenizer = emu.tokenizer
     middle_pos = [i for i, s in enumerate(emu.slots) if s.kind != ADAPTER]
-    bottom, top = adapter_layers
+    bottom, top = emu.adapter_layers
     n = num_blocks(model.config)
     teacher = nn.ModuleList(get_blocks(model)[bottom:n - top])
     for p in emu.model.parameters():
@@ -115,8 +122,8 @@ def build(model, tokenizer, name: str, adapter_layers, opts: KDOptions) -> Emula
         for p in get_blocks(emu.model)[pos].parameters():
             p.requires_grad_(True)
     need = opts.kd_steps * opts.kd_batch_size
-    train_ex = tokenize_text(tokenizer, public_text("train"), opts.kd_block_size)[:need]
-    val_ex = tokenize_text(tokenizer, public_text("heldout")[: opts.kd_val_docs], opts.kd_block_size)
+    train_ex = tokenize_text(tokenizer, train_docs, opts.kd_block_size)[:need]
+    val_ex = tokenize_text(tokenizer, val_docs, opts.kd_block_size) if val_docs else None
     cfg = TrainConfig(lr=opts.kd_lr, max_steps=opts.kd_steps, batch_size=opts.kd_batch_size,
                       micro_batch_size=min(opts.kd_batch_size, 4), schedule="cosine",
                       warmup_ratio=0.05, seed=opts.kd_seed, eval_every=max(1, opts.kd_steps // 4),
