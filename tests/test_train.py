@@ -273,6 +273,17 @@ def test_custom_loss_fn_is_used_and_its_token_count_checked():
     train(model, adapter_params(model, (0,)), made_up_examples(4), made_up_examples(2), cfg, loss_fn=loss_fn)
     assert len(calls) == 2 * 2 + 2  # 2 steps x 2 micro-batches + validation at the end (2 micro-batches)
 
+    val_calls = []
+
+    def val_loss_fn(model, batch):
+        val_calls.append(1)
+        return causal_lm_loss(model, batch)
+
+    calls.clear()
+    train(model, adapter_params(model, (0,)), made_up_examples(4), made_up_examples(2), cfg, loss_fn=loss_fn,
+          val_loss_fn=val_loss_fn)
+    assert len(calls) == 4 and len(val_calls) == 2
+
     with pytest.raises(OffsiteError, match="n_tokens"):
         train(model, adapter_params(model, (0,)), made_up_examples(4), None, cfg,
               loss_fn=lambda m, b: (causal_lm_loss(m, b)[0], 1000))

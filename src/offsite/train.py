@@ -285,13 +285,15 @@ def train(
     *,
     pad_id: int | None = None,
     on_step: Callable[[dict], None] | None = None,
+    val_loss_fn: Callable | None = None,
 ) -> TrainResult:
     """Train ``trainable`` (default: the parameters with ``requires_grad``) of ``model`` in place.
 
     * ``trainable``: ``(name, parameter)`` pairs of ``model``; all other parameters are frozen
       (``requires_grad=False``). The names key ``TrainResult.best_state`` and the checkpoints.
-    * ``loss_fn(model, batch) -> (loss_sum, n_tokens)``: see the module docstring; used for
-      validation too. Default :func:`causal_lm_loss`.
+    * ``loss_fn(model, batch) -> (loss_sum, n_tokens)``: see the module docstring. Default
+      :func:`causal_lm_loss`. ``val_loss_fn`` (default ``loss_fn``) computes the validation loss that
+      selects the best state, e.g. plain LM loss (perplexity) while training with distillation.
     * ``accelerator``: an ``accelerate.Accelerator``; default one on CUDA if available, else CPU.
       The function prepares the model and optimizer itself.
     * ``out_dir``: where ``checkpoint/`` lives. If it holds a checkpoint of the same run, training
@@ -310,6 +312,7 @@ def train(
     train_examples = _checked(train_examples, cfg.max_length, "training")
     val_examples = _checked(val_examples, cfg.max_length, "validation") if val_examples else []
     loss_fn = loss_fn or causal_lm_loss
+    val_loss_fn = val_loss_fn or loss_fn
 
     if accelerator is None:
         from accelerate import Accelerator
@@ -414,7 +417,7 @@ def train(
                   "lr": lr, "tokens_per_s": n_tokens / dt if dt > 0 else None}
 
         if val_examples and (step % eval_every == 0 or step == total_steps):
-            val_loss = _validate(model, val_examples, loss_fn, cfg.micro_batch_size, accelerator, pad_id)
+            val_loss = _validate(model, val_examples, val_loss_fn, cfg.micro_batch_size, accelerator, pad_id)
             record["val_loss"] = val_loss
             if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
                 state["best_val_loss"], state["best_step"] = val_loss, step
