@@ -1,0 +1,54 @@
+"""Evaluation: lm-eval-compatible multiple choice, WebQuestions exact match, perplexity.
+
+``evaluate(model, tokenizer, task)`` scores a model on one task's ``eval`` part (or on given
+``docs``); ``METRIC[task]`` names the headline metric of the result (``acc`` for the multiple-choice
+tasks, as the papers report; ``exact_match`` for webqs; ``ppl`` for held-out ``text``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from offsite.data.tasks import TASKS, load_task
+from offsite.errors import OffsiteError
+from offsite.eval.gen import score_webqs
+from offsite.eval.loglik import loglikelihood
+from offsite.eval.mc import score_mc
+from offsite.eval.ppl import perplexity
+
+__all__ = ["evaluate", "METRIC", "EVAL_TASKS", "score_mc", "score_webqs", "perplexity", "loglikelihood"]
+
+METRIC: dict[str, str] = {**{t: "acc" for t in TASKS if t != "webqs"}, "webqs": "exact_match",
+                          "text": "ppl"}
+EVAL_TASKS = tuple(METRIC)
+
+
+def evaluate(model, tokenizer, task: str, docs: Sequence | None = None, limit: int | None = None,
+             batch_size: int = 32, progress: bool = True, max_length: int | None = None) -> dict:
+    """Score ``model`` on ``task``; returns the metric dict (with ``n``) of the task's scorer.
+
+    ``docs`` defaults to ``load_task(task, "eval")`` (for ``text``: ``public_text("heldout")``);
+    ``limit`` keeps the first ``limit`` of them — a fixed fair sample, since task parts come in a
+    hash order. For ``text`` ``max_length`` is the window (default 512) and ``batch_size`` counts
+    windows.
+    """
+    if task not in METRIC:
+        raise OffsiteError(f"unknown task {task!r}; known tasks: {', '.join(METRIC)}")
+    if limit is not None and limit < 1:
+        raise OffsiteError(f"limit must be a positive number of documents, got {limit}")
+    if task == "text":
+        if docs is None:
+            from offsite.data.text import public_text
+
+            docs = public_text("heldout")
+        docs = list(docs)[:limit]
+        return perplexity(model, tokenizer, docs, max_length=max_length or 512,
+                          batch_size=max(1, batch_size // 4), progress=progress)
+    if docs is None:
+        docs = load_task(task, "eval")
+    docs = list(docs)[:limit]
+    if task == "webqs":
+        return score_webqs(model, tokenizer, docs, batch_size=batch_size, progress=progress,
+                           max_length=max_length)
+    return score_mc(model, tokenizer, docs, batch_size=batch_size, progress=progress,
+                    max_length=max_length)

@@ -1,0 +1,289 @@
+"""Log-likelihood of continuations given contexts, with lm-evaluation-harness semantics, fast.
+
+``loglikelihood(model, tokenizer, requests)`` returns, for each ``(context, continuation)``, the sum
+of the continuation tokens' log-probabilities and whether every one of them is the greedy (argmax)
+token — lm-eval's ``loglikelihood`` request for a causal LM (``HFLM._loglikelihood_tokens``):
+
+* Tokenisation is lm-eval's ``_encode_pair``: trailing spaces of the context move to the front of the
+  continuation; ``context_enc = encode(context)`` and ``continuation_enc = encode(context +
+  continuation)[len(context_enc):]``. ``encode`` uses the tokenizer's default special tokens, as
+  lm-eval 0.4 does (SmolLM2's tokenizer adds no BOS; a LLaMA-2 tokenizer would add one). An empty
+  context is replaced by the BOS token (else EOS), like lm-eval's ``prefix_token_id``.
+* A request longer than ``max_length + 1`` tokens is cut from the left exactly like lm-eval.
+
+Speed (all under ``torch.inference_mode``):
+
+* Requests that share a context (the choices of one question) are scored with **one** pass over the
+  context: the transformer body runs on the batch of distinct contexts (right-padded), its KV cache is
+  copied to one row per continuation (``DynamicCache.batch_select_indices``), and a second pass runs
+  only the continuations' tokens with explicit ``position_ids`` and an attention mask that masks the
+  contexts' padding. The first continuation token is predicted from the context pass's last position.
+  Families whose body takes no ``position_ids`` (BLOOM) derive positions from the mask, which gives
+  the same result. ``share_context=False`` scores every request with its own full pass instead.
+* The LM head (``model.get_output_embeddings()``) is applied only to the hidden states at scored
+  positions, in chunks, instead of to every position of every sequence.
+* Groups are sorted by length (longest first, so an out-of-memory error happens at once) to keep
+  padding small; right padding plus the attention mask keep results independent of the batch.
+
+Numerically the shared-context path differs from a plain forward by float rounding only (~1e-6 in
+fp32); decisions agree except on exact ties.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+__all__ = ["loglikelihood", "encode_pair", "model_max_length", "mean_stderr"]
+
+#: How many scored positions go through the LM head at once (bounds the vocab-sized logits).
+HEAD_CHUNK = 1024
+
+
+def model_max_length(model, tokenizer) -> int:
+    """lm-eval's ``HFLM.max_length``: the config's context size, else the tokenizer's, else 2048."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(model.config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    v = getattr(tokenizer, "model_max_length", None)
+    if isinstance(v, int) and 0 < v < 1_000_000_000:
+        return v
+    return 2048
+
+
+def _encode_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(list(texts))["input_ids"]]
+
+
+def _prefix_token(tokenizer) -> int:
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    raise ValueError("the tokenizer has neither a BOS nor an EOS token for an empty context")
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's ``_encode_pair`` for a causal LM (see the module docstring)."""
+    (ctx, cont), = _encode_pairs(tokenizer, [(context, continuation)])
+    return ctx, cont
+
+
+def _encode_pairs(tokenizer, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    moved: list[tuple[str, str]] = []
+    for context, continuation in requests:
+        n = len(context) - len(context.rstrip())
+        if n:
+            continuation, context = context[-n:] + continuation, context[:-n]
+        moved.append((context, continuation))
+    uniq_ctx = sorted({c for c, _ in moved if c})
+    ctx_ids = dict(zip(uniq_ctx, _encode_many(tokenizer, uniq_ctx)))
+    wholes = _encode_many(tokenizer, [c + k for c, k in moved if c])
+    empties = [k for c, k in moved if not c]
+    empty_ids = iter(_encode_many(tokenizer, empties))
+    whole_it = iter(wholes)
+    out = []
+    for c, k in moved:
+        if c:
+            ce = ctx_ids[c]
+            out.append((ce, next(whole_it)[len(ce):]))
+        else:
+            out.append(([_prefix_token(tokenizer)], next(empty_ids)))
+    return out
+
+
+@dataclass
+class _Member:
+    req: int  # index of the request
+    target: list[int]  # continuation token ids (scored)
+    suffix: list[int]  # tokens fed after the group's prefix (target[:-1], or [] when truncated)
+    start: int  # position (in prefix + suffix) whose output predicts target[0]
+
+
+@dataclass
+class _Group:
+    prefix: list[int]
+    members: list[_Member] = field(default_factory=list)
+
+    @property
+    def cost(self) -> int:
+        return len(self.prefix) + max((len(m.suffix) for m in self.members), default=0)
+
+
+def _build_groups(encoded, max_length: int, share: bool) -> list[_Group]:
+    groups: dict[tuple[int, ...], _Group] = {}
+    singles: list[_Group] = []
+    for i, (ctx, cont) in enumerate(encoded):
+        if not cont:
+            raise ValueError(f"request {i} has an empty continuation after tokenisation")
+        if len(cont) > max_length:
+            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length {max_length}")
+        if share and len(ctx) + len(cont) - 1 <= max_length:
+            g = groups.setdefault(tuple(ctx), _Group(list(ctx)))
+            g.members.append(_Member(i, list(cont), list(cont[:-1]), len(ctx) - 1))
+        else:  # own full pass, left-truncated like lm-eval
+            inp = (ctx + cont)[-(max_length + 1):][:-1]
+            singles.append(_Group(inp, [_Member(i, list(cont), [], len(inp) - len(cont))]))
+    return list(groups.values()) + singles
+
+
+def _head(model):
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
+    cfg = model.config
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
+    divide = getattr(cfg, "logits_scaling", None)  # Granite divides
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        if isinstance(scale, (int, float)) and model.config.model_type.startswith("cohere"):
+            logits = logits * scale
+        if isinstance(divide, (int, float)) and divide not in (0, 1):
+            logits = logits / divide
+        logits = logits.float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return apply
+
+
+def _body(model):
+    body = model.base_model
+    if body is model:
+        raise ValueError(f"{type(model).__name__}: cannot find the transformer body (base_model)")
+    params = inspect.signature(body.forward).parameters
+    return body, "position_ids" in params, "past_key_values" in params
+
+
+def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _run_batch(model, body, takes_pos, head, groups: list[_Group], pad: int, device):
+    """Returns [(request index, loglik, is_greedy)] for all members of ``groups``."""
+    ids, mask = _pad([g.prefix for g in groups], pad)
+    ids, mask = ids.to(device), mask.to(device)
+    kw = {}
+    if takes_pos:
+        kw["position_ids"] = torch.arange(ids.shape[1], device=device).expand_as(ids)
+    need_suffix = any(m.suffix for g in groups for m in g.members)
+    out = body(input_ids=ids, attention_mask=mask, use_cache=need_suffix, **kw)
+    hid = out[0]  # (G, Tp, H)
+
+    suf_members = [(gi, m) for gi, g in enumerate(groups) for m in g.members if m.suffix]
+    suf_row = {id(m): r for r, (_, m) in enumerate(suf_members)}
+    shid = None
+    if suf_members:
+        cache = out.past_key_values
+        idx = torch.tensor([gi for gi, _ in suf_members], device=device)
+        cache.batch_select_indices(idx)
+        sids, smask = _pad([m.suffix for _, m in suf_members], pad)
+        sids, smask = sids.to(device), smask.to(device)
+        plen = mask.sum(1)[idx]
+        kw = {}
+        if takes_pos:
+            kw["position_ids"] = plen[:, None] + torch.arange(sids.shape[1], device=device)[None]
+        full_mask = torch.cat([mask[idx], smask], dim=1)
+        shid = body(input_ids=sids, attention_mask=full_mask, past_key_values=cache, use_cache=True,
+                    **kw)[0]
+
+    # gather the hidden states that predict each target token
+    targets, owner = [], []
+    order = []  # (member, n tokens) in gather order
+    pieces_prefix, pieces_suffix = [], []
+    for gi, g in enumerate(groups):
+        for m in g.members:
+            n = len(m.target)
+            if m.suffix:
+                pieces_prefix.append((gi, m.start, 1))
+                pieces_suffix.append((suf_row[id(m)], 0, n - 1))
+            else:
+                pieces_prefix.append((gi, m.start, n))
+                pieces_suffix.append(None)
+            order.append(m)
+    hs = []
+    for k, m in enumerate(order):
+        gi, st, n = pieces_prefix[k]
+        parts = [hid[gi, st: st + n]]
+        if pieces_suffix[k] is not None:
+            r, st2, n2 = pieces_suffix[k]
+            if n2:
+                parts.append(shid[r, st2: st2 + n2])
+        hs.extend(parts)
+        targets.extend(m.target)
+        owner.extend([k] * len(m.target))
+    h = torch.cat(hs, 0)
+    tgt = torch.tensor(targets, device=device)
+    own = torch.tensor(owner, device=device)
+    lp = torch.empty(len(targets), dtype=torch.float64, device=device)
+    greedy = torch.empty(len(targets), dtype=torch.bool, device=device)
+    for s in range(0, h.shape[0], HEAD_CHUNK):
+        logits = head(h[s: s + HEAD_CHUNK])
+        logp = torch.log_softmax(logits, dim=-1)
+        t = tgt[s: s + HEAD_CHUNK]
+        lp[s: s + HEAD_CHUNK] = logp.gather(1, t[:, None])[:, 0].double()
+        greedy[s: s + HEAD_CHUNK] = logits.argmax(-1) == t
+    sums = torch.zeros(len(order), dtype=torch.float64, device=device).index_add_(0, own, lp)
+    allg = torch.ones(len(order), dtype=torch.long, device=device).index_reduce_(
+        0, own, greedy.long(), "amin")
+    return [(m.req, float(sums[k]), bool(allg[k])) for k, m in enumerate(order)]
+
+
+def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 32,
+                  progress: bool = True, max_length: int | None = None,
+                  share_context: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+    """``[(sum log p(continuation | context), is_greedy)]`` for each request, lm-eval semantics.
+
+    ``batch_size`` counts distinct contexts per forward pass (each carries all its continuations).
+    """
+    from tqdm.auto import tqdm
+
+    if max_length is None:
+        max_length = model_max_length(model, tokenizer)
+    body, takes_pos, takes_cache = _body(model)
+    share = share_context and takes_cache
+    groups = _build_groups(_encode_pairs(tokenizer, requests), max_length, share)
+    groups.sort(key=lambda g: -g.cost)
+    head = _head(model)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            bar = tqdm(total=len(requests), disable=not progress, desc=desc, leave=False)
+            for s in range(0, len(groups), max(1, batch_size)):
+                batch = groups[s: s + batch_size]
+                for i, ll, g in _run_batch(model, body, takes_pos, head, batch, pad, device):
+                    results[i] = (ll, g)
+                bar.update(sum(len(g.members) for g in batch))
+            bar.close()
+    finally:
+        model.train(was_training)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+def mean_stderr(values: Sequence[float]) -> float:
+    """lm-eval's ``mean_stderr``: sample standard deviation (n-1) / sqrt(n); nan for n < 2."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
