@@ -239,9 +239,8 @@ def _run_batch(model, body, takes_pos, head, groups: list[_Group], pad: int, dev
         lp[s: s + HEAD_CHUNK] = logp.gather(1, t[:, None])[:, 0].double()
         greedy[s: s + HEAD_CHUNK] = logits.argmax(-1) == t
     sums = torch.zeros(len(order), dtype=torch.float64, device=device).index_add_(0, own, lp)
-    allg = torch.ones(len(order), dtype=torch.long, device=device).index_reduce_(
-        0, own, greedy.long(), "amin")
-    return [(m.req, float(sums[k]), bool(allg[k])) for k, m in enumerate(order)]
+    misses = torch.zeros(len(order), dtype=torch.long, device=device).index_add_(0, own, (~greedy).long())
+    return [(m.req, float(sums[k]), bool(misses[k] == 0)) for k, m in enumerate(order)]
 
 
 def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 32,
