@@ -12,22 +12,17 @@ and perplexity on held-out English text.
 
 from __future__ import annotations
 
-import json
-import platform
-import subprocess
+import math
 import time
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
-from . import __version__
-from .bundle import load_adapter, load_emulator, save_emulator, write_json_atomic
+from .bundle import load_adapter, load_emulator, save_emulator
 from .emulator import build_emulator
 from .errors import OffsiteError
 from .models.load import load_model
 from .plug import plug
+from .results import meta, write_results
 from .train import TrainConfig
 from .tune import TrainingData, TuneSettings, finetune_full, task_data, tune_to_dir
 
@@ -62,26 +57,6 @@ PRESETS = {
                   train=TrainConfig(lr=2e-5, epochs=5, batch_size=32, micro_batch_size=32,
                                     schedule="linear", checkpoint_every=100)),
 }
-
-
-def _meta(command: str) -> dict:
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {
-        "command": command,
-        "git_commit": commit,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
-                   + f", {torch.get_num_threads()} threads"
-                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"offsite": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-    }
 
 
 @dataclass
@@ -131,7 +106,7 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
     out.mkdir(parents=True, exist_ok=True)
 
     data: TrainingData = task_data(task)  # fail early on an unknown task, before any model work
-    result = RunResult(meta=_meta(command))
+    result = RunResult(meta=meta(command))
     subset = f"first {eval_limit} documents of the evaluation split" if eval_limit else "every evaluation document"
     result.notes.append(f"evaluated on {subset}; held-out text: "
                         + (f"{text_docs} documents" if text_docs else "all documents"))
@@ -208,8 +183,7 @@ def _pair(adapter_layers):
 
 
 def _save(result: RunResult, out: Path) -> None:
-    write_json_atomic(out / "results.json", {"meta": result.meta, "notes": result.notes,
-                                             "records": result.records})
+    write_results(out / "results.json", result.meta, result.records, notes=result.notes)
 
 
 def _fmt(rec: dict | None, scale: float = 100.0, digits: int = 1) -> str:
@@ -217,7 +191,8 @@ def _fmt(rec: dict | None, scale: float = 100.0, digits: int = 1) -> str:
         return "–"
     v = rec["value"] * scale
     se = rec.get("stderr")
-    return f"{v:.{digits}f} ± {se * scale:.{digits}f}" if se is not None else f"{v:.{digits}f}"
+    ok = se is not None and math.isfinite(se)
+    return f"{v:.{digits}f} ± {se * scale:.{digits}f}" if ok else f"{v:.{digits}f}"
 
 
 def headline_metric(task: str) -> str:
@@ -246,8 +221,4 @@ def format_table(records: list[dict], task: str) -> str:
     return "\n".join(lines)
 
 
-def results_json(result: RunResult) -> str:
-    return json.dumps({"meta": result.meta, "records": result.records}, indent=2)
-
-
-__all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Preset", "RunResult", "format_table", "run", "asdict"]
+__all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Preset", "RunResult", "format_table", "run"]

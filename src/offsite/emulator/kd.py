@@ -109,7 +109,7 @@ def build(model, tokenizer, name: str, adapter_layers, opts: KDOptions) -> Emula
 
 def distill(emu: Emulator, model, train_docs: list[str], val_docs: list[str], opts: KDOptions) -> Emulator:
     """Train the middle blocks of ``emu`` to match the middle of the full ``model`` (in place)."""
-    from ..train import TrainConfig, tokenize_text, train
+    from ..train import TrainConfig, causal_lm_loss, tokenize_text, train
 
     tokenizer = emu.tokenizer
     middle_pos = [i for i, s in enumerate(emu.slots) if s.kind != ADAPTER]
@@ -135,6 +135,7 @@ def distill(emu: Emulator, model, train_docs: list[str], val_docs: list[str], op
         emu.model.train()
         result = train(emu.model, None, train_ex, val_ex, cfg, out_dir=None,
                        loss_fn=make_kd_loss(teacher, tap, opts.kd_weight, opts.lm_weight),
+                       val_loss_fn=causal_lm_loss,  # select by held-out perplexity, as the reference
                        pad_id=tokenizer.pad_token_id)
     finally:
         tap.remove()

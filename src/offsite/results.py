@@ -1,0 +1,50 @@
+"""Results files (DESIGN.md §7): ``{"meta": {...}, "records": [...]}``, one record per number."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}"
+
+
+def meta(command: str) -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "command": command,
+        "git_commit": commit,
+        "machine": machine(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"offsite": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+    }
+
+
+def write_results(path: str | Path, meta_block: dict, records: list[dict], **extra) -> None:
+    from .bundle import write_json_atomic
+
+    write_json_atomic(path, {"meta": meta_block, **extra, "records": records})
