@@ -132,10 +132,13 @@ def tune_to_dir(emu: Emulator, data: TrainingData, settings: TuneSettings, out: 
     check_new_path(out, overwrite)
     work = out.with_name(out.name + ".work")
     bundle, _ = tune_adapter(emu, data, settings, work, accelerator)
-    is_main = accelerator is None or accelerator.is_main_process
-    if is_main:
+    from accelerate import PartialState
+
+    state = PartialState()  # under `accelerate launch`, only the main process writes the bundle
+    if state.is_main_process:
         save_adapter(bundle, out, overwrite=overwrite)
         shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
     return bundle
 
 
