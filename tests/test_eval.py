@@ -273,3 +273,20 @@ def test_embedded_model_arc_easy():
         pytest.skip(str(e))
     res = score_mc(model, tok, docs, progress=False)
     assert 0.4 < res["acc"] < 0.9
+
+
+def test_falls_back_when_blocks_ignore_the_cache(tok):
+    """A block that drops the KV cache breaks context sharing: detected, warned, scored in full."""
+    m = _llama(len(tok))
+    ref = _reference(m, tok, mc_requests(DOCS))
+    attn = m.model.layers[0].self_attn
+    orig = attn.forward
+
+    def forgetful(*a, past_key_values=None, **k):  # never sees the cached context
+        return orig(*a, past_key_values=None, **k)
+
+    attn.forward = forgetful
+    with pytest.warns(UserWarning, match="shared-context KV cache disagrees"):
+        got = loglikelihood(m, tok, mc_requests(DOCS), progress=False)
+    attn.forward = orig
+    np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], atol=1e-5, rtol=0)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -243,6 +244,17 @@ def _run_batch(model, body, takes_pos, head, groups: list[_Group], pad: int, dev
     return [(m.req, float(sums[k]), bool(misses[k] == 0)) for k, m in enumerate(order)]
 
 
+def _cache_path_agrees(model, body, takes_pos, head, groups, pad, device, tol: float = 1e-3) -> bool:
+    """Self-check: score one shared group both ways (guards against blocks that ignore the cache)."""
+    g = next((g for g in groups if any(m.suffix for m in g.members)), None)
+    if g is None:
+        return True
+    shared = {i: ll for i, ll, _ in _run_batch(model, body, takes_pos, head, [g], pad, device)}
+    singles = [_Group(g.prefix + m.suffix, [_Member(m.req, m.target, [], m.start)]) for m in g.members]
+    full = {i: ll for i, ll, _ in _run_batch(model, body, takes_pos, head, singles, pad, device)}
+    return all(abs(shared[i] - full[i]) <= tol * max(1.0, abs(full[i])) for i in full)
+
+
 def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 32,
                   progress: bool = True, max_length: int | None = None,
                   share_context: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
@@ -266,6 +278,11 @@ def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_s
     model.eval()
     try:
         with torch.inference_mode():
+            if share and not _cache_path_agrees(model, body, takes_pos, head, groups, pad, device):
+                warnings.warn(f"{type(model).__name__}: scoring with a shared-context KV cache disagrees "
+                              f"with a full pass (custom blocks?); scoring every request in full instead")
+                groups = _build_groups(_encode_pairs(tokenizer, requests), max_length, False)
+                groups.sort(key=lambda g: -g.cost)
             bar = tqdm(total=len(requests), disable=not progress, desc=desc, leave=False)
             for s in range(0, len(groups), max(1, batch_size)):
                 batch = groups[s: s + batch_size]

@@ -1,0 +1,124 @@
+"""Evaluation speed: offsite's multiple-choice scorer vs lm-evaluation-harness, same model/docs/machine.
+
+Scores the first ``--limit`` eval docs of each ``--tasks`` task three ways in one process —
+``score_mc`` with the shared-context KV cache (``eval_ours``), ``score_mc`` with one full pass per
+choice (``eval_ours_noshare``), and ``lm_eval.simple_evaluate`` on an ``HFLM`` wrapping the same
+in-memory model (``eval_lm_eval``) — and writes ``bench/results/eval_speed.json`` (DESIGN.md §7):
+``questions_per_s`` per way, plus ``acc`` of each and ``max_abs_diff_vs_lm_eval`` (largest
+per-choice log-likelihood difference) and ``decision_mismatches_vs_lm_eval``.
+
+    python bench/eval_speed.py --model smollm2-135m --tasks arc_easy sciq --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from offsite.data.tasks import load_task  # noqa: E402
+from offsite.eval.lm_eval_bridge import run_lm_eval  # noqa: E402
+from offsite.eval.mc import score_mc  # noqa: E402
+
+
+def _meta(argv: list[str]) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    versions = {}
+    for pkg in ("torch", "transformers", "lm_eval", "datasets", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {
+        "command": " ".join(["python", "bench/eval_speed.py", *argv]),
+        "git_commit": commit,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "load_avg_1m_at_start": load},
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+    }
+
+
+def _load(name: str):
+    from offsite.models import load_model
+
+    return load_model(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or HF id")
+    ap.add_argument("--tasks", nargs="+", default=["arc_easy", "sciq", "hellaswag"])
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval_speed.json"))
+    args = ap.parse_args(argv)
+
+    meta = _meta(argv)
+    model, tok = _load(args.model)
+    records = []
+    for task in args.tasks:
+        docs = load_task(task, "eval")[: args.limit]
+        n = len(docs)
+        # warm-up (first-call allocations, lazy imports) so no method pays it
+        score_mc(model, tok, docs[:2], progress=False)
+        runs = {}
+        for row, share in (("eval_ours", True), ("eval_ours_noshare", False)):
+            t0 = time.perf_counter()
+            r = score_mc(model, tok, docs, batch_size=args.batch_size, progress=False,
+                         share_context=share, return_details=True)
+            runs[row] = (r, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        le = run_lm_eval(model, tok, docs, batch_size=args.batch_size)
+        runs["eval_lm_eval"] = (le, time.perf_counter() - t0)
+        ours_lls = [d["lls"] for d in runs["eval_ours"][0]["details"]]
+        diff = max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(ours_lls, le["lls"]))
+        mism = sum(int(np.argmax(a)) != int(np.argmax(b)) for a, b in zip(ours_lls, le["lls"]))
+        for row, (r, secs) in runs.items():
+            base = {"model": args.model, "task": task, "method": None,
+                    "setting": {"batch_size": args.batch_size, "limit": args.limit}, "row": row, "n": n,
+                    "seconds": round(secs, 3)}
+            records.append({**base, "metric": "questions_per_s", "value": n / secs, "stderr": None})
+            records.append({**base, "metric": "acc", "value": r["acc"],
+                            "stderr": r.get("acc_stderr")})
+        base = {"model": args.model, "task": task, "method": None,
+                "setting": {"batch_size": args.batch_size, "limit": args.limit}, "row": "eval_ours", "n": n}
+        records.append({**base, "metric": "max_abs_diff_vs_lm_eval", "value": diff, "stderr": None})
+        records.append({**base, "metric": "decision_mismatches_vs_lm_eval", "value": mism, "stderr": None})
+        print(f"{task}: n={n} ours {n / runs['eval_ours'][1]:.2f} q/s, no-share "
+              f"{n / runs['eval_ours_noshare'][1]:.2f} q/s, lm-eval {n / runs['eval_lm_eval'][1]:.2f} q/s; "
+              f"acc {runs['eval_ours'][0]['acc']:.3f} vs {le['acc']:.3f}; max|dll| {diff:.2e}; "
+              f"mismatches {mism}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
