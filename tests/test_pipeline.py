@@ -156,3 +156,24 @@ def test_lora_exports_in_peft_format(tiny_dir, tmp_path, tokenizer):
     served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "peft").eval()
     merged = plug(AutoModelForCausalLM.from_pretrained(tiny_dir), load_adapter(tmp_path / "ad"))
     torch.testing.assert_close(logits(served), logits(merged), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_anatomy_is_found(family):
+    from offsite.models import get_body, get_final_norm
+    from offsite.models.families import _getattr_path
+
+    model = tiny_model(family, 4)
+    fam = family_of(model)
+    assert len(get_blocks(model)) == 4
+    assert "norm" in type(get_final_norm(model)).__name__.lower()
+    for path in fam.embeddings:
+        assert isinstance(_getattr_path(get_body(model), path), torch.nn.Module)
+    assert model.get_output_embeddings() is not None
+
+
+def test_unsupported_family_names_the_supported_ones():
+    from transformers import FalconConfig
+
+    with pytest.raises(OffsiteError, match="supported families: llama"):
+        family_of(FalconConfig())
