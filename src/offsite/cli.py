@@ -6,6 +6,7 @@
     offsite plug --model M --adapter DIR --out DIR                     (model owner)
     offsite eval --model M|--emulator DIR --task arc_easy              (either)
     offsite run --model M --task arc_easy --method uniform             (both, one machine)
+    offsite report RESULTS.json... [--out DIR]                         (tables and plots)
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
 """
@@ -27,7 +28,7 @@ def _add_dataclass_args(parser, cls, seen: set[str], prefix: str = "") -> None:
     """One ``--option`` per dataclass field (``keep`` -> ``--keep``), typed from the annotation."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + (prefix + f.name).replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + (prefix + f.name).replace("_", "-").rstrip("-")
         if flag in seen:
             continue
         seen.add(flag)
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     for m in methods.values():
         _add_dataclass_args(p.add_argument_group(f"{m.name} options"), m.options_cls, seen)
     _add_train_args(p)
+
+    p = sub.add_parser("report", help="the papers' table (markdown, JSON) and plots from results files")
+    p.add_argument("results", nargs="+", help="results JSON files (bench/results/*.json, <run>/results.json)")
+    p.add_argument("--out", help="directory for report.md, report.json and the PNG plots")
+    p.add_argument("--tasks", help="comma-separated tasks to include (default: all)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     return parser
 
 
@@ -246,8 +253,18 @@ def cmd_run(args) -> None:
     print(f"results: {out}/results.json, table: {out}/table.md")
 
 
+def cmd_report(args) -> None:
+    from .report import report_files, report_markdown
+
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    report, written = report_files(args.results, args.out, tasks=tasks, plots=args.plots)
+    print(report_markdown(report), end="")
+    if written:
+        print(f"wrote {', '.join(str(p) for p in written)}")
+
+
 COMMANDS = {"fetch": cmd_fetch, "emulate": cmd_emulate, "tune": cmd_tune, "plug": cmd_plug,
-            "eval": cmd_eval, "run": cmd_run}
+            "eval": cmd_eval, "run": cmd_run, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
