@@ -15,7 +15,7 @@ from offsite.emulator import build_emulator, get_method
 from offsite.emulator.gradot import GradOTOptions, compress_model
 from offsite.emulator.gradot.compress import (LAYOUTS, channel_scores, drd, drd_select, layout_of,
                                               plan_block, scp_select, shrink_mlp, top_count)
-from offsite.emulator.gradot.score import (column_scores, gcs, row_scores, svd_component_scores)
+from offsite.emulator.gradot.score import column_scores, combine, gcs, row_scores, svd_component_scores
 from offsite.emulator.gradot.stats import LayerStats, collect_stats
 from offsite.emulator.lowrank import LowRankLinear, dense_weight
 from offsite.errors import OffsiteError
@@ -123,7 +123,8 @@ def test_statistics_on_a_model_leave_it_unchanged(tokenizer):
     model = tiny_model("llama", 6)
     before = copy.deepcopy(model.state_dict())
     flags = [p.requires_grad for p in model.parameters()]
-    emu = emulate(model, tokenizer, ratio=0.5)
+    emu = emulate(model, tokenizer, ratio=0.5, cost_baseline=True)
+    assert emu.report["gradot"]["plain_forward_backward_seconds"] > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert flags == [p.requires_grad for p in model.parameters()]
     assert all(p.grad is None for p in model.parameters())
@@ -175,6 +176,18 @@ def test_lambda_trades_gradient_shift_for_loss_increase():
         rest = [k for k in kept.tolist() if k >= top]
         expected = sorted((torch.argsort(key[top:], descending=True)[:5 - top] + top).tolist())
         assert rest == expected and list(range(top)) == kept.tolist()[:top]
+
+
+def test_relative_lambda_is_the_absolute_one_rescaled():
+    torch.manual_seed(0)
+    second, first = torch.rand(20) * 50, torch.randn(20) * 1e-3
+    lam = 1.5
+    rel = combine(second, first, lam, "relative")
+    ab = combine(second, first, lam * second.abs().mean() / first.abs().mean(), "absolute")
+    torch.testing.assert_close(rel * second.abs().mean(), ab)
+    # the literal formula with λ = 1 barely sees a first-order term 1e4 times smaller; relative does
+    assert torch.equal(torch.argsort(combine(second, first, 1.0)), torch.argsort(second))
+    assert not torch.equal(torch.argsort(rel), torch.argsort(second))
 
 
 # --- DRD and SCP ----------------------------------------------------------------------------------------
@@ -260,7 +273,8 @@ def test_budget_meets_the_ratio_and_expert_ratios(tokenizer):
 
 
 @pytest.mark.parametrize("opts", [dict(ratio=0.0), dict(ratio=1.5), dict(ratio=0.5, attn_ratio=0.5, mlp_ratio=0.5),
-                                  dict(ratio=0.02, attn_ratio=0.5), dict(support_len=1)])
+                                  dict(ratio=0.02, attn_ratio=0.5), dict(support_len=1),
+                                  dict(lambda_scale="log")])
 def test_bad_options_fail_with_one_line(tokenizer, opts):
     with pytest.raises(OffsiteError) as e:
         emulate(tiny_model("llama", 6), tokenizer, **opts)

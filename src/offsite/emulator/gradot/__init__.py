@@ -13,7 +13,9 @@ Steps (papers.md §4; the paper's PDF was not available, see docs/gradot.md for 
 
 Unverified choices, each an option: the ratio's meaning (fraction of middle parameters kept, with
 factorised attention counted as ``r (out + in)``), the default ratio (that of ``uniform``'s default
-emulator, for matched sizes), λ's defaults and scale (the literal formula, no normalisation), the
+emulator, for matched sizes), λ's default (1) and scale
+(``relative``: each term normalised by its mean |value| per matrix; ``absolute`` is the literal
+formula, whose first-order term is ~1000x smaller than the second on smollm2-135m), the
 support set (random blocks of the offline public text; 64 x 256 tokens by default so it runs on a
 CPU, the issue suggests a few hundred sequences), per-matrix ranks (every attention map of a block
 gets the same ratio), token positions as KFAC samples with the empirical Fisher.
@@ -36,7 +38,8 @@ from .. import Method, register
 from ..core import Emulator, Slot, assemble, register_block_kind, split_layers
 from ..uniform import default_keep
 from .compress import KIND, LAYOUTS, build_block, compress_block, layout_of, plan_block
-from .stats import LayerStats, collect_stats
+from .score import LAMBDA_SCALES
+from .stats import LayerStats, collect_stats, time_plain_pass
 
 
 @dataclass
@@ -51,6 +54,10 @@ class GradOTOptions:
         "help": "gradot: weight λ of the loss-raising term in the attention GCS (privacy; default 1)"})
     lambda_mlp: float = field(default=1.0, metadata={
         "help": "gradot: weight λ of the loss-raising term in the MLP GCS (privacy; default 1)"})
+    lambda_scale: str = field(default="relative", metadata={
+        "help": "gradot: 'relative' (default): each GCS term is divided by its mean |value| over a matrix's "
+                "candidates, so λ weighs the loss term against the gradient-shift term (1 = equal); "
+                "'absolute': the literal ‖GΔA‖₁ − λ⟨g,Δ⟩"})
     keep_top_frac: float = field(default=0.05, metadata={
         "help": "gradot: top fraction of each attention map's rank always kept (paper: 5%%)"})
     support_seqs: int = field(default=64, metadata={
@@ -61,6 +68,9 @@ class GradOTOptions:
     blocks_per_pass: int = field(default=0, metadata={
         "help": "gradot: middle blocks whose statistics are held at once (0: all, one pass; "
                 "smaller saves memory at the cost of more passes)"})
+    cost_baseline: bool = field(default=False, metadata={
+        "help": "gradot: also time one plain forward/backward over the support set (no hooks) and "
+                "report it next to the build time"})
 
 
 class PeakMemory:
@@ -132,6 +142,8 @@ def _check(opts: GradOTOptions) -> None:
             raise OffsiteError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
     if opts.ratio is not None and opts.attn_ratio is not None and opts.mlp_ratio is not None:
         raise OffsiteError("give --ratio, or both --attn-ratio and --mlp-ratio, not all three")
+    if opts.lambda_scale not in LAMBDA_SCALES:
+        raise OffsiteError(f"--lambda-scale must be one of {', '.join(LAMBDA_SCALES)}, got {opts.lambda_scale!r}")
     if not 0 <= opts.keep_top_frac <= 1:
         raise OffsiteError(f"--keep-top-frac must be in [0, 1], got {opts.keep_top_frac}")
     if opts.support_batch_size < 1 or opts.blocks_per_pass < 0:
@@ -157,13 +169,16 @@ def compress_model(model, tokenizer, name: str, adapter_layers, opts: GradOTOpti
     lay = layout_of(model, blocks[middle[0]])
     ratio = opts.ratio if opts.ratio is not None else default_keep(len(middle)) / len(middle)
     device = next(model.parameters()).device
+    t_tok = time.perf_counter()
+    examples = support_examples(tokenizer, support_docs, opts.support_seqs, opts.support_len, opts.support_seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bs = opts.support_batch_size
+    batches = [collate(examples[i:i + bs], pad_id=pad, device=device) for i in range(0, len(examples), bs)]
+    modules = {f"{i}.{p}": blocks[i].get_submodule(p) for i in middle for p in lay.linears}
+    t_tok = time.perf_counter() - t_tok
+    baseline = time_plain_pass(model, modules, batches, causal_lm_loss) if opts.cost_baseline else None
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
-        examples = support_examples(tokenizer, support_docs, opts.support_seqs, opts.support_len, opts.support_seed)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        bs = opts.support_batch_size
-        batches = [collate(examples[i:i + bs], pad_id=pad, device=device) for i in range(0, len(examples), bs)]
-        modules = {f"{i}.{p}": blocks[i].get_submodule(p) for i in middle for p in lay.linears}
         per = opts.blocks_per_pass or len(middle)
         groups = [[f"{i}.{p}" for i in middle[j:j + per] for p in lay.linears] for j in range(0, len(middle), per)]
         stats, stats_info = collect_stats(model, modules, batches, causal_lm_loss, groups)
@@ -174,22 +189,25 @@ def compress_model(model, tokenizer, name: str, adapter_layers, opts: GradOTOpti
             block = copy.deepcopy(blocks[i])
             ranks, width = plan_block(block, lay, ratio, opts.attn_ratio, opts.mlp_ratio, opts.keep_top_frac)
             facts = compress_block(block, lay, local, ranks, width, opts.lambda_attn, opts.lambda_mlp,
-                                   opts.keep_top_frac)
+                                   opts.keep_top_frac, opts.lambda_scale)
             del local
             out.append((Slot(KIND, i, {"ranks": ranks, "mlp_width": width}), block))
             per_block[str(i)] = facts
     seconds = time.perf_counter() - t0
     params = {"ratio": ratio, "attn_ratio": opts.attn_ratio, "mlp_ratio": opts.mlp_ratio,
               "lambda_attn": opts.lambda_attn, "lambda_mlp": opts.lambda_mlp,
+              "lambda_scale": opts.lambda_scale,
               "keep_top_frac": opts.keep_top_frac, "support_seqs": len(examples),
               "support_len": opts.support_len, "support_seed": opts.support_seed}
     emu = assemble(model, tokenizer, name, adapter_layers, out, KIND, params)
     kept = emu.middle_params()
     emu.report["gradot"] = {
-        "build_seconds": round(seconds, 3),
+        "build_seconds": round(seconds + t_tok, 3),
+        "support_tokenize_seconds": round(t_tok, 3),
         "stats_seconds": round(t_stats, 3),
         "compress_seconds": round(seconds - t_stats, 3),
         "stats": stats_info,
+        "plain_forward_backward_seconds": None if baseline is None else round(baseline, 3),
         **mem.report(),
         "model_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
         "middle_params_kept": kept,

@@ -30,7 +30,7 @@ import torch.nn as nn
 from ...errors import OffsiteError
 from ...models.families import family_of
 from ..lowrank import LowRankLinear, dense_weight
-from .score import column_terms, row_terms, svd_component_terms
+from .score import column_terms, combine, row_terms, svd_component_terms
 from .stats import LayerStats, _is_conv1d, weight_matrix
 
 KIND = "gradot"
@@ -135,7 +135,8 @@ def top_count(full_rank: int, keep_top_frac: float) -> int:
     return max(1, math.ceil(keep_top_frac * full_rank))
 
 
-def drd_select(W: torch.Tensor, st: LayerStats, rank: int, lam: float, keep_top_frac: float):
+def drd_select(W: torch.Tensor, st: LayerStats, rank: int, lam: float, keep_top_frac: float,
+               lambda_scale: str = "absolute"):
     """SVD of ``W`` and the indices of the components DRD keeps (sorted), with their scores."""
     U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
     full = S.numel()
@@ -143,7 +144,7 @@ def drd_select(W: torch.Tensor, st: LayerStats, rank: int, lam: float, keep_top_
         raise OffsiteError(f"DRD rank must be in 1..{full}, got {rank}")
     top = min(top_count(full, keep_top_frac), rank)
     second, first = svd_component_terms(U, S, Vh, st)
-    scores = second + lam * first
+    scores = combine(second, first, lam, lambda_scale)
     rest = torch.arange(top, full, device=S.device)
     # keep the highest-scoring of the rest, i.e. remove the lowest-GCS ones until the target rank
     order = torch.argsort(scores[rest], descending=True, stable=True)
@@ -151,10 +152,11 @@ def drd_select(W: torch.Tensor, st: LayerStats, rank: int, lam: float, keep_top_
     return U, S, Vh, torch.sort(kept).values, (second, first)
 
 
-def drd(module: nn.Module, st: LayerStats, rank: int, lam: float, keep_top_frac: float = 0.05):
+def drd(module: nn.Module, st: LayerStats, rank: int, lam: float, keep_top_frac: float = 0.05,
+        lambda_scale: str = "absolute"):
     """The factorised replacement of ``module`` (a LowRankLinear of rank ``rank``) and facts."""
     W = weight_matrix(module)
-    U, S, Vh, kept, (second, first) = drd_select(W, st, rank, lam, keep_top_frac)
+    U, S, Vh, kept, (second, first) = drd_select(W, st, rank, lam, keep_top_frac, lambda_scale)
     root = S[kept].sqrt()
     dtype = module.weight.dtype
     B = (U[:, kept] * root).to(dtype)
@@ -183,10 +185,11 @@ def channel_terms(block: nn.Module, lay: Layout, stats: dict[str, LayerStats]):
     return second, first
 
 
-def channel_scores(block: nn.Module, lay: Layout, stats: dict[str, LayerStats], lam: float) -> torch.Tensor:
+def channel_scores(block: nn.Module, lay: Layout, stats: dict[str, LayerStats], lam: float,
+                   lambda_scale: str = "absolute") -> torch.Tensor:
     """GCS of removing each intermediate channel."""
     second, first = channel_terms(block, lay, stats)
-    return second + lam * first
+    return combine(second, first, lam, lambda_scale)
 
 
 def _term_scale(second: torch.Tensor, first: torch.Tensor) -> dict:
@@ -269,19 +272,21 @@ def plan_block(block: nn.Module, lay: Layout, ratio: float, attn_ratio: float | 
 
 
 def compress_block(block: nn.Module, lay: Layout, stats: dict[str, LayerStats], ranks: dict[str, int | None],
-                   width: int, lam_attn: float, lam_mlp: float, keep_top_frac: float) -> dict:
+                   width: int, lam_attn: float, lam_mlp: float, keep_top_frac: float,
+                   lambda_scale: str = "absolute") -> dict:
     """Apply DRD (maps with a rank) and SCP (if ``width`` is below the MLP's) to ``block`` in place."""
     facts = {"attention": {}, "mlp": {}}
     for path, r in ranks.items():
         if r is None:
             continue
-        new, f = drd(block.get_submodule(path), stats[path], r, lam_attn, keep_top_frac)
+        new, f = drd(block.get_submodule(path), stats[path], r, lam_attn, keep_top_frac,
+                     lambda_scale)
         _set_module(block, path, new)
         facts["attention"][path] = f
     full = mlp_width(block, lay)
     if width < full:
         second, first = channel_terms(block, lay, stats)
-        keep = scp_select(second + lam_mlp * first, width)
+        keep = scp_select(combine(second, first, lam_mlp, lambda_scale), width)
         shrink_mlp(block, lay, keep)
         facts["mlp"] = {"width": width, "full_width": full, "term_scale": _term_scale(second, first)}
     return facts

@@ -53,6 +53,22 @@ def column_terms(W: torch.Tensor, st: LayerStats):
     return second, first
 
 
+LAMBDA_SCALES = ("absolute", "relative")
+
+
+def combine(second: torch.Tensor, first: torch.Tensor, lam: float, scale: str = "absolute") -> torch.Tensor:
+    """``GCS = second + λ · first`` (``"absolute"``: the literal formula), or with ``"relative"``
+    each term divided by its mean |value| over the candidates of the same matrix (or channel
+    group) first, so that λ is the weight of the loss term relative to the gradient-shift term
+    (λ = 1: equal on average) whatever the units of the statistics."""
+    if scale == "absolute":
+        return second + lam * first
+    if scale == "relative":
+        tiny = torch.finfo(second.dtype).tiny
+        return second / second.abs().mean().clamp_min(tiny) + lam * first / first.abs().mean().clamp_min(tiny)
+    raise ValueError(f"unknown lambda scale {scale!r}")
+
+
 def svd_component_scores(U, S, Vh, st: LayerStats, lam: float) -> torch.Tensor:
     second, first = svd_component_terms(U, S, Vh, st)
     return second + lam * first

@@ -148,6 +148,30 @@ def collect_stats(model: nn.Module, modules: dict[str, nn.Module], batches: Iter
     return out, info
 
 
+def time_plain_pass(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable, loss_fn: Callable) -> float:
+    """Seconds of one forward/backward over ``batches`` with the same weights trainable as
+    :func:`collect_stats` but no hooks: the baseline GradOT's statistics cost is compared with."""
+    params = list(model.parameters())
+    was_grad = [p.requires_grad for p in params]
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m in modules.values():
+            m.weight.requires_grad_(True)
+        for batch in batches:
+            loss_fn(model, batch)[0].backward()
+    finally:
+        for m in modules.values():
+            m.weight.grad = None
+        for p, flag in zip(params, was_grad):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return time.perf_counter() - t0
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The (out x in) weight of a linear map, detached, float32."""
     return dense_weight(module).detach().float()
