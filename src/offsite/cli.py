@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for report.md, report.json and the PNG plots")
     p.add_argument("--tasks", help="comma-separated tasks to include (default: all)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+
+    from .privacy.report import add_parser as add_privacy_parser
+
+    add_privacy_parser(sub)  # offsite privacy --model M --emulator DIR [--task T --budgets 0,1M,5M]
     return parser
 
 
@@ -264,7 +268,8 @@ def cmd_report(args) -> None:
 
 
 COMMANDS = {"fetch": cmd_fetch, "emulate": cmd_emulate, "tune": cmd_tune, "plug": cmd_plug,
-            "eval": cmd_eval, "run": cmd_run, "report": cmd_report}
+            "eval": cmd_eval, "run": cmd_run, "report": cmd_report,
+            "privacy": lambda args: __import__("offsite.privacy.report", fromlist=["x"]).cmd_privacy(args)}
 
 
 def main(argv: list[str] | None = None) -> int:
