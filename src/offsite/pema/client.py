@@ -1,0 +1,130 @@
+"""The data owner's client for the owner's representation service (:mod:`offsite.pema.service`).
+
+``ServiceBackend(url, api_key=...)`` implements :class:`offsite.pema.backend.Backend` over HTTP, so
+memory building, training and decoding take it wherever they take an in-process backend. Requests
+larger than the service's limits are split here (by ``max_batch`` sequences and
+``max_logprob_rows`` rows) — note that a split changes the micro-batches the owner computes, so the
+bit-for-bit equality with an in-process backend holds for calls within the limits (the owner's
+``micro_batch`` decides padding groups either way). Service errors become one-line
+:class:`~offsite.errors.OffsiteError` s carrying the service's reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from pathlib import Path
+
+import torch
+
+from offsite.errors import OffsiteError
+from offsite.pema.backend import Backend
+from offsite.pema.service import decode_tensor
+
+__all__ = ["ServiceBackend"]
+
+
+class ServiceBackend(Backend):
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._info = None
+        self._tok = None
+        self._head = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method: str, path: str, json=None):
+        import httpx
+
+        try:
+            r = self._http.request(method, path, json=json)
+        except httpx.HTTPError as e:
+            raise OffsiteError(f"cannot reach the PEMA service at {self.url}: {e}") from e
+        if r.status_code >= 400:
+            try:
+                reason = r.json().get("error") or r.text
+            except ValueError:
+                reason = r.text
+            raise OffsiteError(f"PEMA service {path}: {r.status_code} {' '.join(str(reason).split())[:300]}")
+        return r
+
+    def info(self) -> dict:
+        if self._info is None:
+            self._info = self._call("GET", "/v1/info").json()
+        return self._info
+
+    def tokenizer(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            files = self._call("GET", "/v1/tokenizer").json().get("files", {})
+            with tempfile.TemporaryDirectory() as d:
+                for name, data in files.items():
+                    if "/" in name or "\\" in name or name.startswith("."):
+                        raise OffsiteError(f"the service sent a tokenizer file with a bad name {name!r}")
+                    (Path(d) / name).write_bytes(base64.b64decode(data))
+                self._tok = AutoTokenizer.from_pretrained(d)
+            if self._tok.pad_token is None:
+                self._tok.pad_token = self._tok.eos_token
+        return self._tok
+
+    def head(self):
+        from offsite.pema.model import SharedHead
+
+        if self._head is None:
+            self._head = SharedHead.from_bytes(self._call("GET", "/v1/head").content)
+        return self._head
+
+    def _limits(self) -> dict:
+        return self.info().get("limits", {})
+
+    def forward(self, sequences, start=None, hidden=True, logprobs=True):
+        seqs = [list(s) for s in sequences]
+        starts = [0] * len(seqs) if start is None else ([start] * len(seqs) if isinstance(start, int) else list(start))
+        if len(starts) != len(seqs):
+            raise OffsiteError("'start' must be one integer per sequence")
+        lim = self._limits()
+        max_batch, max_rows = int(lim.get("max_batch", 64)), int(lim.get("max_logprob_rows", 1 << 30))
+        out, i = [], 0
+        while i < len(seqs):
+            j, rows = i, 0
+            while j < len(seqs) and j - i < max_batch:
+                n = len(seqs[j]) - starts[j]
+                if logprobs and j > i and rows + n > max_rows:
+                    break
+                rows += n
+                j += 1
+            body = {"sequences": seqs[i:j], "start": starts[i:j], "hidden": hidden, "logprobs": logprobs}
+            res = self._call("POST", "/v1/forward", body).json()["results"]
+            out.extend({k: decode_tensor(v) for k, v in r.items()} for r in res)
+            i = j
+        return out
+
+    def greedy(self, prompts, steps, hidden=True, logprobs=False):
+        prompts = [list(p) for p in prompts]
+        steps = [steps] * len(prompts) if isinstance(steps, int) else list(steps)
+        lim = self._limits()
+        max_batch = int(lim.get("max_batch", 64))
+        out = []
+        for i in range(0, len(prompts), max_batch):
+            body = {"prompts": prompts[i:i + max_batch], "steps": steps[i:i + max_batch], "hidden": hidden,
+                    "logprobs": logprobs}
+            res = self._call("POST", "/v1/greedy", body).json()["results"]
+            for r in res:
+                item = {"tokens": torch.tensor(r["tokens"], dtype=torch.long)}
+                for k in ("hidden", "logprobs"):
+                    if k in r:
+                        item[k] = decode_tensor(r[k])
+                out.append(item)
+        return out

@@ -1,0 +1,239 @@
+"""The model owner's representation service (FastAPI + uvicorn): ``offsite serve --model M``.
+
+Endpoints (JSON in, JSON out; tensors travel as ``{"dtype": "float32", "shape": [...], "data":
+base64 of the little-endian bytes}`` so the client gets exactly the in-process numbers)::
+
+    GET  /v1/info        model facts and the limits below (no weights)
+    GET  /v1/tokenizer   the tokenizer's files (so the data owner can send token ids)
+    POST /v1/forward     {"sequences": [[id, ...], ...], "start": [i, ...]?, "hidden": true, "logprobs": true}
+                         -> {"results": [{"hidden": T[n, d], "logprobs": T[n, V]}, ...]}
+    POST /v1/greedy      {"prompts": [[id, ...], ...], "steps": n | [n, ...], "hidden": true, "logprobs": false}
+                         -> {"results": [{"tokens": [...], "hidden": T[n, d], "logprobs": ...}, ...]}
+    GET  /v1/head        the final norm + LM head as safetensors — only with ``--share-head``
+
+**Weights.** The service never returns the model's weights: representations and log-probabilities
+only. PEMA's protocol does give the data owner the final norm and the LM head (they are needed to
+train ``B_pd`` through the model's own output layer, papers.md §5.1), so ``/v1/head`` exists but
+answers 403 unless the owner starts the service with ``--share-head``; the data owner can also
+receive those two tensors any other way (``SharedHead.to_bytes``).
+
+**Limits and errors.** Requests above ``--max-batch`` sequences, ``--max-seq-len`` tokens,
+``--max-new-tokens`` steps, ``--max-logprob-rows`` full-vocabulary rows per reply or
+``--max-body-mb`` of body get **413** with a one-line reason; malformed ones (bad JSON, wrong types,
+ids outside the vocabulary, bad ``start``) get **400**; a missing or wrong API key (``--api-key``,
+sent as ``Authorization: Bearer K`` or ``X-API-Key: K``) gets **401**. Every error body is
+``{"error": "<reason>"}``, and the server keeps serving. Requests run one at a time on the model.
+"""
+
+import base64
+import hmac
+import json
+import threading
+import time
+
+import numpy as np
+import torch
+
+from offsite.errors import OffsiteError
+from offsite.pema.backend import InProcessBackend, LimitExceeded
+
+__all__ = ["create_app", "serve", "ServerThread", "encode_tensor", "decode_tensor"]
+
+
+def encode_tensor(t: torch.Tensor) -> dict:
+    a = t.detach().cpu().contiguous().numpy()
+    if a.dtype != np.float32:
+        a = a.astype(np.float32)
+    return {"dtype": "float32", "shape": list(a.shape), "data": base64.b64encode(a.astype("<f4").tobytes()).decode()}
+
+
+def decode_tensor(obj: dict) -> torch.Tensor:
+    if not isinstance(obj, dict) or obj.get("dtype") != "float32":
+        raise OffsiteError("the service sent a tensor in an unknown encoding")
+    shape = [int(x) for x in obj["shape"]]
+    raw = base64.b64decode(obj["data"])
+    a = np.frombuffer(raw, dtype="<f4")
+    if a.size != int(np.prod(shape)):
+        raise OffsiteError("the service sent a tensor whose data does not fit its shape")
+    return torch.from_numpy(a.astype(np.float32).reshape(shape).copy())
+
+
+def create_app(backend: InProcessBackend, api_key: str | None = None):
+    """The FastAPI application over ``backend`` (its ``limits`` and ``share_head`` apply)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+
+    app = FastAPI(title="offsite PEMA representation service", docs_url=None, redoc_url=None)
+    limits = backend.limits
+
+    def error(status: int, reason: str):
+        return JSONResponse({"error": reason}, status_code=status)
+
+    def authorized(request: Request) -> bool:
+        if not api_key:
+            return True
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        return given is not None and hmac.compare_digest(given.encode(), api_key.encode())
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path != "/healthz" and not authorized(request):
+            return error(401, "missing or wrong API key")
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is not None:
+                try:
+                    if int(length) > limits.max_body_bytes:
+                        return error(413, f"request body of {length} bytes > max_body_bytes {limits.max_body_bytes}")
+                except ValueError:
+                    return error(400, "bad Content-Length header")
+        return await call_next(request)
+
+    async def body(request: Request):
+        raw = await request.body()
+        if len(raw) > limits.max_body_bytes:
+            raise _HTTPError(413, f"request body of {len(raw)} bytes > max_body_bytes {limits.max_body_bytes}")
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _HTTPError(400, f"request body is not valid JSON ({e.__class__.__name__})") from e
+        if not isinstance(obj, dict):
+            raise _HTTPError(400, "request body must be a JSON object")
+        return obj
+
+    def flag(obj, name, default):
+        v = obj.get(name, default)
+        if not isinstance(v, bool):
+            raise _HTTPError(400, f"'{name}' must be true or false")
+        return v
+
+    def run(fn):
+        try:
+            return fn()
+        except LimitExceeded as e:
+            raise _HTTPError(413, str(e)) from e
+        except OffsiteError as e:
+            raise _HTTPError(400, str(e)) from e
+
+    @app.exception_handler(_HTTPError)
+    async def handle(_request, exc: "_HTTPError"):
+        return error(exc.status, exc.reason)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    @app.get("/v1/info")
+    def info():
+        return backend.info()
+
+    @app.get("/v1/tokenizer")
+    def tokenizer():
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as d:
+            backend.tokenizer().save_pretrained(d)
+            files = {p.name: base64.b64encode(p.read_bytes()).decode() for p in Path(d).iterdir() if p.is_file()}
+        return {"files": files}
+
+    @app.get("/v1/head")
+    def head():
+        if not backend.share_head:
+            return error(403, "the model owner does not share the final norm and LM head "
+                              "(the service was started without --share-head)")
+        return Response(backend.head().to_bytes(), media_type="application/octet-stream")
+
+    @app.post("/v1/forward")
+    async def forward(request: Request):
+        obj = await body(request)
+        unknown = set(obj) - {"sequences", "start", "hidden", "logprobs"}
+        if unknown:
+            raise _HTTPError(400, f"unknown field(s) {sorted(unknown)}")
+        if "sequences" not in obj:
+            raise _HTTPError(400, "missing 'sequences'")
+        hidden, logprobs = flag(obj, "hidden", True), flag(obj, "logprobs", True)
+        res = await _in_thread(lambda: run(lambda: backend.forward(obj["sequences"], obj.get("start"),
+                                                                    hidden, logprobs)))
+        return {"results": [{k: encode_tensor(v) for k, v in r.items()} for r in res]}
+
+    @app.post("/v1/greedy")
+    async def greedy(request: Request):
+        obj = await body(request)
+        unknown = set(obj) - {"prompts", "steps", "hidden", "logprobs"}
+        if unknown:
+            raise _HTTPError(400, f"unknown field(s) {sorted(unknown)}")
+        if "prompts" not in obj or "steps" not in obj:
+            raise _HTTPError(400, "missing 'prompts' or 'steps'")
+        hidden, logprobs = flag(obj, "hidden", True), flag(obj, "logprobs", False)
+        res = await _in_thread(lambda: run(lambda: backend.greedy(obj["prompts"], obj["steps"], hidden, logprobs)))
+        return {"results": [{k: (v.tolist() if k == "tokens" else encode_tensor(v)) for k, v in r.items()}
+                            for r in res]}
+
+    return app
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+async def _in_thread(fn):
+    import anyio
+
+    return await anyio.to_thread.run_sync(fn)
+
+
+def serve(backend: InProcessBackend, host: str = "127.0.0.1", port: int = 8707, api_key: str | None = None,
+          log_level: str = "info") -> None:
+    """Run the service in the foreground until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(backend, api_key), host=host, port=port, log_level=log_level)
+
+
+class ServerThread:
+    """The service in a background thread (tests, benchmarks): ``with ServerThread(backend) as url:``."""
+
+    def __init__(self, backend: InProcessBackend, host: str = "127.0.0.1", port: int = 0,
+                 api_key: str | None = None):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.host, self.port = host, port
+        config = uvicorn.Config(create_app(backend, api_key), host=host, port=port, log_level="warning",
+                                lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise OffsiteError(f"the PEMA service did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
