@@ -394,7 +394,8 @@ def readme_table(report: dict) -> str:
     if machines:
         foot.append("Machine: " + "; ".join(machines) + ".")
     if commits or dates:
-        foot.append("Commit " + ", ".join(commits) + (f"; {dates[0]} – {dates[-1]}" if dates else "") + ".")
+        when = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} – {dates[-1]}") if dates else ""
+        foot.append("Commit " + ", ".join(commits) + (f"; {when}" if when else "") + ".")
     return "\n".join(parts + [" ".join(foot)]).rstrip() + "\n"
 
 
@@ -565,4 +566,5 @@ def report_files(paths: list[str | Path], out: str | Path | None = None, tasks: 
 
 
 __all__ = ["ROWS", "ROW_TITLES", "block_markdown", "build_report", "load_results", "plot_bars",
-           "plot_privacy_utility", "readme_table", "report_files", "report_markdown", "summary_markdown", "write_report"]
+           "plot_privacy_utility", "readme_table", "report_files", "report_markdown", "summary_markdown",
+           "write_report"]

@@ -19,12 +19,18 @@ class Method:
 
     ``build(model, tokenizer, name, adapter_layers, options) -> Emulator`` where ``name`` is the
     model's display name and ``options`` an instance of ``options_cls``.
+
+    ``bench_settings`` (optional) are the settings ``bench/paper.py`` runs by default: a list of
+    dicts ``{"adapter_layers": [bottom, top], <option>: value, ...}``, or a callable taking the full
+    model's config and returning such a list. Without it the benchmark runs adapter 2,2 with the
+    method's default options.
     """
 
     name: str
     help: str
     options_cls: type
     build: Callable[..., Emulator]
+    bench_settings: list[dict] | Callable[[object], list[dict]] | None = None
 
     def options(self, **kwargs):
         known = {f.name for f in dataclasses.fields(self.options_cls)}

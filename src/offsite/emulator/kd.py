@@ -152,4 +152,5 @@ def distill(emu: Emulator, model, train_docs: list[str], val_docs: list[str], op
 
 
 register(Method("kd", "Offsite-Tuning + distillation: uniform drop, then train the kept blocks "
-                "(LM + 30 x NMSE) on public text", KDOptions, build))
+                "(LM + 30 x NMSE) on public text", KDOptions, build,
+                bench_settings=[{"adapter_layers": [2, 2], "keep": 8}]))

@@ -32,4 +32,4 @@ def build(model, tokenizer, name: str, adapter_layers, opts: UniformOptions) -> 
 
 
 register(Method("uniform", "Offsite-Tuning layer drop: keep K evenly spaced middle blocks",
-                UniformOptions, build))
+                UniformOptions, build, bench_settings=[{"adapter_layers": [2, 2], "keep": 8}]))

@@ -1,0 +1,547 @@
+"""The paper benchmark: every registered method on the embedded model, the papers' table per task.
+
+    python bench/paper.py                                  # the full run (hours on a 2-core CPU)
+    python bench/paper.py --tasks arc_easy --methods uniform --eval-limit 50   # minutes
+    python bench/paper.py --plan                           # what is done, what is left
+    python bench/paper.py --readme-table                   # the README's table from the results
+
+For each task, Full ZS and Full FT are computed once and shared by every method (records with
+``method`` null); for each method and each of its settings (``Method.bench_settings``, default
+adapter 2,2 with the method's default options; ``uniform``/``kd`` declare keep=8 so every method's
+emulator can be matched to the same size) the rows Emulator ZS, Emulator FT and Plug-in. A method
+registered later (``offsite.emulator.register``) joins without any change here.
+
+**Resumable.** A *cell* is (model, task, method, setting, row). Finished cells are kept in the
+results file, written atomically after every cell, and skipped on the next run; a killed run
+resumes where it stopped. Emulator bundles are cached under ``--cache`` (default
+``runs/paper-cache/``, git-ignored) per method and setting, adapter bundles per budget, method,
+setting and task; adapter and Full FT training checkpoint into the cache and resume too. Delete the
+cache after changing a method's code: it is keyed by the setting, not by the code.
+
+**Budget** (DESIGN.md §2 "Budget on this CPU"), the same for every method, seed and documents:
+
+* training: the first ``--train-limit`` (1,000) examples of the task's training split (its fixed
+  hash order), one epoch; 10% of them are held out for choosing the best adapter (tune.py), so
+  900 train. Adapter lr 1e-4 (the repository's ``offsite run`` presets; the paper's per-task rates
+  are for 5 epochs of batch 32 on a GPU), Full FT lr 2e-5 (the paper's ``ft_all.sh``), batch 8,
+  linear schedule without warm-up, seed 42, examples cut to their last 1,024 tokens.
+* ``text`` (held-out English text, the papers' WikiText column): train on the first
+  ``--text-train-limit`` (64) public-text training documents (about 1k tokens each) cut into
+  512-token blocks, the reference's WikiText block size; 64 documents keep a cell's training cost
+  near that of a QA task (an unverified choice, exposed as a flag).
+* evaluation: the first ``--eval-limit`` (1,000) documents of each task's evaluation split (for
+  ``text`` all 48 held-out documents), every row on the same documents.
+
+Larger budgets (``--eval-limit all --train-limit all --epochs 5`` on a GPU) write to their own
+results file: the file's name carries any budget that differs from the default, and a results file
+refuses cells of another budget.
+
+The core is :func:`run_benchmark`, which takes :class:`Hooks` (model loader, training data,
+evaluation) so tests run it on tiny models in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from offsite.errors import OffsiteError  # noqa: E402
+
+DEFAULT_TASKS = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq", "text")
+ALL_TASKS = DEFAULT_TASKS[:-1] + ("webqs", "text")
+METHOD_ROWS = ("emu_zs", "emu_ft", "plugin")
+RESULTS_DIR = ROOT / "bench" / "results"
+DEFAULT_CACHE = ROOT / "runs" / "paper-cache"
+DEFAULT_SETTING = {"adapter_layers": [2, 2]}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one cell may spend; part of the results file's identity (see the module docstring)."""
+
+    eval_limit: int | None = 1000
+    train_limit: int | None = 1000
+    text_train_limit: int | None = 64
+    text_block: int = 512
+    lr: float = 1e-4
+    full_ft_lr: float = 2e-5
+    epochs: float = 1.0
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    schedule: str = "linear"
+    seed: int = 42
+    max_length: int = 1024
+    adapter: str = "full"
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def tag(self) -> str:
+        """'' for the default budget, else a short readable name of what differs."""
+        default = Budget()
+        if self == default:
+            return ""
+        parts = []
+        for name, short in (("eval_limit", "e"), ("train_limit", "t")):
+            v = getattr(self, name)
+            if v != getattr(default, name):
+                parts.append(f"{short}{'all' if v is None else v}")
+        rest = {k: v for k, v in asdict(self).items() if k not in ("eval_limit", "train_limit")}
+        if rest != {k: v for k, v in asdict(default).items() if k not in ("eval_limit", "train_limit")}:
+            parts.append(self.digest()[:6])
+        return "-".join(parts)
+
+    def train_config(self, task: str, lr: float, progress: bool = True):
+        from offsite.train import TrainConfig
+
+        return TrainConfig(lr=lr, epochs=self.epochs, batch_size=self.batch_size,
+                           micro_batch_size=self.micro_batch_size, schedule=self.schedule, seed=self.seed,
+                           max_length=self.text_block if task == "text" else self.max_length,
+                           warmup_ratio=0.0, checkpoint_every=50, progress=progress)
+
+
+# --- the real world, replaceable in tests -------------------------------------------------------
+
+
+def _load_model(name: str):
+    from offsite.models.load import load_model
+
+    return load_model(name)
+
+
+def _train_data(task: str, budget: Budget):
+    from offsite.tune import TrainingData, task_data
+
+    if task == "text":
+        from offsite.data.text import public_text
+
+        return TrainingData("text", list(public_text("train"))[:budget.text_train_limit], source="text")
+    data = task_data(task)
+    return TrainingData(data.kind, data.items[:budget.train_limit], source=data.source)
+
+
+def _evaluate(model, tokenizer, task: str, limit: int | None, batch_size: int, progress: bool = True) -> dict:
+    from offsite.eval import evaluate
+
+    return evaluate(model, tokenizer, task, limit=limit, batch_size=batch_size, progress=progress)
+
+
+@dataclass
+class Hooks:
+    load_model: Callable = _load_model  # name -> (model, tokenizer)
+    train_data: Callable = _train_data  # (task, budget) -> TrainingData
+    evaluate: Callable = _evaluate  # (model, tokenizer, task, limit, batch_size, progress) -> metrics
+    display_name: Callable = None  # name -> display name (default: offsite.models.load.model_display_name)
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+def method_settings(method, config_fn: Callable[[], object]) -> list[dict]:
+    """A method's benchmark settings, checked: each a dict with ``adapter_layers`` and options."""
+    from offsite.emulator import parse_adapter_layers
+
+    declared = method.bench_settings
+    if declared is None:
+        declared = [DEFAULT_SETTING]
+    elif callable(declared):
+        declared = declared(config_fn())
+    return [normalise_setting(method, s, parse_adapter_layers) for s in declared]
+
+
+def normalise_setting(method, setting: dict, parse_adapter_layers=None) -> dict:
+    if parse_adapter_layers is None:
+        from offsite.emulator import parse_adapter_layers
+    if not isinstance(setting, dict):
+        raise OffsiteError(f"method {method.name}: a benchmark setting must be a dict, got {setting!r}")
+    out = dict(setting)
+    out["adapter_layers"] = list(parse_adapter_layers(out.get("adapter_layers", DEFAULT_SETTING["adapter_layers"])))
+    method.options(**{k: v for k, v in out.items() if k != "adapter_layers"})  # unknown options fail here
+    return out
+
+
+def setting_key(setting) -> str:
+    return json.dumps(setting, sort_keys=True) if setting is not None else "null"
+
+
+def setting_dir(setting: dict) -> str:
+    from offsite.report import setting_label, slug
+
+    return f"{slug(setting_label(setting))}-{hashlib.sha256(setting_key(setting).encode()).hexdigest()[:8]}"
+
+
+def cell_key(model: str, task: str, method: str | None, setting, row: str) -> tuple:
+    return (model, task, method, setting_key(setting), row)
+
+
+def record_cell(rec: dict) -> tuple:
+    return cell_key(rec["model"], rec["task"], rec.get("method"), rec.get("setting"), rec["row"])
+
+
+def default_results_path(display: str, budget: Budget) -> Path:
+    from offsite.report import slug
+
+    base = "paper-smollm2" if display == "smollm2-135m" else f"paper-{slug(display)}"
+    tag = budget.tag()
+    return RESULTS_DIR / f"{base}{'-' + tag if tag else ''}.json"
+
+
+# --- state --------------------------------------------------------------------------------------
+
+
+class _Bench:
+    def __init__(self, model_name, budget, results_path, cache, hooks, batch_size, progress, log):
+        from offsite.models.load import model_display_name
+
+        self.model_name, self.budget, self.hooks = model_name, budget, hooks
+        self.display = (hooks.display_name or model_display_name)(model_name)
+        self.results_path = Path(results_path) if results_path else default_results_path(self.display, budget)
+        self.cache = Path(cache) / self.display
+        self.batch_size, self.progress, self.log = batch_size, progress, log
+        self._base = None
+        self._data = {}
+
+    # the full model, loaded on first need and never modified (copies are tuned and plugged)
+    def base(self):
+        if self._base is None:
+            self.log(f"[paper] loading {self.model_name}")
+            self._base = self.hooks.load_model(self.model_name)
+        return self._base
+
+    def data(self, task):
+        if task not in self._data:
+            self._data[task] = self.hooks.train_data(task, self.budget)
+        return self._data[task]
+
+    def settings(self, task, lr):
+        from offsite.tune import TuneSettings
+
+        return TuneSettings(adapter=self.budget.adapter, train=self.budget.train_config(task, lr, self.progress))
+
+    def evaluate(self, model, tokenizer, task):
+        t0 = time.perf_counter()
+        metrics = self.hooks.evaluate(model, tokenizer, task, self.budget.eval_limit, self.batch_size, self.progress)
+        return metrics, time.perf_counter() - t0
+
+    def emulator_dir(self, method: str, setting: dict) -> Path:
+        return self.cache / "emulators" / method / setting_dir(setting)
+
+    def adapter_dir(self, method: str, setting: dict, task: str) -> Path:
+        return self.cache / "adapters" / self.budget.digest() / method / setting_dir(setting) / task
+
+    def ensure_emulator(self, method: str, setting: dict) -> Path:
+        """The cached emulator bundle of (method, setting), built (and timed) when missing."""
+        from offsite.bundle import save_emulator
+
+        path = self.emulator_dir(method, setting)
+        if (path / "manifest.json").exists():
+            return path
+        model, tokenizer = self.base()
+        opts = {k: v for k, v in setting.items() if k != "adapter_layers"}
+        self.log(f"[paper] building the {method} emulator {setting}")
+        t0 = time.perf_counter()
+        emu = build_emulator(method, model, tokenizer, self.display, setting["adapter_layers"], **opts)
+        seconds = time.perf_counter() - t0
+        save_emulator(emu, path, overwrite=True)
+        (path.parent / (path.name + ".build.json")).write_text(json.dumps({"seconds": round(seconds, 2)}))
+        self.log(f"[paper] built in {seconds:.1f}s -> {path}")
+        return path
+
+    def build_seconds(self, path: Path):
+        try:
+            return json.loads((path.parent / (path.name + ".build.json")).read_text())["seconds"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+def emulator_with_adapter(emu, bundle):
+    """Write a tuned adapter bundle back into the emulator it was tuned on (the adapter's tensors
+    are keyed by original block index; in the emulator the top blocks sit at other positions)."""
+    from offsite import adapters
+
+    if bundle.emulator_digest != (emu.manifest or {}).get("digest"):
+        raise OffsiteError("cached adapter was tuned on another emulator; delete the benchmark cache")
+    position = {source: pos for pos, source in emu.adapter_positions.items()}
+    state = {}
+    for key, t in bundle.state.items():
+        _, source, name = key.split(".", 2)
+        state[f"blocks.{position[int(source)]}.{name}"] = t
+    emu.model = adapters.apply(emu.model, state, bundle.kind, bundle.lora)
+    emu.model.eval()
+    return emu
+
+
+def build_emulator(*args, **kwargs):  # indirection so tests can count builds
+    from offsite.emulator import build_emulator as build
+
+    return build(*args, **kwargs)
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods=None,
+                  budget: Budget = Budget(), full_ft: bool = True, results_path=None, cache=DEFAULT_CACHE,
+                  settings_override: dict | None = None, batch_size: int = 32, command: str = "",
+                  hooks: Hooks | None = None, progress: bool = True, plan_only: bool = False,
+                  log=print) -> dict:
+    """Run every missing cell; returns the results file's content. See the module docstring."""
+    from offsite.bundle import load_adapter, load_emulator, load_emulator_manifest
+    from offsite.emulator import all_methods
+    from offsite.plug import plug
+    from offsite.results import meta, write_results
+    from offsite.run import _records
+    from offsite.tune import finetune_full, tune_to_dir
+
+    hooks = hooks or Hooks()
+    b = _Bench(model_name, budget, results_path, cache, hooks, batch_size, progress, log)
+    registry = all_methods()
+    names = list(registry) if methods is None else list(methods)
+    unknown = [m for m in names if m not in registry]
+    if unknown:
+        raise OffsiteError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(registry))}")
+    for over in (settings_override or {}):
+        if over not in registry:
+            raise OffsiteError(f"--settings names an unknown method {over!r}")
+    tasks = list(tasks)
+    if not tasks:
+        raise OffsiteError("no tasks to run")
+
+    plan = []  # (method, setting)
+    for name in names:
+        m = registry[name]
+        if settings_override and name in settings_override:
+            raw = settings_override[name]
+            settings = [normalise_setting(m, s) for s in (raw if isinstance(raw, list) else [raw])]
+        else:
+            settings = method_settings(m, lambda: b.base()[0].config)
+        plan += [(name, s) for s in settings]
+
+    # the results file: earlier cells are kept, the budget must match
+    records, runs = [], []
+    if b.results_path.exists():
+        from offsite.report import load_results
+
+        old = load_results(b.results_path)
+        old_budget = old["meta"].get("budget")
+        if old_budget is not None and old_budget != asdict(budget):
+            diff = {k: (old_budget.get(k), v) for k, v in asdict(budget).items() if old_budget.get(k) != v}
+            what = ", ".join(f"{k}: {a} there, {c} now" for k, (a, c) in diff.items())
+            raise OffsiteError(f"{b.results_path} holds another budget ({what}); pass --results to write elsewhere")
+        records = old["records"]
+        runs = list(old["meta"].get("runs") or [])
+    done = {record_cell(r) for r in records}
+
+    todo = []
+    for task in tasks:
+        todo.append((task, None, None, "full_zs"))
+        todo += [(task, m, s, row) for m, s in plan for row in METHOD_ROWS]
+        if full_ft:
+            todo.append((task, None, None, "full_ft"))
+    missing = [c for c in todo if cell_key(b.display, c[0], c[1], c[2], c[3]) not in done]
+    log(f"[paper] {len(todo) - len(missing)} of {len(todo)} cells done; results: {b.results_path}")
+    if plan_only:
+        for task, m, s, row in missing:
+            log(f"[paper] to do: {task} {m or 'full model'} {s or ''} {row}")
+        return {"meta": {}, "records": records, "missing": missing}
+    if not missing:
+        return {"meta": {"budget": asdict(budget), "runs": runs}, "records": records}
+
+    this_run = meta(command)
+    runs.append({k: this_run[k] for k in ("command", "git_commit", "machine", "date")})
+    meta_block = {**this_run, "budget": asdict(budget), "runs": runs}
+    b.results_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(row, task, method, setting, metrics, seconds, extra):
+        base = {"model": b.display, "method": method, "setting": setting}
+        new = _records(row, {task: metrics}, base, seconds, extra)
+        records.extend(new)
+        done.add(cell_key(b.display, task, method, setting, row))
+        write_results(b.results_path, meta_block, records)
+        headline = next((r for r in new if r["metric"] in ("acc", "exact_match", "ppl")), new[0] if new else None)
+        if headline:
+            log(f"[paper] {task} · {method or 'full model'} {setting_key(setting) if setting else ''} · {row}: "
+                f"{headline['metric']} {headline['value']:.4f} ({seconds:.0f}s)")
+
+    def is_done(task, method, setting, row):
+        return cell_key(b.display, task, method, setting, row) in done
+
+    for task in tasks:
+        eval_extra = {"eval_limit": budget.eval_limit}
+        if not is_done(task, None, None, "full_zs"):
+            model, tok = b.base()
+            metrics, dt = b.evaluate(model, tok, task)
+            save("full_zs", task, None, None, metrics, dt, eval_extra)
+
+        for method, setting in plan:
+            if all(is_done(task, method, setting, r) for r in METHOD_ROWS):
+                continue
+            emu_dir = b.ensure_emulator(method, setting)
+            shapes = load_emulator_manifest(emu_dir).get("shapes", {})
+            extra = {**eval_extra, "middle_params": shapes.get("middle_params"),
+                     "original_middle_params": shapes.get("original_middle_params"),
+                     "build_seconds": b.build_seconds(emu_dir)}
+            if not is_done(task, method, setting, "emu_zs"):
+                emu = load_emulator(emu_dir)
+                metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
+                save("emu_zs", task, method, setting, metrics, dt, extra)
+                del emu
+            adapter_dir = b.adapter_dir(method, setting, task)
+            tuned = None
+            if not (adapter_dir / "manifest.json").exists():
+                data = b.data(task)
+                tuned = load_emulator(emu_dir)
+                log(f"[paper] tuning the adapter: {task} · {method} {setting_key(setting)} "
+                    f"({len(data.items)} examples)")
+                tune_to_dir(tuned, data, b.settings(task, budget.lr), adapter_dir, overwrite=True)
+            bundle = load_adapter(adapter_dir)
+            ft_extra = {**extra, "train_seconds": bundle.training.get("seconds"),
+                        "train_examples": bundle.training.get("examples"),
+                        "train_steps": bundle.training.get("steps")}
+            if not is_done(task, method, setting, "emu_ft"):
+                emu = tuned if tuned is not None else emulator_with_adapter(load_emulator(emu_dir), bundle)
+                metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
+                save("emu_ft", task, method, setting, metrics, dt, ft_extra)
+                del emu
+            tuned = None
+            if not is_done(task, method, setting, "plugin"):
+                model, tok = b.base()
+                plugged = plug(copy.deepcopy(model), bundle, load_emulator_manifest(emu_dir))
+                metrics, dt = b.evaluate(plugged, tok, task)
+                save("plugin", task, method, setting, metrics, dt, ft_extra)
+                del plugged
+
+        if full_ft and not is_done(task, None, None, "full_ft"):
+            model, tok = b.base()
+            data = b.data(task)
+            ft = copy.deepcopy(model)
+            log(f"[paper] Full FT: {task} ({len(data.items)} examples)")
+            work = b.cache / "full_ft" / budget.digest() / f"{task}.work"
+            result = finetune_full(ft, tok, data, b.settings(task, budget.full_ft_lr), work)
+            metrics, dt = b.evaluate(ft, tok, task)
+            save("full_ft", task, None, None, metrics, dt,
+                 {**eval_extra, "train_seconds": round(result.seconds, 2), "train_examples": len(data.items),
+                  "train_steps": result.steps})
+            del ft
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    return {"meta": meta_block, "records": records}
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _limit(text: str) -> int | None:
+    if text.lower() in ("all", "none", "0"):
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Budget()
+    p = argparse.ArgumentParser(prog="bench/paper.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated tasks, or 'all' ({','.join(ALL_TASKS)}); default: {','.join(DEFAULT_TASKS)}")
+    p.add_argument("--methods", default="all", help="comma-separated registered methods, or 'all' (default)")
+    p.add_argument("--settings", help='JSON replacing methods\' declared settings, e.g. '
+                                      '\'{"uniform": [{"adapter_layers": [2, 2], "keep": 4}]}\'')
+    p.add_argument("--eval-limit", type=_limit, default=d.eval_limit, help="documents per task ('all': every one)")
+    p.add_argument("--train-limit", type=_limit, default=d.train_limit, help="training examples per task ('all')")
+    p.add_argument("--text-train-limit", type=_limit, default=d.text_train_limit,
+                   help="public-text training documents for the text task")
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr, help="adapter learning rate")
+    p.add_argument("--full-ft-lr", type=float, default=d.full_ft_lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training examples per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--adapter", default=d.adapter, choices=["full", "lora", "bitfit"])
+    p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=True,
+                   help="the Full FT row (default on)")
+    p.add_argument("--batch-size-eval", type=int, default=32)
+    p.add_argument("--results", help="results file (default bench/results/paper-<model>[-<budget>].json)")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="emulator/adapter cache (default runs/paper-cache)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--plan", action="store_true", help="list the cells left to run and exit")
+    p.add_argument("--readme-table", action="store_true",
+                   help="print the README's markdown table from the results file and exit")
+    p.add_argument("--report", metavar="DIR", help="after the run, write report.md/json and plots to DIR")
+    return p
+
+
+def budget_from_args(args) -> Budget:
+    return Budget(eval_limit=args.eval_limit, train_limit=args.train_limit, text_train_limit=args.text_train_limit,
+                  lr=args.lr, full_ft_lr=args.full_ft_lr, epochs=args.epochs, batch_size=args.batch_size,
+                  micro_batch_size=min(args.micro_batch_size, args.batch_size), seed=args.seed,
+                  adapter=args.adapter)
+
+
+def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from offsite.models.load import model_display_name
+        from offsite.report import build_report, load_results, readme_table, report_files
+
+        budget = budget_from_args(args)
+        display = ((hooks and hooks.display_name) or model_display_name)(args.model)
+        path = Path(args.results) if args.results else default_results_path(display, budget)
+        if args.readme_table:
+            print(readme_table(build_report([(str(path), load_results(path))])), end="")
+            return 0
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        tasks = list(ALL_TASKS) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+        from offsite.eval import METRIC
+
+        bad = [t for t in tasks if t not in METRIC]
+        if bad and hooks is None:
+            raise OffsiteError(f"unknown task(s) {', '.join(bad)}; known: {', '.join(ALL_TASKS)}")
+        methods = None if args.methods == "all" else [m for m in args.methods.split(",") if m]
+        try:
+            override = json.loads(args.settings) if args.settings else None
+        except json.JSONDecodeError as exc:
+            raise OffsiteError(f"--settings is not valid JSON ({exc})") from None
+        if override is not None and not isinstance(override, dict):
+            raise OffsiteError("--settings must be a JSON object {method: [setting, ...]}")
+        command = "python bench/paper.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        run_benchmark(args.model, tasks, methods, budget, full_ft=args.full_ft, results_path=path,
+                      cache=args.cache, settings_override=override, batch_size=args.batch_size_eval,
+                      command=command.strip(), hooks=hooks, plan_only=args.plan)
+        if not args.plan:
+            report, _ = report_files([path], args.report)
+            from offsite.report import report_markdown
+
+            print(report_markdown(report), end="")
+    except OffsiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

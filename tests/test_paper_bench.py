@@ -1,0 +1,202 @@
+"""bench/paper.py on a tiny model with fixture tasks: every cell runs once, finished cells are
+skipped, cached emulators and adapters are reused, and a newly registered method joins."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import make_tokenizer, tiny_model
+
+import offsite.emulator as emulator_mod
+from offsite.data.tasks import Doc
+from offsite.emulator import Method, keep_blocks, split_layers
+from offsite.errors import OffsiteError
+from offsite.tune import TrainingData
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("paper_bench", ROOT / "bench" / "paper.py")
+paper = importlib.util.module_from_spec(_spec)
+sys.modules["paper_bench"] = paper  # dataclasses look their module up
+_spec.loader.exec_module(paper)
+
+DOCS = {
+    "arc_easy": [Doc(f"q{i}", f"Question: what is {i} plus {i}?\nAnswer:",
+                     [str(2 * i), str(2 * i + 1), str(i), "none"], 0) for i in range(6)],
+    "text": [("The quick brown fox jumps over the lazy dog. " * 4 + f"Story {i}.") for i in range(3)],
+}
+TRAIN = {
+    "arc_easy": TrainingData("qa", [(d.context, " " + d.target) for d in DOCS["arc_easy"]] * 2, "arc_easy"),
+    "text": TrainingData("text", ["Once upon a time there was a tiny model. " * 5] * 3, "text"),
+}
+BUDGET = paper.Budget(eval_limit=4, train_limit=8, text_train_limit=2, text_block=64, max_length=128,
+                      lr=1e-3, full_ft_lr=1e-3, batch_size=4, micro_batch_size=4)
+UNIFORM = {"uniform": [{"adapter_layers": [1, 1], "keep": 2}]}
+
+
+class Counting:
+    """Hooks that count what the benchmark actually does."""
+
+    def __init__(self):
+        self.loads = self.trains = 0
+        self.evals: list[str] = []
+
+    def hooks(self):
+        from offsite.eval import evaluate
+
+        def load(name):
+            self.loads += 1
+            return tiny_model("llama", 6), make_tokenizer()
+
+        def data(task, budget):
+            self.trains += 1
+            d = TRAIN[task]
+            limit = budget.text_train_limit if task == "text" else budget.train_limit
+            return TrainingData(d.kind, d.items[:limit], d.source)
+
+        def ev(model, tok, task, limit, batch_size, progress):
+            self.evals.append(task)
+            return evaluate(model, tok, task, docs=DOCS[task], limit=limit, batch_size=batch_size, progress=False)
+
+        return paper.Hooks(load_model=load, train_data=data, evaluate=ev, display_name=lambda n: n)
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    calls = []
+    real = paper.build_emulator
+
+    def counting(method, *a, **k):
+        calls.append(method)
+        return real(method, *a, **k)
+
+    monkeypatch.setattr(paper, "build_emulator", counting)
+    return calls
+
+
+def run(tmp_path, counter, methods=("uniform",), settings=UNIFORM, **kw):
+    kw.setdefault("budget", BUDGET)
+    return paper.run_benchmark("tiny", ["arc_easy", "text"], list(methods) if methods else None,
+                               results_path=tmp_path / "res.json", cache=tmp_path / "cache",
+                               settings_override=settings, hooks=counter.hooks(), progress=False,
+                               log=lambda *_: None, command="test", **kw)
+
+
+def cells(path):
+    return {(r["task"], r["method"], r["row"]) for r in json.loads(Path(path).read_text())["records"]}
+
+
+def test_runs_every_cell_once_then_skips_and_reuses_the_cache(tmp_path, builds):
+    c = Counting()
+    out = run(tmp_path, c, full_ft=True)
+    expected = {(t, m, r) for t in ("arc_easy", "text")
+                for m, r in [(None, "full_zs"), (None, "full_ft"), ("uniform", "emu_zs"),
+                             ("uniform", "emu_ft"), ("uniform", "plugin")]}
+    assert cells(tmp_path / "res.json") == expected
+    assert builds == ["uniform"] and c.loads == 1 and c.trains == 2 and len(c.evals) == 10
+    data = json.loads((tmp_path / "res.json").read_text())
+    assert data == json.loads(json.dumps(out))
+    assert data["meta"]["budget"]["eval_limit"] == 4 and data["meta"]["runs"][0]["command"] == "test"
+    recs = data["records"]
+    plug = [r for r in recs if r["row"] == "plugin" and r["task"] == "arc_easy" and r["metric"] == "acc"][0]
+    assert plug["setting"] == {"adapter_layers": [1, 1], "keep": 2} and plug["n"] == 4
+    assert plug["middle_params"] > 0 and plug["original_middle_params"] == 2 * plug["middle_params"]
+    assert plug["train_examples"] == 8 and plug["train_seconds"] is not None
+    shared = [r for r in recs if r["row"] == "full_zs"]
+    assert shared and all(r["method"] is None and r["setting"] is None for r in shared)
+
+    # everything done: nothing is loaded, built, trained or evaluated, the records stay as they are
+    c2 = Counting()
+    run(tmp_path, c2, full_ft=True)
+    assert (c2.loads, c2.trains, c2.evals, builds) == (0, 0, [], ["uniform"])
+    assert json.loads((tmp_path / "res.json").read_text())["records"] == recs
+
+    # lose two cells: only those are evaluated again, with the cached emulator and adapter, and the
+    # re-applied adapter gives the emulator exactly the numbers the freshly tuned one gave
+    key = lambda r: (r["task"], r["row"], r["metric"])  # noqa: E731
+    before = {key(r): r["value"] for r in recs}
+    assert abs(before["text", "emu_ft", "ppl"] - before["text", "emu_zs", "ppl"]) > 1e-3  # tuning mattered
+    kept = [r for r in recs if r["row"] not in ("emu_ft", "plugin")]
+    (tmp_path / "res.json").write_text(json.dumps({"meta": data["meta"], "records": kept}))
+    c3 = Counting()
+    run(tmp_path, c3, full_ft=True)
+    assert (c3.trains, c3.evals, builds) == (0, ["arc_easy", "arc_easy", "text", "text"], ["uniform"])
+    again = json.loads((tmp_path / "res.json").read_text())["records"]
+    assert {key(r): r["value"] for r in again} == pytest.approx(before, abs=1e-6)
+    assert len(json.loads((tmp_path / "res.json").read_text())["meta"]["runs"]) == 2
+
+
+def test_a_new_budget_is_refused_for_the_same_file(tmp_path):
+    run(tmp_path, Counting(), full_ft=False)
+    with pytest.raises(OffsiteError, match="another budget .*eval_limit: 4 there, 3 now"):
+        run(tmp_path, Counting(), budget=paper.Budget(**{**BUDGET.__dict__, "eval_limit": 3}))
+
+
+@dataclass
+class DummyOptions:
+    pass
+
+
+def _dummy_build(model, tokenizer, name, adapter_layers, opts):
+    from offsite.models import num_blocks
+
+    _, middle, _ = split_layers(num_blocks(model.config), adapter_layers)
+    return keep_blocks(model, tokenizer, name, adapter_layers, middle[:1], "dummy", {})
+
+
+def test_a_newly_registered_method_joins_without_changes(tmp_path, monkeypatch, builds):
+    emulator_mod.all_methods()  # load the built-in methods first
+    dummy = Method("dummy", "keep the first middle block", DummyOptions, _dummy_build,
+                   bench_settings=[{"adapter_layers": [1, 1]}])
+    monkeypatch.setattr(emulator_mod, "METHODS", {"uniform": emulator_mod.METHODS["uniform"]})
+    run(tmp_path, Counting(), full_ft=False)  # uniform only, before dummy exists
+    emulator_mod.register(dummy)
+    c = Counting()
+    run(tmp_path, c, methods=None, full_ft=False)  # every registered method
+    got = cells(tmp_path / "res.json")
+    assert {(t, "dummy", r) for t in ("arc_easy", "text") for r in ("emu_zs", "emu_ft", "plugin")} <= got
+    assert builds == ["uniform", "dummy"] and len(c.evals) == 6  # Full ZS and uniform were not redone
+    recs = json.loads((tmp_path / "res.json").read_text())["records"]
+    mp = {r["method"]: r["middle_params"] for r in recs if r["row"] == "emu_zs"}
+    assert mp["dummy"] * 2 == mp["uniform"]  # one kept block against two: recorded for size matching
+
+
+def test_method_settings_defaults_and_checks():
+    uniform = emulator_mod.get_method("uniform")
+    assert paper.method_settings(uniform, lambda: None) == [{"adapter_layers": [2, 2], "keep": 8}]
+    plain = Method("plain", "", DummyOptions, _dummy_build)
+    assert paper.method_settings(plain, lambda: None) == [{"adapter_layers": [2, 2]}]
+    calls = Method("calls", "", DummyOptions, _dummy_build, bench_settings=lambda cfg: [{"adapter_layers": "3,1"}])
+    assert paper.method_settings(calls, lambda: "cfg") == [{"adapter_layers": [3, 1]}]
+    with pytest.raises(OffsiteError, match="has no option"):
+        paper.normalise_setting(uniform, {"kep": 3})
+
+
+def test_results_file_names_carry_a_non_default_budget():
+    assert paper.default_results_path("smollm2-135m", paper.Budget()).name == "paper-smollm2.json"
+    small = paper.Budget(eval_limit=50, train_limit=None)
+    assert paper.default_results_path("smollm2-135m", small).name == "paper-smollm2-e50-tall.json"
+    other = paper.Budget(lr=3e-4)
+    assert paper.default_results_path("my-model", other).name == f"paper-my-model-{other.digest()[:6]}.json"
+
+
+def test_cli_plan_and_readme_table(tmp_path, capsys):
+    hooks = Counting().hooks()
+    args = ["--model", "tiny", "--tasks", "arc_easy", "--methods", "uniform", "--settings", json.dumps(UNIFORM),
+            "--eval-limit", "4", "--train-limit", "8", "--text-train-limit", "2", "--batch-size", "4",
+            "--lr", "1e-3", "--full-ft-lr", "1e-3", "--results", str(tmp_path / "r.json"),
+            "--cache", str(tmp_path / "c")]
+    assert paper.main(args + ["--plan"], hooks=hooks) == 0
+    assert "0 of 5 cells done" in capsys.readouterr().out
+    assert paper.main(args + ["--no-full-ft"], hooks=hooks) == 0
+    assert "### tiny · uniform (adapter 1,1, keep=2)" in capsys.readouterr().out
+    assert paper.main(args + ["--readme-table"], hooks=hooks) == 0
+    out = capsys.readouterr().out
+    assert "| full model | 100% | Full ZS |" in out and "| uniform (adapter 1,1, keep=2) |" in out
+    assert "Produced by `python bench/paper.py --model tiny" in out
+    assert paper.main(args + ["--methods", "nope"], hooks=hooks) == 2
+    assert "unknown method(s) nope" in capsys.readouterr().err
