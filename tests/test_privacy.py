@@ -341,3 +341,50 @@ def test_attack_corpus_is_disjoint_from_the_owners_text():
     owner_sentences = {s.strip() for d in owner for s in d.split(". ") if len(s) > 60}
     sample = [s.strip() for d in train[::50] for s in d.split(". ") if len(s) > 60]
     assert sample and not any(s in owner_sentences for s in sample)
+
+
+# --- the real methods' slot kinds (ScaleOT harmonizer + SRC, GradOT low-rank + pruned MLP) --------
+
+def _real_method_emulator(method, model, tokenizer):
+    docs = [f"Document {i}. " + "The quick brown fox jumps over the lazy dog, and the cat sleeps. " * 6
+            for i in range(24)]
+    if method == "gradot":
+        gradot = pytest.importorskip("offsite.emulator.gradot", reason="GradOT has not landed")
+        return gradot.compress_model(model, tokenizer, "tiny", ADAPTER, gradot.GradOTOptions(
+            ratio=0.5, support_seqs=6, support_len=32, support_batch_size=3), docs)
+    scaleot = pytest.importorskip("offsite.emulator.scaleot", reason="ScaleOT has not landed")
+    art = scaleot.run_stage1(model, tokenizer, "tiny", ADAPTER, scaleot.Stage1Config(
+        steps=2, batch_size=2, micro_batch_size=1, block_size=32, rl_every=2, rl_batch_size=2, harmonizer_rank=4,
+        checkpoint_every=None, lr=1e-2, group_size=2), None, docs[:20], docs[20:])
+    return scaleot.build_scaleot(model, tokenizer, "tiny", ADAPTER, art, alpha=0.5, beta=0.5, src_storage="factored")
+
+
+@pytest.mark.parametrize("method", ["scaleot", "gradot"])
+def test_exposure_and_attack_on_the_real_methods(method, tokenizer, tmp_path):
+    model = tiny_model("llama", N_LAYERS)
+    save_emulator(_real_method_emulator(method, model, tokenizer), tmp_path / "emu")
+    emu = load_emulator(tmp_path / "emu")
+    rep = weight_exposure(model, emu)
+    s = rep.summary()
+    attn = [t for t in rep.tensors if t.matrix and "self_attn" in t.name and t.present]
+    assert attn and all(t.how == "lowrank" and t.verbatim == 0 and 0 < t.energy < 1 for t in attn)
+    if method == "scaleot":  # one harmonizer (nothing shipped), one SRC block (MLP verbatim)
+        kinds = {b.source: b.kind for b in rep.blocks}
+        assert sorted(kinds.values()) == ["harmonizer", "src"]
+        assert all(b.present == 0 for b in rep.blocks if b.kind == "harmonizer")
+        assert s["blocks_exposed"] == 0.5
+        mlp = [t for t in rep.tensors if "mlp" in t.name and t.present]
+        assert mlp and all(t.verbatim == t.numel for t in mlp)
+    else:  # every block compressed: pruned MLP rows/columns shipped verbatim
+        assert s["blocks_exposed"] == 1.0
+        mlp = [t for t in rep.tensors if "mlp" in t.name]
+        assert {t.how for t in mlp} == {"rows", "cols"}
+        assert all(0 < t.verbatim == t.present < t.numel for t in mlp)
+    assert 0 < s["exposure_verbatim"] < 1 and 0 < s["spectral_energy"] < 1
+    # the attack trains whatever the method shipped, from the bundle
+    before = {n: p.detach().clone() for n, p in emu.model.named_parameters()}
+    names = [n for n, _ in attack_parameters(emu)]
+    lm_train(emu, 256, attack_cfg(val_docs=0), CORPUS)
+    after = dict(emu.model.named_parameters())
+    moved = [n for n in names if not torch.equal(before[n], after[n])]
+    assert len(moved) == len(names)
