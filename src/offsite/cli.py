@@ -7,6 +7,8 @@
     offsite eval --model M|--emulator DIR --task arc_easy              (either)
     offsite run --model M --task arc_easy --method uniform             (both, one machine)
     offsite report RESULTS.json... [--out DIR]                         (tables and plots)
+    offsite serve --model M [--port N --api-key K --share-head]        (model owner, PEMA)
+    offsite pema build-memory|train|generate|eval --service URL ...    (data owner, PEMA)
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
 """
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .privacy.report import add_parser as add_privacy_parser
 
     add_privacy_parser(sub)  # offsite privacy --model M --emulator DIR [--task T --budgets 0,1M,5M]
+
+    from .pema.cli import add_parsers as add_pema_parsers
+
+    add_pema_parsers(sub)  # offsite serve --model M ...; offsite pema build-memory|train|generate|eval ...
     return parser
 
 
@@ -269,7 +275,9 @@ def cmd_report(args) -> None:
 
 COMMANDS = {"fetch": cmd_fetch, "emulate": cmd_emulate, "tune": cmd_tune, "plug": cmd_plug,
             "eval": cmd_eval, "run": cmd_run, "report": cmd_report,
-            "privacy": lambda args: __import__("offsite.privacy.report", fromlist=["x"]).cmd_privacy(args)}
+            "privacy": lambda args: __import__("offsite.privacy.report", fromlist=["x"]).cmd_privacy(args),
+            "serve": lambda args: __import__("offsite.pema.cli", fromlist=["x"]).cmd_serve(args),
+            "pema": lambda args: __import__("offsite.pema.cli", fromlist=["x"]).cmd_pema(args)}
 
 
 def main(argv: list[str] | None = None) -> int:
