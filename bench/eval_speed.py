@@ -68,6 +68,13 @@ def _load(name: str):
     return load_model(name)
 
 
+def _write(out: Path, meta: dict, records: list) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    tmp.replace(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -113,10 +120,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{n / runs['eval_ours_noshare'][1]:.2f} q/s, lm-eval {n / runs['eval_lm_eval'][1]:.2f} q/s; "
               f"acc {runs['eval_ours'][0]['acc']:.3f} vs {le['acc']:.3f}; max|dll| {diff:.2e}; "
               f"mismatches {mism}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
-    print(f"wrote {out}")
+        _write(Path(args.out), meta, records)  # after every task, so a long run keeps partial results
+    print(f"wrote {args.out}")
     return 0
 
 
