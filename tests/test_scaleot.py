@@ -286,3 +286,15 @@ def test_cli_stage1_then_stage2(tiny_dir, tmp_path, capsys, monkeypatch):
                      "--adapter-layers", "2,2", "--out", str(tmp_path / "e3")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--adapter-layers 1,1" in err
+
+
+def test_emulator_with_harmonizers_runs_with_a_kv_cache(stage1, tokenizer):
+    """Harmonizer positions never touch the cache: prefix + cached suffix == one full forward."""
+    model, out = stage1
+    emu = build_scaleot(model, tokenizer, "tiny", (1, 1), load_stage1(out), alpha=0.5, beta=0.5)
+    m = emu.model
+    with torch.no_grad():
+        full = m(input_ids=IDS, use_cache=False).logits
+        first = m(input_ids=IDS[:, :7], use_cache=True)
+        rest = m(input_ids=IDS[:, 7:], past_key_values=first.past_key_values, use_cache=True).logits
+    assert torch.allclose(rest, full[:, 7:], atol=1e-5)

@@ -133,8 +133,21 @@ def build(model, tokenizer, name: str, adapter_layers, opts: ScaleOTOptions) -> 
     return emu
 
 
+def bench_settings(config) -> list[dict]:
+    """The benchmark's default: adapter 2,2 and ``uniform``/``kd``'s middle size with keep 8: 8
+    original blocks kept, the others replaced by (rank-64) harmonizers (for smollm2-135m: 18
+    harmonizers of 2.1% of a block each, +4.8% over 8 blocks), without and with SRC (beta 0.8 keeps
+    the size under ``auto`` storage: it removes information, not parameters)."""
+    from ...models.families import num_blocks
+
+    n_middle = num_blocks(config) - 4
+    alpha = round(max(0.0, n_middle - 8) / n_middle, 6)
+    return [{"adapter_layers": [2, 2], "alpha": alpha, "beta": 1.0},
+            {"adapter_layers": [2, 2], "alpha": alpha, "beta": 0.8}]
+
+
 register(Method("scaleot", "ScaleOT: importance-ranked LayerReplace with harmonizers + Selective Rank "
-                "Compression of attention", ScaleOTOptions, build))
+                "Compression of attention", ScaleOTOptions, build, bench_settings=bench_settings))
 
 __all__ = ["ScaleOTOptions", "Stage1Artifact", "Stage1Config", "build_scaleot", "choose_replaced",
            "load_stage1", "run_stage1"]

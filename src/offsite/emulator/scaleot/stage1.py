@@ -390,7 +390,11 @@ def run_stage1(model: nn.Module, tokenizer, name: str, adapter_layers, cfg: Stag
         result = train(model, trainable, train_ex, None, tcfg, out_dir=work, loss_fn=loss_fn,
                        pad_id=pad_id, on_step=on_step)
         if state["pending"] is not None and state["pending"] % cfg.rl_every == 0:
-            rl_step(state["pending"])  # the RL update due after the last step
+            t_last = time.perf_counter()
+            rl_step(state["pending"])  # the RL update due after the last step (outside the engine's clock)
+            last_rl_seconds = time.perf_counter() - t_last
+        else:
+            last_rl_seconds = 0.0
     finally:
         tap.remove()
         set_blocks(model, blocks, layer_types)
@@ -412,8 +416,11 @@ def run_stage1(model: nn.Module, tokenizer, name: str, adapter_layers, cfg: Stag
         "replace_order": [middle[k] for k in sorted(range(len(middle)), key=lambda k: (-float(scores[k]), k))],
         "harmonizer": {"rank": cfg.harmonizer_rank, "norm": cfg.harmonizer_norm, "params_each": hp,
                        "block_params_each": bp, "ratio_to_block": hp / (sum(bp) / len(bp))},
-        "cost": {"seconds": round(result.seconds + state["rl_seconds"], 2),
-                 "train_seconds": round(result.seconds, 2), "rl_seconds": round(state["rl_seconds"], 2),
+        # RL updates run inside the engine's timed loop (at the next step's first forward), except the
+        # one after the last step: seconds = engine time + that one; rl_seconds is the RL share of it
+        "cost": {"seconds": round(result.seconds + last_rl_seconds, 2),
+                 "train_seconds": round(result.seconds + last_rl_seconds - state["rl_seconds"], 2),
+                 "rl_seconds": round(state["rl_seconds"], 2),
                  "tokens": result.tokens_seen + state["rl_tokens"], "train_tokens": result.tokens_seen,
                  "rl_tokens": state["rl_tokens"], "steps": result.steps, "rl_updates": len(state["rl"])},
         "curve": {"train": state["parts"], "rl": state["rl"]},
