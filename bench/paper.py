@@ -319,13 +319,19 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         raise OffsiteError("no tasks to run")
 
     plan = []  # (method, setting)
+    failures: list[str] = []  # a method that fails (OffsiteError) is skipped; the others go on
     for name in names:
         m = registry[name]
         if settings_override and name in settings_override:
             raw = settings_override[name]
             settings = [normalise_setting(m, s) for s in (raw if isinstance(raw, list) else [raw])]
         else:
-            settings = method_settings(m, lambda: b.base()[0].config)
+            try:
+                settings = method_settings(m, lambda: b.base()[0].config)
+            except OffsiteError as exc:
+                failures.append(f"{name}: its benchmark settings: {exc}")
+                log(f"[paper] skipping {failures[-1]}")
+                continue
         plan += [(name, s) for s in settings]
 
     # the results file: earlier cells are kept, the budget must match
@@ -354,9 +360,9 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
     if plan_only:
         for task, m, s, row in missing:
             log(f"[paper] to do: {task} {m or 'full model'} {s or ''} {row}")
-        return {"meta": {}, "records": records, "missing": missing}
+        return {"meta": {}, "records": records, "missing": missing, "failures": failures}
     if not missing:
-        return {"meta": {"budget": asdict(budget), "runs": runs}, "records": records}
+        return {"meta": {"budget": asdict(budget), "runs": runs}, "records": records, "failures": failures}
 
     this_run = meta(command)
     runs.append({k: this_run[k] for k in ("command", "git_commit", "machine", "date")})
@@ -377,6 +383,45 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
     def is_done(task, method, setting, row):
         return cell_key(b.display, task, method, setting, row) in done
 
+    broken: set = set()
+
+    def method_cells(task, method, setting):
+        eval_extra = {"eval_limit": budget.eval_limit}
+        emu_dir = b.ensure_emulator(method, setting)
+        shapes = load_emulator_manifest(emu_dir).get("shapes", {})
+        extra = {**eval_extra, "middle_params": shapes.get("middle_params"),
+                 "original_middle_params": shapes.get("original_middle_params"),
+                 "build_seconds": b.build_seconds(emu_dir)}
+        if not is_done(task, method, setting, "emu_zs"):
+            emu = load_emulator(emu_dir)
+            metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
+            save("emu_zs", task, method, setting, metrics, dt, extra)
+            del emu
+        adapter_dir = b.adapter_dir(method, setting, task)
+        tuned = None
+        if not (adapter_dir / "manifest.json").exists():
+            data = b.data(task)
+            tuned = load_emulator(emu_dir)
+            log(f"[paper] tuning the adapter: {task} · {method} {setting_key(setting)} "
+                f"({len(data.items)} examples)")
+            tune_to_dir(tuned, data, b.settings(task, budget.lr), adapter_dir, overwrite=True)
+        bundle = load_adapter(adapter_dir)
+        ft_extra = {**extra, "train_seconds": bundle.training.get("seconds"),
+                    "train_examples": bundle.training.get("examples"),
+                    "train_steps": bundle.training.get("steps")}
+        if not is_done(task, method, setting, "emu_ft"):
+            emu = tuned if tuned is not None else emulator_with_adapter(load_emulator(emu_dir), bundle)
+            metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
+            save("emu_ft", task, method, setting, metrics, dt, ft_extra)
+            del emu
+        tuned = None
+        if not is_done(task, method, setting, "plugin"):
+            model, tok = b.base()
+            plugged = plug(copy.deepcopy(model), bundle, load_emulator_manifest(emu_dir))
+            metrics, dt = b.evaluate(plugged, tok, task)
+            save("plugin", task, method, setting, metrics, dt, ft_extra)
+            del plugged
+
     for task in tasks:
         eval_extra = {"eval_limit": budget.eval_limit}
         if not is_done(task, None, None, "full_zs"):
@@ -385,42 +430,15 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
             save("full_zs", task, None, None, metrics, dt, eval_extra)
 
         for method, setting in plan:
-            if all(is_done(task, method, setting, r) for r in METHOD_ROWS):
+            if (method, setting_key(setting)) in broken or all(is_done(task, method, setting, r)
+                                                               for r in METHOD_ROWS):
                 continue
-            emu_dir = b.ensure_emulator(method, setting)
-            shapes = load_emulator_manifest(emu_dir).get("shapes", {})
-            extra = {**eval_extra, "middle_params": shapes.get("middle_params"),
-                     "original_middle_params": shapes.get("original_middle_params"),
-                     "build_seconds": b.build_seconds(emu_dir)}
-            if not is_done(task, method, setting, "emu_zs"):
-                emu = load_emulator(emu_dir)
-                metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
-                save("emu_zs", task, method, setting, metrics, dt, extra)
-                del emu
-            adapter_dir = b.adapter_dir(method, setting, task)
-            tuned = None
-            if not (adapter_dir / "manifest.json").exists():
-                data = b.data(task)
-                tuned = load_emulator(emu_dir)
-                log(f"[paper] tuning the adapter: {task} · {method} {setting_key(setting)} "
-                    f"({len(data.items)} examples)")
-                tune_to_dir(tuned, data, b.settings(task, budget.lr), adapter_dir, overwrite=True)
-            bundle = load_adapter(adapter_dir)
-            ft_extra = {**extra, "train_seconds": bundle.training.get("seconds"),
-                        "train_examples": bundle.training.get("examples"),
-                        "train_steps": bundle.training.get("steps")}
-            if not is_done(task, method, setting, "emu_ft"):
-                emu = tuned if tuned is not None else emulator_with_adapter(load_emulator(emu_dir), bundle)
-                metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
-                save("emu_ft", task, method, setting, metrics, dt, ft_extra)
-                del emu
-            tuned = None
-            if not is_done(task, method, setting, "plugin"):
-                model, tok = b.base()
-                plugged = plug(copy.deepcopy(model), bundle, load_emulator_manifest(emu_dir))
-                metrics, dt = b.evaluate(plugged, tok, task)
-                save("plugin", task, method, setting, metrics, dt, ft_extra)
-                del plugged
+            try:
+                method_cells(task, method, setting)
+            except OffsiteError as exc:
+                broken.add((method, setting_key(setting)))
+                failures.append(f"{method} {setting_key(setting)} ({task}): {exc}")
+                log(f"[paper] skipping {failures[-1]}")
 
         if full_ft and not is_done(task, None, None, "full_ft"):
             model, tok = b.base()
@@ -437,7 +455,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
-    return {"meta": meta_block, "records": records}
+    return {"meta": meta_block, "records": records, "failures": failures}
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -526,7 +544,7 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         if override is not None and not isinstance(override, dict):
             raise OffsiteError("--settings must be a JSON object {method: [setting, ...]}")
         command = "python bench/paper.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        run_benchmark(args.model, tasks, methods, budget, full_ft=args.full_ft, results_path=path,
+        out = run_benchmark(args.model, tasks, methods, budget, full_ft=args.full_ft, results_path=path,
                       cache=args.cache, settings_override=override, batch_size=args.batch_size_eval,
                       command=command.strip(), hooks=hooks, plan_only=args.plan)
         if not args.plan:
@@ -534,6 +552,10 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
             from offsite.report import report_markdown
 
             print(report_markdown(report), end="")
+        if out["failures"]:
+            for f in out["failures"]:
+                print(f"failed: {f}", file=sys.stderr)
+            return 1
     except OffsiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -99,7 +99,7 @@ def test_runs_every_cell_once_then_skips_and_reuses_the_cache(tmp_path, builds):
     assert cells(tmp_path / "res.json") == expected
     assert builds == ["uniform"] and c.loads == 1 and c.trains == 2 and len(c.evals) == 10
     data = json.loads((tmp_path / "res.json").read_text())
-    assert data == json.loads(json.dumps(out))
+    assert out.pop("failures") == [] and data == json.loads(json.dumps(out))
     assert data["meta"]["budget"]["eval_limit"] == 4 and data["meta"]["runs"][0]["command"] == "test"
     recs = data["records"]
     plug = [r for r in recs if r["row"] == "plugin" and r["task"] == "arc_easy" and r["metric"] == "acc"][0]
@@ -163,6 +163,20 @@ def test_a_newly_registered_method_joins_without_changes(tmp_path, monkeypatch, 
     recs = json.loads((tmp_path / "res.json").read_text())["records"]
     mp = {r["method"]: r["middle_params"] for r in recs if r["row"] == "emu_zs"}
     assert mp["dummy"] * 2 == mp["uniform"]  # one kept block against two: recorded for size matching
+
+
+def _broken_build(model, tokenizer, name, adapter_layers, opts):
+    raise OffsiteError("needs an artifact that is not there")
+
+
+def test_a_failing_method_is_skipped_and_the_others_go_on(tmp_path, monkeypatch):
+    emulator_mod.all_methods()
+    broken = Method("broken", "always fails", DummyOptions, _broken_build)
+    monkeypatch.setattr(emulator_mod, "METHODS", {"uniform": emulator_mod.METHODS["uniform"], "broken": broken})
+    out = run(tmp_path, Counting(), methods=None, full_ft=False)
+    assert out["failures"] == ['broken {"adapter_layers": [2, 2]} (arc_easy): needs an artifact that is not there']
+    got = cells(tmp_path / "res.json")
+    assert ("text", "uniform", "plugin") in got and not any(m == "broken" for _, m, _ in got)
 
 
 def test_method_settings_defaults_and_checks():
