@@ -388,3 +388,38 @@ def test_exposure_and_attack_on_the_real_methods(method, tokenizer, tmp_path):
     after = dict(emu.model.named_parameters())
     moved = [n for n in names if not torch.equal(before[n], after[n])]
     assert len(moved) == len(names)
+
+
+def test_cli_privacy_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, capsys):
+    import json
+
+    from offsite.cli import main
+    from offsite.data.tasks import load_task
+    from offsite.errors import DataUnavailable
+
+    try:
+        load_task("arc_easy", "train")
+    except DataUnavailable as exc:
+        pytest.skip(f"task data not available offline: {exc}")
+    corpus = tmp_path / "attacker.txt"
+    corpus.write_text(" ".join(f"Sentence number {i} of the attacker's own public text." for i in range(200)))
+    assert main(["emulate", "--model", str(tiny_dir), "--method", "uniform", "--keep", "1",
+                 "--out", str(tmp_path / "emu")]) == 0
+    out = tmp_path / "priv"
+    assert main(["privacy", "--model", str(tiny_dir), "--emulator", str(tmp_path / "emu"), "--task", "arc_easy",
+                 "--budgets", "0,128", "--preset", "quick", "--eval-limit", "3", "--text-docs", "0",
+                 "--max-steps", "1", "--train-limit", "16", "--attack-corpus", str(corpus),
+                 "--attack-block-size", "32", "--attack-batch-size", "2", "--no-attack-progress",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "privacy.json").read_text())
+    assert data["meta"]["command"].startswith("offsite ") and data["exposure_detail"]
+    recs = data["records"]
+    assert {r["budget_tokens"] for r in recs if r["metric"] == "acc"} == {0, 128}
+    assert all(r["row"] == "attack" for r in recs)
+    assert next(r for r in recs if r["metric"] == "acc" and r["budget_tokens"] == 128)["attack"]["corpus"] \
+        == str(corpus)
+    assert (out / "privacy.md").read_text().startswith("## Privacy under attack")
+    assert (out / "privacy.png").stat().st_size > 1000
+    # a second run into the same directory is refused in one line, before any work
+    assert main(["privacy", "--model", str(tiny_dir), "--emulator", str(tmp_path / "emu"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")

@@ -91,7 +91,7 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
                     eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
                     batch_size: int = 32, exposure: bool = True, setting: dict | None = None,
                     model=None, work_dir: str | Path | None = None, log=print,
-                    train_data=None, eval_docs=None, corpus_docs=None,
+                    train_data=None, train_limit: int | None = None, eval_docs=None, corpus_docs=None,
                     details: dict | None = None) -> list[dict]:
     """Recovery attack at every budget + weight exposure + Plug-in, as §7 records (see module doc).
 
@@ -100,7 +100,8 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
     ``bench/paper.py`` passes its own so the attacker tunes exactly like its data owner. ``setting``
     overrides the records' ``setting`` (default: adapter layers + the bundle's method parameters).
     ``model``: the owner's full model if already loaded (not modified). ``details``, if given, is
-    filled with the per-block exposure detail.
+    filled with the per-block exposure detail. ``train_limit``: tune on the first N examples of
+    the task's training split (its fixed hash order), as ``bench/paper.py``'s ``--train-limit``.
     """
     from ..bundle import load_emulator, load_emulator_manifest
     from ..eval import METRIC, evaluate
@@ -121,6 +122,11 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
     attack.check()
     budgets = parse_budgets(",".join(str(int(b)) for b in budgets))
     manifest = load_emulator_manifest(emulator_dir)
+    if train_data is None and train_limit is not None:
+        from ..tune import TrainingData, task_data
+
+        full = task_data(task)
+        train_data = TrainingData(full.kind, full.items[:train_limit], source=full.source)
     shapes = manifest.get("shapes") or {}
     base = {"model": model_display_name(model_name), "task": task, "method": manifest["method"],
             "setting": setting if setting is not None else
@@ -278,6 +284,13 @@ def format_markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _short(n: int) -> str:
+    for unit, v in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= v:
+            return f"{n / v:g}{unit}"
+    return str(n)
+
+
 def plot_privacy(records: list[dict], path: str | Path) -> Path:
     """Accuracy vs attack budget, one panel per task, one line per emulator, with its Emulator FT
     (the budget-0 point, dotted) and Plug-in (dashed) levels."""
@@ -315,6 +328,9 @@ def plot_privacy(records: list[dict], path: str | Path) -> Path:
                            label="Plug-in" if i == 0 else None)
         if positive:
             ax.set_xscale("symlog", linthresh=positive[0])
+            ticks = [0] + positive
+            ax.set_xticks(ticks, [_short(b) for b in ticks])
+            ax.minorticks_off()
         ax.set_xlabel("attack budget (public-text tokens)")
         ax.set_ylabel(f"{task} {head} (%)")
         ax.set_title(task)
@@ -347,8 +363,9 @@ def run_privacy(model_name: str, emulator_dir: str | Path, tasks: list[str], out
     records: list[dict] = []
     details: dict = {}
     m = meta(command)
-    for i, task in enumerate(tasks):
-        records += privacy_records(model_name, emulator_dir, task, budgets, exposure=(i == 0),
+    exposure = kwargs.pop("exposure", True)
+    for i, task in enumerate(tasks):  # exposure does not depend on the task: computed once
+        records += privacy_records(model_name, emulator_dir, task, budgets, exposure=exposure and i == 0,
                                    details=details, work_dir=out / "work", log=log, **kwargs)
         write_json_atomic(out / "privacy.json", {"meta": m, "exposure_detail": details.get("exposure"),
                                                  "records": records})
@@ -371,6 +388,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="demo", choices=["quick", "demo", "gpu"],
                    help="the data owner's tuning and evaluation budget, as in `offsite run`")
     p.add_argument("--eval-limit", type=int, help="evaluate the first N documents (default: the preset's)")
+    p.add_argument("--train-limit", type=int,
+                   help="tune on the first N task training examples (bench/paper.py: 1000; default: all)")
     p.add_argument("--text-docs", type=int, help="held-out text documents for perplexity (0: skip)")
     p.add_argument("--batch-size-eval", type=int, default=32)
     p.add_argument("--no-exposure", action="store_true", help="skip the weight exposure")
@@ -398,7 +417,8 @@ def cmd_privacy(args) -> None:
         command="offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]), settings=settings,
         preset=args.preset, attack=attack, exposure=not args.no_exposure,
         eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
-        text_docs=args.text_docs if args.text_docs is not None else "preset", batch_size=args.batch_size_eval)
+        text_docs=args.text_docs if args.text_docs is not None else "preset", batch_size=args.batch_size_eval,
+        train_limit=args.train_limit)
     print(format_markdown(records))
     print(f"results: {out}/privacy.json, section: {out}/privacy.md, plot: {out}/privacy.png")
 
