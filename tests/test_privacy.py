@@ -423,3 +423,20 @@ def test_cli_privacy_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     # a second run into the same directory is refused in one line, before any work
     assert main(["privacy", "--model", str(tiny_dir), "--emulator", str(tmp_path / "emu"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
+
+
+def test_attack_lm_step_is_reused_from_its_work_dir(tokenizer, tmp_path, monkeypatch):
+    """A second task (or a rerun) resumes the finished LM step: same weights, no new training."""
+    import offsite.train
+
+    model = tiny_model("llama", N_LAYERS)
+    save_emulator(build_emulator("uniform", model, tokenizer, "tiny", "2,2", keep=1), tmp_path / "emu")
+    a, b = load_emulator(tmp_path / "emu"), load_emulator(tmp_path / "emu")
+    info_a = lm_train(a, 256, attack_cfg(), CORPUS, tmp_path / "work")
+    calls = []
+    real = offsite.train.causal_lm_loss
+    monkeypatch.setattr(offsite.train, "causal_lm_loss", lambda *x: (calls.append(1), real(*x))[1])
+    info_b = lm_train(b, 256, attack_cfg(), CORPUS, tmp_path / "work")
+    assert not calls  # no training step ran (validation before the attack uses its own import)
+    assert info_b["tokens_seen"] == info_a["tokens_seen"] == 256
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))

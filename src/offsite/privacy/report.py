@@ -140,7 +140,10 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
     # -- the attacker: from the bundle path only
     results = {}
     for b in budgets:
-        wd = Path(work_dir) / f"budget-{b}" if work_dir is not None else None
+        # keyed by the emulator's digest: the LM step does not depend on the task, so a second task
+        # (or a rerun) resumes its finished checkpoint instead of training again, and never another
+        # emulator's
+        wd = Path(work_dir) / manifest["digest"][:16] / f"budget-{b}" if work_dir is not None else None
         res = recover(emulator_dir, task, b, settings, attack, eval_limit=eval_limit, text_docs=text_docs or 0,
                       batch_size=batch_size, train_data=train_data, eval_docs=eval_docs,
                       corpus_docs=corpus_docs, work_dir=wd, log=log)
