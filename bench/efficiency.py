@@ -40,6 +40,15 @@ def flops_per_token(block_params: list[int], trainable: list[bool], head_params:
     return fwd + act_grad + weight_grad
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: per address space, so unlike ``ru_maxrss`` it
+    does not carry over the RSS of the parent that forked us)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(mode: str, model_name: str, keep: int, batch: int, seq: int, steps: int) -> dict:
     from offsite.emulator import build_emulator
     from offsite.models import get_blocks, load_model
@@ -78,8 +87,7 @@ def measure(mode: str, model_name: str, keep: int, batch: int, seq: int, steps: 
     head = net.get_output_embeddings().weight.numel()
     flops = flops_per_token([sum(p.numel() for p in b.parameters()) for b in blocks], trainable, head, seq,
                             net.config.hidden_size)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
     return {"tokens_per_s": batch * seq * len(times) / sum(times), "peak_mem_mb": peak,
             "flops_per_token": flops, "blocks": len(blocks), "trainable_params": sum(
                 p.numel() for p in net.parameters() if p.requires_grad)}
