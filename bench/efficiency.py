@@ -1,7 +1,7 @@
 """Adapter tuning on the emulator vs full fine-tuning: tokens/s and peak memory (the paper's Table 6).
 
 Same model, batch and sequence length for both; each configuration runs in its own process so
-peak memory is its own (peak RSS on a CPU, peak allocated on a GPU). The measured speed-up is
+peak memory is its own (VmHWM on a CPU, peak allocated on a GPU). The measured speed-up is
 compared with the ratio of training FLOPs predicted from the parameter counts:
 
 * forward: 2 FLOPs per weight per token through every block in the path and the head, plus
