@@ -121,13 +121,13 @@ def _shape(module: nn.Module) -> tuple[int, int]:
 # DRD
 
 
-def rank_for(out_f: int, in_f: int, ratio: float, keep_top_frac: float) -> int | None:
+def rank_for(out_f: int, in_f: int, ratio: float, keep_top_frac: float = 0.05) -> int | None:
     """The rank whose factorised size is ``ratio`` of the dense ``out x in`` (None: keep dense)."""
     if ratio >= 1:
         return None
     full = min(out_f, in_f)
     r = math.floor(ratio * out_f * in_f / (out_f + in_f))
-    return int(min(full, max(top_count(full, keep_top_frac), r)))
+    return int(min(full, max(1, r)))  # the target rank wins over the always-kept top (drd_select)
 
 
 def top_count(full_rank: int, keep_top_frac: float) -> int:
