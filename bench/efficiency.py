@@ -10,7 +10,10 @@ compared with the ratio of training FLOPs predicted from the parameter counts:
   through the blocks above it, the head included), and weight gradients for the trainable blocks
   only (the same again for those blocks).
 
-    python bench/efficiency.py [--model smollm2-135m] [--keep 8] [--batch 4] [--seq 256] [--steps 6]
+    python bench/efficiency.py [--model smollm2-135m] [--keep 8] [--batch 4] [--seq 256] [--steps 6] [--rounds 3]
+
+Each configuration runs ``--rounds`` times, alternating with the other, in fresh processes; the
+speed-up is the median of the per-round ratios (the machines are noisy: compare within a run).
 
 writes bench/results/efficiency.json (DESIGN.md §7 format).
 """
@@ -20,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,19 +54,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(mode: str, model_name: str, keep: int, batch: int, seq: int, steps: int) -> dict:
-    from offsite.emulator import build_emulator
+def measure(mode: str, model_name: str, emulator_dir: str, batch: int, seq: int, steps: int) -> dict:
+    """One configuration, in its own process. The emulator is loaded from its bundle, as the data
+    owner does, so the full model never counts towards the emulator's memory."""
+    from offsite.bundle import load_emulator
     from offsite.models import get_blocks, load_model
 
     torch.manual_seed(0)
-    model, tokenizer = load_model(model_name)
     if mode == "emulator":
-        emu = build_emulator("uniform", model, tokenizer, model_name, "2,2", keep=keep)
+        emu = load_emulator(emulator_dir)
         net = emu.model
-        del model
         trainable = [s.kind == "adapter" for s in emu.slots]
     else:
-        net = model
+        net, _ = load_model(model_name)
         trainable = [True] * len(get_blocks(net))
     for p in net.parameters():
         p.requires_grad_(False)
@@ -100,24 +105,41 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating emulator/full runs; the median ratio is kept")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "efficiency.json"))
     ap.add_argument("--_child", choices=["emulator", "full"], help=argparse.SUPPRESS)
+    ap.add_argument("--emulator-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
-        print(json.dumps(measure(args._child, args.model, args.keep, args.batch, args.seq, args.steps)))
+        print(json.dumps(measure(args._child, args.model, args.emulator_dir, args.batch, args.seq, args.steps)))
         return
 
+    from offsite.bundle import save_emulator
+    from offsite.emulator import build_emulator
+    from offsite.models import load_model
     from offsite.results import meta, write_results
 
     command = "python bench/efficiency.py " + " ".join(sys.argv[1:])
     res = {}
-    for mode in ("emulator", "full"):
-        out = subprocess.run([sys.executable, __file__, "--_child", mode, "--model", args.model, "--keep",
-                              str(args.keep), "--batch", str(args.batch), "--seq", str(args.seq),
-                              "--steps", str(args.steps)], capture_output=True, text=True, check=True)
-        res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(mode, res[mode], flush=True)
-    speedup = res["emulator"]["tokens_per_s"] / res["full"]["tokens_per_s"]
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = load_model(args.model)
+        save_emulator(build_emulator("uniform", model, tokenizer, args.model, "2,2", keep=args.keep), f"{tmp}/emu")
+        del model
+        runs = {"emulator": [], "full": []}
+        for r in range(args.rounds):  # alternate, so slow phases of a noisy machine hit both alike
+            for mode in ("emulator", "full"):
+                out = subprocess.run([sys.executable, __file__, "--_child", mode, "--model", args.model,
+                                      "--emulator-dir", f"{tmp}/emu", "--batch", str(args.batch), "--seq",
+                                      str(args.seq), "--steps", str(args.steps)],
+                                     capture_output=True, text=True, check=True)
+                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"round {r + 1} {mode}", runs[mode][-1], flush=True)
+    ratios = sorted(e["tokens_per_s"] / f["tokens_per_s"] for e, f in zip(runs["emulator"], runs["full"]))
+    for mode, rs in runs.items():
+        res[mode] = dict(rs[0])
+        res[mode]["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rs)
+        res[mode]["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rs)
+    speedup = statistics.median(ratios)
     predicted = res["full"]["flops_per_token"] / res["emulator"]["flops_per_token"]
     memory = res["full"]["peak_mem_mb"] / res["emulator"]["peak_mem_mb"]
     setting = {"adapter_layers": [2, 2], "keep": args.keep, "batch": args.batch, "seq": args.seq,
@@ -127,12 +149,12 @@ def main() -> None:
     for row, mode in (("tune_emulator", "emulator"), ("tune_full", "full")):
         for metric in ("tokens_per_s", "peak_mem_mb", "flops_per_token", "trainable_params"):
             records.append({**base, "row": row, "metric": metric, "value": res[mode][metric]})
-    for metric, value in (("speedup", speedup), ("flop_ratio", predicted), ("speedup_vs_flop_ratio",
-                                                                            speedup / predicted),
+    for metric, value in (("speedup", speedup), ("speedup_min", ratios[0]), ("speedup_max", ratios[-1]),
+                          ("flop_ratio", predicted), ("speedup_vs_flop_ratio", speedup / predicted),
                           ("memory_ratio", memory)):
-        records.append({**base, "row": "ratio", "metric": metric, "value": value})
+        records.append({**base, "row": "ratio", "metric": metric, "value": value, "n": args.rounds})
     write_results(args.out, meta(command), records)
-    print(f"speed-up {speedup:.2f}x (FLOPs predict {predicted:.2f}x, reached {speedup / predicted:.0%}), "
+    print(f"speed-up {speedup:.2f}x (median of {args.rounds} alternating rounds, {ratios[0]:.2f}-{ratios[-1]:.2f}; FLOPs predict {predicted:.2f}x, reached {speedup / predicted:.0%}), "
           f"memory {memory:.2f}x less; wrote {args.out}")
 
 

@@ -13,18 +13,11 @@ per-choice log-likelihood difference) and ``decision_mismatches_vs_lm_eval``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -32,47 +25,13 @@ sys.path.insert(0, str(ROOT / "src"))
 from offsite.data.tasks import load_task  # noqa: E402
 from offsite.eval.lm_eval_bridge import run_lm_eval  # noqa: E402
 from offsite.eval.mc import score_mc  # noqa: E402
-
-
-def _meta(argv: list[str]) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    versions = {}
-    for pkg in ("torch", "transformers", "lm_eval", "datasets", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    return {
-        "command": " ".join(["python", "bench/eval_speed.py", *argv]),
-        "git_commit": commit,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "load_avg_1m_at_start": load},
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions,
-    }
+from offsite.results import meta as results_meta, write_results  # noqa: E402
 
 
 def _load(name: str):
     from offsite.models import load_model
 
     return load_model(name)
-
-
-def _write(out: Path, meta: dict, records: list) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
-    tmp.replace(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval_speed.json"))
     args = ap.parse_args(argv)
 
-    meta = _meta(argv)
+    meta = results_meta(" ".join(["python", "bench/eval_speed.py", *argv]), packages=("lm_eval", "datasets"))
     model, tok = _load(args.model)
     records = []
     for task in args.tasks:
@@ -120,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{n / runs['eval_ours_noshare'][1]:.2f} q/s, lm-eval {n / runs['eval_lm_eval'][1]:.2f} q/s; "
               f"acc {runs['eval_ours'][0]['acc']:.3f} vs {le['acc']:.3f}; max|dll| {diff:.2e}; "
               f"mismatches {mism}", flush=True)
-        _write(Path(args.out), meta, records)  # after every task, so a long run keeps partial results
+        write_results(args.out, meta, records)  # after every task, so a long run keeps partial results
     print(f"wrote {args.out}")
     return 0
 

@@ -21,7 +21,7 @@ import offsite.models.load
 from offsite.bundle import load_emulator, save_emulator
 from offsite.data.tasks import Doc
 from offsite.emulator import Slot, assemble, build_emulator, register_block_kind
-from offsite.emulator.lowrank import LowRankLinear, dense_weight
+from offsite.emulator.lowrank import LowRankLinear
 from offsite.errors import OffsiteError
 from offsite.models import get_blocks
 from offsite.privacy import (AttackConfig, attack_parameters, format_markdown, gap_closed, parse_budgets,

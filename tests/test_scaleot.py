@@ -13,7 +13,7 @@ from offsite.bundle import load_emulator, save_emulator
 from offsite.emulator import build_emulator
 from offsite.emulator.core import ADAPTER, ORIGINAL, keep_blocks
 from offsite.emulator.scaleot import Stage1Config, build_scaleot, choose_replaced, load_stage1, run_stage1
-from offsite.emulator.scaleot.harmonizer import Harmonizer, harmonizer_params, make_harmonizer
+from offsite.emulator.scaleot.harmonizer import harmonizer_params, make_harmonizer
 from offsite.emulator.scaleot.selective_rank import attention_projections, compress_block
 from offsite.emulator.scaleot.stage1 import make_groups, rl_update, sample_candidates, sample_replaced
 from offsite.errors import OffsiteError

@@ -26,7 +26,10 @@ def machine() -> str:
     return f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}"
 
 
-def meta(command: str) -> dict:
+def meta(command: str, packages: tuple[str, ...] = ()) -> dict:
+    """The ``meta`` block: command, commit, machine, date and library versions (plus ``packages``)."""
+    from importlib import metadata
+
     import transformers
 
     try:
@@ -40,8 +43,17 @@ def meta(command: str) -> dict:
         "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"offsite": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+                     "transformers": transformers.__version__, "python": platform.python_version(),
+                     **{p: _version(metadata, p) for p in packages}},
+        "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+
+
+def _version(metadata, package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def write_results(path: str | Path, meta_block: dict, records: list[dict], **extra) -> None:

@@ -123,13 +123,14 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
 
     model, tokenizer = load_model(model_name)
     # 1. owner: emulator bundle
-    emu, build_s = timed("building the emulator", lambda: build_emulator(
+    built, build_s = timed("building the emulator", lambda: build_emulator(
         method, model, tokenizer, _name(model_name), adapter_layers, **method_options))
     emu_dir = out / "emulator"
-    save_emulator(emu, emu_dir, overwrite=True)
-    del emu
+    emu_manifest = save_emulator(built, emu_dir, overwrite=True)
+    del built
     base = {"model": _name(model_name), "method": method,
-            "setting": {"adapter_layers": list(_pair(adapter_layers)), **method_options}}
+            "setting": {"adapter_layers": list(_pair(adapter_layers)), **method_options},
+            "build_seconds": round(build_s, 2)}
 
     def add(row, results, seconds, extra=None):
         result.records.extend(_records(row, results, base, seconds, extra or {}))
@@ -146,16 +147,15 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
                   lambda: tune_to_dir(emu, data, settings, adapter_dir, overwrite=True))
     res, dt2 = timed("Emulator FT", lambda: evaluate_row(emu.model, emu.tokenizer, task, eval_limit, text_docs, batch_size))
     add("emu_ft", res, dt2, {"train_seconds": round(dt, 2)})
-    del emu
+    emu.model = None  # free the data owner's copy before the owner's work
 
     # 3. owner: Full ZS, then plug in
     res, dt = timed("Full ZS", lambda: evaluate_row(model, tokenizer, task, eval_limit, text_docs, batch_size))
     add("full_zs", res, dt)
-    bundle = load_adapter(adapter_dir)
-    plugged = plug(model, bundle, load_emulator(emu_dir).manifest)
+    plugged = plug(model, load_adapter(adapter_dir), emu_manifest)
     res, dt = timed("Plug-in", lambda: evaluate_row(plugged, tokenizer, task, eval_limit, text_docs, batch_size))
     add("plugin", res, dt)
-    del plugged, model
+    plugged = model = None
 
     # 4. Full FT baseline through the same training loop
     if full_ft:
