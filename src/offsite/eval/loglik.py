@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -244,23 +245,44 @@ def _run_batch(model, body, takes_pos, head, groups: list[_Group], pad: int, dev
     return [(m.req, float(sums[k]), bool(misses[k] == 0)) for k, m in enumerate(order)]
 
 
-def _cache_path_agrees(model, body, takes_pos, head, groups, pad, device, tol: float = 1e-3) -> bool:
-    """Self-check: score one shared group both ways (guards against blocks that ignore the cache)."""
+def _cache_path_agrees(model, body, takes_pos, head, groups, pad, device, tol: float = 1e-3) -> bool | None:
+    """Self-check: score one shared group both ways (guards against blocks that ignore the cache).
+    ``None`` when no group uses the cache (nothing to check)."""
     g = next((g for g in groups if any(m.suffix for m in g.members)), None)
     if g is None:
-        return True
+        return None
     shared = {i: ll for i, ll, _ in _run_batch(model, body, takes_pos, head, [g], pad, device)}
     singles = [_Group(g.prefix + m.suffix, [_Member(m.req, m.target, [], m.start)]) for m in g.members]
     full = {i: ll for i, ll, _ in _run_batch(model, body, takes_pos, head, singles, pad, device)}
     return all(abs(shared[i] - full[i]) <= tol * max(1.0, abs(full[i])) for i in full)
 
 
+#: Padded tokens per forward pass: long contexts go in smaller batches, so that sorting by length
+#: plus this cap keep padding (wasted compute on a CPU) small.
+BATCH_TOKENS = 8192
+
+# Models whose blocks were found to honour the KV cache (the self-check runs once per model).
+_CACHE_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _batches(groups: list[_Group], batch_size: int, batch_tokens: int):
+    """Consecutive groups (sorted by cost, longest first), at most ``batch_size`` per batch and at
+    most ``batch_tokens`` padded tokens (always at least one group)."""
+    s = 0
+    while s < len(groups):
+        rows = max(1, min(batch_size, batch_tokens // max(1, groups[s].cost)))
+        yield groups[s: s + rows]
+        s += rows
+
+
 def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 32,
                   progress: bool = True, max_length: int | None = None,
-                  share_context: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+                  share_context: bool = True, desc: str = "loglikelihood",
+                  batch_tokens: int = BATCH_TOKENS) -> list[tuple[float, bool]]:
     """``[(sum log p(continuation | context), is_greedy)]`` for each request, lm-eval semantics.
 
-    ``batch_size`` counts distinct contexts per forward pass (each carries all its continuations).
+    ``batch_size`` counts distinct contexts per forward pass (each carries all its continuations),
+    capped so that a pass holds at most ``batch_tokens`` padded tokens.
     """
     from tqdm.auto import tqdm
 
@@ -278,14 +300,18 @@ def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_s
     model.eval()
     try:
         with torch.inference_mode():
-            if share and not _cache_path_agrees(model, body, takes_pos, head, groups, pad, device):
+            agrees = _CACHE_OK.get(model) if share else True
+            if agrees is None:
+                agrees = _cache_path_agrees(model, body, takes_pos, head, groups, pad, device)
+                if agrees is not None:
+                    _CACHE_OK[model] = agrees
+            if agrees is False:
                 warnings.warn(f"{type(model).__name__}: scoring with a shared-context KV cache disagrees "
                               f"with a full pass (custom blocks?); scoring every request in full instead")
                 groups = _build_groups(_encode_pairs(tokenizer, requests), max_length, False)
                 groups.sort(key=lambda g: -g.cost)
             bar = tqdm(total=len(requests), disable=not progress, desc=desc, leave=False)
-            for s in range(0, len(groups), max(1, batch_size)):
-                batch = groups[s: s + batch_size]
+            for batch in _batches(groups, max(1, batch_size), batch_tokens):
                 for i, ll, g in _run_batch(model, body, takes_pos, head, batch, pad, device):
                     results[i] = (ll, g)
                 bar.update(sum(len(g.members) for g in batch))
