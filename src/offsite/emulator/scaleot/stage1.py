@@ -58,7 +58,7 @@ from safetensors.torch import load_file, save_file
 from ...errors import BundleError, OffsiteError
 from ...models.families import family_of, get_blocks, num_blocks, set_blocks
 from ..core import state_digest, split_layers
-from ..kd import MiddleTap, run_blocks
+from ..kd import MiddleTap, middle_nmse
 from .harmonizer import Harmonizer, harmonizer_params, make_harmonizer
 
 log = logging.getLogger(__name__)
@@ -322,14 +322,7 @@ def run_stage1(model: nn.Module, tokenizer, name: str, adapter_layers, cfg: Stag
         total = cfg.lm_weight * lm_sum
         align = torch.zeros((), device=lm_sum.device)
         if cfg.align_weight and any(sw.replace for sw in switches) and m.training:
-            args, kwargs = tap.inputs
-            with torch.no_grad():
-                h_t = run_blocks(teacher, args, kwargs).float()
-            h_s = tap.output.float()
-            mask = batch["attention_mask"].unsqueeze(-1).to(h_t.dtype)
-            denom = mask.sum() * h_t.shape[-1]
-            rms = ((h_t.pow(2) * mask).sum() / denom).sqrt()
-            align = ((((h_t - h_s) / rms).pow(2)) * mask).sum() / denom
+            align = middle_nmse(teacher, tap, batch["attention_mask"])
             total = total + cfg.align_weight * align * n_tok
         st["lm"] += float(lm_sum.detach())
         st["align"] += float(align.detach()) * n_tok
