@@ -31,3 +31,25 @@ def test_parity_embedded_model_arc_easy():
         pytest.skip(str(e))
     r = lm_eval_parity(model, tok_, docs)
     assert r["ok"], r
+
+
+def test_cli_eval_with_the_harness_backend(tiny_dir, capsys):
+    """`offsite eval --backend lm-eval` scores our documents with the harness: same numbers."""
+    import json
+
+    from offsite.cli import main
+    from offsite.errors import DataUnavailable
+
+    try:
+        from offsite.data.tasks import load_task
+        load_task("arc_easy", "eval")
+    except DataUnavailable as e:
+        pytest.skip(str(e))
+    common = ["eval", "--model", str(tiny_dir), "--task", "arc_easy", "--limit", "6"]
+    assert main(common + ["--backend", "lm-eval"]) == 0
+    harness = json.loads(capsys.readouterr().out)
+    assert main(common) == 0
+    ours = json.loads(capsys.readouterr().out)
+    assert harness["n"] == ours["n"] == 6
+    assert harness["acc"] == pytest.approx(ours["acc"]) and harness["acc_norm"] == pytest.approx(ours["acc_norm"])
+    assert main(["eval", "--model", str(tiny_dir), "--task", "no_such_task_xyz", "--backend", "lm-eval"]) == 2

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N documents of the evaluation split")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="write the metrics to this JSON file")
+    p.add_argument("--backend", default="ours", choices=["ours", "lm-eval"],
+                   help="lm-eval: score with lm-evaluation-harness itself (our multiple-choice tasks through "
+                        "local files; any other name runs the harness's own task, which needs a network)")
 
     p = sub.add_parser("run", help="play both parties on one machine and print the papers' table")
     p.add_argument("--model", default="smollm2-135m")
@@ -233,10 +236,24 @@ def cmd_eval(args) -> None:
         model, tokenizer = emu.model, emu.tokenizer
     else:
         model, tokenizer = load_model(args.model)
-    metrics = evaluate(model, tokenizer, args.task, limit=args.limit, batch_size=args.batch_size)
+    if args.backend == "lm-eval":
+        metrics = _eval_with_harness(model, tokenizer, args.task, args.limit, args.batch_size)
+    else:
+        metrics = evaluate(model, tokenizer, args.task, limit=args.limit, batch_size=args.batch_size)
     print(json.dumps(metrics, indent=2))
     if args.json:
         write_json_atomic(args.json, metrics)
+
+
+def _eval_with_harness(model, tokenizer, task: str, limit, batch_size: int) -> dict:
+    from .data.tasks import TASKS, load_task
+    from .eval.lm_eval_bridge import run_harness_task, run_lm_eval
+
+    if task in TASKS and task != "webqs":  # our documents and prompts, the harness's scoring
+        docs = load_task(task, "eval")[:limit]
+        out = run_lm_eval(model, tokenizer, docs, batch_size=batch_size)
+        return {k: out[k] for k in ("acc", "acc_norm", "n", "seconds")}
+    return run_harness_task(model, tokenizer, task, limit=limit, batch_size=batch_size)
 
 
 def cmd_run(args) -> None:

@@ -26,7 +26,7 @@ from offsite.data.tasks import Doc
 from offsite.errors import OffsiteError
 from offsite.eval.mc import score_mc
 
-__all__ = ["lm_eval_parity", "run_lm_eval", "write_task"]
+__all__ = ["lm_eval_parity", "run_harness_task", "run_lm_eval", "write_task"]
 
 TOLERANCE_ACC = 0.001  # aggregate acc must agree within 0.1 points
 
@@ -87,6 +87,37 @@ def run_lm_eval(model, tokenizer, docs: Sequence[Doc], batch_size: int = 32,
     res = out["results"][name]
     return {"acc": float(res["acc,none"]), "acc_norm": float(res["acc_norm,none"]), "n": len(samples),
             "lls": lls, "seconds": seconds}
+
+
+def run_harness_task(model, tokenizer, task: str, limit: int | None = None, batch_size: int = 32) -> dict:
+    """Run one of lm-eval's *own* tasks by name on the in-memory model (``offsite eval --backend
+    lm-eval`` for tasks offsite does not ship). Its data comes from the Hugging Face Hub, so this
+    needs a network; offline it fails with a one-line DataUnavailable."""
+    _require_lm_eval()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from offsite.errors import DataUnavailable
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, num_fewshot=0, bootstrap_iters=100,
+                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+    except (OSError, ConnectionError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataUnavailable(f"lm-eval could not run its task {task!r} ({first}); the harness's own tasks "
+                              "download their data from the Hugging Face Hub") from e
+    res = out["results"][task]
+    metrics = {}
+    for key, value in res.items():
+        if not isinstance(value, (int, float)) or "," not in key:
+            continue
+        name, _, _filter = key.partition(",")
+        metrics[name] = float(value)
+    n = out.get("n-samples", {}).get(task, {}).get("effective")
+    if n is not None:
+        metrics["n"] = int(n)
+    return metrics
 
 
 def lm_eval_parity(model, tokenizer, docs: Sequence[Doc], batch_size: int = 32,
