@@ -146,7 +146,8 @@ def test_matches_reference_and_padding_invariant(tok, build):
     m = build(len(tok))
     reqs = mc_requests(DOCS)
     ref = _reference(m, tok, reqs)
-    for kw in ({"batch_size": 32}, {"batch_size": 1}, {"batch_size": 2, "share_context": False}):
+    for kw in ({"batch_size": 32}, {"batch_size": 32, "min_shared_context": 0},
+               {"batch_size": 1, "min_shared_context": 0}, {"batch_size": 2, "share_context": False}):
         got = loglikelihood(m, tok, reqs, progress=False, **kw)
         np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], atol=1e-5, rtol=0)
         assert [g[1] for g in got] == [r[1] for r in ref]
@@ -287,6 +288,6 @@ def test_falls_back_when_blocks_ignore_the_cache(tok):
 
     attn.forward = forgetful
     with pytest.warns(UserWarning, match="shared-context KV cache disagrees"):
-        got = loglikelihood(m, tok, mc_requests(DOCS), progress=False)
+        got = loglikelihood(m, tok, mc_requests(DOCS), progress=False, min_shared_context=0)
     attn.forward = orig
     np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], atol=1e-5, rtol=0)

@@ -19,7 +19,8 @@ Speed (all under ``torch.inference_mode``):
   only the continuations' tokens with explicit ``position_ids`` and an attention mask that masks the
   contexts' padding. The first continuation token is predicted from the context pass's last position.
   Families whose body takes no ``position_ids`` (BLOOM) derive positions from the mask, which gives
-  the same result. ``share_context=False`` scores every request with its own full pass instead.
+  the same result. ``share_context=False`` scores every request with its own full pass instead;
+  contexts shorter than ``MIN_SHARED_CONTEXT`` tokens always are (sharing them is slower on a CPU).
 * The LM head (``model.get_output_embeddings()``) is applied only to the hidden states at scored
   positions, in chunks, instead of to every position of every sequence.
 * Groups are sorted by length (longest first, so an out-of-memory error happens at once) to keep
@@ -118,7 +119,12 @@ class _Group:
         return len(self.prefix) + max((len(m.suffix) for m in self.members), default=0)
 
 
-def _build_groups(encoded, max_length: int, share: bool) -> list[_Group]:
+#: Contexts shorter than this many tokens are not shared: for short prompts (ARC, PIQA) the second,
+#: cached pass costs more than re-running the context (measured on CPU); long ones (SciQ) gain.
+MIN_SHARED_CONTEXT = 64
+
+
+def _build_groups(encoded, max_length: int, share: bool, min_shared: int = MIN_SHARED_CONTEXT) -> list[_Group]:
     groups: dict[tuple[int, ...], _Group] = {}
     singles: list[_Group] = []
     for i, (ctx, cont) in enumerate(encoded):
@@ -126,7 +132,7 @@ def _build_groups(encoded, max_length: int, share: bool) -> list[_Group]:
             raise ValueError(f"request {i} has an empty continuation after tokenisation")
         if len(cont) > max_length:
             raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length {max_length}")
-        if share and len(ctx) + len(cont) - 1 <= max_length:
+        if share and len(ctx) >= min_shared and len(ctx) + len(cont) - 1 <= max_length:
             g = groups.setdefault(tuple(ctx), _Group(list(ctx)))
             g.members.append(_Member(i, list(cont), list(cont[:-1]), len(ctx) - 1))
         else:  # own full pass, left-truncated like lm-eval
@@ -278,11 +284,13 @@ def _batches(groups: list[_Group], batch_size: int, batch_tokens: int):
 def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 32,
                   progress: bool = True, max_length: int | None = None,
                   share_context: bool = True, desc: str = "loglikelihood",
-                  batch_tokens: int = BATCH_TOKENS) -> list[tuple[float, bool]]:
+                  batch_tokens: int = BATCH_TOKENS,
+                  min_shared_context: int = MIN_SHARED_CONTEXT) -> list[tuple[float, bool]]:
     """``[(sum log p(continuation | context), is_greedy)]`` for each request, lm-eval semantics.
 
     ``batch_size`` counts distinct contexts per forward pass (each carries all its continuations),
-    capped so that a pass holds at most ``batch_tokens`` padded tokens.
+    capped so that a pass holds at most ``batch_tokens`` padded tokens. Contexts of at least
+    ``min_shared_context`` tokens are encoded once for all their continuations.
     """
     from tqdm.auto import tqdm
 
@@ -290,7 +298,7 @@ def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_s
         max_length = model_max_length(model, tokenizer)
     body, takes_pos, takes_cache = _body(model)
     share = share_context and takes_cache
-    groups = _build_groups(_encode_pairs(tokenizer, requests), max_length, share)
+    groups = _build_groups(_encode_pairs(tokenizer, requests), max_length, share, min_shared_context)
     groups.sort(key=lambda g: -g.cost)
     head = _head(model)
     device = next(model.parameters()).device

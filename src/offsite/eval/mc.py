@@ -31,7 +31,7 @@ def mc_requests(docs: Sequence[Doc]) -> list[tuple[str, str]]:
 
 def score_mc(model, tokenizer, docs: Sequence[Doc], batch_size: int = 32, progress: bool = True,
              max_length: int | None = None, share_context: bool = True,
-             return_details: bool = False) -> dict:
+             return_details: bool = False, **loglik_options) -> dict:
     """Score multiple-choice docs; returns acc, acc_stderr, acc_norm, acc_norm_stderr, n.
 
     With ``return_details`` the result also has ``details``: per doc ``{"id", "lls", "pred",
@@ -44,7 +44,8 @@ def score_mc(model, tokenizer, docs: Sequence[Doc], batch_size: int = 32, progre
         if not d.choices or not 0 <= d.gold < len(d.choices):
             raise ValueError(f"document {d.id} is not a multiple-choice doc with a valid gold index")
     res = loglikelihood(model, tokenizer, mc_requests(docs), batch_size=batch_size, progress=progress,
-                        max_length=max_length, share_context=share_context, desc="multiple choice")
+                        max_length=max_length, share_context=share_context, desc="multiple choice",
+                        **loglik_options)
     acc, acc_norm, details = [], [], []
     k = 0
     for d in docs:
