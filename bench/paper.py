@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from offsite.errors import OffsiteError  # noqa: E402
+from offsite.report import setting_key  # noqa: E402
 
 DEFAULT_TASKS = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq", "text")
 ALL_TASKS = DEFAULT_TASKS[:-1] + ("webqs", "text")
@@ -169,10 +170,6 @@ def normalise_setting(method, setting: dict, parse_adapter_layers=None) -> dict:
     out["adapter_layers"] = list(parse_adapter_layers(out.get("adapter_layers", DEFAULT_SETTING["adapter_layers"])))
     method.options(**{k: v for k, v in out.items() if k != "adapter_layers"})  # unknown options fail here
     return out
-
-
-def setting_key(setting) -> str:
-    return json.dumps(setting, sort_keys=True) if setting is not None else "null"
 
 
 def setting_dir(setting: dict) -> str:
@@ -301,7 +298,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
     from offsite.emulator import all_methods
     from offsite.plug import plug
     from offsite.results import meta, write_results
-    from offsite.run import _records
+    from offsite.run import row_records
     from offsite.tune import finetune_full, tune_to_dir
 
     hooks = hooks or Hooks()
@@ -371,7 +368,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
 
     def save(row, task, method, setting, metrics, seconds, extra):
         base = {"model": b.display, "method": method, "setting": setting}
-        new = _records(row, {task: metrics}, base, seconds, extra)
+        new = row_records(row, {task: metrics}, base, seconds, extra)
         records.extend(new)
         done.add(cell_key(b.display, task, method, setting, row))
         write_results(b.results_path, meta_block, records)

@@ -56,6 +56,18 @@ def _version(metadata, package: str) -> str | None:
         return None
 
 
+def metric_records(metrics: dict, base: dict, prefix: str = "", **after) -> list[dict]:
+    """One record per number of a metrics dict (``{"acc": .., "acc_stderr": .., "n": ..}``):
+    ``{**base, "metric", "value", "stderr", "n", **after}``; stderrs and ``n`` travel with their metric."""
+    recs = []
+    for m, v in metrics.items():
+        if m == "n" or m.endswith("_stderr") or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        recs.append({**base, "metric": prefix + m, "value": float(v), "stderr": metrics.get(f"{m}_stderr"),
+                     "n": metrics.get("n"), **after})
+    return recs
+
+
 def write_results(path: str | Path, meta_block: dict, records: list[dict], **extra) -> None:
     from .bundle import write_json_atomic
 

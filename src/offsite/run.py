@@ -22,7 +22,8 @@ from .emulator import build_emulator
 from .errors import OffsiteError
 from .models.load import load_model
 from .plug import plug
-from .results import meta, write_results
+from .report import headline_metric
+from .results import meta, metric_records, write_results
 from .train import TrainConfig
 from .tune import TrainingData, TuneSettings, finetune_full, task_data, tune_to_dir
 
@@ -76,17 +77,11 @@ def evaluate_row(model, tokenizer, task: str, eval_limit, text_docs, batch_size:
     return out
 
 
-def _records(row: str, results: dict[str, dict], base: dict, seconds: float, extra: dict) -> list[dict]:
-    recs = []
-    for task, metrics in results.items():
-        n = metrics.get("n")
-        for metric, value in metrics.items():
-            if metric == "n" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                continue
-            recs.append({**base, "task": task, "row": row, "metric": metric, "value": float(value),
-                         "stderr": metrics.get(f"{metric}_stderr"), "n": n,
-                         "seconds": round(seconds, 2), **extra})
-    return recs
+def row_records(row: str, results: dict[str, dict], base: dict, seconds: float, extra: dict) -> list[dict]:
+    """Records (DESIGN §7) of one row of the table: every metric of every task evaluated."""
+    return [rec for task, metrics in results.items()
+            for rec in metric_records(metrics, {**base, "task": task, "row": row},
+                                      seconds=round(seconds, 2), **extra)]
 
 
 def run(model_name: str, task: str, method: str, adapter_layers, method_options: dict, out: str | Path,
@@ -133,7 +128,7 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
             "build_seconds": round(build_s, 2)}
 
     def add(row, results, seconds, extra=None):
-        result.records.extend(_records(row, results, base, seconds, extra or {}))
+        result.records.extend(row_records(row, results, base, seconds, extra or {}))
         _save(result, out)
 
     # 2. data owner
@@ -193,12 +188,6 @@ def _fmt(rec: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     se = rec.get("stderr")
     ok = se is not None and math.isfinite(se)
     return f"{v:.{digits}f} ± {se * scale:.{digits}f}" if ok else f"{v:.{digits}f}"
-
-
-def headline_metric(task: str) -> str:
-    from .eval import METRIC
-
-    return METRIC[task]
 
 
 def format_table(records: list[dict], task: str) -> str:

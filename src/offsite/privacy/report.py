@@ -35,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import OffsiteError
+from ..results import metric_records
 from .attack import AttackConfig, recover
 
 ROW = "attack"
@@ -74,16 +75,6 @@ def gap_closed(recovered: dict, emu_ft: dict, plugin: dict) -> tuple[float | Non
     sr, s_e, sp = se
     var = (sr / d) ** 2 + (s_e * (r - p) / d ** 2) ** 2 + (sp * (r - e) / d ** 2) ** 2
     return g, math.sqrt(var)
-
-
-def _metric_records(metrics: dict, base: dict, prefix: str = "") -> list[dict]:
-    recs = []
-    for m, v in metrics.items():
-        if m == "n" or m.endswith("_stderr") or not isinstance(v, (int, float)) or isinstance(v, bool):
-            continue
-        recs.append({**base, "metric": prefix + m, "value": float(v), "stderr": metrics.get(f"{m}_stderr"),
-                     "n": metrics.get("n")})
-    return recs
 
 
 def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budgets=DEFAULT_BUDGETS, *,
@@ -150,9 +141,9 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
         results[b] = res
         rb = {**base, "budget_tokens": b, "attack": {**attack_info, **res.info()},
               "seconds": round(res.train_seconds + res.tune_seconds, 2)}
-        records += _metric_records(res.metrics, rb)
+        records += metric_records(res.metrics, rb)
         if res.text_metrics:
-            records += _metric_records(res.text_metrics, {**rb, "task": "text"})
+            records += metric_records(res.text_metrics, {**rb, "task": "text"})
         log(f"[privacy] budget {b:,}: {METRIC[task]} {res.metrics[METRIC[task]]:.4f}")
 
     # -- the owner: Plug-in of the data owner's adapter, weight exposure
@@ -175,9 +166,9 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
     plug_metrics = evaluate(plugged, tokenizer, task, docs=eval_docs, limit=eval_limit, batch_size=batch_size,
                             progress=attack.progress)
     rp = {**base, "budget_tokens": None, "seconds": round(time.perf_counter() - t0, 2)}
-    records += _metric_records(plug_metrics, rp, prefix="plugin_")
+    records += metric_records(plug_metrics, rp, prefix="plugin_")
     if text_docs:
-        records += _metric_records(evaluate(plugged, tokenizer, "text", limit=text_docs, batch_size=batch_size,
+        records += metric_records(evaluate(plugged, tokenizer, "text", limit=text_docs, batch_size=batch_size,
                                             progress=attack.progress), {**rp, "task": "text"}, prefix="plugin_")
     del plugged
 
