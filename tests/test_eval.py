@@ -14,6 +14,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 from offsite.data.tasks import Doc
 from offsite.errors import OffsiteError
 from offsite.eval import METRIC, evaluate
+from offsite.eval import loglik
 from offsite.eval.gen import score_webqs, webqs_choices
 from offsite.eval.loglik import encode_pair, loglikelihood, mean_stderr
 from offsite.eval.mc import mc_requests, score_mc
@@ -146,11 +147,14 @@ def test_matches_reference_and_padding_invariant(tok, build):
     m = build(len(tok))
     reqs = mc_requests(DOCS)
     ref = _reference(m, tok, reqs)
-    for kw in ({"batch_size": 32}, {"batch_size": 32, "min_shared_context": 0},
-               {"batch_size": 1, "min_shared_context": 0}, {"batch_size": 2, "share_context": False}):
+    for kw in ({"batch_size": 32}, {"batch_size": 1}, {"batch_size": 3, "batch_tokens": 40},
+               {"batch_size": 32, "packed": False}, {"batch_size": 32, "packed": False, "min_shared_context": 0},
+               {"batch_size": 1, "packed": False, "min_shared_context": 0},
+               {"batch_size": 2, "share_context": False}):
         got = loglikelihood(m, tok, reqs, progress=False, **kw)
         np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], atol=1e-5, rtol=0)
         assert [g[1] for g in got] == [r[1] for r in ref]
+    assert loglik._PACKED_OK[m] is True  # the packed path was checked and used
     a = score_mc(m, tok, DOCS, progress=False, batch_size=1, return_details=True)
     b = score_mc(m, tok, DOCS, progress=False, batch_size=32, return_details=True)
     assert [d["pred"] for d in a["details"]] == [d["pred"] for d in b["details"]]
@@ -288,6 +292,39 @@ def test_falls_back_when_blocks_ignore_the_cache(tok):
 
     attn.forward = forgetful
     with pytest.warns(UserWarning, match="shared-context KV cache disagrees"):
-        got = loglikelihood(m, tok, mc_requests(DOCS), progress=False, min_shared_context=0)
+        got = loglikelihood(m, tok, mc_requests(DOCS), progress=False, min_shared_context=0, packed=False)
     attn.forward = orig
     np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], atol=1e-5, rtol=0)
+
+
+def test_falls_back_when_blocks_ignore_a_custom_mask(tok):
+    """Blocks that drop the 4D mask let one packed continuation see another: detected, warned, and
+    scored another way (here the KV-cache path fails too, so in full passes), still exact."""
+    m = _llama(len(tok))
+    ref = _reference(m, tok, mc_requests(DOCS))
+    for layer in m.model.layers:
+        orig = layer.self_attn.forward
+
+        def maskless(*a, _orig=orig, **k):
+            k["attention_mask"] = None
+            return _orig(*a, **k)
+
+        layer.self_attn.forward = maskless
+    with pytest.warns(UserWarning, match="packed scoring"):
+        got = loglikelihood(m, tok, mc_requests(DOCS), progress=False, min_shared_context=0)
+    assert loglik._PACKED_OK[m] is False
+    np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], atol=1e-5, rtol=0)
+
+
+def test_packed_rows_hold_each_context_once(tok, monkeypatch):
+    """The packed pass feeds each distinct context once plus every continuation but the last token."""
+    m = _llama(len(tok))
+    reqs = mc_requests(DOCS)
+    seen = []
+    real = loglik._run_packed
+    monkeypatch.setattr(loglik, "_run_packed", lambda *a: seen.append(a[3]) or real(*a))
+    loglikelihood(m, tok, reqs, progress=False)
+    enc = [encode_pair(tok, c, k) for c, k in reqs]
+    fed = sum(g.packed_cost for batch in seen[1:] for g in batch)  # seen[0]: the self-check
+    want = sum(len(c) for c in {tuple(c) for c, _ in enc}) + sum(len(k) - 1 for _, k in enc)
+    assert fed == want < sum(len(c) + len(k) - 1 for c, k in enc)

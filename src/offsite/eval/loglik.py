@@ -13,21 +13,32 @@ token — lm-eval's ``loglikelihood`` request for a causal LM (``HFLM._loglikeli
 
 Speed (all under ``torch.inference_mode``):
 
-* Requests that share a context (the choices of one question) are scored with **one** pass over the
-  context: the transformer body runs on the batch of distinct contexts (right-padded), its KV cache is
+* Requests that share a context (the choices of one question) are **packed** into one row: the
+  context once, then every continuation's tokens, with explicit ``position_ids`` (each continuation
+  starts at the context's length) and a 4D attention mask in which a continuation token sees the
+  context and the earlier tokens of its own continuation only (a prefix tree). One forward pass over
+  ``len(context) + sum(len(continuation))`` tokens instead of ``n_choices * (len(context) +
+  len(continuation))``; the first continuation token is predicted from the context's last position.
+  Used for families whose body takes ``position_ids`` and honours a custom 4D mask (transformers'
+  mask utilities pass one through); a once-per-model self-check compares a packed group with full
+  passes and falls back when they disagree.
+* Otherwise (``packed=False``, BLOOM's ALiBi derives positions from a 2D mask, or the self-check
+  failed), contexts of at least ``MIN_SHARED_CONTEXT`` tokens share a KV cache instead: the
+  transformer body runs on the batch of distinct contexts (right-padded), its KV cache is
   copied to one row per continuation (``DynamicCache.batch_select_indices``), and a second pass runs
   only the continuations' tokens with explicit ``position_ids`` and an attention mask that masks the
   contexts' padding. The first continuation token is predicted from the context pass's last position.
   Families whose body takes no ``position_ids`` (BLOOM) derive positions from the mask, which gives
-  the same result. ``share_context=False`` scores every request with its own full pass instead;
-  contexts shorter than ``MIN_SHARED_CONTEXT`` tokens always are (sharing them is slower on a CPU).
+  the same result; shorter contexts get their own full pass (for them the cached second pass costs
+  more than re-running the context on a CPU). ``share_context=False`` scores every request with its
+  own full pass.
 * The LM head (``model.get_output_embeddings()``) is applied only to the hidden states at scored
   positions, in chunks, instead of to every position of every sequence.
 * Groups are sorted by length (longest first, so an out-of-memory error happens at once) to keep
   padding small; right padding plus the attention mask keep results independent of the batch.
 
-Numerically the shared-context path differs from a plain forward by float rounding only (~1e-6 in
-fp32); decisions agree except on exact ties.
+Numerically the packed and shared-context paths differ from a plain forward by float rounding only
+(~1e-6 in fp32); decisions agree except on exact ties.
 """
 
 from __future__ import annotations
@@ -117,6 +128,10 @@ class _Group:
     @property
     def cost(self) -> int:
         return len(self.prefix) + max((len(m.suffix) for m in self.members), default=0)
+
+    @property
+    def packed_cost(self) -> int:
+        return len(self.prefix) + sum(len(m.suffix) for m in self.members)
 
 
 #: Contexts shorter than this many tokens are not shared: for short prompts (ARC, PIQA) the second,
@@ -211,31 +226,26 @@ def _run_batch(model, body, takes_pos, head, groups: list[_Group], pad: int, dev
                     **kw)[0]
 
     # gather the hidden states that predict each target token
-    targets, owner = [], []
-    order = []  # (member, n tokens) in gather order
-    pieces_prefix, pieces_suffix = [], []
+    order, hs = [], []
     for gi, g in enumerate(groups):
         for m in g.members:
             n = len(m.target)
             if m.suffix:
-                pieces_prefix.append((gi, m.start, 1))
-                pieces_suffix.append((suf_row[id(m)], 0, n - 1))
+                hs.append([hid[gi, m.start: m.start + 1], shid[suf_row[id(m)], : n - 1]])
             else:
-                pieces_prefix.append((gi, m.start, n))
-                pieces_suffix.append(None)
+                hs.append([hid[gi, m.start: m.start + n]])
             order.append(m)
-    hs = []
+    return _score(head, order, hs, device)
+
+
+def _score(head, order: list[_Member], hs: list[list[torch.Tensor]], device):
+    """Log-likelihood and greedy flag of each member from the hidden states that predict its target
+    tokens (``hs[k]``: pieces, concatenated in target order), through the head in chunks."""
+    targets, owner = [], []
     for k, m in enumerate(order):
-        gi, st, n = pieces_prefix[k]
-        parts = [hid[gi, st: st + n]]
-        if pieces_suffix[k] is not None:
-            r, st2, n2 = pieces_suffix[k]
-            if n2:
-                parts.append(shid[r, st2: st2 + n2])
-        hs.extend(parts)
         targets.extend(m.target)
         owner.extend([k] * len(m.target))
-    h = torch.cat(hs, 0)
+    h = torch.cat([p for parts in hs for p in parts], 0)
     tgt = torch.tensor(targets, device=device)
     own = torch.tensor(owner, device=device)
     lp = torch.empty(len(targets), dtype=torch.float64, device=device)
@@ -249,6 +259,57 @@ def _run_batch(model, body, takes_pos, head, groups: list[_Group], pad: int, dev
     sums = torch.zeros(len(order), dtype=torch.float64, device=device).index_add_(0, own, lp)
     misses = torch.zeros(len(order), dtype=torch.long, device=device).index_add_(0, own, (~greedy).long())
     return [(m.req, float(sums[k]), bool(misses[k] == 0)) for k, m in enumerate(order)]
+
+
+def _run_packed(model, body, head, groups: list[_Group], pad: int, device):
+    """Like :func:`_run_batch`, with each group's context and continuations packed into one row
+    under a prefix-tree mask (see the module docstring)."""
+    rows, positions, segments, offsets = [], [], [], {}
+    for g in groups:
+        row, seg = list(g.prefix), [0] * len(g.prefix)
+        pos = list(range(len(g.prefix)))
+        for j, m in enumerate(g.members, 1):
+            if m.suffix:
+                offsets[id(m)] = len(row)
+                row += m.suffix
+                pos += range(len(g.prefix), len(g.prefix) + len(m.suffix))
+                seg += [j] * len(m.suffix)
+        rows.append(row)
+        positions.append(pos)
+        segments.append(seg)
+    ids, _ = _pad(rows, pad)
+    pos, _ = _pad(positions, 0)
+    seg, _ = _pad(segments, -1)  # padding: segment -1, sees only itself
+    t = ids.shape[1]
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(t, dtype=torch.bool)
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    hid = body(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+               position_ids=pos.to(device), use_cache=False)[0]
+    order, hs = [], []
+    for gi, g in enumerate(groups):
+        for m in g.members:
+            if m.suffix:
+                o = offsets[id(m)]
+                hs.append([hid[gi, m.start: m.start + 1], hid[gi, o: o + len(m.suffix)]])
+            else:
+                hs.append([hid[gi, m.start: m.start + len(m.target)]])
+            order.append(m)
+    return _score(head, order, hs, device)
+
+
+def _packed_path_agrees(model, body, head, groups, pad, device, tol: float = 1e-3) -> bool | None:
+    """Self-check of packing (guards against families that ignore a custom 4D mask or positions)."""
+    g = next((g for g in groups if sum(bool(m.suffix) for m in g.members) > 1), None)
+    if g is None:
+        return None
+    packed = {i: ll for i, ll, _ in _run_packed(model, body, head, [g], pad, device)}
+    singles = [_Group(g.prefix + m.suffix, [_Member(m.req, m.target, [], m.start)]) for m in g.members]
+    full = {i: ll for i, ll, _ in _run_batch(model, body, False, head, singles, pad, device)}
+    return all(abs(packed[i] - full[i]) <= tol * max(1.0, abs(full[i])) for i in full)
 
 
 def _cache_path_agrees(model, body, takes_pos, head, groups, pad, device, tol: float = 1e-3) -> bool | None:
@@ -267,16 +328,18 @@ def _cache_path_agrees(model, body, takes_pos, head, groups, pad, device, tol: f
 #: plus this cap keep padding (wasted compute on a CPU) small.
 BATCH_TOKENS = 8192
 
-# Models whose blocks were found to honour the KV cache (the self-check runs once per model).
+# Models whose blocks were found to honour the KV cache / packing (each self-check runs once per model).
 _CACHE_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PACKED_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _batches(groups: list[_Group], batch_size: int, batch_tokens: int):
+def _batches(groups: list[_Group], batch_size: int, batch_tokens: int, packed: bool = False):
     """Consecutive groups (sorted by cost, longest first), at most ``batch_size`` per batch and at
     most ``batch_tokens`` padded tokens (always at least one group)."""
     s = 0
     while s < len(groups):
-        rows = max(1, min(batch_size, batch_tokens // max(1, groups[s].cost)))
+        cost = groups[s].packed_cost if packed else groups[s].cost
+        rows = max(1, min(batch_size, batch_tokens // max(1, cost)))
         yield groups[s: s + rows]
         s += rows
 
@@ -285,42 +348,81 @@ def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_s
                   progress: bool = True, max_length: int | None = None,
                   share_context: bool = True, desc: str = "loglikelihood",
                   batch_tokens: int = BATCH_TOKENS,
-                  min_shared_context: int = MIN_SHARED_CONTEXT) -> list[tuple[float, bool]]:
+                  min_shared_context: int = MIN_SHARED_CONTEXT,
+                  packed: bool | None = None) -> list[tuple[float, bool]]:
     """``[(sum log p(continuation | context), is_greedy)]`` for each request, lm-eval semantics.
 
     ``batch_size`` counts distinct contexts per forward pass (each carries all its continuations),
-    capped so that a pass holds at most ``batch_tokens`` padded tokens. Contexts of at least
-    ``min_shared_context`` tokens are encoded once for all their continuations.
+    capped so that a pass holds at most ``batch_tokens`` padded tokens. With ``share_context`` the
+    continuations of one context are packed into one row (``packed``: None = wherever the model
+    supports it, checked once per model; False = never), else contexts of at least
+    ``min_shared_context`` tokens share a KV cache.
     """
-    from tqdm.auto import tqdm
-
     if max_length is None:
         max_length = model_max_length(model, tokenizer)
     body, takes_pos, takes_cache = _body(model)
-    share = share_context and takes_cache
-    groups = _build_groups(_encode_pairs(tokenizer, requests), max_length, share, min_shared_context)
-    groups.sort(key=lambda g: -g.cost)
+    encoded = _encode_pairs(tokenizer, requests)
     head = _head(model)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    if packed and not (share_context and takes_pos):
+        raise ValueError(f"{type(model).__name__}: packed scoring needs share_context and a body that "
+                         "takes position_ids")
+    use_packed = share_context and takes_pos and packed is not False
+    if use_packed:
+        groups = _build_groups(encoded, max_length, True, 1)
+        agrees = _PACKED_OK.get(model)
+        if agrees is None:
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.inference_mode():
+                    agrees = _packed_path_agrees(model, body, head, groups, pad, device)
+            finally:
+                model.train(was_training)
+            if agrees is not None:
+                _PACKED_OK[model] = agrees
+        if agrees is False:
+            warnings.warn(f"{type(model).__name__}: packed scoring (4D prefix-tree mask) disagrees with "
+                          f"a full pass; sharing contexts through the KV cache instead")
+            use_packed = False
+    if use_packed:
+        groups.sort(key=lambda g: -g.packed_cost)
+        return _loop(model, groups, len(requests), batch_size, batch_tokens, progress, desc, packed=True,
+                     run=lambda batch: _run_packed(model, body, head, batch, pad, device))
+    share = share_context and takes_cache
+    groups = _build_groups(encoded, max_length, share, min_shared_context)
+    groups.sort(key=lambda g: -g.cost)
+    if share and _CACHE_OK.get(model) is None:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                agrees = _cache_path_agrees(model, body, takes_pos, head, groups, pad, device)
+        finally:
+            model.train(was_training)
+        if agrees is not None:
+            _CACHE_OK[model] = agrees
+    if share and _CACHE_OK.get(model) is False:
+        warnings.warn(f"{type(model).__name__}: scoring with a shared-context KV cache disagrees "
+                      f"with a full pass (custom blocks?); scoring every request in full instead")
+        groups = _build_groups(encoded, max_length, False)
+        groups.sort(key=lambda g: -g.cost)
+    return _loop(model, groups, len(requests), batch_size, batch_tokens, progress, desc, packed=False,
+                 run=lambda batch: _run_batch(model, body, takes_pos, head, batch, pad, device))
+
+
+def _loop(model, groups, n_requests, batch_size, batch_tokens, progress, desc, packed, run):
+    from tqdm.auto import tqdm
+
+    results: list[tuple[float, bool] | None] = [None] * n_requests
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            agrees = _CACHE_OK.get(model) if share else True
-            if agrees is None:
-                agrees = _cache_path_agrees(model, body, takes_pos, head, groups, pad, device)
-                if agrees is not None:
-                    _CACHE_OK[model] = agrees
-            if agrees is False:
-                warnings.warn(f"{type(model).__name__}: scoring with a shared-context KV cache disagrees "
-                              f"with a full pass (custom blocks?); scoring every request in full instead")
-                groups = _build_groups(_encode_pairs(tokenizer, requests), max_length, False)
-                groups.sort(key=lambda g: -g.cost)
-            bar = tqdm(total=len(requests), disable=not progress, desc=desc, leave=False)
-            for batch in _batches(groups, max(1, batch_size), batch_tokens):
-                for i, ll, g in _run_batch(model, body, takes_pos, head, batch, pad, device):
+            bar = tqdm(total=n_requests, disable=not progress, desc=desc, leave=False)
+            for batch in _batches(groups, max(1, batch_size), batch_tokens, packed):
+                for i, ll, g in run(batch):
                     results[i] = (ll, g)
                 bar.update(sum(len(g.members) for g in batch))
             bar.close()
