@@ -296,7 +296,7 @@ def block_markdown(b: dict) -> str:
     tasks, metrics = b["tasks"], b["metrics"]
     acc_tasks = [t for t in tasks if not is_ppl(metrics[t])]
     ppl_tasks = [t for t in tasks if is_ppl(metrics[t])]
-    avg = b["average"]
+    avg = b["average"] if b["average"] and len(b["average"]["tasks"]) > 1 else None  # no average of one
     head = [f"{TASK_TITLES.get(t, t)} {metrics[t]}" for t in acc_tasks]
     if avg:
         head.append(f"avg {len(avg['tasks'])} tasks")

@@ -12,7 +12,6 @@ and perplexity on held-out English text.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,14 +21,11 @@ from .emulator import build_emulator
 from .errors import OffsiteError
 from .models.load import load_model
 from .plug import plug
-from .report import headline_metric
+from .report import ROW_TITLES, ROWS, block_markdown, build_report
 from .results import meta, metric_records, write_results
 from .train import TrainConfig
 from .tune import TrainingData, TuneSettings, finetune_full, task_data, tune_to_dir
 
-ROWS = ("full_zs", "emu_zs", "emu_ft", "plugin", "full_ft")
-ROW_TITLES = {"full_zs": "Full ZS", "emu_zs": "Emulator ZS", "emu_ft": "Emulator FT",
-              "plugin": "Plug-in", "full_ft": "Full FT"}
 
 
 @dataclass
@@ -181,33 +177,10 @@ def _save(result: RunResult, out: Path) -> None:
     write_results(out / "results.json", result.meta, result.records, notes=result.notes)
 
 
-def _fmt(rec: dict | None, scale: float = 100.0, digits: int = 1) -> str:
-    if rec is None:
-        return "–"
-    v = rec["value"] * scale
-    se = rec.get("stderr")
-    ok = se is not None and math.isfinite(se)
-    return f"{v:.{digits}f} ± {se * scale:.{digits}f}" if ok else f"{v:.{digits}f}"
-
-
 def format_table(records: list[dict], task: str) -> str:
-    """The papers' table for one task: rows, the task metric and held-out perplexity."""
-    metric = headline_metric(task)
-    by = {(r["row"], r["task"], r["metric"]): r for r in records}
-    ppl_metric = headline_metric("text")
-    lines = [f"| row | {task} {metric} (%) | text {ppl_metric} |", "|---|---|---|"]
-    for row in ROWS:
-        acc = by.get((row, task, metric))
-        ppl = by.get((row, "text", ppl_metric))
-        if acc is None and ppl is None:
-            continue
-        lines.append(f"| {ROW_TITLES[row]} | {_fmt(acc)} | {_fmt(ppl, 1.0, 2)} |")
-    plug_r, emu_r = by.get(("plugin", task, metric)), by.get(("emu_ft", task, metric))
-    if plug_r and emu_r:
-        gap = plug_r["value"] - emu_r["value"]
-        se = ((plug_r.get("stderr") or 0) ** 2 + (emu_r.get("stderr") or 0) ** 2) ** 0.5
-        lines.append(f"| gap (Plug-in − Emulator FT) | {gap * 100:+.1f} ± {se * 100:.1f} | |")
-    return "\n".join(lines)
+    """The papers' table of one run (the task and held-out text), rendered by :mod:`offsite.report`."""
+    rep = build_report([("run", {"records": records})], tasks=[task, "text"])
+    return "\n\n".join(block_markdown(b) for b in rep["blocks"])
 
 
 __all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Preset", "RunResult", "format_table", "run"]
