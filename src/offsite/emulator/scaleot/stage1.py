@@ -415,7 +415,8 @@ def run_stage1(model: nn.Module, tokenizer, name: str, adapter_layers, cfg: Stag
                  "train_seconds": round(result.seconds + last_rl_seconds - state["rl_seconds"], 2),
                  "rl_seconds": round(state["rl_seconds"], 2),
                  "tokens": result.tokens_seen + state["rl_tokens"], "train_tokens": result.tokens_seen,
-                 "rl_tokens": state["rl_tokens"], "steps": result.steps, "rl_updates": len(state["rl"])},
+                 "rl_tokens": state["rl_tokens"], "steps": result.steps, "rl_updates": len(state["rl"]),
+                 "tokens_per_s": [h.get("tokens_per_s") for h in result.history]},
         "curve": {"train": state["parts"], "rl": state["rl"]},
     }
     art = Stage1Artifact(None, meta, scores.float(),
