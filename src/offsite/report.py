@@ -481,39 +481,55 @@ def plot_bars(b: dict, path: Path) -> Path:
     return path
 
 
+def _point_label(p: dict) -> str:
+    """A point's annotation: its options, compact (the method is in the legend, the split in the title)."""
+    opts = {k: v for k, v in (p.get("setting") or {}).items() if k != "adapter_layers"}
+    short = {"lambda_attn": "λa", "lambda_mlp": "λm", "alpha": "α", "beta": "β"}
+    parts = [f"{short.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
+             for k, v in sorted(opts.items())]
+    return ", ".join(parts) or (p.get("method") or "")
+
+
 def plot_privacy_utility(model: str, s: dict, path: Path) -> Path | None:
     pts = [p for p in s["points"] if "plugin" in p["rows"] and "emu_ft" in p["rows"]]
     if not pts:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    fig, ax = plt.subplots(figsize=(7.2, 5.4))
     methods = sorted({p["method"] for p in pts})
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-    values = []
+    xs, ys = [], []
+    splits = {setting_label({"adapter_layers": (p["setting"] or {}).get("adapter_layers")}) for p in pts}
+    split = splits.pop() if len(splits) == 1 else ""
     for p in pts:
         x, y = p["rows"]["emu_ft"], p["rows"]["plugin"]
-        values += [x["value"] * 100, y["value"] * 100]
-        ax.errorbar(x["value"] * 100, y["value"] * 100, xerr=(x["stderr"] or 0) * 100,
-                    yerr=(y["stderr"] or 0) * 100, fmt="o", color=colors[p["method"]], capsize=2)
-        ax.annotate(p["label"], (x["value"] * 100, y["value"] * 100), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+        xs.append(x["value"] * 100)
+        ys.append(y["value"] * 100)
+        ax.errorbar(xs[-1], ys[-1], xerr=(x["stderr"] or 0) * 100, yerr=(y["stderr"] or 0) * 100, fmt="o",
+                    color=colors[p["method"]], ecolor=colors[p["method"]], elinewidth=0.8, alpha=0.9,
+                    capsize=0, markersize=6)
+        label = _point_label(p) if split else p["label"]
+        ax.annotate(label, (xs[-1], ys[-1]), fontsize=7, color=colors[p["method"]],
+                    xytext=(5, 3), textcoords="offset points")
     styles = {"full_ft": ("tab:green", "--"), "full_zs": ("tab:gray", ":")}
     for r, (color, ls) in styles.items():
         if r in s["reference"]:
             v = s["reference"][r]["value"] * 100
-            values.append(v)
+            ys.append(v)
             ax.axhline(v, color=color, ls=ls, lw=1, label=f"{ROW_TITLES[r]} ({v:.1f})")
-            ax.axvline(v, color=color, ls=ls, lw=0.6, alpha=0.6)
-    lo, hi = min(values) - 2, max(values) + 2
-    ax.plot([lo, hi], [lo, hi], color="black", lw=0.5, alpha=0.4, label="gap 0 (Plug-in = Emulator FT)")
+    # each axis spans its own values (Plug-in sits near the model, Emulator FT far below it)
+    x_lo, x_hi = min(xs) - 3, max(xs) + 5
+    y_lo, y_hi = min(ys) - 3, max(ys) + 3
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(y_lo, y_hi)
     for m in methods:
         ax.plot([], [], "o", color=colors[m], label=m)
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(lo, hi)
     ax.set_xlabel("Emulator FT accuracy (%) — lower: more model privacy")
     ax.set_ylabel("Plug-in accuracy (%) — higher: more utility")
-    ax.set_title(f"{model}: privacy vs utility (avg of {len(s['tasks'])} tasks)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    where = f", {split}" if split else ""
+    ax.set_title(f"{model}{where}: privacy vs utility (avg of {len(s['tasks'])} tasks; bars: ±1 s.e.)",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
