@@ -302,6 +302,13 @@ def plot_privacy(records: list[dict], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     keys = list(dict.fromkeys(_key(r) for r in recs))
+    per_method = {}
+    for k in keys:
+        per_method[k[1]] = per_method.get(k[1], 0) + 1
+
+    def legend(r):  # the method alone unless it has several settings here (manifest params are long)
+        return _label(r) if per_method[r.get("method")] > 1 else str(r.get("method"))
+
     for ax, task in zip(axes[0], tasks):
         head = METRIC.get(task, "acc")
         positive = sorted({r["budget_tokens"] for r in recs if r["task"] == task and r.get("budget_tokens")})
@@ -314,7 +321,7 @@ def plot_privacy(records: list[dict], path: str | Path) -> Path:
             c = colors[i % len(colors)]
             xs, ys, es = zip(*pts)
             ax.errorbar(xs, [y * 100 for y in ys], yerr=[e * 100 for e in es], marker="o", color=c,
-                        capsize=3, label=f"{_label(rs[0])}: recovered")
+                        capsize=3, label=f"{legend(rs[0])}: recovered")
             ax.axhline(ys[0] * 100, color=c, linestyle=":", linewidth=1, label="Emulator FT" if i == 0 else None)
             plug_r = next((r for r in rs if r["metric"] == f"plugin_{head}"), None)
             if plug_r is not None:
