@@ -83,12 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except Exception as exc:  # one line for the errors we expect
-        from offsite.errors import OffsiteError
+    from offsite.errors import OffsiteError
 
-        if isinstance(exc, OffsiteError):
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2)
-        raise
+    try:
+        sys.exit(main())
+    except OffsiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
