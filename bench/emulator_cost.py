@@ -57,12 +57,13 @@ def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
             extra["stage1_seconds"] = time.perf_counter() - t0
             extra["median_step_tokens_per_s"] = statistics.median(
                 r for r in art.meta["cost"].get("tokens_per_s", []) if r)
+            source = art.path
+            if not final.exists():  # hand the fresh artifact to later runs (bench/paper.py, offsite run)
+                source = (Path(tmp) / "stage1").rename(final)
             t1 = time.perf_counter()
             emu = build_emulator(method, model, tokenizer, display, setting["adapter_layers"],
-                                 from_=str(art.path), **opts)
+                                 from_=str(source), **opts)
             extra["stage2_seconds"] = time.perf_counter() - t1
-            if not final.exists():  # hand the fresh artifact to later runs (bench/paper.py, offsite run)
-                (Path(tmp) / "stage1").rename(final)
     else:
         emu = build_emulator(method, model, tokenizer, display, setting["adapter_layers"], **opts)
         history = (emu.report or {}).get(method, {}).get("history") or []
