@@ -43,6 +43,7 @@ Numerically the packed and shared-context paths differ from a plain forward by f
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -333,6 +334,29 @@ _CACHE_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _PACKED_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+@contextlib.contextmanager
+def _scoring(model):
+    """Eval mode and ``torch.inference_mode`` for the duration; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _checked(memo, model, check) -> bool | None:
+    """A self-check's verdict for ``model``, run (under :func:`_scoring`) once and remembered;
+    ``None`` while there was nothing to check."""
+    if memo.get(model) is None:
+        with _scoring(model):
+            verdict = check()
+        if verdict is not None:
+            memo[model] = verdict
+    return memo.get(model)
+
+
 def _batches(groups: list[_Group], batch_size: int, batch_tokens: int, packed: bool = False):
     """Consecutive groups (sorted by cost, longest first), at most ``batch_size`` per batch and at
     most ``batch_tokens`` padded tokens (always at least one group)."""
@@ -371,17 +395,7 @@ def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_s
     use_packed = share_context and takes_pos and packed is not False
     if use_packed:
         groups = _build_groups(encoded, max_length, True, 1)
-        agrees = _PACKED_OK.get(model)
-        if agrees is None:
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.inference_mode():
-                    agrees = _packed_path_agrees(model, body, head, groups, pad, device)
-            finally:
-                model.train(was_training)
-            if agrees is not None:
-                _PACKED_OK[model] = agrees
+        agrees = _checked(_PACKED_OK, model, lambda: _packed_path_agrees(model, body, head, groups, pad, device))
         if agrees is False:
             warnings.warn(f"{type(model).__name__}: packed scoring (4D prefix-tree mask) disagrees with "
                           f"a full pass; sharing contexts through the KV cache instead")
@@ -393,17 +407,8 @@ def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_s
     share = share_context and takes_cache
     groups = _build_groups(encoded, max_length, share, min_shared_context)
     groups.sort(key=lambda g: -g.cost)
-    if share and _CACHE_OK.get(model) is None:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                agrees = _cache_path_agrees(model, body, takes_pos, head, groups, pad, device)
-        finally:
-            model.train(was_training)
-        if agrees is not None:
-            _CACHE_OK[model] = agrees
-    if share and _CACHE_OK.get(model) is False:
+    if share and _checked(_CACHE_OK, model, lambda: _cache_path_agrees(model, body, takes_pos, head, groups,
+                                                                          pad, device)) is False:
         warnings.warn(f"{type(model).__name__}: scoring with a shared-context KV cache disagrees "
                       f"with a full pass (custom blocks?); scoring every request in full instead")
         groups = _build_groups(encoded, max_length, False)
@@ -416,18 +421,13 @@ def _loop(model, groups, n_requests, batch_size, batch_tokens, progress, desc, p
     from tqdm.auto import tqdm
 
     results: list[tuple[float, bool] | None] = [None] * n_requests
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            bar = tqdm(total=n_requests, disable=not progress, desc=desc, leave=False)
-            for batch in _batches(groups, max(1, batch_size), batch_tokens, packed):
-                for i, ll, g in run(batch):
-                    results[i] = (ll, g)
-                bar.update(sum(len(g.members) for g in batch))
-            bar.close()
-    finally:
-        model.train(was_training)
+    with _scoring(model):
+        bar = tqdm(total=n_requests, disable=not progress, desc=desc, leave=False)
+        for batch in _batches(groups, max(1, batch_size), batch_tokens, packed):
+            for i, ll, g in run(batch):
+                results[i] = (ll, g)
+            bar.update(sum(len(g.members) for g in batch))
+        bar.close()
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
 
