@@ -21,7 +21,11 @@ on localhost (the two-party setting) instead of in process.
     python bench/pema.py --train-limit 0 --eval-limit 0 --pema-max-epochs 200 --pema-eval-every 100 \\
         --lora-epochs 1 --out bench/results/pema-full.json   # the full budget (GPU)
 
-writes ``bench/results/pema.json`` (DESIGN.md §7).
+writes ``bench/results/pema.json`` (DESIGN.md §7). Tasks can run in separate processes (one
+``--out`` each) and be joined afterwards; ``--table`` prints the README's table from a results file:
+
+    python bench/pema.py --merge runs/a.json runs/b.json --out bench/results/pema-full.json
+    python bench/pema.py --table bench/results/pema-full.json
 """
 
 from __future__ import annotations
@@ -125,6 +129,65 @@ def _run_child(args_list: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# --- merging and the table ------------------------------------------------------------------------
+
+def merge(paths: list[str], out: str) -> None:
+    """Join per-task results files into one; ``meta.runs`` keeps each run's own meta (its command)."""
+    from offsite.errors import OffsiteError
+    from offsite.results import meta, write_results
+
+    runs, records, seen = [], [], set()
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise OffsiteError(f"cannot read results file {path}: {e}") from None
+        tasks = {r["task"] for r in data.get("records", [])}
+        if tasks & seen:
+            raise OffsiteError(f"{path} repeats task(s) {', '.join(sorted(tasks & seen))} of an earlier file")
+        seen |= tasks
+        runs.append(data["meta"])
+        records += data["records"]
+    m = meta("python bench/pema.py " + " ".join(sys.argv[1:]))
+    m["runs"] = runs
+    write_results(out, m, records)
+    print(f"wrote {out} ({len(records)} records from {len(paths)} files)")
+
+
+def table(records: list[dict]) -> str:
+    """Markdown: per task, exact match (± s.e.) of the model alone, PEMA and LoRA, and each trained
+    method's training time, peak memory and trainable parameters."""
+    def pick(task, row, metric):
+        hits = [r for r in records if r["task"] == task and r["row"] == row and r["metric"] == metric]
+        return hits[0] if hits else None
+
+    def em(task, row):
+        r = pick(task, row, "exact_match")
+        return "–" if r is None else f"{100 * r['value']:.1f} ± {100 * (r.get('stderr') or 0):.1f}"
+
+    def num(task, row, metric, fmt):
+        r = pick(task, row, metric)
+        return "–" if r is None else fmt(r["value"])
+
+    lines = ["| task (train pairs / eval docs) | Full ZS EM | PEMA EM | LoRA EM | memory build s | "
+             "PEMA train s | LoRA train s | PEMA peak MiB | LoRA peak MiB | PEMA params | LoRA params |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task in dict.fromkeys(r["task"] for r in records):
+        s = (pick(task, "full_zs", "exact_match") or {}).get("setting", {})
+        secs = lambda v: f"{v:.0f}"  # noqa: E731
+        mib = lambda v: f"{v:.0f}"  # noqa: E731
+        par = lambda v: f"{v / 1e6:.2f}M"  # noqa: E731
+        lines.append(" | ".join([
+            f"| {task} ({s.get('train_pairs', '?')} / {s.get('eval_docs', '?')})",
+            em(task, "full_zs"), em(task, "pema"), em(task, "full_lora"),
+            num(task, "build_memory", "seconds", secs),
+            num(task, "train_pema", "seconds", secs), num(task, "train_lora", "seconds", secs),
+            num(task, "train_pema", "peak_mem_mb", mib), num(task, "train_lora", "peak_mem_mb", mib),
+            num(task, "train_pema", "trainable_params", par), num(task, "train_lora", "trainable_params", par),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -143,11 +206,24 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=12, help="nq_open generation budget")
     ap.add_argument("--via-service", action="store_true", help="run the owner behind the HTTP service")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pema.json"))
+    ap.add_argument("--merge", nargs="+", metavar="RESULTS", help="join these per-task results into --out, run nothing")
+    ap.add_argument("--table", metavar="RESULTS", help="print the markdown table of a results file, run nothing")
     ap.add_argument("--_child", choices=["pema", "lora"], help=argparse.SUPPRESS)
     ap.add_argument("--_work", help=argparse.SUPPRESS)
     ap.add_argument("--_cfg", help=argparse.SUPPRESS)
     ap.add_argument("--_task", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.merge or args.table:
+        from offsite.errors import OffsiteError
+
+        try:
+            if args.merge:
+                merge(args.merge, args.out)
+            else:
+                print(table(json.loads(Path(args.table).read_text())["records"]), end="")
+        except (OffsiteError, OSError, ValueError, KeyError) as e:
+            sys.exit(f"error: {e}")
+        return
     if args._child == "pema":
         print(json.dumps(child_pema(Path(args._work), args._cfg)))
         return
