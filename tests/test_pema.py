@@ -268,6 +268,11 @@ def test_training_phases_and_pipeline(backend, tmp_path):
     assert rct[0]["step"] == 0 and joint[0]["step"] == 5  # phase 1 validates after step 0, phase 2 does not
     assert min(h["val_loss"] for h in rct) < rct[0]["val_loss"]
     assert min(h["val_loss"] for h in joint) < joint[0]["val_loss"]
+    for h in joint:  # phase 2 reports its two terms apart, and the model's own CE on the same rows
+        parts = h["val_parts"]
+        assert cfg.kappa * parts["rct"] + (1 - cfg.kappa) * parts["ce"] == pytest.approx(h["val_loss"], rel=1e-5)
+        assert parts["ce_model"] == pytest.approx(joint[0]["val_parts"]["ce_model"])  # the model does not train
+    assert "val_parts" not in rct[0]
     for phase in ("rct", "joint"):  # early stopping: only the last validation may exceed its two predecessors
         v = [h["val_loss"] for h in res.history[phase]]
         assert not any(v[i] > v[i - 1] and v[i] > v[i - 2] for i in range(2, len(v) - 1))
@@ -296,3 +301,23 @@ def _docs(pairs):
     from offsite.data.tasks import Doc
 
     return [Doc(str(i), c, [], -1, answers=[t.strip()]) for i, (c, t) in enumerate(pairs)]
+
+
+def test_cli_builds_memory_and_trains_from_a_data_file(tmp_path, capsys):
+    from conftest import make_tokenizer
+
+    from offsite.cli import main
+
+    tiny_model("llama", 2).save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS))
+    model = ["--model", str(tmp_path / "model")]
+    assert main(["pema", "build-memory", *model, "--data", str(data), "--out", str(tmp_path / "mem")]) == 0
+    assert Memory.open(tmp_path / "mem" / "train").rows > 0 and Memory.open(tmp_path / "mem" / "val").rows > 0
+    assert main(["pema", "train", *model, "--memory", str(tmp_path / "mem"), "--out", str(tmp_path / "pema"),
+                 "--rank", "4", "--max-epochs", "3", "--eval-every", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "cross-entropy" in out and "the model alone" in out
+    pema, meta = load_pema(tmp_path / "pema")
+    assert pema.rank == 4 and "val_parts" in meta["training"]["history"]["joint"][-1]

@@ -195,6 +195,11 @@ def _train(args) -> None:
     save_pema(out, res, cfg, train_mem, val_mem, overwrite=args.overwrite)
     print(f"wrote {out}: rank {res.pema.rank}, {res.seconds:.1f} s, best validation losses "
           f"rct {res.best['rct']['val_loss']} joint {res.best['joint']['val_loss']}")
+    best = [h for h in res.history["joint"] if h["step"] == res.best["joint"]["step"] and "val_parts" in h]
+    if best:
+        parts = best[0]["val_parts"]
+        print(f"  at the best joint step: reconstruction MSE {parts['rct']:.4g}, cross-entropy {parts['ce']:.4g} "
+              f"(the model alone: {parts['ce_model']:.4g}) nats per gold token")
 
 
 def _generate(args) -> None:

@@ -82,7 +82,8 @@ class PemaConfig:
 @dataclass
 class PemaResult:
     pema: PEMA
-    history: dict  # per phase: list of {"step", "epoch", "train_loss", "val_loss"}
+    history: dict  # per phase: list of {"step", "epoch", "train_loss", "val_loss"}; phase 2's
+    # validations add "val_parts": {"rct", "ce", "ce_model"} (the terms, and the model's own CE)
     seconds: float
     best: dict  # per phase: {"step", "val_loss"}
     stopped_early: dict  # per phase: bool
@@ -102,7 +103,7 @@ def _batches(mem: Memory, batch: int, shuffle: bool, gen: torch.Generator):
 
 
 def _phase(name: str, pema: PEMA, params: list, loss_fn, train_mem: Memory, val_mem: Memory | None,
-           batch: int, cfg: PemaConfig, validate_first: bool, device, progress: bool):
+           batch: int, cfg: PemaConfig, validate_first: bool, device, progress: bool, parts_fn=None):
     opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     history, vals = [], []
@@ -118,23 +119,26 @@ def _phase(name: str, pema: PEMA, params: list, loss_fn, train_mem: Memory, val_
 
         bar = tqdm(total=total, desc=f"pema {name}", leave=False)
 
-    def validate() -> float | None:
+    def validate() -> tuple[float | None, dict]:
         if val_mem is None or val_mem.rows == 0:
-            return None
+            return None, {}
         pema.eval()
-        s, n = 0.0, 0
+        s, n, parts = 0.0, 0, {}
         with torch.no_grad():
             for f, y in _batches(val_mem, batch, False, gen):
-                loss = loss_fn(f.to(device), y.to(device))
-                s += float(loss) * len(y)
+                f, y = f.to(device), y.to(device)
+                s += float(loss_fn(f, y)) * len(y)
                 n += len(y)
+                for k, v in (parts_fn(f, y) if parts_fn else {}).items():
+                    parts[k] = parts.get(k, 0.0) + float(v) * len(y)
         pema.train()
-        return s / n
+        return s / n, {k: v / n for k, v in parts.items()}
 
     def record(step, epoch, train_loss):
         nonlocal best_state
-        v = validate()
-        history.append({"step": step, "epoch": epoch, "train_loss": train_loss, "val_loss": v})
+        v, parts = validate()
+        history.append({"step": step, "epoch": epoch, "train_loss": train_loss, "val_loss": v,
+                        **({"val_parts": parts} if parts else {})})
         if v is None:
             return False
         if best["val_loss"] is None or v < best["val_loss"]:
@@ -218,8 +222,15 @@ def train_pema(train_mem: Memory, val_mem: Memory | None, head: SharedHead, cfg:
         h_rct, h_pd = pema(f)
         return cfg.kappa * F.mse_loss(h_rct, f) + (1 - cfg.kappa) * F.cross_entropy(head(h_pd), y)
 
+    def joint_parts(f, y):
+        """The two terms apart, and the model's own cross-entropy on the same rows (its next-token
+        distribution is head(f)): whether PEMA predicts the gold tokens better than the model."""
+        h_rct, h_pd = pema(f)
+        return {"rct": F.mse_loss(h_rct, f), "ce": F.cross_entropy(head(h_pd), y),
+                "ce_model": F.cross_entropy(head(f), y)}
+
     h2, b2, s2 = _phase("joint", pema, [pema.A, pema.B_pd], joint_loss, train_mem, val_mem,
-                        cfg.batch_size_joint, cfg, False, device, progress)
+                        cfg.batch_size_joint, cfg, False, device, progress, joint_parts)
     pema = pema.cpu().eval()
     for p in pema.parameters():
         p.requires_grad_(False)
