@@ -19,7 +19,7 @@ on localhost (the two-party setting) instead of in process.
 
     python bench/pema.py                       # tiny CPU smoke (minutes)
     python bench/pema.py --train-limit 0 --eval-limit 0 --pema-max-epochs 200 --pema-eval-every 100 \\
-        --lora-epochs 1 --out bench/results/pema-full.json   # the full budget (GPU)
+        --lora-lr 3e-4 --lora-epochs 1 --tasks webqs --out runs/webqs.json   # every pair (1-2 h per task on CPU)
 
 writes ``bench/results/pema.json`` (DESIGN.md §7). Tasks can run in separate processes (one
 ``--out`` each) and be joined afterwards; ``--table`` prints the README's table from a results file:
