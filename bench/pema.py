@@ -165,25 +165,23 @@ def table(records: list[dict]) -> str:
         r = pick(task, row, "exact_match")
         return "–" if r is None else f"{100 * r['value']:.1f} ± {100 * (r.get('stderr') or 0):.1f}"
 
-    def num(task, row, metric, fmt):
+    def num(task, row, metric, fmt="{:.0f}", scale=1.0):
         r = pick(task, row, metric)
-        return "–" if r is None else fmt(r["value"])
+        return "–" if r is None else fmt.format(r["value"] * scale)
 
     lines = ["| task (train pairs / eval docs) | Full ZS EM | PEMA EM | LoRA EM | memory build s | "
              "PEMA train s | LoRA train s | PEMA peak MiB | LoRA peak MiB | PEMA params | LoRA params |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task in dict.fromkeys(r["task"] for r in records):
         s = (pick(task, "full_zs", "exact_match") or {}).get("setting", {})
-        secs = lambda v: f"{v:.0f}"  # noqa: E731
-        mib = lambda v: f"{v:.0f}"  # noqa: E731
-        par = lambda v: f"{v / 1e6:.2f}M"  # noqa: E731
         lines.append(" | ".join([
             f"| {task} ({s.get('train_pairs', '?')} / {s.get('eval_docs', '?')})",
             em(task, "full_zs"), em(task, "pema"), em(task, "full_lora"),
-            num(task, "build_memory", "seconds", secs),
-            num(task, "train_pema", "seconds", secs), num(task, "train_lora", "seconds", secs),
-            num(task, "train_pema", "peak_mem_mb", mib), num(task, "train_lora", "peak_mem_mb", mib),
-            num(task, "train_pema", "trainable_params", par), num(task, "train_lora", "trainable_params", par),
+            num(task, "build_memory", "seconds"),
+            num(task, "train_pema", "seconds"), num(task, "train_lora", "seconds"),
+            num(task, "train_pema", "peak_mem_mb"), num(task, "train_lora", "peak_mem_mb"),
+            num(task, "train_pema", "trainable_params", "{:.2f}M", 1e-6),
+            num(task, "train_lora", "trainable_params", "{:.2f}M", 1e-6),
         ]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -103,7 +103,7 @@ def _batches(mem: Memory, batch: int, shuffle: bool, gen: torch.Generator):
 
 
 def _phase(name: str, pema: PEMA, params: list, loss_fn, train_mem: Memory, val_mem: Memory | None,
-           batch: int, cfg: PemaConfig, validate_first: bool, device, progress: bool, parts_fn=None):
+           batch: int, cfg: PemaConfig, validate_first: bool, device, progress: bool):
     opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     history, vals = [], []
@@ -126,10 +126,10 @@ def _phase(name: str, pema: PEMA, params: list, loss_fn, train_mem: Memory, val_
         s, n, parts = 0.0, 0, {}
         with torch.no_grad():
             for f, y in _batches(val_mem, batch, False, gen):
-                f, y = f.to(device), y.to(device)
-                s += float(loss_fn(f, y)) * len(y)
+                terms = {}
+                s += float(loss_fn(f.to(device), y.to(device), terms)) * len(y)
                 n += len(y)
-                for k, v in (parts_fn(f, y) if parts_fn else {}).items():
+                for k, v in terms.items():
                     parts[k] = parts.get(k, 0.0) + float(v) * len(y)
         pema.train()
         return s / n, {k: v / n for k, v in parts.items()}
@@ -203,7 +203,7 @@ def train_pema(train_mem: Memory, val_mem: Memory | None, head: SharedHead, cfg:
         p.requires_grad_(False)
 
     # phase 1: reconstruction
-    def rct_loss(f, _y):
+    def rct_loss(f, _y, _terms=None):
         h_rct, _ = pema(f)
         return F.mse_loss(h_rct, f)
 
@@ -218,19 +218,18 @@ def train_pema(train_mem: Memory, val_mem: Memory | None, head: SharedHead, cfg:
     pema.B_rct.requires_grad_(False)
     pema.B_pd.requires_grad_(True)
 
-    def joint_loss(f, y):
+    def joint_loss(f, y, terms=None):
+        """κ·reconstruction + (1−κ)·cross-entropy. On validation (``terms`` given) also the two terms
+        apart and the model's own cross-entropy on the same rows (its next-token distribution is
+        head(f)): whether PEMA predicts the gold tokens better than the model."""
         h_rct, h_pd = pema(f)
-        return cfg.kappa * F.mse_loss(h_rct, f) + (1 - cfg.kappa) * F.cross_entropy(head(h_pd), y)
-
-    def joint_parts(f, y):
-        """The two terms apart, and the model's own cross-entropy on the same rows (its next-token
-        distribution is head(f)): whether PEMA predicts the gold tokens better than the model."""
-        h_rct, h_pd = pema(f)
-        return {"rct": F.mse_loss(h_rct, f), "ce": F.cross_entropy(head(h_pd), y),
-                "ce_model": F.cross_entropy(head(f), y)}
+        rct, ce = F.mse_loss(h_rct, f), F.cross_entropy(head(h_pd), y)
+        if terms is not None:
+            terms.update(rct=rct, ce=ce, ce_model=F.cross_entropy(head(f), y))
+        return cfg.kappa * rct + (1 - cfg.kappa) * ce
 
     h2, b2, s2 = _phase("joint", pema, [pema.A, pema.B_pd], joint_loss, train_mem, val_mem,
-                        cfg.batch_size_joint, cfg, False, device, progress, joint_parts)
+                        cfg.batch_size_joint, cfg, False, device, progress)
     pema = pema.cpu().eval()
     for p in pema.parameters():
         p.requires_grad_(False)
