@@ -4,6 +4,7 @@
     python bench/paper.py --tasks arc_easy --methods uniform --eval-limit 50   # minutes
     python bench/paper.py --plan                           # what is done, what is left
     python bench/paper.py --readme-table                   # the README's table from the results
+    python bench/paper.py --merge runs/other.json          # add another run's cells (same budget)
 
 For each task, Full ZS and Full FT are computed once and shared by every method (records with
 ``method`` null); for each method and each of its settings (``Method.bench_settings``, default
@@ -194,6 +195,47 @@ def default_results_path(display: str, budget: Budget) -> Path:
     return RESULTS_DIR / f"{base}{'-' + tag if tag else ''}.json"
 
 
+def _load_same_budget(path: Path, budget: dict | None, here: str) -> dict:
+    """A results file whose budget is ``budget`` (``None``: any), else a one-line error."""
+    from offsite.report import load_results
+
+    data = load_results(path)
+    theirs = data["meta"].get("budget")
+    if budget is not None and theirs is not None and theirs != budget:
+        diff = {k: (theirs.get(k), v) for k, v in budget.items() if theirs.get(k) != v}
+        what = ", ".join(f"{k}: {a} there, {c} {here}" for k, (a, c) in diff.items())
+        raise OffsiteError(f"{path} holds another budget ({what}); pass --results to write elsewhere")
+    return data
+
+
+def merge_results(target: Path, sources: list[Path], log=print) -> dict:
+    """Add the cells of ``sources`` (other results files of the same budget, e.g. task subsets run as
+    parallel processes) that ``target`` lacks; a cell already in ``target`` keeps its numbers.
+    ``meta.runs`` gains the sources' runs. Returns the written content."""
+    from offsite.results import write_results
+
+    if target.exists():
+        data = _load_same_budget(target, None, "")
+    else:
+        first = _load_same_budget(sources[0], None, "")
+        data = {"meta": {k: v for k, v in first["meta"].items() if k != "runs"}, "records": []}
+    budget = data["meta"].get("budget")
+    records, runs = list(data["records"]), list(data["meta"].get("runs") or [])
+    done = {record_cell(r) for r in records}
+    for src in sources:
+        other = _load_same_budget(src, budget, f"in {target}")
+        budget = budget or other["meta"].get("budget")
+        new = [r for r in other["records"] if record_cell(r) not in done]
+        kept = len({record_cell(r) for r in other["records"]} - {record_cell(r) for r in new})
+        done |= {record_cell(r) for r in new}
+        records += new
+        runs += [r for r in other["meta"].get("runs") or [] if r not in runs]
+        log(f"[paper] {src}: {len({record_cell(r) for r in new})} cells added, {kept} already in {target}")
+    meta_block = {**data["meta"], "budget": budget, "runs": runs}
+    write_results(target, meta_block, records)
+    return {"meta": meta_block, "records": records}
+
+
 # --- state --------------------------------------------------------------------------------------
 
 
@@ -334,14 +376,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
     # the results file: earlier cells are kept, the budget must match
     records, runs = [], []
     if b.results_path.exists():
-        from offsite.report import load_results
-
-        old = load_results(b.results_path)
-        old_budget = old["meta"].get("budget")
-        if old_budget is not None and old_budget != asdict(budget):
-            diff = {k: (old_budget.get(k), v) for k, v in asdict(budget).items() if old_budget.get(k) != v}
-            what = ", ".join(f"{k}: {a} there, {c} now" for k, (a, c) in diff.items())
-            raise OffsiteError(f"{b.results_path} holds another budget ({what}); pass --results to write elsewhere")
+        old = _load_same_budget(b.results_path, asdict(budget), "now")
         records = old["records"]
         runs = list(old["meta"].get("runs") or [])
     done = {record_cell(r) for r in records}
@@ -498,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="emulator/adapter cache (default runs/paper-cache)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--plan", action="store_true", help="list the cells left to run and exit")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS",
+                   help="add these results files' cells (same budget; e.g. task subsets run in parallel) "
+                        "to --results, run nothing")
     p.add_argument("--readme-table", action="store_true",
                    help="print the README's markdown table from the results file and exit")
     p.add_argument("--report", metavar="DIR", help="after the run, write report.md/json and plots to DIR")
@@ -520,6 +558,9 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         budget = budget_from_args(args)
         display = ((hooks and hooks.display_name) or model_display_name)(args.model)
         path = Path(args.results) if args.results else default_results_path(display, budget)
+        if args.merge:
+            merge_results(path, [Path(m) for m in args.merge])
+            return 0
         if args.readme_table:
             print(readme_table(build_report([(str(path), load_results(path))])), end="")
             return 0

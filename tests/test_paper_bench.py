@@ -136,6 +136,40 @@ def test_a_new_budget_is_refused_for_the_same_file(tmp_path):
         run(tmp_path, Counting(), budget=paper.Budget(**{**BUDGET.__dict__, "eval_limit": 3}))
 
 
+def test_task_subsets_run_apart_merge_into_one_file_that_a_rerun_finds_complete(tmp_path):
+    def run_tasks(tasks, name, **kw):
+        return paper.run_benchmark("tiny", tasks, ["uniform"], budget=kw.pop("budget", BUDGET),
+                                   results_path=tmp_path / name, cache=tmp_path / "cache", settings_override=UNIFORM,
+                                   hooks=Counting().hooks(), progress=False, log=lambda *_: None,
+                                   command=f"test {name}", full_ft=False, **kw)
+
+    run_tasks(["arc_easy"], "a.json")
+    run_tasks(["text"], "b.json")
+    a_cells, b_cells = cells(tmp_path / "a.json"), cells(tmp_path / "b.json")
+    before = json.loads((tmp_path / "a.json").read_text())["records"]
+    logged = []
+    paper.merge_results(tmp_path / "a.json", [tmp_path / "b.json", tmp_path / "b.json"], log=logged.append)
+    merged = json.loads((tmp_path / "a.json").read_text())
+    assert cells(tmp_path / "a.json") == a_cells | b_cells
+    assert merged["records"][:len(before)] == before  # the target's own cells are kept as they were
+    assert len(merged["records"]) == len(before) + len(json.loads((tmp_path / "b.json").read_text())["records"])
+    assert [r["command"] for r in merged["meta"]["runs"]] == ["test a.json", "test b.json"]
+    assert "4 cells added" in logged[0] and "0 cells added, 4 already" in logged[1]
+    # a rerun over both tasks finds nothing left to do
+    c = Counting()
+    paper.run_benchmark("tiny", ["arc_easy", "text"], ["uniform"], budget=BUDGET, results_path=tmp_path / "a.json",
+                        cache=tmp_path / "cache", settings_override=UNIFORM, hooks=c.hooks(), progress=False,
+                        log=lambda *_: None, command="rerun", full_ft=False)
+    assert (c.loads, c.evals) == (0, [])
+    # into a new file; another budget is refused and nothing is written
+    paper.merge_results(tmp_path / "new.json", [tmp_path / "b.json"], log=lambda *_: None)
+    assert cells(tmp_path / "new.json") == b_cells
+    run_tasks(["text"], "c.json", budget=paper.Budget(**{**BUDGET.__dict__, "eval_limit": 3}))
+    with pytest.raises(OffsiteError, match="another budget .*eval_limit: 3 there, 4 in"):
+        paper.merge_results(tmp_path / "new.json", [tmp_path / "c.json"], log=lambda *_: None)
+    assert cells(tmp_path / "new.json") == b_cells
+
+
 @dataclass
 class DummyOptions:
     pass
