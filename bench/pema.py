@@ -197,6 +197,7 @@ def main() -> None:
     ap.add_argument("--pema-max-epochs", type=int, default=20)
     ap.add_argument("--pema-eval-every", type=int, default=5)
     ap.add_argument("--pema-rank", type=int, default=None)
+    ap.add_argument("--pema-kappa", type=float, default=0.2, help="weight of the reconstruction loss (paper: 0.2)")
     ap.add_argument("--lambda-max", type=float, default=0.9)
     ap.add_argument("--lora-lr", type=float, default=1e-4)
     ap.add_argument("--lora-epochs", type=float, default=1.0)
@@ -253,7 +254,8 @@ def main() -> None:
 
         server = ServerThread(owner)
         backend = ServiceBackend(server.start())
-    cfg = PemaConfig(rank=args.pema_rank, max_epochs=args.pema_max_epochs, eval_every=args.pema_eval_every)
+    cfg = PemaConfig(rank=args.pema_rank, kappa=args.pema_kappa, max_epochs=args.pema_max_epochs,
+                     eval_every=args.pema_eval_every)
     opts = GUOptions(lambda_max=args.lambda_max)
     records = []
     try:
