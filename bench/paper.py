@@ -225,12 +225,12 @@ def merge_results(target: Path, sources: list[Path], log=print) -> dict:
     for src in sources:
         other = _load_same_budget(src, budget, f"in {target}")
         budget = budget or other["meta"].get("budget")
-        new = [r for r in other["records"] if record_cell(r) not in done]
-        kept = len({record_cell(r) for r in other["records"]} - {record_cell(r) for r in new})
-        done |= {record_cell(r) for r in new}
-        records += new
+        theirs = {record_cell(r) for r in other["records"]}
+        added = theirs - done
+        records += [r for r in other["records"] if record_cell(r) in added]
+        done |= added
         runs += [r for r in other["meta"].get("runs") or [] if r not in runs]
-        log(f"[paper] {src}: {len({record_cell(r) for r in new})} cells added, {kept} already in {target}")
+        log(f"[paper] {src}: {len(added)} cells added, {len(theirs - added)} already in {target}")
     meta_block = {**data["meta"], "budget": budget, "runs": runs}
     write_results(target, meta_block, records)
     return {"meta": meta_block, "records": records}

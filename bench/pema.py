@@ -134,15 +134,13 @@ def _run_child(args_list: list[str]) -> dict:
 def merge(paths: list[str], out: str) -> None:
     """Join per-task results files into one; ``meta.runs`` keeps each run's own meta (its command)."""
     from offsite.errors import OffsiteError
+    from offsite.report import load_results
     from offsite.results import meta, write_results
 
     runs, records, seen = [], [], set()
     for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise OffsiteError(f"cannot read results file {path}: {e}") from None
-        tasks = {r["task"] for r in data.get("records", [])}
+        data = load_results(path)
+        tasks = {r["task"] for r in data["records"]}
         if tasks & seen:
             raise OffsiteError(f"{path} repeats task(s) {', '.join(sorted(tasks & seen))} of an earlier file")
         seen |= tasks
@@ -219,7 +217,9 @@ def main() -> None:
             if args.merge:
                 merge(args.merge, args.out)
             else:
-                print(table(json.loads(Path(args.table).read_text())["records"]), end="")
+                from offsite.report import load_results
+
+                print(table(load_results(args.table)["records"]), end="")
         except (OffsiteError, OSError, ValueError, KeyError) as e:
             sys.exit(f"error: {e}")
         return
