@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-limit", type=int, default=100)
     ap.add_argument("--cache", default=str(ROOT / "runs" / "paper-cache"))
     ap.add_argument("--out", help="run directory (default runs/privacy-e<eval>-t<train>)")
+    ap.add_argument("--attack-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="precision of the attack's LM step (offsite privacy --attack-precision; default auto)")
     ap.add_argument("--merge-only", action="store_true", help="merge the existing runs, run nothing")
     args = ap.parse_args(argv)
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["offsite", "privacy", "--model", args.model, "--emulator", str(emu), "--task", args.tasks,
                             "--budgets", args.budgets, "--preset", "demo", "--epochs", "1",
                             "--train-limit", str(args.train_limit), "--eval-limit", str(args.eval_limit),
-                            "--text-docs", "0", "--out", str(out / name), "--overwrite", "--no-attack-progress"],
+                            "--text-docs", "0", "--out", str(out / name), "--overwrite", "--no-attack-progress",
+                            "--attack-precision", args.attack_precision],
                            check=True)
         if done.exists():
             runs.append(json.loads(done.read_text()))

@@ -440,3 +440,32 @@ def test_attack_lm_step_is_reused_from_its_work_dir(tokenizer, tmp_path, monkeyp
     assert not calls  # no training step ran (validation before the attack uses its own import)
     assert info_b["tokens_seen"] == info_a["tokens_seen"] == 256
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_attack_precision_is_recorded_and_keeps_its_own_work_dir(tokenizer, tmp_path, tiny_dir, monkeypatch):
+    """The LM step can run under bf16 autocast (weights stay float32); the records say which, and a
+    bf16 run never resumes a float32 run's checkpoint (nor the other way round)."""
+    from transformers import AutoModelForCausalLM
+
+    import offsite.train
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    save_emulator(build_emulator("uniform", model, tokenizer, "tiny", "2,2", keep=1), tmp_path / "emu")
+    a, b = load_emulator(tmp_path / "emu"), load_emulator(tmp_path / "emu")
+    lm_train(a, 256, attack_cfg(precision="fp32"), CORPUS)
+    lm_train(b, 256, attack_cfg(precision="bf16"), CORPUS)
+    assert all(p.dtype == torch.float32 for p in b.model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    with pytest.raises(OffsiteError, match="precision"):
+        attack_cfg(precision="fp8").check()
+
+    monkeypatch.setattr(offsite.train, "bf16_native", lambda device="cpu": False)
+    kw = dict(settings=settings(), text_docs=0, train_data=TrainingData("qa", PAIRS, "pairs"), eval_docs=DOCS,
+              corpus_docs=CORPUS, exposure=False, model=model, work_dir=tmp_path / "work", log=lambda *a: None)
+    for spec, want in (("auto", "fp32"), ("bf16", "bf16")):
+        recs = privacy_records(str(tiny_dir), tmp_path / "emu", "arc_easy", [256], attack=attack_cfg(precision=spec),
+                               **kw)
+        rec = next(r for r in recs if r.get("budget_tokens") == 256 and r["metric"] == "acc")
+        assert rec["attack"]["precision"] == want
+    runs = sorted(p.name for p in (tmp_path / "work").glob("*/budget-256*"))
+    assert runs == ["budget-256", "budget-256-bf16"]

@@ -188,6 +188,46 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
         train(model, adapter_params(model, (0,)), made_up_examples(4), None, cfg, tmp_path)
 
 
+def test_bf16_autocast_trains_the_same_parameters_in_float32():
+    """bf16 autocast runs the forward/backward in bfloat16 (the update differs from float32's, a
+    little) while weights, gradients and the optimizer stay float32; the loss still falls."""
+    tr = made_up_examples(16)
+
+    def run(mp):
+        model = tiny_llama()
+        cfg = TrainConfig(lr=1e-2, max_steps=20, batch_size=8, micro_batch_size=4, mixed_precision=mp, **QUIET)
+        return model, train(model, adapter_params(model), tr, None, cfg)
+
+    m32, r32 = run("no")
+    m16, r16 = run("bf16")
+    assert all(t.dtype == torch.float32 for t in r16.best_state.values())
+    assert all(p.dtype == torch.float32 for p in m16.parameters())
+    diff = _max_diff(r32.best_state, r16.best_state)
+    assert 0 < diff < 0.05, diff  # bf16 rounding changes the update, not the training
+    assert r16.history[-1]["train_loss"] < r16.history[0]["train_loss"] - 0.5
+    assert abs(r16.history[-1]["train_loss"] - r32.history[-1]["train_loss"]) < 0.1
+
+
+def test_precision_is_part_of_a_checkpoint_run_and_resolves(tmp_path, monkeypatch):
+    from offsite import train as engine
+
+    model = tiny_llama(layers=2)
+    cfg = TrainConfig(max_steps=2, batch_size=2, micro_batch_size=2, checkpoint_every=1, progress=False)
+    train(model, adapter_params(model, (0,)), made_up_examples(4), None, cfg, tmp_path)
+    state = json.loads((tmp_path / "checkpoint" / "step-00000002" / "state.json").read_text())
+    assert "mixed_precision" not in state["fingerprint"]["config"]  # float32 checkpoints as before
+    cfg.mixed_precision = "bf16"
+    with pytest.raises(OffsiteError, match="different run.*mixed_precision"):
+        train(model, adapter_params(model, (0,)), made_up_examples(4), None, cfg, tmp_path)
+    assert engine.resolve_precision("fp32") == "no" and engine.resolve_precision("bf16") == "bf16"
+    monkeypatch.setattr(engine, "bf16_native", lambda device="cpu": False)
+    assert engine.resolve_precision("auto") == "no"
+    monkeypatch.setattr(engine, "bf16_native", lambda device="cpu": True)
+    assert engine.resolve_precision("auto") == "bf16"
+    with pytest.raises(OffsiteError, match="unknown precision 'half'"):
+        engine.resolve_precision("half")
+
+
 def dist_setup():
     from _dist_worker import setup
 
@@ -234,6 +274,7 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path):
     (dict(max_grad_norm=0.0), "max_grad_norm"),
     (dict(eval_every=0), "eval_every"),
     (dict(micro_batch_size=0), "micro_batch_size"),
+    (dict(mixed_precision="fp16"), "mixed_precision"),
 ])
 def test_bad_configs(kw, match):
     model = tiny_llama(layers=2)
@@ -287,3 +328,15 @@ def test_custom_loss_fn_is_used_and_its_token_count_checked():
     with pytest.raises(OffsiteError, match="n_tokens"):
         train(model, adapter_params(model, (0,)), made_up_examples(4), None, cfg,
               loss_fn=lambda m, b: (causal_lm_loss(m, b)[0], 1000))
+
+
+def test_cli_precision_flag_sets_the_training_precision():
+    from offsite.cli import _tune_settings, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o", "--precision", "bf16"])
+    assert _tune_settings(args).train.mixed_precision == "bf16"
+    args = parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o", "--precision", "fp32"])
+    assert _tune_settings(args).train.mixed_precision == "no"
+    args = parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o"])
+    assert _tune_settings(args).train.mixed_precision == "no"

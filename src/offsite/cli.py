@@ -67,6 +67,9 @@ def _add_train_args(p) -> None:
     g.add_argument("--checkpoint-every", type=int)
     g.add_argument("--max-length", type=int)
     g.add_argument("--seed", type=int)
+    g.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                   help="fp32 (default), bf16 (bfloat16 autocast in forward/backward; weights and optimizer stay "
+                        "fp32) or auto (bf16 where the hardware runs it natively, ~2x faster on such CPUs)")
 
 
 def _tune_settings(args, base=None):
@@ -81,6 +84,12 @@ def _tune_settings(args, base=None):
                if getattr(args, k, None) is not None}
     if "batch_size" in changes and "micro_batch_size" not in changes:
         changes["micro_batch_size"] = min(changes["batch_size"], cfg.micro_batch_size)
+    if getattr(args, "precision", None):
+        import torch
+
+        from .train import resolve_precision
+
+        changes["mixed_precision"] = resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
     cfg = dataclasses.replace(cfg, **changes)
     return TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg)
 

@@ -44,7 +44,7 @@ from ..bundle import AdapterBundle, load_emulator
 from ..emulator.core import Emulator
 from ..errors import OffsiteError
 from ..models.families import get_blocks, stack_prefix
-from ..train import TrainConfig, causal_lm_loss, collate, tokenize_text, train
+from ..train import TrainConfig, causal_lm_loss, collate, resolve_precision, tokenize_text, train
 from ..tune import TrainingData, TuneSettings, task_data, tune_adapter
 
 
@@ -67,6 +67,9 @@ class AttackConfig:
     validations: int = field(default=4, metadata={"help": "validations per attack run (best one kept)"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between resumable checkpoints"})
     seed: int = field(default=0, metadata={"help": "seed of the attack (corpus order and training)"})
+    precision: str = field(default="auto", metadata={
+        "help": "precision of the LM training: fp32, bf16 (bfloat16 autocast) or auto (default: bf16 where "
+                "the hardware runs it natively, ~2x faster on such CPUs; the task tuning is always fp32)"})
     progress: bool = field(default=True, metadata={"help": "progress bar"})
 
     def check(self) -> None:
@@ -74,6 +77,11 @@ class AttackConfig:
             raise OffsiteError(f"attack block size must be >= 2, got {self.block_size}")
         if self.val_docs < 0 or self.validations < 1:
             raise OffsiteError("attack val_docs must be >= 0 and validations >= 1")
+        self.resolved_precision()
+
+    def resolved_precision(self) -> str:
+        """The LM step's precision on this machine: ``"no"`` (float32) or ``"bf16"``."""
+        return resolve_precision(self.precision, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -165,7 +173,7 @@ def lm_train(emu: Emulator, budget_tokens: int, cfg: AttackConfig,
                        schedule=cfg.schedule, warmup_steps=int(cfg.warmup_ratio * steps), seed=cfg.seed,
                        eval_every=max(1, steps // cfg.validations), max_length=cfg.block_size,
                        checkpoint_every=cfg.checkpoint_every if work_dir is not None else None,
-                       progress=cfg.progress)
+                       progress=cfg.progress, mixed_precision=cfg.resolved_precision())
     trainable = attack_parameters(emu, cfg.train_outer)
     before = lm_loss(emu.model, val_ex, tcfg.micro_batch_size, pad_id)
     emu.model.train()

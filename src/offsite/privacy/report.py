@@ -125,7 +125,8 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
             "row": ROW, "middle_params": shapes.get("middle_params")}
     attack_info = {"corpus": attack.corpus if corpus_docs is None else "given", "lr": attack.lr,
                    "block_size": attack.block_size, "batch_size": attack.batch_size,
-                   "train_outer": attack.train_outer, "seed": attack.seed}
+                   "train_outer": attack.train_outer, "seed": attack.seed,
+                   "precision": {"no": "fp32"}.get(attack.resolved_precision(), "bf16")}
     records: list[dict] = []
 
     # -- the attacker: from the bundle path only
@@ -133,8 +134,9 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
     for b in budgets:
         # keyed by the emulator's digest: the LM step does not depend on the task, so a second task
         # (or a rerun) resumes its finished checkpoint instead of training again, and never another
-        # emulator's
-        wd = Path(work_dir) / manifest["digest"][:16] / f"budget-{b}" if work_dir is not None else None
+        # emulator's; a bf16 run has its own directory (float32 ones keep the earlier name)
+        run_name = f"budget-{b}" + ("-bf16" if attack.resolved_precision() == "bf16" else "")
+        wd = Path(work_dir) / manifest["digest"][:16] / run_name if work_dir is not None else None
         res = recover(emulator_dir, task, b, settings, attack, eval_limit=eval_limit, text_docs=text_docs or 0,
                       batch_size=batch_size, train_data=train_data, eval_docs=eval_docs,
                       corpus_docs=corpus_docs, work_dir=wd, log=log)
