@@ -98,6 +98,29 @@ def measure(mode: str, model_name: str, emulator_dir: str, batch: int, seq: int,
                 p.numel() for p in net.parameters() if p.requires_grad)}
 
 
+def alternating_runs(script: str, modes: list[str], args: list[str], rounds: int, model: str, keep: int) -> dict:
+    """Build the uniform emulator (adapter 2,2, ``keep`` middle blocks) of ``model`` in a temporary
+    bundle, then run ``script --_child MODE --emulator-dir DIR *args`` for every mode, ``rounds``
+    times, alternating, each in a fresh process (slow phases of a noisy machine hit every mode
+    alike). Returns ``{mode: [the child's JSON result per round]}``."""
+    from offsite.bundle import save_emulator
+    from offsite.emulator import build_emulator
+    from offsite.models import load_model
+
+    runs = {mode: [] for mode in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        m, tokenizer = load_model(model)
+        save_emulator(build_emulator("uniform", m, tokenizer, model, "2,2", keep=keep), f"{tmp}/emu")
+        del m
+        for r in range(rounds):
+            for mode in modes:
+                out = subprocess.run([sys.executable, script, "--_child", mode, "--emulator-dir", f"{tmp}/emu", *args],
+                                     capture_output=True, text=True, check=True)
+                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"round {r + 1} {mode}", runs[mode][-1], flush=True)
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -114,26 +137,12 @@ def main() -> None:
         print(json.dumps(measure(args._child, args.model, args.emulator_dir, args.batch, args.seq, args.steps)))
         return
 
-    from offsite.bundle import save_emulator
-    from offsite.emulator import build_emulator
-    from offsite.models import load_model
     from offsite.results import meta, write_results
 
     command = "python bench/efficiency.py " + " ".join(sys.argv[1:])
     res = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_model(args.model)
-        save_emulator(build_emulator("uniform", model, tokenizer, args.model, "2,2", keep=args.keep), f"{tmp}/emu")
-        del model
-        runs = {"emulator": [], "full": []}
-        for r in range(args.rounds):  # alternate, so slow phases of a noisy machine hit both alike
-            for mode in ("emulator", "full"):
-                out = subprocess.run([sys.executable, __file__, "--_child", mode, "--model", args.model,
-                                      "--emulator-dir", f"{tmp}/emu", "--batch", str(args.batch), "--seq",
-                                      str(args.seq), "--steps", str(args.steps)],
-                                     capture_output=True, text=True, check=True)
-                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"round {r + 1} {mode}", runs[mode][-1], flush=True)
+    runs = alternating_runs(__file__, ["emulator", "full"], ["--model", args.model, "--batch", str(args.batch),
+                            "--seq", str(args.seq), "--steps", str(args.steps)], args.rounds, args.model, args.keep)
     ratios = sorted(e["tokens_per_s"] / f["tokens_per_s"] for e, f in zip(runs["emulator"], runs["full"]))
     for mode, rs in runs.items():
         res[mode] = dict(rs[0])

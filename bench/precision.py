@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,25 +71,14 @@ def main() -> None:
         print(json.dumps(measure(args._child, args.emulator_dir, args.batch, args.seq, args.steps, args.threads)))
         return
 
-    from offsite.bundle import save_emulator
-    from offsite.emulator import build_emulator
-    from offsite.models import load_model
+    from efficiency import alternating_runs
     from offsite.results import meta, write_results
     from offsite.train import bf16_native
 
     command = "python bench/precision.py " + " ".join(sys.argv[1:])
-    runs = {"no": [], "bf16": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_model(args.model)
-        save_emulator(build_emulator("uniform", model, tokenizer, args.model, "2,2", keep=args.keep), f"{tmp}/emu")
-        del model
-        for r in range(args.rounds):
-            for mode in runs:
-                out = subprocess.run([sys.executable, __file__, "--_child", mode, "--emulator-dir", f"{tmp}/emu",
-                                      "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-                                      "--threads", str(args.threads)], capture_output=True, text=True, check=True)
-                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"round {r + 1} {mode}", runs[mode][-1], flush=True)
+    runs = alternating_runs(__file__, ["no", "bf16"], ["--batch", str(args.batch), "--seq", str(args.seq),
+                            "--steps", str(args.steps), "--threads", str(args.threads)], args.rounds, args.model,
+                            args.keep)
     ratios = sorted(b["tokens_per_s"] / f["tokens_per_s"] for f, b in zip(runs["no"], runs["bf16"]))
     setting = {"adapter_layers": [2, 2], "keep": args.keep, "batch": args.batch, "seq": args.seq,
                "steps": args.steps, "threads": args.threads, "bf16_native": bf16_native("cpu")}
