@@ -85,11 +85,9 @@ def _tune_settings(args, base=None):
     if "batch_size" in changes and "micro_batch_size" not in changes:
         changes["micro_batch_size"] = min(changes["batch_size"], cfg.micro_batch_size)
     if getattr(args, "precision", None):
-        import torch
-
         from .train import resolve_precision
 
-        changes["mixed_precision"] = resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
+        changes["mixed_precision"] = resolve_precision(args.precision)
     cfg = dataclasses.replace(cfg, **changes)
     return TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg)
 

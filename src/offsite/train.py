@@ -162,12 +162,13 @@ def bf16_native(device: torch.device | str = "cpu") -> bool:
     return False
 
 
-def resolve_precision(spec: str, device: torch.device | str = "cpu") -> str:
-    """``"auto"`` -> ``"bf16"`` where :func:`bf16_native`, else ``"no"``; ``"no"``/``"bf16"`` as given
-    (``"fp32"`` is accepted for ``"no"``)."""
+def resolve_precision(spec: str, device: torch.device | str | None = None) -> str:
+    """``"auto"`` -> ``"bf16"`` where :func:`bf16_native` (``device`` default: the one :func:`train`
+    uses, CUDA if available, else the CPU), else ``"no"``; ``"no"``/``"bf16"`` as given (``"fp32"``
+    is accepted for ``"no"``)."""
     spec = {"fp32": "no"}.get(spec, spec)
     if spec == "auto":
-        return "bf16" if bf16_native(device) else "no"
+        return "bf16" if bf16_native(device or ("cuda" if torch.cuda.is_available() else "cpu")) else "no"
     if spec not in PRECISIONS:
         raise OffsiteError(f"unknown precision {spec!r}; choose auto, fp32 or bf16")
     return spec

@@ -81,7 +81,7 @@ class AttackConfig:
 
     def resolved_precision(self) -> str:
         """The LM step's precision on this machine: ``"no"`` (float32) or ``"bf16"``."""
-        return resolve_precision(self.precision, "cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_precision(self.precision)
 
 
 @dataclass
