@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -128,7 +129,24 @@ def test_rl_update_follows_the_reward():
     assert new[1] == pytest.approx(0.0, abs=1e-12) and new[0] > 0
 
 
-def test_rl_loop_learns_which_block_is_harmless_to_replace():
+def test_relative_reward_is_ists_direction_at_a_loss_independent_step():
+    """At the loss level of stage 1 (7-10 nats) IST's exp(-loss) barely moves a score; the relative
+    reward moves it in the same direction, by IST's step times exp(min loss), at any loss level."""
+    scores = torch.zeros(3, dtype=torch.float64)
+    cands, losses = [[0], [1], [2]], [8.0, 8.3, 8.1]
+    ist, _, _ = rl_update(scores, cands, losses, lr=10.0, reward="ist")
+    rel, rewards, _ = rl_update(scores, cands, losses, lr=10.0, reward="relative")
+    assert ist.abs().max() < 1e-3 < rel.abs().max()
+    assert torch.allclose(rel, ist * math.exp(8.0), rtol=1e-9)
+    assert max(rewards) == 1.0
+    shifted, _, _ = rl_update(scores, cands, [l - 6.0 for l in losses], lr=10.0, reward="relative")
+    assert torch.allclose(shifted, rel, rtol=1e-9)  # a constant shift of every loss changes nothing
+    with pytest.raises(ValueError):
+        rl_update(scores, cands, losses, lr=10.0, reward="other")
+
+
+@pytest.mark.parametrize("reward", ["ist", "relative"])
+def test_rl_loop_learns_which_block_is_harmless_to_replace(reward):
     """Block 0 is harmless to replace, block 1 harmful, blocks 2/3 neutral: repeated RL updates with
     candidates drawn by the policy rank them 0 > 2,3 > 1 and the policy then replaces 0 more often."""
     groups = make_groups(4, 4)
@@ -137,7 +155,7 @@ def test_rl_loop_learns_which_block_is_harmless_to_replace():
     for _ in range(200):
         cands = sample_candidates(scores, groups, 3, gen)
         losses = [2.0 - 0.5 * (0 in c) + 1.0 * (1 in c) for c in cands]
-        scores, _, _ = rl_update(scores, cands, losses, lr=10.0)
+        scores, _, _ = rl_update(scores, cands, losses, lr=10.0, reward=reward)
     assert scores[0] > max(scores[2], scores[3]) and min(scores[2], scores[3]) > scores[1]
     counts = torch.zeros(4)
     for _ in range(400):

@@ -70,6 +70,9 @@ class ScaleOTOptions:
     rl_every: int = field(default=10, metadata={"help": "optimizer steps between RL score updates (IST: 10)"})
     rl_candidates: int = field(default=3, metadata={"help": "candidate replacement sets per RL update (IST: 3)"})
     rl_lr: float = field(default=10.0, metadata={"help": "RL score learning rate (IST: 10)"})
+    rl_reward: str = field(default="relative", metadata={
+        "help": "RL reward: relative = exp(-(loss - best candidate's loss)), IST's direction at a step size "
+                "independent of the loss level (default); ist = exp(-loss), IST's raw rule"})
     rl_batch_size: int = field(default=4, metadata={"help": "held-out sequences per RL update"})
 
     def stage1_config(self) -> Stage1Config:
@@ -79,7 +82,7 @@ class ScaleOTOptions:
                             harmonizer_rank=self.harmonizer_rank, harmonizer_norm=self.harmonizer_norm,
                             lm_weight=self.stage1_lm_weight, align_weight=self.align_weight,
                             rl_every=self.rl_every, rl_candidates=self.rl_candidates, rl_lr=self.rl_lr,
-                            rl_batch_size=self.rl_batch_size)
+                            rl_reward=self.rl_reward, rl_batch_size=self.rl_batch_size)
 
 
 def default_stage1_path(model, name: str, adapter_layers, cfg: Stage1Config) -> Path:

@@ -20,7 +20,13 @@ Training alternates two updates on the full model whose middle blocks are wrappe
   replacement sets the same way, run the mixed network on each (no grad), loss ``l_j``, reward
   ``R_j = exp(-l_j)``, advantage ``A_j = R_j - mean(R)``, and for every block ``i`` replaced in
   candidate ``j``: ``s_i += rl_lr * A_j * p_i (1 - p_i)`` (IST's rule, §3.4; ``p`` taken before
-  the update).
+  the update). With ``rl_reward="relative"`` (the default) the rewards are measured from the best
+  candidate of the update, ``R_j = exp(-(l_j - min_k l_k))``: every reward is IST's times the same
+  positive factor ``exp(min_k l_k)``, so each update moves the scores in exactly IST's direction,
+  but its size no longer shrinks with the loss level. IST tunes a model whose loss is ~1-2; here
+  half the middle is replaced by barely-trained harmonizers and the loss is 7-10, where IST's
+  ``exp(-l)`` makes every step ~1e-3 and the learned order is sampling noise (measured:
+  docs/scaleot.md). ``rl_reward="ist"`` is the raw rule.
 
 Verified vs. unverified (all are options): grouping of 4 and "about half replaced" are from the
 paper's abstract-level description; the sampling (IST's ``multinomial(p)``, not the fork's
@@ -69,6 +75,7 @@ META = "stage1.json"
 HARMONIZERS = "harmonizers.safetensors"
 SCORES = "scores.safetensors"
 PLOT = "scores.png"
+RL_REWARDS = ("relative", "ist")
 
 
 @dataclass
@@ -87,6 +94,7 @@ class Stage1Config:
     rl_every: int = 10
     rl_candidates: int = 3
     rl_lr: float = 10.0
+    rl_reward: str = "relative"  # "relative": exp(-(l_j - min l)); "ist": exp(-l_j) (see the docstring)
     rl_batch_size: int = 4
     rl_docs: int = 16  # documents at the end of the public training text, kept out of the DL data
     checkpoint_every: int | None = 25
@@ -103,6 +111,8 @@ class Stage1Config:
             bad(f"harmonizer rank must be >= 1 (got {self.harmonizer_rank})")
         if self.rl_every < 1 or self.rl_candidates < 2 or self.rl_batch_size < 1 or self.rl_docs < 1:
             bad("rl_every, rl_batch_size and rl_docs must be >= 1 and rl_candidates >= 2")
+        if self.rl_reward not in RL_REWARDS:
+            bad(f"rl_reward must be one of {', '.join(RL_REWARDS)} (got {self.rl_reward!r})")
         if self.lm_weight < 0 or self.align_weight < 0 or self.lm_weight + self.align_weight == 0:
             bad("the LM and alignment weights must be >= 0 and not both 0")
 
@@ -145,15 +155,20 @@ def sample_candidates(scores: torch.Tensor, groups: list[list[int]], n: int, gen
 
 
 def rl_update(scores: torch.Tensor, candidates: list[list[int]], losses: list[float],
-              lr: float) -> tuple[torch.Tensor, list[float], list[float]]:
+              lr: float, reward: str = "ist") -> tuple[torch.Tensor, list[float], list[float]]:
     """IST's rule: ``s_i += lr * (R_j - mean R) * p_i (1 - p_i)`` for each block ``i`` replaced in
-    candidate ``j``, ``R_j = exp(-loss_j)``. Returns (new scores, rewards, advantages)."""
+    candidate ``j``, ``R_j = exp(-loss_j)`` (``reward="ist"``) or ``exp(-(loss_j - min loss))``
+    (``"relative"``: the same direction, a step size independent of the loss level). Returns (new
+    scores, rewards, advantages)."""
     if len(candidates) != len(losses) or not candidates:
         raise ValueError("one loss per candidate, at least one candidate")
+    if reward not in RL_REWARDS:
+        raise ValueError(f"reward must be one of {RL_REWARDS}, got {reward!r}")
     s = scores.detach().double().clone()
     p = torch.sigmoid(s)
     grad = p * (1 - p)
-    rewards = [math.exp(-float(l)) for l in losses]
+    ref = min(float(l) for l in losses) if reward == "relative" else 0.0
+    rewards = [math.exp(-(float(l) - ref)) for l in losses]
     base = sum(rewards) / len(rewards)
     adv = [r - base for r in rewards]
     delta = torch.zeros_like(s)
@@ -348,7 +363,7 @@ def run_stage1(model: nn.Module, tokenizer, name: str, adapter_layers, cfg: Stag
             losses.append(float(s) / max(k, 1))
         model.train(was)
         if len(cands) >= 2:
-            scores, rewards, adv = rl_update(scores, cands, losses, cfg.rl_lr)
+            scores, rewards, adv = rl_update(scores, cands, losses, cfg.rl_lr, cfg.rl_reward)
         else:
             rewards, adv = [math.exp(-l) for l in losses], [0.0] * len(losses)
         state["rl"].append({"step": step, "candidates": [[middle[i] for i in c] for c in cands],
