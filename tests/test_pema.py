@@ -186,6 +186,24 @@ def test_lambda_zero_scoring_equals_the_harness(tokenizer):
         assert a == pytest.approx(r, abs=1e-4) and ga == gr
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_served_greedy_decoding_is_the_models_own(family, tokenizer):
+    """The owner's /v1/greedy (KV-cached, left-padded batch) continues exactly like model.generate:
+    a cache lost between steps (e.g. under a renamed transformers keyword) would change the tokens."""
+    model = tiny_model(family, 2, seed=2)
+    b = InProcessBackend(model, tokenizer)
+    prompts = [tokenizer(p)["input_ids"] for p in ("Question: why is the sky blue?\nAnswer:", "hi there")]
+    got = b.greedy(prompts, [6, 4], hidden=False, logprobs=True)
+    for p, r, n in zip(prompts, got, (6, 4)):
+        ids = torch.tensor([p])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        assert r["tokens"].tolist() == ref[0, ids.shape[1]:].tolist()
+        with torch.no_grad():  # every step's distribution is the model's on the whole sequence so far
+            full = torch.log_softmax(model(ref[:, :-1]).logits[0, len(p) - 1:].float(), -1)
+        torch.testing.assert_close(r["logprobs"], full, rtol=0, atol=1e-5)
+
+
 # --- external memory --------------------------------------------------------------------------------
 
 def _expected_rows(backend, pairs):

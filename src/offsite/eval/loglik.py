@@ -53,6 +53,8 @@ from typing import Sequence
 
 import torch
 
+from ..models.families import cache_kwarg, output_cache
+
 __all__ = ["loglikelihood", "encode_pair", "model_max_length", "mean_stderr"]
 
 #: How many scored positions go through the LM head at once (bounds the vocab-sized logits).
@@ -185,7 +187,7 @@ def _body(model):
     if body is model:
         raise ValueError(f"{type(model).__name__}: cannot find the transformer body (base_model)")
     params = inspect.signature(body.forward).parameters
-    return body, "position_ids" in params, "past_key_values" in params
+    return body, "position_ids" in params, cache_kwarg(body)
 
 
 def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +215,7 @@ def _run_batch(model, body, takes_pos, head, groups: list[_Group], pad: int, dev
     suf_row = {id(m): r for r, (_, m) in enumerate(suf_members)}
     shid = None
     if suf_members:
-        cache = out.past_key_values
+        cache = output_cache(out)
         idx = torch.tensor([gi for gi, _ in suf_members], device=device)
         cache.batch_select_indices(idx)
         sids, smask = _pad([m.suffix for _, m in suf_members], pad)
@@ -223,8 +225,8 @@ def _run_batch(model, body, takes_pos, head, groups: list[_Group], pad: int, dev
         if takes_pos:
             kw["position_ids"] = plen[:, None] + torch.arange(sids.shape[1], device=device)[None]
         full_mask = torch.cat([mask[idx], smask], dim=1)
-        shid = body(input_ids=sids, attention_mask=full_mask, past_key_values=cache, use_cache=True,
-                    **kw)[0]
+        kw[cache_kwarg(body)] = cache
+        shid = body(input_ids=sids, attention_mask=full_mask, use_cache=True, **kw)[0]
 
     # gather the hidden states that predict each target token
     order, hs = [], []
@@ -404,7 +406,7 @@ def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_s
         groups.sort(key=lambda g: -g.packed_cost)
         return _loop(model, groups, len(requests), batch_size, batch_tokens, progress, desc, packed=True,
                      run=lambda batch: _run_packed(model, body, head, batch, pad, device))
-    share = share_context and takes_cache
+    share = share_context and takes_cache is not None
     groups = _build_groups(encoded, max_length, share, min_shared_context)
     groups.sort(key=lambda g: -g.cost)
     if share and _checked(_CACHE_OK, model, lambda: _cache_path_agrees(model, body, takes_pos, head, groups,

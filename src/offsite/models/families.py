@@ -116,6 +116,26 @@ def set_blocks(model: nn.Module, blocks: list[nn.Module], layer_types: list | No
         config.layer_types = list(layer_types)
 
 
+CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.24 says `cache`; older 5.x `past_key_values`
+
+
+def cache_kwarg(module: nn.Module) -> str | None:
+    """The name under which ``module.forward`` takes a KV cache (``None``: it takes none)."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return next((name for name in CACHE_KWARGS if name in params), None)
+
+
+def output_cache(out):
+    """The KV cache a model output carries, under either name (``None`` when it has none)."""
+    for name in CACHE_KWARGS:
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
 def get_body(model: nn.Module) -> nn.Module:
     return _getattr_path(model, family_of(model).body)
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from offsite.errors import OffsiteError
+from offsite.models.families import output_cache
 
 __all__ = ["Backend", "InProcessBackend", "Limits", "LimitExceeded", "check_sequences"]
 
@@ -123,7 +124,7 @@ class InProcessBackend(Backend):
     def __init__(self, model, tokenizer, name: str = "model", limits: Limits | None = None,
                  micro_batch: int = 16, share_head: bool = True):
         from offsite.eval.loglik import model_max_length
-        from offsite.models.families import get_blocks, get_body
+        from offsite.models.families import cache_kwarg, get_blocks, get_body
 
         self.model = model.eval()
         self._tokenizer = tokenizer
@@ -134,6 +135,7 @@ class InProcessBackend(Backend):
         self.share_head = share_head
         self._last_block = get_blocks(model)[-1]
         self._takes_positions = "position_ids" in inspect.signature(get_body(model).forward).parameters
+        self._cache_kwarg = cache_kwarg(model) or "past_key_values"  # **kwargs models: the older name
         self._lock = threading.Lock()  # one forward at a time: the hook below is per-call state
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._hidden_size = None
@@ -182,11 +184,11 @@ class InProcessBackend(Backend):
             if position_ids is not None and self._takes_positions:
                 kw["position_ids"] = position_ids
             if cache is not None:
-                kw["past_key_values"] = cache
+                kw[self._cache_kwarg] = cache
             out = self.model(**kw, use_cache=cache is not None)
         finally:
             handle.remove()
-        return captured["h"], out.logits, getattr(out, "past_key_values", None)
+        return captured["h"], out.logits, output_cache(out)
 
     def _device(self):
         return next(self.model.parameters()).device
