@@ -67,12 +67,13 @@ class ScaleOTOptions:
     align_weight: float = field(default=30.0, metadata={
         "help": "weight of the alignment NMSE between mixed and original middle outputs (default 30)"})
     stage1_lm_weight: float = field(default=1.0, metadata={"help": "weight of the stage-1 LM loss"})
-    rl_every: int = field(default=10, metadata={"help": "optimizer steps between RL score updates (IST: 10)"})
-    rl_candidates: int = field(default=3, metadata={"help": "candidate replacement sets per RL update (IST: 3)"})
+    rl_every: int = field(default=2, metadata={
+        "help": "optimizer steps between RL score updates (default 2; IST: 10, for thousands of steps)"})
+    rl_candidates: int = field(default=4, metadata={"help": "candidate replacement sets per RL update (default 4; IST: 3)"})
     rl_lr: float = field(default=10.0, metadata={"help": "RL score learning rate (IST: 10)"})
-    rl_reward: str = field(default="relative", metadata={
-        "help": "RL reward: relative = exp(-(loss - best candidate's loss)), IST's direction at a step size "
-                "independent of the loss level (default); ist = exp(-loss), IST's raw rule"})
+    rl_reward: str = field(default="ist", metadata={
+        "help": "RL reward: ist = exp(-loss), IST's rule (default); relative = exp(-(loss - best candidate's "
+                "loss)), IST's direction at a step size independent of the loss level"})
     rl_batch_size: int = field(default=4, metadata={"help": "held-out sequences per RL update"})
 
     def stage1_config(self) -> Stage1Config:
