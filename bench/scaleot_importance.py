@@ -11,7 +11,9 @@ emulators that differ only in which middle blocks are replaced:
   by the LM loss on the RL's held-out batch, then a least-squares fit ``loss ~ b + sum_i c_i x_i``
   (``x_i`` = block ``i`` replaced); the blocks with the smallest cost ``c_i`` are replaced first.
   It shows what a well-estimated order is worth with these harmonizers; it is a diagnostic, not part
-  of the method.
+  of the method. With ``--probe``, stage 1's RL loop is also simulated on the fitted costs
+  (:func:`simulate_rl`) for several (updates, candidates, reward, lr): how close to the best order
+  each budget of RL updates gets (row ``rl_simulation``, metric ``excess_loss`` in nats).
 
 Each emulator's perplexity is measured on the first ``--docs`` held-out public-text documents.
 
@@ -78,7 +80,53 @@ def probe_costs(model, tokenizer, art, n: int, seed: int = 123, log=print) -> li
     x = torch.tensor(rows, dtype=torch.float64)
     y = torch.tensor(losses, dtype=torch.float64)[:, None]
     coef = torch.linalg.lstsq(x, y, driver="gelsd").solution[:, 0]
-    return [float(c) for c in coef[1:]]
+    resid = float((y[:, 0] - x @ coef).std())
+    return {"intercept": float(coef[0]), "costs": [float(c) for c in coef[1:]], "resid_std": resid,
+            "mean_loss": float(y.mean())}
+
+
+SIM_CONFIGS = [(10, 3, "ist", 10.0), (10, 3, "relative", 10.0), (25, 4, "ist", 10.0), (50, 3, "ist", 10.0),
+               (50, 4, "ist", 10.0), (50, 4, "relative", 10.0), (50, 4, "relative", 1.0), (100, 3, "ist", 10.0)]
+
+
+def simulate_rl(fit: dict, n_replaced: int, group_size: int, configs=SIM_CONFIGS, runs: int = 40) -> list[dict]:
+    """Stage 1's RL loop run on the probe's linear model (loss of a set = intercept + its blocks'
+    costs + Gaussian noise of the fit's residual spread): for each (updates, candidates, reward, lr),
+    the median over ``runs`` seeds of the excess predicted loss of the emulator that replaces the
+    ``n_replaced`` highest-scoring blocks, over the best possible choice (random orders for scale).
+    The harmonizers' own training (which the real policy steers) is not simulated."""
+    import statistics
+
+    import torch
+
+    from offsite.emulator.scaleot.stage1 import make_groups, rl_update, sample_candidates
+
+    cost = fit["costs"]
+    n = len(cost)
+    groups = make_groups(n, group_size)
+
+    def loss_of(scores) -> float:
+        order = sorted(range(n), key=lambda k: (-float(scores[k]), k))
+        return fit["intercept"] + sum(cost[k] for k in order[:n_replaced])
+
+    best = loss_of([-c for c in cost])
+    out = [{"config": "random order", "excess": statistics.median(
+        loss_of(torch.randn(n, generator=torch.Generator().manual_seed(s)).tolist()) - best for s in range(200))}]
+    for updates, cands, reward, lr in configs:
+        excess = []
+        for seed in range(runs):
+            gen = torch.Generator().manual_seed(seed)
+            scores = torch.zeros(n, dtype=torch.float64)
+            for _ in range(updates):
+                sets = sample_candidates(scores, groups, cands, gen)
+                losses = [fit["intercept"] + sum(cost[i] for i in c)
+                          + fit["resid_std"] * float(torch.randn((), generator=gen, dtype=torch.float64)) for c in sets]
+                if len(sets) >= 2:
+                    scores, _, _ = rl_update(scores, sets, losses, lr, reward)
+            excess.append(loss_of(scores.tolist()) - best)
+        out.append({"config": {"rl_updates": updates, "rl_candidates": cands, "rl_reward": reward, "rl_lr": lr},
+                    "excess": statistics.median(excess)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,8 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         rl["rl_updates"] = art.meta["cost"]["rl_updates"]
         orders = [("learned", 0, None), ("uniform", 0, None)] + [("random", s, None) for s in range(args.seeds)]
         if args.probe:
-            costs = probe_costs(model, tokenizer, art, args.probe)
-            orders.append(("probe", 0, costs))
+            fit = probe_costs(model, tokenizer, art, args.probe)
+            orders.append(("probe", 0, fit["costs"]))
+            n_replaced = round(args.alpha * len(art.middle) + 1e-9)
+            for sim in simulate_rl(fit, n_replaced, cfg["group_size"]):
+                conf = sim["config"]
+                records.append({"model": display, "task": "text", "method": "scaleot",
+                                "setting": {"stage1": Path(path).name, "probe_sets": args.probe,
+                                            "alpha": args.alpha, **(conf if isinstance(conf, dict) else
+                                                                    {"order": conf})},
+                                "row": "rl_simulation", "metric": "excess_loss", "value": sim["excess"],
+                                "stderr": None, "n": None, "probe_resid_std": fit["resid_std"],
+                                "probe_mean_loss": fit["mean_loss"]})
+                print(f"[importance] simulated RL on the probe's costs, {conf}: median excess loss "
+                      f"{sim['excess']:.2f} nats", flush=True)
         for importance, seed, costs in orders:
             use = art
             if costs is not None:  # high score = replaced first = lowest cost
