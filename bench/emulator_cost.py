@@ -55,8 +55,14 @@ def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
         with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
             art = run_stage1(model, tokenizer, display, setting["adapter_layers"], cfg, Path(tmp) / "stage1")
             extra["stage1_seconds"] = time.perf_counter() - t0
-            extra["median_step_tokens_per_s"] = statistics.median(
-                r for r in art.meta["cost"].get("tokens_per_s", []) if r)
+            # the RL update runs inside every rl_every-th step, so single steps alternate between fast
+            # and slow: take the effective rate of each RL cycle (same tokens per step: a harmonic
+            # mean), then the median over cycles, so that the RL cost counts at its real weight
+            rates = art.meta["cost"].get("tokens_per_s", [])
+            k = max(int(cfg.rl_every), 1)
+            cycles = [k / sum(1 / r for r in rates[i:i + k]) for i in range(0, len(rates) - k + 1, k)
+                      if all(rates[i:i + k])]
+            extra["median_step_tokens_per_s"] = statistics.median(cycles)
             source = art.path
             if not final.exists():  # hand the fresh artifact to later runs (bench/paper.py, offsite run)
                 source = (Path(tmp) / "stage1").rename(final)

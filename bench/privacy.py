@@ -4,10 +4,12 @@ For each registered method, its first benchmark setting's emulator from the pape
 (``bench/paper.py`` builds them; ``runs/paper-cache``) is attacked with ``offsite privacy`` (recovery
 attack at each ``--budgets`` size, then weight exposure and Plug-in), with the same data owner as
 the benchmark's ``--train-limit``/``--eval-limit`` cells. A method whose ``<out>/<method>/privacy.json``
-exists is not run again (delete it to redo). Then all records are merged into one results file
+exists is not run again (delete it to redo); ``--suffix S`` runs into ``<out>/<method>-S`` instead, so a
+larger budget can join an earlier run. Then all records are merged into one results file
 (DESIGN.md §7, rows ``attack``), with ``privacy.md`` and ``privacy.png`` beside the runs.
 
     python bench/privacy.py --tasks arc_easy,openbookqa --budgets 0,50k --train-limit 200 --eval-limit 100
+    python bench/privacy.py ... --budgets 500k --suffix 500k   # a larger budget beside that run
     python bench/privacy.py ... --merge-only        # only merge the runs that exist
 
 writes bench/results/privacy-e<eval>-t<train>.json and docs/img/privacy-attack-e<eval>-t<train>.png.
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="run directory (default runs/privacy-e<eval>-t<train>)")
     ap.add_argument("--attack-precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="precision of the attack's LM step (offsite privacy --attack-precision; default auto)")
+    ap.add_argument("--suffix", default="",
+                    help="run into <out>/<method>-<suffix> (e.g. a larger budget beside an earlier run); "
+                         "the merge takes every run of a method, earlier ones first, without duplicates")
     ap.add_argument("--merge-only", action="store_true", help="merge the existing runs, run nothing")
     args = ap.parse_args(argv)
 
@@ -58,23 +63,31 @@ def main(argv: list[str] | None = None) -> int:
         setting = method_settings(get_method(name), lambda: AutoConfig.from_pretrained(
             resolve_model_path(args.model)))[0]
         emu = Path(args.cache) / display / "emulators" / name / setting_dir(setting)
-        done = out / name / "privacy.json"
+        done = out / (f"{name}-{args.suffix}" if args.suffix else name) / "privacy.json"
         if not done.exists() and not args.merge_only:
             if not (emu / "manifest.json").exists():
                 raise OffsiteError(f"{emu} is missing: build it with bench/paper.py --methods {name} first")
             subprocess.run(["offsite", "privacy", "--model", args.model, "--emulator", str(emu), "--task", args.tasks,
                             "--budgets", args.budgets, "--preset", "demo", "--epochs", "1",
                             "--train-limit", str(args.train_limit), "--eval-limit", str(args.eval_limit),
-                            "--text-docs", "0", "--out", str(out / name), "--overwrite", "--no-attack-progress",
+                            "--text-docs", "0", "--out", str(done.parent), "--overwrite", "--no-attack-progress",
                             "--attack-precision", args.attack_precision],
                            check=True)
-        if done.exists():
-            runs.append(json.loads(done.read_text()))
-        else:
+        found = [d / "privacy.json" for d in [out / name, *sorted(out.glob(f"{name}-*"))]
+                 if (d / "privacy.json").exists()]
+        runs += [json.loads(f.read_text()) for f in found]
+        if not found:
             print(f"[privacy] {name}: no run in {out / name}", file=sys.stderr)
     if not runs:
         raise OffsiteError(f"no privacy runs under {out}")
-    records = [r for run in runs for r in run["records"]]
+    records, seen = [], set()
+    for run in runs:  # budget 0 and the exposure figures come with every run: keep the first
+        for r in run["records"]:
+            key = (r["method"], json.dumps(r.get("setting"), sort_keys=True), r["task"], r.get("row"),
+                   r.get("budget_tokens"), r["metric"])
+            if key not in seen:
+                seen.add(key)
+                records.append(r)
     m = meta("python bench/privacy.py " + " ".join(sys.argv[1:] if argv is None else argv))
     m["runs"] = [run["meta"] for run in runs]
     write_results(ROOT / "bench" / "results" / f"privacy-{tag}.json", m, records)
