@@ -501,8 +501,13 @@ def plot_privacy_utility(model: str, s: dict, path: Path) -> Path | None:
     xs, ys = [], []
     splits = {setting_label({"adapter_layers": (p["setting"] or {}).get("adapter_layers")}) for p in pts}
     split = splits.pop() if len(splits) == 1 else ""
+    xr = (max(p["rows"]["emu_ft"]["value"] for p in pts) - min(p["rows"]["emu_ft"]["value"] for p in pts)) * 100 or 1
+    yr = (max(p["rows"]["plugin"]["value"] for p in pts) - min(p["rows"]["plugin"]["value"] for p in pts)) * 100 or 1
     for p in pts:
         x, y = p["rows"]["emu_ft"], p["rows"]["plugin"]
+        # labels of points close to an earlier one go below it, so that they do not overprint
+        near = sum(abs(x["value"] * 100 - px) < 0.15 * xr and abs(y["value"] * 100 - py) < 0.15 * yr
+                   for px, py in zip(xs, ys))
         xs.append(x["value"] * 100)
         ys.append(y["value"] * 100)
         ax.errorbar(xs[-1], ys[-1], xerr=(x["stderr"] or 0) * 100, yerr=(y["stderr"] or 0) * 100, fmt="o",
@@ -510,7 +515,7 @@ def plot_privacy_utility(model: str, s: dict, path: Path) -> Path | None:
                     capsize=0, markersize=6)
         label = _point_label(p) if split else p["label"]
         ax.annotate(label, (xs[-1], ys[-1]), fontsize=7, color=colors[p["method"]],
-                    xytext=(5, 3), textcoords="offset points")
+                    xytext=(5, 3 - 10 * near), textcoords="offset points")
     styles = {"full_ft": ("tab:green", "--"), "full_zs": ("tab:gray", ":")}
     for r, (color, ls) in styles.items():
         if r in s["reference"]:
