@@ -498,35 +498,37 @@ def plot_privacy_utility(model: str, s: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7.2, 5.4))
     methods = sorted({p["method"] for p in pts})
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-    xs, ys = [], []
     splits = {setting_label({"adapter_layers": (p["setting"] or {}).get("adapter_layers")}) for p in pts}
     split = splits.pop() if len(splits) == 1 else ""
-    xr = (max(p["rows"]["emu_ft"]["value"] for p in pts) - min(p["rows"]["emu_ft"]["value"] for p in pts)) * 100 or 1
-    yr = (max(p["rows"]["plugin"]["value"] for p in pts) - min(p["rows"]["plugin"]["value"] for p in pts)) * 100 or 1
-    for p in pts:
+    xs = [p["rows"]["emu_ft"]["value"] * 100 for p in pts]
+    ys = [p["rows"]["plugin"]["value"] * 100 for p in pts]
+    styles = {"full_ft": ("tab:green", "--"), "full_zs": ("tab:gray", ":")}
+    refs = {r: s["reference"][r]["value"] * 100 for r in styles if r in s["reference"]}
+    for r, v in refs.items():
+        ax.axhline(v, color=styles[r][0], ls=styles[r][1], lw=1, label=f"{ROW_TITLES[r]} ({v:.1f})")
+    # each axis spans its own values (Plug-in sits near the model, Emulator FT far below it)
+    x_lo, x_hi = min(xs) - 3, max(xs) + 5
+    y_lo, y_hi = min(ys + list(refs.values())) - 3, max(ys + list(refs.values())) + 3
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(y_lo, y_hi)
+    # labels in points (about 440 x 310 of them inside the axes): each takes the first offset, above
+    # or below its point, whose box does not overlap a label placed before it
+    sx, sy = 440 / (x_hi - x_lo), 310 / (y_hi - y_lo)
+    boxes = []
+    for p, x0, y0 in zip(pts, xs, ys):
         x, y = p["rows"]["emu_ft"], p["rows"]["plugin"]
-        # labels of points close to an earlier one go below it, so that they do not overprint
-        near = sum(abs(x["value"] * 100 - px) < 0.15 * xr and abs(y["value"] * 100 - py) < 0.15 * yr
-                   for px, py in zip(xs, ys))
-        xs.append(x["value"] * 100)
-        ys.append(y["value"] * 100)
-        ax.errorbar(xs[-1], ys[-1], xerr=(x["stderr"] or 0) * 100, yerr=(y["stderr"] or 0) * 100, fmt="o",
+        ax.errorbar(x0, y0, xerr=(x["stderr"] or 0) * 100, yerr=(y["stderr"] or 0) * 100, fmt="o",
                     color=colors[p["method"]], ecolor=colors[p["method"]], elinewidth=0.8, alpha=0.9,
                     capsize=0, markersize=6)
         label = _point_label(p) if split else p["label"]
-        ax.annotate(label, (xs[-1], ys[-1]), fontsize=7, color=colors[p["method"]],
-                    xytext=(5, 3 - 10 * near), textcoords="offset points")
-    styles = {"full_ft": ("tab:green", "--"), "full_zs": ("tab:gray", ":")}
-    for r, (color, ls) in styles.items():
-        if r in s["reference"]:
-            v = s["reference"][r]["value"] * 100
-            ys.append(v)
-            ax.axhline(v, color=color, ls=ls, lw=1, label=f"{ROW_TITLES[r]} ({v:.1f})")
-    # each axis spans its own values (Plug-in sits near the model, Emulator FT far below it)
-    x_lo, x_hi = min(xs) - 3, max(xs) + 5
-    y_lo, y_hi = min(ys) - 3, max(ys) + 3
-    ax.set_xlim(x_lo, x_hi)
-    ax.set_ylim(y_lo, y_hi)
+        w, h = 4.0 * len(label), 9.0
+        for dy in (3, -11, 14, -22, 25, -33, 36):
+            box = (x0 * sx + 5, y0 * sy + dy, x0 * sx + 5 + w, y0 * sy + dy + h)
+            if not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in boxes):
+                break
+        boxes.append(box)
+        ax.annotate(label, (x0, y0), fontsize=7, color=colors[p["method"]],
+                    xytext=(5, dy), textcoords="offset points")
     for m in methods:
         ax.plot([], [], "o", color=colors[m], label=m)
     ax.set_xlabel("Emulator FT accuracy (%) — lower: more model privacy")
