@@ -63,6 +63,7 @@ def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
             cycles = [k / sum(1 / r for r in rates[i:i + k]) for i in range(0, len(rates) - k + 1, k)
                       if all(rates[i:i + k])]
             extra["median_step_tokens_per_s"] = statistics.median(cycles)
+            extra["stage1_rl_seconds"] = art.meta["cost"].get("rl_seconds")
             source = art.path
             if not final.exists():  # hand the fresh artifact to later runs (bench/paper.py, offsite run)
                 source = (Path(tmp) / "stage1").rename(final)
