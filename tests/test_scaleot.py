@@ -18,7 +18,7 @@ from offsite.emulator.scaleot.harmonizer import harmonizer_params, make_harmoniz
 from offsite.emulator.scaleot.selective_rank import attention_projections, compress_block
 from offsite.emulator.scaleot.stage1 import make_groups, rl_update, sample_candidates, sample_replaced
 from offsite.errors import OffsiteError
-from offsite.models.families import get_blocks, set_blocks
+from offsite.models.families import cache_kwarg, get_blocks, output_cache, set_blocks
 
 DOCS = [f"Document {i}. " + "The quick brown fox jumps over the lazy dog, and the cat sleeps. " * 6
         for i in range(24)]
@@ -314,5 +314,5 @@ def test_emulator_with_harmonizers_runs_with_a_kv_cache(stage1, tokenizer):
     with torch.no_grad():
         full = m(input_ids=IDS, use_cache=False).logits
         first = m(input_ids=IDS[:, :7], use_cache=True)
-        rest = m(input_ids=IDS[:, 7:], past_key_values=first.past_key_values, use_cache=True).logits
+        rest = m(input_ids=IDS[:, 7:], **{cache_kwarg(m): output_cache(first)}, use_cache=True).logits
     assert torch.allclose(rest, full[:, 7:], atol=1e-5)
