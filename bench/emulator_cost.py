@@ -31,6 +31,15 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def median_rate(rates: list, cycle: int = 1) -> float:
+    """Median over cycles of ``cycle`` steps of their effective rate (same tokens per step: the
+    harmonic mean), skipping cycles with a missing rate. Robust to a busy spell on a shared machine;
+    a cycle longer than one step weighs work that runs only every ``cycle`` steps at its real share."""
+    cycles = [cycle / sum(1 / r for r in rates[i:i + cycle]) for i in range(0, len(rates) - cycle + 1, cycle)
+              if all(rates[i:i + cycle])]
+    return statistics.median(cycles)
+
+
 def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
     from efficiency import peak_rss_mb
     from paper import setting_dir
@@ -55,14 +64,9 @@ def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
         with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
             art = run_stage1(model, tokenizer, display, setting["adapter_layers"], cfg, Path(tmp) / "stage1")
             extra["stage1_seconds"] = time.perf_counter() - t0
-            # the RL update runs inside every rl_every-th step, so single steps alternate between fast
-            # and slow: take the effective rate of each RL cycle (same tokens per step: a harmonic
-            # mean), then the median over cycles, so that the RL cost counts at its real weight
-            rates = art.meta["cost"].get("tokens_per_s", [])
-            k = max(int(cfg.rl_every), 1)
-            cycles = [k / sum(1 / r for r in rates[i:i + k]) for i in range(0, len(rates) - k + 1, k)
-                      if all(rates[i:i + k])]
-            extra["median_step_tokens_per_s"] = statistics.median(cycles)
+            # the RL update runs inside every rl_every-th step: the rate per RL cycle
+            extra["median_step_tokens_per_s"] = median_rate(art.meta["cost"].get("tokens_per_s", []),
+                                                            max(int(cfg.rl_every), 1))
             extra["stage1_rl_seconds"] = art.meta["cost"].get("rl_seconds")
             source = art.path
             if not final.exists():  # hand the fresh artifact to later runs (bench/paper.py, offsite run)
@@ -74,9 +78,8 @@ def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
     else:
         emu = build_emulator(method, model, tokenizer, display, setting["adapter_layers"], **opts)
         history = (emu.report or {}).get(method, {}).get("history") or []
-        if history:  # per-step rates: robust to a busy spell on a shared machine
-            extra["median_step_tokens_per_s"] = statistics.median(h["tokens_per_s"] for h in history
-                                                                  if h.get("tokens_per_s"))
+        if history:
+            extra["median_step_tokens_per_s"] = median_rate([h.get("tokens_per_s") for h in history])
     seconds = time.perf_counter() - t0
     cell = Path(cache) / display / "emulators" / method / setting_dir(setting)
     if not (cell / "manifest.json").exists():

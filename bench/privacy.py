@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from offsite.errors import OffsiteError
     from offsite.models.load import model_display_name, resolve_model_path
     from offsite.privacy import format_markdown, plot_privacy
+    from offsite.privacy.report import _key as emulator_key
     from offsite.results import meta, write_results
 
     tag = f"e{args.eval_limit}-t{args.train_limit}"
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     records, seen = [], set()
     for run in runs:  # budget 0 and the exposure figures come with every run: keep the first
         for r in run["records"]:
-            key = (r["method"], json.dumps(r.get("setting"), sort_keys=True), r["task"], r.get("row"),
-                   r.get("budget_tokens"), r["metric"])
+            key = (*emulator_key(r), r["task"], r.get("row"), r.get("budget_tokens"), r["metric"])
             if key not in seen:
                 seen.add(key)
                 records.append(r)
