@@ -1,0 +1,273 @@
+"""Paired differences of Plug-in accuracy: are two methods' Plug-ins really different?
+
+The paper benchmark's table gives each cell its own standard error, as if every cell had its own
+documents. All rows are scored on the same documents, so the error of a *difference* between two
+rows is much smaller than the two errors combined: per document, ``d = correct_A - correct_B``, and
+the paired standard error is ``sd(d) / sqrt(n)``. This script re-scores, document by document, the
+Full ZS row and the Plug-in row of each (method, setting) from the paper benchmark's cache (the
+tuned adapters under ``runs/paper-cache``; nothing is trained here), checks that every accuracy
+equals the results file's, and writes every pairwise difference per task and over the tasks'
+average (the mean of the per-task differences; its error combines the per-task paired errors). Each
+pair is written later entry minus earlier one, in the order Full ZS, then the methods as given.
+
+    python bench/paired.py [--tasks openbookqa,...] [--methods kd,uniform,scaleot] [--settings JSON]
+                           [--results bench/results/paper-smollm2.json] [--out bench/results/paired-smollm2.json]
+                           [--score-only | --combine-only]
+
+Per-document predictions are cached (``<cache>/<model>/details/<budget>/...``), so two processes
+can score different methods side by side (``--score-only``) and a last call combines them
+(``--combine-only``). Only multiple-choice tasks (accuracy ``acc``) are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from paper import DEFAULT_CACHE, RESULTS_DIR, Budget, _Bench, Hooks, method_settings, normalise_setting  # noqa: E402
+
+from offsite.errors import OffsiteError  # noqa: E402
+from offsite.report import setting_key  # noqa: E402
+
+TASKS = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq")
+FULL = ("full_zs", None, None)  # (row, method, setting) of the reference entry
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and paired standard error of ``a - b`` (same documents, same order)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired samples must be non-empty and of equal length")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def average(per_task: list[tuple[float, float]]) -> tuple[float, float]:
+    """The mean of per-task (mean, s.e.) pairs; tasks are independent document sets."""
+    k = len(per_task)
+    return sum(m for m, _ in per_task) / k, math.sqrt(sum(s * s for _, s in per_task)) / k
+
+
+def entry_name(entry) -> str:
+    from offsite.report import setting_label
+
+    row, method, setting = entry
+    return "Full ZS" if method is None else f"{method} ({setting_label(setting)}) Plug-in"
+
+
+def details_path(b: _Bench, entry, task: str) -> Path:
+    from paper import setting_dir
+
+    row, method, setting = entry
+    sub = Path("full_zs") if method is None else Path(method) / setting_dir(setting)
+    return b.cache / "details" / b.budget.digest() / sub / f"{task}.json"
+
+
+def score_entry(b: _Bench, entry, task: str, tune: bool = False, docs=None, log=print) -> dict:
+    """Per-document correctness of ``entry`` on ``task`` (cached); ``docs`` default to the task's
+    evaluation documents up to the budget's limit, as in ``bench/paper.py``."""
+    import copy
+
+    from offsite.bundle import load_adapter, load_emulator_manifest, write_json_atomic
+    from offsite.data.tasks import load_task
+    from offsite.eval.mc import score_mc
+    from offsite.plug import plug
+
+    path = details_path(b, entry, task)
+    if path.is_file():
+        return json.loads(path.read_text())
+    row, method, setting = entry
+    model, tok = b.base()
+    if method is None:
+        scored = model
+    else:
+        adapter = b.adapter_dir(method, setting, task)
+        emu_dir = b.emulator_dir(method, setting)
+        if not (emu_dir / "manifest.json").is_file():
+            raise OffsiteError(f"no {method} {setting_key(setting)} emulator in {b.cache}; run bench/paper.py "
+                               "for that method first")
+        if not (adapter / "manifest.json").is_file():
+            if not tune:
+                raise OffsiteError(f"no tuned adapter for {method} {setting_key(setting)} on {task} in {b.cache}; "
+                                   "pass --tune or run bench/paper.py for that cell first")
+            from offsite.bundle import load_emulator
+            from offsite.tune import tune_to_dir
+
+            log(f"[paired] tuning the adapter: {task} · {method} {setting_key(setting)} (as bench/paper.py)")
+            tune_to_dir(load_emulator(emu_dir), b.data(task), b.settings(task, b.budget.lr), adapter, overwrite=True)
+        scored = plug(copy.deepcopy(model), load_adapter(adapter), load_emulator_manifest(emu_dir))
+    if docs is None:
+        docs = load_task(task, "eval")[:b.budget.eval_limit]
+    t0 = time.perf_counter()
+    res = score_mc(scored, tok, docs, batch_size=b.batch_size, progress=b.progress, return_details=True)
+    out = {"task": task, "entry": entry_name(entry), "acc": res["acc"], "n": res["n"],
+           "ids": [d["id"] for d in res["details"]],
+           "correct": [int(d["pred"] == d["gold"]) for d in res["details"]],
+           "seconds": round(time.perf_counter() - t0, 1)}
+    write_json_atomic(path, out)
+    log(f"[paired] {task} · {entry_name(entry)}: acc {out['acc']:.4f} ({out['seconds']}s)")
+    return out
+
+
+def table_value(records: list[dict], entry, task: str) -> float | None:
+    row, method, setting = entry
+    for r in records:
+        if r["task"] == task and r["metric"] == "acc" and r["method"] == method and \
+                r["row"] == ("full_zs" if method is None else "plugin") and \
+                (method is None or setting_key(r["setting"]) == setting_key(setting)):
+            return r["value"]
+    return None
+
+
+def combine(b: _Bench, entries: list, tasks: list[str], table: list[dict], log=print) -> list[dict]:
+    """Records: each entry's accuracy per task, and every pairwise paired difference."""
+    scores = {}
+    for e in entries:
+        for t in tasks:
+            p = details_path(b, e, t)
+            if not p.is_file():
+                raise OffsiteError(f"{entry_name(e)} on {t} is not scored yet (run without --combine-only)")
+            scores[(entry_name(e), t)] = json.loads(p.read_text())
+    records = []
+    for e in entries:
+        row, method, setting = e
+        for t in tasks:
+            s = scores[(entry_name(e), t)]
+            ref = table_value(table, e, t)
+            if ref is not None and abs(ref - s["acc"]) > 1e-9:
+                raise OffsiteError(f"{entry_name(e)} on {t}: re-scored accuracy {s['acc']:.4f} differs from the "
+                                   f"results file's {ref:.4f}; the cache does not hold that run's adapter")
+            records.append({"task": t, "method": method, "setting": setting, "row": row, "metric": "acc",
+                            "value": s["acc"], "n": s["n"], "matches_results_file": ref is not None})
+    for i, a in enumerate(entries):
+        for bb in entries[i + 1:]:
+            per_task = []
+            for t in tasks:
+                sa, sb = scores[(entry_name(a), t)], scores[(entry_name(bb), t)]
+                if sa["ids"] != sb["ids"]:
+                    raise OffsiteError(f"{t}: {entry_name(a)} and {entry_name(bb)} were scored on other documents")
+                m, se = paired(sb["correct"], sa["correct"])
+                per_task.append((m, se))
+                records.append(diff_record(t, bb, a, m, se, len(sa["ids"])))
+            m, se = average(per_task)
+            records.append(diff_record(f"avg{len(tasks)}", bb, a, m, se, None))
+    return records
+
+
+def diff_record(task, a, b, mean, se, n) -> dict:
+    return {"task": task, "method": a[1], "setting": a[2], "row": "paired_diff", "metric": "acc",
+            "vs": {"method": b[1], "setting": b[2], "row": b[0]}, "label": f"{entry_name(a)} - {entry_name(b)}",
+            "value": mean, "stderr": se, "n": n, "z": mean / se if se else None}
+
+
+SHORT = {"openbookqa": "OBQA", "piqa": "PIQA", "arc_easy": "ARC-E", "arc_challenge": "ARC-C",
+         "hellaswag": "HellaSwag", "sciq": "SciQ"}
+
+
+def markdown(records: list[dict]) -> str:
+    """The README's table: one row per pair, the paired difference in points (± paired s.e.) per
+    task and on the average."""
+    diffs = [r for r in records if r["row"] == "paired_diff"]
+    tasks = list(dict.fromkeys(r["task"] for r in diffs))
+    head = ["difference (points)"] + [SHORT.get(t, t) for t in tasks]
+    rows, seen = [], {}
+    for r in diffs:
+        seen.setdefault(r["label"], {})[r["task"]] = r
+    for label, per in seen.items():
+        rows.append([label] + [f"{100 * per[t]['value']:+.2f} ± {100 * per[t]['stderr']:.2f}" for t in tasks])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def summary(records: list[dict]) -> str:
+    lines = []
+    for r in records:
+        if r["row"] == "paired_diff" and r["task"].startswith("avg"):
+            lines.append(f"{r['label']}: {100 * r['value']:+.2f} ± {100 * r['stderr']:.2f} points "
+                         f"(paired, {r['task']})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/paired.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--methods", default="kd,uniform,scaleot")
+    p.add_argument("--settings", help="JSON {method: [setting, ...]} replacing the methods' benchmark settings")
+    p.add_argument("--no-full-zs", action="store_true", help="leave the Full ZS entry out")
+    p.add_argument("--results", default=str(RESULTS_DIR / "paper-smollm2.json"),
+                   help="the paper benchmark's results file (its budget is used; accuracies are checked)")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE))
+    p.add_argument("--out", default=str(RESULTS_DIR / "paired-smollm2.json"))
+    p.add_argument("--threads", type=int)
+    p.add_argument("--tune", action="store_true",
+                   help="tune a missing adapter with the results file's budget (the same run as bench/paper.py's; "
+                        "the accuracy check then tells whether it reproduced the table)")
+    p.add_argument("--batch-size-eval", type=int, default=32)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--score-only", action="store_true", help="score and cache, write no results file")
+    g.add_argument("--combine-only", action="store_true", help="only combine cached scores")
+    g.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    args = p.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())["records"]), end="")
+        return 0
+    try:
+        import dataclasses
+
+        from offsite.emulator import all_methods
+        from offsite.results import meta, write_results
+
+        table = json.loads(Path(args.results).read_text())
+        budget = Budget(**table["meta"]["budget"])
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        b = _Bench(args.model, budget, None, args.cache, Hooks(), args.batch_size_eval, True, print)
+        override = json.loads(args.settings) if args.settings else {}
+        registry = all_methods()
+        entries = [] if args.no_full_zs else [FULL]
+        for name in [m for m in args.methods.split(",") if m]:
+            if name not in registry:
+                raise OffsiteError(f"unknown method {name!r}; known: {', '.join(registry)}")
+            m = registry[name]
+            raw = override.get(name)
+            settings = ([normalise_setting(m, s) for s in (raw if isinstance(raw, list) else [raw])] if raw
+                        else method_settings(m, lambda: b.base()[0].config))
+            entries += [("plugin", name, s) for s in settings]
+        tasks = [t for t in args.tasks.split(",") if t]
+        bad = [t for t in tasks if t not in TASKS]
+        if bad:
+            raise OffsiteError(f"only multiple-choice tasks are compared, not {', '.join(bad)}")
+        if not args.combine_only:
+            for t in tasks:
+                for e in entries:
+                    score_entry(b, e, t, tune=args.tune)
+        if args.score_only:
+            return 0
+        records = combine(b, entries, tasks, table["records"])
+        command = "python bench/paired.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        records = [{"model": b.display, **r} for r in records]
+        write_results(Path(args.out), {**meta(command.strip()), "budget": dataclasses.asdict(budget),
+                                       "results_file": str(Path(args.results))}, records)
+        print(summary(records))
+        print(f"wrote {args.out}")
+    except OffsiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
