@@ -8,7 +8,7 @@ distillation; for GradOT the statistics pass and the compression. ScaleOT's stag
 and serves every (alpha, beta), so the table also gives the cost of a sweep of ``--sweep`` sizes:
 one stage 1 plus a stage 2 per size, against one ``kd`` run per size.
 
-    python bench/emulator_cost.py [--methods kd,scaleot,gradot] [--sweep 4]
+    python bench/emulator_cost.py [--methods kd,scaleot,gradot] [--sweep 4] [--settings JSON]
 
 writes bench/results/emulator-cost.json (DESIGN.md §7 records, row ``build``). The bundles it
 builds are stored in the paper benchmark's cache (``runs/paper-cache``) when that cell is missing
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
             extra["median_step_tokens_per_s"] = median_rate(art.meta["cost"].get("tokens_per_s", []),
                                                             max(int(cfg.rl_every), 1))
             extra["stage1_rl_seconds"] = art.meta["cost"].get("rl_seconds")
+            extra["train_tokens"] = art.meta["cost"].get("train_tokens")
             source = art.path
             if not final.exists():  # hand the fresh artifact to later runs (bench/paper.py, offsite run)
                 source = (Path(tmp) / "stage1").rename(final)
@@ -80,6 +82,8 @@ def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
         history = (emu.report or {}).get(method, {}).get("history") or []
         if history:
             extra["median_step_tokens_per_s"] = median_rate([h.get("tokens_per_s") for h in history])
+        if (emu.report or {}).get(method, {}).get("tokens_seen") is not None:
+            extra["train_tokens"] = emu.report[method]["tokens_seen"]
     seconds = time.perf_counter() - t0
     cell = Path(cache) / display / "emulators" / method / setting_dir(setting)
     if not (cell / "manifest.json").exists():
@@ -97,6 +101,9 @@ def main() -> None:
     ap.add_argument("--sweep", type=int, default=4, help="sizes in the sweep-cost comparison (default 4)")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "paper-cache"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "emulator-cost.json"))
+    ap.add_argument("--settings", default="{}",
+                    help='JSON {method: {option: value}} over a method\'s benchmark setting, e.g. '
+                         '\'{"scaleot": {"stage1_steps": 50, "rl_every": 1}}\'')
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_setting", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -104,7 +111,7 @@ def main() -> None:
         print(json.dumps(child(args._child, args.model, json.loads(args._setting), args.cache)))
         return
 
-    from paper import method_settings
+    from paper import method_settings, normalise_setting
 
     from offsite.emulator import get_method
     from transformers import AutoConfig
@@ -112,12 +119,16 @@ def main() -> None:
     from offsite.models.load import model_display_name, resolve_model_path
     from offsite.results import meta, write_results
 
-    command = "python bench/emulator_cost.py " + " ".join(sys.argv[1:])
+    command = "python bench/emulator_cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    overrides = json.loads(args.settings)
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise SystemExit("error: --settings must be a JSON object {method: {option: value}}")
     display = model_display_name(args.model)
     records, res = [], {}
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         method = get_method(name)
         setting = method_settings(method, lambda: AutoConfig.from_pretrained(resolve_model_path(args.model)))[0]
+        setting = normalise_setting(method, {**setting, **overrides.get(name, {})})
         print(f"[cost] {name} {setting}", flush=True)
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--cache", args.cache,
                               "--_child", name, "--_setting", json.dumps(setting)],
@@ -134,9 +145,10 @@ def main() -> None:
                     {**base, "metric": "build_over_kd", "value": s["seconds"] / k["seconds"]},
                     {**base, "metric": f"sweep{args.sweep}_over_kd", "value": sweep / (args.sweep * k["seconds"])}]
         if s.get("median_step_tokens_per_s") and k.get("median_step_tokens_per_s"):
-            # the same steps x tokens per step by default: the cost ratio at the median step rate
+            # the cost ratio at the median step rates: training tokens / rate for each
+            tok = (s.get("train_tokens") or 1) / (k.get("train_tokens") or 1)
             records.append({**base, "metric": "stage1_over_kd_at_median_step_rate",
-                            "value": k["median_step_tokens_per_s"] / s["median_step_tokens_per_s"]})
+                            "value": tok * k["median_step_tokens_per_s"] / s["median_step_tokens_per_s"]})
         print(f"[cost] ScaleOT stage 1 / kd = {s['stage1_seconds'] / k['seconds']:.2f}; a sweep of {args.sweep} "
               f"sizes costs {sweep / (args.sweep * k['seconds']):.2f}x of {args.sweep} kd runs", flush=True)
     write_results(args.out, meta(command), records)
