@@ -484,7 +484,8 @@ def plot_bars(b: dict, path: Path) -> Path:
 def _point_label(p: dict) -> str:
     """A point's annotation: its options, compact (the method is in the legend, the split in the title)."""
     opts = {k: v for k, v in (p.get("setting") or {}).items() if k != "adapter_layers"}
-    short = {"lambda_attn": "λa", "lambda_mlp": "λm", "alpha": "α", "beta": "β"}
+    short = {"lambda_attn": "λa", "lambda_mlp": "λm", "alpha": "α", "beta": "β", "stage1_steps": "s1",
+             "rl_every": "K"}
     parts = [f"{short.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
              for k, v in sorted(opts.items())]
     return ", ".join(parts) or (p.get("method") or "")

@@ -56,7 +56,7 @@ class ScaleOTOptions:
         "help": "report the emulator's perplexity on this many held-out text documents (0: skip; slow on CPU)"})
     stage1_out: str | None = field(default=None, metadata={
         "help": "where to save the stage-1 artifact when --from is not given (default: the offsite cache)"})
-    stage1_steps: int = field(default=100, metadata={"help": "stage-1 optimizer steps (default 100)"})
+    stage1_steps: int = field(default=50, metadata={"help": "stage-1 optimizer steps (default 50)"})
     stage1_lr: float = field(default=1e-3, metadata={"help": "harmonizer learning rate (default 1e-3)"})
     stage1_batch_size: int = field(default=8, metadata={"help": "stage-1 sequences per step"})
     stage1_block_size: int = field(default=256, metadata={"help": "stage-1 tokens per sequence"})
@@ -67,8 +67,8 @@ class ScaleOTOptions:
     align_weight: float = field(default=30.0, metadata={
         "help": "weight of the alignment NMSE between mixed and original middle outputs (default 30)"})
     stage1_lm_weight: float = field(default=1.0, metadata={"help": "weight of the stage-1 LM loss"})
-    rl_every: int = field(default=2, metadata={
-        "help": "optimizer steps between RL score updates (default 2; IST: 10, for thousands of steps)"})
+    rl_every: int = field(default=1, metadata={
+        "help": "optimizer steps between RL score updates (default 1; IST: 10, for thousands of steps)"})
     rl_candidates: int = field(default=4, metadata={"help": "candidate replacement sets per RL update (default 4; IST: 3)"})
     rl_lr: float = field(default=10.0, metadata={"help": "RL score learning rate (IST: 10)"})
     rl_reward: str = field(default="ist", metadata={
