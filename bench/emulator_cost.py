@@ -43,7 +43,7 @@ def median_rate(rates: list, cycle: int = 1) -> float:
 
 def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
     from efficiency import peak_rss_mb
-    from paper import setting_dir
+    from paper import resolved_options, setting_dir
 
     from offsite.bundle import save_emulator
     from offsite.emulator import build_emulator, get_method
@@ -88,7 +88,8 @@ def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
     cell = Path(cache) / display / "emulators" / method / setting_dir(setting)
     if not (cell / "manifest.json").exists():
         save_emulator(emu, cell, overwrite=True)
-        (cell.parent / (cell.name + ".build.json")).write_text(json.dumps({"seconds": round(seconds, 2)}))
+        (cell.parent / (cell.name + ".build.json")).write_text(json.dumps({"seconds": round(seconds, 2),
+                                                                          "options": resolved_options(method, opts)}))
     middle = emu.middle_params()
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded,
             "middle_params": middle, **extra}

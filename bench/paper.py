@@ -284,24 +284,46 @@ class _Bench:
         from offsite.bundle import save_emulator
 
         path = self.emulator_dir(method, setting)
+        opts = {k: v for k, v in setting.items() if k != "adapter_layers"}
+        resolved = resolved_options(method, opts)
         if (path / "manifest.json").exists():
+            built = self.build_info(path).get("options")
+            if built is not None and built != resolved:
+                changed = sorted(k for k in set(built) | set(resolved) if built.get(k) != resolved.get(k))
+                raise OffsiteError(f"the cached {method} emulator {path} was built with other options "
+                                   f"({', '.join(f'{k}: {built.get(k)!r} then, {resolved.get(k)!r} now' for k in changed)}"
+                                   "; a default changed?): remove it and its adapters, or pass another --cache")
             return path
         model, tokenizer = self.base()
-        opts = {k: v for k, v in setting.items() if k != "adapter_layers"}
         self.log(f"[paper] building the {method} emulator {setting}")
         t0 = time.perf_counter()
         emu = build_emulator(method, model, tokenizer, self.display, setting["adapter_layers"], **opts)
         seconds = time.perf_counter() - t0
         save_emulator(emu, path, overwrite=True)
-        (path.parent / (path.name + ".build.json")).write_text(json.dumps({"seconds": round(seconds, 2)}))
+        (path.parent / (path.name + ".build.json")).write_text(json.dumps({"seconds": round(seconds, 2),
+                                                                          "options": resolved}))
         self.log(f"[paper] built in {seconds:.1f}s -> {path}")
         return path
 
-    def build_seconds(self, path: Path):
+    def build_info(self, path: Path) -> dict:
         try:
-            return json.loads((path.parent / (path.name + ".build.json")).read_text())["seconds"]
-        except (OSError, ValueError, KeyError):
-            return None
+            info = json.loads((path.parent / (path.name + ".build.json")).read_text())
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def build_seconds(self, path: Path):
+        return self.build_info(path).get("seconds")
+
+
+def resolved_options(method: str, opts: dict) -> dict:
+    """Every option of ``method`` as ``opts`` resolve it today (defaults included), JSON-shaped: the
+    cache is keyed by the setting as written, so a changed default must not reuse an old build."""
+    from dataclasses import asdict
+
+    from offsite.emulator import get_method
+
+    return json.loads(json.dumps(asdict(get_method(method).options(**opts)), default=str))
 
 
 def emulator_with_adapter(emu, bundle):

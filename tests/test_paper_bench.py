@@ -248,3 +248,21 @@ def test_cli_plan_and_readme_table(tmp_path, capsys):
     assert "Produced by `python bench/paper.py --model tiny" in out
     assert paper.main(args + ["--methods", "nope"], hooks=hooks) == 2
     assert "unknown method(s) nope" in capsys.readouterr().err
+
+
+def test_a_cached_emulator_built_with_other_options_is_refused(tmp_path):
+    # the cache is keyed by the setting as written; a default that changed since must not be reused
+    run(tmp_path, Counting(), full_ft=False)
+    side = next((tmp_path / "cache" / "tiny" / "emulators" / "uniform").glob("*.build.json"))
+    info = json.loads(side.read_text())
+    assert info["options"]["keep"] == 2 and info["seconds"] >= 0
+    (tmp_path / "res.json").unlink()
+    info["options"]["keep"] = 3  # as if the option had resolved otherwise when it was built
+    side.write_text(json.dumps(info))
+    out = run(tmp_path, Counting(), full_ft=False)  # a failing cell is reported, the others go on
+    assert out["failures"] and all("built with other options (keep: 3 then, 2 now" in f
+                                             for f in out["failures"])
+    assert {r["method"] for r in out["records"]} == {None}
+    del info["options"]  # a cache from before options were recorded is still used
+    side.write_text(json.dumps(info))
+    assert run(tmp_path, Counting(), full_ft=False)["failures"] == []
