@@ -43,7 +43,7 @@ def median_rate(rates: list, cycle: int = 1) -> float:
 
 def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
     from efficiency import peak_rss_mb
-    from paper import resolved_options, setting_dir
+    from paper import resolved_options, setting_dir, write_build_info
 
     from offsite.bundle import save_emulator
     from offsite.emulator import build_emulator, get_method
@@ -88,8 +88,7 @@ def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
     cell = Path(cache) / display / "emulators" / method / setting_dir(setting)
     if not (cell / "manifest.json").exists():
         save_emulator(emu, cell, overwrite=True)
-        (cell.parent / (cell.name + ".build.json")).write_text(json.dumps({"seconds": round(seconds, 2),
-                                                                          "options": resolved_options(method, opts)}))
+        write_build_info(cell, seconds, resolved_options(method, opts))
     middle = emu.middle_params()
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded,
             "middle_params": middle, **extra}
@@ -121,7 +120,10 @@ def main() -> None:
     from offsite.results import meta, write_results
 
     command = "python bench/emulator_cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    overrides = json.loads(args.settings)
+    try:
+        overrides = json.loads(args.settings)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: --settings is not valid JSON ({exc})") from None
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
         raise SystemExit("error: --settings must be a JSON object {method: {option: value}}")
     display = model_display_name(args.model)

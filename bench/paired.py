@@ -5,14 +5,15 @@ documents. All rows are scored on the same documents, so the error of a *differe
 rows is much smaller than the two errors combined: per document, ``d = correct_A - correct_B``, and
 the paired standard error is ``sd(d) / sqrt(n)``. This script re-scores, document by document, the
 Full ZS row and the Plug-in row of each (method, setting) from the paper benchmark's cache (the
-tuned adapters under ``runs/paper-cache``; nothing is trained here), checks that every accuracy
+tuned adapters under ``runs/paper-cache``; with ``--tune`` a missing one is tuned again exactly as
+``bench/paper.py`` tunes it), checks that every accuracy
 equals the results file's, and writes every pairwise difference per task and over the tasks'
 average (the mean of the per-task differences; its error combines the per-task paired errors). Each
 pair is written later entry minus earlier one, in the order Full ZS, then the methods as given.
 
     python bench/paired.py [--tasks openbookqa,...] [--methods kd,uniform,scaleot] [--settings JSON]
                            [--results bench/results/paper-smollm2.json] [--out bench/results/paired-smollm2.json]
-                           [--score-only | --combine-only]
+                           [--tune] [--score-only | --combine-only | --table]
 
 Per-document predictions are cached (``<cache>/<model>/details/<budget>/...``), so two processes
 can score different methods side by side (``--score-only``) and a last call combines them
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from paper import DEFAULT_CACHE, RESULTS_DIR, Budget, _Bench, Hooks, method_settings, normalise_setting  # noqa: E402
+from paper import DEFAULT_CACHE, RESULTS_DIR, Budget, _Bench, Hooks, cell_key, chosen_settings, record_cell  # noqa: E402
 
 from offsite.errors import OffsiteError  # noqa: E402
 from offsite.report import setting_key  # noqa: E402
@@ -120,11 +122,11 @@ def score_entry(b: _Bench, entry, task: str, tune: bool = False, docs=None, log=
 
 
 def table_value(records: list[dict], entry, task: str) -> float | None:
+    """The results file's accuracy of ``entry`` on ``task`` (None when it has no such cell)."""
     row, method, setting = entry
+    want = cell_key(None, task, method, setting, row)[1:]
     for r in records:
-        if r["task"] == task and r["metric"] == "acc" and r["method"] == method and \
-                r["row"] == ("full_zs" if method is None else "plugin") and \
-                (method is None or setting_key(r["setting"]) == setting_key(setting)):
+        if r["metric"] == "acc" and record_cell(r)[1:] == want:
             return r["value"]
     return None
 
@@ -219,10 +221,14 @@ def main(argv=None) -> int:
     g.add_argument("--combine-only", action="store_true", help="only combine cached scores")
     g.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = p.parse_args(argv)
-    if args.table:
-        print(markdown(json.loads(Path(args.out).read_text())["records"]), end="")
-        return 0
     try:
+        if args.table:
+            try:
+                records = json.loads(Path(args.out).read_text())["records"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise OffsiteError(f"{args.out} is not a paired-differences results file ({exc})") from None
+            print(markdown(records), end="")
+            return 0
         import dataclasses
 
         from offsite.emulator import all_methods
@@ -235,16 +241,18 @@ def main(argv=None) -> int:
 
             torch.set_num_threads(args.threads)
         b = _Bench(args.model, budget, None, args.cache, Hooks(), args.batch_size_eval, True, print)
-        override = json.loads(args.settings) if args.settings else {}
+        try:
+            override = json.loads(args.settings) if args.settings else {}
+        except json.JSONDecodeError as exc:
+            raise OffsiteError(f"--settings is not valid JSON ({exc})") from None
+        if not isinstance(override, dict):
+            raise OffsiteError("--settings must be a JSON object {method: [setting, ...]}")
         registry = all_methods()
         entries = [] if args.no_full_zs else [FULL]
         for name in [m for m in args.methods.split(",") if m]:
             if name not in registry:
                 raise OffsiteError(f"unknown method {name!r}; known: {', '.join(registry)}")
-            m = registry[name]
-            raw = override.get(name)
-            settings = ([normalise_setting(m, s) for s in (raw if isinstance(raw, list) else [raw])] if raw
-                        else method_settings(m, lambda: b.base()[0].config))
+            settings = chosen_settings(registry[name], override.get(name), lambda: b.base()[0].config)
             entries += [("plugin", name, s) for s in settings]
         tasks = [t for t in args.tasks.split(",") if t]
         bad = [t for t in tasks if t not in TASKS]
@@ -257,7 +265,7 @@ def main(argv=None) -> int:
         if args.score_only:
             return 0
         records = combine(b, entries, tasks, table["records"])
-        command = "python bench/paired.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python bench/paired.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         records = [{"model": b.display, **r} for r in records]
         write_results(Path(args.out), {**meta(command.strip()), "budget": dataclasses.asdict(budget),
                                        "results_file": str(Path(args.results))}, records)

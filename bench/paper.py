@@ -162,6 +162,13 @@ def method_settings(method, config_fn: Callable[[], object]) -> list[dict]:
     return [normalise_setting(method, s, parse_adapter_layers) for s in declared]
 
 
+def chosen_settings(method, override, config_fn: Callable[[], object]) -> list[dict]:
+    """``--settings``' entry for ``method`` (one setting or a list), else its benchmark settings."""
+    if override:
+        return [normalise_setting(method, s) for s in (override if isinstance(override, list) else [override])]
+    return method_settings(method, config_fn)
+
+
 def normalise_setting(method, setting: dict, parse_adapter_layers=None) -> dict:
     if parse_adapter_layers is None:
         from offsite.emulator import parse_adapter_layers
@@ -300,20 +307,28 @@ class _Bench:
         emu = build_emulator(method, model, tokenizer, self.display, setting["adapter_layers"], **opts)
         seconds = time.perf_counter() - t0
         save_emulator(emu, path, overwrite=True)
-        (path.parent / (path.name + ".build.json")).write_text(json.dumps({"seconds": round(seconds, 2),
-                                                                          "options": resolved}))
+        write_build_info(path, seconds, resolved)
         self.log(f"[paper] built in {seconds:.1f}s -> {path}")
         return path
 
     def build_info(self, path: Path) -> dict:
         try:
-            info = json.loads((path.parent / (path.name + ".build.json")).read_text())
+            info = json.loads(_build_info_file(path).read_text())
         except (OSError, ValueError):
             return {}
         return info if isinstance(info, dict) else {}
 
     def build_seconds(self, path: Path):
         return self.build_info(path).get("seconds")
+
+
+def _build_info_file(path: Path) -> Path:
+    return path.parent / (path.name + ".build.json")
+
+
+def write_build_info(path: Path, seconds: float, options: dict) -> None:
+    """The sidecar of a cached emulator: its build time and the options it was built with."""
+    _build_info_file(path).write_text(json.dumps({"seconds": round(seconds, 2), "options": options}))
 
 
 def resolved_options(method: str, opts: dict) -> dict:
@@ -382,17 +397,13 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
     plan = []  # (method, setting)
     failures: list[str] = []  # a method that fails (OffsiteError) is skipped; the others go on
     for name in names:
-        m = registry[name]
-        if settings_override and name in settings_override:
-            raw = settings_override[name]
-            settings = [normalise_setting(m, s) for s in (raw if isinstance(raw, list) else [raw])]
-        else:
-            try:
-                settings = method_settings(m, lambda: b.base()[0].config)
-            except OffsiteError as exc:
-                failures.append(f"{name}: its benchmark settings: {exc}")
-                log(f"[paper] skipping {failures[-1]}")
-                continue
+        try:
+            settings = chosen_settings(registry[name], (settings_override or {}).get(name),
+                                       lambda: b.base()[0].config)
+        except OffsiteError as exc:
+            failures.append(f"{name}: its benchmark settings: {exc}")
+            log(f"[paper] skipping {failures[-1]}")
+            continue
         plan += [(name, s) for s in settings]
 
     # the results file: earlier cells are kept, the budget must match
