@@ -3,21 +3,23 @@
 The paper benchmark's table gives each cell its own standard error, as if every cell had its own
 documents. All rows are scored on the same documents, so the error of a *difference* between two
 rows is much smaller than the two errors combined: per document, ``d = correct_A - correct_B``, and
-the paired standard error is ``sd(d) / sqrt(n)``. This script re-scores, document by document, the
-Full ZS row and the Plug-in row of each (method, setting) from the paper benchmark's cache (the
-tuned adapters under ``runs/paper-cache``; with ``--tune`` a missing one is tuned again exactly as
-``bench/paper.py`` tunes it), checks that every accuracy
-equals the results file's, and writes every pairwise difference per task and over the tasks'
-average (the mean of the per-task differences; its error combines the per-task paired errors). Each
-pair is written later entry minus earlier one, in the order Full ZS, then the methods as given.
+the paired standard error is ``sd(d) / sqrt(n)``. This script takes, document by document, the
+Full ZS row and the Plug-in row of each (method, setting): the predictions ``bench/paper.py`` kept
+when it scored them (``<cache>/<model>/details/<budget>/...``), or, for cells scored before the
+benchmark kept them, a re-scoring from its cache (the tuned adapters under ``runs/paper-cache``;
+with ``--tune`` a missing one is tuned again exactly as ``bench/paper.py`` tunes it). It checks
+that every accuracy equals the results file's, and writes every pairwise difference per task and
+over the tasks' average (the mean of the per-task differences; its error combines the per-task
+paired errors). Each pair is written later entry minus earlier one, in the order Full ZS, then the
+methods as given.
 
     python bench/paired.py [--tasks openbookqa,...] [--methods kd,uniform,scaleot] [--settings JSON]
                            [--results bench/results/paper-smollm2.json] [--out bench/results/paired-smollm2.json]
                            [--tune] [--score-only | --combine-only | --table]
 
-Per-document predictions are cached (``<cache>/<model>/details/<budget>/...``), so two processes
-can score different methods side by side (``--score-only``) and a last call combines them
-(``--combine-only``). Only multiple-choice tasks (accuracy ``acc``) are compared.
+Re-scored predictions are cached in the same place, so two processes can score different methods
+side by side (``--score-only``) and a last call combines them (``--combine-only``). Only
+multiple-choice tasks (accuracy ``acc``) are compared.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from paper import DEFAULT_CACHE, RESULTS_DIR, Budget, _Bench, Hooks, cell_key, chosen_settings, record_cell  # noqa: E402
+from paper import (DEFAULT_CACHE, RESULTS_DIR, Budget, _Bench, Hooks, cell_key, chosen_settings,  # noqa: E402
+                   entry_details, entry_name, record_cell)
 
 from offsite.errors import OffsiteError  # noqa: E402
 from offsite.report import setting_key  # noqa: E402
@@ -60,21 +63,6 @@ def average(per_task: list[tuple[float, float]]) -> tuple[float, float]:
     return sum(m for m, _ in per_task) / k, math.sqrt(sum(s * s for _, s in per_task)) / k
 
 
-def entry_name(entry) -> str:
-    from offsite.report import setting_label
-
-    row, method, setting = entry
-    return "Full ZS" if method is None else f"{method} ({setting_label(setting)}) Plug-in"
-
-
-def details_path(b: _Bench, entry, task: str) -> Path:
-    from paper import setting_dir
-
-    row, method, setting = entry
-    sub = Path("full_zs") if method is None else Path(method) / setting_dir(setting)
-    return b.cache / "details" / b.budget.digest() / sub / f"{task}.json"
-
-
 def score_entry(b: _Bench, entry, task: str, tune: bool = False, docs=None, log=print) -> dict:
     """Per-document correctness of ``entry`` on ``task`` (cached); ``docs`` default to the task's
     evaluation documents up to the budget's limit, as in ``bench/paper.py``."""
@@ -85,7 +73,7 @@ def score_entry(b: _Bench, entry, task: str, tune: bool = False, docs=None, log=
     from offsite.eval.mc import score_mc
     from offsite.plug import plug
 
-    path = details_path(b, entry, task)
+    path = b.details_path(entry, task)
     if path.is_file():
         return json.loads(path.read_text())
     row, method, setting = entry
@@ -112,10 +100,7 @@ def score_entry(b: _Bench, entry, task: str, tune: bool = False, docs=None, log=
         docs = load_task(task, "eval")[:b.budget.eval_limit]
     t0 = time.perf_counter()
     res = score_mc(scored, tok, docs, batch_size=b.batch_size, progress=b.progress, return_details=True)
-    out = {"task": task, "entry": entry_name(entry), "acc": res["acc"], "n": res["n"],
-           "ids": [d["id"] for d in res["details"]],
-           "correct": [int(d["pred"] == d["gold"]) for d in res["details"]],
-           "seconds": round(time.perf_counter() - t0, 1)}
+    out = entry_details(task, entry, res["acc"], res["details"], time.perf_counter() - t0)
     write_json_atomic(path, out)
     log(f"[paired] {task} · {entry_name(entry)}: acc {out['acc']:.4f} ({out['seconds']}s)")
     return out
@@ -131,26 +116,29 @@ def table_value(records: list[dict], entry, task: str) -> float | None:
     return None
 
 
-def combine(b: _Bench, entries: list, tasks: list[str], table: list[dict], log=print) -> list[dict]:
-    """Records: each entry's accuracy per task, and every pairwise paired difference."""
-    scores = {}
-    for e in entries:
-        for t in tasks:
-            p = details_path(b, e, t)
-            if not p.is_file():
-                raise OffsiteError(f"{entry_name(e)} on {t} is not scored yet (run without --combine-only)")
-            scores[(entry_name(e), t)] = json.loads(p.read_text())
-    records = []
+def load_scores(b: _Bench, entries: list, tasks: list[str], table: list[dict]) -> tuple[dict, list[dict]]:
+    """Each entry's kept predictions per task, checked against the results file, and its accuracy
+    records."""
+    scores, records = {}, []
     for e in entries:
         row, method, setting = e
         for t in tasks:
-            s = scores[(entry_name(e), t)]
+            p = b.details_path(e, t)
+            if not p.is_file():
+                raise OffsiteError(f"{entry_name(e)} on {t} is not scored yet (run without --combine-only)")
+            s = scores[(entry_name(e), t)] = json.loads(p.read_text())
             ref = table_value(table, e, t)
             if ref is not None and abs(ref - s["acc"]) > 1e-9:
                 raise OffsiteError(f"{entry_name(e)} on {t}: re-scored accuracy {s['acc']:.4f} differs from the "
                                    f"results file's {ref:.4f}; the cache does not hold that run's adapter")
             records.append({"task": t, "method": method, "setting": setting, "row": row, "metric": "acc",
                             "value": s["acc"], "n": s["n"], "matches_results_file": ref is not None})
+    return scores, records
+
+
+def differences(scores: dict, entries: list, tasks: list[str], extra: dict | None = None) -> list[dict]:
+    """Every pairwise paired difference, per task and on the tasks' average."""
+    records = []
     for i, a in enumerate(entries):
         for bb in entries[i + 1:]:
             per_task = []
@@ -160,16 +148,48 @@ def combine(b: _Bench, entries: list, tasks: list[str], table: list[dict], log=p
                     raise OffsiteError(f"{t}: {entry_name(a)} and {entry_name(bb)} were scored on other documents")
                 m, se = paired(sb["correct"], sa["correct"])
                 per_task.append((m, se))
-                records.append(diff_record(t, bb, a, m, se, len(sa["ids"])))
+                records.append(diff_record(t, bb, a, m, se, len(sa["ids"]), extra))
             m, se = average(per_task)
-            records.append(diff_record(f"avg{len(tasks)}", bb, a, m, se, None))
+            records.append(diff_record(f"avg{len(tasks)}", bb, a, m, se, None, extra))
     return records
 
 
-def diff_record(task, a, b, mean, se, n) -> dict:
+def combine(b: _Bench, entries: list, tasks: list[str], table: list[dict], log=print) -> list[dict]:
+    """Records: each entry's accuracy per task, and every pairwise paired difference."""
+    scores, records = load_scores(b, entries, tasks, table)
+    return records + differences(scores, entries, tasks)
+
+
+def combine_seeds(runs: list[tuple[_Bench, list[dict]]], entries: list, tasks: list[str]) -> list[dict]:
+    """The same comparison over several benchmark runs that differ only in the training seed: each
+    run's differences (records carry ``seed``), then the pooled ones, where each document's
+    correctness is averaged over the seeds before pairing (``seed``: the list). The pooled error is
+    still over documents: with a few seeds it does not measure the seed-to-seed spread, which the
+    per-seed rows show."""
+    records, per_seed = [], []
+    for b, table in runs:
+        scores, accs = load_scores(b, entries, tasks, table)
+        extra = {"seed": b.budget.seed}
+        records += [{**r, **extra} for r in accs] + differences(scores, entries, tasks, extra)
+        per_seed.append(scores)
+    pooled = {}
+    for key in per_seed[0]:
+        runs_of = [sc[key] for sc in per_seed]
+        if any(r["ids"] != runs_of[0]["ids"] for r in runs_of):
+            raise OffsiteError(f"{key[0]} on {key[1]}: the seeds' runs were scored on other documents")
+        correct = [sum(c) / len(c) for c in zip(*(r["correct"] for r in runs_of))]
+        pooled[key] = {"ids": runs_of[0]["ids"], "correct": correct}
+    return records + differences(pooled, entries, tasks, {"seed": [b.budget.seed for b, _ in runs]})
+
+
+def diff_record(task, a, b, mean, se, n, extra=None) -> dict:
+    label = f"{entry_name(a)} - {entry_name(b)}"
+    seed = (extra or {}).get("seed")
+    if seed is not None:
+        label += f", seeds {'+'.join(map(str, seed))} pooled" if isinstance(seed, list) else f", seed {seed}"
     return {"task": task, "method": a[1], "setting": a[2], "row": "paired_diff", "metric": "acc",
-            "vs": {"method": b[1], "setting": b[2], "row": b[0]}, "label": f"{entry_name(a)} - {entry_name(b)}",
-            "value": mean, "stderr": se, "n": n, "z": mean / se if se else None}
+            "vs": {"method": b[1], "setting": b[2], "row": b[0]}, "label": label,
+            "value": mean, "stderr": se, "n": n, "z": mean / se if se else None, **(extra or {})}
 
 
 SHORT = {"openbookqa": "OBQA", "piqa": "PIQA", "arc_easy": "ARC-E", "arc_challenge": "ARC-C",
@@ -188,7 +208,30 @@ def markdown(records: list[dict]) -> str:
     for label, per in seen.items():
         rows.append([label] + [f"{100 * per[t]['value']:+.2f} ± {100 * per[t]['stderr']:.2f}" for t in tasks])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows]) + "\n" + seed_table(records)
+
+
+def seed_table(records: list[dict]) -> str:
+    """With runs of several seeds: each entry's accuracy (%) per seed and their mean, per task and
+    on the average ('' otherwise)."""
+    accs = [r for r in records if r["row"] in ("full_zs", "plugin") and r.get("seed") is not None]
+    seeds = sorted({r["seed"] for r in accs})
+    if len(seeds) < 2:
+        return ""
+    tasks = list(dict.fromkeys(r["task"] for r in accs))
+    by = {}
+    for r in accs:
+        name = entry_name((r["row"], r["method"], r["setting"]))
+        by.setdefault(name, {})[(r["seed"], r["task"])] = 100 * r["value"]
+    head = ["accuracy (%)", "seed"] + [SHORT.get(t, t) for t in tasks] + [f"avg{len(tasks)}"]
+    out = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, v in by.items():
+        rows = [(str(s), [v[(s, t)] for t in tasks]) for s in seeds]
+        rows.append(("mean", [sum(v[(s, t)] for s in seeds) / len(seeds) for t in tasks]))
+        for i, (label, vals) in enumerate(rows):
+            cells = [f"{x:.1f}" for x in vals] + [f"{sum(vals) / len(vals):.2f}"]
+            out.append("| " + " | ".join([name if i == 0 else "", label] + cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def summary(records: list[dict]) -> str:
@@ -207,8 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="kd,uniform,scaleot")
     p.add_argument("--settings", help="JSON {method: [setting, ...]} replacing the methods' benchmark settings")
     p.add_argument("--no-full-zs", action="store_true", help="leave the Full ZS entry out")
-    p.add_argument("--results", default=str(RESULTS_DIR / "paper-smollm2.json"),
-                   help="the paper benchmark's results file (its budget is used; accuracies are checked)")
+    p.add_argument("--results", nargs="+", default=[str(RESULTS_DIR / "paper-smollm2.json")],
+                   help="the paper benchmark's results file (its budget is used; accuracies are checked); "
+                        "several: runs whose budgets differ only in the seed, compared per seed and pooled")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--out", default=str(RESULTS_DIR / "paired-smollm2.json"))
     p.add_argument("--threads", type=int)
@@ -234,13 +278,24 @@ def main(argv=None) -> int:
         from offsite.emulator import all_methods
         from offsite.results import meta, write_results
 
-        table = json.loads(Path(args.results).read_text())
-        budget = Budget(**table["meta"]["budget"])
+        tables = []
+        for path in args.results:
+            try:
+                tables.append(json.loads(Path(path).read_text()))
+                Budget(**tables[-1]["meta"]["budget"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise OffsiteError(f"{path} is not a paper benchmark results file ({exc})") from None
+        budgets = [Budget(**t["meta"]["budget"]) for t in tables]
+        unseeded = {json.dumps({**dataclasses.asdict(x), "seed": None}, sort_keys=True) for x in budgets}
+        if len(unseeded) > 1 or len({x.seed for x in budgets}) < len(budgets):
+            raise OffsiteError("several --results files must be runs of one budget with different seeds")
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        b = _Bench(args.model, budget, None, args.cache, Hooks(), args.batch_size_eval, True, print)
+        benches = [_Bench(args.model, x, None, args.cache, Hooks(), args.batch_size_eval, True, print)
+                   for x in budgets]
+        b = benches[0]
         try:
             override = json.loads(args.settings) if args.settings else {}
         except json.JSONDecodeError as exc:
@@ -259,16 +314,23 @@ def main(argv=None) -> int:
         if bad:
             raise OffsiteError(f"only multiple-choice tasks are compared, not {', '.join(bad)}")
         if not args.combine_only:
-            for t in tasks:
-                for e in entries:
-                    score_entry(b, e, t, tune=args.tune)
+            for bench in benches:
+                for t in tasks:
+                    for e in entries:
+                        score_entry(bench, e, t, tune=args.tune)
         if args.score_only:
             return 0
-        records = combine(b, entries, tasks, table["records"])
+        if len(benches) == 1:
+            records = combine(b, entries, tasks, tables[0]["records"])
+        else:
+            records = combine_seeds([(x, t["records"]) for x, t in zip(benches, tables)], entries, tasks)
         command = "python bench/paired.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         records = [{"model": b.display, **r} for r in records]
-        write_results(Path(args.out), {**meta(command.strip()), "budget": dataclasses.asdict(budget),
-                                       "results_file": str(Path(args.results))}, records)
+        where = {"budget": dataclasses.asdict(b.budget), "results_file": str(Path(args.results[0]))}
+        if len(benches) > 1:
+            where = {"budget": {**dataclasses.asdict(b.budget), "seed": [x.seed for x in budgets]},
+                     "results_files": [str(Path(x)) for x in args.results]}
+        write_results(Path(args.out), {**meta(command.strip()), **where}, records)
         print(summary(records))
         print(f"wrote {args.out}")
     except OffsiteError as exc:

@@ -17,7 +17,9 @@ results file, written atomically after every cell, and skipped on the next run; 
 resumes where it stopped. Emulator bundles are cached under ``--cache`` (default
 ``runs/paper-cache/``, git-ignored) per method and setting, adapter bundles per budget, method,
 setting and task; adapter and Full FT training checkpoint into the cache and resume too. Delete the
-cache after changing a method's code: it is keyed by the setting, not by the code.
+cache after changing a method's code: it is keyed by the setting, not by the code. The Full ZS and
+Plug-in rows of multiple-choice tasks also keep their per-document predictions there
+(``details/``), which ``bench/paired.py`` compares without scoring again.
 
 **Budget** (DESIGN.md §2 "Budget on this CPU"), the same for every method, seed and documents:
 
@@ -136,14 +138,17 @@ def _train_data(task: str, budget: Budget):
 def _evaluate(model, tokenizer, task: str, limit: int | None, batch_size: int, progress: bool = True) -> dict:
     from offsite.eval import evaluate
 
-    return evaluate(model, tokenizer, task, limit=limit, batch_size=batch_size, progress=progress)
+    return evaluate(model, tokenizer, task, limit=limit, batch_size=batch_size, progress=progress,
+                    return_details=True)
 
 
 @dataclass
 class Hooks:
     load_model: Callable = _load_model  # name -> (model, tokenizer)
     train_data: Callable = _train_data  # (task, budget) -> TrainingData
-    evaluate: Callable = _evaluate  # (model, tokenizer, task, limit, batch_size, progress) -> metrics
+    # (model, tokenizer, task, limit, batch_size, progress) -> metrics; a multiple-choice task's may
+    # carry ``details`` (per-document predictions), kept for bench/paired.py (see ``entry_details``)
+    evaluate: Callable = _evaluate
     display_name: Callable = None  # name -> display name (default: offsite.models.load.model_display_name)
 
 
@@ -275,10 +280,31 @@ class _Bench:
 
         return TuneSettings(adapter=self.budget.adapter, train=self.budget.train_config(task, lr, self.progress))
 
-    def evaluate(self, model, tokenizer, task):
+    def evaluate(self, model, tokenizer, task, entry=None):
+        """The metrics of ``model`` on ``task`` and the seconds they took. With ``entry`` (a Full ZS or
+        Plug-in row, see ``details_path``) the per-document predictions, when the evaluation gives
+        them, are kept for bench/paired.py."""
+        from offsite.bundle import write_json_atomic
+
         t0 = time.perf_counter()
         metrics = self.hooks.evaluate(model, tokenizer, task, self.budget.eval_limit, self.batch_size, self.progress)
-        return metrics, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        details = metrics.pop("details", None)
+        if entry is not None and details is not None:
+            write_json_atomic(self.details_path(entry, task),
+                              entry_details(task, entry, metrics["acc"], details, seconds))
+        return metrics, seconds
+
+    def details_path(self, entry, task: str) -> Path:
+        """Where the per-document predictions of ``entry`` = (row, method, setting) on ``task`` live;
+        Full ZS is ``("full_zs", None, None)``. A Plug-in's depend on the whole budget; Full ZS
+        trains nothing, so its predictions depend only on the documents (shared by budgets that
+        differ in training, e.g. the seed)."""
+        row, method, setting = entry
+        if method is None:
+            limit = self.budget.eval_limit
+            return self.cache / "details" / f"full_zs-e{'all' if limit is None else limit}" / f"{task}.json"
+        return self.cache / "details" / self.budget.digest() / method / setting_dir(setting) / f"{task}.json"
 
     def emulator_dir(self, method: str, setting: dict) -> Path:
         return self.cache / "emulators" / method / setting_dir(setting)
@@ -339,6 +365,21 @@ def resolved_options(method: str, opts: dict) -> dict:
     from offsite.emulator import get_method
 
     return json.loads(json.dumps(asdict(get_method(method).options(**opts)), default=str))
+
+
+def entry_name(entry) -> str:
+    """'Full ZS' or '<method> (<setting>) Plug-in' for a (row, method, setting) entry."""
+    from offsite.report import setting_label
+
+    row, method, setting = entry
+    return "Full ZS" if method is None else f"{method} ({setting_label(setting)}) Plug-in"
+
+
+def entry_details(task: str, entry, acc: float, details: list[dict], seconds: float) -> dict:
+    """The cached per-document record bench/paired.py compares: document ids and 0/1 correctness."""
+    return {"task": task, "entry": entry_name(entry), "acc": acc, "n": len(details),
+            "ids": [d["id"] for d in details], "correct": [int(d["pred"] == d["gold"]) for d in details],
+            "seconds": round(seconds, 1)}
 
 
 def emulator_with_adapter(emu, bundle):
@@ -483,7 +524,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         if not is_done(task, method, setting, "plugin"):
             model, tok = b.base()
             plugged = plug(copy.deepcopy(model), bundle, load_emulator_manifest(emu_dir))
-            metrics, dt = b.evaluate(plugged, tok, task)
+            metrics, dt = b.evaluate(plugged, tok, task, entry=("plugin", method, setting))
             save("plugin", task, method, setting, metrics, dt, ft_extra)
             del plugged
 
@@ -491,7 +532,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         eval_extra = {"eval_limit": budget.eval_limit}
         if not is_done(task, None, None, "full_zs"):
             model, tok = b.base()
-            metrics, dt = b.evaluate(model, tok, task)
+            metrics, dt = b.evaluate(model, tok, task, entry=("full_zs", None, None))
             save("full_zs", task, None, None, metrics, dt, eval_extra)
 
         for method, setting in plan:

@@ -41,9 +41,10 @@ UNIFORM = {"uniform": [{"adapter_layers": [1, 1], "keep": 2}]}
 class Counting:
     """Hooks that count what the benchmark actually does."""
 
-    def __init__(self):
+    def __init__(self, details: bool = False):
         self.loads = self.trains = 0
         self.evals: list[str] = []
+        self.details = details  # return per-document predictions, as the real hook does
 
     def hooks(self):
         from offsite.eval import evaluate
@@ -60,7 +61,8 @@ class Counting:
 
         def ev(model, tok, task, limit, batch_size, progress):
             self.evals.append(task)
-            return evaluate(model, tok, task, docs=DOCS[task], limit=limit, batch_size=batch_size, progress=False)
+            return evaluate(model, tok, task, docs=DOCS[task], limit=limit, batch_size=batch_size, progress=False,
+                            return_details=self.details)
 
         return paper.Hooks(load_model=load, train_data=data, evaluate=ev, display_name=lambda n: n)
 

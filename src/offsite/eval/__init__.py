@@ -24,13 +24,15 @@ EVAL_TASKS = tuple(METRIC)
 
 
 def evaluate(model, tokenizer, task: str, docs: Sequence | None = None, limit: int | None = None,
-             batch_size: int = 32, progress: bool = True, max_length: int | None = None) -> dict:
+             batch_size: int = 32, progress: bool = True, max_length: int | None = None,
+             return_details: bool = False) -> dict:
     """Score ``model`` on ``task``; returns the metric dict (with ``n``) of the task's scorer.
 
     ``docs`` defaults to ``load_task(task, "eval")`` (for ``text``: ``public_text("heldout")``);
     ``limit`` keeps the first ``limit`` of them — a fixed fair sample, since task parts come in a
     hash order. For ``text`` ``max_length`` is the window (default 512) and ``batch_size`` counts
-    windows.
+    windows. ``return_details`` adds the per-document predictions of a multiple-choice task
+    (``score_mc``'s ``details``); other tasks ignore it.
     """
     if task not in METRIC:
         raise OffsiteError(f"unknown task {task!r}; known tasks: {', '.join(METRIC)}")
@@ -51,4 +53,4 @@ def evaluate(model, tokenizer, task: str, docs: Sequence | None = None, limit: i
         return score_webqs(model, tokenizer, docs, batch_size=batch_size, progress=progress,
                            max_length=max_length)
     return score_mc(model, tokenizer, docs, batch_size=batch_size, progress=progress,
-                    max_length=max_length)
+                    max_length=max_length, return_details=return_details)
