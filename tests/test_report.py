@@ -148,3 +148,22 @@ def test_bad_input(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_exclude_leaves_out_settings_with_an_option_value(tmp_path, capsys):
+    old = {"adapter_layers": [2, 2], "alpha": 0.5, "stage1_steps": 100}
+    new = {"adapter_layers": [2, 2], "alpha": 0.5}
+    recs = [rec(r, "arc_easy", v, s, method="scaleot", setting=st)
+            for st in (old, new) for (r, t), (v, s) in VALUES.items() if t == "arc_easy"]
+    recs.append(rec("full_zs", "arc_easy", 0.5, 0.02, method=None, setting=None))
+    path = results(tmp_path / "s.json", recs)
+    labels = lambda rep: [b["label"] for b in rep["blocks"]]  # noqa: E731
+    assert len(labels(build_report([(str(path), load_results(path))]))) == 2
+    rep = build_report([(str(path), load_results(path))], exclude=[("stage1_steps", 100)])
+    assert labels(rep) == ["scaleot (adapter 2,2, alpha=0.5)"]
+    assert any("left out by stage1_steps=100" in n for n in rep["notes"])
+    assert main(["report", str(path), "--no-plots", "--exclude", "stage1_steps=100"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha=0.5, stage1_steps=100" not in out and "scaleot (adapter 2,2, alpha=0.5)" in out
+    assert main(["report", str(path), "--no-plots", "--exclude", "stage1_steps"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for report.md, report.json and the PNG plots")
     p.add_argument("--tasks", help="comma-separated tasks to include (default: all)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    p.add_argument("--exclude", action="append", metavar="KEY=VALUE",
+                   help="leave out method settings with this option value (repeatable), e.g. stage1_steps=100")
 
     from .privacy.report import add_parser as add_privacy_parser
 
@@ -288,10 +290,11 @@ def cmd_run(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import report_files, report_markdown
+    from .report import parse_exclude, report_files, report_markdown
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    report, written = report_files(args.results, args.out, tasks=tasks, plots=args.plots)
+    report, written = report_files(args.results, args.out, tasks=tasks, plots=args.plots,
+                                   exclude=parse_exclude(args.exclude))
     print(report_markdown(report), end="")
     if written:
         print(f"wrote {', '.join(str(p) for p in written)}")

@@ -159,12 +159,31 @@ def _diff(a: dict, b: dict) -> dict:
     return {"value": a["value"] - b["value"], "stderr": se}
 
 
-def build_report(sources: list[tuple[str, dict]], tasks: list[str] | None = None) -> dict:
-    """The report of results files ``[(path, data), ...]`` as a JSON-serialisable dict."""
+def parse_exclude(items: list[str] | None) -> list[tuple[str, object]]:
+    """``KEY=VALUE`` strings as (key, value) pairs; VALUE is read as JSON when it parses (``100``,
+    ``0.8``, ``true``), else kept as a string."""
+    out = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OffsiteError(f"--exclude takes KEY=VALUE (a setting's option and its value), got {item!r}")
+        try:
+            out.append((key.strip(), json.loads(value)))
+        except ValueError:
+            out.append((key.strip(), value))
+    return out
+
+
+def build_report(sources: list[tuple[str, dict]], tasks: list[str] | None = None,
+                 exclude: list[tuple[str, object]] | None = None) -> dict:
+    """The report of results files ``[(path, data), ...]`` as a JSON-serialisable dict. ``exclude``:
+    (option, value) pairs; a method setting with any of them is left out (e.g. ScaleOT rows made
+    with a non-default stage 1: ``("stage1_steps", 100)``)."""
     notes: list[str] = []
     blocks: dict[tuple, _Block] = {}
     shared: dict[tuple, dict] = {}  # (file, model, task, row, metric) -> record
     skipped = 0
+    excluded: set[tuple] = set()
     for fi, (path, data) in enumerate(sources):
         for rec in data["records"]:
             row = rec.get("row")
@@ -181,6 +200,9 @@ def build_report(sources: list[tuple[str, dict]], tasks: list[str] | None = None
                 continue
             setting = rec.get("setting")
             key = (rec["model"], method, setting_key(setting))
+            if exclude and any(k in (setting or {}) and (setting or {})[k] == v for k, v in exclude):
+                excluded.add(key)
+                continue
             b = blocks.setdefault(key, _Block(rec["model"], method, setting))
             ck = (row, rec["task"], rec["metric"])
             old = b.cells.get(ck)
@@ -195,6 +217,9 @@ def build_report(sources: list[tuple[str, dict]], tasks: list[str] | None = None
                 b.original_middle_params = rec["original_middle_params"]
     if skipped:
         notes.append(f"{skipped} records of other kinds (not the papers' rows) were left out")
+    if excluded:
+        notes.append(f"{len(excluded)} method setting(s) left out by "
+                     f"{', '.join(f'{k}={json.dumps(v)}' for k, v in exclude)}")
 
     # models with shared baselines but no method block still get a table
     for (fi, model, *_rest) in shared:
@@ -580,15 +605,15 @@ def write_report(report: dict, out: str | Path, plots: bool = True) -> list[Path
 
 
 def report_files(paths: list[str | Path], out: str | Path | None = None, tasks: list[str] | None = None,
-                 plots: bool = True) -> tuple[dict, list[Path]]:
+                 plots: bool = True, exclude: list[tuple[str, object]] | None = None) -> tuple[dict, list[Path]]:
     """Load results files, build the report and (with ``out``) write it."""
     if not paths:
         raise OffsiteError("give at least one results file")
-    report = build_report([(str(p), load_results(p)) for p in paths], tasks=tasks)
+    report = build_report([(str(p), load_results(p)) for p in paths], tasks=tasks, exclude=exclude)
     written = write_report(report, out, plots=plots) if out is not None else []
     return report, written
 
 
-__all__ = ["ROWS", "ROW_TITLES", "block_markdown", "build_report", "load_results", "plot_bars",
+__all__ = ["ROWS", "ROW_TITLES", "block_markdown", "build_report", "load_results", "parse_exclude", "plot_bars",
            "plot_privacy_utility", "readme_table", "report_files", "report_markdown", "summary_markdown",
            "write_report"]
