@@ -5,7 +5,7 @@ documents. All rows are scored on the same documents, so the error of a *differe
 rows is much smaller than the two errors combined: per document, ``d = correct_A - correct_B``, and
 the paired standard error is ``sd(d) / sqrt(n)``. This script takes, document by document, the
 Full ZS row and the Plug-in row of each (method, setting): the predictions ``bench/paper.py`` kept
-when it scored them (``<cache>/<model>/details/<budget>/...``), or, for cells scored before the
+when it scored them (``<cache>/<model>/details/``), or, for cells scored before the
 benchmark kept them, a re-scoring from its cache (the tuned adapters under ``runs/paper-cache``;
 with ``--tune`` a missing one is tuned again exactly as ``bench/paper.py`` tunes it). It checks
 that every accuracy equals the results file's, and writes every pairwise difference per task and
@@ -14,8 +14,11 @@ paired errors). Each pair is written later entry minus earlier one, in the order
 methods as given.
 
     python bench/paired.py [--tasks openbookqa,...] [--methods kd,uniform,scaleot] [--settings JSON]
-                           [--results bench/results/paper-smollm2.json] [--out bench/results/paired-smollm2.json]
-                           [--tune] [--score-only | --combine-only | --table]
+                           [--results bench/results/paper-smollm2.json [SEED2.json ...]]
+                           [--out bench/results/paired-smollm2.json] [--tune] [--score-only | --combine-only | --table]
+
+Several results files (runs of one budget that differ only in ``--seed``) are compared per seed and
+pooled: each document's correctness is averaged over the seeds before the pairing.
 
 Re-scored predictions are cached in the same place, so two processes can score different methods
 side by side (``--score-only``) and a last call combines them (``--combine-only``). Only
