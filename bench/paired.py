@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from paper import (DEFAULT_CACHE, RESULTS_DIR, Budget, _Bench, Hooks, cell_key, chosen_settings,  # noqa: E402
-                   entry_details, entry_name, record_cell)
+                   entry_details, entry_name, parse_settings_override, record_cell)
 
 from offsite.errors import OffsiteError  # noqa: E402
 from offsite.report import setting_key  # noqa: E402
@@ -281,14 +281,13 @@ def main(argv=None) -> int:
         from offsite.emulator import all_methods
         from offsite.results import meta, write_results
 
-        tables = []
+        tables, budgets = [], []
         for path in args.results:
             try:
                 tables.append(json.loads(Path(path).read_text()))
-                Budget(**tables[-1]["meta"]["budget"])
+                budgets.append(Budget(**tables[-1]["meta"]["budget"]))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise OffsiteError(f"{path} is not a paper benchmark results file ({exc})") from None
-        budgets = [Budget(**t["meta"]["budget"]) for t in tables]
         unseeded = {json.dumps({**dataclasses.asdict(x), "seed": None}, sort_keys=True) for x in budgets}
         if len(unseeded) > 1 or len({x.seed for x in budgets}) < len(budgets):
             raise OffsiteError("several --results files must be runs of one budget with different seeds")
@@ -299,12 +298,7 @@ def main(argv=None) -> int:
         benches = [_Bench(args.model, x, None, args.cache, Hooks(), args.batch_size_eval, True, print)
                    for x in budgets]
         b = benches[0]
-        try:
-            override = json.loads(args.settings) if args.settings else {}
-        except json.JSONDecodeError as exc:
-            raise OffsiteError(f"--settings is not valid JSON ({exc})") from None
-        if not isinstance(override, dict):
-            raise OffsiteError("--settings must be a JSON object {method: [setting, ...]}")
+        override = parse_settings_override(args.settings)
         registry = all_methods()
         entries = [] if args.no_full_zs else [FULL]
         for name in [m for m in args.methods.split(",") if m]:

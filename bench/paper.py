@@ -174,6 +174,17 @@ def chosen_settings(method, override, config_fn: Callable[[], object]) -> list[d
     return method_settings(method, config_fn)
 
 
+def parse_settings_override(text: str | None) -> dict:
+    """``--settings``: a JSON object {method: setting or [setting, ...]} ({} when not given)."""
+    try:
+        override = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise OffsiteError(f"--settings is not valid JSON ({exc})") from None
+    if not isinstance(override, dict):
+        raise OffsiteError("--settings must be a JSON object {method: [setting, ...]}")
+    return override
+
+
 def normalise_setting(method, setting: dict, parse_adapter_layers=None) -> dict:
     if parse_adapter_layers is None:
         from offsite.emulator import parse_adapter_layers
@@ -649,12 +660,7 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         if bad and hooks is None:
             raise OffsiteError(f"unknown task(s) {', '.join(bad)}; known: {', '.join(ALL_TASKS)}")
         methods = None if args.methods == "all" else [m for m in args.methods.split(",") if m]
-        try:
-            override = json.loads(args.settings) if args.settings else None
-        except json.JSONDecodeError as exc:
-            raise OffsiteError(f"--settings is not valid JSON ({exc})") from None
-        if override is not None and not isinstance(override, dict):
-            raise OffsiteError("--settings must be a JSON object {method: [setting, ...]}")
+        override = parse_settings_override(args.settings)
         command = "python bench/paper.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         out = run_benchmark(args.model, tasks, methods, budget, full_ft=args.full_ft, results_path=path,
                       cache=args.cache, settings_override=override, batch_size=args.batch_size_eval,
