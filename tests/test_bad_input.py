@@ -26,8 +26,8 @@ def world(tmp_path_factory):
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     (root / "empty.jsonl").write_text("")
-    assert main(["emulate", "--model", str(root / "model"), "--keep", "1", "--out", str(root / "emu")]) == 0
-    assert main(["emulate", "--model", str(root / "model"), "--keep", "2", "--out", str(root / "emu2")]) == 0
+    assert main(["emulate", "--model", str(root / "model"), "--keep", "1", "--no-probe", "--out", str(root / "emu")]) == 0
+    assert main(["emulate", "--model", str(root / "model"), "--keep", "2", "--no-probe", "--out", str(root / "emu2")]) == 0
     assert main(["tune", "--emulator", str(root / "emu"), "--data", str(data), "--out", str(root / "ad"),
                  "--max-steps", "1", "--batch-size", "4"]) == 0
     return root

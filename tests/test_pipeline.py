@@ -114,14 +114,23 @@ def test_emulator_bundle_round_trip_is_bit_exact(tokenizer, tmp_path):
     assert back.manifest["digest"] == manifest["digest"]
 
 
-def test_plugged_directory_loads_with_plain_transformers(tiny_dir, tmp_path):
+def test_plugged_directory_loads_with_plain_transformers(tiny_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    import offsite.data.text as text
     from offsite.cli import main
 
+    monkeypatch.setattr(text, "public_text", lambda part: [" ".join(p + c for p, c in PAIRS)] * 20)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS))
     assert main(["emulate", "--model", str(tiny_dir), "--keep", "1", "--out", str(tmp_path / "emu")]) == 0
+    probed = json.loads((tmp_path / "emu" / "manifest.json").read_text())["report"]["probe"]
+    assert -1 <= probed["grad_cos"]["all"] <= 1 and probed["sequences"] == 16
+    assert main(["probe", "--model", str(tiny_dir), "--emulator", str(tmp_path / "emu"), "--sequences", "4",
+                 "--json", str(tmp_path / "probe.json")]) == 0
+    recs = json.loads((tmp_path / "probe.json").read_text())["records"]
+    assert {r["metric"] for r in recs} >= {"grad_cos", "grad_norm_ratio", "grad_cos.bottom"}
+    assert all(r["row"] == "probe" and r["method"] == "uniform" for r in recs)
     assert main(["tune", "--emulator", str(tmp_path / "emu"), "--data", str(data), "--out", str(tmp_path / "ad"),
                  "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2"]) == 0
     assert main(["plug", "--model", str(tiny_dir), "--adapter", str(tmp_path / "ad"),

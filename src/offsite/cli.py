@@ -5,6 +5,7 @@
     offsite tune --emulator DIR --task arc_easy --out DIR              (data owner)
     offsite plug --model M --adapter DIR --out DIR                     (model owner)
     offsite eval --model M|--emulator DIR --task arc_easy              (either)
+    offsite probe --model M --emulator DIR                             (model owner, before shipping)
     offsite run --model M --task arc_easy --method uniform             (both, one machine)
     offsite report RESULTS.json... [--out DIR]                         (tables and plots)
     offsite serve --model M [--port N --api-key K --share-head]        (model owner, PEMA)
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-layers", default="2,2", help="BOTTOM,TOP adapter blocks (default 2,2)")
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the transfer probe on public text and write it into the manifest (default: on)")
     seen: set[str] = set()
     for m in methods.values():
         _add_dataclass_args(p.add_argument_group(f"{m.name} options ({m.help})"), m.options_cls, seen)
@@ -143,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm-eval: score with lm-evaluation-harness itself (our multiple-choice tasks through "
                         "local files; any other name runs the harness's own task, which needs a network)")
 
+    from .probe import ProbeOptions
+
+    p = sub.add_parser("probe", help="model owner: does tuning on this emulator move the adapter the way the "
+                                     "full model would? (adapter-gradient cosine on public text)")
+    p.add_argument("--model", default="smollm2-135m", help="the full model the emulator was built from")
+    p.add_argument("--emulator", required=True, help="emulator bundle directory")
+    p.add_argument("--task", help="probe on this task's training examples instead of public text "
+                                  "(a benchmark's view: it needs the data owner's data)")
+    p.add_argument("--json", help="write the figures as a results file (records row 'probe')")
+    _add_dataclass_args(p.add_argument_group("probe options"), ProbeOptions, set())
+
     p = sub.add_parser("run", help="play both parties on one machine and print the papers' table")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--task", default="arc_easy")
@@ -152,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quick: minutes; demo: <20 min on 2 CPU cores; gpu: the paper's budget")
     p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=None,
                    help="also fine-tune the full model (the FT row); default: on for the gpu preset")
+    p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                   help="also tune the same adapter on the full model (the ceiling row) and report transfer = "
+                        "(Plug-in - Full ZS) / (ceiling - Full ZS) (default: on)")
+    p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the emulator's transfer probe on public text when it is built (default: on)")
     p.add_argument("--eval-limit", type=int, help="evaluate the first N documents (default: the preset's)")
     p.add_argument("--text-docs", type=int, help="held-out text documents for perplexity (0: skip)")
     p.add_argument("--batch-size-eval", type=int, default=32)
@@ -202,11 +221,48 @@ def cmd_emulate(args) -> None:
     model, tokenizer = load_model(args.model)
     emu = build_emulator(args.method, model, tokenizer, model_display_name(args.model), args.adapter_layers,
                          **_method_options(args, method))
+    if args.probe:
+        from .probe import attach_probe
+
+        attach_probe(model, emu)
     manifest = save_emulator(emu, args.out, overwrite=args.overwrite)
     sh = manifest["shapes"]
     print(f"wrote {args.out}: {args.method} emulator, {len(emu.slots)} blocks "
           f"(sources {[s.source for s in emu.slots]}), middle {sh['middle_params']:,} of "
           f"{sh['original_middle_params']:,} parameters ({sh['middle_params'] / sh['original_middle_params']:.1%})")
+    if args.probe:
+        print(_probe_line(emu.report["probe"]))
+
+
+def _probe_line(figures: dict) -> str:
+    cos, ratio = figures["grad_cos"], figures["grad_norm_ratio"]
+    return (f"probe: adapter gradient cosine {cos['all']:.3f} (bottom {cos.get('bottom', float('nan')):.3f}, "
+            f"top {cos.get('top', float('nan')):.3f}), norm ratio {ratio['all']:.2f}, "
+            f"over {figures['sequences']} sequences / {figures['tokens']:,} tokens "
+            "(1 = tuning on the emulator moves the adapter as on the full model; near 0 = it will not transfer)")
+
+
+def cmd_probe(args) -> None:
+    from .bundle import load_emulator, write_json_atomic
+    from .models.load import load_model, model_display_name
+    from .probe import ProbeOptions, probe, probe_examples, probe_records, task_probe_examples
+    from .results import meta
+
+    opts = ProbeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ProbeOptions)
+                           if hasattr(args, f.name)})
+    opts.check()
+    emu = load_emulator(args.emulator)
+    model, _ = load_model(args.model)
+    examples = task_probe_examples(emu.tokenizer, args.task, opts) if args.task else probe_examples(emu.tokenizer, opts)
+    figures = probe(model, emu, examples, opts)
+    print(json.dumps(figures, indent=2))
+    print(_probe_line(figures))
+    if args.json:
+        base = {"model": model_display_name(args.model), "method": emu.method,
+                "setting": {"adapter_layers": list(emu.adapter_layers), **emu.params},
+                "task": args.task or "text"}
+        write_json_atomic(args.json, {"meta": meta("offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:])),
+                                      "records": probe_records(figures, base)})
 
 
 def cmd_tune(args) -> None:
@@ -275,7 +331,8 @@ def cmd_run(args) -> None:
     preset = PRESETS[args.preset]
     settings = _tune_settings(args, base=preset.train)
     result = run(args.model, args.task, args.method, args.adapter_layers, _method_options(args, method), out,
-                 preset=args.preset, settings=settings, full_ft=args.full_ft,
+                 preset=args.preset, settings=settings, full_ft=args.full_ft, ceiling=args.ceiling,
+                 probe=args.probe,
                  eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
                  text_docs=args.text_docs if args.text_docs is not None else "preset",
                  batch_size=args.batch_size_eval, overwrite=args.overwrite,
@@ -301,7 +358,7 @@ def cmd_report(args) -> None:
 
 
 COMMANDS = {"fetch": cmd_fetch, "emulate": cmd_emulate, "tune": cmd_tune, "plug": cmd_plug,
-            "eval": cmd_eval, "run": cmd_run, "report": cmd_report,
+            "eval": cmd_eval, "probe": cmd_probe, "run": cmd_run, "report": cmd_report,
             "privacy": lambda args: __import__("offsite.privacy.report", fromlist=["x"]).cmd_privacy(args),
             "serve": lambda args: __import__("offsite.pema.cli", fromlist=["x"]).cmd_serve(args),
             "pema": lambda args: __import__("offsite.pema.cli", fromlist=["x"]).cmd_pema(args)}

@@ -1,8 +1,10 @@
 """The papers' table and plots from results files: ``offsite report RESULTS... [--out DIR]``.
 
 Input: results JSON files (DESIGN.md §7, ``{"meta", "records"}``). Records whose ``row`` is one of
-the papers' rows (``full_zs``, ``emu_zs``, ``emu_ft``, ``plugin``, ``full_ft``) are tabulated; the
-rest (efficiency or eval-speed rows) are ignored and counted in the notes.
+the papers' rows (``full_zs``, ``emu_zs``, ``emu_ft``, ``plugin``, ``full_ft``) or the adapter
+``ceiling`` are tabulated, with the Plug-in's ``transfer`` records and the emulator's transfer probe
+(``row: "probe"``, ``metric: "grad_cos"``) beside them; the rest (efficiency or eval-speed rows) are
+ignored and counted in the notes.
 
 * **Blocks.** One table per model + method + setting (the setting includes the adapter layers).
   Full ZS and Full FT come from the block's own records (``offsite run`` writes them per method) or,
@@ -21,6 +23,10 @@ rest (efficiency or eval-speed rows) are ignored and counted in the notes.
   the same documents; records hold no per-document scores for a paired error, and for positively
   correlated rows this overstates the error. For perplexity the gap is printed as a difference of
   perplexities (negative: the plug-in is better).
+* **Transfer.** (Plug-in − Full ZS) / (ceiling − Full ZS), the share of the adapter's possible gain
+  that the emulator carried, printed as recorded (its paired standard error comes from per-document
+  scores, :mod:`offsite.stats`; a task whose ceiling gains under two standard errors has none). The
+  average's transfer is the record of task ``avg<k>`` (``k`` tasks) where one was written.
 * **Plots** (matplotlib, Agg): ``bars-<block>.png``, the per-task bars of every row of a block with
   standard-error whiskers (perplexity on its own panel); ``privacy-utility-<model>.png``, one point
   per method and setting at (Emulator FT, Plug-in) averages, with Full FT and Full ZS as reference
@@ -40,16 +46,16 @@ from pathlib import Path
 
 from .errors import OffsiteError
 
-ROWS = ("full_zs", "emu_zs", "emu_ft", "plugin", "full_ft")
+ROWS = ("full_zs", "emu_zs", "emu_ft", "plugin", "ceiling", "full_ft")
 ROW_TITLES = {"full_zs": "Full ZS", "emu_zs": "Emulator ZS", "emu_ft": "Emulator FT",
-              "plugin": "Plug-in", "full_ft": "Full FT"}
+              "plugin": "Plug-in", "ceiling": "Ceiling (adapter tuned on the full model)", "full_ft": "Full FT"}
 SHARED_ROWS = ("full_zs", "full_ft")
 TASK_ORDER = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq", "webqs", "text")
 TASK_TITLES = {"openbookqa": "OBQA", "piqa": "PIQA", "arc_easy": "ARC-E", "arc_challenge": "ARC-C",
                "hellaswag": "HellaSwag", "sciq": "SciQ", "webqs": "WebQs", "text": "text"}
 LOWER_IS_BETTER = {"ppl", "token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 ROW_COLORS = {"full_zs": "tab:gray", "emu_zs": "tab:orange", "emu_ft": "tab:blue", "plugin": "tab:red",
-              "full_ft": "tab:green"}
+              "ceiling": "tab:purple", "full_ft": "tab:green"}
 
 
 def human(n: int) -> str:
@@ -136,6 +142,8 @@ class _Block:
     files: dict = field(default_factory=dict)  # task -> index of the file its method rows came from
     middle_params: int | None = None
     original_middle_params: int | None = None
+    transfer: dict = field(default_factory=dict)  # task (or "avg<k>") -> record
+    probe: dict | None = None  # the transfer probe's grad_cos record (public text)
 
 
 def _cell(rec: dict | None) -> dict | None:
@@ -187,10 +195,12 @@ def build_report(sources: list[tuple[str, dict]], tasks: list[str] | None = None
     for fi, (path, data) in enumerate(sources):
         for rec in data["records"]:
             row = rec.get("row")
-            if row not in ROWS:
+            is_probe = row == "probe" and rec.get("metric") == "grad_cos" and rec.get("method")
+            if row not in ROWS and not is_probe:
                 skipped += 1
                 continue
-            if tasks and rec["task"] not in tasks:
+            is_transfer = row == "plugin" and rec.get("metric") == "transfer"
+            if tasks and rec["task"] not in tasks and not (is_probe or is_transfer):
                 continue
             method = rec.get("method")
             if method is None:
@@ -204,6 +214,13 @@ def build_report(sources: list[tuple[str, dict]], tasks: list[str] | None = None
                 excluded.add(key)
                 continue
             b = blocks.setdefault(key, _Block(rec["model"], method, setting))
+            if is_probe:
+                b.probe = rec
+                continue
+            if is_transfer:
+                if rec.get("value") is not None:
+                    b.transfer[rec["task"]] = rec
+                continue
             ck = (row, rec["task"], rec["metric"])
             old = b.cells.get(ck)
             if old is not None and old["value"] != rec["value"] and old.get("_file") != fi:
@@ -266,11 +283,16 @@ def _block_report(b: _Block) -> dict:
                    "rows": {r: _mean([rows[r][t] for t in avg_tasks]) for r in rows}}
         if gap:
             average["gap"] = _diff(average["rows"]["plugin"], average["rows"]["emu_ft"])
+    transfer = {t: _cell(r) for t, r in b.transfer.items()}
+    if average:
+        average["transfer"] = transfer.get(f"avg{len(avg_tasks)}") if len(avg_tasks) > 1 \
+            else transfer.get(avg_tasks[0])
     label = (f"{b.method} ({setting_label(b.setting)})" if b.setting else b.method) if b.method \
         else "full model (baselines only)"
     return {"model": b.model, "method": b.method, "setting": b.setting, "label": label,
             "middle_params": b.middle_params, "original_middle_params": b.original_middle_params,
-            "tasks": task_list, "metrics": metrics, "rows": rows, "gap": gap, "average": average}
+            "tasks": task_list, "metrics": metrics, "rows": rows, "gap": gap, "average": average,
+            "transfer": transfer, "probe_grad_cos": b.probe["value"] if b.probe else None}
 
 
 def _summary(blocks: list[dict]) -> dict:
@@ -290,6 +312,8 @@ def _summary(blocks: list[dict]) -> dict:
                   "middle_params": b["middle_params"], "rows": means}
             if "plugin" in means and "emu_ft" in means:
                 pt["gap"] = _diff(means["plugin"], means["emu_ft"])
+            pt["transfer"] = b["transfer"].get(f"avg{len(common)}" if len(common) > 1 else common[0])
+            pt["probe_grad_cos"] = b["probe_grad_cos"]
             points.append(pt)
             for r in SHARED_ROWS:
                 if r in means and r not in reference:
@@ -307,6 +331,12 @@ def fmt(cell: dict | None, metric: str, signed: bool = False) -> str:
     sign = "+" if signed else ""
     v = f"{cell['value'] * scale:{sign}.{digits}f}"
     return f"{v} ± {cell['stderr'] * scale:.{digits}f}" if cell.get("stderr") is not None else v
+
+
+def fmt_ratio(cell: dict | None) -> str:
+    if cell is None:
+        return "–"
+    return f"{cell['value']:.2f}" + (f" ± {cell['stderr']:.2f}" if cell.get("stderr") is not None else "")
 
 
 def _params(b: dict) -> str:
@@ -339,8 +369,17 @@ def block_markdown(b: dict) -> str:
             cells.append(fmt(avg.get("gap"), "acc", signed=True))
         cells += [fmt(b["gap"].get(t), metrics[t], signed=True) for t in ppl_tasks]
         lines.append("| gap (Plug-in − Emulator FT) | " + " | ".join(cells) + " |")
+    if b["transfer"]:
+        cells = [fmt_ratio(b["transfer"].get(t)) for t in acc_tasks]
+        if avg:
+            cells.append(fmt_ratio(avg.get("transfer")))
+        cells += ["" for _ in ppl_tasks]
+        lines.append("| transfer (Plug-in − Full ZS) / (Ceiling − Full ZS) | " + " | ".join(cells) + " |")
     title = f"### {b['model']} · {b['label']}"
     params = _params(b)
+    if b.get("probe_grad_cos") is not None:
+        params = (params + "; " if params else "") + \
+            f"transfer probe (adapter-gradient cosine on public text): {b['probe_grad_cos']:.3f}"
     out = [title, ""] + ([params, ""] if params else []) + lines
     if avg:
         note = f"Average over {', '.join(avg['tasks'])} (the accuracy tasks with a value in every row)"
@@ -355,12 +394,14 @@ def summary_markdown(model: str, s: dict) -> str:
         return ""
     rows = [r for r in ROWS if r not in SHARED_ROWS]
     lines = [f"### {model} · all methods, average over {len(s['tasks'])} tasks ({', '.join(s['tasks'])})", "",
-             "| method (setting) | middle params | " + " | ".join(ROW_TITLES[r] for r in rows) + " | gap |",
-             "|---" * (len(rows) + 3) + "|"]
+             "| method (setting) | middle params | " + " | ".join(ROW_TITLES[r].split(" (")[0] for r in rows)
+             + " | gap | transfer | probe cos |",
+             "|---" * (len(rows) + 5) + "|"]
     for pt in s["points"]:
         mp = human(pt["middle_params"]) if pt.get("middle_params") else "–"
+        cos = f"{pt['probe_grad_cos']:.2f}" if pt.get("probe_grad_cos") is not None else "–"
         lines.append(f"| {pt['label']} | {mp} | " + " | ".join(fmt(pt["rows"].get(r), "acc") for r in rows)
-                     + f" | {fmt(pt.get('gap'), 'acc', signed=True)} |")
+                     + f" | {fmt(pt.get('gap'), 'acc', signed=True)} | {fmt_ratio(pt.get('transfer'))} | {cos} |")
     refs = [f"{ROW_TITLES[r]} {fmt(s['reference'][r], 'acc')}" for r in SHARED_ROWS if r in s["reference"]]
     if refs:
         lines += ["", "Full model on the same tasks: " + "; ".join(refs) + "."]
@@ -405,7 +446,7 @@ def readme_table(report: dict) -> str:
             mp, op = b.get("middle_params"), b.get("original_middle_params")
             params = (human(mp) + (f" ({mp / op:.0%})" if op else "")) if mp else "–"
             name = b["label"]
-            for r in ("emu_zs", "emu_ft", "plugin"):
+            for r in ("emu_zs", "emu_ft", "plugin", "ceiling"):
                 if r in b["rows"]:
                     lines.append(line(name, params, ROW_TITLES[r], b["rows"][r], pt["rows"].get(r)))
                     name, params = "", ""

@@ -4,7 +4,14 @@
 2. the data owner loads the bundle, evaluates it untouched (Emulator ZS), tunes the adapter and
    writes the adapter bundle; evaluates the emulator with the tuned adapter (Emulator FT);
 3. the model owner loads the adapter bundle, checks it and plugs it into the full model (Plug-in);
-4. Full ZS is the untouched model; Full FT (optional) fine-tunes every block through the same loop.
+4. Full ZS is the untouched model; Full FT (optional) fine-tunes every block through the same loop;
+5. the ceiling (on by default) tunes the same adapter with the same data, settings and seed on the
+   full model itself: what a perfect emulator would give. Only a run that holds both assets can
+   compute it. From it, **transfer** = (Plug-in − Full ZS) / (ceiling − Full ZS) with its paired
+   standard error (:mod:`offsite.stats`), the share of the adaptation the emulator carried.
+
+The emulator's transfer probe (:mod:`offsite.probe`, data-free) is measured when it is built and
+written into its manifest and the results (``row: "probe"``).
 
 Every row is evaluated on the same documents: the task's headline metric (with standard errors)
 and perplexity on held-out English text.
@@ -12,19 +19,21 @@ and perplexity on held-out English text.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .bundle import load_adapter, load_emulator, save_emulator
-from .emulator import build_emulator
+from .emulator import Emulator, build_emulator
 from .errors import OffsiteError
 from .models.load import load_model
 from .plug import plug
+from .probe import attach_probe, probe_records
 from .report import ROW_TITLES, ROWS, block_markdown, build_report
 from .results import meta, metric_records, write_results
 from .train import TrainConfig
-from .tune import TrainingData, TuneSettings, finetune_full, task_data, tune_to_dir
+from .tune import TrainingData, TuneSettings, finetune_full, task_data, tune_adapter, tune_to_dir
 
 
 
@@ -63,11 +72,17 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def evaluate_row(model, tokenizer, task: str, eval_limit, text_docs, batch_size: int) -> dict[str, dict]:
-    """The task's metrics and held-out text perplexity of one model."""
-    from .eval import evaluate
+def evaluate_row(model, tokenizer, task: str, eval_limit, text_docs, batch_size: int,
+                 scores: dict | None = None) -> dict[str, dict]:
+    """The task's metrics and held-out text perplexity of one model. With ``scores`` (a dict), the
+    per-document correctness of a multiple-choice task is stored in ``scores[task]``."""
+    from .eval import METRIC, evaluate
 
-    out = {task: evaluate(model, tokenizer, task, limit=eval_limit, batch_size=batch_size)}
+    details = scores is not None and METRIC[task] == "acc"
+    res = evaluate(model, tokenizer, task, limit=eval_limit, batch_size=batch_size, return_details=details)
+    if details:
+        scores[task] = [float(d["pred"] == d["gold"]) for d in res.pop("details")]
+    out = {task: res}
     if text_docs != 0:
         out["text"] = evaluate(model, tokenizer, "text", limit=text_docs, batch_size=batch_size)
     return out
@@ -82,7 +97,7 @@ def row_records(row: str, results: dict[str, dict], base: dict, seconds: float, 
 
 def run(model_name: str, task: str, method: str, adapter_layers, method_options: dict, out: str | Path,
         preset: str = "demo", settings: TuneSettings | None = None, full_ft: bool | None = None,
-        eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
+        ceiling: bool = True, probe: bool = True, eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
         batch_size: int = 32, overwrite: bool = False, command: str = "", log=print) -> RunResult:
     if preset not in PRESETS:
         raise OffsiteError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -103,6 +118,8 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
                         + (f"{text_docs} documents" if text_docs else "all documents"))
     if not full_ft:
         result.notes.append("Full FT skipped (pass --full-ft to run it)")
+    if not ceiling:
+        result.notes.append("ceiling and transfer skipped (--no-ceiling)")
 
     def timed(label, fn):
         log(f"[offsite] {label} ...")
@@ -116,12 +133,17 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
     # 1. owner: emulator bundle
     built, build_s = timed("building the emulator", lambda: build_emulator(
         method, model, tokenizer, _name(model_name), adapter_layers, **method_options))
+    if probe:
+        timed("probing the emulator (adapter gradients on public text)", lambda: attach_probe(model, built, log=log))
     emu_dir = out / "emulator"
     emu_manifest = save_emulator(built, emu_dir, overwrite=True)
     del built
     base = {"model": _name(model_name), "method": method,
             "setting": {"adapter_layers": list(_pair(adapter_layers)), **method_options},
             "build_seconds": round(build_s, 2)}
+    if probe:
+        result.records.extend(probe_records(emu_manifest["report"]["probe"], {**base, "task": "text"}))
+    scores: dict[str, dict] = {}  # row -> {task: per-document correctness}, for transfer
 
     def add(row, results, seconds, extra=None):
         result.records.extend(row_records(row, results, base, seconds, extra or {}))
@@ -141,14 +163,36 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
     emu.model = None  # free the data owner's copy before the owner's work
 
     # 3. owner: Full ZS, then plug in
-    res, dt = timed("Full ZS", lambda: evaluate_row(model, tokenizer, task, eval_limit, text_docs, batch_size))
+    res, dt = timed("Full ZS", lambda: evaluate_row(model, tokenizer, task, eval_limit, text_docs, batch_size,
+                                                    scores.setdefault("full_zs", {})))
     add("full_zs", res, dt)
+    # 4. the ceiling: the same adapter, data, settings and seed tuned on the full model (before the
+    #    plug-in, which writes into the model)
+    if ceiling:
+        full_middle = ceiling_emulator(model, tokenizer, _name(model_name), adapter_layers)
+        _, dt = timed("ceiling: tuning the adapter on the full model",
+                      lambda: tune_adapter(full_middle, data, settings, out / "ceiling.work"))
+        shutil.rmtree(out / "ceiling.work", ignore_errors=True)
+        res, dt2 = timed("ceiling", lambda: evaluate_row(full_middle.model, tokenizer, task, eval_limit, text_docs,
+                                                         batch_size, scores.setdefault("ceiling", {})))
+        add("ceiling", res, dt2, {"train_seconds": round(dt, 2)})
+        full_middle = None
     plugged = plug(model, load_adapter(adapter_dir), emu_manifest)
-    res, dt = timed("Plug-in", lambda: evaluate_row(plugged, tokenizer, task, eval_limit, text_docs, batch_size))
+    res, dt = timed("Plug-in", lambda: evaluate_row(plugged, tokenizer, task, eval_limit, text_docs, batch_size,
+                                                    scores.setdefault("plugin", {})))
     add("plugin", res, dt)
-    plugged = model = None
+    plugged = None
+    if ceiling:
+        rec = transfer_record(scores, task, base)
+        if rec is None:
+            result.notes.append(f"transfer not reported: the ceiling's gain on {task} is under two standard "
+                                "errors (nothing to transfer)")
+        else:
+            result.records.append(rec)
+            _save(result, out)
+    model = None
 
-    # 4. Full FT baseline through the same training loop
+    # 5. Full FT baseline through the same training loop
     if full_ft:
         ft_model, _ = load_model(model_name)
         ft_settings = replace(settings, train=replace(settings.train, lr=p.full_ft_lr))
@@ -159,6 +203,33 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
     (out / "table.md").write_text(format_table(result.records, task) + "\n\n" + "\n".join(
         f"* {n}" for n in result.notes) + "\n")
     return result
+
+
+def ceiling_emulator(model, tokenizer, name: str, adapter_layers) -> Emulator:
+    """The ceiling's "emulator": the full middle, every original block (tuning the adapter on it is
+    tuning the adapter on the full model, through the same code path as on any emulator)."""
+    from .emulator import split_layers
+    from .models.families import num_blocks
+
+    layers = _pair(adapter_layers)
+    middle = split_layers(num_blocks(model.config), layers)[1]
+    return build_emulator("uniform", model, tokenizer, name, layers, keep=len(middle))
+
+
+def transfer_record(scores: dict, task: str, base: dict) -> dict | None:
+    """The ``row: "plugin", metric: "transfer"`` record of ``task`` from per-document correctness of
+    the Full ZS, Plug-in and ceiling rows; ``None`` where the ceiling's gain is under two standard
+    errors (a ratio over noise means nothing)."""
+    from .stats import transfer
+
+    if not all(task in scores.get(r, {}) for r in ("plugin", "full_zs", "ceiling")):
+        return None
+    t = transfer([scores["plugin"][task]], [scores["full_zs"][task]], [scores["ceiling"][task]])
+    if t["value"] is None or not t["ceiling_gain"] > 2 * t["ceiling_gain_stderr"]:
+        return None
+    return {**base, "task": task, "row": "plugin", "metric": "transfer", "value": t["value"],
+            "stderr": t["stderr"], "n": t["n"], "ceiling_gain": t["ceiling_gain"],
+            "ceiling_gain_stderr": t["ceiling_gain_stderr"]}
 
 
 def _name(model_name: str) -> str:
@@ -183,4 +254,5 @@ def format_table(records: list[dict], task: str) -> str:
     return "\n\n".join(block_markdown(b) for b in rep["blocks"])
 
 
-__all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Preset", "RunResult", "format_table", "run"]
+__all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Preset", "RunResult", "ceiling_emulator", "format_table", "run",
+           "transfer_record"]

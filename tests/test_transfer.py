@@ -1,0 +1,194 @@
+"""The transfer probe, the adapter ceiling and the transfer ratio (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_tokenizer, tiny_model
+from offsite.bundle import load_emulator, save_emulator
+from offsite.emulator import build_emulator
+from offsite.errors import OffsiteError
+from offsite.models.families import get_blocks
+from offsite.probe import ProbeOptions, attach_probe, probe, probe_records
+from offsite.stats import paired, transfer
+from offsite.train import causal_lm_loss, collate, tokenize_text
+
+TEXT = ["The quick brown fox jumps over the lazy dog. " * 8, "A stitch in time saves nine, they say. " * 8,
+        "To be or not to be, that is the question. " * 8, "All that glitters is not gold, nor silver. " * 8]
+
+
+def _examples(tok, n=4, block=48):
+    return tokenize_text(tok, TEXT, block)[:n]
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def test_paired_difference_matches_hand_computation():
+    mean, se = paired([1, 0, 1, 1], [0, 0, 1, 0])
+    # d = 1, 0, 0, 1: mean .5, sample variance 1/3, se = sqrt(1/3 / 4)
+    assert mean == 0.5 and se == pytest.approx(math.sqrt(1 / 12))
+
+
+def test_transfer_matches_a_hand_computed_case():
+    zs = [0, 0, 0, 0, 1]
+    ceil = [1, 1, 1, 0, 1]
+    plug = [1, 0, 1, 0, 1]
+    t = transfer([plug], [zs], [ceil])
+    # a = 1,0,1,0,0 (mean .4); b = 1,1,1,0,0 (mean .6); T = 2/3; a - T b = 1/3,-2/3,1/3,0,0
+    d = [1 / 3, -2 / 3, 1 / 3, 0, 0]
+    var = sum((x - sum(d) / 5) ** 2 for x in d) / 4
+    assert t["value"] == pytest.approx(2 / 3)
+    assert t["stderr"] == pytest.approx(math.sqrt(var / 5) / 0.6)
+    assert t["ceiling_gain"] == pytest.approx(0.6) and t["n"] == 5
+
+
+def test_transfer_is_one_when_the_plugin_is_the_ceiling_and_none_without_a_gain():
+    zs, ceil = [0, 1, 0, 0], [1, 1, 0, 1]
+    t = transfer([ceil], [zs], [ceil])
+    assert t["value"] == pytest.approx(1.0) and t["stderr"] == pytest.approx(0.0)
+    assert transfer([zs], [zs], [zs])["value"] is None
+
+
+def test_transfer_over_tasks_averages_numerator_and_denominator():
+    t = transfer([[1, 1], [0, 0, 1]], [[0, 0], [0, 0, 0]], [[1, 1], [1, 1, 1]])
+    assert t["value"] == pytest.approx(((1 + 1 / 3) / 2) / 1.0)
+    with pytest.raises(ValueError):
+        transfer([[1]], [[0, 1]], [[1]])
+
+
+# --- the probe -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def test_probe_is_one_for_the_full_middle(tok):
+    model = tiny_model("llama", 6)
+    emu = build_emulator("uniform", model, tok, "tiny", (2, 1), keep=3)
+    f = probe(model, emu, _examples(tok), ProbeOptions(micro_batch_size=2))
+    for group in ("all", "bottom", "top", "block0", "block1", "block5"):
+        assert f["grad_cos"][group] == pytest.approx(1.0, abs=1e-6)
+        assert f["grad_norm_ratio"][group] == pytest.approx(1.0, abs=1e-6)
+    assert set(f["grad_cos"]) == {"all", "bottom", "top", "block0", "block1", "block5"}
+
+
+def _direct_grad(model, block_ids, examples, pad_id):
+    """The adapter's mean-token gradient by plain autograd on one batch of every example."""
+    model.zero_grad()
+    params = [p for i in block_ids for p in get_blocks(model)[i].parameters()]
+    loss_sum, n = causal_lm_loss(model, collate(examples, pad_id=pad_id))
+    grads = torch.autograd.grad(loss_sum / n, params)
+    return torch.cat([g.flatten() for g in grads]).double()
+
+
+def test_probe_equals_direct_autograd_on_a_dropped_middle(tok):
+    model = tiny_model("llama", 6, seed=3)
+    emu = build_emulator("uniform", model, tok, "tiny", (2, 1), keep=1)
+    ex = _examples(tok)
+    next(model.parameters()).requires_grad_(False)  # a mix of flags, to see them restored
+    flags = [p.requires_grad for p in model.parameters()]
+    f = probe(model, emu, ex, ProbeOptions(micro_batch_size=3))
+    assert [p.requires_grad for p in model.parameters()] == flags  # micro-batches that do not divide 4
+    g_emu = _direct_grad(emu.model, [0, 1, 3], ex, tok.pad_token_id)  # stack: 0, 1, kept, 5
+    g_full = _direct_grad(model, [0, 1, 5], ex, tok.pad_token_id)
+    cos = float(g_emu @ g_full / (g_emu.norm() * g_full.norm()))
+    assert f["grad_cos"]["all"] == pytest.approx(cos, abs=1e-5)
+    assert f["grad_norm_ratio"]["all"] == pytest.approx(float(g_emu.norm() / g_full.norm()), rel=1e-5)
+    assert f["grad_cos"]["all"] < 0.999  # a dropped middle changes the gradient
+    assert not emu.model.training
+
+
+def test_probe_figures_survive_a_bundle_round_trip(tok, tmp_path, monkeypatch):
+    import offsite.data.text as text
+
+    monkeypatch.setattr(text, "public_text", lambda part: TEXT)
+    model = tiny_model("llama", 6)
+    emu = build_emulator("uniform", model, tok, "tiny", (1, 1), keep=2)
+    figures = attach_probe(model, emu, ProbeOptions(sequences=2, block_size=32))
+    save_emulator(emu, tmp_path / "emu")
+    loaded = load_emulator(tmp_path / "emu")
+    assert loaded.report["probe"]["grad_cos"] == pytest.approx(figures["grad_cos"])
+    assert json.loads((tmp_path / "emu" / "manifest.json").read_text())["report"]["probe"]["sequences"] == 2
+    recs = probe_records(figures, {"model": "tiny", "task": "text"})
+    assert {r["metric"] for r in recs} >= {"grad_cos", "grad_norm_ratio", "grad_cos.top", "grad_cos.block0"}
+    assert all(r["row"] == "probe" for r in recs)
+
+
+def test_probe_refuses_another_model_and_bad_options(tok):
+    model = tiny_model("llama", 6)
+    emu = build_emulator("uniform", model, tok, "tiny", (1, 1), keep=2)
+    with pytest.raises(OffsiteError, match="built from a model of 6 blocks"):
+        probe(tiny_model("llama", 4), emu, _examples(tok))
+    with pytest.raises(OffsiteError, match="sequences must be >= 1"):
+        probe(model, emu, _examples(tok), ProbeOptions(sequences=0))
+
+
+# --- offsite run: the ceiling row and the transfer record --------------------------------------
+
+
+def _qa_world(monkeypatch, tok, n_layers=6):
+    """A task the tiny model learns in a few steps: the answer is always ' y', which this random model
+    scores below ' x' untuned (Full ZS 0), so the ceiling has a gain to transfer."""
+    import offsite.data.text as text
+    import offsite.eval as ev
+    import offsite.run as run_mod
+    from offsite.data.tasks import Doc
+    from offsite.tune import TrainingData
+
+    docs = [Doc(id=f"d{i}", context=f"Question {i}: which fruit?\nAnswer:",
+                choices=["y", "x"] if i % 2 else ["x", "y"], gold=0 if i % 2 else 1)
+            for i in range(40)]
+    monkeypatch.setattr(ev, "load_task", lambda name, part: docs)
+    monkeypatch.setattr(text, "public_text", lambda part: TEXT * 8)  # 16 probe blocks of 256 bytes
+    monkeypatch.setattr(run_mod, "task_data", lambda task: TrainingData(
+        "qa", [(f"Question {i}: which fruit?\nAnswer:", " y") for i in range(80)], source=task))
+    monkeypatch.setattr(run_mod, "load_model", lambda name: (tiny_model("llama", n_layers, seed=1), tok))
+    return docs
+
+
+def _settings():
+    from offsite.train import TrainConfig
+    from offsite.tune import TuneSettings
+
+    return TuneSettings(train=TrainConfig(lr=2e-2, max_steps=30, batch_size=8, micro_batch_size=8,
+                                          checkpoint_every=None, progress=False))
+
+
+def test_run_ceiling_equals_plugin_for_the_full_middle_and_transfer_is_one(tok, tmp_path, monkeypatch):
+    from offsite.run import run
+
+    _qa_world(monkeypatch, tok)
+    res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "r", settings=_settings(),
+              eval_limit=None, text_docs=0, log=lambda *a: None)
+    acc = {r["row"]: r["value"] for r in res.records if r["metric"] == "acc"}
+    assert acc["ceiling"] == acc["plugin"]
+    assert acc["ceiling"] - acc["full_zs"] >= 0.3  # the task was learned: a gain to transfer
+    [t] = [r for r in res.records if r["metric"] == "transfer"]
+    assert t["row"] == "plugin" and t["task"] == "arc_easy"
+    assert t["value"] == pytest.approx(1.0) and t["stderr"] == pytest.approx(0.0)
+    probe_cos = [r for r in res.records if r["row"] == "probe" and r["metric"] == "grad_cos"]
+    assert probe_cos and probe_cos[0]["value"] == pytest.approx(1.0, abs=1e-6)
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert any(r["metric"] == "transfer" for r in saved["records"])
+    table = (tmp_path / "r" / "table.md").read_text()
+    assert "Ceiling" in table and "transfer" in table and "1.00" in table
+    assert json.loads((tmp_path / "r" / "emulator" / "manifest.json").read_text())["report"]["probe"]
+
+
+def test_run_without_ceiling_writes_no_transfer(tok, tmp_path, monkeypatch):
+    from offsite.run import run
+
+    _qa_world(monkeypatch, tok)
+    res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 1}, tmp_path / "r", settings=_settings(),
+              eval_limit=None, text_docs=0, ceiling=False, probe=False, log=lambda *a: None)
+    rows = {r["row"] for r in res.records}
+    assert "ceiling" not in rows and "probe" not in rows
+    assert not any(r["metric"] == "transfer" for r in res.records)
+    assert any("--no-ceiling" in n for n in res.notes)
