@@ -78,6 +78,33 @@ def test_truncated_weight_file_with_matching_digest(world, tmp_path, capsys):
     no_leftovers(tmp_path, tmp_path / "p")
 
 
+def test_non_finite_adapter_with_matching_digest_is_refused(world, tmp_path, capsys):
+    """A peer's adapter with one NaN tensor (and a recomputed digest) is not plugged in."""
+    from safetensors.torch import load_file, save_file
+
+    ad = copy_of(world, "ad", tmp_path)
+    f = ad / "adapter.safetensors"
+    state = load_file(str(f))
+    name = sorted(state)[0]
+    state[name] = state[name].clone().fill_(float("nan"))
+    save_file(state, str(f), metadata={"format": "offsite-adapter"})
+    manifest = json.loads((ad / "manifest.json").read_text())
+    manifest["files"]["adapter.safetensors"] = sha256_file(f)
+    (ad / "manifest.json").write_text(json.dumps(manifest))
+    fails(capsys, ["plug", "--model", world / "model", "--adapter", ad, "--out", tmp_path / "p"], "NaN or infinite")
+    no_leftovers(tmp_path, tmp_path / "p")
+
+
+def test_diverged_training_writes_no_adapter(world, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": " a"}) + "\n" for i in range(8)))
+    assert main(["tune", "--emulator", str(world / "emu"), "--data", str(data), "--out", str(tmp_path / "ad"),
+                 "--lr", "inf", "--max-steps", "2", "--batch-size", "4"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: ") and "NaN or infinite" in last
+    assert not (tmp_path / "ad").exists()
+
+
 def test_corrupted_weight_byte(world, tmp_path, capsys):
     ad = copy_of(world, "ad", tmp_path)
     f = ad / "adapter.safetensors"

@@ -152,9 +152,23 @@ def _verify_files(path: Path, manifest: dict) -> None:
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(file))
+        state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{file} is not a readable safetensors file ({exc})") from exc
+    bad = non_finite(state)
+    if bad:
+        raise BundleError(f"{file}: tensor {bad!r} holds NaN or infinite values; refusing weights that "
+                          "would silently break the model")
+    return state
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The first (sorted) floating-point tensor of ``state`` with a NaN or an infinity, else None."""
+    for name in sorted(state):
+        t = state[name]
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def _digest_json(obj) -> str:
@@ -173,6 +187,10 @@ def emulator_digest(manifest: dict) -> str:
 
 def save_emulator(emu: Emulator, path: str | Path, overwrite: bool = False) -> dict:
     """Write an emulator bundle; returns its manifest (with ``digest``)."""
+    bad = non_finite(emu.model.state_dict())
+    if bad:
+        raise OffsiteError(f"the emulator's tensor {bad!r} holds NaN or infinite values (its build diverged); "
+                           "nothing was written")
     with atomic_dir(path, overwrite) as tmp:
         save_model(emu.model, str(tmp / EMULATOR_WEIGHTS))
         base_config = dict(emu.base_config)
@@ -256,6 +274,9 @@ def load_emulator(path: str | Path) -> Emulator:
     if missing or unexpected:
         raise BundleError(f"{path / EMULATOR_WEIGHTS} does not fit the emulator's layer map "
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise BundleError(f"{path / EMULATOR_WEIGHTS}: tensor {bad!r} holds NaN or infinite values")
     model.eval()
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -307,8 +328,12 @@ def save_adapter(bundle: AdapterBundle, path: str | Path, overwrite: bool = Fals
                  tokenizer=None, extra_files: dict[str, bytes] | None = None) -> dict:
     if bundle.kind not in ADAPTER_KINDS:
         raise OffsiteError(f"unknown adapter kind {bundle.kind!r}; choose one of {', '.join(ADAPTER_KINDS)}")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in bundle.state.items()}
+    bad = non_finite(state)
+    if bad:
+        raise OffsiteError(f"the adapter's tensor {bad!r} holds NaN or infinite values (training diverged: "
+                           "try a lower --lr); nothing was written")
     with atomic_dir(path, overwrite) as tmp:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in bundle.state.items()}
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
