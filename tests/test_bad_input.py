@@ -105,6 +105,16 @@ def test_diverged_training_writes_no_adapter(world, tmp_path, capsys):
     assert not (tmp_path / "ad").exists()
 
 
+def test_a_bundle_given_as_model_is_refused(world, tmp_path, capsys):
+    """An emulator bundle's config describes the full model: loading it as one would give a broken
+    model without a word, so every --model refuses a bundle and says what to pass instead."""
+    fails(capsys, ["eval", "--model", world / "emu", "--task", "arc_easy"], "emulator bundle")
+    fails(capsys, ["plug", "--model", world / "emu", "--adapter", world / "ad", "--out", tmp_path / "p"],
+          "--emulator")
+    fails(capsys, ["probe", "--model", world / "ad", "--emulator", world / "emu"], "adapter bundle")
+    assert not (tmp_path / "p").exists()
+
+
 def test_corrupted_weight_byte(world, tmp_path, capsys):
     ad = copy_of(world, "ad", tmp_path)
     f = ad / "adapter.safetensors"

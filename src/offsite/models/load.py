@@ -124,6 +124,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     path = resolve_model_path(name_or_path)
     is_local = Path(path).is_dir()
+    if is_local:
+        _refuse_bundle(Path(path), name_or_path)
     if not is_local and ("/" not in path or path.startswith((".", "/")) or Path(path).suffix):
         known = ", ".join(EMBEDDED)
         raise OffsiteError(
@@ -146,6 +148,30 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+# what to use instead when a bundle is given where a model is expected (formats of offsite.bundle)
+_BUNDLE_HINTS = {
+    "offsite-emulator": "an emulator bundle: pass it as --emulator (tune, eval, probe), and the model it was "
+                        "built from as --model",
+    "offsite-adapter": "an adapter bundle: pass it as --adapter to `offsite plug`, with the full model as --model",
+}
+
+
+def _refuse_bundle(path: Path, name: str) -> None:
+    """A bundle directory is not a model: its config describes the full model, while its weights
+    hold only some blocks, so loading it as one would silently give a broken model."""
+    import json
+
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        fmt = json.loads(manifest.read_text(encoding="utf-8")).get("format")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return
+    if fmt in _BUNDLE_HINTS:
+        raise OffsiteError(f"{name} is not a model but {_BUNDLE_HINTS[fmt]}")
 
 
 def model_display_name(name_or_path: str) -> str:
