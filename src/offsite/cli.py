@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="uniform", choices=sorted(methods))
     p.add_argument("--adapter-layers", default="2,2")
     p.add_argument("--preset", default="demo", choices=["quick", "demo", "gpu"],
-                   help="quick: minutes; demo: <20 min on 2 CPU cores; gpu: the paper's budget")
+                   help="quick: minutes; demo: 20-30 min on 2 CPU cores; gpu: the paper's budget")
     p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=None,
                    help="also fine-tune the full model (the FT row); default: on for the gpu preset")
     p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,

@@ -54,7 +54,7 @@ PRESETS = {
     "quick": Preset(eval_limit=100, text_docs=4, full_ft=False, full_ft_lr=2e-5,
                     train=TrainConfig(lr=1e-4, epochs=1, batch_size=8, micro_batch_size=8,
                                       schedule="linear", warmup_ratio=0.0, checkpoint_every=20)),
-    # `make demo`: under 20 minutes on a 2-core CPU
+    # `make demo`: 20-30 minutes on a 2-core CPU with the ceiling row (about 8 without it)
     "demo": Preset(eval_limit=500, text_docs=8, full_ft=False, full_ft_lr=2e-5,
                    train=TrainConfig(lr=1e-4, epochs=2, batch_size=8, micro_batch_size=8,
                                      schedule="linear", warmup_ratio=0.0, checkpoint_every=20)),
