@@ -43,21 +43,11 @@ from paper import (DEFAULT_CACHE, RESULTS_DIR, Budget, _Bench, Hooks, cell_key, 
                    entry_details, entry_name, parse_settings_override, record_cell)
 
 from offsite.errors import OffsiteError  # noqa: E402
+from offsite.stats import paired  # noqa: E402,F401  (one definition, re-exported for the tests)
 from offsite.report import setting_key  # noqa: E402
 
 TASKS = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq")
 FULL = ("full_zs", None, None)  # (row, method, setting) of the reference entry
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean and paired standard error of ``a - b`` (same documents, same order)."""
-    if len(a) != len(b) or not a:
-        raise ValueError("paired samples must be non-empty and of equal length")
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var / n)
 
 
 def average(per_task: list[tuple[float, float]]) -> tuple[float, float]:
