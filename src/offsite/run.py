@@ -97,7 +97,8 @@ def row_records(row: str, results: dict[str, dict], base: dict, seconds: float, 
 
 def run(model_name: str, task: str, method: str, adapter_layers, method_options: dict, out: str | Path,
         preset: str = "demo", settings: TuneSettings | None = None, full_ft: bool | None = None,
-        ceiling: bool = True, probe: bool = True, eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
+        ceiling: bool = True, probe: bool = True,
+        eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
         batch_size: int = 32, overwrite: bool = False, command: str = "", log=print) -> RunResult:
     if preset not in PRESETS:
         raise OffsiteError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -184,7 +185,10 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
     plugged = None
     if ceiling:
         rec = transfer_record(scores, task, base)
-        if rec is None:
+        if task not in scores["full_zs"]:
+            result.notes.append(f"transfer not reported: it needs per-document accuracies, which {task} "
+                                "(not multiple choice) does not give")
+        elif rec is None:
             result.notes.append(f"transfer not reported: the ceiling's gain on {task} is under two standard "
                                 "errors (nothing to transfer)")
         else:
