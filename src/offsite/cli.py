@@ -56,7 +56,8 @@ def _add_train_args(p) -> None:
                    help="what to train in the adapter blocks (default: full, as in the paper)")
     g.add_argument("--lora-r", type=int, default=8)
     g.add_argument("--lora-alpha", type=int, default=16)
-    g.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
+    g.add_argument("--lr", type=float, help="learning rate (default: 1e-4 for tune; the preset's for run, "
+                                            "2e-5 under --preset gpu)")
     g.add_argument("--epochs", type=float)
     g.add_argument("--max-steps", type=int)
     g.add_argument("--batch-size", type=int, help="global examples per optimizer step")
