@@ -56,8 +56,12 @@ def _add_train_args(p) -> None:
                    help="what to train in the adapter blocks (default: full, as in the paper)")
     g.add_argument("--lora-r", type=int, default=8)
     g.add_argument("--lora-alpha", type=int, default=16)
-    g.add_argument("--lr", type=float, help="learning rate (default: 1e-4 for tune; the preset's for run, "
-                                            "2e-5 under --preset gpu)")
+    from .run import PRESETS
+    from .train import TrainConfig
+
+    by_preset = ", ".join(f"{name} {preset.train.lr:g}" for name, preset in PRESETS.items())
+    g.add_argument("--lr", type=float, help=f"learning rate (default: {TrainConfig.lr:g} for tune; "
+                                            f"the preset's for run: {by_preset})")
     g.add_argument("--epochs", type=float)
     g.add_argument("--max-steps", type=int)
     g.add_argument("--batch-size", type=int, help="global examples per optimizer step")
