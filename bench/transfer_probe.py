@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     from offsite.emulator import build_emulator
     from offsite.models.load import load_model, model_display_name
-    from offsite.probe import ProbeOptions, probe, probe_examples, probe_records, task_probe_examples
+    from offsite.probe import ProbeOptions, probe, probe_examples, probe_records, probe_summary, task_probe_examples
     from offsite.results import meta, write_results
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -75,8 +75,7 @@ def main(argv=None) -> int:
         for name, examples in sources.items():
             f = probe(model, emu, examples, opts)
             records += probe_records(f, {**base, "task": name})
-            print(f"{method} {options} {name}: cos {f['grad_cos']['all']:.3f} (bottom {f['grad_cos']['bottom']:.3f}, "
-                  f"top {f['grad_cos']['top']:.3f}), ratio {f['grad_norm_ratio']['all']:.2f}", flush=True)
+            print(f"{method} {options} {name}: {probe_summary(f)}", flush=True)
         write_results(args.out, m, records)
     print(f"wrote {args.out}")
     return 0

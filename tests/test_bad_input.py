@@ -66,14 +66,19 @@ def test_truncated_weight_file(world, tmp_path, capsys):
     no_leftovers(tmp_path, tmp_path / "ad")
 
 
+def redigest(bundle_dir, weights: str) -> None:
+    """Rewrite the manifest's digest of ``weights`` to match the (tampered) file, as a forger would."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["files"][weights] = sha256_file(bundle_dir / weights)
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_truncated_weight_file_with_matching_digest(world, tmp_path, capsys):
     """Even if the manifest is rewritten to match, a broken safetensors file is refused."""
     ad = copy_of(world, "ad", tmp_path)
     f = ad / "adapter.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    manifest = json.loads((ad / "manifest.json").read_text())
-    manifest["files"]["adapter.safetensors"] = sha256_file(f)
-    (ad / "manifest.json").write_text(json.dumps(manifest))
+    redigest(ad, "adapter.safetensors")
     fails(capsys, ["plug", "--model", world / "model", "--adapter", ad, "--out", tmp_path / "p"], "safetensors")
     no_leftovers(tmp_path, tmp_path / "p")
 
@@ -88,9 +93,7 @@ def test_non_finite_adapter_with_matching_digest_is_refused(world, tmp_path, cap
     name = sorted(state)[0]
     state[name] = state[name].clone().fill_(float("nan"))
     save_file(state, str(f), metadata={"format": "offsite-adapter"})
-    manifest = json.loads((ad / "manifest.json").read_text())
-    manifest["files"]["adapter.safetensors"] = sha256_file(f)
-    (ad / "manifest.json").write_text(json.dumps(manifest))
+    redigest(ad, "adapter.safetensors")
     fails(capsys, ["plug", "--model", world / "model", "--adapter", ad, "--out", tmp_path / "p"], "NaN or infinite")
     no_leftovers(tmp_path, tmp_path / "p")
 

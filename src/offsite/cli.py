@@ -236,21 +236,15 @@ def cmd_emulate(args) -> None:
           f"(sources {[s.source for s in emu.slots]}), middle {sh['middle_params']:,} of "
           f"{sh['original_middle_params']:,} parameters ({sh['middle_params'] / sh['original_middle_params']:.1%})")
     if args.probe:
-        print(_probe_line(emu.report["probe"]))
+        from .probe import probe_summary
 
-
-def _probe_line(figures: dict) -> str:
-    cos, ratio = figures["grad_cos"], figures["grad_norm_ratio"]
-    return (f"probe: adapter gradient cosine {cos['all']:.3f} (bottom {cos.get('bottom', float('nan')):.3f}, "
-            f"top {cos.get('top', float('nan')):.3f}), norm ratio {ratio['all']:.2f}, "
-            f"over {figures['sequences']} sequences / {figures['tokens']:,} tokens "
-            "(1 = tuning on the emulator moves the adapter as on the full model; near 0 = it will not transfer)")
+        print(probe_summary(emu.report["probe"]))
 
 
 def cmd_probe(args) -> None:
     from .bundle import load_emulator, write_json_atomic
     from .models.load import load_model, model_display_name
-    from .probe import ProbeOptions, probe, probe_examples, probe_records, task_probe_examples
+    from .probe import ProbeOptions, probe, probe_examples, probe_records, probe_summary, task_probe_examples
     from .results import meta
 
     opts = ProbeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ProbeOptions)
@@ -261,7 +255,7 @@ def cmd_probe(args) -> None:
     examples = task_probe_examples(emu.tokenizer, args.task, opts) if args.task else probe_examples(emu.tokenizer, opts)
     figures = probe(model, emu, examples, opts)
     print(json.dumps(figures, indent=2))
-    print(_probe_line(figures))
+    print(probe_summary(figures))
     if args.json:
         base = {"model": model_display_name(args.model), "method": emu.method,
                 "setting": {"adapter_layers": list(emu.adapter_layers), **emu.params},

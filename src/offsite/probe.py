@@ -28,7 +28,8 @@ from .emulator.core import Emulator
 from .errors import OffsiteError
 from .models.families import get_blocks, num_blocks
 
-__all__ = ["ProbeOptions", "attach_probe", "probe", "probe_examples", "probe_records", "task_probe_examples"]
+__all__ = ["ProbeOptions", "attach_probe", "probe", "probe_examples", "probe_records", "probe_summary",
+           "task_probe_examples"]
 
 
 @dataclass
@@ -74,13 +75,13 @@ def _adapter_grads(model, positions: dict[int, int], examples: list[dict], micro
     """The mean-token LM-loss gradient of the blocks at ``positions`` (stack position -> original
     block index), flattened per original block. Other parameters get no gradient; the model's
     ``requires_grad`` flags and train/eval mode are restored afterwards."""
-    from .train import IGNORE, causal_lm_loss, collate
+    from .train import causal_lm_loss, collate, count_targets
 
     blocks = get_blocks(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     params = {src: [p for p in blocks[pos].parameters()] for pos, src in positions.items()}
-    total = sum(sum(1 for t in e["labels"][1:] if t != IGNORE) for e in examples)
+    total = sum(count_targets(e) for e in examples)
     if total == 0:
         raise OffsiteError("the probe's examples have no target tokens")
     try:
@@ -169,6 +170,15 @@ def probe_records(figures: dict, base: dict) -> list[dict]:
     return recs
 
 
+def probe_summary(figures: dict) -> str:
+    """One line for people: the whole-adapter and per-side cosines, the norm ratio, the data size."""
+    cos, ratio = figures["grad_cos"], figures["grad_norm_ratio"]
+    return (f"probe: adapter gradient cosine {cos['all']:.3f} (bottom {cos.get('bottom', float('nan')):.3f}, "
+            f"top {cos.get('top', float('nan')):.3f}), norm ratio {ratio['all']:.2f}, "
+            f"over {figures['sequences']} sequences / {figures['tokens']:,} tokens "
+            "(1 = tuning on the emulator moves the adapter as on the full model; near 0 = it will not transfer)")
+
+
 def attach_probe(model, emu: Emulator, opts: ProbeOptions | None = None, log=None) -> dict:
     """Probe ``emu`` against the ``model`` it was just built from on the held-out public text and
     record the figures in ``emu.report["probe"]`` (so they travel in the bundle's manifest)."""
@@ -181,8 +191,5 @@ def attach_probe(model, emu: Emulator, opts: ProbeOptions | None = None, log=Non
     figures["options"] = {"sequences": opts.sequences, "block_size": opts.block_size, "data": "public text (held-out)"}
     emu.report["probe"] = figures
     if log:
-        log(f"[offsite] probe: adapter gradient cosine {figures['grad_cos']['all']:.3f} "
-            f"(bottom {figures['grad_cos'].get('bottom', float('nan')):.3f}, "
-            f"top {figures['grad_cos'].get('top', float('nan')):.3f}), "
-            f"norm ratio {figures['grad_norm_ratio']['all']:.2f}")
+        log(f"[offsite] {probe_summary(figures)}")
     return figures
