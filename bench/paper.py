@@ -12,6 +12,17 @@ adapter 2,2 with the method's default options; ``uniform``/``kd`` declare keep=8
 emulator can be matched to the same size) the rows Emulator ZS, Emulator FT and Plug-in. A method
 registered later (``offsite.emulator.register``) joins without any change here.
 
+Each method setting also gets (``--no-ceiling`` / ``--no-probe`` skip them):
+
+* the **ceiling**: the same adapter, data, budget and seed tuned on the full model, tuned and scored
+  once per adapter layout and task and recorded under every method with that layout;
+* **transfer** = (Plug-in − Full ZS) / (ceiling − Full ZS), records ``row: "plugin", metric:
+  "transfer"`` per task and over the multiple-choice tasks run (``task: "avg<k>"``), with a paired
+  standard error from the per-document predictions, written only where the ceiling gains at least
+  two standard errors (docs/transfer.md);
+* the **probe**: the adapter-gradient cosine between the emulator and the full model on held-out
+  public text (``row: "probe"``, task ``text``; from the bundle's manifest when it carries one).
+
 **Resumable.** A *cell* is (model, task, method, setting, row). Finished cells are kept in the
 results file, written atomically after every cell, and skipped on the next run; a killed run
 resumes where it stopped. Emulator bundles are cached under ``--cache`` (default
@@ -312,10 +323,16 @@ class _Bench:
         trains nothing, so its predictions depend only on the documents (shared by budgets that
         differ in training, e.g. the seed)."""
         row, method, setting = entry
+        if row == "ceiling":  # shared by every method with the same adapter layout
+            return self.cache / "details" / self.budget.digest() / "ceiling" / setting_dir(setting) / f"{task}.json"
         if method is None:
             limit = self.budget.eval_limit
             return self.cache / "details" / f"full_zs-e{'all' if limit is None else limit}" / f"{task}.json"
         return self.cache / "details" / self.budget.digest() / method / setting_dir(setting) / f"{task}.json"
+
+    def ceiling_path(self, layout: dict, task: str) -> Path:
+        """The cached metrics of the ceiling of an adapter layout ``{"adapter_layers": [b, t]}``."""
+        return self.cache / "ceiling" / self.budget.digest() / setting_dir(layout) / f"{task}.json"
 
     def emulator_dir(self, method: str, setting: dict) -> Path:
         return self.cache / "emulators" / method / setting_dir(setting)
@@ -383,6 +400,8 @@ def entry_name(entry) -> str:
     from offsite.report import setting_label
 
     row, method, setting = entry
+    if row == "ceiling":
+        return f"Ceiling ({setting_label(setting)})"
     return "Full ZS" if method is None else f"{method} ({setting_label(setting)}) Plug-in"
 
 
@@ -423,14 +442,15 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
                   budget: Budget = Budget(), full_ft: bool = True, results_path=None, cache=DEFAULT_CACHE,
                   settings_override: dict | None = None, batch_size: int = 32, command: str = "",
                   hooks: Hooks | None = None, progress: bool = True, plan_only: bool = False,
-                  log=print) -> dict:
+                  ceiling: bool = True, probe: bool = True, log=print) -> dict:
     """Run every missing cell; returns the results file's content. See the module docstring."""
     from offsite.bundle import load_adapter, load_emulator, load_emulator_manifest
     from offsite.emulator import all_methods
     from offsite.plug import plug
     from offsite.results import meta, write_results
-    from offsite.run import row_records
-    from offsite.tune import finetune_full, tune_to_dir
+    from offsite.probe import probe as probe_emulator, probe_records
+    from offsite.run import ceiling_emulator, row_records
+    from offsite.tune import finetune_full, tune_adapter, tune_to_dir
 
     hooks = hooks or Hooks()
     b = _Bench(model_name, budget, results_path, cache, hooks, batch_size, progress, log)
@@ -466,10 +486,11 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         runs = list(old["meta"].get("runs") or [])
     done = {record_cell(r) for r in records}
 
-    todo = []
+    method_rows = METHOD_ROWS + (("ceiling",) if ceiling else ())
+    todo = [("text", m, s, "probe") for m, s in plan] if probe else []
     for task in tasks:
         todo.append((task, None, None, "full_zs"))
-        todo += [(task, m, s, row) for m, s in plan for row in METHOD_ROWS]
+        todo += [(task, m, s, row) for m, s in plan for row in method_rows]
         if full_ft:
             todo.append((task, None, None, "full_ft"))
     missing = [c for c in todo if cell_key(b.display, c[0], c[1], c[2], c[3]) not in done]
@@ -479,6 +500,11 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
             log(f"[paper] to do: {task} {m or 'full model'} {s or ''} {row}")
         return {"meta": {}, "records": records, "missing": missing, "failures": failures}
     if not missing:
+        if ceiling and records:
+            updated = with_transfer(records, plan, tasks, b)
+            if updated != records:
+                records = updated
+                write_results(b.results_path, old["meta"], records)
         return {"meta": {"budget": asdict(budget), "runs": runs}, "records": records, "failures": failures}
 
     this_run = meta(command)
@@ -502,6 +528,46 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
 
     broken: set = set()
 
+    def ceiling_cell(task, setting):
+        """The ceiling's metrics for this setting's adapter layout on ``task``: tuned and scored once
+        per layout, task and budget, then shared by every method with that layout."""
+        layout = {"adapter_layers": list(setting["adapter_layers"])}
+        path = b.ceiling_path(layout, task)
+        if path.exists():
+            return json.loads(path.read_text())
+        from offsite.bundle import write_json_atomic
+
+        model, tok = b.base()
+        full_middle = ceiling_emulator(model, tok, b.display, layout["adapter_layers"])
+        data = b.data(task)
+        log(f"[paper] ceiling: tuning the adapter {setting_key(layout)} on the full model ({task})")
+        work = path.with_suffix(".work")
+        _, trained = tune_adapter(full_middle, data, b.settings(task, budget.lr), work)
+        metrics, dt = b.evaluate(full_middle.model, tok, task, entry=("ceiling", None, layout))
+        cell = {"metrics": metrics, "seconds": round(dt, 2), "train_seconds": round(trained.seconds, 2),
+                "train_examples": len(data.items), "train_steps": trained.steps}
+        write_json_atomic(path, cell)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        return cell
+
+    def probe_cell(method, setting, emu_dir, extra):
+        """The transfer probe (adapter-gradient cosine on public text) of a cached emulator: from its
+        manifest when it was probed at build time, else computed now against the full model."""
+        figures = (load_emulator_manifest(emu_dir).get("report") or {}).get("probe")
+        t0 = time.perf_counter()
+        if figures is None:
+            model, _ = b.base()
+            log(f"[paper] probing {method} {setting_key(setting)}")
+            figures = probe_emulator(model, load_emulator(emu_dir))
+        base = {"model": b.display, "method": method, "setting": setting, "task": "text", **extra,
+                "seconds": round(time.perf_counter() - t0, 2)}
+        records.extend(probe_records(figures, base))
+        done.add(cell_key(b.display, "text", method, setting, "probe"))
+        write_results(b.results_path, meta_block, records)
+        log(f"[paper] {method} {setting_key(setting)} · probe: grad_cos {figures['grad_cos']['all']:.3f}")
+
     def method_cells(task, method, setting):
         eval_extra = {"eval_limit": budget.eval_limit}
         emu_dir = b.ensure_emulator(method, setting)
@@ -509,6 +575,12 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         extra = {**eval_extra, "middle_params": shapes.get("middle_params"),
                  "original_middle_params": shapes.get("original_middle_params"),
                  "build_seconds": b.build_seconds(emu_dir)}
+        if probe and not is_done("text", method, setting, "probe"):
+            probe_cell(method, setting, emu_dir, {k: v for k, v in extra.items() if k != "eval_limit"})
+        if ceiling and not is_done(task, method, setting, "ceiling"):
+            cell = ceiling_cell(task, setting)
+            save("ceiling", task, method, setting, cell["metrics"], cell["seconds"],
+                 {**eval_extra, **{k: cell[k] for k in ("train_seconds", "train_examples", "train_steps")}})
         if not is_done(task, method, setting, "emu_zs"):
             emu = load_emulator(emu_dir)
             metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
@@ -547,8 +619,9 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
             save("full_zs", task, None, None, metrics, dt, eval_extra)
 
         for method, setting in plan:
-            if (method, setting_key(setting)) in broken or all(is_done(task, method, setting, r)
-                                                               for r in METHOD_ROWS):
+            if (method, setting_key(setting)) in broken or (
+                    all(is_done(task, method, setting, r) for r in method_rows)
+                    and (not probe or is_done("text", method, setting, "probe"))):
                 continue
             try:
                 method_cells(task, method, setting)
@@ -572,7 +645,47 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
+    if ceiling:
+        records = with_transfer(records, plan, tasks, b)
+        write_results(b.results_path, meta_block, records)
     return {"meta": meta_block, "records": records, "failures": failures}
+
+
+def with_transfer(records: list[dict], plan, tasks, b: _Bench) -> list[dict]:
+    """``records`` with the Plug-in's transfer records recomputed from the cached per-document
+    predictions of Full ZS, Plug-in and ceiling: per task, and over the tasks that have all three
+    (task ``avg<k>``), each only where the ceiling gains at least two standard errors."""
+    from offsite.run import transfer_record
+    from offsite.stats import transfer
+
+    def correct(entry, task):
+        path = b.details_path(entry, task)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    kept = [r for r in records if not (r["row"] == "plugin" and r.get("metric") == "transfer")]
+    new = []
+    for method, setting in plan:
+        layout = {"adapter_layers": list(setting["adapter_layers"])}
+        base = {"model": b.display, "method": method, "setting": setting}
+        rows = {"plugin": {}, "full_zs": {}, "ceiling": {}}
+        for task in tasks:
+            got = {"plugin": correct(("plugin", method, setting), task), "full_zs": correct(("full_zs", None, None), task),
+                   "ceiling": correct(("ceiling", None, layout), task)}
+            if any(g is None for g in got.values()) or len({tuple(g["ids"]) for g in got.values()}) != 1:
+                continue  # not multiple choice, not scored yet, or on other documents
+            for row, g in got.items():
+                rows[row][task] = g["correct"]
+            rec = transfer_record(rows, task, base)
+            if rec is not None:
+                new.append(rec)
+        common = list(rows["plugin"])
+        if len(common) > 1:
+            t = transfer(*[[rows[r][k] for k in common] for r in ("plugin", "full_zs", "ceiling")])
+            if t["value"] is not None and t["ceiling_gain"] > 2 * t["ceiling_gain_stderr"]:
+                new.append({**base, "task": f"avg{len(common)}", "row": "plugin", "metric": "transfer",
+                            "value": t["value"], "stderr": t["stderr"], "n": t["n"], "tasks": common,
+                            "ceiling_gain": t["ceiling_gain"], "ceiling_gain_stderr": t["ceiling_gain_stderr"]})
+    return kept + new
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -613,6 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=d.adapter, choices=["full", "lora", "bitfit"])
     p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=True,
                    help="the Full FT row (default on)")
+    p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                   help="the ceiling row (the adapter tuned on the full model) and the Plug-in's transfer (default on)")
+    p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="the transfer probe of every emulator (adapter-gradient cosine on public text; default on)")
     p.add_argument("--batch-size-eval", type=int, default=32)
     p.add_argument("--results", help="results file (default bench/results/paper-<model>[-<budget>].json)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="emulator/adapter cache (default runs/paper-cache)")
@@ -664,7 +781,8 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         command = "python bench/paper.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         out = run_benchmark(args.model, tasks, methods, budget, full_ft=args.full_ft, results_path=path,
                       cache=args.cache, settings_override=override, batch_size=args.batch_size_eval,
-                      command=command.strip(), hooks=hooks, plan_only=args.plan)
+                      command=command.strip(), hooks=hooks, plan_only=args.plan, ceiling=args.ceiling,
+                      probe=args.probe)
         if not args.plan:
             report, _ = report_files([path], args.report)
             from offsite.report import report_markdown

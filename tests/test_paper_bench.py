@@ -82,6 +82,8 @@ def builds(monkeypatch):
 
 def run(tmp_path, counter, methods=("uniform",), settings=UNIFORM, **kw):
     kw.setdefault("budget", BUDGET)
+    kw.setdefault("ceiling", False)  # tested on their own below
+    kw.setdefault("probe", False)
     return paper.run_benchmark("tiny", ["arc_easy", "text"], list(methods) if methods else None,
                                results_path=tmp_path / "res.json", cache=tmp_path / "cache",
                                settings_override=settings, hooks=counter.hooks(), progress=False,
@@ -143,7 +145,7 @@ def test_task_subsets_run_apart_merge_into_one_file_that_a_rerun_finds_complete(
         return paper.run_benchmark("tiny", tasks, ["uniform"], budget=kw.pop("budget", BUDGET),
                                    results_path=tmp_path / name, cache=tmp_path / "cache", settings_override=UNIFORM,
                                    hooks=Counting().hooks(), progress=False, log=lambda *_: None,
-                                   command=f"test {name}", full_ft=False, **kw)
+                                   command=f"test {name}", full_ft=False, ceiling=False, probe=False, **kw)
 
     run_tasks(["arc_easy"], "a.json")
     run_tasks(["text"], "b.json")
@@ -161,7 +163,7 @@ def test_task_subsets_run_apart_merge_into_one_file_that_a_rerun_finds_complete(
     c = Counting()
     paper.run_benchmark("tiny", ["arc_easy", "text"], ["uniform"], budget=BUDGET, results_path=tmp_path / "a.json",
                         cache=tmp_path / "cache", settings_override=UNIFORM, hooks=c.hooks(), progress=False,
-                        log=lambda *_: None, command="rerun", full_ft=False)
+                        log=lambda *_: None, command="rerun", full_ft=False, ceiling=False, probe=False)
     assert (c.loads, c.evals) == (0, [])
     # into a new file; another budget is refused and nothing is written
     paper.merge_results(tmp_path / "new.json", [tmp_path / "b.json"], log=lambda *_: None)
@@ -239,7 +241,7 @@ def test_cli_plan_and_readme_table(tmp_path, capsys):
     args = ["--model", "tiny", "--tasks", "arc_easy", "--methods", "uniform", "--settings", json.dumps(UNIFORM),
             "--eval-limit", "4", "--train-limit", "8", "--text-train-limit", "2", "--batch-size", "4",
             "--lr", "1e-3", "--full-ft-lr", "1e-3", "--results", str(tmp_path / "r.json"),
-            "--cache", str(tmp_path / "c")]
+            "--cache", str(tmp_path / "c"), "--no-ceiling", "--no-probe"]
     assert paper.main(args + ["--plan"], hooks=hooks) == 0
     assert "0 of 5 cells done" in capsys.readouterr().out
     assert paper.main(args + ["--no-full-ft"], hooks=hooks) == 0
@@ -268,3 +270,59 @@ def test_a_cached_emulator_built_with_other_options_is_refused(tmp_path):
     del info["options"]  # a cache from before options were recorded is still used
     side.write_text(json.dumps(info))
     assert run(tmp_path, Counting(), full_ft=False)["failures"] == []
+
+
+def test_ceiling_transfer_and_probe_cells(tmp_path, monkeypatch):
+    # a task the tiny model learns in a few steps (the answer is always " y", which it scores below
+    # " x" untuned), given under two task names; the emulator keeps the whole middle, so its
+    # Plug-in is the ceiling: transfer 1 on each task and on their average, probe cosine 1
+    import offsite.data.text as text
+    from offsite.eval import evaluate
+
+    docs = [Doc(f"d{i}", f"Question {i}: which fruit?\nAnswer:", ["y", "x"] if i % 2 else ["x", "y"],
+                0 if i % 2 else 1) for i in range(40)]
+    train = TrainingData("qa", [(f"Question {i}: which fruit?\nAnswer:", " y") for i in range(80)], "fruit")
+    monkeypatch.setattr(text, "public_text", lambda part: ["The quick brown fox jumps over the lazy dog. " * 40] * 4)
+    trains = []
+
+    def data(task, budget):
+        trains.append(task)
+        return train
+
+    hooks = paper.Hooks(load_model=lambda name: (tiny_model("llama", 6, seed=1), make_tokenizer()),
+                        train_data=data, display_name=lambda n: n,
+                        evaluate=lambda model, tok, task, limit, bs, progress: evaluate(
+                            model, tok, task, docs=docs, limit=limit, batch_size=bs, progress=False,
+                            return_details=True))
+    budget = paper.Budget(eval_limit=None, train_limit=80, epochs=3, lr=2e-2, batch_size=8, micro_batch_size=8,
+                          max_length=64)
+    settings = {"uniform": [{"adapter_layers": [2, 1], "keep": 3}]}
+    go = lambda: paper.run_benchmark("tiny", ["arc_easy", "sciq"], ["uniform"], budget,  # noqa: E731
+                                     full_ft=False, results_path=tmp_path / "r.json", cache=tmp_path / "c",
+                                     settings_override=settings, hooks=hooks, progress=False,
+                                     log=lambda *_: None, command="test")
+    go()
+    recs = json.loads((tmp_path / "r.json").read_text())["records"]
+    acc = {(r["task"], r["row"]): r["value"] for r in recs if r["metric"] == "acc"}
+    for task in ("arc_easy", "sciq"):
+        assert acc[task, "ceiling"] == acc[task, "plugin"]
+        assert acc[task, "ceiling"] - acc[task, "full_zs"] >= 0.3
+    transfer = {r["task"]: r for r in recs if r["metric"] == "transfer"}
+    assert set(transfer) == {"arc_easy", "sciq", "avg2"}
+    assert all(t["row"] == "plugin" and t["method"] == "uniform" for t in transfer.values())
+    assert transfer["avg2"]["value"] == pytest.approx(1.0) and transfer["avg2"]["tasks"] == ["arc_easy", "sciq"]
+    [cos] = [r for r in recs if r["row"] == "probe" and r["metric"] == "grad_cos"]
+    assert cos["value"] == pytest.approx(1.0, abs=1e-6) and cos["task"] == "text"
+    n_trains = len(trains)
+    assert n_trains == 2  # loaded once per task, for the emulator's adapter and the ceiling
+
+    # everything done: a rerun trains nothing, the transfer records are not duplicated
+    go()
+    again = json.loads((tmp_path / "r.json").read_text())["records"]
+    assert len(trains) == n_trains and len(again) == len(recs)
+
+    # the report shows the ceiling row and the transfer line
+    from offsite.report import build_report, report_markdown
+
+    md = report_markdown(build_report([("r.json", {"meta": {}, "records": again})]))
+    assert "Ceiling" in md and "transfer" in md
