@@ -1,4 +1,4 @@
-"""Offsite-Tuning with distillation: uniform layer drop, then train the kept blocks (papers.md §2.4).
+"""Offsite-Tuning with distillation: uniform layer drop, then train the kept blocks (docs/offsite-tuning.md).
 
 Only the emulator's middle blocks train; the adapter blocks, embeddings and head stay frozen at
 the original weights (the reference's ``--train_module student``). The loss on public English

@@ -1,6 +1,7 @@
 """GradOT (arXiv 2507.04455): a training-free emulator that compresses every middle block.
 
-Steps (papers.md §4; the paper's PDF was not available, see docs/gradot.md for what is inferred):
+Steps (the paper's full text was not available: docs/gradot.md says what is inferred, docs/references.md
+the sources):
 
 1. one forward/backward pass of the full model over a support set of public text collects, for
    each linear map of the middle blocks, the gradient ``g`` and the KFAC factors ``A``, ``G``

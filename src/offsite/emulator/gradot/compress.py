@@ -10,8 +10,8 @@
   projection; the lowest-scoring channels are removed until the target width; the MLP is stored
   smaller (same module types, fewer channels).
 
-Budget (papers.md §4.3 leaves the ratio's definition open): ``ratio`` is the fraction of a middle
-block's parameters kept. Attention weights are kept at ``attn_ratio`` (default ``ratio``) of their
+Budget (the paper leaves the ratio's definition open, docs/gradot.md §3): ``ratio`` is the fraction
+of a middle block's parameters kept. Attention weights are kept at ``attn_ratio`` (default ``ratio``) of their
 dense size, counting a rank-``r`` factorisation of an ``out x in`` map as ``r (out + in)``
 parameters, so ``r = floor(attn_ratio · out·in / (out+in))``; the MLP width then fills the rest of
 the block's budget (norms and attention biases are kept whole), unless ``mlp_ratio`` fixes it as a

@@ -11,7 +11,7 @@ Every candidate GradOT scores is rank one, ``Δ = −s · a bᵀ``, so ``G Δ A 
 and ``‖G Δ A‖₁ = |s| · ‖G a‖₁ · ‖A b‖₁`` (the entrywise 1-norm of an outer product factorises),
 ``⟨g, Δ⟩ = −s · aᵀ g b``. The closed forms below score all candidates of a matrix at once with
 two matrix products; :func:`gcs` is the literal formula for any ``Δ`` (used by the tests).
-Choices not fixed by the paper: the entrywise 1-norm (papers.md §4.1 writes ‖·‖₁), and scoring
+Choices not fixed by the paper (docs/gradot.md §2): the entrywise 1-norm for its ‖·‖₁, and scoring
 each candidate alone (the score of a set is taken as the sum of its members' scores).
 """
 

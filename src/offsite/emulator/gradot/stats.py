@@ -16,7 +16,7 @@ sample); ``tests/test_gradot.py`` checks it against ``torch.autograd.functional.
 
 Memory: the factors of every watched map (``in² + out²`` floats each, float32) plus the gradients
 of the watched weights; ``blocks_per_pass`` trades extra passes for less memory on big models.
-Choices not fixed by the paper (papers.md §4.1): token positions as KFAC samples, the empirical
+Choices not fixed by the paper (docs/gradot.md §1): token positions as KFAC samples, the empirical
 Fisher (data labels, not labels sampled from the model), float32 accumulation.
 """
 

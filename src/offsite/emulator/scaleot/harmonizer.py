@@ -1,7 +1,7 @@
 """Harmonizers: the lightweight stand-ins that replace unimportant middle blocks.
 
 A harmonizer is a residual low-rank MLP ``y = h + W_up ReLU(W_down norm(h))`` (ScaleOT's
-"simple low-rank FFN with ReLU", papers.md §3.2, unverified against the paper's text). ``W_up``
+"simple low-rank FFN with ReLU" per an unofficial re-implementation, unverified; docs/scaleot.md). ``W_up``
 (weight and bias) starts at zero, so a fresh harmonizer is exactly the identity: replacing a block
 by a new harmonizer is the same as dropping the block.
 

@@ -1,7 +1,7 @@
 """Selective Rank Compression (SRC): truncated SVD of the attention projections of a block.
 
 ScaleOT applies a rank-r SVD approximation only to the attention (MHSA) weights of the original
-middle blocks it keeps; the MLP stays dense (papers.md §3.1). ``beta`` is the fraction of each
+middle blocks it keeps; the MLP stays dense (docs/scaleot.md, "SRC"). ``beta`` is the fraction of each
 projection's full rank ``min(out, in)`` that is kept: ``r = max(1, round(beta * min(out, in)))``
 (the triplet's "rank-reduction ratio"; its exact definition in the paper is unverified).
 

@@ -1,4 +1,4 @@
-"""ScaleOT stage 1: importance estimation by Dynamic LayerReplace (papers.md §3.1, §3.2, §3.4).
+"""ScaleOT stage 1: importance estimation by Dynamic LayerReplace (docs/scaleot.md, "Stage 1").
 
 Every middle block gets a harmonizer and a real-valued score ``s_i`` (initialised to 0,
 ``p_i = sigmoid(s_i)``). A HIGH score means "replacing this block by its harmonizer hurts little"
@@ -19,7 +19,7 @@ Training alternates two updates on the full model whose middle blocks are wrappe
   training text set aside, disjoint from the DL documents), draw ``rl_candidates`` distinct
   replacement sets the same way, run the mixed network on each (no grad), loss ``l_j``, reward
   ``R_j = exp(-l_j)``, advantage ``A_j = R_j - mean(R)``, and for every block ``i`` replaced in
-  candidate ``j``: ``s_i += rl_lr * A_j * p_i (1 - p_i)`` (IST's rule, §3.4; ``p`` taken before
+  candidate ``j``: ``s_i += rl_lr * A_j * p_i (1 - p_i)`` (IST's rule, docs/references.md; ``p`` taken before
   the update). With IST's ``exp(-l)`` at stage 1's loss level (7-10 nats: half the middle is
   replaced by young harmonizers) the scores move by ~1e-3 per update, so the sampling policy stays
   near uniform (every block is replaced about half the time, and every harmonizer trains about
