@@ -15,7 +15,7 @@ compared with the ratio of training FLOPs predicted from the parameter counts:
 Each configuration runs ``--rounds`` times, alternating with the other, in fresh processes; the
 speed-up is the median of the per-round ratios (the machines are noisy: compare within a run).
 
-writes bench/results/efficiency.json (DESIGN.md §7 format).
+writes bench/results/efficiency.json (docs/results-format.md).
 """
 
 from __future__ import annotations

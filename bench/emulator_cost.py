@@ -10,7 +10,7 @@ one stage 1 plus a stage 2 per size, against one ``kd`` run per size.
 
     python bench/emulator_cost.py [--methods kd,scaleot,gradot] [--sweep 4] [--settings JSON]
 
-writes bench/results/emulator-cost.json (DESIGN.md §7 records, row ``build``). The bundles it
+writes bench/results/emulator-cost.json (docs/results-format.md, row ``build``). The bundles it
 builds are stored in the paper benchmark's cache (``runs/paper-cache``) when that cell is missing
 there, and ScaleOT's stage-1 artifact in the offsite cache, so ``bench/paper.py`` reuses them.
 """

@@ -3,7 +3,7 @@
 Scores the first ``--limit`` eval docs of each ``--tasks`` task three ways in one process —
 ``score_mc`` sharing each context among its choices (packed rows, the default; ``eval_ours``), ``score_mc`` with one full pass per
 choice (``eval_ours_noshare``), and ``lm_eval.simple_evaluate`` on an ``HFLM`` wrapping the same
-in-memory model (``eval_lm_eval``) — and writes ``bench/results/eval_speed.json`` (DESIGN.md §7):
+in-memory model (``eval_lm_eval``) — and writes ``bench/results/eval_speed.json`` (docs/results-format.md):
 ``questions_per_s`` per way, plus ``acc`` of each and ``max_abs_diff_vs_lm_eval`` (largest
 per-choice log-likelihood difference) and ``decision_mismatches_vs_lm_eval``.
 

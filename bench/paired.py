@@ -190,7 +190,7 @@ SHORT = {"openbookqa": "OBQA", "piqa": "PIQA", "arc_easy": "ARC-E", "arc_challen
 
 
 def markdown(records: list[dict]) -> str:
-    """The README's table: one row per pair, the paired difference in points (± paired s.e.) per
+    """The markdown table of docs/results.md: one row per pair, the paired difference in points (± paired s.e.) per
     task and on the average."""
     diffs = [r for r in records if r["row"] == "paired_diff"]
     tasks = list(dict.fromkeys(r["task"] for r in diffs))

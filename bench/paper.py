@@ -3,7 +3,7 @@
     python bench/paper.py                                  # the full run (hours on a 2-core CPU)
     python bench/paper.py --tasks arc_easy --methods uniform --eval-limit 50   # minutes
     python bench/paper.py --plan                           # what is done, what is left
-    python bench/paper.py --readme-table                   # the README's table from the results
+    python bench/paper.py --readme-table                   # docs/results.md's table from the results
     python bench/paper.py --merge runs/other.json          # add another run's cells (same budget)
 
 For each task, Full ZS and Full FT are computed once and shared by every method (records with
@@ -32,7 +32,7 @@ cache after changing a method's code: it is keyed by the setting, not by the cod
 Plug-in rows of multiple-choice tasks also keep their per-document predictions there
 (``details/``), which ``bench/paired.py`` compares without scoring again.
 
-**Budget** (DESIGN.md §2 "Budget on this CPU"), the same for every method, seed and documents:
+**Budget** (docs/protocol.md, "Budget"), the same for every method, seed and documents:
 
 * training: the first ``--train-limit`` (1,000) examples of the task's training split (its fixed
   hash order), one epoch; 10% of them are held out for choosing the best adapter (tune.py), so
@@ -739,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add these results files' cells (same budget; e.g. task subsets run in parallel) "
                         "to --results, run nothing")
     p.add_argument("--readme-table", action="store_true",
-                   help="print the README's markdown table from the results file and exit")
+                   help="print the markdown table of docs/results.md from the results file and exit")
     p.add_argument("--report", metavar="DIR", help="after the run, write report.md/json and plots to DIR")
     return p
 

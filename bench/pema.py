@@ -21,8 +21,8 @@ on localhost (the two-party setting) instead of in process.
     python bench/pema.py --train-limit 0 --eval-limit 0 --pema-max-epochs 200 --pema-eval-every 100 \\
         --lora-lr 3e-4 --lora-epochs 1 --tasks webqs --out runs/webqs.json   # every pair (1-2 h per task on CPU)
 
-writes ``bench/results/pema.json`` (DESIGN.md §7). Tasks can run in separate processes (one
-``--out`` each) and be joined afterwards; ``--table`` prints the README's table from a results file:
+writes ``bench/results/pema.json`` (docs/results-format.md). Tasks can run in separate processes (one
+``--out`` each) and be joined afterwards; ``--table`` prints docs/results.md's table from a results file:
 
     python bench/pema.py --merge runs/a.json runs/b.json --out bench/results/pema-full.json
     python bench/pema.py --table bench/results/pema-full.json

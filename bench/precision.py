@@ -12,7 +12,7 @@ Each precision runs ``--rounds`` times, alternating, each in a fresh process; th
 median of the per-round ratios (the machines are noisy: compare within a run). Every run starts
 from the same weights and data, so the loss after the last step shows what bf16 rounding costs.
 
-writes bench/results/precision.json (DESIGN.md §7 format).
+writes bench/results/precision.json (docs/results-format.md).
 """
 
 from __future__ import annotations

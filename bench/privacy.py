@@ -6,7 +6,7 @@ attack at each ``--budgets`` size, then weight exposure and Plug-in), with the s
 the benchmark's ``--train-limit``/``--eval-limit`` cells. A method whose ``<out>/<method>/privacy.json``
 exists is not run again (delete it to redo); ``--suffix S`` runs into ``<out>/<method>-S`` instead, so a
 larger budget can join an earlier run. Then all records are merged into one results file
-(DESIGN.md §7, rows ``attack``), with ``privacy.md`` and ``privacy.png`` beside the runs.
+(docs/results-format.md, rows ``attack``), with ``privacy.md`` and ``privacy.png`` beside the runs.
 
     python bench/privacy.py --tasks arc_easy,openbookqa --budgets 0,50k --train-limit 200 --eval-limit 100
     python bench/privacy.py ... --budgets 500k --suffix 500k   # a larger budget beside that run

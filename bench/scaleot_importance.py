@@ -19,7 +19,7 @@ Each emulator's perplexity is measured on the first ``--docs`` held-out public-t
 
     python bench/scaleot_importance.py STAGE1_DIR [STAGE1_DIR ...] [--alpha 0.692308] [--seeds 4] [--probe 200]
 
-writes bench/results/scaleot-importance.json (DESIGN.md §7: task ``text``, row ``emu_zs``, metric
+writes bench/results/scaleot-importance.json (docs/results-format.md: task ``text``, row ``emu_zs``, metric
 ``ppl``; ``setting`` names the artifact's RL options and the order).
 """
 

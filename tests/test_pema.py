@@ -106,7 +106,7 @@ def test_representation_and_shared_head_reproduce_the_model(family, tokenizer):
 # --- Gradual Unrolling ----------------------------------------------------------------------------
 
 def _code_schedule(L: int, lam_max: float, min_percent: float, n: int) -> list[float]:
-    """A transcription of the official generation loop's λ bookkeeping (papers.md §5.2 (5))."""
+    """A transcription of the official generation loop's λ bookkeeping (docs/pema.md, "Gradual Unrolling")."""
     y = 1 / (1 - min_percent * 0.01)
     cur, apply, step, labels_left, out = lam_max, lam_max, lam_max / L, L, []
     for _ in range(n):

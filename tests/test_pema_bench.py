@@ -1,4 +1,4 @@
-"""bench/pema.py's merge of per-task results files and its README table."""
+"""bench/pema.py's merge of per-task results files and its markdown table (docs/results.md)."""
 
 from __future__ import annotations
 

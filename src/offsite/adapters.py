@@ -1,6 +1,6 @@
 """What the data owner trains inside the adapter blocks, and how it is carried back.
 
-Three kinds, as in Offsite-Tuning (papers.md §2.7, Table 5):
+Three kinds, as in Offsite-Tuning's code and its Table 5 (docs/offsite-tuning.md, "Tuning"):
 
 * ``full``: every parameter of the adapter blocks (the paper's default);
 * ``lora``: LoRA matrices on the linear maps of the adapter blocks, through ``peft``;

@@ -1,6 +1,6 @@
 """The papers' table and plots from results files: ``offsite report RESULTS... [--out DIR]``.
 
-Input: results JSON files (DESIGN.md §7, ``{"meta", "records"}``). Records whose ``row`` is one of
+Input: results JSON files (docs/results-format.md, ``{"meta", "records"}``). Records whose ``row`` is one of
 the papers' rows (``full_zs``, ``emu_zs``, ``emu_ft``, ``plugin``, ``full_ft``) or the adapter
 ``ceiling`` are tabulated, with the Plug-in's ``transfer`` records and the emulator's transfer probe
 (``row: "probe"``, ``metric: "grad_cos"``) beside them; the rest (efficiency or eval-speed rows) are

@@ -1,4 +1,4 @@
-"""Results files (DESIGN.md §7): ``{"meta": {...}, "records": [...]}``, one record per number."""
+"""Results files (docs/results-format.md): ``{"meta": {...}, "records": [...]}``, one record per number."""
 
 from __future__ import annotations
 

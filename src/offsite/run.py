@@ -89,7 +89,7 @@ def evaluate_row(model, tokenizer, task: str, eval_limit, text_docs, batch_size:
 
 
 def row_records(row: str, results: dict[str, dict], base: dict, seconds: float, extra: dict) -> list[dict]:
-    """Records (DESIGN §7) of one row of the table: every metric of every task evaluated."""
+    """Records (docs/results-format.md) of one row of the table: every metric of every task evaluated."""
     return [rec for task, metrics in results.items()
             for rec in metric_records(metrics, {**base, "task": task, "row": row},
                                       seconds=round(seconds, 2), **extra)]

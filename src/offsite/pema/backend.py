@@ -1,12 +1,12 @@
 """What PEMA's data owner may ask of the model owner: one interface, two implementations.
 
-:class:`Backend` is the whole contract between the parties in PEMA (papers.md §5.1):
+:class:`Backend` is the whole contract between the parties in PEMA (docs/pema.md, "The owner's service"):
 
 * ``info()`` — public facts about the model (hidden size, vocabulary, special tokens, limits);
 * ``tokenizer()`` — the tokenizer (files, not weights), so the data owner can send token ids;
 * ``forward(sequences, start)`` — for each token sequence, the **context representation** at every
   position from ``start`` on (the last transformer block's output, *before* the final norm — the
-  PEMA key, papers.md §5.2 (1) step 5) and the model's next-token **log-probabilities** there;
+  PEMA key, docs/pema.md) and the model's next-token **log-probabilities** there;
 * ``greedy(prompts, steps)`` — the model's own greedy continuation of each prompt for ``steps``
   tokens, with the representation (and optionally log-probabilities) at every step, i.e. at the
   contexts ``c_i = prompt + ŵ_<i`` the external memory is built from;

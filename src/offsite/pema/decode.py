@@ -6,7 +6,7 @@ the owner for ``P_LM`` and the representation ``f`` of the current context, comp
 
     P(w) = λ_t · P_PEMA(w) + (1 − λ_t) · P_LM(w)        (in log space, with logsumexp)
 
-**The schedule** (official ``generation/utils.py``, papers.md §5.2 (5)), with ``L`` the length the
+**The schedule** (official ``generation/utils.py``; docs/pema.md), with ``L`` the length the
 interpolation spans and ``m`` the "minimum" (0 in the paper)::
 
     λ_0 = λmax

@@ -1,6 +1,6 @@
 """PEMA's external memory: (representation, gold token) rows on disk, appendable and resumable.
 
-How rows are made (papers.md §5.2 (1); the official ``datastore_save.py``): for each training pair
+How rows are made (the official ``datastore_save.py``; docs/pema.md, "External memory"): for each training pair
 (prompt x, target y) the owner's model **greedily continues x** for ``len(y)`` steps; at step ``i``
 the context is ``c_i = x ŵ_<i`` — the model's *own* predictions, not the gold prefix — and the row
 stores the key ``f(c_i)`` (the last block's output before the final norm, at the last position of

@@ -1,6 +1,6 @@
 """The PEMA module and the owner's shared final norm + LM head.
 
-PEMA (papers.md §5.2) is a rank-``r`` bottleneck on the context representation ``f`` (the last
+PEMA (docs/pema.md, "Training") is a rank-``r`` bottleneck on the context representation ``f`` (the last
 block's output before the final norm), with two decoders and no residual path::
 
     z     = s · A · drop(f)            A ∈ R^{r×d} (Kaiming-uniform), s = α / r (α = 1)

@@ -13,7 +13,7 @@ base64 of the little-endian bytes}`` so the client gets exactly the in-process n
 
 **Weights.** The service never returns the model's weights: representations and log-probabilities
 only. PEMA's protocol does give the data owner the final norm and the LM head (they are needed to
-train ``B_pd`` through the model's own output layer, papers.md §5.1), so ``/v1/head`` exists but
+train ``B_pd`` through the model's own output layer, docs/pema.md), so ``/v1/head`` exists but
 answers 403 unless the owner starts the service with ``--share-head``; the data owner can also
 receive those two tensors any other way (``SharedHead.to_bytes``).
 

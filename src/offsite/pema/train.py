@@ -1,6 +1,6 @@
 """PEMA training on the external memory: phase 1 reconstruction, phase 2 joint retraining.
 
-Faithful to the official ``train_rct_pd.py`` (papers.md §5.2 (2)-(4)):
+Faithful to the official ``train_rct_pd.py`` (docs/pema.md, "Training"):
 
 * **Phase 1** (``--method 1``): train ``A`` and ``B_rct`` with ``L_rct = MSE(s·B_rct·A·drop(f), f)``.
 * **Phase 2** (``--method 3``): keep phase 1's ``B_rct`` **frozen**, draw a **fresh** ``A`` (not phase

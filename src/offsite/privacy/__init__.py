@@ -4,7 +4,7 @@
   text; :mod:`offsite.privacy.attack`);
 * :func:`weight_exposure` — what the bundle gives away of the original middle (the owner's side;
   :mod:`offsite.privacy.exposure`);
-* :func:`privacy_records` — both, plus the Plug-in reference, as DESIGN §7 records (row ``attack``),
+* :func:`privacy_records` — both, plus the Plug-in reference, as results records (row ``attack``),
   for ``offsite privacy`` and ``bench/paper.py``; :func:`format_markdown`, :func:`plot_privacy`.
 
 See ``docs/privacy.md``.

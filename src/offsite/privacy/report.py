@@ -1,11 +1,11 @@
-"""Both privacy measurements for one emulator, as §7 records, a markdown section and a PNG.
+"""Both privacy measurements for one emulator, as results records, a markdown section and a PNG.
 
 ``privacy_records(model_name, emulator_dir, task, budgets, ...)`` is what ``offsite privacy`` and
 ``bench/paper.py`` call per method and setting. It runs the attack first (from the bundle path
 only; the owner's model is not even loaded yet), then the owner's side: weight exposure and the
 Plug-in of the budget-0 adapter (which is the data owner's Emulator FT adapter).
 
-Records (DESIGN §7), all with ``row: "attack"``:
+Records (docs/results-format.md), all with ``row: "attack"``:
 
 * per budget ``b`` (``budget_tokens: b``; ``b = 0`` is Emulator FT): every metric of the task
   (``acc``, ``acc_norm`` ...), ``gap_closed`` on the task's headline metric, and with held-out text
@@ -84,7 +84,7 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
                     model=None, work_dir: str | Path | None = None, log=print,
                     train_data=None, train_limit: int | None = None, eval_docs=None, corpus_docs=None,
                     details: dict | None = None) -> list[dict]:
-    """Recovery attack at every budget + weight exposure + Plug-in, as §7 records (see module doc).
+    """Recovery attack at every budget + weight exposure + Plug-in, as results records (see module doc).
 
     ``settings`` (:class:`offsite.tune.TuneSettings`) are the data owner's tuning settings; by
     default the ``preset``'s (:data:`offsite.run.PRESETS`), as ``offsite run`` uses them —
@@ -354,7 +354,7 @@ def plot_privacy(records: list[dict], path: str | Path) -> Path:
 def run_privacy(model_name: str, emulator_dir: str | Path, tasks: list[str], out: str | Path,
                 budgets=DEFAULT_BUDGETS, overwrite: bool = False, command: str = "", log=print,
                 **kwargs) -> tuple[list[dict], Path]:
-    """Write ``privacy.json`` (§7), ``privacy.md`` and ``privacy.png`` under ``out``."""
+    """Write ``privacy.json`` (a results file), ``privacy.md`` and ``privacy.png`` under ``out``."""
     from ..bundle import load_emulator_manifest, write_json_atomic
     from ..results import meta
 
