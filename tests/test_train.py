@@ -123,6 +123,19 @@ def test_training_lowers_the_loss_and_keeps_the_best_state():
             assert torch.equal(p.detach(), frozen_before[n]) and not p.requires_grad
 
 
+def test_validation_runs_several_times_per_epoch_by_default():
+    """With one epoch, validating once per epoch would make "the best adapter" the last one."""
+    from offsite.train import validation_interval
+
+    assert validation_interval(TrainConfig(), 8) == 2 and validation_interval(TrainConfig(), 1) == 1
+    assert validation_interval(TrainConfig(evals_per_epoch=1), 8) == 8
+    assert validation_interval(TrainConfig(eval_every=5), 8) == 5
+    model = tiny_llama()
+    cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=4, **QUIET)
+    result = train(model, adapter_params(model), made_up_examples(16), made_up_examples(4, seed=5), cfg)
+    assert [h["step"] for h in result.history if h["val_loss"] is not None] == [1, 2, 3, 4]
+
+
 def test_default_trainable_is_requires_grad():
     model = tiny_llama(layers=2)
     for n, p in model.named_parameters():
@@ -273,6 +286,7 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path):
     (dict(warmup_ratio=1.5), "warmup"),
     (dict(max_grad_norm=0.0), "max_grad_norm"),
     (dict(eval_every=0), "eval_every"),
+    (dict(evals_per_epoch=0), "evals_per_epoch"),
     (dict(micro_batch_size=0), "micro_batch_size"),
     (dict(mixed_precision="fp16"), "mixed_precision"),
 ])

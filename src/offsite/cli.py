@@ -69,7 +69,10 @@ def _add_train_args(p) -> None:
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"])
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--weight-decay", type=float)
-    g.add_argument("--eval-every", type=int, help="optimizer steps between validations (default: each epoch)")
+    g.add_argument("--eval-every", type=int, help="optimizer steps between validations, which pick the kept "
+                                                  "adapter (default: --evals-per-epoch times per epoch)")
+    g.add_argument("--evals-per-epoch", type=int, help=f"validations per epoch when --eval-every is not given "
+                                                       f"(default {TrainConfig.evals_per_epoch})")
     g.add_argument("--checkpoint-every", type=int)
     g.add_argument("--max-length", type=int)
     g.add_argument("--seed", type=int)
@@ -86,7 +89,7 @@ def _tune_settings(args, base=None):
     cfg = base or TrainConfig()
     changes = {k: getattr(args, k) for k in ("lr", "epochs", "max_steps", "batch_size", "micro_batch_size",
                                              "schedule", "warmup_steps", "weight_decay", "eval_every",
-                                             "checkpoint_every", "max_length", "seed")
+                                             "evals_per_epoch", "checkpoint_every", "max_length", "seed")
                if getattr(args, k, None) is not None}
     if "batch_size" in changes and "micro_batch_size" not in changes:
         changes["micro_batch_size"] = min(changes["batch_size"], cfg.micro_batch_size)

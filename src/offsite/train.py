@@ -96,7 +96,10 @@ class TrainConfig:
     schedule: str = "linear"  # linear | cosine | constant (all after the warm-up)
     max_grad_norm: float | None = 1.0
     seed: int = 42
-    eval_every: int | None = None  # optimizer steps between validations; None -> once per epoch
+    # optimizer steps between validations (the best validation loss picks the kept state);
+    # None -> evals_per_epoch times per epoch, so that "best" is a choice even in a one-epoch run
+    eval_every: int | None = None
+    evals_per_epoch: int = 4
     checkpoint_every: int | None = 50  # optimizer steps between checkpoints; None -> never
     max_length: int = 1024  # longer examples keep their LAST max_length tokens
     progress: bool = True
@@ -126,6 +129,8 @@ class TrainConfig:
             bad(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             bad(f"max_grad_norm must be > 0 or None (got {self.max_grad_norm})")
+        if self.evals_per_epoch < 1:
+            bad(f"evals_per_epoch must be >= 1 (got {self.evals_per_epoch})")
         for name in ("eval_every", "checkpoint_every"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -177,6 +182,12 @@ def resolve_precision(spec: str, device: torch.device | str | None = None) -> st
 # Fields that must match for a checkpoint to be resumed (the others only change speed or logging).
 _RESUME_KEYS = ("lr", "epochs", "max_steps", "batch_size", "weight_decay", "warmup_steps", "warmup_ratio",
                 "schedule", "max_grad_norm", "seed", "max_length")
+
+
+def validation_interval(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps between validations: ``cfg.eval_every``, else an epoch split into
+    ``cfg.evals_per_epoch`` parts (at least one step). Training also validates at its last step."""
+    return cfg.eval_every or max(1, math.ceil(steps_per_epoch / cfg.evals_per_epoch))
 
 
 @dataclass
@@ -371,7 +382,7 @@ def train(
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch - 1e-9))
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    eval_every = cfg.eval_every or steps_per_epoch
+    eval_every = validation_interval(cfg, steps_per_epoch)
     scheduler = _scheduler(cfg.schedule, optimizer, warmup, total_steps)
 
     model, optimizer = accelerator.prepare(model, optimizer)
