@@ -184,3 +184,18 @@ def test_unsupported_family_names_the_supported_ones():
 
     with pytest.raises(OffsiteError, match="supported families: llama"):
         family_of(FalconConfig())
+
+
+def test_weights_that_do_not_cover_the_config_are_no_model(tiny_dir, tokenizer, tmp_path):
+    """An emulator's directory without its manifest (weights for some blocks, the full model's
+    config) is refused with what is wrong, not loaded with random blocks."""
+    from transformers import AutoModelForCausalLM
+
+    from offsite.models.load import load_model
+
+    emu = build_emulator("uniform", AutoModelForCausalLM.from_pretrained(tiny_dir), tokenizer, "tiny", "2,2", keep=1)
+    save_emulator(emu, tmp_path / "emu")
+    (tmp_path / "emu" / "manifest.json").unlink()
+    with pytest.raises(OffsiteError, match="not a complete model: 9 tensors .* missing .*--emulator"):
+        load_model(str(tmp_path / "emu"))
+    load_model(str(tiny_dir))  # a complete model (tied head included) loads

@@ -139,7 +139,12 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OffsiteError(f"cannot load {where} {name_or_path!r}: {first}") from exc
     family_of(config)  # fail early, naming the supported families
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as exc:  # a size mismatch, a broken weight file...
+        first = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise OffsiteError(f"cannot load {name_or_path!r} as a model: {first}") from exc
+    _refuse_partial(name_or_path, info)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -172,6 +177,20 @@ def _refuse_bundle(path: Path, name: str) -> None:
         return
     if fmt in _BUNDLE_HINTS:
         raise OffsiteError(f"{name} is not a model but {_BUNDLE_HINTS[fmt]}")
+
+
+def _refuse_partial(name: str, info: dict) -> None:
+    """Weights that do not cover the config (an emulator's blocks under the full model's config, a
+    partial save) would load as a silently broken model, its missing tensors randomly initialised."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if not missing and not mismatched:
+        return
+    what = (f"{len(missing)} tensors its config needs are missing from its weights (e.g. {missing[0]})"
+            if missing else f"{len(mismatched)} tensors have other shapes than its config's "
+                            f"(e.g. {mismatched[0][0]})")
+    raise OffsiteError(f"{name} is not a complete model: {what}; an emulator's weights hold only some blocks "
+                       "(pass an emulator bundle as --emulator, and the model it was built from as --model)")
 
 
 def model_display_name(name_or_path: str) -> str:
