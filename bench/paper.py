@@ -412,23 +412,6 @@ def entry_details(task: str, entry, acc: float, details: list[dict], seconds: fl
             "seconds": round(seconds, 1)}
 
 
-def emulator_with_adapter(emu, bundle):
-    """Write a tuned adapter bundle back into the emulator it was tuned on (the adapter's tensors
-    are keyed by original block index; in the emulator the top blocks sit at other positions)."""
-    from offsite import adapters
-
-    if bundle.emulator_digest != (emu.manifest or {}).get("digest"):
-        raise OffsiteError("cached adapter was tuned on another emulator; delete the benchmark cache")
-    position = {source: pos for pos, source in emu.adapter_positions.items()}
-    state = {}
-    for key, t in bundle.state.items():
-        _, source, name = key.split(".", 2)
-        state[f"blocks.{position[int(source)]}.{name}"] = t
-    emu.model = adapters.apply(emu.model, state, bundle.kind, bundle.lora)
-    emu.model.eval()
-    return emu
-
-
 def build_emulator(*args, **kwargs):  # indirection so tests can count builds
     from offsite.emulator import build_emulator as build
 
@@ -446,7 +429,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
     """Run every missing cell; returns the results file's content. See the module docstring."""
     from offsite.bundle import load_adapter, load_emulator, load_emulator_manifest
     from offsite.emulator import all_methods
-    from offsite.plug import plug
+    from offsite.plug import plug, plug_into_emulator
     from offsite.results import meta, write_results
     from offsite.probe import probe as probe_emulator, probe_records
     from offsite.run import ceiling_emulator, row_records
@@ -599,7 +582,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
                     "train_examples": bundle.training.get("examples"),
                     "train_steps": bundle.training.get("steps")}
         if not is_done(task, method, setting, "emu_ft"):
-            emu = tuned if tuned is not None else emulator_with_adapter(load_emulator(emu_dir), bundle)
+            emu = tuned if tuned is not None else plug_into_emulator(load_emulator(emu_dir), bundle)
             metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
             save("emu_ft", task, method, setting, metrics, dt, ft_extra)
             del emu

@@ -199,3 +199,22 @@ def test_weights_that_do_not_cover_the_config_are_no_model(tiny_dir, tokenizer, 
     with pytest.raises(OffsiteError, match="not a complete model: 9 tensors .* missing .*--emulator"):
         load_model(str(tmp_path / "emu"))
     load_model(str(tiny_dir))  # a complete model (tied head included) loads
+
+
+def test_tuned_adapter_goes_back_into_its_emulator_only(tokenizer, tmp_path):
+    """plug_into_emulator: the Emulator FT model from a saved adapter equals the emulator tuned in
+    place; an adapter of another emulator is refused."""
+    from offsite.bundle import BundleError, save_adapter
+    from offsite.plug import plug_into_emulator
+
+    model = tiny_model("llama", 8)
+    emu = build_emulator("uniform", model, tokenizer, "tiny", "2,2", keep=2)
+    save_emulator(emu, tmp_path / "emu")
+    save_emulator(build_emulator("uniform", model, tokenizer, "tiny", "2,2", keep=3), tmp_path / "emu3")
+    tuned = load_emulator(tmp_path / "emu")
+    bundle, _ = tune_adapter(tuned, TrainingData("qa", PAIRS), settings())
+    save_adapter(bundle, tmp_path / "ad")
+    again = plug_into_emulator(load_emulator(tmp_path / "emu"), load_adapter(tmp_path / "ad"))
+    assert torch.equal(logits(again.model), logits(tuned.model))
+    with pytest.raises(BundleError, match="another emulator"):
+        plug_into_emulator(load_emulator(tmp_path / "emu3"), load_adapter(tmp_path / "ad"))
