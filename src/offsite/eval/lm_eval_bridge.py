@@ -26,7 +26,7 @@ from offsite.data.tasks import Doc
 from offsite.errors import OffsiteError
 from offsite.eval.mc import score_mc
 
-__all__ = ["lm_eval_parity", "run_harness_task", "run_lm_eval", "write_task"]
+__all__ = ["lm_eval_parity", "run_harness_task", "run_lm_eval", "write_task", "yaml_task_name"]
 
 TOLERANCE_ACC = 0.001  # aggregate acc must agree within 0.1 points
 
@@ -89,35 +89,93 @@ def run_lm_eval(model, tokenizer, docs: Sequence[Doc], batch_size: int = 32,
             "lls": lls, "seconds": seconds}
 
 
-def run_harness_task(model, tokenizer, task: str, limit: int | None = None, batch_size: int = 32) -> dict:
-    """Run one of lm-eval's *own* tasks by name on the in-memory model (``offsite eval --backend
-    lm-eval`` for tasks offsite does not ship). Its data comes from the Hugging Face Hub, so this
-    needs a network; offline it fails with a one-line DataUnavailable."""
+def run_harness_task(model, tokenizer, task: str, limit: int | None = None, batch_size: int = 32,
+                     include_path: str | None = None) -> dict:
+    """Run one of lm-eval's tasks on the in-memory model (``offsite eval --backend lm-eval`` for
+    tasks offsite does not ship): a registered task name, a task in ``include_path`` (a folder of
+    task YAML files), or a task YAML file. The result is read by the task's own name (a YAML file's
+    ``task:``, not its path). A registered task downloads its data from the Hugging Face Hub; every
+    failure is a one-line OffsiteError (DataUnavailable where the data could not be fetched)."""
     _require_lm_eval()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     from offsite.errors import DataUnavailable
 
+    folders = []
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise OffsiteError(f"--include-path {include_path}: no such folder")
+        folders.append(str(include_path))
+    name = task
+    if Path(task).suffix.lower() in (".yaml", ".yml"):
+        name = yaml_task_name(task)
+        folders.insert(0, str(Path(task).parent))
+    try:
+        manager = TaskManager(include_path=folders or None)
+    except Exception as e:  # noqa: BLE001 - a broken YAML in a folder: one line, not a traceback
+        raise OffsiteError(f"lm-eval could not index the task folder(s) {', '.join(folders)} ({_first_line(e)})") \
+            from e
+    if name not in manager.all_tasks:
+        where = f" nor in {', '.join(folders)}" if folders else ""
+        raise OffsiteError(f"lm-eval knows no task {name!r} (not among its {len(manager.all_tasks)} registered "
+                           f"tasks{where}); pass a task YAML file, or its folder as --include-path")
+    # a task of the user's folders reads what its YAML names; only the harness's own may need the Hub
+    local = bool(folders) and name in TaskManager(include_path=folders, include_defaults=False).all_tasks
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, num_fewshot=0, bootstrap_iters=100,
-                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0)
-    except (OSError, ConnectionError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataUnavailable(f"lm-eval could not run its task {task!r} ({first}); the harness's own tasks "
-                              "download their data from the Hugging Face Hub") from e
-    res = out["results"][task]
+        out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit, num_fewshot=0,
+                                      bootstrap_iters=100, random_seed=0, numpy_random_seed=0,
+                                      torch_random_seed=0)
+    except Exception as e:  # noqa: BLE001 - the harness raises anything; the user gets one line
+        if not local and _looks_like_download(e):
+            raise DataUnavailable(f"lm-eval could not fetch the data of its task {name!r} ({_first_line(e)}); "
+                                  "the harness's registered tasks download their data from the Hugging Face "
+                                  "Hub") from e
+        raise OffsiteError(f"lm-eval could not run task {name!r} ({_first_line(e)})") from e
+    results = (out or {}).get("results", {})
+    if name not in results:
+        raise OffsiteError(f"lm-eval returned no result named {name!r} (it returned {', '.join(results) or 'none'})")
     metrics = {}
-    for key, value in res.items():
+    for key, value in results[name].items():
         if not isinstance(value, (int, float)) or "," not in key:
             continue
-        name, _, _filter = key.partition(",")
-        metrics[name] = float(value)
-    n = out.get("n-samples", {}).get(task, {}).get("effective")
+        metric, _, _filter = key.partition(",")
+        metrics[metric] = float(value)
+    n = out.get("n-samples", {}).get(name, {}).get("effective")
     if n is not None:
         metrics["n"] = int(n)
     return metrics
+
+
+def yaml_task_name(path) -> str:
+    """The ``task:`` name of an lm-eval task YAML file (its ``include:`` files followed)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise OffsiteError(f"{p}: no such file")
+    try:
+        cfg = load_yaml(p, resolve_func=False)
+    except Exception as e:  # noqa: BLE001 - yaml errors, include cycles, unreadable files
+        raise OffsiteError(f"{p}: not a readable lm-eval task YAML ({_first_line(e)})") from e
+    name = cfg.get("task")
+    if not isinstance(name, str) or not name:
+        what = f"a group ({cfg['group']!r}); pass its folder as --include-path and the group's name as --task" \
+            if "group" in cfg else "no 'task:' name"
+        raise OffsiteError(f"{p} has {what}")
+    return name
+
+
+def _first_line(e: BaseException) -> str:
+    return (" ".join(str(e).split()) or type(e).__name__)[:300]
+
+
+def _looks_like_download(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, (ConnectionError, TimeoutError)) or any(
+        w in text for w in ("huggingface", "hub", "connection", "offline", "resolve", "max retries", "network"))
 
 
 def lm_eval_parity(model, tokenizer, docs: Sequence[Doc], batch_size: int = 32,
