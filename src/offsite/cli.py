@@ -4,7 +4,7 @@
     offsite emulate --model M --method uniform --keep 8 --out DIR      (model owner)
     offsite tune --emulator DIR --task arc_easy --out DIR              (data owner)
     offsite plug --model M --adapter DIR --out DIR                     (model owner)
-    offsite eval --model M|--emulator DIR --task arc_easy              (either)
+    offsite eval --model M|--emulator DIR [--adapter DIR] --task arc_easy|--data FILE   (either)
     offsite probe --model M --emulator DIR                             (model owner, before shipping)
     offsite run --model M --task arc_easy --method uniform             (both, one machine)
     offsite report RESULTS.json... [--out DIR]                         (tables and plots)
@@ -81,6 +81,18 @@ def _add_train_args(p) -> None:
                         "fp32) or auto (bf16 where the hardware runs it natively, ~2x faster on such CPUs)")
 
 
+def _add_template_arg(p) -> None:
+    p.add_argument("--template", help="prompt template of multiple-choice or generation files, filled with each "
+                                      "row's fields, e.g. 'Question: {question}\\nAnswer:' (the default for "
+                                      "rows with a question); each choice is scored as ' ' + choice after it")
+
+
+def _template(args) -> str | None:
+    """The --template option, with ``\\n`` and ``\\t`` typed on a command line turned into a newline and a tab."""
+    t = getattr(args, "template", None)
+    return None if t is None else t.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _tune_settings(args, base=None):
     from .adapters import LoraOptions
     from .train import TrainConfig
@@ -129,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulator", required=True, help="emulator bundle directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", help="a built-in task (its training split)")
-    src.add_argument("--data", help="JSONL/CSV file (prompt/completion or text) or a Hugging Face dataset name")
+    src.add_argument("--data", help="JSONL/CSV file (prompt/completion, text, or multiple choice / generation "
+                                    "as for eval: docs/own-task.md) or a Hugging Face dataset name")
+    _add_template_arg(p)
     p.add_argument("--out", required=True, help="adapter bundle directory to create")
     p.add_argument("--overwrite", action="store_true")
     _add_train_args(p)
@@ -146,13 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--model")
     who.add_argument("--emulator")
-    p.add_argument("--task", default="arc_easy", help="task name, or 'text' for held-out perplexity")
+    p.add_argument("--adapter", help="with --emulator: score the emulator with this tuned adapter bundle in it "
+                                     "(Emulator FT; checked against the emulator's digest)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--task", help="built-in task name (default arc_easy), 'text' for held-out perplexity, or "
+                                     "a task file of your own; with --backend lm-eval also a harness task name "
+                                     "or an lm-eval task YAML file")
+    what.add_argument("--data", help="your own evaluation data: JSONL/CSV multiple choice {question|context, "
+                                     "choices, answer} or generation {prompt, answers} (docs/own-task.md)")
+    _add_template_arg(p)
     p.add_argument("--limit", type=int, help="first N documents of the evaluation split")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="write the metrics to this JSON file")
     p.add_argument("--backend", default="ours", choices=["ours", "lm-eval"],
-                   help="lm-eval: score with lm-evaluation-harness itself (our multiple-choice tasks through "
-                        "local files; any other name runs the harness's own task, which needs a network)")
+                   help="lm-eval: score with lm-evaluation-harness itself (our multiple-choice tasks and "
+                        "files through local files; any other name runs the harness's task: a registered one "
+                        "downloads its data, a YAML file or --include-path task reads what it names)")
+    p.add_argument("--include-path", help="with --backend lm-eval: a folder of lm-eval task YAML files")
 
     from .probe import ProbeOptions
 
@@ -167,7 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="play both parties on one machine and print the papers' table")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--task", default="arc_easy")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--task", help="built-in task: tune on its train split, score its eval split "
+                                     "(default arc_easy)")
+    what.add_argument("--eval-data", help="your own evaluation file (as for eval --data; docs/own-task.md), "
+                                          "with --data to tune on")
+    p.add_argument("--data", help="tune on this file instead (prompt/completion, text, multiple choice or "
+                                  "generation: docs/own-task.md)")
+    _add_template_arg(p)
     p.add_argument("--method", default="uniform", choices=sorted(methods))
     p.add_argument("--adapter-layers", default="2,2")
     p.add_argument("--preset", default="demo", choices=["quick", "demo", "gpu"],
@@ -272,7 +303,9 @@ def cmd_tune(args) -> None:
     from .tune import file_data, task_data, tune_to_dir
 
     check_new_path(args.out, args.overwrite)
-    data = task_data(args.task) if args.task else file_data(args.data)
+    if args.task and args.template is not None:
+        raise OffsiteError("--template applies to --data files, not to a built-in --task")
+    data = task_data(args.task) if args.task else file_data(args.data, _template(args))
     emu = load_emulator(args.emulator)
     bundle = tune_to_dir(emu, data, _tune_settings(args), args.out, overwrite=args.overwrite)
     t = bundle.training
@@ -294,55 +327,95 @@ def cmd_plug(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .bundle import load_emulator, write_json_atomic
+    from .bundle import load_adapter, load_emulator, write_json_atomic
+    from .data.own import resolve_task
     from .eval import evaluate
     from .models.load import load_model
 
+    if args.adapter and not args.emulator:
+        raise OffsiteError("--adapter needs --emulator, the emulator it was tuned on; to score it on the full "
+                           "model, plug it in first (offsite plug) and pass the result as --model")
+    if args.include_path and args.backend != "lm-eval":
+        raise OffsiteError("--include-path is an lm-eval option; add --backend lm-eval")
+    spec = args.data or args.task or "arc_easy"
+    # check the task (and read a file) before any model work; harness task names are the harness's
+    task = spec if args.backend == "lm-eval" else resolve_task(spec, _template(args))
+    bundle = load_adapter(args.adapter) if args.adapter else None
     if args.emulator:
         emu = load_emulator(args.emulator)
+        if bundle is not None:
+            from .plug import plug_into_emulator
+
+            plug_into_emulator(emu, bundle)
         model, tokenizer = emu.model, emu.tokenizer
     else:
         model, tokenizer = load_model(args.model)
     if args.backend == "lm-eval":
-        metrics = _eval_with_harness(model, tokenizer, args.task, args.limit, args.batch_size)
+        metrics = _eval_with_harness(model, tokenizer, task, args.limit, args.batch_size, args.include_path,
+                                     _template(args))
     else:
-        metrics = evaluate(model, tokenizer, args.task, limit=args.limit, batch_size=args.batch_size)
+        metrics = evaluate(model, tokenizer, task, limit=args.limit, batch_size=args.batch_size)
     print(json.dumps(metrics, indent=2))
     if args.json:
         write_json_atomic(args.json, metrics)
 
 
-def _eval_with_harness(model, tokenizer, task: str, limit, batch_size: int) -> dict:
+def _eval_with_harness(model, tokenizer, task: str, limit, batch_size: int, include_path=None,
+                       template=None) -> dict:
+    from pathlib import Path
+
+    from .data.own import FILE_SUFFIXES, load_own_task
     from .data.tasks import TASKS, load_task
     from .eval.lm_eval_bridge import run_harness_task, run_lm_eval
 
+    docs = None
     if task in TASKS and task != "webqs":  # our documents and prompts, the harness's scoring
         docs = load_task(task, "eval")[:limit]
+    elif Path(task).suffix.lower() in FILE_SUFFIXES:
+        own = load_own_task(task, template)
+        if own.kind != "mc":
+            raise OffsiteError(f"{task}: --backend lm-eval scores multiple-choice files; score generation "
+                               "files with the default backend")
+        docs = own.docs[:limit]
+    if docs is not None:
         out = run_lm_eval(model, tokenizer, docs, batch_size=batch_size)
         return {k: out[k] for k in ("acc", "acc_norm", "n", "seconds")}
-    return run_harness_task(model, tokenizer, task, limit=limit, batch_size=batch_size)
+    return run_harness_task(model, tokenizer, task, limit=limit, batch_size=batch_size, include_path=include_path)
 
 
 def cmd_run(args) -> None:
+    from pathlib import Path
+
+    from .data.own import resolve_task, task_name
     from .emulator import get_method
     from .models.load import model_display_name
     from .run import PRESETS, format_table, run
+    from .tune import file_data
 
     method = get_method(args.method)
-    out = args.out or f"runs/{model_display_name(args.model)}-{args.task}-{args.method}"
+    if args.eval_data and not args.data:
+        raise OffsiteError("--eval-data needs --data, the examples to tune on (never the rows it is scored on)")
+    if args.data and not args.eval_data and not args.task:
+        raise OffsiteError("--data needs --eval-data (your evaluation file) or --task (a built-in task) to score on")
+    if args.task and args.template is not None and not args.data:
+        raise OffsiteError("--template applies to --data and --eval-data files, not to a built-in --task")
+    task = resolve_task(args.eval_data, _template(args)) if args.eval_data else (args.task or "arc_easy")
+    train_data = file_data(args.data, _template(args)) if args.data else None
+    name = task_name(task)
+    out = args.out or f"runs/{model_display_name(args.model)}-{Path(name).name.replace(':', '-')}-{args.method}"
     preset = PRESETS[args.preset]
     settings = _tune_settings(args, base=preset.train)
-    result = run(args.model, args.task, args.method, args.adapter_layers, _method_options(args, method), out,
+    result = run(args.model, task, args.method, args.adapter_layers, _method_options(args, method), out,
                  preset=args.preset, settings=settings, full_ft=args.full_ft, ceiling=args.ceiling,
                  probe=args.probe,
                  eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
                  text_docs=args.text_docs if args.text_docs is not None else "preset",
-                 batch_size=args.batch_size_eval, overwrite=args.overwrite,
+                 batch_size=args.batch_size_eval, overwrite=args.overwrite, train_data=train_data,
                  command="offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print()
-    print(f"{model_display_name(args.model)} · {args.task} · {args.method} {args.adapter_layers} "
+    print(f"{model_display_name(args.model)} · {name} · {args.method} {args.adapter_layers} "
           f"{_method_options(args, method) or ''}".rstrip())
-    print(format_table(result.records, args.task))
+    print(format_table(result.records, name))
     for note in result.notes:
         print(f"note: {note}")
     print(f"results: {out}/results.json, table: {out}/table.md")

@@ -14,7 +14,10 @@ The emulator's transfer probe (:mod:`offsite.probe`, data-free) is measured when
 written into its manifest and the results (``row: "probe"``).
 
 Every row is evaluated on the same documents: the task's headline metric (with standard errors)
-and perplexity on held-out English text.
+and perplexity on held-out English text. The task is a built-in one or a data owner's own file
+(``docs/own-task.md``): ``run(model, "my.jsonl", ..., train_data=file_data("train.jsonl"))``
+evaluates on the file's rows and tunes on the training file; a built-in task tunes on its own train
+split unless ``train_data`` is given.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .bundle import load_adapter, load_emulator, save_emulator
+from .bundle import load_adapter, load_emulator, save_emulator, write_text_atomic
+from .data.own import OwnTask, resolve_task, task_name
 from .emulator import Emulator, build_emulator
 from .errors import OffsiteError
 from .models.load import load_model
@@ -72,17 +76,20 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def evaluate_row(model, tokenizer, task: str, eval_limit, text_docs, batch_size: int,
+def evaluate_row(model, tokenizer, task, eval_limit, text_docs, batch_size: int,
                  scores: dict | None = None) -> dict[str, dict]:
-    """The task's metrics and held-out text perplexity of one model. With ``scores`` (a dict), the
-    per-document correctness of a multiple-choice task is stored in ``scores[task]``."""
-    from .eval import METRIC, evaluate
+    """The task's metrics and held-out text perplexity of one model, keyed by task name. With
+    ``scores`` (a dict), the per-document correctness of a multiple-choice task (or exact match of
+    an own generation task) is stored in ``scores[<task name>]``."""
+    from .eval import evaluate, metric_of
 
-    details = scores is not None and METRIC[task] == "acc"
+    own_gen = isinstance(task, OwnTask) and task.kind == "gen"
+    details = scores is not None and (metric_of(task) == "acc" or own_gen)
     res = evaluate(model, tokenizer, task, limit=eval_limit, batch_size=batch_size, return_details=details)
     if details:
-        scores[task] = [float(d["pred"] == d["gold"]) for d in res.pop("details")]
-    out = {task: res}
+        scores[task_name(task)] = [d["exact_match"] if own_gen else float(d["pred"] == d["gold"])
+                                   for d in res.pop("details")]
+    out = {task_name(task): res}
     if text_docs != 0:
         out["text"] = evaluate(model, tokenizer, "text", limit=text_docs, batch_size=batch_size)
     return out
@@ -95,11 +102,15 @@ def row_records(row: str, results: dict[str, dict], base: dict, seconds: float, 
                                       seconds=round(seconds, 2), **extra)]
 
 
-def run(model_name: str, task: str, method: str, adapter_layers, method_options: dict, out: str | Path,
+def run(model_name: str, task, method: str, adapter_layers, method_options: dict, out: str | Path,
         preset: str = "demo", settings: TuneSettings | None = None, full_ft: bool | None = None,
         ceiling: bool = True, probe: bool = True,
         eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
-        batch_size: int = 32, overwrite: bool = False, command: str = "", log=print) -> RunResult:
+        batch_size: int = 32, overwrite: bool = False, command: str = "", log=print,
+        train_data: TrainingData | None = None) -> RunResult:
+    """Both parties on one machine; ``task`` is a built-in task name, a task file of one's own or an
+    :class:`~offsite.data.own.OwnTask` (evaluated on its rows); ``train_data`` is what the adapter is
+    tuned on (default: a built-in task's train split; an own task file needs it)."""
     if preset not in PRESETS:
         raise OffsiteError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -110,13 +121,31 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OffsiteError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    # fail early on an unknown task or a bad file, before any model work
+    task = resolve_task(task)
+    if task == "text":
+        raise OffsiteError("`offsite run` needs a task to tune on; held-out text is scored in every run")
+    name = task_name(task)
+    if isinstance(task, OwnTask) and train_data is None:
+        raise OffsiteError(f"{task.source} is evaluation data: pass the examples to tune on as train_data "
+                           "(--data), never the rows the adapter is scored on")
+    data: TrainingData = train_data if train_data is not None else task_data(task)
     out.mkdir(parents=True, exist_ok=True)
-
-    data: TrainingData = task_data(task)  # fail early on an unknown task, before any model work
     result = RunResult(meta=meta(command))
-    subset = f"first {eval_limit} documents of the evaluation split" if eval_limit else "every evaluation document"
-    result.notes.append(f"evaluated on {subset}; held-out text: "
-                        + (f"{text_docs} documents" if text_docs else "all documents"))
+    if isinstance(task, OwnTask):
+        result.notes.append(f"evaluation data {task.describe()}")
+        result.meta["eval_data"] = {"task": name, "path": task.source, "sha256": task.digest,
+                                    "kind": task.kind, "documents": len(task.docs), "template": task.template}
+    if train_data is not None or isinstance(task, OwnTask):
+        result.notes.append(f"training data: {len(data.items)} {data.kind} examples from {data.source}")
+    if isinstance(task, OwnTask):
+        n_docs = len(task.docs)
+        subset = (f"the first {eval_limit} of the {n_docs} rows" if eval_limit and eval_limit < n_docs
+                  else f"all {n_docs} rows") + f" of {task.source}"
+    else:
+        subset = f"first {eval_limit} documents of the evaluation split" if eval_limit else "every evaluation document"
+    text = "skipped" if text_docs == 0 else f"{text_docs} documents" if text_docs else "all documents"
+    result.notes.append(f"evaluated on {subset}; held-out text: {text}")
     if not full_ft:
         result.notes.append("Full FT skipped (pass --full-ft to run it)")
     if not ceiling:
@@ -184,12 +213,12 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
     add("plugin", res, dt)
     plugged = None
     if ceiling:
-        rec = transfer_record(scores, task, base)
-        if task not in scores["full_zs"]:
-            result.notes.append(f"transfer not reported: it needs per-document accuracies, which {task} "
+        rec = transfer_record(scores, name, base)
+        if name not in scores["full_zs"]:
+            result.notes.append(f"transfer not reported: it needs per-document accuracies, which {name} "
                                 "(not multiple choice) does not give")
         elif rec is None:
-            result.notes.append(f"transfer not reported: the ceiling's gain on {task} is under two standard "
+            result.notes.append(f"transfer not reported: the ceiling's gain on {name} is under two standard "
                                 "errors (nothing to transfer)")
         else:
             result.records.append(rec)
@@ -204,7 +233,7 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
                                                                 out / "full_ft.work"))
         res, dt2 = timed("Full FT", lambda: evaluate_row(ft_model, tokenizer, task, eval_limit, text_docs, batch_size))
         add("full_ft", res, dt2, {"train_seconds": round(dt, 2)})
-    (out / "table.md").write_text(format_table(result.records, task) + "\n\n" + "\n".join(
+    write_text_atomic(out / "table.md", format_table(result.records, name) + "\n\n" + "\n".join(
         f"* {n}" for n in result.notes) + "\n")
     return result
 

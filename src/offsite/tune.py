@@ -37,15 +37,30 @@ class TrainingData:
             raise OffsiteError(f"training data {self.source or ''} has no examples".replace("  ", " "))
 
 
-def task_data(task: str) -> TrainingData:
+def task_data(task) -> TrainingData:
+    """The training pairs of a built-in task (its train split) or of an own task file
+    (:class:`offsite.data.own.OwnTask`: every document, formatted as it is scored)."""
+    from .data.own import OwnTask, resolve_task
     from .data.tasks import load_task, train_pairs
 
+    task = resolve_task(task)
+    if isinstance(task, OwnTask):
+        return TrainingData("qa", task.train_pairs(), source=task.source)
     return TrainingData("qa", train_pairs(load_task(task, "train")), source=task)
 
 
-def file_data(path: str) -> TrainingData:
+def file_data(path: str, template: str | None = None) -> TrainingData:
+    """Training data from a file: prompt/completion or text (:mod:`offsite.data.user`), or an
+    evaluation-format file (multiple choice or generation, :mod:`offsite.data.own`) turned into
+    the pairs its scorer would score."""
+    from .data.own import file_kind, load_own_task
     from .data.user import load_user_data
 
+    if file_kind(path):
+        return task_data(load_own_task(path, template))
+    if template is not None:
+        raise OffsiteError(f"--template applies to multiple-choice or generation files; {path} holds "
+                           "prompt/completion or text records, used verbatim")
     kind, items = load_user_data(path)
     return TrainingData(kind, items, source=str(path))
 
