@@ -238,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_line(args) -> str:
+    """The command as typed (the argv given to :func:`main`, else the process's), for results files."""
+    return "offsite " + " ".join(shlex.quote(str(a)) for a in getattr(args, "argv", sys.argv[1:]))
+
+
 def cmd_fetch(args) -> None:
     from .data.tasks import TASKS, load_task
     from .data.text import public_text
@@ -294,7 +299,7 @@ def cmd_probe(args) -> None:
         base = {"model": model_display_name(args.model), "method": emu.method,
                 "setting": {"adapter_layers": list(emu.adapter_layers), **emu.params},
                 "task": args.task or "text"}
-        write_json_atomic(args.json, {"meta": meta("offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:])),
+        write_json_atomic(args.json, {"meta": meta(_command_line(args)),
                                       "records": probe_records(figures, base)})
 
 
@@ -411,7 +416,7 @@ def cmd_run(args) -> None:
                  eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
                  text_docs=args.text_docs if args.text_docs is not None else "preset",
                  batch_size=args.batch_size_eval, overwrite=args.overwrite, train_data=train_data,
-                 command="offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                 command=_command_line(args))
     print()
     print(f"{model_display_name(args.model)} · {name} · {args.method} {args.adapter_layers} "
           f"{_method_options(args, method) or ''}".rstrip())
@@ -443,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         if not args.verbose:
