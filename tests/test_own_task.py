@@ -323,3 +323,20 @@ def test_harness_backend_takes_a_yaml_file_an_include_path_and_own_files(world, 
     err = fails(capsys, ["eval", "--model", model, "--backend", "lm-eval", "--include-path", tmp_path / "tasks",
                          "--task", "my_quizz"], "my_quizz", "--include-path")
     assert "Hub" not in err
+
+
+def test_completions_glued_to_their_prompt_are_warned_about(tmp_path, caplog):
+    from offsite.tune import file_data
+
+    glued = tmp_path / "glued.jsonl"
+    write_jsonl(glued, [{"prompt": "Where would you buy a novel?\nAnswer:", "completion": "bookstore"},
+                        {"prompt": "Q: 2+2?\nA:", "completion": " 4"}])
+    with caplog.at_level("WARNING", logger="offsite.tune"):
+        data = file_data(str(glued))
+    assert data.items[0] == ("Where would you buy a novel?\nAnswer:", "bookstore")  # used verbatim
+    assert "1 of 2 completions" in caplog.text and "own-task.md" in caplog.text
+    caplog.clear()
+    write_jsonl(glued, [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}])
+    with caplog.at_level("WARNING", logger="offsite.tune"):
+        file_data(str(glued))
+    assert not caplog.text

@@ -12,6 +12,7 @@ loss is kept, as the reference code keeps the best-perplexity adapter.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +63,22 @@ def file_data(path: str, template: str | None = None) -> TrainingData:
         raise OffsiteError(f"--template applies to multiple-choice or generation files; {path} holds "
                            "prompt/completion or text records, used verbatim")
     kind, items = load_user_data(path)
+    if kind == "qa":
+        _warn_glued(items, str(path))
     return TrainingData(kind, items, source=str(path))
+
+
+def _warn_glued(pairs: list[tuple[str, str]], source: str) -> None:
+    """Prompt/completion pairs are used verbatim; a completion glued to its prompt ("Answer:" +
+    "bookstore") trains other tokens (book|store) than the scorer's " bookstore". Say so once."""
+    glued = [(p, c) for p, c in pairs if p[-1:] and not p[-1:].isspace() and c[:1] and not c[:1].isspace()]
+    if glued:
+        p, c = glued[0]
+        logging.getLogger(__name__).warning(
+            "%s: %d of %d completions follow their prompt without a space (e.g. %r + %r), so they train as "
+            "other tokens than the ' ' + answer that multiple-choice scoring uses; start each completion "
+            "with a space, or give the rows as multiple choice (docs/own-task.md)",
+            source, len(glued), len(pairs), p[-12:], c[:12])
 
 
 def split_validation(items: list, fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
