@@ -326,7 +326,8 @@ def test_custom_loss_fn_is_used_and_its_token_count_checked():
     model = tiny_llama(layers=2)
     cfg = TrainConfig(max_steps=2, batch_size=2, micro_batch_size=1, **QUIET)
     train(model, adapter_params(model, (0,)), made_up_examples(4), made_up_examples(2), cfg, loss_fn=loss_fn)
-    assert len(calls) == 2 * 2 + 2  # 2 steps x 2 micro-batches + validation at the end (2 micro-batches)
+    # 2 steps x 2 micro-batches + validation (2 micro-batches) after each step: 4 per epoch of 2 steps
+    assert len(calls) == 2 * 2 + 2 * 2
 
     val_calls = []
 
