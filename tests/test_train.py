@@ -338,7 +338,7 @@ def test_custom_loss_fn_is_used_and_its_token_count_checked():
     calls.clear()
     train(model, adapter_params(model, (0,)), made_up_examples(4), made_up_examples(2), cfg, loss_fn=loss_fn,
           val_loss_fn=val_loss_fn)
-    assert len(calls) == 4 and len(val_calls) == 2
+    assert len(calls) == 4 and len(val_calls) == 2 * 2
 
     with pytest.raises(OffsiteError, match="n_tokens"):
         train(model, adapter_params(model, (0,)), made_up_examples(4), None, cfg,
