@@ -107,6 +107,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results and manifests private to their writer
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
