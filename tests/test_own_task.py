@@ -341,3 +341,10 @@ def test_completions_glued_to_their_prompt_are_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="offsite.tune"):
         file_data(str(glued))
     assert not caplog.text
+
+
+def test_a_boolean_answer_is_named_in_the_error(tmp_path):
+    path = tmp_path / "b.jsonl"
+    write_jsonl(path, [{"question": "q", "choices": ["yes", "no"], "answer": True}])
+    with pytest.raises(OffsiteError, match="answer True is none of its 2 choices"):
+        load_own_task(path)

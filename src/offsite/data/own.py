@@ -239,6 +239,7 @@ def _mc_doc(r: dict, i: int, source: str, template: str | None, csv: bool) -> Do
 
 def _gold(answer, choices: list[str], i: int, source: str) -> int:
     """The index of the right choice: an integer (or digits), the choice's text, or a letter."""
+    given = answer
     if isinstance(answer, bool):
         answer = None
     elif isinstance(answer, (int, float)) and float(answer).is_integer():
@@ -252,8 +253,8 @@ def _gold(answer, choices: list[str], i: int, source: str) -> int:
             answer = ord(answer.strip()) - ord("A")
     if isinstance(answer, int) and 0 <= answer < len(choices):
         return answer
-    raise OffsiteError(f"{source}: row {i}: answer {answer if answer is not None else 'value'!r} is none of "
-                       f"its {len(choices)} choices (give the 0-based index, the choice's text or a letter)")
+    raise OffsiteError(f"{source}: row {i}: answer {given!r} is none of its {len(choices)} choices (give the "
+                       "0-based index, the choice's text or a letter)")
 
 
 def _gen_doc(r: dict, i: int, source: str, template: str | None, csv: bool) -> Doc:
