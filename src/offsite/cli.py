@@ -392,6 +392,7 @@ def cmd_run(args) -> None:
     from pathlib import Path
 
     from .data.own import resolve_task, task_name
+    from .data.tasks import TASKS
     from .emulator import get_method
     from .models.load import model_display_name
     from .run import PRESETS, format_table, run
@@ -404,7 +405,8 @@ def cmd_run(args) -> None:
         raise OffsiteError("--data needs --eval-data (your evaluation file) or --task (a built-in task) to score on")
     if args.task and args.template is not None and not args.data:
         raise OffsiteError("--template applies to --data and --eval-data files, not to a built-in --task")
-    task = resolve_task(args.eval_data, _template(args)) if args.eval_data else (args.task or "arc_easy")
+    spec = args.eval_data or args.task or "arc_easy"
+    task = resolve_task(spec, None if spec in TASKS else _template(args))  # a file is read (and checked) here
     train_data = file_data(args.data, _template(args)) if args.data else None
     name = task_name(task)
     out = args.out or f"runs/{model_display_name(args.model)}-{Path(name).name.replace(':', '-')}-{args.method}"
