@@ -403,7 +403,7 @@ def cmd_run(args) -> None:
         raise OffsiteError("--eval-data needs --data, the examples to tune on (never the rows it is scored on)")
     if args.data and not args.eval_data and not args.task:
         raise OffsiteError("--data needs --eval-data (your evaluation file) or --task (a built-in task) to score on")
-    if args.task and args.template is not None and not args.data:
+    if args.task in TASKS and args.template is not None and not args.data:
         raise OffsiteError("--template applies to --data and --eval-data files, not to a built-in --task")
     spec = args.eval_data or args.task or "arc_easy"
     task = resolve_task(spec, None if spec in TASKS else _template(args))  # a file is read (and checked) here
