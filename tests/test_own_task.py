@@ -260,6 +260,8 @@ def test_bad_eval_and_run_inputs(world, worked, tmp_path, capsys):
     fails(capsys, ["run", "--model", model, "--eval-data", quiz, "--out", tmp_path / "r"], "--eval-data needs --data")
     fails(capsys, ["run", "--model", model, "--data", train, "--out", tmp_path / "r"], "--data needs --eval-data")
     fails(capsys, ["run", "--model", model, "--task", quiz, "--out", tmp_path / "r"], "evaluation data")
+    fails(capsys, ["run", "--model", model, "--task", "arc_easy", "--template", "{question}", "--out", tmp_path / "r"],
+          "built-in")
     fails(capsys, ["tune", "--emulator", worked / "emulator", "--data", prompts, "--template", "{prompt}",
                    "--out", tmp_path / "ad"], "--template")
     assert not (tmp_path / "r").exists() and not (tmp_path / "ad").exists()
