@@ -1,0 +1,528 @@
+"""Transfer recipes: does the adapter tuned on this emulator (with an owner-side treatment) help the
+full model? One task, one recipe per call; the experiments behind docs/transfer.md.
+
+    python bench/transfer_recipes.py run uniform:keep=13                       # ~7 min on 2 CPU cores
+    python bench/transfer_recipes.py run uniform:keep=26 --zs                  # the ceiling (and Full ZS)
+    python bench/transfer_recipes.py run prune:width=511:skip=0:w=rel          # every block slimmed + LS refit
+    python bench/transfer_recipes.py run uniform:keep=13 --correction webqs    # static gradient correction
+    python bench/transfer_recipes.py run uniform:keep=13 --repair webqs:512:kl # repaired adapter, delta plug-in
+    python bench/transfer_recipes.py diagnose uniform:keep=13                  # where the emulator's gradient goes wrong
+    python bench/transfer_recipes.py collect                                   # -> bench/results/transfer-recipes.json
+
+A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
+
+* ``uniform:keep=K`` — the registered layer-drop method (``K = 26`` of the 26 middle blocks is the
+  ceiling: the adapter tuned on the full model).
+* ``prune:width=W[:nseq=N][:qa=Q][:skip=0|1][:w=none|rel][:attn=0|1][:ridge=R]`` — an experimental
+  emulator (not a registered method): every middle block keeps its attention, its MLP keeps ``W`` of
+  its channels (activation x weight norm), and block by block, on the emulator's *own* hidden states,
+  the attention output projection and the MLP down projection are refitted by ridge least squares so
+  that the block's output matches the full model's (errors do not accumulate). Calibration: ``N``
+  sequences of 256 tokens of the public training text plus ``Q`` public WebQuestions pairs; ``w=rel``
+  weighs each token by the inverse norm of its full-model output (the huge first-position
+  activations otherwise dominate the fit); ``skip=1`` leaves the first position out.
+* ``--correction SOURCES`` — a static control variate: ``c = g_full − g_emulator``, the difference of
+  the adapter's mean-token gradients at the shipped adapter on public QA data (``SOURCES``: task
+  names whose *first* ``--correction-n`` training examples are used), added to every training
+  gradient of the data owner (the linear term ``<c, θ>`` in its loss).
+* ``--repair SOURCE:N:lm|kl`` — the owner first tunes the adapter on the emulator with ``N`` public QA
+  pairs (the *last* ``N`` of ``SOURCE``'s training split; LM loss on the answers, or KL to the full
+  model's next-token distribution on every token), ships that adapter, and plugs in only the data
+  owner's change: ``θ0 + (θ_tuned − θ_repaired)``.
+
+Each ``run`` tunes the adapter (adapter 2,2 ``full`` unless ``--layers``/``--adapter``) on the task's
+training split (one epoch, batch 8, lr 1e-4, linear schedule, one validation at the end, as the
+``quick``/``demo`` presets did before validation ran several times an epoch), scores Emulator FT and
+Plug-in on the first ``--limit`` evaluation documents, measures the probes (public text and the
+task's first 48 training examples) and the held-out perplexity (4 documents), and appends one JSON
+line with per-document predictions to ``runs/transfer-recipes/records.jsonl``. ``collect`` turns
+those lines into a results file: per recipe ``emu_ft``/``plugin`` accuracies, the probe, and
+transfer with its paired standard error against the ceiling and Full ZS recipes of the same layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDS = ROOT / "runs" / "transfer-recipes" / "records.jsonl"
+RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
+MODEL = "smollm2-135m"
+N_LAYERS = 30  # its blocks: adapter + middle
+
+
+def _first(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+def _opts(kind: str) -> tuple[str, dict]:
+    base, *rest = kind.split(":")
+    return base, dict(x.split("=", 1) for x in rest)
+
+
+# --------------------------------------------------------------------------------------------
+# the experimental emulator: every block slimmed, output projections refitted sequentially
+
+
+def _calibration(tok, n_seq: int, block: int, qa: int, mb: int = 8) -> list[dict]:
+    from offsite.data.text import public_text
+    from offsite.train import collate, tokenize_text
+    from offsite.tune import task_data
+
+    ex = tokenize_text(tok, public_text("train"), block)[:n_seq]
+    if qa:  # public QA pairs (WebQuestions) packed into blocks beside the text
+        items = task_data("webqs").items[-qa:]
+        ex += tokenize_text(tok, ["\n\n".join(q + a for q, a in items)], block)
+    return [collate(ex[i:i + mb], pad_id=0) for i in range(0, len(ex), mb)]
+
+
+def _ridge(X: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
+    A = X.T @ X
+    A += ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype)
+    return torch.linalg.solve(A, X.T @ Y)
+
+
+def build_prune(model, tok, layers, width=511, n_seq=48, block_size=256, ridge=1e-2, refit_attn=True,
+                skip_first=True, weight="none", qa=0, batches=None, log=print, refit_mlp=True):
+    """The ``prune`` emulator; ``batches`` (collated, default the public calibration data) are what
+    the refits see."""
+    from offsite.emulator import Slot, assemble
+    from offsite.emulator.core import split_layers
+    from offsite.emulator.gradot.compress import _linear_from, _set_module, layout_of, shrink_mlp
+    from offsite.emulator.lowrank import dense_weight
+    from offsite.models.families import get_blocks, num_blocks
+
+    _, mid, _ = split_layers(num_blocks(model.config), layers)
+    blocks = get_blocks(model)
+    lay = layout_of(model, blocks[mid[0]])
+    batches = batches if batches is not None else _calibration(tok, n_seq, block_size, qa)
+    # the full model: every middle block's input and output, its MLP's output, the call arguments
+    kw, h_in, h_out, m_out = [], {l: [] for l in mid}, {l: [] for l in mid}, {l: [] for l in mid}
+    hooks = [blocks[mid[0]].register_forward_pre_hook(
+        lambda m, a, k: kw.append((a[1:], {n: v for n, v in k.items() if n != "hidden_states"})), with_kwargs=True)]
+    for l in mid:
+        hooks += [
+            blocks[l].register_forward_pre_hook(
+                lambda m, a, k, l=l: h_in[l].append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True),
+            blocks[l].register_forward_hook(lambda m, a, o, l=l: h_out[l].append(_first(o).detach())),
+            blocks[l].get_submodule(lay.mlp_out).register_forward_hook(
+                lambda m, a, o, l=l: m_out[l].append(o.detach()))]
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    for h in hooks:
+        h.remove()
+    r_full = {l: [y - o for y, o in zip(h_out[l], m_out[l])] for l in mid}  # after attention
+    mask = torch.ones_like(h_in[mid[0]][0][..., 0], dtype=torch.bool)
+    if skip_first:
+        mask[:, 0] = False
+
+    def rows(ts, ref=None):
+        X = torch.cat([t[mask] for t in ts]).double()
+        if weight == "rel" and ref is not None:
+            norms = torch.cat([t[mask] for t in ref]).double().norm(dim=1, keepdim=True)
+            X = X / norms.clamp_min(1e-6) * norms.mean()
+        return X
+
+    def run(blk, xs, taps):
+        got = {name: [] for name in taps}
+        hs = [blk.get_submodule(path).register_forward_hook(
+            lambda m, a, o, name=name: got[name].append((a[0].detach(), o.detach()))) for name, path in taps.items()]
+        with torch.no_grad():
+            ys = [_first(blk(x, *kw[i][0], **kw[i][1])) for i, x in enumerate(xs)]
+        for h in hs:
+            h.remove()
+        return ys, got
+
+    def refit(blk, path, X, T):
+        m = blk.get_submodule(path)
+        W = _ridge(X, T, ridge).T.float()
+        _set_module(blk, path, _linear_from(m, W, m.bias.detach() if getattr(m, "bias", None) is not None else None))
+
+    x_hat, middle = [h.clone() for h in h_in[mid[0]]], []
+    o_path = lay.attention[-1]
+    for l in mid:
+        blk = copy.deepcopy(blocks[l])
+        if refit_attn:  # x_hat + o_proj(context) should be the full model's post-attention state
+            _, got = run(blk, x_hat, {"o": o_path})
+            refit(blk, o_path, rows([c for c, _ in got["o"]], r_full[l]),
+                  rows([r - x for r, x in zip(r_full[l], x_hat)], r_full[l]))
+        ys, got = run(blk, x_hat, {"down": lay.mlp_out})
+        act = [a for a, _ in got["down"]]
+        r_hat = [y - o for y, (_, o) in zip(ys, got["down"])]
+        A = rows(act, h_out[l])
+        score = A.norm(dim=0).float() * dense_weight(blk.get_submodule(lay.mlp_out)).detach().norm(dim=0)
+        keep = torch.sort(torch.argsort(score, descending=True)[:width]).values
+        shrink_mlp(blk, lay, keep)
+        if refit_mlp:
+            refit(blk, lay.mlp_out, A[:, keep], rows([h - r for h, r in zip(h_out[l], r_hat)], h_out[l]))
+        x_hat, _ = run(blk, x_hat, {})
+        err = sum(((a - b)[:, 1:] ** 2).sum() for a, b in zip(x_hat, h_out[l])) / sum(
+            (b[:, 1:] ** 2).sum() for b in h_out[l])
+        log(f"block {l}: relative squared error after position 0: {err.item():.4f}")
+        middle.append((Slot("pruned", l, {"mlp_width": width}), blk))
+    return assemble(model, tok, MODEL, layers, middle, "prune", {"width": width})
+
+
+def build(kind: str, model, tok, layers):
+    from offsite.emulator import build_emulator
+
+    base, o = _opts(kind)
+    if base == "uniform":
+        return build_emulator("uniform", model, tok, MODEL, layers, keep=int(o["keep"]))
+    if base == "prune":
+        return build_prune(model, tok, layers, width=int(o.get("width", 511)), n_seq=int(o.get("nseq", 48)),
+                           ridge=float(o.get("ridge", 1e-2)), refit_attn=o.get("attn", "1") == "1",
+                           skip_first=o.get("skip", "1") == "1", weight=o.get("w", "none"), qa=int(o.get("qa", 0)))
+    raise SystemExit(f"error: unknown emulator {kind!r} (uniform:keep=K or prune:width=W...)")
+
+
+def middle_fraction(emu, model, layers) -> float:
+    from offsite.emulator.core import split_layers
+    from offsite.models.families import get_blocks, num_blocks
+
+    _, mid, _ = split_layers(num_blocks(model.config), layers)
+    return emu.middle_params() / sum(p.numel() for i in mid for p in get_blocks(model)[i].parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# owner-side treatments
+
+
+def adapter_names(emu):
+    """(emulator parameter name, full-model parameter name) of every adapter parameter."""
+    from offsite.models.families import get_blocks, stack_prefix
+
+    pre, blocks = stack_prefix(emu.model), get_blocks(emu.model)
+    return [(f"{pre}.{pos}.{n}", f"{pre}.{src}.{n}")
+            for pos, src in emu.adapter_positions.items() for n, _ in blocks[pos].named_parameters()]
+
+
+def named_grads(model, names, examples, pad_id, mb=4) -> dict[str, torch.Tensor]:
+    """Mean-token LM-loss gradient of the named parameters (eval mode; flags restored to frozen)."""
+    from offsite.train import causal_lm_loss, collate, count_targets
+
+    params = dict(model.named_parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    for n in names:
+        params[n].requires_grad_(True)
+    model.eval()
+    total = sum(count_targets(e) for e in examples)
+    for i in range(0, len(examples), mb):
+        loss, _ = causal_lm_loss(model, collate(examples[i:i + mb], pad_id=pad_id))
+        (loss / total).backward()
+    out = {n: params[n].grad.detach().clone() for n in names}
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return out
+
+
+def correction(model, emu, sources, n) -> dict[str, torch.Tensor]:
+    """``g_full − g_emulator`` at the shipped adapter, averaged over ``sources``, keyed by emulator names."""
+    from offsite.probe import ProbeOptions, task_probe_examples
+
+    names, pad = adapter_names(emu), emu.tokenizer.pad_token_id or 0
+    c = {e: 0 for e, _ in names}
+    for s in sources:
+        ex = task_probe_examples(emu.tokenizer, s, ProbeOptions(task_examples=n))
+        ge = named_grads(emu.model, [e for e, _ in names], ex, pad)
+        gf = named_grads(model, [f for _, f in names], ex, pad)
+        for e, f in names:
+            c[e] = c[e] + (gf[f] - ge[e]) / len(sources)
+    return c
+
+
+def tune(model, emu, data, settings, corr=None):
+    """The data owner's tuning (as ``offsite.tune``), with the linear term ``<c, θ>`` when ``corr``."""
+    from offsite import adapters
+    from offsite.train import causal_lm_loss, train
+    from offsite.tune import TrainingData, adapter_bundle, split_validation, tokenize, tune_adapter
+
+    if corr is None:
+        return tune_adapter(emu, data, settings)[0]
+    positions = emu.adapter_positions
+    m = adapters.prepare(emu.model, positions, settings.adapter, settings.lora)
+    params = dict(m.named_parameters())
+
+    def loss_fn(model_, batch):
+        loss_sum, n_tokens = causal_lm_loss(model_, batch)
+        linear = sum((corr[k] * params[k]).sum() for k in corr)
+        return loss_sum + n_tokens * linear, n_tokens  # the engine divides by the tokens: gradient + c
+
+    tr, va = split_validation(data.items, settings.val_fraction, settings.train.seed)
+    tok, L = emu.tokenizer, settings.train.max_length
+    train(m, None, tokenize(tok, TrainingData(data.kind, tr, data.source), L),
+          tokenize(tok, TrainingData(data.kind, va, data.source), L), settings.train, out_dir=None,
+          loss_fn=loss_fn, val_loss_fn=causal_lm_loss, pad_id=tok.pad_token_id)
+    state = adapters.extract(m, positions, settings.adapter)
+    for p in emu.model.parameters():
+        p.requires_grad_(False)
+    emu.model.eval()
+    return adapter_bundle(emu, settings.adapter, state)
+
+
+def repair(model, emu, spec: str, lr: float, epochs: float) -> None:
+    """The owner tunes the shipped adapter on the emulator with public QA pairs (in place)."""
+    import torch.nn.functional as F
+
+    from offsite import adapters
+    from offsite.train import TrainConfig, train
+    from offsite.tune import TrainingData, task_data, tokenize
+
+    src, n, loss = spec.split(":")
+    d = task_data(src)
+    ex = tokenize(emu.tokenizer, TrainingData(d.kind, d.items[-int(n):], src), 1024)
+    m = adapters.prepare(emu.model, emu.adapter_positions, "full", None)
+    loss_fn = None
+    if loss == "kl":  # every next token, against the full model's distribution
+        ex = [{"input_ids": e["input_ids"], "labels": list(e["input_ids"])} for e in ex]
+
+        def loss_fn(model_, batch):
+            keep = batch["labels"][:, 1:] != -100
+            with torch.no_grad():
+                t = F.log_softmax(model(input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"]).logits.float(), -1)
+            s = F.log_softmax(model_(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).logits.float(), -1)
+            return (t.exp() * (t - s)).sum(-1)[:, :-1][keep].sum(), int(keep.sum())
+    cfg = TrainConfig(lr=lr, epochs=epochs, batch_size=8, micro_batch_size=8, schedule="linear",
+                      warmup_ratio=0.0, checkpoint_every=None, restore_best=False)
+    train(m, None, ex, None, cfg, out_dir=None, loss_fn=loss_fn, pad_id=emu.tokenizer.pad_token_id)
+    for p in emu.model.parameters():
+        p.requires_grad_(False)
+    emu.model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_run(a) -> None:
+    from offsite import adapters
+    from offsite.eval import evaluate
+    from offsite.models.load import load_model
+    from offsite.probe import ProbeOptions, probe, probe_examples, task_probe_examples
+    from offsite.train import TrainConfig
+    from offsite.tune import TuneSettings, task_data
+
+    layers = tuple(int(x) for x in a.layers.split(","))
+    model, tok = load_model(MODEL)
+    t0 = time.time()
+    emu = build(a.recipe, model, tok, layers)
+    rec = {"kind": a.recipe, "layers": layers, "frac": middle_fraction(emu, model, layers),
+           "build_s": time.time() - t0, "command": "python bench/transfer_recipes.py " + " ".join(
+               shlex.quote(x) for x in sys.argv[1:])}
+    rec["ppl"] = evaluate(emu.model, tok, "text", limit=4, progress=False)["ppl"]
+    opts = ProbeOptions()
+    for src in filter(None, a.probe.split(",")):
+        ex = probe_examples(tok, opts) if src == "text" else task_probe_examples(tok, src, opts)
+        f = probe(model, emu, ex, opts)
+        rec[f"probe_{src}"] = {k: round(v, 3) for k, v in f["grad_cos"].items() if k in ("all", "bottom", "top")}
+        rec[f"ratio_{src}"] = round(f["grad_norm_ratio"]["all"], 2)
+    task = a.task
+    cfg = TrainConfig(lr=a.lr, epochs=1, batch_size=8, micro_batch_size=8, schedule="linear", warmup_ratio=0.0,
+                      checkpoint_every=None, evals_per_epoch=1)
+    settings = TuneSettings(adapter=a.adapter, train=cfg)
+    if a.zs or a.zs_only:
+        r = evaluate(emu.model, tok, task, limit=a.limit, progress=False, return_details=True)
+        rec[f"emu_zs_{task}"] = r["acc"]
+        rec[f"emu_zs_pred_{task}"] = [int(d["pred"] == d["gold"]) for d in r["details"]]
+    if a.zs_only:
+        return _append(rec)
+    theta0 = {k: v.clone() for k, v in emu.adapter_state().items()}
+    if a.repair:
+        t1 = time.time()
+        repair(model, emu, a.repair, a.lr, 1)
+        rec["repair"] = [a.repair, 1, time.time() - t1]
+    theta_r = {k: v.clone() for k, v in emu.adapter_state().items()}
+    corr = None
+    if a.correction:
+        corr = correction(model, emu, a.correction.split(","), a.correction_n)
+        rec["cv"] = [a.correction, a.correction_n, 1.0]
+    t1 = time.time()
+    bundle = tune(model, emu, task_data(task), settings, corr)
+    rec[f"tune_s_{task}"] = time.time() - t1
+    rec[f"emu_ft_{task}"] = evaluate(emu.model, tok, task, limit=a.limit, progress=False)["acc"]
+    state = {k: theta0[k] + (v - theta_r[k]) for k, v in bundle.state.items()} if a.repair else bundle.state
+    plugged = adapters.apply(copy.deepcopy(model), state, bundle.kind, bundle.lora).eval()
+    r = evaluate(plugged, tok, task, limit=a.limit, progress=False, return_details=True)
+    rec[f"plugin_{task}"] = r["acc"]
+    rec[f"plugin_pred_{task}"] = [int(d["pred"] == d["gold"]) for d in r["details"]]
+    rec["total_s"] = time.time() - t0
+    _append(rec)
+    print(f"{a.recipe}: middle {rec['frac']:.3f}, ppl {rec['ppl']:.1f}, Emulator FT {rec[f'emu_ft_{task}']:.3f}, "
+          f"Plug-in {rec[f'plugin_{task}']:.3f}")
+
+
+def _append(rec: dict) -> None:
+    RECORDS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RECORDS, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def cmd_diagnose(a) -> None:
+    """How the emulator's task gradient differs from the full model's, and which corrections fix it."""
+    from offsite.models.load import load_model
+    from offsite.probe import ProbeOptions, task_probe_examples
+    from offsite.train import tokenize_text
+    from offsite.data.text import public_text
+
+    model, tok = load_model(MODEL)
+    emu = build(a.recipe, model, tok, (2, 2))
+    names, pad = adapter_names(emu), tok.pad_token_id or 0
+
+    def g(m, which, ex):
+        d = named_grads(m, [n[which] for n in names], ex, pad)
+        return torch.cat([d[n[which]].flatten() for n in names]).double()
+
+    def both(ex):
+        return g(emu.model, 0, ex), g(model, 1, ex)
+
+    cos = lambda x, y: float(x @ y / (x.norm() * y.norm()))  # noqa: E731
+    task = task_probe_examples(tok, a.task, ProbeOptions(task_examples=96))
+    (e1, m1), (e2, m2) = both(task[:48]), both(task[48:])
+    et, mt = both(tokenize_text(tok, public_text("train"), 256)[1000:1016])
+    out = {"recipe": a.recipe, "task": a.task,
+           "cos(E, M) on task examples": cos(e1, m1),
+           "cos(M on set 1, M on set 2): the task gradient's consistency": cos(m1, m2),
+           "cos(E-M on set 1, E-M on set 2): the emulator's bias is systematic": cos(e1 - m1, e2 - m2),
+           "cos(E-M on task, E-M on public text)": cos(e1 - m1, et - mt),
+           "cos(E - (E-M) on public text, M)": cos(e1 - (et - mt), m1),
+           "cos(E - (E-M) on other task examples, M): an oracle correction": cos(e1 - (e2 - m2), m1)}
+    for s in filter(None, a.sources.split(",")):
+        ex = task_probe_examples(tok, s, ProbeOptions(task_examples=64))
+        es, ms = both(ex)
+        out[f"cos(E - (E-M) on {s}, M)"] = cos(e1 - (es - ms), m1)
+    for k, v in out.items():
+        print(f"{k}: {v if isinstance(v, str) else round(v, 3)}")
+    path = RECORDS.with_name("diagnose.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(out) + "\n")
+
+
+def cmd_collect(a) -> None:
+    from offsite.results import meta, write_results
+    from offsite.stats import transfer
+
+    recs = [json.loads(line) for line in open(RECORDS)]
+    task = a.task
+    out = []
+
+    def key(r):
+        return r["kind"] + "".join(f" +{name}={r[t][0]}" for t, name in (("cv", "correction"), ("repair", "repair"))
+                                   if r.get(t))
+
+    for r in recs:
+        layers = list(r["layers"])
+        n_mid = N_LAYERS - sum(layers)
+        ceil = next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
+                     and not c.get("cv") and not c.get("repair") and f"plugin_pred_{task}" in c), None)
+        # Full ZS is the untouched full model, whatever the layout: any "every block kept" run scored it
+        zs = next((c for c in recs if c["kind"] == f"uniform:keep={N_LAYERS - sum(c['layers'])}"
+                   and f"emu_zs_pred_{task}" in c), None)
+        base = {"model": MODEL, "task": task, "method": key(r), "setting": {"adapter_layers": layers},
+                "middle_fraction": round(r["frac"], 4), "command": r.get("command")}
+        if "ppl" in r:
+            out.append({**base, "task": "text", "row": "emu_zs", "metric": "ppl", "value": r["ppl"], "n": 4})
+        for src in ("text", task):
+            if f"probe_{src}" in r:
+                out.append({**base, "task": src, "row": "probe", "metric": "grad_cos",
+                            "value": r[f"probe_{src}"]["all"], "groups": r[f"probe_{src}"]})
+        for row in ("emu_zs", "emu_ft", "plugin"):
+            if f"{row}_{task}" in r:
+                out.append({**base, "row": "ceiling" if r is ceil and row == "plugin" else row, "metric": "acc",
+                            "value": r[f"{row}_{task}"], "n": a.limit})
+        if zs is r:
+            out.append({**base, "method": None, "row": "full_zs", "metric": "acc", "value": r[f"emu_zs_{task}"],
+                        "n": a.limit})
+        if ceil is not None and zs is not None and r is not ceil and f"plugin_pred_{task}" in r:
+            t = transfer([r[f"plugin_pred_{task}"]], [zs[f"emu_zs_pred_{task}"]], [ceil[f"plugin_pred_{task}"]])
+            out.append({**base, "row": "plugin", "metric": "transfer", "value": t["value"], "stderr": t["stderr"],
+                        "n": t["n"], "ceiling_gain": t["ceiling_gain"]})
+    write_results(RESULTS, meta("python bench/transfer_recipes.py collect"), out,
+                  notes=[f"first {a.limit} {task} evaluation documents; adapter tuned one epoch on the task's "
+                         "training split (batch 8, lr 1e-4); each record's command made it"])
+    print(f"wrote {RESULTS} ({len(out)} records)")
+    print(markdown(out, task))
+
+
+def markdown(records: list[dict], task: str) -> str:
+    """docs/transfer.md's table of the recipes: one line per recipe, in the order first measured."""
+    order, cells, head = [], {}, []
+    for r in records:
+        if r["method"] is None:
+            head.append(f"Full ZS ({r['setting']['adapter_layers'][0]},{r['setting']['adapter_layers'][1]} "
+                        f"run): {100 * r['value']:.1f} % on the first {r['n']} {task} documents.")
+            continue
+        k = (r["method"], tuple(r["setting"]["adapter_layers"]))
+        if k not in cells:
+            order.append(k)
+            cells[k] = {"frac": r["middle_fraction"]}
+        name = {"probe": f"probe_{r['task']}", "emu_zs": "ppl" if r["task"] == "text" else "emu_zs"}.get(
+            r["row"], r["metric"] if r["metric"] == "transfer" else r["row"])
+        cells[k][name] = r
+
+    def pct(c, name):
+        return f"{100 * c[name]['value']:.1f}" if name in c else "–"
+
+    lines = [f"| recipe | adapter | middle kept | held-out ppl | probe: text | probe: {task} (bottom / top) | "
+             "Emulator FT | Plug-in | transfer |", "|---|---|---|---|---|---|---|---|---|"]
+    for k in order:
+        c = cells[k]
+        pt = c.get(f"probe_{task}")
+        probe_task = (f"{pt['value']:.2f} ({pt['groups']['bottom']:.2f} / {pt['groups']['top']:.2f})"
+                      if pt and "bottom" in pt["groups"] else f"{pt['value']:.2f}" if pt else "–")
+        plug = pct(c, "ceiling") + " (ceiling)" if "ceiling" in c else pct(c, "plugin")
+        t = c.get("transfer")
+        tr = f"{t['value']:.2f} ± {t['stderr']:.2f}" if t and t["value"] is not None else "–"
+        ppl = f"{c['ppl']['value']:,.0f}" if "ppl" in c else "–"
+        ptext = f"{c['probe_text']['value']:.2f}" if "probe_text" in c else "–"
+        lines.append(f"| `{k[0]}` | {k[1][0]},{k[1][1]} | {100 * c['frac']:.0f} % | {ppl} | {ptext} | "
+                     f"{probe_task} | {pct(c, 'emu_ft')} | {plug} | {tr} |")
+    return "\n".join(head + [""] + lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("recipe")
+    r.add_argument("--task", default="arc_easy")
+    r.add_argument("--layers", default="2,2")
+    r.add_argument("--adapter", default="full")
+    r.add_argument("--lr", type=float, default=1e-4)
+    r.add_argument("--limit", type=int, default=500)
+    r.add_argument("--probe", default="text,arc_easy")
+    r.add_argument("--zs", action="store_true", help="also score the emulator untouched (Full ZS for keep=all)")
+    r.add_argument("--zs-only", action="store_true", help="score the untouched emulator and stop")
+    r.add_argument("--correction", default="")
+    r.add_argument("--correction-n", type=int, default=128)
+    r.add_argument("--repair", default="")
+    d = sub.add_parser("diagnose")
+    d.add_argument("recipe")
+    d.add_argument("--task", default="arc_easy")
+    d.add_argument("--sources", default="webqs,sciq,openbookqa,piqa,arc_challenge")
+    c = sub.add_parser("collect")
+    c.add_argument("--task", default="arc_easy")
+    c.add_argument("--limit", type=int, default=500)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    {"run": cmd_run, "diagnose": cmd_diagnose, "collect": cmd_collect}[a.cmd](a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
