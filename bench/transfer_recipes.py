@@ -24,7 +24,9 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
 * ``--correction SOURCES`` — a static control variate: ``c = g_full − g_emulator``, the difference of
   the adapter's mean-token gradients at the shipped adapter on public QA data (``SOURCES``: task
   names whose *first* ``--correction-n`` training examples are used), added to every training
-  gradient of the data owner (the linear term ``<c, θ>`` in its loss).
+  gradient of the data owner (the linear term ``<c, θ>`` in its loss). ``--correction-every K``
+  recomputes ``c`` at the data owner's current adapter every ``K`` steps (an interactive protocol:
+  the owner sees each intermediate adapter).
 * ``--repair SOURCE:N:lm|kl`` — the owner first tunes the adapter on the emulator with ``N`` public QA
   pairs (the *last* ``N`` of ``SOURCE``'s training split; LM loss on the answers, or KL to the full
   model's next-token distribution on every token), ships that adapter, and plugs in only the data
@@ -244,8 +246,10 @@ def correction(model, emu, sources, n) -> dict[str, torch.Tensor]:
     return c
 
 
-def tune(model, emu, data, settings, corr=None):
-    """The data owner's tuning (as ``offsite.tune``), with the linear term ``<c, θ>`` when ``corr``."""
+def tune(model, emu, data, settings, corr=None, refresh=None):
+    """The data owner's tuning (as ``offsite.tune``), with the linear term ``<c, θ>`` when ``corr``;
+    ``refresh(params)`` (with ``corr``), called every ``refresh.every`` steps, recomputes ``c`` at
+    the current adapter."""
     from offsite import adapters
     from offsite.train import causal_lm_loss, train
     from offsite.tune import TrainingData, adapter_bundle, split_validation, tokenize, tune_adapter
@@ -261,16 +265,56 @@ def tune(model, emu, data, settings, corr=None):
         linear = sum((corr[k] * params[k]).sum() for k in corr)
         return loss_sum + n_tokens * linear, n_tokens  # the engine divides by the tokens: gradient + c
 
+    def on_step(record):
+        if refresh is not None and record["step"] % refresh.every == 0:
+            corr.update(refresh(params))
+
     tr, va = split_validation(data.items, settings.val_fraction, settings.train.seed)
     tok, L = emu.tokenizer, settings.train.max_length
     train(m, None, tokenize(tok, TrainingData(data.kind, tr, data.source), L),
           tokenize(tok, TrainingData(data.kind, va, data.source), L), settings.train, out_dir=None,
-          loss_fn=loss_fn, val_loss_fn=causal_lm_loss, pad_id=tok.pad_token_id)
+          loss_fn=loss_fn, val_loss_fn=causal_lm_loss, pad_id=tok.pad_token_id, on_step=on_step)
     state = adapters.extract(m, positions, settings.adapter)
     for p in emu.model.parameters():
         p.requires_grad_(False)
     emu.model.eval()
     return adapter_bundle(emu, settings.adapter, state)
+
+
+def refresher(model, emu, sources, n, every):
+    """A ``refresh`` for :func:`tune`: ``g_full − g_emulator`` on the public examples at the data
+    owner's current adapter (an interactive protocol: the owner sees every intermediate adapter)."""
+    from offsite.probe import ProbeOptions, task_probe_examples
+    from offsite.train import causal_lm_loss, collate, count_targets
+
+    names, pad = adapter_names(emu), emu.tokenizer.pad_token_id or 0
+    full = copy.deepcopy(model)
+    fparams = dict(full.named_parameters())
+    for p in full.parameters():
+        p.requires_grad_(False)
+    for _, f in names:
+        fparams[f].requires_grad_(True)
+    examples = [e for s in sources for e in task_probe_examples(emu.tokenizer, s, ProbeOptions(task_examples=n))]
+    total = sum(count_targets(e) for e in examples)
+
+    def grads(m, ps):
+        out = [torch.zeros_like(p) for p in ps]
+        for i in range(0, len(examples), 8):
+            loss, _ = causal_lm_loss(m, collate(examples[i:i + 8], pad_id=pad))
+            for o, g in zip(out, torch.autograd.grad(loss / total, ps)):
+                o += g
+        return out
+
+    def refresh(params):
+        with torch.no_grad():
+            for e, f in names:
+                fparams[f].copy_(params[e])
+        ge = grads(emu.model, [params[e] for e, _ in names])
+        gf = grads(full, [fparams[f] for _, f in names])
+        return {e: b - a for (e, _), a, b in zip(names, ge, gf)}
+
+    refresh.every = every
+    return refresh
 
 
 def repair(model, emu, spec: str, lr: float, epochs: float) -> None:
@@ -347,12 +391,15 @@ def cmd_run(a) -> None:
         repair(model, emu, a.repair, a.lr, 1)
         rec["repair"] = [a.repair, 1, time.time() - t1]
     theta_r = {k: v.clone() for k, v in emu.adapter_state().items()}
-    corr = None
+    corr = refresh = None
     if a.correction:
         corr = correction(model, emu, a.correction.split(","), a.correction_n)
         rec["cv"] = [a.correction, a.correction_n, 1.0]
+        if a.correction_every:
+            refresh = refresher(model, emu, a.correction.split(","), a.correction_n, a.correction_every)
+            rec["cv"].append(a.correction_every)
     t1 = time.time()
-    bundle = tune(model, emu, task_data(task), settings, corr)
+    bundle = tune(model, emu, task_data(task), settings, corr, refresh)
     rec[f"tune_s_{task}"] = time.time() - t1
     rec[f"emu_ft_{task}"] = evaluate(emu.model, tok, task, limit=a.limit, progress=False)["acc"]
     state = {k: theta0[k] + (v - theta_r[k]) for k, v in bundle.state.items()} if a.repair else bundle.state
@@ -423,7 +470,7 @@ def cmd_collect(a) -> None:
 
     def key(r):
         return r["kind"] + "".join(f" +{name}={r[t][0]}" for t, name in (("cv", "correction"), ("repair", "repair"))
-                                   if r.get(t))
+                                   if r.get(t)) + (f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else "")
 
     for r in recs:
         layers = list(r["layers"])
@@ -510,6 +557,8 @@ def main(argv=None) -> int:
     r.add_argument("--zs-only", action="store_true", help="score the untouched emulator and stop")
     r.add_argument("--correction", default="")
     r.add_argument("--correction-n", type=int, default=128)
+    r.add_argument("--correction-every", type=int, default=0,
+                   help="recompute the correction at the current adapter every N steps (0: never)")
     r.add_argument("--repair", default="")
     d = sub.add_parser("diagnose")
     d.add_argument("recipe")
