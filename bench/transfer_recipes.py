@@ -504,6 +504,73 @@ def cmd_collect(a) -> None:
                          "training split (batch 8, lr 1e-4); each record's command made it"])
     print(f"wrote {RESULTS} ({len(out)} records)")
     print(markdown(out, task))
+    if a.plot:
+        print(scatter(out, task, Path(a.plot)))
+
+
+def _ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):  # ties share the mean rank
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
+def scatter(records: list[dict], task: str, path: Path) -> str:
+    """Transfer against the probe's cosine (public text and task examples), one point per emulator
+    without a treatment; the ceiling sits at (1, 1). Returns a line with the rank correlations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = {}
+    for r in records:
+        if r["method"] is None or "+" in r["method"]:
+            continue
+        k = (r["method"], tuple(r["setting"]["adapter_layers"]))
+        if r["row"] == "ceiling":
+            continue  # (1, 1) by definition: drawn as a star, not counted in the correlation
+        if r["metric"] == "transfer" and r["value"] is not None:
+            pts.setdefault(k, {})["transfer"] = r["value"]
+            pts[k]["stderr"] = r["stderr"]
+        elif r["row"] == "probe":
+            pts.setdefault(k, {})["probe_text" if r["task"] == "text" else "probe_task"] = r["value"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    line = []
+    for ax, key, title in ((axes[0], "probe_text", "public text (the owner's probe)"),
+                           (axes[1], "probe_task", f"{task} training examples")):
+        got = [(k, p) for k, p in pts.items() if key in p and "transfer" in p]
+        xs, ys = [p[key] for _, p in got], [p["transfer"] for _, p in got]
+        ax.errorbar(xs, ys, yerr=[p.get("stderr", 0) for _, p in got], fmt="o", capsize=3)
+        ax.plot([1], [1], "*", ms=12, color="tab:green")
+        ax.annotate("the full middle (ceiling)", (1, 1), fontsize=7, xytext=(-110, -4), textcoords="offset points")
+        for (k, p), x, y in zip(got, xs, ys):
+            ax.annotate(k[0].replace(":skip=0:w=rel", ""), (x, y), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        rho = spearman(xs, ys) if len(xs) > 2 else float("nan")
+        line.append(f"{title}: Spearman {rho:.2f} over {len(xs)} emulators")
+        ax.set_title(f"{title}\nSpearman rank correlation {rho:.2f} (n = {len(xs)})", fontsize=9)
+        ax.set_xlabel("probe: adapter-gradient cosine, emulator vs full model")
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0].set_ylabel(f"transfer on {task} (Plug-in gain / ceiling gain)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return "; ".join(line)
 
 
 def markdown(records: list[dict], task: str) -> str:
@@ -567,6 +634,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("collect")
     c.add_argument("--task", default="arc_easy")
     c.add_argument("--limit", type=int, default=500)
+    c.add_argument("--plot", help="also draw transfer against the probe into this PNG")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     {"run": cmd_run, "diagnose": cmd_diagnose, "collect": cmd_collect}[a.cmd](a)
