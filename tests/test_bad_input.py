@@ -8,7 +8,7 @@ import shutil
 import pytest
 from conftest import make_tokenizer, tiny_model
 
-from offsite.bundle import sha256_file
+from offsite.bundle import manifest_digest, sha256_file
 from offsite.cli import main
 
 PAIRS = [{"prompt": f"Question: {i}?\nAnswer:", "completion": f" {i}"} for i in range(12)]
@@ -67,9 +67,11 @@ def test_truncated_weight_file(world, tmp_path, capsys):
 
 
 def redigest(bundle_dir, weights: str) -> None:
-    """Rewrite the manifest's digest of ``weights`` to match the (tampered) file, as a forger would."""
+    """Rewrite the manifest's digest of ``weights`` (and the manifest's own) to match the tampered
+    file, as a forger would."""
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     manifest["files"][weights] = sha256_file(bundle_dir / weights)
+    manifest["digest"] = manifest_digest(manifest)
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
