@@ -441,13 +441,17 @@ def train(
 
         if cfg.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        train_loss = (accelerator.reduce(local_sum, reduction="sum") / max(n_targets, 1)).item()
+        if not math.isfinite(train_loss):  # stop before the step: the weights are still the good ones
+            _diverged(step + 1, f"the training loss is {train_loss}", ckpt_root, bar)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-
-        train_loss = (accelerator.reduce(local_sum, reduction="sum") / max(n_targets, 1)).item()
+        bad = _non_finite_param(names, params)
+        if bad is not None:
+            _diverged(step, f"parameter {bad!r} holds NaN or infinite values", ckpt_root, bar)
         dt = time.perf_counter() - t0
         state["tokens_seen"] += n_tokens
         run_tokens += n_tokens
@@ -534,6 +538,28 @@ def _checked(examples: list[dict], max_length: int, what: str) -> list[dict]:
             e = {"input_ids": list(e["input_ids"][-max_length:]), "labels": list(e["labels"][-max_length:])}
         out.append(e)
     return out
+
+
+@torch.no_grad()
+def _non_finite_param(names, params) -> str | None:
+    """The first trainable parameter holding a NaN or an infinity, else None (one sync per step)."""
+    flags = torch.stack([torch.isfinite(p).all() for p in params])
+    if bool(flags.all()):
+        return None
+    return names[int((~flags).nonzero()[0])]
+
+
+def _diverged(step: int, what: str, ckpt_root: Path | None, bar) -> None:
+    """Stop training with one line; the last checkpoint written (all finite) stays as it is."""
+    if bar is not None:
+        bar.close()
+    latest = ckpt_root / "LATEST" if ckpt_root is not None else None
+    if latest is not None and latest.is_file():
+        kept = f"the last good checkpoint ({latest.read_text().strip()}) is kept in {ckpt_root}"
+    else:
+        kept = "no checkpoint was written"
+    raise OffsiteError(f"training diverged at step {step}: {what} (NaN or infinite values); stopped, "
+                       f"{kept}; try a lower learning rate")
 
 
 def _check_count(got, expected: int) -> None:
