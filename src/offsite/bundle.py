@@ -48,6 +48,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from . import __version__
+from .adapters import KINDS
 from .emulator.core import ADAPTER, BLOCK_KINDS, ORIGINAL, Emulator, Slot, state_digest
 from .errors import BundleError, OffsiteError
 from .models.families import family_of, get_blocks, num_blocks, set_blocks
@@ -98,7 +99,7 @@ def sha256_file(path: str | Path, limit: int | None = MAX_FILE_BYTES) -> str:
     return h.hexdigest()
 
 
-def read_json_file(path: str | Path, limit: int | None = None, what: str = "file"):
+def read_json_file(path: str | Path, limit: int | None = None):
     """Parse a JSON file strictly: a regular file of at most ``limit`` (MAX_JSON_BYTES) bytes, UTF-8,
     no duplicate keys, no NaN/Infinity, nested at most MAX_JSON_DEPTH deep; anything else is a
     one-line OffsiteError."""
@@ -107,7 +108,7 @@ def read_json_file(path: str | Path, limit: int | None = None, what: str = "file
         raw = f.read(limit + 1)
     if len(raw) > limit:
         raise OffsiteError(f"{path} is more than the {limit} bytes allowed")
-    return parse_json(raw, f"{path}", what)
+    return parse_json(raw, str(path))
 
 
 def _no_duplicates(pairs):
@@ -123,14 +124,16 @@ def _no_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_json(raw: bytes | str, source: str, what: str = "file"):
+def parse_json(raw: bytes | str, source: str):
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__ if isinstance(
-            exc, RecursionError) else " ".join(str(exc).split())[:120]
-        raise OffsiteError(f"{source} is not a valid JSON {what} ({reason})") from exc
+        if isinstance(exc, RecursionError):
+            reason = "nested too deeply"
+        else:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else " ".join(str(exc).split())[:120]
+        raise OffsiteError(f"{source} is not valid JSON ({reason})") from exc
     if json_depth(obj) > MAX_JSON_DEPTH:
         raise OffsiteError(f"{source} is nested more than {MAX_JSON_DEPTH} levels deep")
     return obj
@@ -157,9 +160,30 @@ def _fsync_tree(root: Path) -> None:
 
 
 def check_new_path(path: str | Path, overwrite: bool = False) -> None:
-    """Refuse to write over an existing path unless asked to (checked before any heavy work)."""
+    """Refuse to write over an existing path unless asked to, or where it cannot be created
+    (checked before any heavy work)."""
     if Path(path).exists() and not overwrite:
         raise OffsiteError(f"{path} already exists; choose another path or pass --overwrite")
+    check_parent(path)
+
+
+def check_parent(path: str | Path) -> None:
+    """Refuse an output path that cannot be created: its nearest existing ancestor must be a
+    writable directory (not a file), and the path itself not an existing directory when a file is meant."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OffsiteError(f"cannot create {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OffsiteError(f"cannot create {path}: {parent} is not writable")
+
+
+def check_new_file(path: str | Path) -> None:
+    """An output file (``--json``): creatable, and not an existing directory."""
+    if Path(path).is_dir():
+        raise OffsiteError(f"{path} is a directory; give a file name")
+    check_parent(path)
 
 
 @contextlib.contextmanager
@@ -413,7 +437,7 @@ def _read_manifest(path: Path, expected_format: str, schema: _Spec, check) -> di
     if not mf.exists() and not mf.is_symlink():
         raise BundleError(f"{path} is not an {expected_format} bundle: {MANIFEST} is missing")
     try:
-        manifest = read_json_file(mf, what="manifest")
+        manifest = read_json_file(mf)
     except BundleError:
         raise
     except OffsiteError as exc:
@@ -529,7 +553,7 @@ def _verified_emulator(path: Path) -> tuple[dict, dict]:
 
     manifest = _read_manifest(path, EMULATOR_FORMAT, EMULATOR_SCHEMA, _check_emulator_manifest)
     source = path / "config.json"
-    base_config = read_json_file(source, what="config")
+    base_config = read_json_file(source)
     base = manifest["base"]
     if not isinstance(base_config, dict) or base_config.get("model_type") != base["model_type"]:
         raise BundleError(f"{source} is not the config of a {base['model_type']} model, as the manifest says")
@@ -652,7 +676,7 @@ def _load_method_block_kinds(method: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # adapter bundles
 
-ADAPTER_KINDS = ("full", "lora", "bitfit")
+ADAPTER_KINDS = KINDS
 _ADAPTER_KEY = re.compile(r"blocks\.(\d{1,6})\.[A-Za-z0-9_.]{1,200}")
 
 

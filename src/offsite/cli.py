@@ -27,6 +27,31 @@ import typing
 from .errors import OffsiteError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``error: offsite tune: argument ...``) and exit 2."""
+
+    def error(self, message: str):
+        raise OffsiteError(f"{self.prog}: {message}")
+
+
+def _int_at_least(lo: int):
+    """An argparse type: an integer >= ``lo``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def _add_dataclass_args(parser, cls, seen: set[str], prefix: str = "") -> None:
     """One ``--option`` per dataclass field (``keep`` -> ``--keep``), typed from the annotation."""
     hints = typing.get_type_hints(cls)
@@ -54,8 +79,8 @@ def _add_train_args(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--adapter", default="full", choices=["full", "lora", "bitfit"],
                    help="what to train in the adapter blocks (default: full, as in the paper)")
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument("--lora-alpha", type=int, default=16)
+    g.add_argument("--lora-r", type=POSITIVE, default=8)
+    g.add_argument("--lora-alpha", type=POSITIVE, default=16)
     from .run import PRESETS
     from .train import TrainConfig
 
@@ -63,15 +88,15 @@ def _add_train_args(p) -> None:
     g.add_argument("--lr", type=float, help=f"learning rate (default: {TrainConfig.lr:g} for tune; "
                                             f"the preset's for run: {by_preset})")
     g.add_argument("--epochs", type=float)
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--batch-size", type=int, help="global examples per optimizer step")
-    g.add_argument("--micro-batch-size", type=int, help="examples per forward pass (gradient accumulation)")
+    g.add_argument("--max-steps", type=POSITIVE)
+    g.add_argument("--batch-size", type=POSITIVE, help="global examples per optimizer step")
+    g.add_argument("--micro-batch-size", type=POSITIVE, help="examples per forward pass (gradient accumulation)")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"])
-    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--warmup-steps", type=NON_NEGATIVE)
     g.add_argument("--weight-decay", type=float)
-    g.add_argument("--eval-every", type=int, help="optimizer steps between validations (default: each epoch)")
-    g.add_argument("--checkpoint-every", type=int)
-    g.add_argument("--max-length", type=int)
+    g.add_argument("--eval-every", type=POSITIVE, help="optimizer steps between validations (default: each epoch)")
+    g.add_argument("--checkpoint-every", type=POSITIVE)
+    g.add_argument("--max-length", type=_int_at_least(2))
     g.add_argument("--seed", type=int)
     g.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="fp32 (default), bf16 (bfloat16 autocast in forward/backward; weights and optimizer stay "
@@ -95,13 +120,15 @@ def _tune_settings(args, base=None):
 
         changes["mixed_precision"] = resolve_precision(args.precision)
     cfg = dataclasses.replace(cfg, **changes)
-    return TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg)
+    settings = TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg)
+    settings.check()  # before any data, model or emulator is loaded
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .emulator import all_methods
 
-    parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning of large language models.")
+    parser = _Parser(prog="offsite", description="Offsite-tuning of large language models.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -144,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--model")
     who.add_argument("--emulator")
     p.add_argument("--task", default="arc_easy", help="task name, or 'text' for held-out perplexity")
-    p.add_argument("--limit", type=int, help="first N documents of the evaluation split")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=POSITIVE, help="first N documents of the evaluation split")
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
     p.add_argument("--json", help="write the metrics to this JSON file")
     p.add_argument("--backend", default="ours", choices=["ours", "lm-eval"],
                    help="lm-eval: score with lm-evaluation-harness itself (our multiple-choice tasks through "
@@ -176,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Plug-in - Full ZS) / (ceiling - Full ZS) (default: on)")
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the emulator's transfer probe on public text when it is built (default: on)")
-    p.add_argument("--eval-limit", type=int, help="evaluate the first N documents (default: the preset's)")
-    p.add_argument("--text-docs", type=int, help="held-out text documents for perplexity (0: skip)")
-    p.add_argument("--batch-size-eval", type=int, default=32)
+    p.add_argument("--eval-limit", type=POSITIVE, help="evaluate the first N documents (default: the preset's)")
+    p.add_argument("--text-docs", type=NON_NEGATIVE, help="held-out text documents for perplexity (0: skip)")
+    p.add_argument("--batch-size-eval", type=POSITIVE, default=32)
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-<task>-<method>)")
     p.add_argument("--overwrite", action="store_true")
     seen = set()
@@ -242,7 +269,7 @@ def cmd_emulate(args) -> None:
 
 
 def cmd_probe(args) -> None:
-    from .bundle import load_emulator, write_json_atomic
+    from .bundle import check_new_file, load_emulator, write_json_atomic
     from .models.load import load_model, model_display_name
     from .probe import ProbeOptions, probe, probe_examples, probe_records, probe_summary, task_probe_examples
     from .results import meta
@@ -250,6 +277,8 @@ def cmd_probe(args) -> None:
     opts = ProbeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ProbeOptions)
                            if hasattr(args, f.name)})
     opts.check()
+    if args.json:
+        check_new_file(args.json)
     emu = load_emulator(args.emulator)
     model, _ = load_model(args.model)
     examples = task_probe_examples(emu.tokenizer, args.task, opts) if args.task else probe_examples(emu.tokenizer, opts)
@@ -266,12 +295,14 @@ def cmd_probe(args) -> None:
 
 def cmd_tune(args) -> None:
     from .bundle import check_new_path, load_emulator
-    from .tune import file_data, task_data, tune_to_dir
+    from .tune import check_plan, file_data, task_data, tune_to_dir
 
     check_new_path(args.out, args.overwrite)
+    settings = _tune_settings(args)
     data = task_data(args.task) if args.task else file_data(args.data)
+    check_plan(data, settings)
     emu = load_emulator(args.emulator)
-    bundle = tune_to_dir(emu, data, _tune_settings(args), args.out, overwrite=args.overwrite)
+    bundle = tune_to_dir(emu, data, settings, args.out, overwrite=args.overwrite)
     t = bundle.training
     print(f"wrote {args.out}: {bundle.kind} adapter for blocks {bundle.sources}, {t['steps']} steps, "
           f"best validation loss {t['best_val_loss']}")
@@ -291,10 +322,12 @@ def cmd_plug(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .bundle import load_emulator, write_json_atomic
+    from .bundle import check_new_file, load_emulator, write_json_atomic
     from .eval import evaluate
     from .models.load import load_model
 
+    if args.json:
+        check_new_file(args.json)
     if args.emulator:
         emu = load_emulator(args.emulator)
         model, tokenizer = emu.model, emu.tokenizer

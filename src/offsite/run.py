@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .bundle import load_adapter, load_emulator, save_emulator
+from .bundle import check_parent, load_adapter, load_emulator, save_emulator
 from .emulator import Emulator, build_emulator
 from .errors import OffsiteError
 from .models.load import load_model
@@ -107,16 +107,22 @@ def run(model_name: str, task: str, method: str, adapter_layers, method_options:
     text_docs = p.text_docs if text_docs == "preset" else text_docs
     full_ft = p.full_ft if full_ft is None else full_ft
     settings = settings or TuneSettings(train=replace(p.train))
+    for name, v, lo in (("eval_limit", eval_limit, 1), ("text_docs", text_docs, 0), ("batch_size", batch_size, 1)):
+        if v is not None and (not isinstance(v, int) or v < lo):
+            raise OffsiteError(f"{name} must be an integer >= {lo} (got {v!r})")
+    settings.check()
     out = Path(out)
+    check_parent(out)
+    if out.exists() and not out.is_dir():
+        raise OffsiteError(f"{out} is a file; choose a directory for --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OffsiteError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-
     data: TrainingData = task_data(task)  # fail early on an unknown task, before any model work
+    out.mkdir(parents=True, exist_ok=True)
     result = RunResult(meta=meta(command))
     subset = f"first {eval_limit} documents of the evaluation split" if eval_limit else "every evaluation document"
     result.notes.append(f"evaluated on {subset}; held-out text: "
-                        + (f"{text_docs} documents" if text_docs else "all documents"))
+                        + (f"{text_docs} documents" if text_docs else "skipped" if text_docs == 0 else "all documents"))
     if not full_ft:
         result.notes.append("Full FT skipped (pass --full-ft to run it)")
     if not ceiling:

@@ -68,6 +68,7 @@ __all__ = [
     "tokenize_qa",
     "tokenize_text",
     "count_targets",
+    "planned_steps",
     "collate",
     "causal_lm_loss",
     "train",
@@ -112,8 +113,8 @@ class TrainConfig:
 
         if not self.lr > 0:
             bad(f"lr must be > 0 (got {self.lr})")
-        if self.max_steps is None and not self.epochs > 0:
-            bad(f"epochs must be > 0 (got {self.epochs}), or set max_steps")
+        if self.max_steps is None and not 0 < self.epochs < math.inf:
+            bad(f"epochs must be > 0 and finite (got {self.epochs}), or set max_steps")
         if self.max_steps is not None and self.max_steps < 1:
             bad(f"max_steps must be >= 1 (got {self.max_steps})")
         if self.batch_size < 1 or self.micro_batch_size < 1:
@@ -172,6 +173,19 @@ def resolve_precision(spec: str, device: torch.device | str | None = None) -> st
     if spec not in PRECISIONS:
         raise OffsiteError(f"unknown precision {spec!r}; choose auto, fp32 or bf16")
     return spec
+
+
+def planned_steps(cfg: TrainConfig, n_train: int) -> int:
+    """Optimizer steps of a run over ``n_train`` examples: ``max_steps``, else ``epochs`` x the
+    steps of one epoch, rounded up; OffsiteError where ``epochs`` makes less than one step (rather
+    than quietly running one)."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    exact = cfg.epochs * math.ceil(n_train / cfg.batch_size)
+    if exact < 1 - 1e-9:
+        raise OffsiteError(f"epochs {cfg.epochs:g} is {exact:.3g} of one optimizer step ({n_train} training examples, "
+                           f"batch size {cfg.batch_size}); train at least one step (more epochs, or max_steps)")
+    return math.ceil(exact - 1e-9)
 
 
 # Fields that must match for a checkpoint to be resumed (the others only change speed or logging).
@@ -369,7 +383,7 @@ def train(
     # -- the plan: global batches per epoch and total optimizer steps
     n_train = len(train_examples)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch - 1e-9))
+    total_steps = planned_steps(cfg, n_train)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
     eval_every = cfg.eval_every or steps_per_epoch
     scheduler = _scheduler(cfg.schedule, optimizer, warmup, total_steps)
