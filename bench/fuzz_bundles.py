@@ -519,7 +519,7 @@ def main(argv=None) -> int:
 
     from offsite.results import meta, write_results
 
-    info = meta("python bench/fuzz_bundles.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    info = meta(" ".join(["python bench/fuzz_bundles.py", *(argv if argv is not None else sys.argv[1:])]))
     with tempfile.TemporaryDirectory(prefix="offsite-fuzz-") as tmp:
         tmp = Path(tmp)
         (tmp / "work").mkdir()

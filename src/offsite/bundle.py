@@ -244,7 +244,8 @@ class _Spec:
 class Int(_Spec):
     def __init__(self, lo: int | None = None, hi: int | None = None):
         self.lo, self.hi = lo, hi
-        self.what = "an integer" + (f" >= {lo}" if lo is not None else "") + (f" <= {hi}" if hi is not None else "")
+        self.what = ("an integer" + (f" in [{lo}, {hi}]" if lo is not None and hi is not None else
+                                     f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""))
 
     def check(self, v, where, fail):
         if not isinstance(v, int) or isinstance(v, bool) or (self.lo is not None and v < self.lo) or \
@@ -444,7 +445,7 @@ def _read_manifest(path: Path, expected_format: str, schema: _Spec, check) -> di
         raise BundleError(str(exc)) from exc
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt != expected_format:
-        raise BundleError(f"{path} holds a {fmt!r} bundle, expected {expected_format!r}"[:300])
+        raise BundleError(f"{path} is not an {expected_format} bundle (its manifest's format is {str(fmt)[:40]!r})")
     if manifest.get("version") != FORMAT_VERSION:
         raise BundleError(f"{path} has bundle format version {str(manifest.get('version'))[:20]}, this offsite "
                           f"reads version {FORMAT_VERSION} (re-create the bundle with this offsite)")
