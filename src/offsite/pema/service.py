@@ -28,7 +28,6 @@ sent as ``Authorization: Bearer K`` or ``X-API-Key: K``) gets **401**. Every err
 
 import base64
 import hmac
-import json
 import threading
 import time
 
