@@ -30,8 +30,8 @@ the full model, checked against the emulator's manifest (what the model owner do
     python bench/fuzz_bundles.py [--cases 200] [--seed 0] [--timeout 20]
 
 writes bench/results/fuzz-bundles.json (docs/results-format.md): records row "fuzz", one per
-bundle, mode and outcome (and the totals, bundle "all"), plus ``examples`` (the first cases of
-each outcome other than project_error), ``error_types`` and ``error_messages`` (the 60 most
+bundle, mode and outcome (and the totals, bundle "all"), plus ``examples`` (the first 4 cases of
+each bundle, mode and outcome other than project_error), ``error_types`` and ``error_messages`` (the 60 most
 frequent refusals, digits as N). Tests run a bounded version
 (tests/test_fuzz_bundles.py).
 """
@@ -472,8 +472,8 @@ def fuzz(world: dict, cases: int, seed: int, timeout: float, work: Path, log=pri
                     messages[f"{mode}: {text}"] = messages.get(f"{mode}: {text}", 0) + 1
                     if result["status"] == "project_error" and not result.get("one_line", True):
                         outcome = "multi_line_error"
-                if outcome not in ("project_error", "harmless_load") and sum(
-                        e["outcome"] == outcome for e in examples) < 10:
+                if outcome != "project_error" and sum(
+                        (e["bundle"], e["mode"], e["outcome"]) == (b, mode, outcome) for e in examples) < 4:
                     examples.append({"bundle": b, "mode": mode, "case": i, "corruption": what, "outcome": outcome,
                                      **{k: result[k] for k in ("type", "message") if k in result}})
                 _remove(d)
