@@ -4,7 +4,9 @@ Used by the data owner's adapter tuning on an emulator, the full fine-tuning bas
 owner's emulator distillation (which passes its own ``loss_fn``). The loop is deliberately plain
 (nanoGPT-like): AdamW, warm-up + linear/cosine/constant schedule, gradient clipping, gradient
 accumulation, periodic validation keeping the best trainable state, atomic checkpoints with exact
-resume. It runs under Hugging Face ``accelerate``: one process on a CPU or GPU, or many with
+resume. A non-finite training loss (checked before the optimizer step) or non-finite trainable
+weights (after it) stop training with one line (:class:`OffsiteError`); the last checkpoint written
+stays as it was. It runs under Hugging Face ``accelerate``: one process on a CPU or GPU, or many with
 ``accelerate launch`` / ``torchrun`` (DDP; gloo on CPUs).
 
 Examples
