@@ -8,7 +8,7 @@ import shutil
 import pytest
 from conftest import make_tokenizer, tiny_model
 
-from offsite.bundle import sha256_file
+from offsite.bundle import manifest_digest, sha256_file
 from offsite.cli import main
 
 PAIRS = [{"prompt": f"Question: {i}?\nAnswer:", "completion": f" {i}"} for i in range(12)]
@@ -67,9 +67,11 @@ def test_truncated_weight_file(world, tmp_path, capsys):
 
 
 def redigest(bundle_dir, weights: str) -> None:
-    """Rewrite the manifest's digest of ``weights`` to match the (tampered) file, as a forger would."""
+    """Rewrite the manifest's digest of ``weights`` (and the manifest's own) to match the tampered
+    file, as a forger would."""
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     manifest["files"][weights] = sha256_file(bundle_dir / weights)
+    manifest["digest"] = manifest_digest(manifest)
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -204,3 +206,101 @@ def test_weights_are_never_unpickled(world):
     for bundle in ("emu", "ad"):
         for f in (world / bundle).iterdir():
             assert f.suffix in {".safetensors", ".json", ".jinja", ".txt", ".model"}, f
+
+
+# --- the command-line cases of issue 21: one line, exit 2, nothing left behind, before heavy work ---
+
+
+def nothing_left(tmp_path, before: set[str]):
+    after = {p.name for p in tmp_path.iterdir()}
+    assert after == before, sorted(after - before)
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_model_dir_with_only_a_config(world, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    shutil.copy(world / "model" / "config.json", tmp_path / "m")
+    before = {p.name for p in tmp_path.iterdir()}
+    fails(capsys, ["emulate", "--model", tmp_path / "m", "--keep", "1", "--out", tmp_path / "e"], "no weights")
+    nothing_left(tmp_path, before)
+
+
+def test_outputs_under_a_file(world, tmp_path, capsys):
+    f = write(tmp_path / "afile", b"x")
+    before = {p.name for p in tmp_path.iterdir()}
+    fails(capsys, ["emulate", "--model", world / "model", "--keep", "1", "--out", f / "e"], "not a directory")
+    fails(capsys, tune_argv(world / "emu", world / "train.jsonl", f / "sub" / "ad"), "not a directory")
+    fails(capsys, ["plug", "--model", world / "model", "--adapter", world / "ad", "--out", f / "p"], "not a directory")
+    fails(capsys, ["eval", "--emulator", world / "emu", "--task", "text", "--limit", "1", "--json", f / "m.json"],
+          "not a directory")
+    fails(capsys, ["probe", "--emulator", world / "emu", "--model", world / "model", "--json", f / "p.json"],
+          "not a directory")
+    fails(capsys, ["run", "--model", world / "model", "--out", f / "run"], "not a directory")
+    nothing_left(tmp_path, before)
+    assert f.read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("name,data,words", [
+    ("bin.jsonl", bytes(range(256)) * 4, ["not UTF-8"]),
+    ("u16.jsonl", '{"text": "hello"}\n'.encode("utf-16"), ["not UTF-8"]),
+    ("u16le.jsonl", '{"text": "hello"}\n'.encode("utf-16-le"), ["NUL"]),
+    ("bin.csv", b"text\n\x00\x01\x02\n", ["NUL"]),
+    ("missing.csv", b"prompt,completion\nQ1, a\nQ2\n", ["row 3", "fewer fields"]),
+    ("extra.csv", b"prompt,completion\nQ1, a, b\n", ["row 2", "more fields"]),
+    ("null.jsonl", b'{"prompt": "Q", "completion": null}\n', ["completion", "missing"]),
+])
+def test_bad_data_files(world, tmp_path, capsys, name, data, words):
+    f = write(tmp_path / name, data)
+    before = {p.name for p in tmp_path.iterdir()}
+    fails(capsys, tune_argv(world / "emu", f, tmp_path / "ad"), *words)
+    nothing_left(tmp_path, before)
+
+
+def test_json_array_is_read_as_records(world, tmp_path, capsys):
+    from offsite.data.user import load_user_data
+
+    f = write(tmp_path / "d.json", json.dumps(PAIRS, indent=2).encode())
+    assert load_user_data(f) == ("qa", [(p["prompt"], p["completion"]) for p in PAIRS])
+    g = write(tmp_path / "n.json", b"42")
+    before = {p.name for p in tmp_path.iterdir()}
+    fails(capsys, tune_argv(world / "emu", g, tmp_path / "ad"), "array of records")
+    nothing_left(tmp_path, before)
+
+
+def test_data_without_extension_is_not_sent_to_the_hub(world, tmp_path, capsys, monkeypatch):
+    import offsite.data.user as user
+
+    monkeypatch.setattr(user, "_load_hf", lambda name: pytest.fail("a bare name went to the Hub"))
+    monkeypatch.chdir(tmp_path)
+    fails(capsys, tune_argv(world / "emu", "my_file", tmp_path / "ad"), "no such file", "owner/name")
+    nothing_left(tmp_path, set())
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--adapter", "lora", "--lora-r", "0"], ["--lora-r", ">= 1"]),
+    (["--adapter", "lora", "--lora-alpha", "-3"], ["--lora-alpha"]),
+    (["--epochs", "0.0001"], ["epochs 0.0001", "one optimizer step"]),
+    (["--epochs", "inf"], ["epochs"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--max-length", "1"], ["--max-length"]),
+])
+def test_bad_training_options(world, tmp_path, capsys, extra, words):
+    argv = ["tune", "--emulator", world / "emu", "--data", world / "train.jsonl", "--out", tmp_path / "ad", *extra]
+    fails(capsys, argv, *words)
+    nothing_left(tmp_path, set())
+
+
+def test_run_refuses_bad_numbers_before_building_anything(world, tmp_path, capsys, monkeypatch):
+    import offsite.run as run_module
+
+    monkeypatch.setattr(run_module, "build_emulator", lambda *a, **k: pytest.fail("built an emulator"))
+    monkeypatch.chdir(tmp_path)
+    for extra, word in ((["--text-docs", "-1"], "--text-docs"), (["--eval-limit", "0"], "--eval-limit"),
+                        (["--batch-size-eval", "0"], "--batch-size-eval"), (["--lora-r", "0"], "--lora-r"),
+                        (["--epochs", "-1"], "epochs")):
+        fails(capsys, ["run", "--model", world / "model", "--out", tmp_path / "r", *extra], word)
+    nothing_left(tmp_path, set())

@@ -62,11 +62,23 @@ def test_bad_requests_get_4xx_with_a_reason_and_the_server_keeps_serving(server)
         (json.dumps({"sequences": [[1]] * 9}), 413, "max_batch"),
         (json.dumps({"sequences": [[1] * 40, [2] * 40]}), 413, "max_logprob_rows"),
         ("x" * 30_000, 413, "max_body_bytes"),
+        ("[" * 100_000 + "]" * 100_000, 413, "max_body_bytes"),
+        ('{"sequences": ' + "[" * 5000 + "]" * 5000 + "}", 400, "nested"),
+        ('{"sequences": ' + "[" * 70 + "]" * 70 + "}", 400, "nested"),
+        ('{"sequences": [[1]], "sequences": [[2]]}', 400, "duplicate"),
+        ("[1, 2]", 400, "JSON object"),
+        (b"\xff\xfe{", 400, "not valid JSON"),
     ]
     for body, status, reason in cases:
         r = httpx.post(server + "/v1/forward", content=body, headers=key)
         assert r.status_code == status, (body[:40], r.text)
         assert reason in r.json()["error"]
+    # a chunked body (no Content-Length) is counted while it is read
+    chunked = {k: v for k, v in key.items()}
+    r = httpx.post(server + "/v1/forward", content=(b"[" * 1000 for _ in range(100)), headers=chunked)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
+    r = httpx.post(server + "/v1/forward", content=(b'{"sequences": [[1, 2]]}' for _ in range(1)), headers=key)
+    assert r.status_code == 200
     r = httpx.post(server + "/v1/greedy", json={"prompts": [[1]], "steps": 10_000}, headers=key)
     assert r.status_code == 413 and "max_new_tokens" in r.json()["error"]
     r = httpx.post(server + "/v1/forward", json={"sequences": [[1, 2]]})

@@ -345,6 +345,37 @@ def test_custom_loss_fn_is_used_and_its_token_count_checked():
               loss_fn=lambda m, b: (causal_lm_loss(m, b)[0], 1000))
 
 
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A NaN loss at step 3 stops training with one line before the step is taken; the checkpoint
+    of step 2 stays as it was, with finite weights."""
+    from safetensors.torch import load_file
+
+    calls = []
+
+    def loss_fn(model, batch):
+        s, n = causal_lm_loss(model, batch)
+        calls.append(1)
+        return (s * float("nan") if len(calls) == 3 else s), n
+
+    model = tiny_llama(layers=2)
+    cfg = TrainConfig(max_steps=5, batch_size=2, micro_batch_size=2, checkpoint_every=1, progress=False)
+    with pytest.raises(OffsiteError) as exc:
+        train(model, adapter_params(model, (0,)), made_up_examples(4), None, cfg, out_dir=tmp_path, loss_fn=loss_fn)
+    msg = str(exc.value)
+    assert "\n" not in msg and "diverged at step 3" in msg and "step-00000002" in msg, msg
+    root = tmp_path / "checkpoint"
+    assert (root / "LATEST").read_text().strip() == "step-00000002"
+    assert all(torch.isfinite(t).all() for t in load_file(root / "step-00000002" / "trainable.safetensors").values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_weights_stop_training():
+    model = tiny_llama(layers=2)
+    cfg = TrainConfig(lr=float("inf"), max_steps=3, batch_size=2, micro_batch_size=2, **QUIET)
+    with pytest.raises(OffsiteError, match="diverged at step 1: parameter .* no checkpoint was written"):
+        train(model, adapter_params(model, (0,)), made_up_examples(4), None, cfg)
+
+
 def test_cli_precision_flag_sets_the_training_precision():
     from offsite.cli import _tune_settings, build_parser
 

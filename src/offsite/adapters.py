@@ -30,6 +30,15 @@ class LoraOptions:
     alpha: int = 16
     dropout: float = 0.0
 
+    def check(self) -> None:
+        """Raise OffsiteError for options peft would refuse (or take silently) later."""
+        for name in ("r", "alpha"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise OffsiteError(f"LoRA {name} must be an integer >= 1 (got {v!r})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise OffsiteError(f"LoRA dropout must be in [0, 1) (got {self.dropout!r})")
+
 
 def _linear_names(block: nn.Module) -> list[str]:
     from transformers.pytorch_utils import Conv1D

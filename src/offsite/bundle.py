@@ -16,10 +16,17 @@ Adapter bundle (data owner -> owner)::
     manifest.json      kind (full / lora / bitfit), the emulator's digest, the adapter's starting digest
     adapter.safetensors  only the adapter: keys ``blocks.{original index}.{parameter}``
 
-The manifest's ``files`` digests detect corruption or a truncated transfer; the emulator digest
-and the adapter's starting digest tie an adapter to the emulator and the model it was tuned for.
-(A peer can of course recompute digests: they guard against accidents and mix-ups, and the
-owner-side checks in :mod:`offsite.plug` check shapes against the owner's own model.)
+Every file of a bundle is listed in the manifest's ``files`` with its SHA-256 (weights, config.json,
+tokenizer files; a file the manifest does not list is refused), and the manifest carries
+``digest``, the SHA-256 of its own content as canonical JSON (:func:`manifest_digest`; for an
+emulator this is its identity, which adapter bundles name). Before anything is built from a
+manifest it is checked against a declared schema (types, ranges, a layer map consistent with
+``base`` and with config.json). Only regular files inside the bundle directory are read (no
+symlinks, FIFOs or devices), JSON strictly and within size and depth limits. The emulator's
+digest and the adapter's starting digest tie an adapter to the emulator and the model it was tuned
+for. (A peer can of course recompute digests: they guard against accidents, mix-ups and edits
+after the fact, and change the bundle's identity; the owner-side checks in :mod:`offsite.plug`
+check shapes against the owner's own model.)
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +48,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from . import __version__
+from .adapters import KINDS
 from .emulator.core import ADAPTER, BLOCK_KINDS, ORIGINAL, Emulator, Slot, state_digest
 from .errors import BundleError, OffsiteError
 from .models.families import family_of, get_blocks, num_blocks, set_blocks
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every file listed and digested, the manifest digested canonically
 EMULATOR_FORMAT = "offsite-emulator"
 ADAPTER_FORMAT = "offsite-adapter"
 MANIFEST = "manifest.json"
@@ -54,12 +65,91 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 # files
 
 
-def sha256_file(path: str | Path) -> str:
+# Size limits of what a bundle may hold (a peer's file is refused before it is read whole).
+MAX_JSON_BYTES = 64 << 20  # manifest.json, config.json
+MAX_FILE_BYTES = 1 << 40  # weights and tokenizer files
+MAX_JSON_DEPTH = 64
+
+
+def _open_regular(path: str | Path, limit: int | None):
+    """Open ``path`` for reading only if it is a regular file (not a symlink, FIFO, device or
+    directory) of at most ``limit`` bytes; the checks are made on the opened descriptor."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as exc:
+        raise OffsiteError(f"{path} is missing") from exc
+    except OSError as exc:  # ELOOP: a symlink; EACCES, ...
+        raise OffsiteError(f"{path} is not a readable regular file ({exc.strerror})") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OffsiteError(f"{path} is not a regular file")
+    if limit is not None and st.st_size > limit:
+        os.close(fd)
+        raise OffsiteError(f"{path} is {st.st_size} bytes, more than the {limit} allowed")
+    return os.fdopen(fd, "rb")
+
+
+def sha256_file(path: str | Path, limit: int | None = MAX_FILE_BYTES) -> str:
+    """SHA-256 of a regular file (symlinks, FIFOs and devices are refused: they could be endless)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_regular(path, limit) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_json_file(path: str | Path, limit: int | None = None):
+    """Parse a JSON file strictly: a regular file of at most ``limit`` (MAX_JSON_BYTES) bytes, UTF-8,
+    no duplicate keys, no NaN/Infinity, nested at most MAX_JSON_DEPTH deep; anything else is a
+    one-line OffsiteError."""
+    limit = MAX_JSON_BYTES if limit is None else limit
+    with _open_regular(path, limit) as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise OffsiteError(f"{path} is more than the {limit} bytes allowed")
+    return parse_json(raw, str(path))
+
+
+def _no_duplicates(pairs):
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise ValueError(f"duplicate key {k!r}")
+        obj[k] = v
+    return obj
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes | str, source: str):
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        if isinstance(exc, RecursionError):
+            reason = "nested too deeply"
+        else:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else " ".join(str(exc).split())[:120]
+        raise OffsiteError(f"{source} is not valid JSON ({reason})") from exc
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise OffsiteError(f"{source} is nested more than {MAX_JSON_DEPTH} levels deep")
+    return obj
+
+
+def json_depth(obj) -> int:
+    """Nesting depth of a parsed JSON value (iterative, so any depth is measured safely)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return deepest
 
 
 def _fsync_tree(root: Path) -> None:
@@ -70,9 +160,30 @@ def _fsync_tree(root: Path) -> None:
 
 
 def check_new_path(path: str | Path, overwrite: bool = False) -> None:
-    """Refuse to write over an existing path unless asked to (checked before any heavy work)."""
+    """Refuse to write over an existing path unless asked to, or where it cannot be created
+    (checked before any heavy work)."""
     if Path(path).exists() and not overwrite:
         raise OffsiteError(f"{path} already exists; choose another path or pass --overwrite")
+    check_parent(path)
+
+
+def check_parent(path: str | Path) -> None:
+    """Refuse an output path that cannot be created: its nearest existing ancestor must be a
+    writable directory (not a file), and the path itself not an existing directory when a file is meant."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OffsiteError(f"cannot create {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OffsiteError(f"cannot create {path}: {parent} is not writable")
+
+
+def check_new_file(path: str | Path) -> None:
+    """An output file (``--json``): creatable, and not an existing directory."""
+    if Path(path).is_dir():
+        raise OffsiteError(f"{path} is a directory; give a file name")
+    check_parent(path)
 
 
 @contextlib.contextmanager
@@ -119,38 +230,254 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def _read_manifest(path: Path, expected_format: str) -> dict:
+def _one_line(exc: BaseException, n: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:n]}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# manifests: a declared schema, checked before anything is built from a manifest
+
+
+class _Spec:
+    what = "a value"
+
+    def check(self, v, where: str, fail) -> None:
+        raise NotImplementedError
+
+
+class Int(_Spec):
+    def __init__(self, lo: int | None = None, hi: int | None = None):
+        self.lo, self.hi = lo, hi
+        self.what = ("an integer" + (f" in [{lo}, {hi}]" if lo is not None and hi is not None else
+                                     f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""))
+
+    def check(self, v, where, fail):
+        if not isinstance(v, int) or isinstance(v, bool) or (self.lo is not None and v < self.lo) or \
+                (self.hi is not None and v > self.hi):
+            fail(where, self.what)
+
+
+class Num(_Spec):
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = lo, hi
+        self.what = f"a number in [{lo}, {hi})"
+
+    def check(self, v, where, fail):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not self.lo <= v < self.hi:
+            fail(where, self.what)
+
+
+class Str(_Spec):
+    def __init__(self, pattern: str = r"[^\x00-\x1f]{0,1000}", what: str = "a short string"):
+        self.pattern, self.what = re.compile(pattern), what
+
+    def check(self, v, where, fail):
+        if not isinstance(v, str) or not self.pattern.fullmatch(v):
+            fail(where, self.what)
+
+
+class Opt(_Spec):
+    def __init__(self, spec: _Spec):
+        self.spec, self.what = spec, f"null or {spec.what}"
+
+    def check(self, v, where, fail):
+        if v is not None:
+            self.spec.check(v, where, fail)
+
+
+class List(_Spec):
+    def __init__(self, item: _Spec, lo: int = 0, hi: int = 1 << 20):
+        self.item, self.lo, self.hi = item, lo, hi
+        self.what = f"a list of {lo}..{hi} items" if lo != hi else f"a list of {lo} items"
+
+    def check(self, v, where, fail):
+        if not isinstance(v, list) or not self.lo <= len(v) <= self.hi:
+            fail(where, self.what)
+        for i, x in enumerate(v):
+            self.item.check(x, f"{where}[{i}]", fail)
+
+
+class Map(_Spec):
+    """An object with free keys (``key`` pattern) and values of one spec (``None``: any JSON)."""
+
+    def __init__(self, value: _Spec | None = None, key: str = r"[^\x00-\x1f]{1,255}"):
+        self.value, self.key, self.what = value, re.compile(key), "an object"
+
+    def check(self, v, where, fail):
+        if not isinstance(v, dict):
+            fail(where, self.what)
+        for k, x in v.items():
+            if not self.key.fullmatch(k):
+                fail(f"{where} key {k[:40]!r}", "a plain name")
+            if self.value is not None:
+                self.value.check(x, f"{where}.{k}", fail)
+
+
+class Obj(_Spec):
+    """An object with exactly these fields (``optional`` ones may be absent); no others."""
+
+    def __init__(self, fields: dict[str, _Spec], optional: tuple[str, ...] = ()):
+        self.fields, self.optional, self.what = fields, set(optional), "an object"
+
+    def check(self, v, where, fail):
+        if not isinstance(v, dict):
+            fail(where, self.what)
+        for k in v:
+            if k not in self.fields:
+                fail((f"{where}.{k}" if where else k)[:80], "absent (an unknown field)")
+        for k, spec in self.fields.items():
+            sub = f"{where}.{k}" if where else k
+            if k in v:
+                spec.check(v[k], sub, fail)
+            elif k not in self.optional:
+                fail(sub, f"present ({spec.what})")
+
+
+HEX64 = Str(r"[0-9a-f]{64}", "a SHA-256 hex digest")
+NAME = Str(r"[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,99}", "a plain name")
+FILE_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}"  # a plain name inside the bundle: no '/', no '.', '..'
+MAX_LAYERS = 100_000
+BASE_SCHEMA = Obj({"name": Str(), "model_type": NAME, "family": NAME, "num_layers": Int(1, MAX_LAYERS),
+                   "adapter_layers": List(Int(0, MAX_LAYERS), 2, 2), "middle_params": Int(0)})
+FILES_SCHEMA = Map(HEX64, key=FILE_NAME)
+EMULATOR_SCHEMA = Obj({
+    "format": Str(), "version": Int(), "offsite_version": Str(), "method": NAME, "params": Map(),
+    "base": BASE_SCHEMA,
+    "slots": List(Obj({"kind": NAME, "source": Int(0, MAX_LAYERS), "info": Map()}), 1, MAX_LAYERS),
+    "adapter_init_digest": HEX64, "files": FILES_SCHEMA,
+    "shapes": Obj({"emulator_params": Int(0), "middle_params": Int(0), "original_middle_params": Opt(Int(0))}),
+    "report": Map(), "digest": HEX64,
+})
+ADAPTER_SCHEMA = Obj({
+    "format": Str(), "version": Int(), "offsite_version": Str(), "kind": Str("full|lora|bitfit", "full, lora or bitfit"),
+    "emulator_digest": Str(r"([0-9a-f]{64})?", "a SHA-256 hex digest or empty"), "adapter_init_digest": HEX64,
+    "base": BASE_SCHEMA, "sources": List(Int(0, MAX_LAYERS), 1, MAX_LAYERS),
+    "lora": Opt(Obj({"r": Int(1, 1 << 16), "alpha": Int(1, 1 << 16), "dropout": Num(0.0, 1.0)})),
+    "training": Map(), "files": FILES_SCHEMA, "digest": HEX64,
+})
+
+
+def check_schema(manifest, schema: _Spec, source: str) -> None:
+    """Raise BundleError naming the first field of ``manifest`` that does not fit ``schema``."""
+    def fail(where, what):
+        raise BundleError(f"{source}: {where or 'the manifest'} must be {what}")
+
+    schema.check(manifest, "", fail)
+
+
+def _check_layer_map(base: dict, source: str) -> tuple[int, int, int]:
+    n, (bottom, top) = base["num_layers"], base["adapter_layers"]
+    if not 0 < bottom + top < n:
+        raise BundleError(f"{source}: base.adapter_layers {bottom},{top} do not fit a model of {n} blocks")
+    return n, bottom, top
+
+
+def _check_emulator_manifest(m: dict, source: str) -> None:
+    n, bottom, top = _check_layer_map(m["base"], source)
+    slots = m["slots"]
+    if len(slots) < bottom + top or len(slots) > n:
+        raise BundleError(f"{source}: {len(slots)} slots do not fit {bottom}+{top} adapter blocks of a "
+                          f"{n}-block model")
+    for i, s in enumerate(slots):
+        adapter = i < bottom or i >= len(slots) - top
+        want = (i if i < bottom else n - (len(slots) - i)) if adapter else None
+        if adapter and (s["kind"] != ADAPTER or s["source"] != want):
+            raise BundleError(f"{source}: slot {i} must be the adapter block {want} (base.adapter_layers "
+                              f"{bottom},{top})")
+        if not adapter and (s["kind"] == ADAPTER or not bottom <= s["source"] < n - top):
+            raise BundleError(f"{source}: slot {i} must stand in for a middle block ({bottom}..{n - top - 1})")
+    for name in (EMULATOR_WEIGHTS, "config.json"):
+        if name not in m["files"]:
+            raise BundleError(f"{source}: files does not list {name}")
+
+
+def _check_adapter_manifest(m: dict, source: str) -> None:
+    n, bottom, top = _check_layer_map(m["base"], source)
+    sources = m["sources"]
+    allowed = set(_adapter_sources(m["base"], n))
+    if sources != sorted(set(sources)) or not set(sources) <= allowed:
+        raise BundleError(f"{source}: sources {sources[:8]} must be distinct adapter blocks of "
+                          f"base.adapter_layers {bottom},{top}, in order")
+    if (m["kind"] == "lora") != (m["lora"] is not None):
+        raise BundleError(f"{source}: lora must be given for a LoRA adapter and only for one")
+    if ADAPTER_WEIGHTS not in m["files"]:
+        raise BundleError(f"{source}: files does not list {ADAPTER_WEIGHTS}")
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The canonical digest of a manifest: every field but ``digest`` itself, as canonical JSON.
+    For an emulator it is its identity, which adapter bundles name."""
+    core = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                                     allow_nan=False).encode()).hexdigest()
+
+
+def _json_safe(obj):
+    """``obj`` with non-finite floats as null (a manifest is strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _finish_manifest(tmp: Path, manifest: dict) -> dict:
+    """List and digest every file written into ``tmp``, add the canonical digest, write the manifest."""
+    manifest = _json_safe(manifest)
+    manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
+    manifest["digest"] = manifest_digest(manifest)
+    write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _read_manifest(path: Path, expected_format: str, schema: _Spec, check) -> dict:
+    """A bundle's manifest, validated (schema, layer map, own digest) and its files verified."""
     if not path.exists():
         raise BundleError(f"{path} does not exist")
     if not path.is_dir():
         raise BundleError(f"{path} is not a bundle directory")
     mf = path / MANIFEST
-    if not mf.exists():
+    if not mf.exists() and not mf.is_symlink():
         raise BundleError(f"{path} is not an {expected_format} bundle: {MANIFEST} is missing")
     try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{mf} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
+        manifest = read_json_file(mf)
+    except BundleError:
+        raise
+    except OffsiteError as exc:
+        raise BundleError(str(exc)) from exc
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt != expected_format:
-        raise BundleError(f"{path} holds a {fmt!r} bundle, expected {expected_format!r}")
+        raise BundleError(f"{path} is not an {expected_format} bundle (its manifest's format is {str(fmt)[:40]!r})")
     if manifest.get("version") != FORMAT_VERSION:
-        raise BundleError(f"{path} has bundle format version {manifest.get('version')}, "
-                          f"this offsite reads version {FORMAT_VERSION}")
+        raise BundleError(f"{path} has bundle format version {str(manifest.get('version'))[:20]}, this offsite "
+                          f"reads version {FORMAT_VERSION} (re-create the bundle with this offsite)")
+    check_schema(manifest, schema, str(mf))
+    check(manifest, str(mf))
+    if manifest_digest(manifest) != manifest["digest"]:
+        raise BundleError(f"{mf} does not match its own digest (modified after writing)")
+    _verify_files(path, manifest)
     return manifest
 
 
 def _verify_files(path: Path, manifest: dict) -> None:
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{path / MANIFEST} lists no files")
+    """Every entry of the bundle directory is a listed regular file matching its digest."""
+    files = manifest["files"]
+    unlisted = sorted(set(os.listdir(path)) - set(files) - {MANIFEST})
+    if unlisted:
+        raise BundleError(f"{path} holds {unlisted[0][:80]!r}, which its manifest does not list "
+                          "(every file of a bundle is digested)")
     for name, digest in files.items():
         f = path / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"{path / MANIFEST} names a file outside the bundle: {name}")
-        if not f.exists():
-            raise BundleError(f"{f} is missing")
-        if sha256_file(f) != digest:
+        try:
+            actual = sha256_file(f)
+        except BundleError:
+            raise
+        except OffsiteError as exc:
+            raise BundleError(str(exc)) from exc
+        if actual != digest:
             raise BundleError(f"{f} does not match its SHA-256 digest in the manifest "
                               "(corrupted, truncated or modified)")
 
@@ -159,7 +486,7 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(f"{file} is not a readable safetensors file ({exc})") from exc
+        raise BundleError(f"{file} is not a readable safetensors file ({_one_line(exc)})") from exc
     bad = non_finite(state)
     if bad:
         raise BundleError(f"{file}: tensor {bad!r} holds NaN or infinite values; refusing weights that "
@@ -176,18 +503,8 @@ def non_finite(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _digest_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # emulator bundles
-
-
-def emulator_digest(manifest: dict) -> str:
-    """The identity of an emulator: its layer map, method and weight digests."""
-    core = {k: manifest[k] for k in ("method", "params", "base", "slots", "files", "adapter_init_digest")}
-    return _digest_json(core)
 
 
 def save_emulator(emu: Emulator, path: str | Path, overwrite: bool = False) -> dict:
@@ -199,10 +516,10 @@ def save_emulator(emu: Emulator, path: str | Path, overwrite: bool = False) -> d
     with atomic_dir(path, overwrite) as tmp:
         save_model(emu.model, str(tmp / EMULATOR_WEIGHTS))
         base_config = dict(emu.base_config)
-        (tmp / "config.json").write_text(json.dumps(base_config, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(_json_safe(base_config), indent=2, sort_keys=True) + "\n")
         if emu.tokenizer is not None:
             emu.tokenizer.save_pretrained(tmp)
-        manifest = {
+        manifest = _finish_manifest(tmp, {
             "format": EMULATOR_FORMAT,
             "version": FORMAT_VERSION,
             "offsite_version": __version__,
@@ -211,16 +528,13 @@ def save_emulator(emu: Emulator, path: str | Path, overwrite: bool = False) -> d
             "base": emu.base,
             "slots": [s.to_json() for s in emu.slots],
             "adapter_init_digest": state_digest(emu.adapter_state()),
-            "files": {EMULATOR_WEIGHTS: sha256_file(tmp / EMULATOR_WEIGHTS)},
             "shapes": {
                 "emulator_params": sum(p.numel() for p in emu.model.parameters()),
                 "middle_params": emu.middle_params(),
                 "original_middle_params": emu.base.get("middle_params"),
             },
             "report": emu.report,
-        }
-        manifest["digest"] = emulator_digest(manifest)
-        write_json_atomic(tmp / MANIFEST, manifest)
+        })
     emu.manifest = manifest
     return manifest
 
@@ -239,43 +553,100 @@ def emulator_config(base_config: dict, slots: list[Slot]):
     return config
 
 
+def _verified_emulator(path: Path) -> tuple[dict, dict]:
+    """The verified manifest and base config of an emulator bundle (nothing built yet)."""
+    from transformers import AutoConfig
+
+    manifest = _read_manifest(path, EMULATOR_FORMAT, EMULATOR_SCHEMA, _check_emulator_manifest)
+    source = path / "config.json"
+    base_config = read_json_file(source)
+    base = manifest["base"]
+    if not isinstance(base_config, dict) or base_config.get("model_type") != base["model_type"]:
+        raise BundleError(f"{source} is not the config of a {base['model_type']} model, as the manifest says")
+    try:
+        full = AutoConfig.for_model(**base_config)
+        n, family = num_blocks(full), family_of(full).name
+    except Exception as exc:  # a peer's config reaches transformers' own validation: any error is a refusal
+        raise BundleError(f"{source} is not a valid {base['model_type']} config ({_one_line(exc)})") from exc
+    if n != base["num_layers"] or family != base["family"]:
+        raise BundleError(f"{source} describes a {family} model of {n} blocks, the manifest a "
+                          f"{base['family']} model of {base['num_layers']}")
+    layer_types = base_config.get("layer_types")
+    if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != n):
+        raise BundleError(f"{source}: layer_types must list one type per block ({n})")
+    return manifest, base_config
+
+
 def load_emulator_manifest(path: str | Path) -> dict:
     """An emulator bundle's verified manifest, without loading its model (for the owner's checks)."""
-    path = Path(path)
-    manifest = _read_manifest(path, EMULATOR_FORMAT)
-    _verify_files(path, manifest)
-    if emulator_digest(manifest) != manifest.get("digest"):
-        raise BundleError(f"{path / MANIFEST} does not match its own digest (modified after writing)")
-    return manifest
+    return _verified_emulator(Path(path))[0]
 
 
-def load_emulator(path: str | Path) -> Emulator:
-    """Read and verify an emulator bundle (digests, layer map, weights)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _emulator_model(config, slots: list[Slot], method: str, path: Path):
+    from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    manifest = load_emulator_manifest(path)
-    try:
-        slots = [Slot.from_json(s) for s in manifest["slots"]]
-        base_config = json.loads((path / "config.json").read_text())
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
-        raise BundleError(f"{path} has a malformed manifest or config ({exc})") from exc
-    config = emulator_config(base_config, slots)
     model = AutoModelForCausalLM.from_config(config)
     blocks = list(get_blocks(model))
     for i, slot in enumerate(slots):
         if slot.kind in (ADAPTER, ORIGINAL):
             continue
         if slot.kind not in BLOCK_KINDS:
-            _load_method_block_kinds(manifest["method"])
+            _load_method_block_kinds(method)
         if slot.kind not in BLOCK_KINDS:
             raise BundleError(f"{path} uses block kind {slot.kind!r}, unknown to this offsite")
         blocks[i] = BLOCK_KINDS[slot.kind](config, slot, blocks[i])
     set_blocks(model, blocks, getattr(config, "layer_types", None))
+    return model
+
+
+def _check_weights_header(shell, file: Path) -> None:
+    """Compare the shapes of a model built on the meta device with the weights file's header, so
+    that a config or layer map that does not fit the weights is refused before memory is allocated."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"{file} is not a readable safetensors file ({_one_line(exc)})") from exc
+    expected = {k: tuple(t.shape) for k, t in shell.state_dict().items()}
+    for k, shape in header.items():
+        if expected.get(k) != shape:
+            raise BundleError(f"{file} does not fit the emulator's layer map and config (tensor {k[:80]!r} "
+                              f"has shape {shape}, the model {expected.get(k)})")
+    stored = sum(math.prod(s) for s in header.values())
+    built = sum(p.numel() for p in shell.parameters()) + sum(b.numel() for b in shell.buffers())
+    if built > 2 * stored + (1 << 20):
+        raise BundleError(f"{file} holds {stored:,} numbers, the model its config describes {built:,}")
+
+
+def load_emulator(path: str | Path) -> Emulator:
+    """Read and verify an emulator bundle (schema, digests, layer map, config, weights)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    manifest, base_config = _verified_emulator(path)
+    slots = [Slot.from_json(s) for s in manifest["slots"]]
+    try:
+        config = emulator_config(base_config, slots)
+        with torch.device("meta"):
+            shell = _emulator_model(config, slots, manifest["method"], path)
+    except BundleError:
+        raise
+    except Exception as exc:  # transformers or a method's block factory refusing the peer's config or slot info
+        raise BundleError(f"{path}: no emulator can be built from its config and layer map "
+                          f"({_one_line(exc)})") from exc
+    _check_weights_header(shell, path / EMULATOR_WEIGHTS)
+    try:
+        model = _emulator_model(config, slots, manifest["method"], path)
+    except Exception as exc:
+        raise BundleError(f"{path}: no emulator can be built from its config and layer map "
+                          f"({_one_line(exc)})") from exc
     try:
         missing, unexpected = load_model(model, str(path / EMULATOR_WEIGHTS), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise BundleError(f"{path / EMULATOR_WEIGHTS} does not fit the emulator's layer map ({exc})") from exc
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise BundleError(f"{path / EMULATOR_WEIGHTS} does not fit the emulator's layer map "
+                          f"({_one_line(exc)})") from exc
     if missing or unexpected:
         raise BundleError(f"{path / EMULATOR_WEIGHTS} does not fit the emulator's layer map "
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
@@ -284,11 +655,14 @@ def load_emulator(path: str | Path) -> Emulator:
         raise BundleError(f"{path / EMULATOR_WEIGHTS}: tensor {bad!r} holds NaN or infinite values")
     model.eval()
     model.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # the tokenizer files are the peer's: any failure to read them is a refusal
+        raise BundleError(f"{path}: its tokenizer files cannot be read ({_one_line(exc)})") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     emu = Emulator(model, tokenizer, slots, manifest["method"], manifest["params"], manifest["base"],
-                   base_config=base_config, report=manifest.get("report") or {})
+                   base_config=base_config, report=manifest["report"])
     if state_digest(emu.adapter_state()) != manifest["adapter_init_digest"]:
         raise BundleError(f"{path}: the adapter blocks do not match the manifest's adapter digest")
     emu.manifest = manifest
@@ -308,7 +682,8 @@ def _load_method_block_kinds(method: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # adapter bundles
 
-ADAPTER_KINDS = ("full", "lora", "bitfit")
+ADAPTER_KINDS = KINDS
+_ADAPTER_KEY = re.compile(r"blocks\.(\d{1,6})\.[A-Za-z0-9_.]{1,200}")
 
 
 @dataclass
@@ -320,7 +695,7 @@ class AdapterBundle:
     emulator_digest: str
     adapter_init_digest: str
     base: dict
-    lora: dict | None = None  # {"r", "alpha", "target_modules": [...]} for kind == "lora"
+    lora: dict | None = None  # {"r", "alpha", "dropout"} for kind == "lora"
     training: dict = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
 
@@ -342,7 +717,7 @@ def save_adapter(bundle: AdapterBundle, path: str | Path, overwrite: bool = Fals
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        manifest = {
+        manifest = _finish_manifest(tmp, {
             "format": ADAPTER_FORMAT,
             "version": FORMAT_VERSION,
             "offsite_version": __version__,
@@ -353,32 +728,27 @@ def save_adapter(bundle: AdapterBundle, path: str | Path, overwrite: bool = Fals
             "sources": sorted({int(k.split(".")[1]) for k in state}),
             "lora": bundle.lora,
             "training": bundle.training,
-            "files": {ADAPTER_WEIGHTS: sha256_file(tmp / ADAPTER_WEIGHTS)},
-        }
-        write_json_atomic(tmp / MANIFEST, manifest)
+        })
     bundle.manifest = manifest
     return manifest
 
 
 def load_adapter(path: str | Path) -> AdapterBundle:
+    """Read and verify an adapter bundle (schema, digests, tensor names against the manifest)."""
     path = Path(path)
-    manifest = _read_manifest(path, ADAPTER_FORMAT)
-    _verify_files(path, manifest)
+    manifest = _read_manifest(path, ADAPTER_FORMAT, ADAPTER_SCHEMA, _check_adapter_manifest)
     state = _load_tensors(path / ADAPTER_WEIGHTS)
-    try:
-        kind = manifest["kind"]
-        if kind not in ADAPTER_KINDS:
-            raise BundleError(f"{path}: unknown adapter kind {kind!r}")
-        for key in state:
-            parts = key.split(".")
-            if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
-                raise BundleError(f"{path / ADAPTER_WEIGHTS} holds an unexpected tensor {key!r}")
-        return AdapterBundle(kind=kind, state=state, emulator_digest=manifest["emulator_digest"],
-                             adapter_init_digest=manifest["adapter_init_digest"], base=manifest["base"],
-                             lora=manifest.get("lora"), training=manifest.get("training") or {},
-                             manifest=manifest)
-    except KeyError as exc:
-        raise BundleError(f"{path / MANIFEST} lacks the field {exc}") from exc
+    for key, t in state.items():
+        if not _ADAPTER_KEY.fullmatch(key) or not t.is_floating_point():
+            raise BundleError(f"{path / ADAPTER_WEIGHTS} holds an unexpected tensor {key[:80]!r}")
+        if manifest["kind"] == "lora" and ".lora_A." not in key and ".lora_B." not in key:
+            raise BundleError(f"{path / ADAPTER_WEIGHTS}: {key[:80]!r} is not a LoRA tensor")
+    if sorted({int(k.split(".")[1]) for k in state}) != manifest["sources"]:
+        raise BundleError(f"{path / ADAPTER_WEIGHTS} holds blocks other than the manifest's sources "
+                          f"{manifest['sources']}")
+    return AdapterBundle(kind=manifest["kind"], state=state, emulator_digest=manifest["emulator_digest"],
+                         adapter_init_digest=manifest["adapter_init_digest"], base=manifest["base"],
+                         lora=manifest["lora"], training=manifest["training"], manifest=manifest)
 
 
 def verify_adapter_fits(bundle: AdapterBundle, model, emulator_manifest: dict | None = None) -> None:

@@ -27,6 +27,31 @@ import typing
 from .errors import OffsiteError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``error: offsite tune: argument ...``) and exit 2."""
+
+    def error(self, message: str):
+        raise OffsiteError(f"{self.prog}: {message}")
+
+
+def _int_at_least(lo: int):
+    """An argparse type: an integer >= ``lo``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def _add_dataclass_args(parser, cls, seen: set[str], prefix: str = "") -> None:
     """One ``--option`` per dataclass field (``keep`` -> ``--keep``), typed from the annotation."""
     hints = typing.get_type_hints(cls)
@@ -54,8 +79,8 @@ def _add_train_args(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--adapter", default="full", choices=["full", "lora", "bitfit"],
                    help="what to train in the adapter blocks (default: full, as in the paper)")
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument("--lora-alpha", type=int, default=16)
+    g.add_argument("--lora-r", type=POSITIVE, default=8)
+    g.add_argument("--lora-alpha", type=POSITIVE, default=16)
     from .run import PRESETS
     from .train import TrainConfig
 
@@ -63,18 +88,18 @@ def _add_train_args(p) -> None:
     g.add_argument("--lr", type=float, help=f"learning rate (default: {TrainConfig.lr:g} for tune; "
                                             f"the preset's for run: {by_preset})")
     g.add_argument("--epochs", type=float)
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--batch-size", type=int, help="global examples per optimizer step")
-    g.add_argument("--micro-batch-size", type=int, help="examples per forward pass (gradient accumulation)")
+    g.add_argument("--max-steps", type=POSITIVE)
+    g.add_argument("--batch-size", type=POSITIVE, help="global examples per optimizer step")
+    g.add_argument("--micro-batch-size", type=POSITIVE, help="examples per forward pass (gradient accumulation)")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"])
-    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--warmup-steps", type=NON_NEGATIVE)
     g.add_argument("--weight-decay", type=float)
-    g.add_argument("--eval-every", type=int, help="optimizer steps between validations, which pick the kept "
-                                                  "adapter (default: --evals-per-epoch times per epoch)")
-    g.add_argument("--evals-per-epoch", type=int, help=f"validations per epoch when --eval-every is not given "
-                                                       f"(default {TrainConfig.evals_per_epoch})")
-    g.add_argument("--checkpoint-every", type=int)
-    g.add_argument("--max-length", type=int)
+    g.add_argument("--eval-every", type=POSITIVE, help="optimizer steps between validations, which pick the "
+                                                       "kept adapter (default: --evals-per-epoch times per epoch)")
+    g.add_argument("--evals-per-epoch", type=POSITIVE, help=f"validations per epoch when --eval-every is not "
+                                                            f"given (default {TrainConfig.evals_per_epoch})")
+    g.add_argument("--checkpoint-every", type=POSITIVE)
+    g.add_argument("--max-length", type=_int_at_least(2))
     g.add_argument("--seed", type=int)
     g.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="fp32 (default), bf16 (bfloat16 autocast in forward/backward; weights and optimizer stay "
@@ -110,13 +135,15 @@ def _tune_settings(args, base=None):
 
         changes["mixed_precision"] = resolve_precision(args.precision)
     cfg = dataclasses.replace(cfg, **changes)
-    return TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg)
+    settings = TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg)
+    settings.check()  # before any data, model or emulator is loaded
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .emulator import all_methods
 
-    parser = argparse.ArgumentParser(prog="offsite", description="Offsite-tuning of large language models.")
+    parser = _Parser(prog="offsite", description="Offsite-tuning of large language models.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -169,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--data", help="your own evaluation data: JSONL/CSV multiple choice {question|context, "
                                      "choices, answer} or generation {prompt, answers} (docs/own-task.md)")
     _add_template_arg(p)
-    p.add_argument("--limit", type=int, help="first N documents of the evaluation split")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=POSITIVE, help="first N documents of the evaluation split")
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
     p.add_argument("--json", help="write the metrics to this JSON file")
     p.add_argument("--backend", default="ours", choices=["ours", "lm-eval"],
                    help="lm-eval: score with lm-evaluation-harness itself (our multiple-choice tasks and "
@@ -210,9 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Plug-in - Full ZS) / (ceiling - Full ZS) (default: on)")
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the emulator's transfer probe on public text when it is built (default: on)")
-    p.add_argument("--eval-limit", type=int, help="evaluate the first N documents (default: the preset's)")
-    p.add_argument("--text-docs", type=int, help="held-out text documents for perplexity (0: skip)")
-    p.add_argument("--batch-size-eval", type=int, default=32)
+    p.add_argument("--eval-limit", type=POSITIVE, help="evaluate the first N documents (default: the preset's)")
+    p.add_argument("--text-docs", type=NON_NEGATIVE, help="held-out text documents for perplexity (0: skip)")
+    p.add_argument("--batch-size-eval", type=POSITIVE, default=32)
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-<task>-<method>)")
     p.add_argument("--overwrite", action="store_true")
     seen = set()
@@ -281,7 +308,7 @@ def cmd_emulate(args) -> None:
 
 
 def cmd_probe(args) -> None:
-    from .bundle import load_emulator, write_json_atomic
+    from .bundle import check_new_file, load_emulator, write_json_atomic
     from .models.load import load_model, model_display_name
     from .probe import ProbeOptions, probe, probe_examples, probe_records, probe_summary, task_probe_examples
     from .results import meta
@@ -289,6 +316,8 @@ def cmd_probe(args) -> None:
     opts = ProbeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ProbeOptions)
                            if hasattr(args, f.name)})
     opts.check()
+    if args.json:
+        check_new_file(args.json)
     emu = load_emulator(args.emulator)
     model, _ = load_model(args.model)
     examples = task_probe_examples(emu.tokenizer, args.task, opts) if args.task else probe_examples(emu.tokenizer, opts)
@@ -305,14 +334,16 @@ def cmd_probe(args) -> None:
 
 def cmd_tune(args) -> None:
     from .bundle import check_new_path, load_emulator
-    from .tune import file_data, task_data, tune_to_dir
+    from .tune import check_plan, file_data, task_data, tune_to_dir
 
     check_new_path(args.out, args.overwrite)
     if args.task and args.template is not None:
         raise OffsiteError("--template applies to --data files, not to a built-in --task")
+    settings = _tune_settings(args)
     data = task_data(args.task) if args.task else file_data(args.data, _template(args))
+    check_plan(data, settings)
     emu = load_emulator(args.emulator)
-    bundle = tune_to_dir(emu, data, _tune_settings(args), args.out, overwrite=args.overwrite)
+    bundle = tune_to_dir(emu, data, settings, args.out, overwrite=args.overwrite)
     t = bundle.training
     print(f"wrote {args.out}: {bundle.kind} adapter for blocks {bundle.sources}, {t['steps']} steps, "
           f"best validation loss {t['best_val_loss']}")
@@ -332,11 +363,13 @@ def cmd_plug(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .bundle import load_adapter, load_emulator, write_json_atomic
+    from .bundle import check_new_file, load_adapter, load_emulator, write_json_atomic
     from .data.own import resolve_task
     from .eval import evaluate
     from .models.load import load_model
 
+    if args.json:
+        check_new_file(args.json)
     if args.adapter and not args.emulator:
         raise OffsiteError("--adapter needs --emulator, the emulator it was tuned on; to score it on the full "
                            "model, plug it in first (offsite plug) and pass the result as --model")

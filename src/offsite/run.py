@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .bundle import load_adapter, load_emulator, save_emulator, write_text_atomic
+from .bundle import check_parent, load_adapter, load_emulator, save_emulator, write_text_atomic
 from .data.own import OwnTask, resolve_task, task_name
 from .emulator import Emulator, build_emulator
 from .errors import OffsiteError
@@ -118,7 +118,14 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
     text_docs = p.text_docs if text_docs == "preset" else text_docs
     full_ft = p.full_ft if full_ft is None else full_ft
     settings = settings or TuneSettings(train=replace(p.train))
+    for name, v, lo in (("eval_limit", eval_limit, 1), ("text_docs", text_docs, 0), ("batch_size", batch_size, 1)):
+        if v is not None and (not isinstance(v, int) or v < lo):
+            raise OffsiteError(f"{name} must be an integer >= {lo} (got {v!r})")
+    settings.check()
     out = Path(out)
+    check_parent(out)
+    if out.exists() and not out.is_dir():
+        raise OffsiteError(f"{out} is a file; choose a directory for --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OffsiteError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     # fail early on an unknown task or a bad file, before any model work

@@ -4,7 +4,9 @@ Used by the data owner's adapter tuning on an emulator, the full fine-tuning bas
 owner's emulator distillation (which passes its own ``loss_fn``). The loop is deliberately plain
 (nanoGPT-like): AdamW, warm-up + linear/cosine/constant schedule, gradient clipping, gradient
 accumulation, periodic validation keeping the best trainable state, atomic checkpoints with exact
-resume. It runs under Hugging Face ``accelerate``: one process on a CPU or GPU, or many with
+resume. A non-finite training loss (checked before the optimizer step) or non-finite trainable
+weights (after it) stop training with one line (:class:`OffsiteError`); the last checkpoint written
+stays as it was. It runs under Hugging Face ``accelerate``: one process on a CPU or GPU, or many with
 ``accelerate launch`` / ``torchrun`` (DDP; gloo on CPUs).
 
 Examples
@@ -68,6 +70,7 @@ __all__ = [
     "tokenize_qa",
     "tokenize_text",
     "count_targets",
+    "planned_steps",
     "collate",
     "causal_lm_loss",
     "train",
@@ -115,8 +118,8 @@ class TrainConfig:
 
         if not self.lr > 0:
             bad(f"lr must be > 0 (got {self.lr})")
-        if self.max_steps is None and not self.epochs > 0:
-            bad(f"epochs must be > 0 (got {self.epochs}), or set max_steps")
+        if self.max_steps is None and not 0 < self.epochs < math.inf:
+            bad(f"epochs must be > 0 and finite (got {self.epochs}), or set max_steps")
         if self.max_steps is not None and self.max_steps < 1:
             bad(f"max_steps must be >= 1 (got {self.max_steps})")
         if self.batch_size < 1 or self.micro_batch_size < 1:
@@ -177,6 +180,19 @@ def resolve_precision(spec: str, device: torch.device | str | None = None) -> st
     if spec not in PRECISIONS:
         raise OffsiteError(f"unknown precision {spec!r}; choose auto, fp32 or bf16")
     return spec
+
+
+def planned_steps(cfg: TrainConfig, n_train: int) -> int:
+    """Optimizer steps of a run over ``n_train`` examples: ``max_steps``, else ``epochs`` x the
+    steps of one epoch, rounded up; OffsiteError where ``epochs`` makes less than one step (rather
+    than quietly running one)."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    exact = cfg.epochs * math.ceil(n_train / cfg.batch_size)
+    if exact < 1 - 1e-9:
+        raise OffsiteError(f"epochs {cfg.epochs:g} is {exact:.3g} of one optimizer step ({n_train} training examples, "
+                           f"batch size {cfg.batch_size}); train at least one step (more epochs, or max_steps)")
+    return math.ceil(exact - 1e-9)
 
 
 # Fields that must match for a checkpoint to be resumed (the others only change speed or logging).
@@ -380,7 +396,7 @@ def train(
     # -- the plan: global batches per epoch and total optimizer steps
     n_train = len(train_examples)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch - 1e-9))
+    total_steps = planned_steps(cfg, n_train)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
     eval_every = validation_interval(cfg, steps_per_epoch)
     scheduler = _scheduler(cfg.schedule, optimizer, warmup, total_steps)
@@ -452,13 +468,17 @@ def train(
 
         if cfg.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        train_loss = (accelerator.reduce(local_sum, reduction="sum") / max(n_targets, 1)).item()
+        if not math.isfinite(train_loss):  # stop before the step: the weights are still the good ones
+            _diverged(step + 1, f"the training loss is {train_loss}", ckpt_root, bar)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-
-        train_loss = (accelerator.reduce(local_sum, reduction="sum") / max(n_targets, 1)).item()
+        bad = _non_finite_param(names, params)
+        if bad is not None:
+            _diverged(step, f"parameter {bad!r} holds NaN or infinite values", ckpt_root, bar)
         dt = time.perf_counter() - t0
         state["tokens_seen"] += n_tokens
         run_tokens += n_tokens
@@ -545,6 +565,28 @@ def _checked(examples: list[dict], max_length: int, what: str) -> list[dict]:
             e = {"input_ids": list(e["input_ids"][-max_length:]), "labels": list(e["labels"][-max_length:])}
         out.append(e)
     return out
+
+
+@torch.no_grad()
+def _non_finite_param(names, params) -> str | None:
+    """The first trainable parameter holding a NaN or an infinity, else None (one sync per step)."""
+    flags = torch.stack([torch.isfinite(p).all() for p in params])
+    if bool(flags.all()):
+        return None
+    return names[int((~flags).nonzero()[0])]
+
+
+def _diverged(step: int, what: str, ckpt_root: Path | None, bar) -> None:
+    """Stop training with one line; the last checkpoint written (all finite) stays as it is."""
+    if bar is not None:
+        bar.close()
+    latest = ckpt_root / "LATEST" if ckpt_root is not None else None
+    if latest is not None and latest.is_file():
+        kept = f"the last good checkpoint ({latest.read_text().strip()}) is kept in {ckpt_root}"
+    else:
+        kept = "no checkpoint was written"
+    raise OffsiteError(f"training diverged at step {step}: {what} (NaN or infinite values); stopped, "
+                       f"{kept}; try a lower learning rate")
 
 
 def _check_count(got, expected: int) -> None:

@@ -22,7 +22,7 @@ from .bundle import AdapterBundle, check_new_path, save_adapter
 from .emulator.core import Emulator, state_digest
 from .errors import OffsiteError
 from .models.families import get_blocks
-from .train import TrainConfig, TrainResult, tokenize_qa, tokenize_text, train
+from .train import TrainConfig, TrainResult, planned_steps, tokenize_qa, tokenize_text, train
 
 
 @dataclass
@@ -103,6 +103,22 @@ class TuneSettings:
     lora: adapters.LoraOptions = field(default_factory=adapters.LoraOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
     val_fraction: float = 0.1
+
+    def check(self) -> None:
+        if self.adapter not in adapters.KINDS:
+            raise OffsiteError(f"unknown adapter kind {self.adapter!r}; choose one of {', '.join(adapters.KINDS)}")
+        if self.adapter == "lora":
+            self.lora.check()
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise OffsiteError(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
+        self.train.check()
+
+
+def check_plan(data: TrainingData, settings: TuneSettings) -> None:
+    """Check the settings and that they make at least one optimizer step on ``data`` (before any
+    model is loaded; :func:`offsite.train.train` checks again on the tokenized examples)."""
+    settings.check()
+    planned_steps(settings.train, len(split_validation(data.items, settings.val_fraction, settings.train.seed)[0]))
 
 
 def _train(model, tokenizer, data: TrainingData, settings: TuneSettings, work_dir: Path | None,

@@ -8,16 +8,21 @@
   in the completion if your tokenizer needs one (the built-in tasks use ``" " + answer``).
 * ``("text", [text, ...])`` for records with a ``text`` field: plain language modelling.
 
-Choices: a record set that mixes the two kinds, or has neither, is an error (one line naming the
-file and the record) rather than a silent drop; blank JSONL lines are skipped. The format is picked
-by extension (``.jsonl``/``.json`` lines, ``.csv``); anything that is not an existing path is taken
-as a Hugging Face dataset name, optionally ``name:config``, whose ``train`` split is loaded with
-``datasets.load_dataset`` (this needs the network or a populated HF cache).
+Choices: a record set that mixes the two kinds, or has neither, or whose fields are not strings
+(a CSV row with a missing or an extra field, a JSON null), is an error (one line naming the file and
+the record) rather than a silent drop or the string "None"; blank JSONL lines are skipped. Files are
+UTF-8 text. The format is picked by extension: ``.jsonl`` (JSON lines), ``.json`` (a JSON array of
+records, or JSON lines), ``.csv`` (a header row, then one record a row). A name that is not an
+existing path is taken as a Hugging Face dataset id ``owner/name`` (optionally ``owner/name:config``),
+whose ``train`` split is loaded with ``datasets.load_dataset`` (this needs the network or a
+populated HF cache); a bare name without ``/`` is refused as a missing file rather than sent to the
+Hub.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Iterable
@@ -38,10 +43,10 @@ def _classify(records: Iterable[dict], source: str) -> tuple[str, list]:
             raise OffsiteError(f"{source}: record {i} is not an object with prompt/completion or text fields")
         if all(k in r for k in QA_FIELDS):
             k = "qa"
-            item = (str(r["prompt"]), str(r["completion"]))
+            item = (_string(r, "prompt", i, source), _string(r, "completion", i, source))
         elif TEXT_FIELD in r:
             k = "text"
-            item = str(r[TEXT_FIELD])
+            item = _string(r, TEXT_FIELD, i, source)
         else:
             raise OffsiteError(f"{source}: record {i} has neither prompt+completion nor text "
                                f"(fields: {', '.join(map(str, r)) or 'none'})")
@@ -56,22 +61,66 @@ def _classify(records: Iterable[dict], source: str) -> tuple[str, list]:
     return kind, out  # type: ignore[return-value]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _string(r: dict, key: str, i: int, source: str) -> str:
+    v = r[key]
+    if not isinstance(v, str):
+        raise OffsiteError(f"{source}: record {i} has a {key!r} that is {'missing' if v is None else type(v).__name__}, "
+                           "not a string")
+    return v
+
+
+def _text(path: Path) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise OffsiteError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    if "\x00" in text:
+        raise OffsiteError(f"{path} holds NUL characters (a binary or UTF-16 file?); save it as UTF-8 text")
+    return text
+
+
+def _read_jsonl(path: Path, text: str | None = None) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise OffsiteError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    for n, line in enumerate((_text(path) if text is None else text).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise OffsiteError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from e
     return records
 
 
+def _read_json(path: Path) -> list:
+    """A ``.json`` file: one JSON array of records, else JSON lines."""
+    text = _text(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path, text)
+    except RecursionError as e:
+        raise OffsiteError(f"{path}: not valid JSON (nested too deeply)") from e
+    if isinstance(obj, list):
+        return obj
+    if isinstance(obj, dict):
+        return [obj]
+    raise OffsiteError(f"{path} holds a JSON {type(obj).__name__}; give an array of records or JSON lines")
+
+
 def _read_csv(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    rows = []
+    try:
+        for row in reader:
+            if None in row:
+                raise OffsiteError(f"{path}: row {reader.line_num} has more fields than the header")
+            if None in row.values():
+                raise OffsiteError(f"{path}: row {reader.line_num} has fewer fields than the header "
+                                   f"({', '.join(k for k, v in row.items() if v is None)} missing)")
+            rows.append(row)
+    except csv.Error as e:
+        raise OffsiteError(f"{path}: row {reader.line_num} is not valid CSV ({e})") from e
+    return rows
 
 
 def _load_hf(name: str) -> list[dict]:
@@ -95,15 +144,22 @@ def load_user_data(path_or_name: str | Path) -> tuple[str, list]:
     suffix = p.suffix.lower()
     if p.is_dir():
         raise OffsiteError(f"{p} is a directory; pass a .jsonl or .csv file")
+    if p.exists() and not p.is_file():
+        raise OffsiteError(f"{p} is not a regular file; pass a .jsonl, .json or .csv file")
     if p.is_file():
-        if suffix in (".jsonl", ".json"):
+        if suffix == ".jsonl":
             return _classify(_read_jsonl(p), str(p))
+        if suffix == ".json":
+            return _classify(_read_json(p), str(p))
         if suffix == ".csv":
             return _classify(_read_csv(p), str(p))
-        raise OffsiteError(f"{p}: unsupported file type {suffix or '(none)'}; use .jsonl or .csv")
+        raise OffsiteError(f"{p}: unsupported file type {suffix or '(none)'}; use .jsonl, .json or .csv")
     text = str(path_or_name)
     looks_local = (suffix in (".jsonl", ".json", ".csv") or text.startswith(("/", ".", "~"))
                    or (p.parent != Path(".") and p.parent.exists()))
     if looks_local:
         raise OffsiteError(f"{p}: no such file")
+    if "/" not in text.partition(":")[0]:
+        raise OffsiteError(f"{p}: no such file (a Hugging Face dataset is named owner/name, e.g. "
+                           "allenai/ai2_arc:ARC-Easy)")
     return _classify(_load_hf(text), f"Hugging Face dataset {text!r}")

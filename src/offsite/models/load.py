@@ -132,20 +132,30 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
             f"unknown model {name_or_path!r}: not an embedded model ({known}), "
             "not a local directory, and not a Hugging Face model id (owner/name)"
         )
+    where = "directory" if is_local else "Hugging Face model"
+
+    def refuse(exc: Exception):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return OffsiteError(f"cannot load {where} {name_or_path!r}: {first}")
+
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        where = "directory" if is_local else "Hugging Face model"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OffsiteError(f"cannot load {where} {name_or_path!r}: {first}") from exc
+        raise refuse(exc) from exc
     family_of(config)  # fail early, naming the supported families
+    if is_local and not any(any(Path(path).glob(pat)) for pat in ("*.safetensors", "pytorch_model*.bin")):
+        raise OffsiteError(f"cannot load directory {name_or_path!r}: it holds no weights (*.safetensors); "
+                           "a model directory needs config.json, the weights and the tokenizer files")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except (OSError, RuntimeError, ValueError) as exc:  # a size mismatch, a broken weight file...
         first = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise OffsiteError(f"cannot load {name_or_path!r} as a model: {first}") from exc
     _refuse_partial(name_or_path, info)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise refuse(exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device:

@@ -19,21 +19,22 @@ receive those two tensors any other way (``SharedHead.to_bytes``).
 
 **Limits and errors.** Requests above ``--max-batch`` sequences, ``--max-seq-len`` tokens,
 ``--max-new-tokens`` steps, ``--max-logprob-rows`` full-vocabulary rows per reply or
-``--max-body-mb`` of body get **413** with a one-line reason; malformed ones (bad JSON, wrong types,
-ids outside the vocabulary, bad ``start``) get **400**; a missing or wrong API key (``--api-key``,
+``--max-body-mb`` of body get **413** with a one-line reason (a chunked body is counted while it is
+read, never buffered past the limit); malformed ones (bad JSON, JSON nested more than 64 deep,
+wrong types, ids outside the vocabulary, bad ``start``) get **400**; a missing or wrong API key (``--api-key``,
 sent as ``Authorization: Bearer K`` or ``X-API-Key: K``) gets **401**. Every error body is
 ``{"error": "<reason>"}``, and the server keeps serving. Requests run one at a time on the model.
 """
 
 import base64
 import hmac
-import json
 import threading
 import time
 
 import numpy as np
 import torch
 
+from offsite.bundle import parse_json
 from offsite.errors import OffsiteError
 from offsite.pema.backend import InProcessBackend, LimitExceeded
 
@@ -93,13 +94,17 @@ def create_app(backend: InProcessBackend, api_key: str | None = None):
         return await call_next(request)
 
     async def body(request: Request):
-        raw = await request.body()
-        if len(raw) > limits.max_body_bytes:
-            raise _HTTPError(413, f"request body of {len(raw)} bytes > max_body_bytes {limits.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted while reading: a chunked body has no Content-Length
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise _HTTPError(413, f"request body of more than {limits.max_body_bytes} bytes > max_body_bytes "
+                                      f"{limits.max_body_bytes}")
+            chunks.append(chunk)
         try:
-            obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _HTTPError(400, f"request body is not valid JSON ({e.__class__.__name__})") from e
+            obj = parse_json(b"".join(chunks), "request body")
+        except OffsiteError as e:
+            raise _HTTPError(400, str(e)) from e
         if not isinstance(obj, dict):
             raise _HTTPError(400, "request body must be a JSON object")
         return obj
@@ -121,6 +126,10 @@ def create_app(backend: InProcessBackend, api_key: str | None = None):
     @app.exception_handler(_HTTPError)
     async def handle(_request, exc: "_HTTPError"):
         return error(exc.status, exc.reason)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request, exc: Exception):  # still a JSON error body, never a plain-text 500
+        return error(500, f"internal error ({type(exc).__name__})")
 
     @app.get("/healthz")
     def healthz():
