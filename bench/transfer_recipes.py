@@ -35,10 +35,12 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
 Each ``run`` tunes the adapter (adapter 2,2 ``full`` unless ``--layers``/``--adapter``) on the task's
 training split (one epoch, batch 8, lr 1e-4, linear schedule, one validation at the end, as the
 ``quick``/``demo`` presets did before validation ran several times an epoch), scores Emulator FT and
-Plug-in on the first ``--limit`` evaluation documents, measures the probes (public text and the
-task's first 48 training examples) and the held-out perplexity (4 documents), and appends one JSON
-line with per-document predictions to ``runs/transfer-recipes/records.jsonl``. ``collect`` turns
-those lines into a results file: per recipe ``emu_ft``/``plugin`` accuracies, the probe, and
+Plug-in on the first ``--limit`` evaluation documents, measures the held-out perplexity (4
+documents) and the probes (``--probe``: ``text`` for public text, a task name for its first 48
+training examples, e.g. ``webqs`` for public QA pairs the owner has; ``--probe-only`` stops there),
+and appends one JSON line with per-document predictions to ``runs/transfer-recipes/records.jsonl``.
+``collect`` turns those lines into a results file: per recipe ``emu_ft``/``plugin`` accuracies, the
+probes, and
 transfer with its paired standard error against the ceiling and Full ZS recipes of the same layout.
 """
 
@@ -375,6 +377,8 @@ def cmd_run(a) -> None:
         f = probe(model, emu, ex, opts)
         rec[f"probe_{src}"] = {k: round(v, 3) for k, v in f["grad_cos"].items() if k in ("all", "bottom", "top")}
         rec[f"ratio_{src}"] = round(f["grad_norm_ratio"]["all"], 2)
+    if a.probe_only:
+        return _append(rec)
     task = a.task
     cfg = TrainConfig(lr=a.lr, epochs=1, batch_size=8, micro_batch_size=8, schedule="linear", warmup_ratio=0.0,
                       checkpoint_every=None, evals_per_epoch=1)
@@ -484,10 +488,9 @@ def cmd_collect(a) -> None:
                 "middle_fraction": round(r["frac"], 4), "command": r.get("command")}
         if "ppl" in r:
             out.append({**base, "task": "text", "row": "emu_zs", "metric": "ppl", "value": r["ppl"], "n": 4})
-        for src in ("text", task):
-            if f"probe_{src}" in r:
-                out.append({**base, "task": src, "row": "probe", "metric": "grad_cos",
-                            "value": r[f"probe_{src}"]["all"], "groups": r[f"probe_{src}"]})
+        for name in (k for k in r if k.startswith("probe_")):
+            out.append({**base, "task": name[len("probe_"):], "row": "probe", "metric": "grad_cos",
+                        "value": r[name]["all"], "groups": r[name]})
         for row in ("emu_zs", "emu_ft", "plugin"):
             if f"{row}_{task}" in r:
                 out.append({**base, "row": "ceiling" if r is ceil and row == "plugin" else row, "metric": "acc",
@@ -548,11 +551,13 @@ def scatter(records: list[dict], task: str, path: Path) -> str:
             pts.setdefault(k, {})["transfer"] = r["value"]
             pts[k]["stderr"] = r["stderr"]
         elif r["row"] == "probe":
-            pts.setdefault(k, {})["probe_text" if r["task"] == "text" else "probe_task"] = r["value"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+            pts.setdefault(k, {})[f"probe_{r['task']}"] = r["value"]
+    sources = ["text", task] + sorted({r["task"] for r in records if r["row"] == "probe"} - {"text", task})
+    titles = {"text": "public text (the owner's probe)", task: f"{task} training examples (the data owner's)"}
+    fig, axes = plt.subplots(1, len(sources), figsize=(5 * len(sources), 4.2), sharey=True)
     line = []
-    for ax, key, title in ((axes[0], "probe_text", "public text (the owner's probe)"),
-                           (axes[1], "probe_task", f"{task} training examples")):
+    for ax, src in zip(axes, sources):
+        key, title = f"probe_{src}", titles.get(src, f"{src} pairs (public QA, the owner's)")
         got = [(k, p) for k, p in pts.items() if key in p and "transfer" in p]
         xs, ys = [p[key] for _, p in got], [p["transfer"] for _, p in got]
         ax.errorbar(xs, ys, yerr=[p.get("stderr", 0) for _, p in got], fmt="o", capsize=3)
@@ -622,6 +627,7 @@ def main(argv=None) -> int:
     r.add_argument("--probe", default="text,arc_easy")
     r.add_argument("--zs", action="store_true", help="also score the emulator untouched (Full ZS for keep=all)")
     r.add_argument("--zs-only", action="store_true", help="score the untouched emulator and stop")
+    r.add_argument("--probe-only", action="store_true", help="measure the perplexity and the probes and stop")
     r.add_argument("--correction", default="")
     r.add_argument("--correction-n", type=int, default=128)
     r.add_argument("--correction-every", type=int, default=0,
