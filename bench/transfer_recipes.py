@@ -40,8 +40,8 @@ documents) and the probes (``--probe``: ``text`` for public text, a task name fo
 training examples, e.g. ``webqs`` for public QA pairs the owner has; ``--probe-only`` stops there),
 and appends one JSON line with per-document predictions to ``runs/transfer-recipes/records.jsonl``.
 ``collect`` turns those lines into a results file: per recipe ``emu_ft``/``plugin`` accuracies, the
-probes, and
-transfer with its paired standard error against the ceiling and Full ZS recipes of the same layout.
+probes, and transfer with its paired standard error against the ceiling of the same layout and Full
+ZS.
 """
 
 from __future__ import annotations
