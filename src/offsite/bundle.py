@@ -442,12 +442,8 @@ def _read_manifest(path: Path, expected_format: str, schema: _Spec, check) -> di
     mf = path / MANIFEST
     if not mf.exists() and not mf.is_symlink():
         raise BundleError(f"{path} is not an {expected_format} bundle: {MANIFEST} is missing")
-    try:
+    with _as_bundle_error():
         manifest = read_json_file(mf)
-    except BundleError:
-        raise
-    except OffsiteError as exc:
-        raise BundleError(str(exc)) from exc
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt != expected_format:
         raise BundleError(f"{path} is not an {expected_format} bundle (its manifest's format is {str(fmt)[:40]!r})")
@@ -462,6 +458,17 @@ def _read_manifest(path: Path, expected_format: str, schema: _Spec, check) -> di
     return manifest
 
 
+@contextlib.contextmanager
+def _as_bundle_error():
+    """A file helper's one-line refusal, raised as the bundle's own error."""
+    try:
+        yield
+    except BundleError:
+        raise
+    except OffsiteError as exc:
+        raise BundleError(str(exc)) from exc
+
+
 def _verify_files(path: Path, manifest: dict) -> None:
     """Every entry of the bundle directory is a listed regular file matching its digest."""
     files = manifest["files"]
@@ -471,12 +478,8 @@ def _verify_files(path: Path, manifest: dict) -> None:
                           "(every file of a bundle is digested)")
     for name, digest in files.items():
         f = path / name
-        try:
+        with _as_bundle_error():
             actual = sha256_file(f)
-        except BundleError:
-            raise
-        except OffsiteError as exc:
-            raise BundleError(str(exc)) from exc
         if actual != digest:
             raise BundleError(f"{f} does not match its SHA-256 digest in the manifest "
                               "(corrupted, truncated or modified)")
