@@ -583,8 +583,8 @@ def markdown(records: list[dict], task: str) -> str:
     order, cells, head = [], {}, []
     for r in records:
         if r["method"] is None:
-            head.append(f"Full ZS ({r['setting']['adapter_layers'][0]},{r['setting']['adapter_layers'][1]} "
-                        f"run): {100 * r['value']:.1f} % on the first {r['n']} {task} documents.")
+            head.append(f"Full ZS: {100 * r['value']:.1f} % on the first {r['n']} {task} documents (every "
+                        "row is scored on them); gap = Plug-in − Emulator FT.")
             continue
         k = (r["method"], tuple(r["setting"]["adapter_layers"]))
         if k not in cells:
@@ -598,7 +598,7 @@ def markdown(records: list[dict], task: str) -> str:
         return f"{100 * c[name]['value']:.1f}" if name in c else "–"
 
     lines = [f"| recipe | adapter | middle kept | held-out ppl | probe: text | probe: {task} (bottom / top) | "
-             "Emulator FT | Plug-in | transfer |", "|---|---|---|---|---|---|---|---|---|"]
+             "Emulator FT | Plug-in | gap | transfer |", "|---|---|---|---|---|---|---|---|---|---|"]
     for k in order:
         c = cells[k]
         pt = c.get(f"probe_{task}")
@@ -609,8 +609,10 @@ def markdown(records: list[dict], task: str) -> str:
         tr = f"{t['value']:.2f} ± {t['stderr']:.2f}" if t and t["value"] is not None else "–"
         ppl = f"{c['ppl']['value']:,.0f}" if "ppl" in c else "–"
         ptext = f"{c['probe_text']['value']:.2f}" if "probe_text" in c else "–"
+        top = c.get("ceiling") or c.get("plugin")
+        gap = f"{100 * (top['value'] - c['emu_ft']['value']):+.1f}" if top and "emu_ft" in c else "–"
         lines.append(f"| `{k[0]}` | {k[1][0]},{k[1][1]} | {100 * c['frac']:.0f} % | {ppl} | {ptext} | "
-                     f"{probe_task} | {pct(c, 'emu_ft')} | {plug} | {tr} |")
+                     f"{probe_task} | {pct(c, 'emu_ft')} | {plug} | {gap} | {tr} |")
     return "\n".join(head + [""] + lines)
 
 
