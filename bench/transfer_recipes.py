@@ -60,6 +60,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "runs" / "transfer-recipes" / "records.jsonl"
 RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
+DIAGNOSIS = ROOT / "bench" / "results" / "transfer-diagnose.json"
 MODEL = "smollm2-135m"
 N_LAYERS = 30  # its blocks: adapter + middle
 
@@ -458,10 +459,17 @@ def cmd_diagnose(a) -> None:
         out[f"cos(E - (E-M) on {s}, M)"] = cos(e1 - (es - ms), m1)
     for k, v in out.items():
         print(f"{k}: {v if isinstance(v, str) else round(v, 3)}")
-    path = RECORDS.with_name("diagnose.jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(out) + "\n")
+    write_diagnosis(out, "python bench/transfer_recipes.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+
+
+def write_diagnosis(out: dict, command: str) -> None:
+    """``bench/results/transfer-diagnose.json``: one record (``row: "diagnose"``) per cosine."""
+    from offsite.results import meta, write_results
+
+    base = {"model": MODEL, "task": out["task"], "method": out["recipe"], "setting": {"adapter_layers": [2, 2]},
+            "row": "diagnose"}
+    write_results(DIAGNOSIS, meta(command), [{**base, "metric": k, "value": v} for k, v in out.items()
+                                             if k not in ("recipe", "task")])
 
 
 def cmd_collect(a) -> None:
