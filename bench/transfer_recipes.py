@@ -23,7 +23,7 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
   activations otherwise dominate the fit); ``skip=1`` leaves the first position out.
 * ``--correction SOURCES`` — a static control variate: ``c = g_full − g_emulator``, the difference of
   the adapter's mean-token gradients at the shipped adapter on public QA data (``SOURCES``: task
-  names whose *first* ``--correction-n`` training examples are used), added to every training
+  names whose *first* ``--correction-n`` training examples are pooled), added to every training
   gradient of the data owner (the linear term ``<c, θ>`` in its loss). ``--correction-every K``
   recomputes ``c`` at the data owner's current adapter every ``K`` steps (an interactive protocol:
   the owner sees each intermediate adapter).
@@ -234,19 +234,18 @@ def named_grads(model, names, examples, pad_id, mb=4) -> dict[str, torch.Tensor]
     return out
 
 
-def correction(model, emu, sources, n) -> dict[str, torch.Tensor]:
-    """``g_full − g_emulator`` at the shipped adapter, averaged over ``sources``, keyed by emulator names."""
-    from offsite.probe import ProbeOptions, task_probe_examples
-
-    names, pad = adapter_names(emu), emu.tokenizer.pad_token_id or 0
-    c = {e: 0 for e, _ in names}
-    for s in sources:
-        ex = task_probe_examples(emu.tokenizer, s, ProbeOptions(task_examples=n))
-        ge = named_grads(emu.model, [e for e, _ in names], ex, pad)
-        gf = named_grads(model, [f for _, f in names], ex, pad)
-        for e, f in names:
-            c[e] = c[e] + (gf[f] - ge[e]) / len(sources)
-    return c
+def correction(emu, refresh) -> dict[str, torch.Tensor]:
+    """``g_full − g_emulator`` at the shipped adapter (``refresh`` of :func:`refresher`), keyed by
+    emulator names."""
+    params = dict(emu.model.named_parameters())
+    names = [e for e, _ in adapter_names(emu)]
+    for e in names:
+        params[e].requires_grad_(True)
+    try:
+        return refresh(params)
+    finally:
+        for e in names:
+            params[e].requires_grad_(False)
 
 
 def tune(model, emu, data, settings, corr=None, refresh=None):
@@ -285,8 +284,10 @@ def tune(model, emu, data, settings, corr=None, refresh=None):
 
 
 def refresher(model, emu, sources, n, every):
-    """A ``refresh`` for :func:`tune`: ``g_full − g_emulator`` on the public examples at the data
-    owner's current adapter (an interactive protocol: the owner sees every intermediate adapter)."""
+    """A ``refresh`` for :func:`tune`: ``g_full − g_emulator`` (mean-token gradients over the first
+    ``n`` training examples of every source, pooled) at the adapter in ``params``; every ``every``
+    steps during tuning it is the data owner's current adapter (an interactive protocol: the owner
+    sees every intermediate adapter)."""
     from offsite.probe import ProbeOptions, task_probe_examples
     from offsite.train import causal_lm_loss, collate, count_targets
 
@@ -398,11 +399,13 @@ def cmd_run(a) -> None:
     theta_r = {k: v.clone() for k, v in emu.adapter_state().items()}
     corr = refresh = None
     if a.correction:
-        corr = correction(model, emu, a.correction.split(","), a.correction_n)
+        refresh = refresher(model, emu, a.correction.split(","), a.correction_n, a.correction_every)
+        corr = correction(emu, refresh)
         rec["cv"] = [a.correction, a.correction_n, 1.0]
         if a.correction_every:
-            refresh = refresher(model, emu, a.correction.split(","), a.correction_n, a.correction_every)
             rec["cv"].append(a.correction_every)
+        else:
+            refresh = None
     t1 = time.time()
     bundle = tune(model, emu, task_data(task), settings, corr, refresh)
     rec[f"tune_s_{task}"] = time.time() - t1
