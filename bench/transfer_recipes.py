@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "runs" / "transfer-recipes" / "records.jsonl"
 RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
 DIAGNOSIS = ROOT / "bench" / "results" / "transfer-diagnose.json"
+EMULATORS = RECORDS.parent / "emulators"
 MODEL = "smollm2-135m"
 N_LAYERS = 30  # its blocks: adapter + middle
 
@@ -179,7 +180,14 @@ def build_prune(model, tok, layers, width=511, n_seq=48, block_size=256, ridge=1
 
 
 def build(kind: str, model, tok, layers):
-    from offsite.emulator import build_emulator
+    """The recipe's emulator. A registered method other than ``uniform`` (``METHOD:option=value:...``,
+    e.g. ``gradmatch:keep=13:gm_steps=300``) is built once and kept as a bundle under
+    ``runs/transfer-recipes/emulators/`` (its build cost is in the bundle's manifest)."""
+    import typing
+    import dataclasses
+
+    from offsite.bundle import load_emulator, save_emulator
+    from offsite.emulator import all_methods, build_emulator
 
     base, o = _opts(kind)
     if base == "uniform":
@@ -188,7 +196,22 @@ def build(kind: str, model, tok, layers):
         return build_prune(model, tok, layers, width=int(o.get("width", 511)), n_seq=int(o.get("nseq", 48)),
                            ridge=float(o.get("ridge", 1e-2)), refit_attn=o.get("attn", "1") == "1",
                            skip_first=o.get("skip", "1") == "1", weight=o.get("w", "none"), qa=int(o.get("qa", 0)))
-    raise SystemExit(f"error: unknown emulator {kind!r} (uniform:keep=K or prune:width=W...)")
+    if base in all_methods():
+        cls = all_methods()[base].options_cls
+        hints = typing.get_type_hints(cls)
+        types = {f.name: next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+                 for f in dataclasses.fields(cls)}
+        unknown = sorted(set(o) - set(types))
+        if unknown:
+            raise SystemExit(f"error: {base} has no option(s) {', '.join(unknown)}")
+        cached = EMULATORS / f"{kind.replace(':', '_').replace('=', '-')}_{layers[0]}-{layers[1]}"
+        if (cached / "manifest.json").exists():
+            return load_emulator(cached)
+        emu = build_emulator(base, model, tok, MODEL, layers, **{k: types[k](v) for k, v in o.items()})
+        save_emulator(emu, cached)
+        return emu
+    raise SystemExit(f"error: unknown emulator {kind!r} (uniform:keep=K, prune:width=W..., or a registered "
+                     "method with its options)")
 
 
 def middle_fraction(emu, model, layers) -> float:
@@ -415,6 +438,13 @@ def cmd_run(a) -> None:
     r = evaluate(plugged, tok, task, limit=a.limit, progress=False, return_details=True)
     rec[f"plugin_{task}"] = r["acc"]
     rec[f"plugin_pred_{task}"] = [int(d["pred"] == d["gold"]) for d in r["details"]]
+    if a.plug_bottom:  # only the bottom adapter blocks' change goes into the full model
+        bottom_only = {k: (theta0[k] if int(k.split(".")[1]) >= N_LAYERS - layers[1] else v)
+                       for k, v in state.items()}
+        plugged = adapters.apply(copy.deepcopy(model), bottom_only, bundle.kind, bundle.lora).eval()
+        r = evaluate(plugged, tok, task, limit=a.limit, progress=False, return_details=True)
+        rec[f"plugin_bottom_{task}"] = r["acc"]
+        rec[f"plugin_bottom_pred_{task}"] = [int(d["pred"] == d["gold"]) for d in r["details"]]
     rec["total_s"] = time.time() - t0
     _append(rec)
     print(f"{a.recipe}: middle {rec['frac']:.3f}, ppl {rec['ppl']:.1f}, Emulator FT {rec[f'emu_ft_{task}']:.3f}, "
@@ -646,6 +676,8 @@ def main(argv=None) -> int:
     r.add_argument("--correction-every", type=int, default=0,
                    help="recompute the correction at the current adapter every N steps (0: never)")
     r.add_argument("--repair", default="")
+    r.add_argument("--plug-bottom", action="store_true",
+                   help="also score the full model with only the bottom adapter blocks' change plugged in")
     d = sub.add_parser("diagnose")
     d.add_argument("recipe")
     d.add_argument("--task", default="arc_easy")

@@ -62,7 +62,7 @@ def all_methods() -> dict[str, Method]:
 
 
 def _load_builtin_methods() -> None:
-    from . import gradot, kd, scaleot, uniform  # noqa: F401  (registration side effect)
+    from . import gradmatch, gradot, kd, scaleot, uniform  # noqa: F401  (registration side effect)
 
 
 def build_emulator(method: str, model, tokenizer, name: str, adapter_layers, **options) -> Emulator:
