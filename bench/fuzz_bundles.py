@@ -400,7 +400,8 @@ def corrupt(rng: random.Random, d: Path, pristine: Path) -> str:
 def redigest(d: Path) -> None:
     """What a malicious peer does next: list every regular file with its digest, and recompute the
     manifest's own digest (where the manifest still parses as an object)."""
-    from offsite.bundle import manifest_digest, sha256_file
+    from offsite.bundle import manifest_digest
+    from offsite.files import sha256_file
     from offsite.errors import OffsiteError
 
     mf = d / "manifest.json"

@@ -59,7 +59,7 @@ def csqa_rows(work: Path) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from offsite.bundle import write_text_atomic
+    from offsite.files import write_text_atomic
 
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -86,7 +86,9 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     import copy
 
-    from offsite.bundle import load_adapter, load_emulator_manifest, write_json_atomic, write_text_atomic
+    from offsite.bundle import load_adapter, load_emulator_manifest
+
+    from offsite.files import write_json_atomic, write_text_atomic
     from offsite.cli import main as offsite
     from offsite.data.own import load_own_task
     from offsite.eval import evaluate

@@ -61,7 +61,9 @@ def score_entry(b: _Bench, entry, task: str, tune: bool = False, docs=None, log=
     evaluation documents up to the budget's limit, as in ``bench/paper.py``."""
     import copy
 
-    from offsite.bundle import load_adapter, load_emulator_manifest, write_json_atomic
+    from offsite.bundle import load_adapter, load_emulator_manifest
+
+    from offsite.files import write_json_atomic
     from offsite.data.tasks import load_task
     from offsite.eval.mc import score_mc
     from offsite.plug import plug

@@ -306,7 +306,7 @@ class _Bench:
         """The metrics of ``model`` on ``task`` and the seconds they took. With ``entry`` (a Full ZS or
         Plug-in row, see ``details_path``) the per-document predictions, when the evaluation gives
         them, are kept for bench/paired.py."""
-        from offsite.bundle import write_json_atomic
+        from offsite.files import write_json_atomic
 
         t0 = time.perf_counter()
         metrics = self.hooks.evaluate(model, tokenizer, task, self.budget.eval_limit, self.batch_size, self.progress)
@@ -518,7 +518,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         path = b.ceiling_path(layout, task)
         if path.exists():
             return json.loads(path.read_text())
-        from offsite.bundle import write_json_atomic
+        from offsite.files import write_json_atomic
 
         model, tok = b.base()
         full_middle = ceiling_emulator(model, tok, b.display, layout["adapter_layers"])

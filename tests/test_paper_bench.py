@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tokenizer, tiny_model
 
-import offsite.emulator as emulator_mod
+from offsite.emulator import registry as emulator_mod  # the package import registers the built-in methods
 from offsite.data.tasks import Doc
 from offsite.emulator import Method, keep_blocks, split_layers
 from offsite.errors import OffsiteError
@@ -187,7 +187,6 @@ def _dummy_build(model, tokenizer, name, adapter_layers, opts):
 
 
 def test_a_newly_registered_method_joins_without_changes(tmp_path, monkeypatch, builds):
-    emulator_mod.all_methods()  # load the built-in methods first
     dummy = Method("dummy", "keep the first middle block", DummyOptions, _dummy_build,
                    bench_settings=[{"adapter_layers": [1, 1]}])
     monkeypatch.setattr(emulator_mod, "METHODS", {"uniform": emulator_mod.METHODS["uniform"]})
@@ -208,7 +207,6 @@ def _broken_build(model, tokenizer, name, adapter_layers, opts):
 
 
 def test_a_failing_method_is_skipped_and_the_others_go_on(tmp_path, monkeypatch):
-    emulator_mod.all_methods()
     broken = Method("broken", "always fails", DummyOptions, _broken_build)
     monkeypatch.setattr(emulator_mod, "METHODS", {"uniform": emulator_mod.METHODS["uniform"], "broken": broken})
     out = run(tmp_path, Counting(), methods=None, full_ft=False)

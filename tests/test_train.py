@@ -377,12 +377,13 @@ def test_non_finite_weights_stop_training():
 
 
 def test_cli_precision_flag_sets_the_training_precision():
-    from offsite.cli import _tune_settings, build_parser
+    from offsite.cli import build_parser
+    from offsite.cli_args import tune_settings
 
     parser = build_parser()
     args = parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o", "--precision", "bf16"])
-    assert _tune_settings(args).train.mixed_precision == "bf16"
+    assert tune_settings(args).train.mixed_precision == "bf16"
     args = parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o", "--precision", "fp32"])
-    assert _tune_settings(args).train.mixed_precision == "no"
+    assert tune_settings(args).train.mixed_precision == "no"
     args = parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o"])
-    assert _tune_settings(args).train.mixed_precision == "no"
+    assert tune_settings(args).train.mixed_precision == "no"

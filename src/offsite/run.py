@@ -27,10 +27,11 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .bundle import check_parent, load_adapter, load_emulator, save_emulator, write_text_atomic
+from .bundle import load_adapter, load_emulator, save_emulator
 from .data.own import OwnTask, resolve_task, task_name
 from .emulator import Emulator, build_emulator
 from .errors import OffsiteError
+from .files import check_parent, write_text_atomic
 from .models.load import load_model
 from .plug import plug
 from .probe import attach_probe, probe_records

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..models.families import get_blocks, num_blocks
-from . import Method, register
+from .registry import Method, register
 from .core import ADAPTER, Emulator
 from .uniform import UniformOptions, chosen_blocks
 

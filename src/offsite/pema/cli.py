@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+from offsite.cli_args import add_dataclass_args
 from offsite.errors import OffsiteError
 
 PEMA_TASKS = ("webqs", "nq_open")
@@ -57,7 +58,6 @@ def task_docs(task: str, part: str):
 
 
 def add_parsers(sub) -> None:
-    from offsite.cli import _add_dataclass_args
     from offsite.pema.decode import GUOptions
     from offsite.pema.train import PemaConfig
 
@@ -93,7 +93,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--memory", required=True, help="directory written by build-memory")
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true")
-    _add_dataclass_args(q.add_argument_group("PEMA options"), PemaConfig, set())
+    add_dataclass_args(q.add_argument_group("PEMA options"), PemaConfig, set())
 
     q = psub.add_parser("generate", help="greedy generation with Gradual Unrolling")
     _backend_args(q)
@@ -101,7 +101,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     q.add_argument("--reference", action="append", help="reference targets (only for --length reference)")
     q.add_argument("--max-new-tokens", type=int, default=32)
-    _add_dataclass_args(q.add_argument_group("Gradual Unrolling"), GUOptions, set())
+    add_dataclass_args(q.add_argument_group("Gradual Unrolling"), GUOptions, set())
 
     q = psub.add_parser("eval", help="exact match on webqs / nq_open, with or without PEMA")
     _backend_args(q)
@@ -110,7 +110,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--limit", type=int)
     q.add_argument("--max-new-tokens", type=int, default=32, help="nq_open generation budget")
     q.add_argument("--json", help="write the metrics here")
-    _add_dataclass_args(q.add_argument_group("Gradual Unrolling"), GUOptions, set())
+    add_dataclass_args(q.add_argument_group("Gradual Unrolling"), GUOptions, set())
 
 
 def _gu(args):
@@ -237,7 +237,7 @@ def _eval(args) -> None:
         res = score_generation(backend, docs, pema, head, opts, ratio, args.max_new_tokens, progress=True)
     print(json.dumps(res, indent=2))
     if args.json:
-        from offsite.bundle import write_json_atomic
+        from offsite.files import write_json_atomic
 
         write_json_atomic(args.json, res)
 

@@ -26,6 +26,7 @@ close and ``gap_closed`` is ``null``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shlex
@@ -34,8 +35,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..cli_args import add_dataclass_args, add_train_args, tune_settings
 from ..errors import OffsiteError
 from ..results import metric_records
+from ..run import PRESETS
 from .attack import AttackConfig, recover
 
 ROW = "attack"
@@ -98,7 +101,6 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
     from ..eval import METRIC, evaluate
     from ..models.load import load_model, model_display_name
     from ..plug import plug
-    from ..run import PRESETS
     from ..tune import TuneSettings
 
     if preset not in PRESETS:
@@ -355,7 +357,8 @@ def run_privacy(model_name: str, emulator_dir: str | Path, tasks: list[str], out
                 budgets=DEFAULT_BUDGETS, overwrite: bool = False, command: str = "", log=print,
                 **kwargs) -> tuple[list[dict], Path]:
     """Write ``privacy.json`` (a results file), ``privacy.md`` and ``privacy.png`` under ``out``."""
-    from ..bundle import load_emulator_manifest, write_json_atomic
+    from ..bundle import load_emulator_manifest
+    from ..files import write_json_atomic
     from ..results import meta
 
     out = Path(out)
@@ -379,8 +382,6 @@ def run_privacy(model_name: str, emulator_dir: str | Path, tasks: list[str], out
 
 def add_parser(sub) -> None:
     """Register ``offsite privacy`` on the CLI's sub-parsers."""
-    from ..cli import _add_dataclass_args, _add_train_args
-
     p = sub.add_parser("privacy", help="model owner: measure an emulator's privacy by a recovery attack "
                                        "and by weight exposure")
     p.add_argument("--model", default="smollm2-135m", help="the full model the emulator was built from")
@@ -398,15 +399,11 @@ def add_parser(sub) -> None:
     p.add_argument("--no-exposure", action="store_true", help="skip the weight exposure")
     p.add_argument("--out", help="output directory (default runs/privacy-<emulator>)")
     p.add_argument("--overwrite", action="store_true")
-    _add_dataclass_args(p.add_argument_group("attack"), AttackConfig, set(), prefix="attack_")
-    _add_train_args(p)
+    add_dataclass_args(p.add_argument_group("attack"), AttackConfig, set(), prefix="attack_")
+    add_train_args(p)
 
 
 def cmd_privacy(args) -> None:
-    import dataclasses
-
-    from ..cli import _tune_settings
-    from ..run import PRESETS
 
     attack = AttackConfig(**{f.name: getattr(args, "attack_" + f.name) for f in dataclasses.fields(AttackConfig)
                              if hasattr(args, "attack_" + f.name)})
@@ -414,7 +411,7 @@ def cmd_privacy(args) -> None:
     tasks = [t for t in args.task.split(",") if t]
     budgets = parse_budgets(args.budgets)
     out = args.out or f"runs/privacy-{Path(args.emulator.rstrip('/')).name}"
-    settings = _tune_settings(args, base=PRESETS[args.preset].train)
+    settings = tune_settings(args, base=PRESETS[args.preset].train)
     records, out = run_privacy(
         args.model, args.emulator, tasks, out, budgets, overwrite=args.overwrite,
         command="offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]), settings=settings,

@@ -35,7 +35,7 @@ import torch
 
 from ...errors import OffsiteError
 from ...models.families import get_blocks, num_blocks
-from .. import Method, register
+from ..registry import Method, register
 from ..core import Emulator, Slot, assemble, register_block_kind, split_layers
 from ..uniform import default_keep
 from .compress import KIND, LAYOUTS, build_block, compress_block, layout_of, plan_block
