@@ -135,7 +135,7 @@ def distill(emu: Emulator, model, train_docs: list[str], val_docs: list[str], op
                       warmup_ratio=0.05, seed=opts.kd_seed, eval_every=max(1, opts.kd_steps // 4),
                       checkpoint_every=None, max_length=opts.kd_block_size)
     tap = MiddleTap(get_blocks(emu.model), middle_pos[0], middle_pos[-1])
-    teacher_was = teacher.training
+    teacher_was = [block.training for block in teacher]  # the owner's blocks (a new ModuleList says "training")
     teacher.eval()
     try:
         emu.model.train()
@@ -145,7 +145,8 @@ def distill(emu: Emulator, model, train_docs: list[str], val_docs: list[str], op
                        pad_id=tokenizer.pad_token_id)
     finally:
         tap.remove()
-        teacher.train(teacher_was)
+        for block, was in zip(teacher, teacher_was):
+            block.train(was)
     for p in emu.model.parameters():
         p.requires_grad_(False)
     emu.model.eval()
