@@ -37,6 +37,7 @@ from .files import write_json_atomic
 from .models.load import load_model, model_display_name
 from .report import load_results, setting_key, setting_label, slug
 from .results import write_results
+from .run import FULL_FT_LR
 from .train import TrainConfig
 from .tune import TrainingData, TuneSettings, task_data
 
@@ -55,8 +56,8 @@ class Budget:
     train_limit: int | None = 1000
     text_train_limit: int | None = 64
     text_block: int = 512
-    lr: float = 1e-4
-    full_ft_lr: float = 2e-5
+    lr: float = TrainConfig.lr
+    full_ft_lr: float = FULL_FT_LR
     epochs: float = 1.0
     batch_size: int = 8
     micro_batch_size: int = 8

@@ -30,6 +30,7 @@ from .pema.cli import add_parsers as add_pema_parsers
 from .pema.cli import cmd_pema, cmd_serve
 from .privacy.report import add_parser as add_privacy_parser
 from .privacy.report import cmd_privacy
+from .run import PRESETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_template_arg(p)
     p.add_argument("--method", default="uniform", choices=sorted(methods))
     p.add_argument("--adapter-layers", default="2,2")
-    p.add_argument("--preset", default="demo", choices=["quick", "demo", "gpu"],
+    p.add_argument("--preset", default="demo", choices=list(PRESETS),
                    help="quick: minutes; demo: 20-30 min on 2 CPU cores; gpu: the paper's budget")
     p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=None,
                    help="also fine-tune the full model (the FT row); default: on for the gpu preset")
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     seen = set()
     for m in methods.values():
         add_dataclass_args(p.add_argument_group(f"{m.name} options"), m.options_cls, seen)
-    add_train_args(p)
+    add_train_args(p, PRESETS)
 
     p = sub.add_parser("report", help="the papers' table (markdown, JSON) and plots from results files")
     p.add_argument("results", nargs="+", help="results JSON files (bench/results/*.json, <run>/results.json)")
@@ -328,7 +329,7 @@ def cmd_run(args) -> None:
     from .data.tasks import TASKS
     from .emulator import get_method
     from .models.load import model_display_name
-    from .run import PRESETS, format_table, run
+    from .run import format_table, run
     from .tune import file_data
 
     method = get_method(args.method)

@@ -10,7 +10,6 @@ import dataclasses
 import typing
 
 from .adapters import LoraOptions
-from .run import PRESETS
 from .train import TrainConfig, resolve_precision
 from .tune import TuneSettings
 
@@ -56,29 +55,52 @@ def method_options(args, method) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(method.options_cls) if hasattr(args, f.name)}
 
 
-def add_train_args(p) -> None:
+def _shown(value, cli: dict) -> str:
+    if value is None:
+        return cli.get("none", "none")
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def train_flag_defaults(presets: dict | None = None) -> dict[str, str]:
+    """What each training flag's help gives as its default: ``TrainConfig``'s, or with ``presets``
+    (``offsite run``, ``offsite privacy``) each preset's where they differ."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        cli = f.metadata.get("cli")
+        if cli is None:
+            continue
+        if not presets:
+            out[f.name] = _shown(f.default, cli)
+            continue
+        shown = {name: _shown(getattr(preset.train, f.name), cli) for name, preset in presets.items()}
+        same = set(shown.values())
+        out[f.name] = same.pop() if len(same) == 1 else "the preset's: " + ", ".join(f"{k} {v}" for k, v in shown.items())
+    return out
+
+
+def add_train_args(p, presets: dict | None = None) -> None:
+    """The training flags: the adapter's kind, and one flag per ``TrainConfig`` field that declares
+    ``cli`` metadata (help, bounds and choices written once, there). A flag left out keeps the base
+    configuration's value (:func:`tune_settings`)."""
     g = p.add_argument_group("training")
     g.add_argument("--adapter", default="full", choices=["full", "lora", "bitfit"],
                    help="what to train in the adapter blocks (default: full, as in the paper)")
     g.add_argument("--lora-r", type=POSITIVE, default=8)
     g.add_argument("--lora-alpha", type=POSITIVE, default=16)
-    by_preset = ", ".join(f"{name} {preset.train.lr:g}" for name, preset in PRESETS.items())
-    g.add_argument("--lr", type=float, help=f"learning rate (default: {TrainConfig.lr:g} for tune; "
-                                            f"the preset's for run: {by_preset})")
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--max-steps", type=POSITIVE)
-    g.add_argument("--batch-size", type=POSITIVE, help="global examples per optimizer step")
-    g.add_argument("--micro-batch-size", type=POSITIVE, help="examples per forward pass (gradient accumulation)")
-    g.add_argument("--schedule", choices=["linear", "cosine", "constant"])
-    g.add_argument("--warmup-steps", type=NON_NEGATIVE)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--eval-every", type=POSITIVE, help="optimizer steps between validations, which pick the "
-                                                       "kept adapter (default: --evals-per-epoch times per epoch)")
-    g.add_argument("--evals-per-epoch", type=POSITIVE, help=f"validations per epoch when --eval-every is not "
-                                                            f"given (default {TrainConfig.evals_per_epoch})")
-    g.add_argument("--checkpoint-every", type=POSITIVE)
-    g.add_argument("--max-length", type=int_at_least(2))
-    g.add_argument("--seed", type=int)
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = train_flag_defaults(presets)
+    for f in dataclasses.fields(TrainConfig):
+        cli = f.metadata.get("cli")
+        if cli is None:
+            continue
+        kw = {"dest": f.name, "help": f"{cli['help']} (default: {defaults[f.name]})"}
+        if "choices" in cli:
+            kw["choices"] = list(cli["choices"])
+        else:
+            args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+            base = args[0] if args else hints[f.name]
+            kw["type"] = int_at_least(cli["min"]) if "min" in cli else base
+        g.add_argument("--" + f.name.replace("_", "-"), **kw)
     g.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="fp32 (default), bf16 (bfloat16 autocast in forward/backward; weights and optimizer stay "
                         "fp32) or auto (bf16 where the hardware runs it natively, ~2x faster on such CPUs)")
@@ -98,10 +120,8 @@ def template(args) -> str | None:
 
 def tune_settings(args, base=None):
     cfg = base or TrainConfig()
-    changes = {k: getattr(args, k) for k in ("lr", "epochs", "max_steps", "batch_size", "micro_batch_size",
-                                             "schedule", "warmup_steps", "weight_decay", "eval_every",
-                                             "evals_per_epoch", "checkpoint_every", "max_length", "seed")
-               if getattr(args, k, None) is not None}
+    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+               if f.metadata.get("cli") is not None and getattr(args, f.name, None) is not None}
     if "batch_size" in changes and "micro_batch_size" not in changes:
         changes["micro_batch_size"] = min(changes["batch_size"], cfg.micro_batch_size)
     if getattr(args, "precision", None):

@@ -88,23 +88,39 @@ SCHEDULES = ("linear", "cosine", "constant")
 class TrainConfig:
     """Hyper-parameters of one training run (defaults follow Offsite-Tuning where it has one)."""
 
-    lr: float = 1e-4
-    epochs: float = 1.0  # may be fractional; max_steps overrides it
-    max_steps: int | None = None
-    batch_size: int = 8  # GLOBAL examples per optimizer step (all processes, all micro-batches)
-    micro_batch_size: int = 8  # examples per forward on one process
-    weight_decay: float = 0.0  # not applied to biases and norms (parameters with ndim < 2)
-    warmup_steps: int = 0  # if 0, warmup_ratio * total steps
+    # fields with "cli" metadata are `offsite tune/run/privacy` flags (offsite.cli_args.add_train_args):
+    # their help is written here once, and the default shown is the dataclass's (or the preset's)
+    lr: float = field(default=1e-4, metadata={"cli": {"help": "learning rate"}})
+    epochs: float = field(default=1.0, metadata={"cli": {"help": "passes over the training data (may be "
+                                                                 "fractional; --max-steps overrides it)"}})
+    max_steps: int | None = field(default=None, metadata={"cli": {"help": "optimizer steps", "min": 1,
+                                                                  "none": "--epochs decides"}})
+    # GLOBAL examples per optimizer step (all processes, all micro-batches)
+    batch_size: int = field(default=8, metadata={"cli": {"help": "global examples per optimizer step", "min": 1}})
+    micro_batch_size: int = field(default=8, metadata={"cli": {
+        "help": "examples per forward pass on one process (gradient accumulation)", "min": 1}})
+    # not applied to biases and norms (parameters with ndim < 2)
+    weight_decay: float = field(default=0.0, metadata={"cli": {"help": "AdamW weight decay (not on biases "
+                                                                       "and norms)"}})
+    warmup_steps: int = field(default=0, metadata={"cli": {"help": "learning-rate warm-up steps (0: warmup_ratio "
+                                                                   "of the steps)", "min": 0}})
     warmup_ratio: float = 0.0
-    schedule: str = "linear"  # linear | cosine | constant (all after the warm-up)
+    schedule: str = field(default="linear", metadata={"cli": {"help": "learning-rate schedule after the warm-up",
+                                                              "choices": SCHEDULES}})
     max_grad_norm: float | None = 1.0
-    seed: int = 42
+    seed: int = field(default=42, metadata={"cli": {"help": "seed of the data order and initialisation"}})
     # optimizer steps between validations (the best validation loss picks the kept state);
     # None -> evals_per_epoch times per epoch, so that "best" is a choice even in a one-epoch run
-    eval_every: int | None = None
-    evals_per_epoch: int = 4
-    checkpoint_every: int | None = 50  # optimizer steps between checkpoints; None -> never
-    max_length: int = 1024  # longer examples keep their LAST max_length tokens
+    eval_every: int | None = field(default=None, metadata={"cli": {
+        "help": "optimizer steps between validations, which pick the kept adapter", "min": 1,
+        "none": "--evals-per-epoch times per epoch"}})
+    evals_per_epoch: int = field(default=4, metadata={"cli": {
+        "help": "validations per epoch when --eval-every is not given", "min": 1}})
+    checkpoint_every: int | None = field(default=50, metadata={"cli": {
+        "help": "optimizer steps between checkpoints", "min": 1, "none": "never"}})
+    # longer examples keep their LAST max_length tokens
+    max_length: int = field(default=1024, metadata={"cli": {"help": "tokens per example (a longer one keeps its "
+                                                                    "last ones)", "min": 2}})
     progress: bool = True
     restore_best: bool = True  # at the end, load the best-validation state into the model
     # "no": float32 throughout; "bf16": the training forward/backward under bfloat16 autocast

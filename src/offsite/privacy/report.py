@@ -389,7 +389,7 @@ def add_parser(sub) -> None:
     p.add_argument("--task", default="arc_easy", help="task(s) to attack, comma-separated")
     p.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS),
                    help="attack budgets in public-text tokens, e.g. 0,1M,5M (0, = Emulator FT, is always run)")
-    p.add_argument("--preset", default="demo", choices=["quick", "demo", "gpu"],
+    p.add_argument("--preset", default="demo", choices=list(PRESETS),
                    help="the data owner's tuning and evaluation budget, as in `offsite run`")
     p.add_argument("--eval-limit", type=int, help="evaluate the first N documents (default: the preset's)")
     p.add_argument("--train-limit", type=int,
@@ -400,7 +400,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="output directory (default runs/privacy-<emulator>)")
     p.add_argument("--overwrite", action="store_true")
     add_dataclass_args(p.add_argument_group("attack"), AttackConfig, set(), prefix="attack_")
-    add_train_args(p)
+    add_train_args(p, PRESETS)
 
 
 def cmd_privacy(args) -> None:
