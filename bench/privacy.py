@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from offsite.errors import OffsiteError
     from offsite.models.load import model_display_name, resolve_model_path
     from offsite.privacy import format_markdown, plot_privacy
-    from offsite.privacy.report import _key as emulator_key
+    from offsite.privacy.report import emulator_key
     from offsite.results import meta, write_results
 
     tag = f"e{args.eval_limit}-t{args.train_limit}"

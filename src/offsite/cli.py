@@ -28,8 +28,8 @@ from .cli_args import (NON_NEGATIVE, POSITIVE, add_dataclass_args, add_template_
 from .errors import OffsiteError
 from .pema.cli import add_parsers as add_pema_parsers
 from .pema.cli import cmd_pema, cmd_serve
-from .privacy.report import add_parser as add_privacy_parser
-from .privacy.report import cmd_privacy
+from .privacy.cli import add_parser as add_privacy_parser
+from .privacy.cli import cmd_privacy
 from .run import PRESETS
 
 
