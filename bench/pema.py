@@ -89,8 +89,9 @@ def child_lora(work: Path, model_name: str, task: str, limit: int, lr: float, ep
 
     from offsite import adapters
     from offsite.models import get_blocks, load_model
-    from offsite.pema.cli import task_pairs
-    from offsite.train import TrainConfig, tokenize_qa, train
+    from offsite.data.generation import task_pairs
+    from offsite.data.tokenize import tokenize_qa
+    from offsite.train import TrainConfig, train
     from offsite.tune import split_validation
 
     base = _rss_mb()
@@ -227,7 +228,7 @@ def main() -> None:
     from offsite.eval import evaluate
     from offsite.models import load_model
     from offsite.pema.backend import InProcessBackend
-    from offsite.pema.cli import task_docs, task_pairs
+    from offsite.data.generation import task_docs, task_pairs
     from offsite.pema.decode import GUOptions, score_generation, score_webqs_pema
     from offsite.pema.memory import build_memory
     from offsite.pema.train import PemaConfig, load_pema

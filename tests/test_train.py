@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from offsite.data.tokenize import tokenize_qa, tokenize_text
 from offsite.errors import OffsiteError
-from offsite.train import (TrainConfig, causal_lm_loss, collate, count_targets, tokenize_qa, tokenize_text,
-                           train)
+from offsite.train import TrainConfig, causal_lm_loss, collate, count_targets, train
 
 from _train_helpers import adapter_params, made_up_examples, tiny_llama
 

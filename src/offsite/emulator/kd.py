@@ -115,7 +115,8 @@ def build(model, tokenizer, name: str, adapter_layers, opts: KDOptions) -> Emula
 
 def distill(emu: Emulator, model, train_docs: list[str], val_docs: list[str], opts: KDOptions) -> Emulator:
     """Train the middle blocks of ``emu`` to match the middle of the full ``model`` (in place)."""
-    from ..train import TrainConfig, causal_lm_loss, tokenize_text, train
+    from ..data.tokenize import tokenize_text
+    from ..train import TrainConfig, causal_lm_loss, train
 
     tokenizer = emu.tokenizer
     middle_pos = [i for i, s in enumerate(emu.slots) if s.kind != ADAPTER]

@@ -15,9 +15,8 @@ import json
 import os
 
 from offsite.cli_args import add_dataclass_args
+from offsite.data.generation import GENERATION_TASKS, task_docs, task_pairs
 from offsite.errors import OffsiteError
-
-PEMA_TASKS = ("webqs", "nq_open")
 
 
 def _backend_args(p) -> None:
@@ -38,23 +37,6 @@ def make_backend(args):
 
     model, tok = load_model(args.model)
     return InProcessBackend(model, tok, name=model_display_name(args.model))
-
-
-def task_pairs(task: str, part: str = "train") -> list[tuple[str, str]]:
-    """(prompt, " " + gold answer) pairs of a PEMA task."""
-    return [(d.context, " " + d.target) for d in task_docs(task, part)]
-
-
-def task_docs(task: str, part: str):
-    if task == "nq_open":
-        from offsite.pema.tasks import load_nq_open
-
-        return load_nq_open(part)
-    if task == "webqs":
-        from offsite.data.tasks import load_task
-
-        return load_task("webqs", part)
-    raise OffsiteError(f"PEMA is evaluated on generation tasks: {', '.join(PEMA_TASKS)} (got {task!r})")
 
 
 def add_parsers(sub) -> None:
@@ -81,7 +63,7 @@ def add_parsers(sub) -> None:
     q = psub.add_parser("build-memory", help="build (or resume) the external memory of a task's training pairs")
     _backend_args(q)
     data = q.add_mutually_exclusive_group(required=True)
-    data.add_argument("--task", choices=PEMA_TASKS)
+    data.add_argument("--task", choices=GENERATION_TASKS)
     data.add_argument("--data", help="JSONL/CSV of prompt/completion pairs")
     q.add_argument("--limit", type=int, help="first N training pairs (a fixed fair sample)")
     q.add_argument("--val-fraction", type=float, default=0.1, help="pairs held out for validation")
@@ -106,7 +88,7 @@ def add_parsers(sub) -> None:
     q = psub.add_parser("eval", help="exact match on webqs / nq_open, with or without PEMA")
     _backend_args(q)
     q.add_argument("--pema", help="trained PEMA directory (omit: the model alone)")
-    q.add_argument("--task", required=True, choices=PEMA_TASKS)
+    q.add_argument("--task", required=True, choices=GENERATION_TASKS)
     q.add_argument("--limit", type=int)
     q.add_argument("--max-new-tokens", type=int, default=32, help="nq_open generation budget")
     q.add_argument("--json", help="write the metrics here")

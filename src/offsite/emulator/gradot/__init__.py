@@ -119,7 +119,7 @@ class PeakMemory:
 
 def support_examples(tokenizer, docs: list[str], n_seqs: int, seq_len: int, seed: int) -> list[dict]:
     """``n_seqs`` full blocks of ``seq_len`` tokens from documents taken in a seeded random order."""
-    from ...train import tokenize_text
+    from ...data.tokenize import tokenize_text
 
     if n_seqs < 1 or seq_len < 2:
         raise OffsiteError(f"the support set needs at least 1 sequence of 2 tokens, got {n_seqs} x {seq_len}")

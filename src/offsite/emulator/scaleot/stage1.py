@@ -261,7 +261,7 @@ class Stage1Artifact:
 
 def _text_examples(tokenizer, docs: list[str], block_size: int, need: int) -> list[dict]:
     """At least ``need`` blocks of ``block_size`` tokens from ``docs`` (tokenising only what is needed)."""
-    from ...train import tokenize_text
+    from ...data.tokenize import tokenize_text
 
     out: list[dict] = []
     start, chunk = 0, 32
