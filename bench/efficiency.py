@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from offsite.benchmark import alternating_runs, peak_rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def flops_per_token(block_params: list[int], trainable: list[bool], head_params: int, seq: int, d: int) -> float:
@@ -43,15 +41,6 @@ def flops_per_token(block_params: list[int], trainable: list[bool], head_params:
     act_grad = sum(2 * p + attn for p in block_params[lowest:]) + 2 * head_params
     weight_grad = sum(2 * p for p, t in zip(block_params, trainable) if t)
     return fwd + act_grad + weight_grad
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: per address space, so unlike ``ru_maxrss`` it
-    does not carry over the RSS of the parent that forked us)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(mode: str, model_name: str, emulator_dir: str, batch: int, seq: int, steps: int) -> dict:
@@ -96,29 +85,6 @@ def measure(mode: str, model_name: str, emulator_dir: str, batch: int, seq: int,
     return {"tokens_per_s": batch * seq * len(times) / sum(times), "peak_mem_mb": peak,
             "flops_per_token": flops, "blocks": len(blocks), "trainable_params": sum(
                 p.numel() for p in net.parameters() if p.requires_grad)}
-
-
-def alternating_runs(script: str, modes: list[str], args: list[str], rounds: int, model: str, keep: int) -> dict:
-    """Build the uniform emulator (adapter 2,2, ``keep`` middle blocks) of ``model`` in a temporary
-    bundle, then run ``script --_child MODE --emulator-dir DIR *args`` for every mode, ``rounds``
-    times, alternating, each in a fresh process (slow phases of a noisy machine hit every mode
-    alike). Returns ``{mode: [the child's JSON result per round]}``."""
-    from offsite.bundle import save_emulator
-    from offsite.emulator import build_emulator
-    from offsite.models import load_model
-
-    runs = {mode: [] for mode in modes}
-    with tempfile.TemporaryDirectory() as tmp:
-        m, tokenizer = load_model(model)
-        save_emulator(build_emulator("uniform", m, tokenizer, model, "2,2", keep=keep), f"{tmp}/emu")
-        del m
-        for r in range(rounds):
-            for mode in modes:
-                out = subprocess.run([sys.executable, script, "--_child", mode, "--emulator-dir", f"{tmp}/emu", *args],
-                                     capture_output=True, text=True, check=True)
-                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"round {r + 1} {mode}", runs[mode][-1], flush=True)
-    return runs
 
 
 def main() -> None:

@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def median_rate(rates: list, cycle: int = 1) -> float:
@@ -42,8 +40,7 @@ def median_rate(rates: list, cycle: int = 1) -> float:
 
 
 def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
-    from efficiency import peak_rss_mb
-    from paper import resolved_options, setting_dir, write_build_info
+    from offsite.benchmark import peak_rss_mb, resolved_options, setting_dir, write_build_info
 
     from offsite.bundle import save_emulator
     from offsite.emulator import build_emulator, get_method
@@ -111,7 +108,7 @@ def main() -> None:
         print(json.dumps(child(args._child, args.model, json.loads(args._setting), args.cache)))
         return
 
-    from paper import method_settings, normalise_setting
+    from offsite.benchmark import method_settings, normalise_setting
 
     from offsite.emulator import get_method
     from transformers import AutoConfig

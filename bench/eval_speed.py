@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
-from offsite.data.tasks import load_task  # noqa: E402
-from offsite.eval.lm_eval_bridge import run_lm_eval  # noqa: E402
-from offsite.eval.mc import score_mc  # noqa: E402
-from offsite.results import meta as results_meta, write_results  # noqa: E402
+from offsite.data.tasks import load_task
+from offsite.eval.lm_eval_bridge import run_lm_eval
+from offsite.eval.mc import score_mc
+from offsite.results import meta as results_meta, write_results
 
 
 def _load(name: str):

@@ -53,8 +53,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests"))  # conftest: the tiny random models and byte-level tokenizer of the tests
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -73,7 +71,7 @@ PROBE_TEXT = "Hello, world! Question: what is 2 plus 2?\nAnswer: 4 <s></s><pad>"
 def make_world(root: Path) -> dict:
     """The tiny model and its three bundles under ``root``; returns what the loads need."""
     import torch
-    from conftest import make_tokenizer, tiny_model
+    from offsite.testing import make_tokenizer, tiny_model
 
     from offsite.adapters import LoraOptions
     from offsite.bundle import load_emulator, save_adapter, save_emulator
@@ -400,7 +398,8 @@ def corrupt(rng: random.Random, d: Path, pristine: Path) -> str:
 def redigest(d: Path) -> None:
     """What a malicious peer does next: list every regular file with its digest, and recompute the
     manifest's own digest (where the manifest still parses as an object)."""
-    from offsite.bundle import manifest_digest, sha256_file
+    from offsite.bundle import manifest_digest
+    from offsite.files import sha256_file
     from offsite.errors import OffsiteError
 
     mf = d / "manifest.json"

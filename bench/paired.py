@@ -35,16 +35,15 @@ import sys
 import time
 from pathlib import Path
 
+from offsite.benchmark import (Bench, Budget, Hooks, cell_key, chosen_settings, entry_details, entry_name,
+                               parse_settings_override, record_cell)
+from offsite.errors import OffsiteError
+from offsite.report import setting_key
+from offsite.stats import paired  # noqa: F401  (one definition, re-exported for the tests)
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from paper import (DEFAULT_CACHE, RESULTS_DIR, Budget, _Bench, Hooks, cell_key, chosen_settings,  # noqa: E402
-                   entry_details, entry_name, parse_settings_override, record_cell)
-
-from offsite.errors import OffsiteError  # noqa: E402
-from offsite.stats import paired  # noqa: E402,F401  (one definition, re-exported for the tests)
-from offsite.report import setting_key  # noqa: E402
+RESULTS_DIR = ROOT / "bench" / "results"
+DEFAULT_CACHE = ROOT / "runs" / "paper-cache"  # bench/paper.py's cache, whose predictions are compared here
 
 TASKS = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq")
 FULL = ("full_zs", None, None)  # (row, method, setting) of the reference entry
@@ -56,12 +55,14 @@ def average(per_task: list[tuple[float, float]]) -> tuple[float, float]:
     return sum(m for m, _ in per_task) / k, math.sqrt(sum(s * s for _, s in per_task)) / k
 
 
-def score_entry(b: _Bench, entry, task: str, tune: bool = False, docs=None, log=print) -> dict:
+def score_entry(b: Bench, entry, task: str, tune: bool = False, docs=None, log=print) -> dict:
     """Per-document correctness of ``entry`` on ``task`` (cached); ``docs`` default to the task's
     evaluation documents up to the budget's limit, as in ``bench/paper.py``."""
     import copy
 
-    from offsite.bundle import load_adapter, load_emulator_manifest, write_json_atomic
+    from offsite.bundle import load_adapter, load_emulator_manifest
+
+    from offsite.files import write_json_atomic
     from offsite.data.tasks import load_task
     from offsite.eval.mc import score_mc
     from offsite.plug import plug
@@ -109,7 +110,7 @@ def table_value(records: list[dict], entry, task: str) -> float | None:
     return None
 
 
-def load_scores(b: _Bench, entries: list, tasks: list[str], table: list[dict]) -> tuple[dict, list[dict]]:
+def load_scores(b: Bench, entries: list, tasks: list[str], table: list[dict]) -> tuple[dict, list[dict]]:
     """Each entry's kept predictions per task, checked against the results file, and its accuracy
     records."""
     scores, records = {}, []
@@ -147,13 +148,13 @@ def differences(scores: dict, entries: list, tasks: list[str], extra: dict | Non
     return records
 
 
-def combine(b: _Bench, entries: list, tasks: list[str], table: list[dict], log=print) -> list[dict]:
+def combine(b: Bench, entries: list, tasks: list[str], table: list[dict], log=print) -> list[dict]:
     """Records: each entry's accuracy per task, and every pairwise paired difference."""
     scores, records = load_scores(b, entries, tasks, table)
     return records + differences(scores, entries, tasks)
 
 
-def combine_seeds(runs: list[tuple[_Bench, list[dict]]], entries: list, tasks: list[str]) -> list[dict]:
+def combine_seeds(runs: list[tuple[Bench, list[dict]]], entries: list, tasks: list[str]) -> list[dict]:
     """The same comparison over several benchmark runs that differ only in the training seed: each
     run's differences (records carry ``seed``), then the pooled ones, where each document's
     correctness is averaged over the seeds before pairing (``seed``: the list). The pooled error is
@@ -285,7 +286,7 @@ def main(argv=None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        benches = [_Bench(args.model, x, None, args.cache, Hooks(), args.batch_size_eval, True, print)
+        benches = [Bench(args.model, x, args.cache, Hooks(), args.batch_size_eval, True, print)
                    for x in budgets]
         b = benches[0]
         override = parse_settings_override(args.settings)

@@ -50,372 +50,52 @@ Larger budgets (``--eval-limit all --train-limit all --epochs 5`` on a GPU) writ
 results file: the file's name carries any budget that differs from the default, and a results file
 refuses cells of another budget.
 
-The core is :func:`run_benchmark`, which takes :class:`Hooks` (model loader, training data,
-evaluation) so tests run it on tiny models in seconds.
+The core is :func:`run_benchmark`, which takes :class:`~offsite.benchmark.Hooks` (model loader,
+training data, evaluation) so tests run it on tiny models in seconds. What the other benchmark
+scripts share with it (the budget, settings, cell keys, the cache, results files) is
+:mod:`offsite.benchmark`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import shlex
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+
+from offsite.benchmark import (METHOD_ROWS, Bench, Budget, Hooks, cell_key, chosen_settings, load_same_budget,
+                               merge_results, parse_settings_override, record_cell)
+from offsite.bundle import load_adapter, load_emulator, load_emulator_manifest
+from offsite.emulator import all_methods
+from offsite.errors import OffsiteError
+from offsite.eval import METRIC
+from offsite.files import write_json_atomic
+from offsite.models.load import model_display_name
+from offsite.plug import plug, plug_into_emulator
+from offsite.probe import probe as probe_emulator
+from offsite.probe import probe_records
+from offsite.report import build_report, load_results, readme_table, report_files, report_markdown, setting_key, slug
+from offsite.results import meta, write_results
+from offsite.run import ceiling_emulator, row_records, transfer_record
+from offsite.stats import transfer
+from offsite.tune import finetune_full, tune_adapter, tune_to_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-
-from offsite.errors import OffsiteError  # noqa: E402
-from offsite.report import setting_key  # noqa: E402
-
 DEFAULT_TASKS = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq", "text")
 ALL_TASKS = DEFAULT_TASKS[:-1] + ("webqs", "text")
-METHOD_ROWS = ("emu_zs", "emu_ft", "plugin")
 RESULTS_DIR = ROOT / "bench" / "results"
 DEFAULT_CACHE = ROOT / "runs" / "paper-cache"
-DEFAULT_SETTING = {"adapter_layers": [2, 2]}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What one cell may spend; part of the results file's identity (see the module docstring)."""
-
-    eval_limit: int | None = 1000
-    train_limit: int | None = 1000
-    text_train_limit: int | None = 64
-    text_block: int = 512
-    lr: float = 1e-4
-    full_ft_lr: float = 2e-5
-    epochs: float = 1.0
-    batch_size: int = 8
-    micro_batch_size: int = 8
-    schedule: str = "linear"
-    seed: int = 42
-    max_length: int = 1024
-    adapter: str = "full"
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-    def tag(self) -> str:
-        """'' for the default budget, else a short readable name of what differs."""
-        default = Budget()
-        if self == default:
-            return ""
-        parts = []
-        for name, short in (("eval_limit", "e"), ("train_limit", "t")):
-            v = getattr(self, name)
-            if v != getattr(default, name):
-                parts.append(f"{short}{'all' if v is None else v}")
-        rest = {k: v for k, v in asdict(self).items() if k not in ("eval_limit", "train_limit")}
-        if rest != {k: v for k, v in asdict(default).items() if k not in ("eval_limit", "train_limit")}:
-            parts.append(self.digest()[:6])
-        return "-".join(parts)
-
-    def train_config(self, task: str, lr: float, progress: bool = True):
-        from offsite.train import TrainConfig
-
-        return TrainConfig(lr=lr, epochs=self.epochs, batch_size=self.batch_size,
-                           micro_batch_size=self.micro_batch_size, schedule=self.schedule, seed=self.seed,
-                           max_length=self.text_block if task == "text" else self.max_length,
-                           warmup_ratio=0.0, checkpoint_every=50, progress=progress)
-
-
-# --- the real world, replaceable in tests -------------------------------------------------------
-
-
-def _load_model(name: str):
-    from offsite.models.load import load_model
-
-    return load_model(name)
-
-
-def _train_data(task: str, budget: Budget):
-    from offsite.tune import TrainingData, task_data
-
-    if task == "text":
-        from offsite.data.text import public_text
-
-        return TrainingData("text", list(public_text("train"))[:budget.text_train_limit], source="text")
-    data = task_data(task)
-    return TrainingData(data.kind, data.items[:budget.train_limit], source=data.source)
-
-
-def _evaluate(model, tokenizer, task: str, limit: int | None, batch_size: int, progress: bool = True) -> dict:
-    from offsite.eval import evaluate
-
-    return evaluate(model, tokenizer, task, limit=limit, batch_size=batch_size, progress=progress,
-                    return_details=True)
-
-
-@dataclass
-class Hooks:
-    load_model: Callable = _load_model  # name -> (model, tokenizer)
-    train_data: Callable = _train_data  # (task, budget) -> TrainingData
-    # (model, tokenizer, task, limit, batch_size, progress) -> metrics; a multiple-choice task's may
-    # carry ``details`` (per-document predictions), kept for bench/paired.py (see ``entry_details``)
-    evaluate: Callable = _evaluate
-    display_name: Callable = None  # name -> display name (default: offsite.models.load.model_display_name)
-
-
-# --- plan ---------------------------------------------------------------------------------------
-
-
-def method_settings(method, config_fn: Callable[[], object]) -> list[dict]:
-    """A method's benchmark settings, checked: each a dict with ``adapter_layers`` and options."""
-    from offsite.emulator import parse_adapter_layers
-
-    declared = method.bench_settings
-    if declared is None:
-        declared = [DEFAULT_SETTING]
-    elif callable(declared):
-        declared = declared(config_fn())
-    return [normalise_setting(method, s, parse_adapter_layers) for s in declared]
-
-
-def chosen_settings(method, override, config_fn: Callable[[], object]) -> list[dict]:
-    """``--settings``' entry for ``method`` (one setting or a list), else its benchmark settings."""
-    if override:
-        return [normalise_setting(method, s) for s in (override if isinstance(override, list) else [override])]
-    return method_settings(method, config_fn)
-
-
-def parse_settings_override(text: str | None) -> dict:
-    """``--settings``: a JSON object {method: setting or [setting, ...]} ({} when not given)."""
-    try:
-        override = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise OffsiteError(f"--settings is not valid JSON ({exc})") from None
-    if not isinstance(override, dict):
-        raise OffsiteError("--settings must be a JSON object {method: [setting, ...]}")
-    return override
-
-
-def normalise_setting(method, setting: dict, parse_adapter_layers=None) -> dict:
-    if parse_adapter_layers is None:
-        from offsite.emulator import parse_adapter_layers
-    if not isinstance(setting, dict):
-        raise OffsiteError(f"method {method.name}: a benchmark setting must be a dict, got {setting!r}")
-    out = dict(setting)
-    out["adapter_layers"] = list(parse_adapter_layers(out.get("adapter_layers", DEFAULT_SETTING["adapter_layers"])))
-    method.options(**{k: v for k, v in out.items() if k != "adapter_layers"})  # unknown options fail here
-    return out
-
-
-def setting_dir(setting: dict) -> str:
-    from offsite.report import setting_label, slug
-
-    return f"{slug(setting_label(setting))}-{hashlib.sha256(setting_key(setting).encode()).hexdigest()[:8]}"
-
-
-def cell_key(model: str, task: str, method: str | None, setting, row: str) -> tuple:
-    return (model, task, method, setting_key(setting), row)
-
-
-def record_cell(rec: dict) -> tuple:
-    return cell_key(rec["model"], rec["task"], rec.get("method"), rec.get("setting"), rec["row"])
 
 
 def default_results_path(display: str, budget: Budget) -> Path:
-    from offsite.report import slug
-
     base = "paper-smollm2" if display == "smollm2-135m" else f"paper-{slug(display)}"
     tag = budget.tag()
     return RESULTS_DIR / f"{base}{'-' + tag if tag else ''}.json"
-
-
-def _load_same_budget(path: Path, budget: dict | None, here: str) -> dict:
-    """A results file whose budget is ``budget`` (``None``: any), else a one-line error."""
-    from offsite.report import load_results
-
-    data = load_results(path)
-    theirs = data["meta"].get("budget")
-    if budget is not None and theirs is not None and theirs != budget:
-        diff = {k: (theirs.get(k), v) for k, v in budget.items() if theirs.get(k) != v}
-        what = ", ".join(f"{k}: {a} there, {c} {here}" for k, (a, c) in diff.items())
-        raise OffsiteError(f"{path} holds another budget ({what}); pass --results to write elsewhere")
-    return data
-
-
-def merge_results(target: Path, sources: list[Path], log=print) -> dict:
-    """Add the cells of ``sources`` (other results files of the same budget, e.g. task subsets run as
-    parallel processes) that ``target`` lacks; a cell already in ``target`` keeps its numbers.
-    ``meta.runs`` gains the sources' runs. Returns the written content."""
-    from offsite.results import write_results
-
-    if target.exists():
-        data = _load_same_budget(target, None, "")
-    else:
-        first = _load_same_budget(sources[0], None, "")
-        data = {"meta": {k: v for k, v in first["meta"].items() if k != "runs"}, "records": []}
-    budget = data["meta"].get("budget")
-    records, runs = list(data["records"]), list(data["meta"].get("runs") or [])
-    done = {record_cell(r) for r in records}
-    for src in sources:
-        other = _load_same_budget(src, budget, f"in {target}")
-        budget = budget or other["meta"].get("budget")
-        theirs = {record_cell(r) for r in other["records"]}
-        added = theirs - done
-        records += [r for r in other["records"] if record_cell(r) in added]
-        done |= added
-        runs += [r for r in other["meta"].get("runs") or [] if r not in runs]
-        log(f"[paper] {src}: {len(added)} cells added, {len(theirs - added)} already in {target}")
-    meta_block = {**data["meta"], "budget": budget, "runs": runs}
-    write_results(target, meta_block, records)
-    return {"meta": meta_block, "records": records}
-
-
-# --- state --------------------------------------------------------------------------------------
-
-
-class _Bench:
-    def __init__(self, model_name, budget, results_path, cache, hooks, batch_size, progress, log):
-        from offsite.models.load import model_display_name
-
-        self.model_name, self.budget, self.hooks = model_name, budget, hooks
-        self.display = (hooks.display_name or model_display_name)(model_name)
-        self.results_path = Path(results_path) if results_path else default_results_path(self.display, budget)
-        self.cache = Path(cache) / self.display
-        self.batch_size, self.progress, self.log = batch_size, progress, log
-        self._base = None
-        self._data = {}
-
-    # the full model, loaded on first need and never modified (copies are tuned and plugged)
-    def base(self):
-        if self._base is None:
-            self.log(f"[paper] loading {self.model_name}")
-            self._base = self.hooks.load_model(self.model_name)
-        return self._base
-
-    def data(self, task):
-        if task not in self._data:
-            self._data[task] = self.hooks.train_data(task, self.budget)
-        return self._data[task]
-
-    def settings(self, task, lr):
-        from offsite.tune import TuneSettings
-
-        return TuneSettings(adapter=self.budget.adapter, train=self.budget.train_config(task, lr, self.progress))
-
-    def evaluate(self, model, tokenizer, task, entry=None):
-        """The metrics of ``model`` on ``task`` and the seconds they took. With ``entry`` (a Full ZS or
-        Plug-in row, see ``details_path``) the per-document predictions, when the evaluation gives
-        them, are kept for bench/paired.py."""
-        from offsite.bundle import write_json_atomic
-
-        t0 = time.perf_counter()
-        metrics = self.hooks.evaluate(model, tokenizer, task, self.budget.eval_limit, self.batch_size, self.progress)
-        seconds = time.perf_counter() - t0
-        details = metrics.pop("details", None)
-        if entry is not None and details is not None:
-            write_json_atomic(self.details_path(entry, task),
-                              entry_details(task, entry, metrics["acc"], details, seconds))
-        return metrics, seconds
-
-    def details_path(self, entry, task: str) -> Path:
-        """Where the per-document predictions of ``entry`` = (row, method, setting) on ``task`` live;
-        Full ZS is ``("full_zs", None, None)``. A Plug-in's depend on the whole budget; Full ZS
-        trains nothing, so its predictions depend only on the documents (shared by budgets that
-        differ in training, e.g. the seed)."""
-        row, method, setting = entry
-        if row == "ceiling":  # shared by every method with the same adapter layout
-            return self.cache / "details" / self.budget.digest() / "ceiling" / setting_dir(setting) / f"{task}.json"
-        if method is None:
-            limit = self.budget.eval_limit
-            return self.cache / "details" / f"full_zs-e{'all' if limit is None else limit}" / f"{task}.json"
-        return self.cache / "details" / self.budget.digest() / method / setting_dir(setting) / f"{task}.json"
-
-    def ceiling_path(self, layout: dict, task: str) -> Path:
-        """The cached metrics of the ceiling of an adapter layout ``{"adapter_layers": [b, t]}``."""
-        return self.cache / "ceiling" / self.budget.digest() / setting_dir(layout) / f"{task}.json"
-
-    def emulator_dir(self, method: str, setting: dict) -> Path:
-        return self.cache / "emulators" / method / setting_dir(setting)
-
-    def adapter_dir(self, method: str, setting: dict, task: str) -> Path:
-        return self.cache / "adapters" / self.budget.digest() / method / setting_dir(setting) / task
-
-    def ensure_emulator(self, method: str, setting: dict) -> Path:
-        """The cached emulator bundle of (method, setting), built (and timed) when missing."""
-        from offsite.bundle import save_emulator
-
-        path = self.emulator_dir(method, setting)
-        opts = {k: v for k, v in setting.items() if k != "adapter_layers"}
-        resolved = resolved_options(method, opts)
-        if (path / "manifest.json").exists():
-            built = self.build_info(path).get("options")
-            if built is not None and built != resolved:
-                changed = sorted(k for k in set(built) | set(resolved) if built.get(k) != resolved.get(k))
-                raise OffsiteError(f"the cached {method} emulator {path} was built with other options "
-                                   f"({', '.join(f'{k}: {built.get(k)!r} then, {resolved.get(k)!r} now' for k in changed)}"
-                                   "; a default changed?): remove it and its adapters, or pass another --cache")
-            return path
-        model, tokenizer = self.base()
-        self.log(f"[paper] building the {method} emulator {setting}")
-        t0 = time.perf_counter()
-        emu = build_emulator(method, model, tokenizer, self.display, setting["adapter_layers"], **opts)
-        seconds = time.perf_counter() - t0
-        save_emulator(emu, path, overwrite=True)
-        write_build_info(path, seconds, resolved)
-        self.log(f"[paper] built in {seconds:.1f}s -> {path}")
-        return path
-
-    def build_info(self, path: Path) -> dict:
-        try:
-            info = json.loads(_build_info_file(path).read_text())
-        except (OSError, ValueError):
-            return {}
-        return info if isinstance(info, dict) else {}
-
-    def build_seconds(self, path: Path):
-        return self.build_info(path).get("seconds")
-
-
-def _build_info_file(path: Path) -> Path:
-    return path.parent / (path.name + ".build.json")
-
-
-def write_build_info(path: Path, seconds: float, options: dict) -> None:
-    """The sidecar of a cached emulator: its build time and the options it was built with."""
-    _build_info_file(path).write_text(json.dumps({"seconds": round(seconds, 2), "options": options}))
-
-
-def resolved_options(method: str, opts: dict) -> dict:
-    """Every option of ``method`` as ``opts`` resolve it today (defaults included), JSON-shaped: the
-    cache is keyed by the setting as written, so a changed default must not reuse an old build."""
-    from dataclasses import asdict
-
-    from offsite.emulator import get_method
-
-    return json.loads(json.dumps(asdict(get_method(method).options(**opts)), default=str))
-
-
-def entry_name(entry) -> str:
-    """'Full ZS' or '<method> (<setting>) Plug-in' for a (row, method, setting) entry."""
-    from offsite.report import setting_label
-
-    row, method, setting = entry
-    if row == "ceiling":
-        return f"Ceiling ({setting_label(setting)})"
-    return "Full ZS" if method is None else f"{method} ({setting_label(setting)}) Plug-in"
-
-
-def entry_details(task: str, entry, acc: float, details: list[dict], seconds: float) -> dict:
-    """The cached per-document record bench/paired.py compares: document ids and 0/1 correctness."""
-    return {"task": task, "entry": entry_name(entry), "acc": acc, "n": len(details),
-            "ids": [d["id"] for d in details], "correct": [int(d["pred"] == d["gold"]) for d in details],
-            "seconds": round(seconds, 1)}
-
-
-def build_emulator(*args, **kwargs):  # indirection so tests can count builds
-    from offsite.emulator import build_emulator as build
-
-    return build(*args, **kwargs)
 
 
 # --- the benchmark ------------------------------------------------------------------------------
@@ -427,16 +107,10 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
                   hooks: Hooks | None = None, progress: bool = True, plan_only: bool = False,
                   ceiling: bool = True, probe: bool = True, log=print) -> dict:
     """Run every missing cell; returns the results file's content. See the module docstring."""
-    from offsite.bundle import load_adapter, load_emulator, load_emulator_manifest
-    from offsite.emulator import all_methods
-    from offsite.plug import plug, plug_into_emulator
-    from offsite.results import meta, write_results
-    from offsite.probe import probe as probe_emulator, probe_records
-    from offsite.run import ceiling_emulator, row_records
-    from offsite.tune import finetune_full, tune_adapter, tune_to_dir
 
     hooks = hooks or Hooks()
-    b = _Bench(model_name, budget, results_path, cache, hooks, batch_size, progress, log)
+    b = Bench(model_name, budget, cache, hooks, batch_size, progress, log)
+    results_path = Path(results_path) if results_path else default_results_path(b.display, budget)
     registry = all_methods()
     names = list(registry) if methods is None else list(methods)
     unknown = [m for m in names if m not in registry]
@@ -463,8 +137,8 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
 
     # the results file: earlier cells are kept, the budget must match
     records, runs = [], []
-    if b.results_path.exists():
-        old = _load_same_budget(b.results_path, asdict(budget), "now")
+    if results_path.exists():
+        old = load_same_budget(results_path, asdict(budget), "now")
         records = old["records"]
         runs = list(old["meta"].get("runs") or [])
     done = {record_cell(r) for r in records}
@@ -477,7 +151,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         if full_ft:
             todo.append((task, None, None, "full_ft"))
     missing = [c for c in todo if cell_key(b.display, c[0], c[1], c[2], c[3]) not in done]
-    log(f"[paper] {len(todo) - len(missing)} of {len(todo)} cells done; results: {b.results_path}")
+    log(f"[paper] {len(todo) - len(missing)} of {len(todo)} cells done; results: {results_path}")
     if plan_only:
         for task, m, s, row in missing:
             log(f"[paper] to do: {task} {m or 'full model'} {s or ''} {row}")
@@ -487,20 +161,20 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
             updated = with_transfer(records, plan, tasks, b)
             if updated != records:
                 records = updated
-                write_results(b.results_path, old["meta"], records)
+                write_results(results_path, old["meta"], records)
         return {"meta": {"budget": asdict(budget), "runs": runs}, "records": records, "failures": failures}
 
     this_run = meta(command)
     runs.append({k: this_run[k] for k in ("command", "git_commit", "machine", "date")})
     meta_block = {**this_run, "budget": asdict(budget), "runs": runs}
-    b.results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(row, task, method, setting, metrics, seconds, extra):
         base = {"model": b.display, "method": method, "setting": setting}
         new = row_records(row, {task: metrics}, base, seconds, extra)
         records.extend(new)
         done.add(cell_key(b.display, task, method, setting, row))
-        write_results(b.results_path, meta_block, records)
+        write_results(results_path, meta_block, records)
         headline = next((r for r in new if r["metric"] in ("acc", "exact_match", "ppl")), new[0] if new else None)
         if headline:
             log(f"[paper] {task} · {method or 'full model'} {setting_key(setting) if setting else ''} · {row}: "
@@ -518,8 +192,6 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         path = b.ceiling_path(layout, task)
         if path.exists():
             return json.loads(path.read_text())
-        from offsite.bundle import write_json_atomic
-
         model, tok = b.base()
         full_middle = ceiling_emulator(model, tok, b.display, layout["adapter_layers"])
         data = b.data(task)
@@ -530,8 +202,6 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         cell = {"metrics": metrics, "seconds": round(dt, 2), "train_seconds": round(trained.seconds, 2),
                 "train_examples": len(data.items), "train_steps": trained.steps}
         write_json_atomic(path, cell)
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
         return cell
 
@@ -548,7 +218,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
                 "seconds": round(time.perf_counter() - t0, 2)}
         records.extend(probe_records(figures, base))
         done.add(cell_key(b.display, "text", method, setting, "probe"))
-        write_results(b.results_path, meta_block, records)
+        write_results(results_path, meta_block, records)
         log(f"[paper] {method} {setting_key(setting)} · probe: grad_cos {figures['grad_cos']['all']:.3f}")
 
     def method_cells(task, method, setting):
@@ -625,22 +295,17 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
                  {**eval_extra, "train_seconds": round(result.seconds, 2), "train_examples": len(data.items),
                   "train_steps": result.steps})
             del ft
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
     if ceiling:
         records = with_transfer(records, plan, tasks, b)
-        write_results(b.results_path, meta_block, records)
+        write_results(results_path, meta_block, records)
     return {"meta": meta_block, "records": records, "failures": failures}
 
 
-def with_transfer(records: list[dict], plan, tasks, b: _Bench) -> list[dict]:
+def with_transfer(records: list[dict], plan, tasks, b: Bench) -> list[dict]:
     """``records`` with the Plug-in's transfer records recomputed from the cached per-document
     predictions of Full ZS, Plug-in and ceiling: per task, and over the tasks that have all three
     (task ``avg<k>``), each only where the ceiling gains at least two standard errors."""
-    from offsite.run import transfer_record
-    from offsite.stats import transfer
-
     def correct(entry, task):
         path = b.details_path(entry, task)
         return json.loads(path.read_text()) if path.exists() else None
@@ -737,9 +402,6 @@ def budget_from_args(args) -> Budget:
 def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from offsite.models.load import model_display_name
-        from offsite.report import build_report, load_results, readme_table, report_files
-
         budget = budget_from_args(args)
         display = ((hooks and hooks.display_name) or model_display_name)(args.model)
         path = Path(args.results) if args.results else default_results_path(display, budget)
@@ -754,8 +416,6 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         tasks = list(ALL_TASKS) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
-        from offsite.eval import METRIC
-
         bad = [t for t in tasks if t not in METRIC]
         if bad and hooks is None:
             raise OffsiteError(f"unknown task(s) {', '.join(bad)}; known: {', '.join(ALL_TASKS)}")
@@ -768,8 +428,6 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
                       probe=args.probe)
         if not args.plan:
             report, _ = report_files([path], args.report)
-            from offsite.report import report_markdown
-
             print(report_markdown(report), end="")
         if out["failures"]:
             for f in out["failures"]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,20 +41,13 @@ from pathlib import Path
 
 import torch
 
+from offsite.benchmark import peak_rss_mb, status_mb
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _rss_mb() -> float:
-    return _status_mb("VmRSS")
+    return status_mb("VmRSS")
 
 
 def _peak(baseline: float) -> tuple[float, float]:
@@ -65,7 +57,7 @@ def _peak(baseline: float) -> tuple[float, float]:
     if torch.cuda.is_available():
         p = torch.cuda.max_memory_allocated() / 2**20
         return p, p
-    peak = _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return peak - baseline, peak
 
 
@@ -97,8 +89,9 @@ def child_lora(work: Path, model_name: str, task: str, limit: int, lr: float, ep
 
     from offsite import adapters
     from offsite.models import get_blocks, load_model
-    from offsite.pema.cli import task_pairs
-    from offsite.train import TrainConfig, tokenize_qa, train
+    from offsite.data.generation import task_pairs
+    from offsite.data.tokenize import tokenize_qa
+    from offsite.train import TrainConfig, train
     from offsite.tune import split_validation
 
     base = _rss_mb()
@@ -235,7 +228,7 @@ def main() -> None:
     from offsite.eval import evaluate
     from offsite.models import load_model
     from offsite.pema.backend import InProcessBackend
-    from offsite.pema.cli import task_docs, task_pairs
+    from offsite.data.generation import task_docs, task_pairs
     from offsite.pema.decode import GUOptions, score_generation, score_webqs_pema
     from offsite.pema.memory import build_memory
     from offsite.pema.train import PemaConfig, load_pema

@@ -23,15 +23,14 @@ import statistics
 import sys
 from pathlib import Path
 
+from offsite.benchmark import alternating_runs, peak_rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def measure(precision: str, emulator_dir: str, batch: int, seq: int, steps: int, threads: int) -> dict:
     import torch
 
-    from efficiency import peak_rss_mb
     from offsite.bundle import load_emulator
     from offsite.privacy import attack_parameters
     from offsite.train import TrainConfig, train
@@ -71,7 +70,6 @@ def main() -> None:
         print(json.dumps(measure(args._child, args.emulator_dir, args.batch, args.seq, args.steps, args.threads)))
         return
 
-    from efficiency import alternating_runs
     from offsite.results import meta, write_results
     from offsite.train import bf16_native
 

@@ -24,8 +24,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge-only", action="store_true", help="merge the existing runs, run nothing")
     args = ap.parse_args(argv)
 
-    from paper import method_settings, setting_dir
+    from offsite.benchmark import method_settings, setting_dir
     from transformers import AutoConfig
 
     from offsite.emulator import get_method
     from offsite.errors import OffsiteError
     from offsite.models.load import model_display_name, resolve_model_path
     from offsite.privacy import format_markdown, plot_privacy
-    from offsite.privacy.report import _key as emulator_key
+    from offsite.privacy.report import emulator_key
     from offsite.results import meta, write_results
 
     tag = f"e{args.eval_limit}-t{args.train_limit}"

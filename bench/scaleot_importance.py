@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def probe_costs(model, tokenizer, art, n: int, seed: int = 123, log=print) -> list[float]:

@@ -81,7 +81,8 @@ def _opts(kind: str) -> tuple[str, dict]:
 
 def _calibration(tok, n_seq: int, block: int, qa: int, mb: int = 8) -> list[dict]:
     from offsite.data.text import public_text
-    from offsite.train import collate, tokenize_text
+    from offsite.data.tokenize import tokenize_text
+    from offsite.train import collate
     from offsite.tune import task_data
 
     ex = tokenize_text(tok, public_text("train"), block)[:n_seq]
@@ -461,7 +462,7 @@ def cmd_diagnose(a) -> None:
     """How the emulator's task gradient differs from the full model's, and which corrections fix it."""
     from offsite.models.load import load_model
     from offsite.probe import ProbeOptions, task_probe_examples
-    from offsite.train import tokenize_text
+    from offsite.data.tokenize import tokenize_text
     from offsite.data.text import public_text
 
     model, tok = load_model(MODEL)

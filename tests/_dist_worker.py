@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import adapter_params, made_up_examples, tiny_llama  # noqa: E402
+from _train_helpers import adapter_params, made_up_examples, tiny_llama
 
 
 def setup():

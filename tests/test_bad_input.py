@@ -8,7 +8,9 @@ import shutil
 import pytest
 from conftest import make_tokenizer, tiny_model
 
-from offsite.bundle import manifest_digest, sha256_file
+from offsite.bundle import manifest_digest
+
+from offsite.files import sha256_file
 from offsite.cli import main
 
 PAIRS = [{"prompt": f"Question: {i}?\nAnswer:", "completion": f" {i}"} for i in range(12)]

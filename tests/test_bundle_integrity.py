@@ -10,7 +10,9 @@ import shutil
 import pytest
 from conftest import make_tokenizer, tiny_model
 
-from offsite.bundle import (load_adapter, load_emulator, load_emulator_manifest, manifest_digest, sha256_file)
+from offsite.bundle import load_adapter, load_emulator, load_emulator_manifest, manifest_digest
+
+from offsite.files import sha256_file
 from offsite.cli import main
 from offsite.errors import BundleError, OffsiteError
 
@@ -142,7 +144,7 @@ def test_only_regular_files_are_read(world, tmp_path):
 
 
 def test_size_limits(world, tmp_path, monkeypatch):
-    import offsite.bundle as B
+    import offsite.files as B
 
     emu = copy(world, "emu", tmp_path)
     monkeypatch.setattr(B, "MAX_JSON_BYTES", 100)

@@ -4,17 +4,11 @@ raise anything but offsite's own error, hang, or load a changed model without sa
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("fuzz_bundles", ROOT / "bench" / "fuzz_bundles.py")
-fuzz_bundles = importlib.util.module_from_spec(_spec)
-sys.modules["fuzz_bundles"] = fuzz_bundles
-_spec.loader.exec_module(fuzz_bundles)
+from bench import fuzz_bundles
+
 
 
 @pytest.fixture(scope="module")

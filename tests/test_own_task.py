@@ -90,7 +90,7 @@ def test_mc_training_pairs_tokenise_as_the_scorer_scores(world):
     """The completion trains as exactly the tokens the scorer scores (" bookstore" after the prompt,
     not "bookstore" glued to it)."""
     from offsite.eval.loglik import encode_pair
-    from offsite.train import tokenize_qa
+    from offsite.data.tokenize import tokenize_qa
     from offsite.tune import file_data
 
     tok = make_tokenizer()

@@ -3,24 +3,18 @@ tiny model with fixture documents."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_paper_bench import BUDGET, DOCS, Counting, paper
 
+from bench import paired
+from offsite.benchmark import Bench
 from offsite.errors import OffsiteError
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-_spec = importlib.util.spec_from_file_location("paired_bench", ROOT / "bench" / "paired.py")
-paired = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(paired)
 
 SETTING = {"adapter_layers": [1, 1], "keep": 2}
 
@@ -42,7 +36,7 @@ def test_rescored_plugin_matches_the_table_and_a_retuned_adapter_reproduces_it(t
                         cache=tmp_path / "cache", settings_override={"uniform": [SETTING]}, hooks=c.hooks(),
                         progress=False, log=lambda *_: None, command="test", budget=BUDGET, full_ft=False)
     table = json.loads((tmp_path / "res.json").read_text())["records"]
-    b = paired._Bench("tiny", BUDGET, None, tmp_path / "cache", c.hooks(), 32, False, lambda *_: None)
+    b = Bench("tiny", BUDGET, tmp_path / "cache", c.hooks(), 32, False, lambda *_: None)
     entries = [paired.FULL, ("plugin", "uniform", SETTING)]
     docs = DOCS["arc_easy"][:BUDGET.eval_limit]
     scores = [paired.score_entry(b, e, "arc_easy", docs=docs, log=lambda *_: None) for e in entries]
@@ -83,7 +77,7 @@ def test_the_benchmark_keeps_the_documents_so_nothing_is_scored_again(tmp_path, 
                         progress=False, log=lambda *_: None, command="test", budget=BUDGET, full_ft=False)
     table = json.loads((tmp_path / "res.json").read_text())["records"]
     assert not any("details" in r for r in table)
-    b = paired._Bench("tiny", BUDGET, None, tmp_path / "cache", c.hooks(), 32, False, lambda *_: None)
+    b = Bench("tiny", BUDGET, tmp_path / "cache", c.hooks(), 32, False, lambda *_: None)
     entries = [paired.FULL, ("plugin", "uniform", SETTING)]
     kept = [json.loads(b.details_path(e, "arc_easy").read_text()) for e in entries]
     assert not b.details_path(entries[1], "text").exists()  # perplexity has no documents to pair
@@ -116,7 +110,7 @@ def test_runs_of_two_seeds_are_compared_per_seed_and_pooled(tmp_path, capsys):
         paper.run_benchmark("tiny", ["arc_easy"], ["uniform"], results_path=files[-1], cache=tmp_path / "cache",
                             settings_override={"uniform": [SETTING]}, hooks=c.hooks(), progress=False,
                             log=lambda *_: None, command="test", budget=budget, full_ft=False)
-        b = paired._Bench("tiny", budget, None, tmp_path / "cache", c.hooks(), 32, False, lambda *_: None)
+        b = Bench("tiny", budget, tmp_path / "cache", c.hooks(), 32, False, lambda *_: None)
         runs.append((b, json.loads(files[-1].read_text())["records"]))
     # Full ZS trains nothing: both seeds share its predictions; each seed has its own Plug-in
     assert runs[0][0].details_path(entries[0], "arc_easy") == runs[1][0].details_path(entries[0], "arc_easy")

@@ -3,26 +3,21 @@ skipped, cached emulators and adapters are reused, and a newly registered method
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import make_tokenizer, tiny_model
 
-import offsite.emulator as emulator_mod
+from bench import paper
+from offsite import benchmark
+from offsite.emulator import registry as emulator_mod  # the package import registers the built-in methods
 from offsite.data.tasks import Doc
 from offsite.emulator import Method, keep_blocks, split_layers
 from offsite.errors import OffsiteError
 from offsite.tune import TrainingData
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("paper_bench", ROOT / "bench" / "paper.py")
-paper = importlib.util.module_from_spec(_spec)
-sys.modules["paper_bench"] = paper  # dataclasses look their module up
-_spec.loader.exec_module(paper)
 
 DOCS = {
     "arc_easy": [Doc(f"q{i}", f"Question: what is {i} plus {i}?\nAnswer:",
@@ -33,7 +28,7 @@ TRAIN = {
     "arc_easy": TrainingData("qa", [(d.context, " " + d.target) for d in DOCS["arc_easy"]] * 2, "arc_easy"),
     "text": TrainingData("text", ["Once upon a time there was a tiny model. " * 5] * 3, "text"),
 }
-BUDGET = paper.Budget(eval_limit=4, train_limit=8, text_train_limit=2, text_block=64, max_length=128,
+BUDGET = benchmark.Budget(eval_limit=4, train_limit=8, text_train_limit=2, text_block=64, max_length=128,
                       lr=1e-3, full_ft_lr=1e-3, batch_size=4, micro_batch_size=4)
 UNIFORM = {"uniform": [{"adapter_layers": [1, 1], "keep": 2}]}
 
@@ -64,19 +59,19 @@ class Counting:
             return evaluate(model, tok, task, docs=DOCS[task], limit=limit, batch_size=batch_size, progress=False,
                             return_details=self.details)
 
-        return paper.Hooks(load_model=load, train_data=data, evaluate=ev, display_name=lambda n: n)
+        return benchmark.Hooks(load_model=load, train_data=data, evaluate=ev, display_name=lambda n: n)
 
 
 @pytest.fixture
 def builds(monkeypatch):
     calls = []
-    real = paper.build_emulator
+    real = benchmark.build_emulator
 
     def counting(method, *a, **k):
         calls.append(method)
         return real(method, *a, **k)
 
-    monkeypatch.setattr(paper, "build_emulator", counting)
+    monkeypatch.setattr(benchmark, "build_emulator", counting)
     return calls
 
 
@@ -137,7 +132,7 @@ def test_runs_every_cell_once_then_skips_and_reuses_the_cache(tmp_path, builds):
 def test_a_new_budget_is_refused_for_the_same_file(tmp_path):
     run(tmp_path, Counting(), full_ft=False)
     with pytest.raises(OffsiteError, match="another budget .*eval_limit: 4 there, 3 now"):
-        run(tmp_path, Counting(), budget=paper.Budget(**{**BUDGET.__dict__, "eval_limit": 3}))
+        run(tmp_path, Counting(), budget=benchmark.Budget(**{**BUDGET.__dict__, "eval_limit": 3}))
 
 
 def test_task_subsets_run_apart_merge_into_one_file_that_a_rerun_finds_complete(tmp_path):
@@ -152,7 +147,7 @@ def test_task_subsets_run_apart_merge_into_one_file_that_a_rerun_finds_complete(
     a_cells, b_cells = cells(tmp_path / "a.json"), cells(tmp_path / "b.json")
     before = json.loads((tmp_path / "a.json").read_text())["records"]
     logged = []
-    paper.merge_results(tmp_path / "a.json", [tmp_path / "b.json", tmp_path / "b.json"], log=logged.append)
+    benchmark.merge_results(tmp_path / "a.json", [tmp_path / "b.json", tmp_path / "b.json"], log=logged.append)
     merged = json.loads((tmp_path / "a.json").read_text())
     assert cells(tmp_path / "a.json") == a_cells | b_cells
     assert merged["records"][:len(before)] == before  # the target's own cells are kept as they were
@@ -166,11 +161,11 @@ def test_task_subsets_run_apart_merge_into_one_file_that_a_rerun_finds_complete(
                         log=lambda *_: None, command="rerun", full_ft=False, ceiling=False, probe=False)
     assert (c.loads, c.evals) == (0, [])
     # into a new file; another budget is refused and nothing is written
-    paper.merge_results(tmp_path / "new.json", [tmp_path / "b.json"], log=lambda *_: None)
+    benchmark.merge_results(tmp_path / "new.json", [tmp_path / "b.json"], log=lambda *_: None)
     assert cells(tmp_path / "new.json") == b_cells
-    run_tasks(["text"], "c.json", budget=paper.Budget(**{**BUDGET.__dict__, "eval_limit": 3}))
+    run_tasks(["text"], "c.json", budget=benchmark.Budget(**{**BUDGET.__dict__, "eval_limit": 3}))
     with pytest.raises(OffsiteError, match="another budget .*eval_limit: 3 there, 4 in"):
-        paper.merge_results(tmp_path / "new.json", [tmp_path / "c.json"], log=lambda *_: None)
+        benchmark.merge_results(tmp_path / "new.json", [tmp_path / "c.json"], log=lambda *_: None)
     assert cells(tmp_path / "new.json") == b_cells
 
 
@@ -187,7 +182,6 @@ def _dummy_build(model, tokenizer, name, adapter_layers, opts):
 
 
 def test_a_newly_registered_method_joins_without_changes(tmp_path, monkeypatch, builds):
-    emulator_mod.all_methods()  # load the built-in methods first
     dummy = Method("dummy", "keep the first middle block", DummyOptions, _dummy_build,
                    bench_settings=[{"adapter_layers": [1, 1]}])
     monkeypatch.setattr(emulator_mod, "METHODS", {"uniform": emulator_mod.METHODS["uniform"]})
@@ -208,7 +202,6 @@ def _broken_build(model, tokenizer, name, adapter_layers, opts):
 
 
 def test_a_failing_method_is_skipped_and_the_others_go_on(tmp_path, monkeypatch):
-    emulator_mod.all_methods()
     broken = Method("broken", "always fails", DummyOptions, _broken_build)
     monkeypatch.setattr(emulator_mod, "METHODS", {"uniform": emulator_mod.METHODS["uniform"], "broken": broken})
     out = run(tmp_path, Counting(), methods=None, full_ft=False)
@@ -219,20 +212,20 @@ def test_a_failing_method_is_skipped_and_the_others_go_on(tmp_path, monkeypatch)
 
 def test_method_settings_defaults_and_checks():
     uniform = emulator_mod.get_method("uniform")
-    assert paper.method_settings(uniform, lambda: None) == [{"adapter_layers": [2, 2], "keep": 8}]
+    assert benchmark.method_settings(uniform, lambda: None) == [{"adapter_layers": [2, 2], "keep": 8}]
     plain = Method("plain", "", DummyOptions, _dummy_build)
-    assert paper.method_settings(plain, lambda: None) == [{"adapter_layers": [2, 2]}]
+    assert benchmark.method_settings(plain, lambda: None) == [{"adapter_layers": [2, 2]}]
     calls = Method("calls", "", DummyOptions, _dummy_build, bench_settings=lambda cfg: [{"adapter_layers": "3,1"}])
-    assert paper.method_settings(calls, lambda: "cfg") == [{"adapter_layers": [3, 1]}]
+    assert benchmark.method_settings(calls, lambda: "cfg") == [{"adapter_layers": [3, 1]}]
     with pytest.raises(OffsiteError, match="has no option"):
-        paper.normalise_setting(uniform, {"kep": 3})
+        benchmark.normalise_setting(uniform, {"kep": 3})
 
 
 def test_results_file_names_carry_a_non_default_budget():
-    assert paper.default_results_path("smollm2-135m", paper.Budget()).name == "paper-smollm2.json"
-    small = paper.Budget(eval_limit=50, train_limit=None)
+    assert paper.default_results_path("smollm2-135m", benchmark.Budget()).name == "paper-smollm2.json"
+    small = benchmark.Budget(eval_limit=50, train_limit=None)
     assert paper.default_results_path("smollm2-135m", small).name == "paper-smollm2-e50-tall.json"
-    other = paper.Budget(lr=3e-4)
+    other = benchmark.Budget(lr=3e-4)
     assert paper.default_results_path("my-model", other).name == f"paper-my-model-{other.digest()[:6]}.json"
 
 
@@ -289,12 +282,12 @@ def test_ceiling_transfer_and_probe_cells(tmp_path, monkeypatch):
         trains.append(task)
         return train
 
-    hooks = paper.Hooks(load_model=lambda name: (tiny_model("llama", 6, seed=1), make_tokenizer()),
+    hooks = benchmark.Hooks(load_model=lambda name: (tiny_model("llama", 6, seed=1), make_tokenizer()),
                         train_data=data, display_name=lambda n: n,
                         evaluate=lambda model, tok, task, limit, bs, progress: evaluate(
                             model, tok, task, docs=docs, limit=limit, batch_size=bs, progress=False,
                             return_details=True))
-    budget = paper.Budget(eval_limit=None, train_limit=80, epochs=3, lr=2e-2, batch_size=8, micro_batch_size=8,
+    budget = benchmark.Budget(eval_limit=None, train_limit=80, epochs=3, lr=2e-2, batch_size=8, micro_batch_size=8,
                           max_length=64)
     settings = {"uniform": [{"adapter_layers": [2, 1], "keep": 3}]}
     go = lambda: paper.run_benchmark("tiny", ["arc_easy", "sciq"], ["uniform"], budget,  # noqa: E731

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench import pema as bench
 from offsite.errors import OffsiteError
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("pema_bench", ROOT / "bench" / "pema.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["pema_bench"] = bench
-_spec.loader.exec_module(bench)
 
 
 def _file(tmp_path: Path, task: str, em: dict[str, float]) -> Path:

@@ -286,9 +286,9 @@ def test_privacy_records_attack_first_then_owner(tokenizer, tmp_path, tiny_dir, 
     calls = []
     real_load, real_recover = offsite.models.load.load_model, attack_mod.recover
     monkeypatch.setattr(offsite.models.load, "load_model", lambda *a, **k: (calls.append("model"), real_load(*a, **k))[1])
-    import offsite.privacy.report as report_mod
+    import offsite.privacy.run as run_mod
 
-    monkeypatch.setattr(report_mod, "recover", lambda *a, **k: (calls.append("attack"), real_recover(*a, **k))[1])
+    monkeypatch.setattr(run_mod, "recover", lambda *a, **k: (calls.append("attack"), real_recover(*a, **k))[1])
     details = {}
     recs = privacy_records(str(tiny_dir), tmp_path / "emu", "arc_easy", [300], settings=settings(),
                            attack=attack_cfg(), text_docs=0, train_data=TrainingData("qa", PAIRS, "pairs"),

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from offsite.data.tokenize import tokenize_qa, tokenize_text
 from offsite.errors import OffsiteError
-from offsite.train import (TrainConfig, causal_lm_loss, collate, count_targets, tokenize_qa, tokenize_text,
-                           train)
+from offsite.train import TrainConfig, causal_lm_loss, collate, count_targets, train
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import adapter_params, made_up_examples, tiny_llama  # noqa: E402
+from _train_helpers import adapter_params, made_up_examples, tiny_llama
 
 QUIET = dict(progress=False, checkpoint_every=None)
 
@@ -377,12 +376,41 @@ def test_non_finite_weights_stop_training():
 
 
 def test_cli_precision_flag_sets_the_training_precision():
-    from offsite.cli import _tune_settings, build_parser
+    from offsite.cli import build_parser
+    from offsite.cli_args import tune_settings
 
     parser = build_parser()
     args = parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o", "--precision", "bf16"])
-    assert _tune_settings(args).train.mixed_precision == "bf16"
+    assert tune_settings(args).train.mixed_precision == "bf16"
     args = parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o", "--precision", "fp32"])
-    assert _tune_settings(args).train.mixed_precision == "no"
+    assert tune_settings(args).train.mixed_precision == "no"
     args = parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o"])
-    assert _tune_settings(args).train.mixed_precision == "no"
+    assert tune_settings(args).train.mixed_precision == "no"
+
+
+def test_training_flags_are_generated_from_train_config():
+    """One definition: every TrainConfig field with cli metadata is a flag of tune, run and privacy,
+    whose help shows the default that applies (TrainConfig's for tune, each preset's for run)."""
+    import dataclasses
+
+    from offsite.cli import build_parser
+    from offsite.cli_args import tune_settings
+    from offsite.run import PRESETS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    flagged = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli")}
+    assert {"lr", "epochs", "max_steps", "batch_size", "seed", "max_length"} <= flagged
+    for command in ("tune", "run", "privacy"):
+        dests = {a.dest: a for a in sub[command]._actions}
+        assert flagged <= set(dests), f"{command} lacks {sorted(flagged - set(dests))}"
+    tune_lr = next(a for a in sub["tune"]._actions if a.dest == "lr").help
+    run_lr = next(a for a in sub["run"]._actions if a.dest == "lr").help
+    assert f"default: {TrainConfig.lr:g})" in tune_lr
+    assert all(f"{name} {p.train.lr:g}" in run_lr for name, p in PRESETS.items())
+    args = parser.parse_args(["run", "--preset", "gpu", "--lr", "0.5", "--max-steps", "3"])
+    cfg = tune_settings(args, base=PRESETS["gpu"].train).train
+    assert (cfg.lr, cfg.max_steps) == (0.5, 3)
+    assert (cfg.epochs, cfg.batch_size) == (PRESETS["gpu"].train.epochs, PRESETS["gpu"].train.batch_size)
+    with pytest.raises(OffsiteError):
+        parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o", "--max-length", "1"])

@@ -15,7 +15,8 @@ from offsite.errors import OffsiteError
 from offsite.models.families import get_blocks
 from offsite.probe import ProbeOptions, attach_probe, probe, probe_records
 from offsite.stats import paired, transfer
-from offsite.train import causal_lm_loss, collate, tokenize_text
+from offsite.data.tokenize import tokenize_text
+from offsite.train import causal_lm_loss, collate
 
 TEXT = ["The quick brown fox jumps over the lazy dog. " * 8, "A stitch in time saves nine, they say. " * 8,
         "To be or not to be, that is the question. " * 8, "All that glitters is not gold, nor silver. " * 8]

@@ -1,17 +1,13 @@
 """bench/transfer_recipes.py's experimental emulator on a tiny model: the sequential least-squares
 refit reproduces an unpruned block exactly and cuts the error of a pruned one."""
 
-import importlib.util
-from pathlib import Path
 
 import torch
 
 from conftest import tiny_model
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("transfer_recipes", ROOT / "bench" / "transfer_recipes.py")
-recipes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(recipes)
+from bench import transfer_recipes as recipes
+
 
 
 def _batches(n=4, length=24, seed=0):

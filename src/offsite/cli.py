@@ -22,9 +22,15 @@ import json
 import logging
 import shlex
 import sys
-import typing
 
+from .cli_args import (NON_NEGATIVE, POSITIVE, add_dataclass_args, add_template_arg, add_train_args,
+                       method_options, template, tune_settings)
 from .errors import OffsiteError
+from .pema.cli import add_parsers as add_pema_parsers
+from .pema.cli import cmd_pema, cmd_serve
+from .privacy.cli import add_parser as add_privacy_parser
+from .privacy.cli import cmd_privacy
+from .run import PRESETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,112 +38,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise OffsiteError(f"{self.prog}: {message}")
-
-
-def _int_at_least(lo: int):
-    """An argparse type: an integer >= ``lo``."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-
-    parse.__name__ = f"integer >= {lo}"
-    return parse
-
-
-POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
-
-
-def _add_dataclass_args(parser, cls, seen: set[str], prefix: str = "") -> None:
-    """One ``--option`` per dataclass field (``keep`` -> ``--keep``), typed from the annotation."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = f.metadata.get("flag") or "--" + (prefix + f.name).replace("_", "-").rstrip("-")
-        if flag in seen:
-            continue
-        seen.add(flag)
-        typ = hints[f.name]
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        base = args[0] if args else typ
-        kw = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
-        if base is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = base
-        parser.add_argument(flag, **kw)
-
-
-def _method_options(args, method) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(method.options_cls) if hasattr(args, f.name)}
-
-
-def _add_train_args(p) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--adapter", default="full", choices=["full", "lora", "bitfit"],
-                   help="what to train in the adapter blocks (default: full, as in the paper)")
-    g.add_argument("--lora-r", type=POSITIVE, default=8)
-    g.add_argument("--lora-alpha", type=POSITIVE, default=16)
-    from .run import PRESETS
-    from .train import TrainConfig
-
-    by_preset = ", ".join(f"{name} {preset.train.lr:g}" for name, preset in PRESETS.items())
-    g.add_argument("--lr", type=float, help=f"learning rate (default: {TrainConfig.lr:g} for tune; "
-                                            f"the preset's for run: {by_preset})")
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--max-steps", type=POSITIVE)
-    g.add_argument("--batch-size", type=POSITIVE, help="global examples per optimizer step")
-    g.add_argument("--micro-batch-size", type=POSITIVE, help="examples per forward pass (gradient accumulation)")
-    g.add_argument("--schedule", choices=["linear", "cosine", "constant"])
-    g.add_argument("--warmup-steps", type=NON_NEGATIVE)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--eval-every", type=POSITIVE, help="optimizer steps between validations, which pick the "
-                                                       "kept adapter (default: --evals-per-epoch times per epoch)")
-    g.add_argument("--evals-per-epoch", type=POSITIVE, help=f"validations per epoch when --eval-every is not "
-                                                            f"given (default {TrainConfig.evals_per_epoch})")
-    g.add_argument("--checkpoint-every", type=POSITIVE)
-    g.add_argument("--max-length", type=_int_at_least(2))
-    g.add_argument("--seed", type=int)
-    g.add_argument("--precision", choices=["fp32", "bf16", "auto"],
-                   help="fp32 (default), bf16 (bfloat16 autocast in forward/backward; weights and optimizer stay "
-                        "fp32) or auto (bf16 where the hardware runs it natively, ~2x faster on such CPUs)")
-
-
-def _add_template_arg(p) -> None:
-    p.add_argument("--template", help="prompt template of multiple-choice or generation files, filled with each "
-                                      "row's fields, e.g. 'Question: {question}\\nAnswer:' (the default for "
-                                      "rows with a question); each choice is scored as ' ' + choice after it")
-
-
-def _template(args) -> str | None:
-    """The --template option, with ``\\n`` and ``\\t`` typed on a command line turned into a newline and a tab."""
-    t = getattr(args, "template", None)
-    return None if t is None else t.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def _tune_settings(args, base=None):
-    from .adapters import LoraOptions
-    from .train import TrainConfig
-    from .tune import TuneSettings
-
-    cfg = base or TrainConfig()
-    changes = {k: getattr(args, k) for k in ("lr", "epochs", "max_steps", "batch_size", "micro_batch_size",
-                                             "schedule", "warmup_steps", "weight_decay", "eval_every",
-                                             "evals_per_epoch", "checkpoint_every", "max_length", "seed")
-               if getattr(args, k, None) is not None}
-    if "batch_size" in changes and "micro_batch_size" not in changes:
-        changes["micro_batch_size"] = min(changes["batch_size"], cfg.micro_batch_size)
-    if getattr(args, "precision", None):
-        from .train import resolve_precision
-
-        changes["mixed_precision"] = resolve_precision(args.precision)
-    cfg = dataclasses.replace(cfg, **changes)
-    settings = TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg)
-    settings.check()  # before any data, model or emulator is loaded
-    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the transfer probe on public text and write it into the manifest (default: on)")
     seen: set[str] = set()
     for m in methods.values():
-        _add_dataclass_args(p.add_argument_group(f"{m.name} options ({m.help})"), m.options_cls, seen)
+        add_dataclass_args(p.add_argument_group(f"{m.name} options ({m.help})"), m.options_cls, seen)
 
     p = sub.add_parser("tune", help="data owner: tune the adapter on an emulator")
     p.add_argument("--emulator", required=True, help="emulator bundle directory")
@@ -170,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--task", help="a built-in task (its training split)")
     src.add_argument("--data", help="JSONL/CSV file (prompt/completion, text, or multiple choice / generation "
                                     "as for eval: docs/own-task.md) or a Hugging Face dataset name")
-    _add_template_arg(p)
+    add_template_arg(p)
     p.add_argument("--out", required=True, help="adapter bundle directory to create")
     p.add_argument("--overwrite", action="store_true")
-    _add_train_args(p)
+    add_train_args(p)
 
     p = sub.add_parser("plug", help="model owner: plug an adapter into the full model")
     p.add_argument("--model", default="smollm2-135m")
@@ -195,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or an lm-eval task YAML file")
     what.add_argument("--data", help="your own evaluation data: JSONL/CSV multiple choice {question|context, "
                                      "choices, answer} or generation {prompt, answers} (docs/own-task.md)")
-    _add_template_arg(p)
+    add_template_arg(p)
     p.add_argument("--limit", type=POSITIVE, help="first N documents of the evaluation split")
     p.add_argument("--batch-size", type=POSITIVE, default=32)
     p.add_argument("--json", help="write the metrics to this JSON file")
@@ -214,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="probe on this task's training examples instead of public text "
                                   "(a benchmark's view: it needs the data owner's data)")
     p.add_argument("--json", help="write the figures as a results file (records row 'probe')")
-    _add_dataclass_args(p.add_argument_group("probe options"), ProbeOptions, set())
+    add_dataclass_args(p.add_argument_group("probe options"), ProbeOptions, set())
 
     p = sub.add_parser("run", help="play both parties on one machine and print the papers' table")
     p.add_argument("--model", default="smollm2-135m")
@@ -225,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "with --data to tune on")
     p.add_argument("--data", help="tune on this file instead (prompt/completion, text, multiple choice or "
                                   "generation: docs/own-task.md)")
-    _add_template_arg(p)
+    add_template_arg(p)
     p.add_argument("--method", default="uniform", choices=sorted(methods))
     p.add_argument("--adapter-layers", default="2,2")
-    p.add_argument("--preset", default="demo", choices=["quick", "demo", "gpu"],
+    p.add_argument("--preset", default="demo", choices=list(PRESETS),
                    help="quick: minutes; demo: 20-30 min on 2 CPU cores; gpu: the paper's budget")
     p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=None,
                    help="also fine-tune the full model (the FT row); default: on for the gpu preset")
@@ -244,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     seen = set()
     for m in methods.values():
-        _add_dataclass_args(p.add_argument_group(f"{m.name} options"), m.options_cls, seen)
-    _add_train_args(p)
+        add_dataclass_args(p.add_argument_group(f"{m.name} options"), m.options_cls, seen)
+    add_train_args(p, PRESETS)
 
     p = sub.add_parser("report", help="the papers' table (markdown, JSON) and plots from results files")
     p.add_argument("results", nargs="+", help="results JSON files (bench/results/*.json, <run>/results.json)")
@@ -255,11 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="KEY=VALUE",
                    help="leave out method settings with this option value (repeatable), e.g. stage1_steps=100")
 
-    from .privacy.report import add_parser as add_privacy_parser
-
     add_privacy_parser(sub)  # offsite privacy --model M --emulator DIR [--task T --budgets 0,1M,5M]
-
-    from .pema.cli import add_parsers as add_pema_parsers
 
     add_pema_parsers(sub)  # offsite serve --model M ...; offsite pema build-memory|train|generate|eval ...
     return parser
@@ -283,7 +179,8 @@ def cmd_fetch(args) -> None:
 
 
 def cmd_emulate(args) -> None:
-    from .bundle import check_new_path, save_emulator
+    from .bundle import save_emulator
+    from .files import check_new_path
     from .emulator import build_emulator, get_method
     from .models.load import load_model, model_display_name
 
@@ -291,7 +188,7 @@ def cmd_emulate(args) -> None:
     check_new_path(args.out, args.overwrite)
     model, tokenizer = load_model(args.model)
     emu = build_emulator(args.method, model, tokenizer, model_display_name(args.model), args.adapter_layers,
-                         **_method_options(args, method))
+                         **method_options(args, method))
     if args.probe:
         from .probe import attach_probe
 
@@ -308,7 +205,8 @@ def cmd_emulate(args) -> None:
 
 
 def cmd_probe(args) -> None:
-    from .bundle import check_new_file, load_emulator, write_json_atomic
+    from .bundle import load_emulator
+    from .files import check_new_file, write_json_atomic
     from .models.load import load_model, model_display_name
     from .probe import ProbeOptions, probe, probe_examples, probe_records, probe_summary, task_probe_examples
     from .results import meta
@@ -333,14 +231,15 @@ def cmd_probe(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from .bundle import check_new_path, load_emulator
+    from .bundle import load_emulator
+    from .files import check_new_path
     from .tune import check_plan, file_data, task_data, tune_to_dir
 
     check_new_path(args.out, args.overwrite)
     if args.task and args.template is not None:
         raise OffsiteError("--template applies to --data files, not to a built-in --task")
-    settings = _tune_settings(args)
-    data = task_data(args.task) if args.task else file_data(args.data, _template(args))
+    settings = tune_settings(args)
+    data = task_data(args.task) if args.task else file_data(args.data, template(args))
     check_plan(data, settings)
     emu = load_emulator(args.emulator)
     bundle = tune_to_dir(emu, data, settings, args.out, overwrite=args.overwrite)
@@ -350,7 +249,8 @@ def cmd_tune(args) -> None:
 
 
 def cmd_plug(args) -> None:
-    from .bundle import check_new_path, load_adapter
+    from .bundle import load_adapter
+    from .files import check_new_path
     from .models.load import load_model
     from .plug import plug_to_dir
 
@@ -363,7 +263,8 @@ def cmd_plug(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .bundle import check_new_file, load_adapter, load_emulator, write_json_atomic
+    from .bundle import load_adapter, load_emulator
+    from .files import check_new_file, write_json_atomic
     from .data.own import resolve_task
     from .eval import evaluate
     from .models.load import load_model
@@ -377,7 +278,7 @@ def cmd_eval(args) -> None:
         raise OffsiteError("--include-path is an lm-eval option; add --backend lm-eval")
     spec = args.data or args.task or "arc_easy"
     # check the task (and read a file) before any model work; harness task names are the harness's
-    task = spec if args.backend == "lm-eval" else resolve_task(spec, _template(args))
+    task = spec if args.backend == "lm-eval" else resolve_task(spec, template(args))
     bundle = load_adapter(args.adapter) if args.adapter else None
     if args.emulator:
         emu = load_emulator(args.emulator)
@@ -390,7 +291,7 @@ def cmd_eval(args) -> None:
         model, tokenizer = load_model(args.model)
     if args.backend == "lm-eval":
         metrics = _eval_with_harness(model, tokenizer, task, args.limit, args.batch_size, args.include_path,
-                                     _template(args))
+                                     template(args))
     else:
         metrics = evaluate(model, tokenizer, task, limit=args.limit, batch_size=args.batch_size)
     print(json.dumps(metrics, indent=2))
@@ -428,7 +329,7 @@ def cmd_run(args) -> None:
     from .data.tasks import TASKS
     from .emulator import get_method
     from .models.load import model_display_name
-    from .run import PRESETS, format_table, run
+    from .run import format_table, run
     from .tune import file_data
 
     method = get_method(args.method)
@@ -439,13 +340,13 @@ def cmd_run(args) -> None:
     if args.task in TASKS and args.template is not None and not args.data:
         raise OffsiteError("--template applies to --data and --eval-data files, not to a built-in --task")
     spec = args.eval_data or args.task or "arc_easy"
-    task = resolve_task(spec, None if spec in TASKS else _template(args))  # a file is read (and checked) here
-    train_data = file_data(args.data, _template(args)) if args.data else None
+    task = resolve_task(spec, None if spec in TASKS else template(args))  # a file is read (and checked) here
+    train_data = file_data(args.data, template(args)) if args.data else None
     name = task_name(task)
     out = args.out or f"runs/{model_display_name(args.model)}-{Path(name).name.replace(':', '-')}-{args.method}"
     preset = PRESETS[args.preset]
-    settings = _tune_settings(args, base=preset.train)
-    result = run(args.model, task, args.method, args.adapter_layers, _method_options(args, method), out,
+    settings = tune_settings(args, base=preset.train)
+    result = run(args.model, task, args.method, args.adapter_layers, method_options(args, method), out,
                  preset=args.preset, settings=settings, full_ft=args.full_ft, ceiling=args.ceiling,
                  probe=args.probe,
                  eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
@@ -454,7 +355,7 @@ def cmd_run(args) -> None:
                  command=_command_line(args))
     print()
     print(f"{model_display_name(args.model)} · {name} · {args.method} {args.adapter_layers} "
-          f"{_method_options(args, method) or ''}".rstrip())
+          f"{method_options(args, method) or ''}".rstrip())
     print(format_table(result.records, name))
     for note in result.notes:
         print(f"note: {note}")
@@ -474,9 +375,7 @@ def cmd_report(args) -> None:
 
 COMMANDS = {"fetch": cmd_fetch, "emulate": cmd_emulate, "tune": cmd_tune, "plug": cmd_plug,
             "eval": cmd_eval, "probe": cmd_probe, "run": cmd_run, "report": cmd_report,
-            "privacy": lambda args: __import__("offsite.privacy.report", fromlist=["x"]).cmd_privacy(args),
-            "serve": lambda args: __import__("offsite.pema.cli", fromlist=["x"]).cmd_serve(args),
-            "pema": lambda args: __import__("offsite.pema.cli", fromlist=["x"]).cmd_pema(args)}
+            "privacy": cmd_privacy, "serve": cmd_serve, "pema": cmd_pema}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import adapters
-from .bundle import AdapterBundle, atomic_dir, load_adapter, load_emulator_manifest, verify_adapter_fits
+from .bundle import AdapterBundle, load_adapter, load_emulator_manifest, verify_adapter_fits
 from .errors import BundleError, OffsiteError
+from .files import atomic_dir
 
 
 def plug(model, bundle: AdapterBundle, emulator_manifest: dict | None = None):

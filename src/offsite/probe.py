@@ -49,7 +49,7 @@ class ProbeOptions:
 def probe_examples(tokenizer, opts: ProbeOptions) -> list[dict]:
     """The probe's default examples: the first ``sequences`` blocks of the held-out public text."""
     from .data.text import public_text
-    from .train import tokenize_text
+    from .data.tokenize import tokenize_text
 
     opts.check()
     examples = tokenize_text(tokenizer, public_text("heldout"), opts.block_size)[: opts.sequences]

@@ -616,7 +616,7 @@ def plot_privacy_utility(model: str, s: dict, path: Path) -> Path | None:
 
 def write_report(report: dict, out: str | Path, plots: bool = True) -> list[Path]:
     """Write report.md, report.json and (with ``plots``) the PNGs into ``out``; returns the paths."""
-    from .bundle import write_json_atomic
+    from .files import write_json_atomic
 
     out = Path(out)
     if out.exists() and not out.is_dir():

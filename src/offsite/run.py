@@ -27,10 +27,11 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .bundle import check_parent, load_adapter, load_emulator, save_emulator, write_text_atomic
+from .bundle import load_adapter, load_emulator, save_emulator
 from .data.own import OwnTask, resolve_task, task_name
 from .emulator import Emulator, build_emulator
 from .errors import OffsiteError
+from .files import check_parent, write_text_atomic
 from .models.load import load_model
 from .plug import plug
 from .probe import attach_probe, probe_records
@@ -39,6 +40,7 @@ from .results import meta, metric_records, write_results
 from .train import TrainConfig
 from .tune import TrainingData, TuneSettings, finetune_full, task_data, tune_adapter, tune_to_dir
 
+FULL_FT_LR = 2e-5  # fine-tuning every block (the Full FT row): the paper's ft_all.sh
 
 
 @dataclass
@@ -54,16 +56,17 @@ class Preset:
 
 
 PRESETS = {
+    # quick and demo tune the adapter at TrainConfig's default learning rate
     # minutes on a 2-core CPU: a smoke run of the whole pipeline
-    "quick": Preset(eval_limit=100, text_docs=4, full_ft=False, full_ft_lr=2e-5,
-                    train=TrainConfig(lr=1e-4, epochs=1, batch_size=8, micro_batch_size=8,
+    "quick": Preset(eval_limit=100, text_docs=4, full_ft=False, full_ft_lr=FULL_FT_LR,
+                    train=TrainConfig(epochs=1, batch_size=8, micro_batch_size=8,
                                       schedule="linear", warmup_ratio=0.0, checkpoint_every=20)),
     # `make demo`: 20-30 minutes on a 2-core CPU with the ceiling row (about 8 without it)
-    "demo": Preset(eval_limit=500, text_docs=8, full_ft=False, full_ft_lr=2e-5,
-                   train=TrainConfig(lr=1e-4, epochs=2, batch_size=8, micro_batch_size=8,
+    "demo": Preset(eval_limit=500, text_docs=8, full_ft=False, full_ft_lr=FULL_FT_LR,
+                   train=TrainConfig(epochs=2, batch_size=8, micro_batch_size=8,
                                      schedule="linear", warmup_ratio=0.0, checkpoint_every=20)),
     # a GPU: the paper's recipe (5 epochs, batch 32, linear schedule), every document, Full FT on
-    "gpu": Preset(eval_limit=None, text_docs=None, full_ft=True, full_ft_lr=2e-5,
+    "gpu": Preset(eval_limit=None, text_docs=None, full_ft=True, full_ft_lr=FULL_FT_LR,
                   train=TrainConfig(lr=2e-5, epochs=5, batch_size=32, micro_batch_size=32,
                                     schedule="linear", checkpoint_every=100)),
 }

@@ -12,7 +12,7 @@ stays as it was. It runs under Hugging Face ``accelerate``: one process on a CPU
 Examples
 --------
 An *example* is a dict ``{"input_ids": list[int], "labels": list[int]}`` of equal lengths, labels
-``-100`` where no loss is taken. :func:`tokenize_qa` and :func:`tokenize_text` build them. Batches
+``-100`` where no loss is taken. :func:`offsite.data.tokenize.tokenize_qa` and ``tokenize_text`` build them. Batches
 are right-padded per micro-batch (dynamic padding) with an ``attention_mask``.
 
 Batches and sharding
@@ -53,7 +53,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +61,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from offsite.data.tokenize import IGNORE
 from offsite.errors import OffsiteError
 
 __all__ = [
     "TrainConfig",
     "TrainResult",
-    "tokenize_qa",
-    "tokenize_text",
     "count_targets",
     "planned_steps",
     "collate",
@@ -76,7 +74,6 @@ __all__ = [
     "train",
 ]
 
-IGNORE = -100
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -88,23 +85,39 @@ SCHEDULES = ("linear", "cosine", "constant")
 class TrainConfig:
     """Hyper-parameters of one training run (defaults follow Offsite-Tuning where it has one)."""
 
-    lr: float = 1e-4
-    epochs: float = 1.0  # may be fractional; max_steps overrides it
-    max_steps: int | None = None
-    batch_size: int = 8  # GLOBAL examples per optimizer step (all processes, all micro-batches)
-    micro_batch_size: int = 8  # examples per forward on one process
-    weight_decay: float = 0.0  # not applied to biases and norms (parameters with ndim < 2)
-    warmup_steps: int = 0  # if 0, warmup_ratio * total steps
+    # fields with "cli" metadata are `offsite tune/run/privacy` flags (offsite.cli_args.add_train_args):
+    # their help is written here once, and the default shown is the dataclass's (or the preset's)
+    lr: float = field(default=1e-4, metadata={"cli": {"help": "learning rate"}})
+    epochs: float = field(default=1.0, metadata={"cli": {"help": "passes over the training data (may be "
+                                                                 "fractional; --max-steps overrides it)"}})
+    max_steps: int | None = field(default=None, metadata={"cli": {"help": "optimizer steps", "min": 1,
+                                                                  "none": "--epochs decides"}})
+    # GLOBAL examples per optimizer step (all processes, all micro-batches)
+    batch_size: int = field(default=8, metadata={"cli": {"help": "global examples per optimizer step", "min": 1}})
+    micro_batch_size: int = field(default=8, metadata={"cli": {
+        "help": "examples per forward pass on one process (gradient accumulation)", "min": 1}})
+    # not applied to biases and norms (parameters with ndim < 2)
+    weight_decay: float = field(default=0.0, metadata={"cli": {"help": "AdamW weight decay (not on biases "
+                                                                       "and norms)"}})
+    warmup_steps: int = field(default=0, metadata={"cli": {"help": "learning-rate warm-up steps (0: warmup_ratio "
+                                                                   "of the steps)", "min": 0}})
     warmup_ratio: float = 0.0
-    schedule: str = "linear"  # linear | cosine | constant (all after the warm-up)
+    schedule: str = field(default="linear", metadata={"cli": {"help": "learning-rate schedule after the warm-up",
+                                                              "choices": SCHEDULES}})
     max_grad_norm: float | None = 1.0
-    seed: int = 42
+    seed: int = field(default=42, metadata={"cli": {"help": "seed of the data order and initialisation"}})
     # optimizer steps between validations (the best validation loss picks the kept state);
     # None -> evals_per_epoch times per epoch, so that "best" is a choice even in a one-epoch run
-    eval_every: int | None = None
-    evals_per_epoch: int = 4
-    checkpoint_every: int | None = 50  # optimizer steps between checkpoints; None -> never
-    max_length: int = 1024  # longer examples keep their LAST max_length tokens
+    eval_every: int | None = field(default=None, metadata={"cli": {
+        "help": "optimizer steps between validations, which pick the kept adapter", "min": 1,
+        "none": "--evals-per-epoch times per epoch"}})
+    evals_per_epoch: int = field(default=4, metadata={"cli": {
+        "help": "validations per epoch when --eval-every is not given", "min": 1}})
+    checkpoint_every: int | None = field(default=50, metadata={"cli": {
+        "help": "optimizer steps between checkpoints", "min": 1, "none": "never"}})
+    # longer examples keep their LAST max_length tokens
+    max_length: int = field(default=1024, metadata={"cli": {"help": "tokens per example (a longer one keeps its "
+                                                                    "last ones)", "min": 2}})
     progress: bool = True
     restore_best: bool = True  # at the end, load the best-validation state into the model
     # "no": float32 throughout; "bf16": the training forward/backward under bfloat16 autocast
@@ -215,81 +228,6 @@ class TrainResult:
     seconds: float = 0.0  # training wall time (summed over resumed runs)
     best_val_loss: float | None = None
     best_step: int | None = None
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenisation
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` with the tokenizer's leading special tokens (BOS, as the model was
-    trained), but without trailing ones (some tokenizers append EOS), so that encodings can be
-    compared and concatenated."""
-    ids = list(tokenizer(text)["input_ids"])
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    while ids and ids[-1] in special and len(ids) > 1:
-        ids.pop()
-    return ids
-
-
-def tokenize_qa(tokenizer, pairs: list[tuple[str, str]], max_length: int = 1024) -> list[dict]:
-    """Question-answer examples with the loss only on the answer.
-
-    For each ``(context, target)`` (the target usually starts with a space, e.g. ``" Paris"``) the
-    text ``context + target`` is tokenized as a whole, and ``context`` alone; labels are ``-100`` on
-    the longest common prefix of the two and the token ids elsewhere. Tokenizing the whole string
-    (rather than concatenating two encodings, as Offsite-Tuning does) gives exactly the tokens the
-    model sees when the answer follows the prompt; where a token straddles the boundary it is
-    counted as answer (as lm-evaluation-harness does).
-
-    No EOS is appended, following Offsite-Tuning's ``process_text2text_datasets``: the tuned model is
-    scored by the log-likelihood of the answer, and an EOS target would only add a constant-ish
-    term. Examples longer than ``max_length`` lose context tokens from the left (the answer is kept;
-    an answer longer than ``max_length`` keeps its first ``max_length`` tokens). Pairs whose answer
-    is empty after tokenisation are skipped with a warning.
-    """
-    if max_length < 2:
-        raise OffsiteError(f"max_length must be >= 2 (got {max_length})")
-    out, skipped = [], 0
-    for context, target in pairs:
-        ctx, full = _encode(tokenizer, context), _encode(tokenizer, context + target)
-        n = 0
-        while n < min(len(ctx), len(full)) and ctx[n] == full[n]:
-            n += 1
-        if n >= len(full):
-            skipped += 1
-            continue
-        if len(full) > max_length:
-            cut = len(full) - max_length
-            if cut <= n:
-                full, n = full[cut:], n - cut
-            else:
-                full, n = full[n:n + max_length], 0
-        out.append({"input_ids": full, "labels": [IGNORE] * n + full[n:]})
-    if skipped:
-        warnings.warn(f"tokenize_qa: skipped {skipped} pair(s) with an empty answer", stacklevel=2)
-    return out
-
-
-def tokenize_text(tokenizer, docs: list[str], block_size: int) -> list[dict]:
-    """Plain language-model examples: documents joined with EOS between them, cut into blocks.
-
-    Every block has ``block_size`` tokens and ``labels == input_ids`` (loss on every next token),
-    as in Hugging Face ``run_clm``; unlike ``run_clm`` the shorter last block is kept (if it has at
-    least 2 tokens) so that small corpora are not truncated.
-    """
-    if block_size < 2:
-        raise OffsiteError(f"block_size must be >= 2 (got {block_size})")
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise OffsiteError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
-    stream: list[int] = []
-    for i, doc in enumerate(docs):
-        if i:
-            stream.append(eos)
-        stream.extend(_encode(tokenizer, doc))
-    blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
-    return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) >= 2]
 
 
 def count_targets(example: dict) -> int:

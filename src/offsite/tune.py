@@ -18,11 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import adapters
-from .bundle import AdapterBundle, check_new_path, save_adapter
+from .bundle import AdapterBundle, save_adapter
+from .data.tokenize import tokenize_qa, tokenize_text
 from .emulator.core import Emulator, state_digest
 from .errors import OffsiteError
+from .files import check_new_path
 from .models.families import get_blocks
-from .train import TrainConfig, TrainResult, planned_steps, tokenize_qa, tokenize_text, train
+from .train import TrainConfig, TrainResult, planned_steps, train
 
 
 @dataclass

@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from ..errors import OffsiteError
 from ..models.families import get_blocks, num_blocks, stack_prefix
-from . import Method, register
+from .registry import Method, register
 from .core import ADAPTER, Emulator, keep_blocks
 from .uniform import UniformOptions, chosen_blocks
 
@@ -179,20 +179,31 @@ class _Swapped(torch.nn.Module):
         return functional_call(self.inner, self.replace, args=(), kwargs=kwargs, strict=False)
 
 
+def source_pairs(src: str) -> list[tuple[str, str]]:
+    """The training pairs of a public question/answer source (``webqs``, ``nq_open``). The
+    multiple-choice tasks are left out on purpose: they are the data owners' tasks."""
+    from ..data.generation import GENERATION_TASKS, task_pairs
+
+    if src not in GENERATION_TASKS:
+        raise OffsiteError(f"gradmatch distils on public question/answer pairs: gm_sources takes "
+                           f"{', '.join(GENERATION_TASKS)} (got {src!r})")
+    return task_pairs(src)
+
+
 def public_pairs(tokenizer, sources: str, first: int, last: int) -> tuple[list[dict], list[dict]]:
     """(training, validation) examples: the first ``first`` and the last ``last`` pairs of each
-    source's training split, tokenized as the data owner's tuning tokenizes its pairs."""
-    from ..pema.cli import task_pairs
-    from ..tune import TrainingData, task_data, tokenize
+    source's training split, tokenized as the data owner's tuning tokenizes its pairs (the loss on
+    the answer)."""
+    from ..data.tokenize import tokenize_qa
 
     train, val = [], []
     for src in filter(None, (s.strip() for s in sources.split(","))):
-        items = task_pairs(src) if src == "nq_open" else task_data(src).items
+        items = source_pairs(src)
         if len(items) < first + last:
             raise OffsiteError(f"gradmatch: {src} has {len(items)} training pairs, fewer than "
                                f"gm_examples + gm_val_examples = {first + last}")
-        train += tokenize(tokenizer, TrainingData("qa", items[:first], src), 256)
-        val += tokenize(tokenizer, TrainingData("qa", items[len(items) - last:], src), 256)
+        train += tokenize_qa(tokenizer, items[:first], 256)
+        val += tokenize_qa(tokenizer, items[len(items) - last:], 256)
     if not train:
         raise OffsiteError("gradmatch: no public sources given (gm_sources)")
     return train, val

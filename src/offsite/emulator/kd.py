@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..models.families import get_blocks, num_blocks
-from . import Method, register
+from .registry import Method, register
 from .core import ADAPTER, Emulator
 from .uniform import UniformOptions, chosen_blocks
 
@@ -115,7 +115,8 @@ def build(model, tokenizer, name: str, adapter_layers, opts: KDOptions) -> Emula
 
 def distill(emu: Emulator, model, train_docs: list[str], val_docs: list[str], opts: KDOptions) -> Emulator:
     """Train the middle blocks of ``emu`` to match the middle of the full ``model`` (in place)."""
-    from ..train import TrainConfig, causal_lm_loss, tokenize_text, train
+    from ..data.tokenize import tokenize_text
+    from ..train import TrainConfig, causal_lm_loss, train
 
     tokenizer = emu.tokenizer
     middle_pos = [i for i, s in enumerate(emu.slots) if s.kind != ADAPTER]
@@ -135,7 +136,7 @@ def distill(emu: Emulator, model, train_docs: list[str], val_docs: list[str], op
                       warmup_ratio=0.05, seed=opts.kd_seed, eval_every=max(1, opts.kd_steps // 4),
                       checkpoint_every=None, max_length=opts.kd_block_size)
     tap = MiddleTap(get_blocks(emu.model), middle_pos[0], middle_pos[-1])
-    teacher_was = teacher.training
+    teacher_was = [block.training for block in teacher]  # the owner's blocks (a new ModuleList says "training")
     teacher.eval()
     try:
         emu.model.train()
@@ -145,7 +146,8 @@ def distill(emu: Emulator, model, train_docs: list[str], val_docs: list[str], op
                        pad_id=tokenizer.pad_token_id)
     finally:
         tap.remove()
-        teacher.train(teacher_was)
+        for block, was in zip(teacher, teacher_was):
+            block.train(was)
     for p in emu.model.parameters():
         p.requires_grad_(False)
     emu.model.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..models.families import num_blocks
-from . import Method, register
+from .registry import Method, register
 from .core import Emulator, keep_blocks, split_layers, uniform_choose
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 
+from offsite.cli_args import add_dataclass_args
+from offsite.data.generation import GENERATION_TASKS, task_docs, task_pairs
 from offsite.errors import OffsiteError
-
-PEMA_TASKS = ("webqs", "nq_open")
 
 
 def _backend_args(p) -> None:
@@ -39,25 +39,7 @@ def make_backend(args):
     return InProcessBackend(model, tok, name=model_display_name(args.model))
 
 
-def task_pairs(task: str, part: str = "train") -> list[tuple[str, str]]:
-    """(prompt, " " + gold answer) pairs of a PEMA task."""
-    return [(d.context, " " + d.target) for d in task_docs(task, part)]
-
-
-def task_docs(task: str, part: str):
-    if task == "nq_open":
-        from offsite.pema.tasks import load_nq_open
-
-        return load_nq_open(part)
-    if task == "webqs":
-        from offsite.data.tasks import load_task
-
-        return load_task("webqs", part)
-    raise OffsiteError(f"PEMA is evaluated on generation tasks: {', '.join(PEMA_TASKS)} (got {task!r})")
-
-
 def add_parsers(sub) -> None:
-    from offsite.cli import _add_dataclass_args
     from offsite.pema.decode import GUOptions
     from offsite.pema.train import PemaConfig
 
@@ -81,7 +63,7 @@ def add_parsers(sub) -> None:
     q = psub.add_parser("build-memory", help="build (or resume) the external memory of a task's training pairs")
     _backend_args(q)
     data = q.add_mutually_exclusive_group(required=True)
-    data.add_argument("--task", choices=PEMA_TASKS)
+    data.add_argument("--task", choices=GENERATION_TASKS)
     data.add_argument("--data", help="JSONL/CSV of prompt/completion pairs")
     q.add_argument("--limit", type=int, help="first N training pairs (a fixed fair sample)")
     q.add_argument("--val-fraction", type=float, default=0.1, help="pairs held out for validation")
@@ -93,7 +75,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--memory", required=True, help="directory written by build-memory")
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true")
-    _add_dataclass_args(q.add_argument_group("PEMA options"), PemaConfig, set())
+    add_dataclass_args(q.add_argument_group("PEMA options"), PemaConfig, set())
 
     q = psub.add_parser("generate", help="greedy generation with Gradual Unrolling")
     _backend_args(q)
@@ -101,16 +83,16 @@ def add_parsers(sub) -> None:
     q.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     q.add_argument("--reference", action="append", help="reference targets (only for --length reference)")
     q.add_argument("--max-new-tokens", type=int, default=32)
-    _add_dataclass_args(q.add_argument_group("Gradual Unrolling"), GUOptions, set())
+    add_dataclass_args(q.add_argument_group("Gradual Unrolling"), GUOptions, set())
 
     q = psub.add_parser("eval", help="exact match on webqs / nq_open, with or without PEMA")
     _backend_args(q)
     q.add_argument("--pema", help="trained PEMA directory (omit: the model alone)")
-    q.add_argument("--task", required=True, choices=PEMA_TASKS)
+    q.add_argument("--task", required=True, choices=GENERATION_TASKS)
     q.add_argument("--limit", type=int)
     q.add_argument("--max-new-tokens", type=int, default=32, help="nq_open generation budget")
     q.add_argument("--json", help="write the metrics here")
-    _add_dataclass_args(q.add_argument_group("Gradual Unrolling"), GUOptions, set())
+    add_dataclass_args(q.add_argument_group("Gradual Unrolling"), GUOptions, set())
 
 
 def _gu(args):
@@ -237,7 +219,7 @@ def _eval(args) -> None:
         res = score_generation(backend, docs, pema, head, opts, ratio, args.max_new_tokens, progress=True)
     print(json.dumps(res, indent=2))
     if args.json:
-        from offsite.bundle import write_json_atomic
+        from offsite.files import write_json_atomic
 
         write_json_atomic(args.json, res)
 

@@ -287,9 +287,9 @@ def score_webqs_pema(backend, docs, pema=None, head=None, opts: GUOptions | None
 def score_generation(backend, docs, pema=None, head=None, opts: GUOptions | None = None,
                      ratio: float | None = None, max_new_tokens: int = 32, progress: bool = False,
                      return_predictions: bool = False) -> dict:
-    """Free greedy generation (with GU) scored by NQ-open exact match (:mod:`offsite.pema.tasks`)."""
+    """Free greedy generation (with GU) scored by NQ-open exact match (:mod:`offsite.data.nq_open`)."""
     from offsite.eval.loglik import mean_stderr
-    from offsite.pema.tasks import STOP_STRINGS, exact_match
+    from offsite.data.nq_open import STOP_STRINGS, exact_match
 
     docs = list(docs)
     if not docs:

@@ -34,8 +34,8 @@ import time
 import numpy as np
 import torch
 
-from offsite.bundle import parse_json
 from offsite.errors import OffsiteError
+from offsite.files import parse_json
 from offsite.pema.backend import InProcessBackend, LimitExceeded
 
 __all__ = ["create_app", "serve", "ServerThread", "encode_tensor", "decode_tensor"]

@@ -44,7 +44,8 @@ from ..bundle import AdapterBundle, load_emulator
 from ..emulator.core import Emulator
 from ..errors import OffsiteError
 from ..models.families import get_blocks, stack_prefix
-from ..train import TrainConfig, causal_lm_loss, collate, resolve_precision, tokenize_text, train
+from ..data.tokenize import tokenize_text
+from ..train import TrainConfig, causal_lm_loss, collate, resolve_precision, train
 from ..tune import TrainingData, TuneSettings, task_data, tune_adapter
 
 

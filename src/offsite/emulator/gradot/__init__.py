@@ -35,7 +35,7 @@ import torch
 
 from ...errors import OffsiteError
 from ...models.families import get_blocks, num_blocks
-from .. import Method, register
+from ..registry import Method, register
 from ..core import Emulator, Slot, assemble, register_block_kind, split_layers
 from ..uniform import default_keep
 from .compress import KIND, LAYOUTS, build_block, compress_block, layout_of, plan_block
@@ -119,7 +119,7 @@ class PeakMemory:
 
 def support_examples(tokenizer, docs: list[str], n_seqs: int, seq_len: int, seed: int) -> list[dict]:
     """``n_seqs`` full blocks of ``seq_len`` tokens from documents taken in a seeded random order."""
-    from ...train import tokenize_text
+    from ...data.tokenize import tokenize_text
 
     if n_seqs < 1 or seq_len < 2:
         raise OffsiteError(f"the support set needs at least 1 sequence of 2 tokens, got {n_seqs} x {seq_len}")

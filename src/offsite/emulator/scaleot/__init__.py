@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...errors import OffsiteError
-from .. import Method, register
+from ..registry import Method, register
 from ..core import Emulator, register_block_kind
 from . import harmonizer as H
 from . import selective_rank as S

@@ -71,6 +71,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ...errors import BundleError, OffsiteError
+from ...files import atomic_dir, check_new_path, sha256_file, write_json_atomic
 from ...models.families import family_of, get_blocks, num_blocks, set_blocks
 from ..core import state_digest, split_layers
 from ..kd import MiddleTap, middle_nmse
@@ -260,7 +261,7 @@ class Stage1Artifact:
 
 def _text_examples(tokenizer, docs: list[str], block_size: int, need: int) -> list[dict]:
     """At least ``need`` blocks of ``block_size`` tokens from ``docs`` (tokenising only what is needed)."""
-    from ...train import tokenize_text
+    from ...data.tokenize import tokenize_text
 
     out: list[dict] = []
     start, chunk = 0, 32
@@ -281,7 +282,6 @@ def run_stage1(model: nn.Module, tokenizer, name: str, adapter_layers, cfg: Stag
     documents held out for the RL rewards. ``model`` is restored (its blocks and
     ``requires_grad`` flags) before returning.
     """
-    from ...bundle import check_new_path
     from ...train import TrainConfig, causal_lm_loss, collate, train
 
     cfg.check()
@@ -468,7 +468,6 @@ def _resume_state(work: Path, fresh: dict) -> dict:
 
 
 def _save_state(work: Path, step: int, state: dict) -> None:
-    from ...bundle import write_json_atomic
 
     write_json_atomic(work / f"scaleot-state-{step:08d}.json", state)
     for old in work.glob("scaleot-state-*.json"):
@@ -481,7 +480,6 @@ def _save_state(work: Path, step: int, state: dict) -> None:
 
 
 def save_stage1(art: Stage1Artifact, path: str | Path, overwrite: bool = False) -> Path:
-    from ...bundle import atomic_dir, sha256_file, write_json_atomic
 
     path = Path(path)
     with atomic_dir(path, overwrite) as tmp:
@@ -498,7 +496,6 @@ def save_stage1(art: Stage1Artifact, path: str | Path, overwrite: bool = False) 
 
 def load_stage1(path: str | Path) -> Stage1Artifact:
     """Read and verify a stage-1 artifact (format, digests, one harmonizer per middle block)."""
-    from ...bundle import sha256_file
 
     path = Path(path)
     mf = path / META
