@@ -38,10 +38,14 @@ training split (one epoch, batch 8, lr 1e-4, linear schedule, one validation at 
 Plug-in on the first ``--limit`` evaluation documents, measures the held-out perplexity (4
 documents) and the probes (``--probe``: ``text`` for public text, a task name for its first 48
 training examples, e.g. ``webqs`` for public QA pairs the owner has; ``--probe-only`` stops there),
-and appends one JSON line with per-document predictions to ``runs/transfer-recipes/records.jsonl``.
-``collect`` turns those lines into a results file: per recipe ``emu_ft``/``plugin`` accuracies, the
-probes, and transfer with its paired standard error against the ceiling of the same layout and Full
-ZS.
+and appends one JSON line with per-document predictions to ``bench/results/transfer-recipes.records.jsonl``.
+``collect`` turns those lines into the results file: per recipe ``emu_ft``/``plugin`` accuracies, the
+probes, and transfer with its paired standard error against the ceiling of the same layout (and the
+same ``--tune``) and Full ZS. Recipes of the results file that have no line in the records file (the
+records of earlier runs were not kept) stay as they are.
+
+``--tune bottom`` trains only the bottom adapter blocks (the top ones stay the original blocks on
+the emulator and in the full model); its ceiling is ``uniform:keep=26 --tune bottom``.
 """
 
 from __future__ import annotations
@@ -58,10 +62,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RECORDS = ROOT / "runs" / "transfer-recipes" / "records.jsonl"
 RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
+RECORDS = RESULTS.with_suffix(".records.jsonl")  # per-document predictions: kept, so collect can redo transfer
 DIAGNOSIS = ROOT / "bench" / "results" / "transfer-diagnose.json"
-EMULATORS = RECORDS.parent / "emulators"
+EMULATORS = ROOT / "runs" / "transfer-recipes" / "emulators"
 MODEL = "smollm2-135m"
 N_LAYERS = 30  # its blocks: adapter + middle
 
@@ -272,19 +276,27 @@ def correction(emu, refresh) -> dict[str, torch.Tensor]:
             params[e].requires_grad_(False)
 
 
-def tune(model, emu, data, settings, corr=None, refresh=None):
+def tune(model, emu, data, settings, corr=None, refresh=None, only_bottom=False):
     """The data owner's tuning (as ``offsite.tune``), with the linear term ``<c, θ>`` when ``corr``;
     ``refresh(params)`` (with ``corr``), called every ``refresh.every`` steps, recomputes ``c`` at
-    the current adapter."""
+    the current adapter. ``only_bottom``: the top adapter blocks stay frozen."""
     from offsite import adapters
+    from offsite.models.families import get_blocks
     from offsite.train import causal_lm_loss, train
     from offsite.tune import TrainingData, adapter_bundle, split_validation, tokenize, tune_adapter
 
-    if corr is None:
+    if corr is None and not only_bottom:
         return tune_adapter(emu, data, settings)[0]
     positions = emu.adapter_positions
     m = adapters.prepare(emu.model, positions, settings.adapter, settings.lora)
+    if only_bottom:
+        blocks = get_blocks(m)
+        for pos, src in positions.items():
+            if src >= N_LAYERS // 2:
+                for p in blocks[pos].parameters():
+                    p.requires_grad_(False)
     params = dict(m.named_parameters())
+    corr = corr if corr is not None else {}
 
     def loss_fn(model_, batch):
         loss_sum, n_tokens = causal_lm_loss(model_, batch)
@@ -403,6 +415,8 @@ def cmd_run(a) -> None:
         f = probe(model, emu, ex, opts)
         rec[f"probe_{src}"] = {k: round(v, 3) for k, v in f["grad_cos"].items() if k in ("all", "bottom", "top")}
         rec[f"ratio_{src}"] = round(f["grad_norm_ratio"]["all"], 2)
+    if a.tune == "bottom":
+        rec["tune"] = "bottom"
     if a.probe_only:
         return _append(rec)
     task = a.task
@@ -431,7 +445,7 @@ def cmd_run(a) -> None:
         else:
             refresh = None
     t1 = time.time()
-    bundle = tune(model, emu, task_data(task), settings, corr, refresh)
+    bundle = tune(model, emu, task_data(task), settings, corr, refresh, only_bottom=a.tune == "bottom")
     rec[f"tune_s_{task}"] = time.time() - t1
     rec[f"emu_ft_{task}"] = evaluate(emu.model, tok, task, limit=a.limit, progress=False)["acc"]
     state = {k: theta0[k] + (v - theta_r[k]) for k, v in bundle.state.items()} if a.repair else bundle.state
@@ -515,14 +529,15 @@ def cmd_collect(a) -> None:
     out = []
 
     def key(r):
-        return r["kind"] + "".join(f" +{name}={r[t][0]}" for t, name in (("cv", "correction"), ("repair", "repair"))
+        return r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "") + "".join(f" +{name}={r[t][0]}" for t, name in (("cv", "correction"), ("repair", "repair"))
                                    if r.get(t)) + (f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else "")
 
     for r in recs:
         layers = list(r["layers"])
         n_mid = N_LAYERS - sum(layers)
         ceil = next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
-                     and not c.get("cv") and not c.get("repair") and f"plugin_pred_{task}" in c), None)
+                     and not c.get("cv") and not c.get("repair") and c.get("tune") == r.get("tune")
+                     and f"plugin_pred_{task}" in c), None)
         # Full ZS is the untouched full model, whatever the layout: any "every block kept" run scored it
         zs = next((c for c in recs if c["kind"] == f"uniform:keep={N_LAYERS - sum(c['layers'])}"
                    and f"emu_zs_pred_{task}" in c), None)
@@ -544,6 +559,11 @@ def cmd_collect(a) -> None:
             t = transfer([r[f"plugin_pred_{task}"]], [zs[f"emu_zs_pred_{task}"]], [ceil[f"plugin_pred_{task}"]])
             out.append({**base, "row": "plugin", "metric": "transfer", "value": t["value"], "stderr": t["stderr"],
                         "n": t["n"], "ceiling_gain": t["ceiling_gain"]})
+    new = {(o["method"], tuple(o["setting"]["adapter_layers"])) for o in out}
+    if RESULTS.exists():  # recipes measured before their records were kept
+        kept = [o for o in json.loads(RESULTS.read_text())["records"]
+                if (o["method"], tuple(o["setting"]["adapter_layers"])) not in new]
+        out = kept + out
     write_results(RESULTS, meta("python bench/transfer_recipes.py collect"), out,
                   notes=[f"first {a.limit} {task} evaluation documents; adapter tuned one epoch on the task's "
                          "training split (batch 8, lr 1e-4); each record's command made it"])
@@ -677,6 +697,8 @@ def main(argv=None) -> int:
     r.add_argument("--correction-every", type=int, default=0,
                    help="recompute the correction at the current adapter every N steps (0: never)")
     r.add_argument("--repair", default="")
+    r.add_argument("--tune", choices=("all", "bottom"), default="all",
+                   help="which adapter blocks the data owner trains (bottom: the top ones stay the original)")
     r.add_argument("--plug-bottom", action="store_true",
                    help="also score the full model with only the bottom adapter blocks' change plugged in")
     d = sub.add_parser("diagnose")
