@@ -10,6 +10,7 @@
     offsite report RESULTS.json... [--out DIR]                         (tables and plots)
     offsite serve --model M [--port N --api-key K --share-head]        (model owner, PEMA)
     offsite pema build-memory|train|generate|eval --service URL ...    (data owner, PEMA)
+    offsite federate partition|run ...                                 (many data owners, Flower)
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
 """
@@ -262,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .pema.cli import add_parsers as add_pema_parsers
 
     add_pema_parsers(sub)  # offsite serve --model M ...; offsite pema build-memory|train|generate|eval ...
+
+    from .federated.cli import add_parser as add_federate_parser
+
+    add_federate_parser(sub)  # offsite federate partition|run ... (many data owners, Flower)
     return parser
 
 
@@ -476,7 +481,8 @@ COMMANDS = {"fetch": cmd_fetch, "emulate": cmd_emulate, "tune": cmd_tune, "plug"
             "eval": cmd_eval, "probe": cmd_probe, "run": cmd_run, "report": cmd_report,
             "privacy": lambda args: __import__("offsite.privacy.report", fromlist=["x"]).cmd_privacy(args),
             "serve": lambda args: __import__("offsite.pema.cli", fromlist=["x"]).cmd_serve(args),
-            "pema": lambda args: __import__("offsite.pema.cli", fromlist=["x"]).cmd_pema(args)}
+            "pema": lambda args: __import__("offsite.pema.cli", fromlist=["x"]).cmd_pema(args),
+            "federate": lambda args: __import__("offsite.federated.cli", fromlist=["x"]).cmd_federate(args)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,9 @@ class FederationConfig:
     proximal_mu: float = 0.0  # FedProx's mu; 0 is FedAvg
     secagg: bool = True  # SecAgg+ (Flower's SecAggPlusWorkflow / secaggplus_mod)
     secagg_clip: float = 0.5  # SecAgg+ clipping range for weight x update (|w * delta| <= clip)
-    secagg_max_weight: float = 10000.0  # SecAgg+ max_weight: the largest client example count expected
+    # SecAgg+ max_weight (a client's weight is its example count / max_weight, quantized with the
+    # update); 0: the largest training-example count the accepted clients reported at the handshake
+    secagg_max_weight: float = 0.0
     secagg_quantization: int = 1 << 26  # SecAgg+ quantization range (modulus 2**32: up to 64 clients)
     secagg_threshold: float = 0.5  # share of the key shares needed to unmask (dropout tolerance)
     round_timeout: float = 3600.0  # seconds a round (and each SecAgg+ stage) waits for replies
@@ -67,8 +69,8 @@ class FederationConfig:
         if self.secagg and self.clients * self.secagg_quantization > (1 << 32):
             bad(f"{self.clients} clients x quantization range {self.secagg_quantization} overflow SecAgg+'s "
                 "modulus 2**32; lower --secagg-quantization")
-        if not self.secagg_clip > 0 or not self.secagg_max_weight >= 1:
-            bad("secagg_clip must be > 0 and secagg_max_weight >= 1")
+        if not self.secagg_clip > 0 or self.secagg_max_weight < 0:
+            bad("secagg_clip must be > 0 and secagg_max_weight >= 0 (0: automatic)")
         if not 0 < self.secagg_threshold <= 1:
             bad(f"secagg_threshold must be in (0, 1] (got {self.secagg_threshold})")
 

@@ -400,8 +400,11 @@ def run_server(grid, context, cfg: FederationConfig) -> None:
                                strategy=strategy)
         fit_workflow = None
         if cfg.secagg:
+            max_weight = cfg.secagg_max_weight or float(max(int(p.get("train_examples") or 1)
+                                                            for p in accepted.values()))
+            owner.state["secagg_max_weight"] = max_weight
             fit_workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=cfg.secagg_threshold,
-                                              max_weight=cfg.secagg_max_weight, clipping_range=cfg.secagg_clip,
+                                              max_weight=max_weight, clipping_range=cfg.secagg_clip,
                                               quantization_range=cfg.secagg_quantization,
                                               modulus_range=1 << 32, timeout=cfg.round_timeout)
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
