@@ -68,10 +68,13 @@ def _examples(data_path: str, emu, seed: int, val_fraction: float, max_length: i
     return _DATA[key]
 
 
-def make_client_fn(data_dir: str | None = None, work_root: str | None = None, fail: dict | None = None):
+def make_client_fn(data_dir: str | None = None, work_root: str | None = None, fail: dict | None = None,
+                   emulators: dict | None = None):
     """The ``client_fn`` of the ClientApp. ``data_dir``/``work_root`` (simulation): shards
     ``client-<partition-id>.jsonl`` and per-client work directories. ``fail`` (benchmarks and tests
-    only): ``{"partition": p, "round": r, "after_steps": k}`` makes that client die mid-round."""
+    only): ``{"partition": p, "round": r, "after_steps": k}`` makes that client die mid-round.
+    ``emulators`` (simulation): ``{partition: bundle dir}`` a client already holds (as node config
+    ``emulator`` does in deployment)."""
     from flwr.client import NumPyClient
 
     class OffsiteClient(NumPyClient):
@@ -85,7 +88,7 @@ def make_client_fn(data_dir: str | None = None, work_root: str | None = None, fa
             root = nc.get("work-dir") or (Path(work_root) / f"client-{self.partition}" if work_root else
                                           Path(tempfile.gettempdir()) / "offsite-federated" / f"node-{context.node_id}")
             self.work = Path(root)
-            self.own_emulator = nc.get("emulator") or None
+            self.own_emulator = nc.get("emulator") or (emulators or {}).get(self.partition) or None
             self.state = context.state
 
         # -- the emulator this client holds
@@ -273,10 +276,10 @@ def validation_loss(model, examples: list[dict], micro_batch_size: int, pad_id) 
 
 
 def make_client_app(data_dir: str | None = None, work_root: str | None = None, secagg: bool = True,
-                    fail: dict | None = None):
+                    fail: dict | None = None, emulators: dict | None = None):
     """The data owners' ClientApp (with Flower's ``secaggplus_mod`` when ``secagg``; it only acts on
     rounds the server runs under SecAgg+)."""
     from flwr.client import ClientApp
     from flwr.client.mod import secaggplus_mod
 
-    return ClientApp(client_fn=make_client_fn(data_dir, work_root, fail), mods=[secaggplus_mod] if secagg else [])
+    return ClientApp(client_fn=make_client_fn(data_dir, work_root, fail, emulators), mods=[secaggplus_mod] if secagg else [])
