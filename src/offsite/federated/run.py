@@ -20,9 +20,11 @@ def _quiet_flower(verbose: bool) -> None:
 
 
 def run_simulation(cfg: FederationConfig, shards: str | Path, *, cpus_per_client: float = 1.0,
-                   total_cpus: int | None = None, fail: dict | None = None, verbose: bool = False) -> dict:
+                   total_cpus: int | None = None, fail: dict | None = None, verbose: bool = False,
+                   emulators: dict | None = None) -> dict:
     """N data owners as Ray actors (Flower's simulation engine) on this machine; shards are
-    ``<shards>/client-<i>.jsonl``. Returns ``federation.json``'s content."""
+    ``<shards>/client-<i>.jsonl``; ``emulators`` (``{i: dir}``): bundles the clients already hold (else
+    the owner ships its bundle at the handshake). Returns ``federation.json``'s content."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from .client import make_client_app
@@ -45,7 +47,7 @@ def run_simulation(cfg: FederationConfig, shards: str | Path, *, cpus_per_client
                              "log_to_driver": verbose}}
     flwr_run_simulation(server_app=make_server_app(cfg),
                         client_app=make_client_app(str(shards.resolve()), str((Path(cfg.out) / "clients").resolve()),
-                                                   secagg=cfg.secagg, fail=fail),
+                                                   secagg=cfg.secagg, fail=fail, emulators=emulators),
                         num_supernodes=cfg.clients, backend_config=backend, verbose_logging=verbose)
     return finished_state(cfg)
 
