@@ -111,6 +111,11 @@ def _run(args) -> None:
     from .run import evaluate_federated, finished_state, run_simulation
 
     cfg = config_from_args(args)
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise OffsiteError("offsite federate run needs Flower: pip install 'offsite[federated]' "
+                           "(flwr[simulation]==1.42.0)") from None
     manifest = load_emulator_manifest(args.emulator)  # check the bundle before starting anything
     shards = Path(args.shards)
     if not shards.is_dir():
