@@ -112,6 +112,8 @@ def main() -> None:
     doc["meta"]["partition"] = partition
     emu_bytes = sum(f.stat().st_size for f in emu_dir.iterdir() if f.is_file())
     doc["meta"]["emulator_bundle_bytes"] = emu_bytes
+    if (work / "ship-measurement.json").is_file():  # the first attempt's handshake, which shipped the bundle
+        doc["meta"]["emulator_ship"] = read_json_file(work / "ship-measurement.json")
 
     def fed_cfg(name, secagg, rounds):
         return FederationConfig(emulator=str(emu_dir), out=str(work / name), clients=CLIENTS, rounds=rounds,
