@@ -253,3 +253,17 @@ def test_deployment_engine_on_loopback(plain_run, fed_setup):
                      _adapter(fed_setup / "plain" / "rounds" / "round-0001")) < 1e-6
     logs = {p.name for p in (fed_setup / "deployed" / "deploy").glob("*.log")}
     assert {"superlink.log", "supernode-0.log", "supernode-1.log"} <= logs
+
+
+def test_a_data_owner_dying_mid_round_does_not_stop_the_run(fed_setup):
+    """SecAgg+, 3 data owners; owner 2's ClientApp dies in round 2 after one local step. Flower
+    counts it as a failure, SecAgg+ rebuilds its masks from the others' shares, round 2 aggregates
+    owners 0 and 1, and the run finishes."""
+    cfg = _cfg(fed_setup, "dying", 3, 2, secagg=True)
+    state = _simulate(cfg, fed_setup, fail={"partition": 2, "round": 2, "after_steps": 1})
+    r1, r2 = state["rounds"]
+    assert r1["clients"] == [0, 1, 2] and r1["failures"] == 0
+    assert r2["clients"] == [0, 1] and r2["failures"] == 1 and r2["val_loss"] is not None
+    assert state["status"] == "finished"
+    assert _max_diff(_adapter(fed_setup / "dying" / "adapter"),
+                     _adapter(fed_setup / "dying" / "rounds" / "round-0001")) > 0  # round 2 moved it

@@ -82,13 +82,11 @@ def write_app(root: Path, config_file: Path) -> Path:
 
 
 def run_deployment(cfg: FederationConfig, data_files: list, *, timeout: float | None = None,
-                   kill: dict | None = None, verbose: bool = False, emulators: dict | None = None) -> dict:
+                   verbose: bool = False, emulators: dict | None = None) -> dict:
     """Start a SuperLink and ``cfg.clients`` SuperNodes (``data_files[i]`` is node ``i``'s data), submit
-    the run, wait for ``federation.json`` to say it finished, stop every process started here.
-
-    ``kill`` (tests and benchmarks): ``{"node": i, "round": r}`` sends SIGKILL to SuperNode ``i``'s
-    processes once round ``r`` has started. ``emulators``: ``{i: dir}``, a bundle SuperNode ``i``
-    already holds (node config ``emulator``)."""
+    the run, wait for ``federation.json`` to say it finished, stop every process started here (also
+    when this process gets SIGTERM). ``emulators``: ``{i: dir}``, a bundle SuperNode ``i`` already
+    holds (node config ``emulator``)."""
     from ..bundle import read_json_file, write_json_atomic
     from .run import finished_state
 
@@ -131,6 +129,11 @@ def run_deployment(cfg: FederationConfig, data_files: list, *, timeout: float | 
         st["status"] = "submitted"
         write_json_atomic(state_file, st)
     deadline = time.time() + (timeout or cfg.round_timeout * (cfg.rounds + 1) + cfg.node_timeout)
+
+    def on_term(signum, frame):
+        raise OffsiteError("stopped (SIGTERM); the SuperLink and SuperNodes were stopped too")
+
+    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     try:
         start("superlink", [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
                             "--host", "127.0.0.1", "--port", str(port)])
@@ -149,24 +152,20 @@ def run_deployment(cfg: FederationConfig, data_files: list, *, timeout: float | 
         (root / "flwr-run.log").write_text(submit.stdout + submit.stderr)
         if submit.returncode != 0:
             raise OffsiteError(f"flwr run failed ({_last_line(submit.stdout + submit.stderr)}); see {root / 'flwr-run.log'}")
-        killed = False
         while True:
             if time.time() > deadline:
                 raise OffsiteError(f"the deployment run did not finish in time; logs in {root}")
             st = read_json_file(state_file) if state_file.is_file() else {}
             if st.get("status") in ("finished", "failed", "stopped"):
                 break
-            if kill and not killed and len(st.get("rounds", [])) >= int(kill["round"]) - 1 and \
-                    st.get("status") == "running" and st.get("clients"):
-                time.sleep(float(kill.get("delay", 0)))
-                _killpg(nodes[int(kill["node"])], signal.SIGKILL)
-                killed = True
             for p in procs[:1]:
                 if p.poll() is not None:
                     raise OffsiteError(f"the SuperLink exited ({p.returncode}); see {root / 'superlink.log'}")
             time.sleep(0.5)
         return finished_state(cfg)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         for p in reversed(procs):
             _killpg(p, signal.SIGTERM)
         for p in procs:
@@ -176,6 +175,12 @@ def run_deployment(cfg: FederationConfig, data_files: list, *, timeout: float | 
                 _killpg(p, signal.SIGKILL)
         for log in logs:
             log.close()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _node_config(d: dict) -> str:
