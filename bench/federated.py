@@ -15,8 +15,11 @@ the stages already there; ``--fresh`` starts over):
    step (it raises; the Ray actor that serves the other owners lives on);
 5. ``pooled``: one owner holding all the shards, ``offsite tune``'s engine, S steps;
 6. ``alone-k``: each owner alone on its shard, R x L steps (what it trains in the federation);
-7. the Plug-in of the federated, pooled and alone adapters and Full ZS on the first 500 ARC-Easy
-   evaluation documents (the same documents for every row).
+7. the Plug-in of the federated, pooled and alone adapters and Full ZS on the first ``--limit``
+   (200) ARC-Easy evaluation documents (the same documents for every row).
+
+They run in the order the comparison needs them: fed-secagg, pooled, Full ZS and the two Plug-ins,
+each owner alone, then fed-plain and fed-killed.
 
 The Ray and Flower processes keep their priority; training and evaluation run at nice 19 with one
 thread (``OFFSITE_CLIENT_NICE``), as the machine is shared.
@@ -49,7 +52,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=4)
     ap.add_argument("--keep", type=int, default=20)
-    ap.add_argument("--limit", type=int, default=500)
+    ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--work", default=str(ROOT / "runs" / "federated-bench"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "federated.json"))
     ap.add_argument("--fresh", action="store_true")
@@ -120,14 +123,27 @@ def main() -> None:
                                 local_steps=args.local_steps, lr=1e-4, schedule="linear", batch_size=8,
                                 micro_batch_size=8, max_length=1024, seed=42, secagg=secagg)
 
-    # 2-4. federations (Ray and Flower at their priority; the clients renice their training)
+    from offsite.bundle import load_adapter, load_emulator_manifest, save_adapter
     from offsite.federated.run import round_records, run_simulation
+    from offsite.models.load import load_model
+    from offsite.plug import plug
+    from offsite.run import evaluate_row, row_records
+    from offsite.train import TrainConfig
+    from offsite.tune import TrainingData, TuneSettings, file_data, tune_adapter
+
+    def niceness(n):  # heavy work at nice 19; Ray and Flower start at the priority they need
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, n)
+        except OSError:
+            pass
 
     fed_base = {**base, "method": "uniform", "setting": {**base["setting"], "federated": budget}}
-    for stage, secagg, fail in (("fed-secagg", True, None), ("fed-plain", False, None),
-                                ("fed-killed", True, {"partition": 2, "round": 2, "after_steps": 1})):
-        if not want(stage):
-            continue
+    fails = {"fed-secagg": (True, None), "fed-plain": (False, None),
+             "fed-killed": (True, {"partition": 2, "round": 2, "after_steps": 1})}
+
+    def federate(stage):
+        secagg, fail = fails[stage]
+        niceness(0)
         cfg = fed_cfg(stage, secagg, args.rounds if stage == "fed-secagg" else args.aux_rounds)
         t0 = time.perf_counter()
         # the owners received the bundle in the first run (its handshake measured shipping it); later
@@ -142,63 +158,61 @@ def main() -> None:
         recs = [{**r, "run": stage} for r in round_records(state, {**fed_base, "row": None})]
         done(stage, info, recs)
 
-    # 5-7 at nice 19 in this process
-    try:
-        os.nice(19 - os.nice(0))
-    except OSError:
-        pass
-    from offsite.run import evaluate_row, row_records
-    from offsite.train import TrainConfig
-    from offsite.tune import TrainingData, TuneSettings, file_data, tune_adapter
-    from offsite.bundle import load_adapter, save_adapter
-
     def tune(stage, data, n_steps):
+        niceness(19)
         emu = load_emulator(emu_dir)
         settings = TuneSettings(train=TrainConfig(lr=1e-4, max_steps=n_steps, batch_size=8, micro_batch_size=8,
                                                   schedule="linear", checkpoint_every=None, progress=False,
                                                   seed=42))
         t0 = time.perf_counter()
-        bundle, res = tune_adapter(emu, data, settings, work / f"{stage}.work")
+        bundle, res = tune_adapter(emu, data, settings, None)
         save_adapter(bundle, work / stage / "adapter", overwrite=True)
-        return {"steps": res.steps, "train_seconds": round(time.perf_counter() - t0, 1),
-                "examples": len(data.items), "best_val_loss": res.best_val_loss}
-
-    if want("pooled"):
-        items = []
-        for k in range(CLIENTS):
-            items += file_data(str(shard_dir / f"client-{k}.jsonl")).items
-        done("pooled", tune("pooled", TrainingData("qa", items, "pooled shards"), steps))
-    for k in range(CLIENTS):
-        stage = f"alone-{k}"
-        if want(stage):
-            done(stage, tune(stage, file_data(str(shard_dir / f"client-{k}.jsonl")), args.rounds * args.local_steps))
-
-    # evaluation: Full ZS and every Plug-in on the same documents
-    from offsite.bundle import load_emulator_manifest
-    from offsite.models.load import load_model
-    from offsite.plug import plug
+        done(stage, {"steps": res.steps, "train_seconds": round(time.perf_counter() - t0, 1),
+                     "examples": len(data.items), "best_val_loss": res.best_val_loss})
 
     manifest = load_emulator_manifest(emu_dir)
-    evals = [("full_zs", None)] + [(f"plugin:{s}", work / s / "adapter") for s in
-                                   ("fed-secagg", *(("fed-plain", "fed-killed") if args.eval_all else ()),
-                                    "pooled", *[f"alone-{k}" for k in range(CLIENTS)])]
-    model = tok = None
-    for stage, adapter_dir in evals:
-        if not want(stage) or (adapter_dir is not None and not (adapter_dir / "manifest.json").is_file()):
-            continue
-        if model is None:
-            model, tok = load_model(MODEL)
+
+    def evaluate(name):  # Full ZS and every Plug-in on the same documents
+        niceness(19)
+        stage = f"plugin:{name}" if name != "full_zs" else "full_zs"
+        adapter_dir = None if name == "full_zs" else work / name / "adapter"
+        if adapter_dir is not None and not (adapter_dir / "manifest.json").is_file():
+            return
+        model, tok = load_model(MODEL)
         t0 = time.perf_counter()
         if adapter_dir is None:
             target, row, run = model, "full_zs", None
         else:
-            target, row, run = plug(load_model(MODEL)[0], load_adapter(adapter_dir), manifest), "plugin", stage.split(":")[1]
+            target, row, run = plug(model, load_adapter(adapter_dir), manifest), "plugin", name
         scores = {}
         res = evaluate_row(target, tok, TASK, args.limit, 0, 32, scores)
         recs = [{**r, "run": run, "correct": scores.get(TASK)} for r in
                 row_records(row, res, base, time.perf_counter() - t0, {"eval_limit": args.limit})]
         done(stage, {"acc": res[TASK]["acc"], "seconds": round(time.perf_counter() - t0, 1)}, recs)
-        del target
+
+    def pooled_data():
+        items = []
+        for k in range(CLIENTS):
+            items += file_data(str(shard_dir / f"client-{k}.jsonl")).items
+        return TrainingData("qa", items, "pooled shards")
+
+    # stages in the order of what the comparison needs most
+    plan = [("fed-secagg", lambda: federate("fed-secagg")),
+            ("pooled", lambda: tune("pooled", pooled_data(), steps)),
+            ("full_zs", lambda: evaluate("full_zs")),
+            ("plugin:fed-secagg", lambda: evaluate("fed-secagg")),
+            ("plugin:pooled", lambda: evaluate("pooled"))]
+    for k in range(CLIENTS):
+        plan += [(f"alone-{k}", lambda k=k: tune(f"alone-{k}", file_data(str(shard_dir / f"client-{k}.jsonl")),
+                                                  args.rounds * args.local_steps)),
+                 (f"plugin:alone-{k}", lambda k=k: evaluate(f"alone-{k}"))]
+    plan += [("fed-plain", lambda: federate("fed-plain")), ("fed-killed", lambda: federate("fed-killed"))]
+    if args.eval_all:
+        plan += [("plugin:fed-plain", lambda: evaluate("fed-plain")), ("plugin:fed-killed", lambda: evaluate("fed-killed"))]
+    for stage, fn in plan:
+        if want(stage):
+            print(f"[bench] {stage} ...", flush=True)
+            fn()
     summarize(doc, out)
     save()
 
