@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "federated-bench"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "federated.json"))
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--collect", action="store_true",
+                    help="only rewrite the results file from what is on disk (stopped federations as 'partial')")
     ap.add_argument("--only", help="comma-separated stages to run (default: all)")
     ap.add_argument("--aux-rounds", type=int, default=2,
                     help="rounds of fed-plain and fed-killed (cost and failure handling need fewer)")
@@ -89,7 +91,8 @@ def main() -> None:
     base = {"model": MODEL, "task": TASK, "method": "uniform", "setting": {"adapter_layers": [2, 2], "keep": args.keep}}
 
     def save():
-        write_results(out, doc["meta"], doc["records"], stages=doc["stages"])
+        write_results(out, doc["meta"], doc["records"], stages=doc["stages"], partial=doc.get("partial", {}),
+                      summary=doc.get("summary", {}))
 
     def want(stage):
         return stage not in doc["stages"] and (only is None or stage in only)
@@ -196,6 +199,12 @@ def main() -> None:
             items += file_data(str(shard_dir / f"client-{k}.jsonl")).items
         return TrainingData("qa", items, "pooled shards")
 
+    if args.collect:
+        collect_partial(doc, work)
+        summarize(doc, out)
+        save()
+        return
+
     # stages in the order of what the comparison needs most
     plan = [("fed-secagg", lambda: federate("fed-secagg")),
             ("pooled", lambda: tune("pooled", pooled_data(), steps)),
@@ -213,6 +222,7 @@ def main() -> None:
         if want(stage):
             print(f"[bench] {stage} ...", flush=True)
             fn()
+    collect_partial(doc, work)
     summarize(doc, out)
     save()
 
@@ -244,26 +254,50 @@ def summarize(doc: dict, out: Path) -> None:
             "value": sum(d["value"] for d in alone_diffs) / CLIENTS,
             "stderr_of_each": [d["stderr"] for d in alone_diffs]}
     # bytes per round against sending the full model (float32) each way to every client
-    full_params = 134_515_008  # smollm2-135m (tied embeddings), counted below when the model is at hand
-    try:
-        from offsite.models.load import load_model as _lm
-
-        m, _ = _lm(MODEL)
-        full_params = sum(p.numel() for p in m.parameters())
-        del m
-    except Exception:  # noqa: BLE001 - the constant stands
-        pass
+    full_params = _full_params()
     summary["full_model_bytes_fp32"] = full_params * 4
+    runs = {**doc.get("partial", {}), **st}
     for stage in ("fed-secagg", "fed-plain"):
-        if stage in st:
-            r = st[stage]["rounds"][0]
+        if stage in runs and runs[stage]["rounds"]:
+            r = runs[stage]["rounds"][0]
             summary[f"{stage} bytes per round (to, from clients)"] = [r["bytes_to_clients"], r["bytes_from_clients"]]
-            summary[f"{stage} mean fit seconds per round"] = sum(x["fit_seconds"] for x in st[stage]["rounds"]) / len(st[stage]["rounds"])
+            fits = [x["fit_seconds"] for x in runs[stage]["rounds"] if x.get("fit_seconds") is not None]
+            summary[f"{stage} mean fit seconds per round"] = sum(fits) / len(fits) if fits else None
     doc["summary"] = summary
     try:
-        plot(st, ROOT / "docs" / "img" / "federated-val-loss.png")
+        if any(r.get("val_loss") is not None for v in runs.values() for r in v["rounds"]):
+            plot(runs, ROOT / "docs" / "img" / "federated-val-loss.png")
     except Exception as e:  # noqa: BLE001
         print(f"[bench] plot failed: {e}")
+
+
+def _full_params() -> int:
+    """Parameters of the full model, counted on the meta device from its config (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from offsite.models.load import resolve_model_path
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(MODEL)))
+    return sum(p.numel() for p in m.parameters())
+
+
+def collect_partial(doc: dict, work: Path) -> None:
+    """Federations stopped before their last round (their federation.json on disk) as
+    ``doc["partial"]``: the rounds they completed, measured as any other."""
+    from offsite.bundle import read_json_file
+
+    doc["partial"] = {}
+    for stage in ("fed-secagg", "fed-plain", "fed-killed"):
+        f = work / stage / "federation.json"
+        if stage in doc["stages"] or not f.is_file():
+            continue
+        st = read_json_file(f)
+        doc["partial"][stage] = {"status": st.get("status"), "rounds_done": len(st["rounds"]),
+                                 "rounds_planned": st["config"]["rounds"], "rounds": st["rounds"],
+                                 "setup_bytes": st["setup_bytes"], "clients": st["clients"],
+                                 "secagg_max_weight": st.get("secagg_max_weight")}
 
 
 def plot(stages: dict, path: Path) -> None:
