@@ -10,6 +10,7 @@
     offsite report RESULTS.json... [--out DIR]                         (tables and plots)
     offsite serve --model M [--port N --api-key K --share-head]        (model owner, PEMA)
     offsite pema build-memory|train|generate|eval --service URL ...    (data owner, PEMA)
+    offsite federate partition|run ...                                 (many data owners, Flower)
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
 """
@@ -20,12 +21,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import shlex
 import sys
 
 from .cli_args import (NON_NEGATIVE, POSITIVE, add_dataclass_args, add_template_arg, add_train_args,
                        method_options, template, tune_settings)
 from .errors import OffsiteError
+from .federated.cli import add_parser as add_federate_parser
+from .federated.cli import cmd_federate
 from .pema.cli import add_parsers as add_pema_parsers
 from .pema.cli import cmd_pema, cmd_serve
 from .privacy.cli import add_parser as add_privacy_parser
@@ -158,12 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_privacy_parser(sub)  # offsite privacy --model M --emulator DIR [--task T --budgets 0,1M,5M]
 
     add_pema_parsers(sub)  # offsite serve --model M ...; offsite pema build-memory|train|generate|eval ...
+    add_federate_parser(sub)  # offsite federate partition|run ... (many data owners, Flower)
     return parser
-
-
-def _command_line(args) -> str:
-    """The command as typed (the argv given to :func:`main`, else the process's), for results files."""
-    return "offsite " + " ".join(shlex.quote(str(a)) for a in getattr(args, "argv", sys.argv[1:]))
 
 
 def cmd_fetch(args) -> None:
@@ -226,7 +224,7 @@ def cmd_probe(args) -> None:
         base = {"model": model_display_name(args.model), "method": emu.method,
                 "setting": {"adapter_layers": list(emu.adapter_layers), **emu.params},
                 "task": args.task or "text"}
-        write_json_atomic(args.json, {"meta": meta(_command_line(args)),
+        write_json_atomic(args.json, {"meta": meta(command_line(args)),
                                       "records": probe_records(figures, base)})
 
 
@@ -352,7 +350,7 @@ def cmd_run(args) -> None:
                  eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
                  text_docs=args.text_docs if args.text_docs is not None else "preset",
                  batch_size=args.batch_size_eval, overwrite=args.overwrite, train_data=train_data,
-                 command=_command_line(args))
+                 command=command_line(args))
     print()
     print(f"{model_display_name(args.model)} · {name} · {args.method} {args.adapter_layers} "
           f"{method_options(args, method) or ''}".rstrip())
@@ -375,7 +373,7 @@ def cmd_report(args) -> None:
 
 COMMANDS = {"fetch": cmd_fetch, "emulate": cmd_emulate, "tune": cmd_tune, "plug": cmd_plug,
             "eval": cmd_eval, "probe": cmd_probe, "run": cmd_run, "report": cmd_report,
-            "privacy": cmd_privacy, "serve": cmd_serve, "pema": cmd_pema}
+            "privacy": cmd_privacy, "serve": cmd_serve, "pema": cmd_pema, "federate": cmd_federate}
 
 
 def main(argv: list[str] | None = None) -> int:

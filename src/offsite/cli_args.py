@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import sys
 import typing
 
 from .adapters import LoraOptions
 from .train import TrainConfig, resolve_precision
 from .tune import TuneSettings
+
+
+def command_line(args) -> str:
+    """The command as typed (the argv given to ``offsite.cli.main``, else the process's), for results files."""
+    return "offsite " + " ".join(shlex.quote(str(a)) for a in getattr(args, "argv", sys.argv[1:]))
 
 
 def int_at_least(lo: int):

@@ -1,0 +1,128 @@
+"""Start a federation (simulation or deployment engine), then plug the adapter in and evaluate it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..errors import OffsiteError
+from .core import FederationConfig
+from .server import FINAL_DIR, STATE_FILE
+
+log = logging.getLogger("offsite.federated")
+
+
+def _quiet_flower(verbose: bool) -> None:
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def run_simulation(cfg: FederationConfig, shards: str | Path, *, cpus_per_client: float = 1.0,
+                   total_cpus: int | None = None, fail: dict | None = None, verbose: bool = False,
+                   emulators: dict | None = None) -> dict:
+    """N data owners as Ray actors (Flower's simulation engine) on this machine; shards are
+    ``<shards>/client-<i>.jsonl``; ``emulators`` (``{i: dir}``): bundles the clients already hold (else
+    the owner ships its bundle at the handshake). Returns ``federation.json``'s content."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from .client import make_client_app
+    from .server import make_server_app
+
+    cfg.check()
+    shards = Path(shards)
+    missing = [i for i in range(cfg.clients) if not (shards / f"client-{i}.jsonl").is_file()]
+    if missing:
+        raise OffsiteError(f"{shards} has no client-{missing[0]}.jsonl; write {cfg.clients} shards first "
+                           "(offsite federate partition)")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    _quiet_flower(verbose)
+    total = total_cpus or max(1, int(cpus_per_client))
+    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+               "init_args": {"num_cpus": total, "include_dashboard": False, "logging_level": "error",
+                             "log_to_driver": verbose}}
+    flwr_run_simulation(server_app=make_server_app(cfg),
+                        client_app=make_client_app(str(shards.resolve()), str((Path(cfg.out) / "clients").resolve()),
+                                                   secagg=cfg.secagg, fail=fail, emulators=emulators),
+                        num_supernodes=cfg.clients, backend_config=backend, verbose_logging=verbose)
+    return finished_state(cfg)
+
+
+def finished_state(cfg: FederationConfig) -> dict:
+    from ..files import read_json_file
+
+    f = Path(cfg.out) / STATE_FILE
+    if not f.is_file():
+        raise OffsiteError(f"the federation wrote no {f}: the ServerApp did not start (see the log above)")
+    state = read_json_file(f)
+    if state.get("status") != "finished":
+        why = state.get("error") or f"status {state.get('status')!r}"
+        raise OffsiteError(f"the federation did not finish: {why}")
+    return state
+
+
+def evaluate_federated(model_name: str, cfg: FederationConfig, task, eval_limit: int | None, text_docs: int | None,
+                       batch_size: int = 32, command: str = "", emulator_row: bool = True) -> tuple[list, list]:
+    """The owner's last step: plug the final adapter into the full model and score the table's rows
+    (Full ZS, Emulator FT with the federated adapter, Plug-in). Returns (records, notes)."""
+    from ..bundle import load_adapter, load_emulator
+    from ..files import read_json_file
+    from ..data.own import task_name
+    from ..models.load import load_model, model_display_name
+    from ..plug import plug, plug_into_emulator
+    from ..run import evaluate_row, row_records
+
+    state = read_json_file(Path(cfg.out) / STATE_FILE)
+    bundle = load_adapter(Path(cfg.out) / FINAL_DIR)
+    emu = load_emulator(cfg.emulator)
+    manifest = emu.manifest
+    base = {"model": model_display_name(model_name), "method": manifest.get("method"),
+            "setting": {"adapter_layers": list(emu.adapter_layers), **emu.params,
+                        "federated": federated_setting(cfg, state)},
+            "middle_params": emu.middle_params()}
+    records = []
+    if emulator_row:
+        plug_into_emulator(emu, bundle)
+        t0 = time.perf_counter()
+        res = evaluate_row(emu.model, emu.tokenizer, task, eval_limit, text_docs, batch_size)
+        records += row_records("emu_ft", res, base, time.perf_counter() - t0, {})
+    del emu
+    model, tokenizer = load_model(model_name)
+    t0 = time.perf_counter()
+    res = evaluate_row(model, tokenizer, task, eval_limit, text_docs, batch_size)
+    records += row_records("full_zs", res, base, time.perf_counter() - t0, {})
+    plugged = plug(model, bundle, manifest)
+    t0 = time.perf_counter()
+    res = evaluate_row(plugged, tokenizer, task, eval_limit, text_docs, batch_size)
+    records += row_records("plugin", res, base, time.perf_counter() - t0, {})
+    records += round_records(state, base)
+    notes = [f"federated: {cfg.clients} data owners, {cfg.rounds} rounds of {cfg.local_steps} local steps, "
+             f"{'SecAgg+' if cfg.secagg else 'no secure aggregation'}"
+             + (f", FedProx mu {cfg.proximal_mu:g}" if cfg.proximal_mu else ", FedAvg"),
+             f"evaluated on the first {eval_limit} documents of the evaluation split" if eval_limit
+             else "evaluated on every evaluation document"]
+    return records, notes
+
+
+def federated_setting(cfg: FederationConfig, state: dict) -> dict:
+    return {"clients": cfg.clients, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
+            "secagg": cfg.secagg, "proximal_mu": cfg.proximal_mu, "lr": cfg.lr, "batch_size": cfg.batch_size,
+            "fraction_fit": cfg.fraction_fit, "seed": cfg.seed}
+
+
+def round_records(state: dict, base: dict) -> list[dict]:
+    """Per round: the aggregated adapter's validation loss and the payload bytes each way
+    (``row: "federated_round"``, ``n`` = the round)."""
+    recs = []
+    for r in state["rounds"]:
+        for metric, key in (("val_loss", "val_loss"), ("bytes_to_clients", "bytes_to_clients"),
+                            ("bytes_from_clients", "bytes_from_clients"), ("fit_seconds", "fit_seconds")):
+            if r.get(key) is not None:
+                recs.append({**base, "task": None, "row": "federated_round", "metric": metric,
+                             "value": float(r[key]), "stderr": None, "n": r["round"],
+                             "clients": r.get("clients"), "failures": r.get("failures")})
+    return recs

@@ -1,0 +1,432 @@
+"""The model owner's Flower ServerApp: hand out the emulator, run the rounds, checkpoint each one.
+
+The rounds are Flower's own ``DefaultWorkflow`` over a legacy strategy (a :class:`OffsiteFedProx`,
+Flower's ``FedProx``, which is FedAvg with ``mu = 0``), with Flower's ``SecAggPlusWorkflow`` as the
+fit workflow when secure aggregation is on: the owner then only ever sees the weighted sum of the
+clients' updates, unmasked by the protocol. (Flower's newer message-API strategies have no SecAgg+
+workflow in flwr 1.42, hence the legacy pair.) Clients return the update ``w_local - w_global``
+rather than the weights, so that SecAgg+'s fixed-point encoding (values clipped to
+``[-clip, clip]`` and quantized) covers small numbers finely.
+
+Before the first round the owner waits for ``clients`` nodes and runs a handshake (``get_properties``):
+each client says which emulator it holds; a client without one receives the bundle's files (once);
+a client whose emulator or adapter shapes do not match the federation's is refused with a one-line
+reason and never sampled. Every round's global adapter is written as an adapter bundle
+``rounds/round-NNNN/`` (atomically, safetensors), with ``federation.json`` (settings, per-round
+history); a server started again with the same settings resumes after the last round written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OffsiteError
+from .core import FederationConfig, add, fedavg, keys_digest, recorddict_bytes, state_to_arrays
+
+log = logging.getLogger("offsite.federated")
+
+STATE_FILE = "federation.json"
+ROUNDS_DIR = "rounds"
+FINAL_DIR = "adapter"
+
+
+class ByteCounter:
+    """Payload bytes of the messages a Grid sends and receives, by phase (``setup``, ``round-N``)."""
+
+    def __init__(self):
+        self.phase = "setup"
+        self.sent: dict[str, int] = {}
+        self.received: dict[str, int] = {}
+
+    def count(self, messages, out: bool):
+        book = self.sent if out else self.received
+        for m in messages:
+            if m.has_content():
+                book[self.phase] = book.get(self.phase, 0) + recorddict_bytes(m.content)
+
+
+class CountingGrid:
+    """A Flower Grid that counts what goes through ``send_and_receive`` (delegates everything)."""
+
+    def __init__(self, grid, counter: ByteCounter):
+        self._grid, self._counter = grid, counter
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self._counter.count(messages, True)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._counter.count(replies, False)
+        return replies
+
+
+# ---------------------------------------------------------------------------------------------
+# the owner's state: initial adapter, checkpoints, history
+
+
+class Owner:
+    def __init__(self, cfg: FederationConfig):
+        from .. import adapters
+        from ..bundle import load_emulator, load_emulator_manifest
+
+        cfg.check()
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.manifest = load_emulator_manifest(cfg.emulator)
+        emu = load_emulator(cfg.emulator)
+        self.base = emu.base
+        self.keys, self.initial = state_to_arrays(adapters.extract(emu.model, emu.adapter_positions, "full"))
+        self.adapter_digest = keys_digest(self.keys, self.initial)
+        self.full_model_bytes = None
+        del emu
+        self.state = self._load_state()
+        self.done = len(self.state["rounds"])
+        self.global_arrays = self._load_round(self.done) if self.done else [a.copy() for a in self.initial]
+
+    # -- federation.json
+    def _load_state(self) -> dict:
+        from ..files import read_json_file
+
+        f = self.out / STATE_FILE
+        fresh = {"config": self.cfg.to_json(), "fingerprint": self.cfg.fingerprint(),
+                 "emulator_digest": self.manifest["digest"], "clients": {}, "refused": {}, "rounds": [],
+                 "setup_bytes": {}, "status": "running"}
+        if not f.is_file():
+            return fresh
+        state = read_json_file(f)
+        saved = state.get("fingerprint", {})
+        diff = [k for k, v in self.cfg.fingerprint().items() if saved.get(k) != v]
+        if diff or state.get("emulator_digest") != self.manifest["digest"]:
+            raise OffsiteError(f"{self.out} holds a federated run with other settings (differs in: "
+                               f"{', '.join(diff) or 'emulator'}); use another --out or delete it")
+        # keep only the rounds whose checkpoint is on disk, in order
+        rounds = []
+        for r in state["rounds"]:
+            if r["round"] == len(rounds) + 1 and (self.out / ROUNDS_DIR / _round_name(r["round"])).is_dir():
+                rounds.append(r)
+        state["rounds"] = rounds
+        state["config"] = self.cfg.to_json()
+        state["status"] = "running"
+        return state
+
+    def save_state(self) -> None:
+        from ..files import write_json_atomic
+
+        write_json_atomic(self.out / STATE_FILE, self.state)
+
+    def _load_round(self, rnd: int) -> list[np.ndarray]:
+        from ..bundle import load_adapter
+
+        b = load_adapter(self.out / ROUNDS_DIR / _round_name(rnd))
+        if b.emulator_digest != self.manifest["digest"]:
+            raise OffsiteError(f"round checkpoint {rnd} belongs to another emulator; use another --out")
+        keys, arrays = state_to_arrays(b.state)
+        if keys != self.keys:
+            raise OffsiteError(f"round checkpoint {rnd} holds other adapter tensors than the emulator's")
+        return arrays
+
+    def bundle(self, arrays, training: dict):
+        from ..bundle import AdapterBundle
+        from .core import arrays_to_state
+
+        return AdapterBundle(kind="full", state=arrays_to_state(self.keys, arrays),
+                             emulator_digest=self.manifest["digest"],
+                             adapter_init_digest=self.manifest["adapter_init_digest"], base=self.base,
+                             training=training)
+
+    def checkpoint(self, rnd: int, arrays, record: dict) -> None:
+        """Write round ``rnd``'s global adapter (a bundle, atomically), then the history naming it."""
+        from ..bundle import save_adapter
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_adapter(self.bundle(arrays, {"federated_round": rnd, "config": self.cfg.to_json()}),
+                     self.out / ROUNDS_DIR / _round_name(rnd), overwrite=True)
+        self.global_arrays = arrays
+        self.state["rounds"] = [r for r in self.state["rounds"] if r["round"] < rnd] + [record]
+        self.done = rnd
+        self.save_state()
+
+    def finish(self, counter: ByteCounter) -> None:
+        from ..bundle import save_adapter
+
+        save_adapter(self.bundle(self.global_arrays, {"federated_rounds": self.done, "config": self.cfg.to_json(),
+                                                      "history": self.state["rounds"]}),
+                     self.out / FINAL_DIR, overwrite=True)
+        self.state["status"] = "finished" if self.done >= self.cfg.rounds else "stopped"
+        self.save_state()
+
+    def ship_files(self) -> dict[str, bytes]:
+        from ..files import read_json_file
+
+        root = Path(self.cfg.emulator)
+        names = ["manifest.json"] + sorted(read_json_file(root / "manifest.json")["files"])
+        return {f"file:{n}": (root / n).read_bytes() for n in names}
+
+
+def _round_name(rnd: int) -> str:
+    return f"round-{rnd:04d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the strategy
+
+
+def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter):
+    from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.criterion import Criterion
+    from flwr.server.strategy import FedProx
+
+    cfg = owner.cfg
+
+    class Accepted(Criterion):
+        def select(self, client) -> bool:
+            return client.node_id in accepted
+
+    class OffsiteFedProx(FedProx):
+        """Flower's FedProx (FedAvg at mu 0) over adapter *updates*: rounds numbered after the
+        checkpointed ones, only handshaken clients sampled, results ordered by partition (so the
+        float sums do not depend on arrival order), every round checkpointed."""
+
+        def __init__(self):
+            n = len(accepted)
+            super().__init__(fraction_fit=cfg.fraction_fit, fraction_evaluate=1.0,
+                             min_fit_clients=max(1, round(cfg.fraction_fit * n)), min_evaluate_clients=1,
+                             min_available_clients=n, accept_failures=True, proximal_mu=cfg.proximal_mu,
+                             initial_parameters=ndarrays_to_parameters(owner.global_arrays))
+            self.t0 = {}
+
+        def _round(self, server_round: int) -> int:
+            return owner.done_at_start + server_round
+
+        def _config(self, rnd: int) -> dict:
+            return {"round": rnd, "emulator_digest": owner.manifest["digest"], "lr": cfg.round_lr(rnd),
+                    "local_steps": cfg.local_steps, "batch_size": cfg.batch_size,
+                    "micro_batch_size": cfg.micro_batch_size, "max_length": cfg.max_length, "seed": cfg.seed,
+                    "val_fraction": cfg.val_fraction, "proximal_mu": cfg.proximal_mu}
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            rnd = self._round(server_round)
+            counter.phase = f"round-{rnd}"
+            self.t0[rnd] = time.perf_counter()
+            n = len(accepted)
+            size = max(1, round(cfg.fraction_fit * n))
+            clients = client_manager.sample(num_clients=size, min_num_clients=size, criterion=Accepted())
+            log.info("round %d: %d of %d data owners selected", rnd, len(clients), n)
+            return [(c, FitIns(parameters, self._config(rnd))) for c in clients]
+
+        def aggregate_fit(self, server_round, results, failures):
+            rnd = self._round(server_round)
+            ok, refused = [], []
+            for proxy, res in results:
+                m = res.metrics
+                if m.get("emulator_digest") != owner.manifest["digest"] or m.get("adapter_digest") != owner.adapter_digest:
+                    refused.append(f"data owner {m.get('partition', proxy.node_id)} refused: its adapter does not "
+                                   "match the emulator's digest")
+                    continue
+                ok.append((int(m.get("partition", proxy.node_id)), res))
+            if refused and cfg.secagg:  # under SecAgg+ its update is inside the sum: drop the round
+                refused.append("the round's SecAgg+ sum holds a refused update; the adapter stays as it was")
+                ok = []
+            for r in refused:
+                log.warning("round %d: refused %s", rnd, r)
+            ok.sort(key=lambda x: x[0])
+            reasons = [_failure_reason(f) for f in failures]
+            record = {"round": rnd, "lr": cfg.round_lr(rnd), "clients": [p for p, _ in ok],
+                      "examples": [int(r.num_examples) for _, r in ok],
+                      "failures": len(failures) + len(refused), "failure_reasons": (reasons + refused)[:8],
+                      "train_loss": _wmean([(r.metrics.get("train_loss"), r.num_examples) for _, r in ok]),
+                      "client_seconds": [round(float(r.metrics.get("seconds", 0.0)), 2) for _, r in ok],
+                      "secagg": cfg.secagg}
+            if ok:
+                if cfg.secagg:  # every result carries the same SecAgg+ aggregate (the weighted mean)
+                    delta = parameters_to_ndarrays(ok[0][1].parameters)
+                else:
+                    delta = fedavg([parameters_to_ndarrays(r.parameters) for _, r in ok],
+                                   [float(r.num_examples) for _, r in ok])
+                new = add(owner.global_arrays, [d.astype(np.float32) for d in delta])
+                record["update_norm"] = float(np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in delta)))
+            else:
+                log.warning("round %d: no update arrived; the adapter stays as it was", rnd)
+                new = owner.global_arrays
+            record["fit_seconds"] = round(time.perf_counter() - self.t0.get(rnd, time.perf_counter()), 2)
+            record["bytes_to_clients"] = counter.sent.get(counter.phase, 0)
+            record["bytes_from_clients"] = counter.received.get(counter.phase, 0)
+            owner.checkpoint(rnd, new, record)
+            return ndarrays_to_parameters(new), {}
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            rnd = self._round(server_round)
+            if owner.done < rnd:  # the fit stage halted (e.g. SecAgg+ lost too many clients)
+                owner.checkpoint(rnd, owner.global_arrays, {"round": rnd, "clients": [], "failures": None,
+                                                            "note": "the round produced no aggregate"})
+            counter.phase = f"eval-{rnd}"
+            self.t_eval = time.perf_counter()
+            clients = client_manager.sample(num_clients=len(accepted), min_num_clients=1, criterion=Accepted())
+            params = ndarrays_to_parameters(owner.global_arrays)
+            return [(c, EvaluateIns(params, self._config(rnd))) for c in clients]
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            rnd = self._round(server_round)
+            pairs = [(r.loss, r.num_examples) for _, r in results if r.num_examples > 0]
+            loss = _wmean(pairs)
+            rec = owner.state["rounds"][-1]
+            rec["val_loss"] = loss
+            rec["val_tokens"] = int(sum(n for _, n in pairs))
+            rec["val_clients"] = len(pairs)
+            rec["eval_seconds"] = round(time.perf_counter() - self.t_eval, 2)
+            rec["eval_bytes_to_clients"] = counter.sent.get(counter.phase, 0)
+            rec["eval_bytes_from_clients"] = counter.received.get(counter.phase, 0)
+            owner.save_state()
+            log.info("round %d: validation loss of the aggregated adapter %.4f", rnd, loss or float("nan"))
+            return loss, {}
+
+    return OffsiteFedProx()
+
+
+def _wmean(pairs):
+    pairs = [(float(v), float(w)) for v, w in pairs if v is not None and w]
+    tot = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / tot if tot else None
+
+
+def _failure_reason(f) -> str:
+    if isinstance(f, BaseException):
+        return " ".join(str(f).split())[:200] or type(f).__name__
+    _, res = f if isinstance(f, tuple) else (None, f)
+    status = getattr(res, "status", None)
+    return " ".join(str(getattr(status, "message", res)).split())[:200]
+
+
+# ---------------------------------------------------------------------------------------------
+# handshake and the ServerApp
+
+
+def handshake(grid, owner: Owner, counter: ByteCounter) -> dict[int, dict]:
+    """Wait for the nodes, learn what each holds, ship the bundle where needed; returns the
+    accepted ``node_id -> properties`` and records the refused ones with their reason."""
+    from flwr.app import Message
+    from flwr.common import GetPropertiesIns
+    from flwr.common.constant import MessageTypeLegacy
+    from flwr.compat.common.recorddict_compat import getpropertiesins_to_recorddict, recorddict_to_getpropertiesres
+
+    cfg = owner.cfg
+    deadline = time.time() + cfg.node_timeout
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < cfg.clients:
+        if time.time() > deadline:
+            raise OffsiteError(f"only {len(nodes)} of {cfg.clients} data owners connected within {cfg.node_timeout:g} s")
+        time.sleep(0.5)
+        nodes = sorted(grid.get_node_ids())
+    base = {"emulator_digest": owner.manifest["digest"], "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+            "max_length": cfg.max_length}
+
+    def ask(node_ids, config):
+        msgs = [Message(content=getpropertiesins_to_recorddict(GetPropertiesIns(config)), dst_node_id=n,
+                        message_type=MessageTypeLegacy.GET_PROPERTIES) for n in node_ids]
+        out = {}
+        for reply in grid.send_and_receive(msgs, timeout=cfg.round_timeout):
+            n = reply.metadata.src_node_id
+            if reply.has_error():
+                out[n] = {"error": " ".join(str(reply.error.reason).split())[:300]}
+            else:
+                out[n] = dict(recorddict_to_getpropertiesres(reply.content).properties)
+        for n in node_ids:
+            out.setdefault(n, {"error": "no reply"})
+        return out
+
+    counter.phase = "setup"
+    props = ask(nodes, base)
+    need = [n for n, p in props.items() if "error" not in p and not p.get("emulator_digest")]
+    if need and cfg.ship_emulator:
+        t0 = time.perf_counter()
+        props.update(ask(need, {**base, **owner.ship_files()}))
+        owner.state["ship_seconds"] = round(time.perf_counter() - t0, 2)
+    accepted, refused = {}, {}
+    for n, p in sorted(props.items()):
+        reason = None
+        if "error" in p:
+            reason = p["error"]
+        elif p.get("emulator_digest") != owner.manifest["digest"]:
+            reason = (f"holds emulator {str(p.get('emulator_digest'))[:12] or 'none'}, the federation's is "
+                      f"{owner.manifest['digest'][:12]}")
+        elif p.get("adapter_digest") != owner.adapter_digest:
+            reason = "its adapter does not match the emulator's digest"
+        if reason:
+            refused[n] = f"data owner {p.get('partition', n)} refused: {reason}"
+            log.warning(refused[n])
+        else:
+            accepted[n] = p
+    owner.state["clients"] = {str(p.get("partition", n)): {"node_id": n, "train_examples": p.get("train_examples"),
+                                                          "val_examples": p.get("val_examples")}
+                              for n, p in accepted.items()}
+    owner.state["refused"] = {str(n): r for n, r in refused.items()}
+    owner.state["setup_bytes"] = {"to_clients": counter.sent.get("setup", 0),
+                                  "from_clients": counter.received.get("setup", 0)}
+    owner.save_state()
+    if not accepted:
+        raise OffsiteError("no data owner was accepted: " + "; ".join(refused.values()))
+    if cfg.secagg and len(accepted) < 2:
+        raise OffsiteError("secure aggregation needs at least 2 accepted data owners; "
+                           + ("; ".join(refused.values()) or "pass --no-secagg"))
+    return accepted
+
+
+def run_server(grid, context, cfg: FederationConfig) -> None:
+    """The ServerApp's body (both engines)."""
+    from flwr.server import ServerConfig
+    from flwr.server.compat import LegacyContext
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    owner = Owner(cfg)
+    owner.done_at_start = owner.done
+    counter = ByteCounter()
+    grid = CountingGrid(grid, counter)
+    try:
+        if owner.done >= cfg.rounds:
+            log.info("all %d rounds are checkpointed in %s; nothing to do", cfg.rounds, cfg.out)
+            owner.finish(counter)
+            return
+        accepted = handshake(grid, owner, counter)
+        strategy = make_strategy(owner, accepted, counter)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds - owner.done,
+                                                                    round_timeout=cfg.round_timeout),
+                               strategy=strategy)
+        fit_workflow = None
+        if cfg.secagg:
+            max_weight = cfg.secagg_max_weight or float(max(int(p.get("train_examples") or 1)
+                                                            for p in accepted.values()))
+            owner.state["secagg_max_weight"] = max_weight
+            fit_workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=cfg.secagg_threshold,
+                                              max_weight=max_weight, clipping_range=cfg.secagg_clip,
+                                              quantization_range=cfg.secagg_quantization,
+                                              modulus_range=1 << 32, timeout=cfg.round_timeout)
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+        owner.finish(counter)
+    except Exception as exc:
+        owner.state["status"] = "failed"
+        owner.state["error"] = " ".join(str(exc).split())[:300] or type(exc).__name__
+        owner.save_state()
+        raise
+
+
+def make_server_app(cfg: FederationConfig | None = None):
+    """The owner's ServerApp; without ``cfg`` it reads the JSON file named by the run config key
+    ``offsite-config`` (deployment)."""
+    from flwr.server import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        from .core import read_config
+
+        run_server(grid, context, cfg or read_config(context.run_config["offsite-config"]))
+
+    return app

@@ -1,0 +1,303 @@
+"""Federated offsite-tuning on Flower (tiny random models): FedAvg, SecAgg+, resume, refusal,
+partitions, and both engines (simulation with Ray actors, deployment with SuperLink/SuperNodes)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr")
+
+from offsite.errors import OffsiteError  # noqa: E402
+from offsite.federated.core import FederationConfig, fedavg  # noqa: E402
+from offsite.federated.partition import make_shards, split_indices, write_shards  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation and partitions (no Flower run)
+
+
+def test_fedavg_of_identical_updates_is_that_update():
+    rng = np.random.default_rng(0)
+    u = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32)]
+    agg = fedavg([u, [a.copy() for a in u], [a.copy() for a in u]], [3, 100, 17])
+    for a, b in zip(agg, u):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+
+
+def test_fedavg_weights_follow_example_counts():
+    a = [np.full((2, 2), 1.0, np.float32)]
+    b = [np.full((2, 2), 5.0, np.float32)]
+    np.testing.assert_allclose(fedavg([a, b], [30, 10])[0], np.full((2, 2), 2.0))  # (30*1 + 10*5) / 40
+    np.testing.assert_allclose(fedavg([a, b], [1, 3])[0], np.full((2, 2), 4.0))
+    with pytest.raises(OffsiteError):
+        fedavg([a, b], [0, 0])
+
+
+def test_partitions_are_reproducible_and_skewed():
+    labels = [i % 4 for i in range(400)]
+    p1 = split_indices(labels, 4, "dirichlet", alpha=0.3, seed=7)
+    assert p1 == split_indices(labels, 4, "dirichlet", alpha=0.3, seed=7)
+    assert p1 != split_indices(labels, 4, "dirichlet", alpha=0.3, seed=8)
+    assert sorted(i for s in p1 for i in s) == list(range(400))  # a partition: every example once
+    share = [max(np.bincount([labels[i] for i in s], minlength=4)) / len(s) for s in p1]
+    iid = split_indices(labels, 4, "iid", seed=7)
+    assert sorted(len(s) for s in iid) == [100] * 4
+    iid_share = [max(np.bincount([labels[i] for i in s], minlength=4)) / len(s) for s in iid]
+    assert np.mean(share) > np.mean(iid_share) + 0.1  # alpha 0.3 concentrates labels
+    with pytest.raises(OffsiteError, match="alpha"):
+        split_indices(labels, 4, "dirichlet", alpha=0.0)
+    with pytest.raises(OffsiteError, match="cannot give"):
+        split_indices(labels[:5], 4)
+
+
+def test_partition_of_a_file(tmp_path):
+    f = tmp_path / "mc.jsonl"
+    f.write_text("".join(json.dumps({"question": f"q{i}", "choices": ["a", "b"], "answer": "ab"[i % 2]}) + "\n"
+                         for i in range(40)))
+    shards = make_shards(str(f), 3, "dirichlet", alpha=1.0, seed=1)
+    out = write_shards(shards, tmp_path / "shards")
+    info = json.loads((out / "partition.json").read_text())
+    assert sum(s["examples"] for s in info["shards"]) == 40
+    from offsite.tune import file_data
+
+    assert sum(len(file_data(str(out / f"client-{k}.jsonl")).items) for k in range(3)) == 40
+    with pytest.raises(OffsiteError, match="label field"):
+        make_shards(str(f), 3, label_field="topic")
+
+
+def test_bad_command_lines_exit_2_with_one_line(tmp_path, capsys):
+    from offsite.cli import main
+
+    assert main(["federate", "partition", "--task", "arc_easy", "--clients", "4", "--alpha", "-1",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert main(["federate", "run", "--emulator", str(tmp_path / "none"), "--shards", str(tmp_path),
+                 "--clients", "2", "--out", str(tmp_path / "o")]) == 2
+    assert main(["federate", "run", "--emulator", str(tmp_path), "--shards", str(tmp_path),
+                 "--clients", "1", "--out", str(tmp_path / "o")]) == 2  # SecAgg+ needs two
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert "at least 2 clients" in err[2]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# real Flower runs on a tiny model
+
+
+@pytest.fixture(scope="module")
+def fed_setup(tmp_path_factory):
+    from conftest import make_tokenizer, tiny_model
+
+    from offsite.bundle import save_emulator
+    from offsite.emulator import build_emulator
+
+    root = tmp_path_factory.mktemp("fed")
+    tok = make_tokenizer()
+    save_emulator(build_emulator("uniform", tiny_model("llama", 6, seed=0), tok, "tiny", "2,2", keep=1), root / "emu")
+    # a data owner holding an emulator of another model (other starting adapter, other digest)
+    save_emulator(build_emulator("uniform", tiny_model("llama", 6, seed=1), tok, "tiny", "2,2", keep=1), root / "other")
+    rng = random.Random(0)
+    (root / "shards").mkdir()
+    for c, n in enumerate((14, 26, 10)):
+        with open(root / "shards" / f"client-{c}.jsonl", "w") as f:
+            for _ in range(n):
+                a = rng.randint(0, 9)
+                f.write(json.dumps({"prompt": f"Q: {a}+{c}=", "completion": f" {a + c}"}) + "\n")
+    return root
+
+
+def _cfg(root, name, clients, rounds, secagg):
+    return FederationConfig(emulator=str(root / "emu"), out=str(root / name), clients=clients, rounds=rounds,
+                            local_steps=2, batch_size=4, micro_batch_size=4, lr=3e-4, max_length=48,
+                            secagg=secagg, round_timeout=600, node_timeout=300)
+
+
+def _adapter(path):
+    from offsite.bundle import load_adapter
+
+    return load_adapter(path).state
+
+
+def _max_diff(a, b):
+    assert sorted(a) == sorted(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def plain_run(fed_setup):
+    """FedAvg without SecAgg+ on the simulation engine: 3 data owners, owner 2 holding another emulator."""
+    from offsite.federated.run import run_simulation
+
+    cfg = _cfg(fed_setup, "plain", 3, 2, secagg=False)
+    state = _simulate(cfg, fed_setup, emulators={2: str(fed_setup / "other")})
+    return cfg, state
+
+
+def _simulate(cfg, root, **kw):
+    from offsite.federated.client import make_client_app
+    from offsite.federated.run import finished_state
+    from offsite.federated.server import make_server_app
+    from flwr.simulation import run_simulation
+
+    run_simulation(server_app=make_server_app(cfg),
+                   client_app=make_client_app(str(root / "shards"), str(root / cfg.out / "clients"), secagg=cfg.secagg,
+                                              **kw),
+                   num_supernodes=cfg.clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 1, "include_dashboard": False}})
+    return finished_state(cfg)
+
+
+def test_simulation_round_trip_and_refusal(plain_run, fed_setup):
+    cfg, state = plain_run
+    assert state["status"] == "finished" and len(state["rounds"]) == 2
+    # the owner of another emulator is refused at the handshake, with one line naming why
+    assert len(state["refused"]) == 1
+    reason = next(iter(state["refused"].values()))
+    assert "\n" not in reason and "data owner 2 refused" in reason and "emulator" in reason
+    for r in state["rounds"]:
+        assert r["clients"] == [0, 1] and r["failures"] == 0
+        assert r["examples"] == [state["clients"]["0"]["train_examples"], state["clients"]["1"]["train_examples"]]
+        assert r["val_loss"] is not None and r["val_loss"] > 0
+        assert r["bytes_to_clients"] > 0 and r["bytes_from_clients"] > 0
+    # the emulator bundle went to the two owners without one, once (setup bytes), not every round
+    bundle_bytes = sum(f.stat().st_size for f in (fed_setup / "emu").iterdir())
+    assert state["setup_bytes"]["to_clients"] >= 2 * bundle_bytes
+    # every round is a loadable adapter bundle for the emulator, and the final one is the last round's
+    first, last = _adapter(fed_setup / "plain" / "rounds" / "round-0001"), _adapter(fed_setup / "plain" / "adapter")
+    assert _max_diff(last, _adapter(fed_setup / "plain" / "rounds" / "round-0002")) == 0
+    assert _max_diff(first, last) > 0
+    from offsite.bundle import load_emulator
+    from offsite.plug import plug_into_emulator
+    from offsite.bundle import load_adapter
+
+    plug_into_emulator(load_emulator(fed_setup / "emu"), load_adapter(fed_setup / "plain" / "adapter"))
+
+
+def test_secagg_aggregate_equals_plain_fedavg(plain_run, fed_setup):
+    """The same clients, the same starting adapter, one round: the SecAgg+ sum (masked, quantized,
+    unmasked by Flower's protocol) gives the plain FedAvg of the same updates to float tolerance."""
+    cfg = _cfg(fed_setup, "secagg", 2, 1, secagg=True)
+    state = _simulate(cfg, fed_setup)
+    assert state["rounds"][0]["secagg"] and state["rounds"][0]["clients"] == [0, 1]
+    plain_r1 = _adapter(fed_setup / "plain" / "rounds" / "round-0001")
+    sec_r1 = _adapter(fed_setup / "secagg" / "rounds" / "round-0001")
+    init = load_init(fed_setup)
+    update = max(float((plain_r1[k] - init[k]).abs().max()) for k in init)
+    assert update > 1e-4  # the round moved the adapter
+    assert _max_diff(plain_r1, sec_r1) < 1e-6
+    # SecAgg+ sends more bytes back (masked integers, keys, shares)
+    assert state["rounds"][0]["bytes_from_clients"] > plain_run[1]["rounds"][0]["bytes_from_clients"]
+
+
+def load_init(root):
+    from offsite import adapters
+    from offsite.bundle import load_emulator
+
+    emu = load_emulator(root / "emu")
+    return adapters.extract(emu.model, emu.adapter_positions, "full")
+
+
+def test_resume_from_a_round_checkpoint_gives_the_same_adapter(plain_run, fed_setup):
+    """A server stopped after round 1 leaves round-0001 and federation.json naming one round; run
+    again, it resumes with round 2 and ends with the adapter of the uninterrupted run."""
+    src, dst = fed_setup / "plain", fed_setup / "resumed"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("clients", "adapter", "round-0002"))
+    st = json.loads((dst / "federation.json").read_text())
+    st["rounds"] = st["rounds"][:1]
+    st["status"] = "stopped"
+    (dst / "federation.json").write_text(json.dumps(st))
+    cfg = _cfg(fed_setup, "resumed", 3, 2, secagg=False)
+    state = _simulate(cfg, fed_setup, emulators={2: str(fed_setup / "other")})
+    assert [r["round"] for r in state["rounds"]] == [1, 2]
+    assert _max_diff(_adapter(dst / "adapter"), _adapter(src / "adapter")) == 0
+    # other settings in the same directory are refused with one line
+    from offsite.federated.server import Owner
+
+    with pytest.raises(OffsiteError, match="other settings"):
+        Owner(_cfg(fed_setup, "resumed", 3, 2, secagg=True))
+
+
+def test_client_refuses_an_adapter_for_another_emulator(fed_setup):
+    from offsite.federated.client import make_client_fn
+    from flwr.app import Context, RecordDict
+
+    fn = make_client_fn(str(fed_setup / "shards"), str(fed_setup / "refusal"), emulators={0: str(fed_setup / "emu")})
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    client = fn(ctx)
+    cfg = {"emulator_digest": "0" * 64, "round": 1, "lr": 1e-3, "local_steps": 1, "batch_size": 2,
+           "micro_batch_size": 2, "max_length": 32, "seed": 1, "val_fraction": 0.1}
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    with pytest.raises(OffsiteError) as e:
+        client.fit(FitIns(ndarrays_to_parameters([]), cfg))
+    assert "refuses the round" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_deployment_engine_on_loopback(plain_run, fed_setup):
+    """A SuperLink and 2 SuperNodes as processes on 127.0.0.1 (each with its own data file), the
+    run submitted with `flwr run`, SecAgg+ on: 2 rounds finish, and round 1 is the simulation's."""
+    from offsite.federated.deploy import run_deployment
+
+    cfg = _cfg(fed_setup, "deployed", 2, 2, secagg=True)
+    state = run_deployment(cfg, [fed_setup / "shards" / f"client-{i}.jsonl" for i in range(2)], timeout=900)
+    assert state["status"] == "finished" and [r["round"] for r in state["rounds"]] == [1, 2]
+    assert all(r["clients"] == [0, 1] and r["val_loss"] is not None for r in state["rounds"])
+    assert state["setup_bytes"]["to_clients"] > 0  # the bundle went over Flower
+    assert _max_diff(_adapter(fed_setup / "deployed" / "rounds" / "round-0001"),
+                     _adapter(fed_setup / "plain" / "rounds" / "round-0001")) < 1e-6
+    logs = {p.name for p in (fed_setup / "deployed" / "deploy").glob("*.log")}
+    assert {"superlink.log", "supernode-0.log", "supernode-1.log"} <= logs
+
+
+def test_a_data_owner_dying_mid_round_does_not_stop_the_run(fed_setup):
+    """SecAgg+, 3 data owners; owner 2's ClientApp dies in round 2 after one local step. Flower
+    counts it as a failure, SecAgg+ rebuilds its masks from the others' shares, round 2 aggregates
+    owners 0 and 1, and the run finishes."""
+    cfg = _cfg(fed_setup, "dying", 3, 2, secagg=True)
+    state = _simulate(cfg, fed_setup, fail={"partition": 2, "round": 2, "after_steps": 1})
+    r1, r2 = state["rounds"]
+    assert r1["clients"] == [0, 1, 2] and r1["failures"] == 0
+    # SecAgg+ counts the dead client once per protocol stage it misses
+    assert r2["clients"] == [0, 1] and r2["failures"] >= 1 and r2["val_loss"] is not None
+    assert state["status"] == "finished"
+    assert _max_diff(_adapter(fed_setup / "dying" / "adapter"),
+                     _adapter(fed_setup / "dying" / "rounds" / "round-0001")) > 0  # round 2 moved it
+
+
+def test_owner_plugs_in_the_federated_adapter_and_scores_the_table(tmp_path, tokenizer):
+    """The owner's last step (no Flower here): the adapter of the last round checkpoint plugged
+    into the full model, the table's rows and the per-round records in the results format."""
+    from conftest import tiny_model
+
+    from offsite.bundle import save_emulator
+    from offsite.data.own import resolve_task
+    from offsite.emulator import build_emulator
+    from offsite.federated.run import evaluate_federated
+    from offsite.federated.server import ByteCounter, Owner
+
+    model = tiny_model("llama", 6, seed=0)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    save_emulator(build_emulator("uniform", model, tokenizer, "tiny", "2,2", keep=1), tmp_path / "emu")
+    cfg = FederationConfig(emulator=str(tmp_path / "emu"), out=str(tmp_path / "fed"), clients=2, rounds=1,
+                           secagg=False)
+    owner = Owner(cfg)
+    moved = [a + 0.01 for a in owner.initial]
+    owner.checkpoint(1, moved, {"round": 1, "clients": [0, 1], "val_loss": 1.5, "bytes_to_clients": 10,
+                                "bytes_from_clients": 20, "fit_seconds": 0.1})
+    owner.finish(ByteCounter())
+    (tmp_path / "mc.jsonl").write_text("".join(
+        json.dumps({"question": f"{i}+1=?", "choices": [str(i + 1), str(i + 2)], "answer": str(i + 1)}) + "\n"
+        for i in range(6)))
+    records, notes = evaluate_federated(str(tmp_path / "tiny"), cfg, resolve_task(str(tmp_path / "mc.jsonl")), 5, 0)
+    rows = {(r["row"], r["metric"]) for r in records}
+    assert {("full_zs", "acc"), ("emu_ft", "acc"), ("plugin", "acc"), ("federated_round", "val_loss"),
+            ("federated_round", "bytes_to_clients")} <= rows
+    assert all(r["n"] == 5 for r in records if r["metric"] == "acc")
+    assert json.loads((tmp_path / "fed" / "federation.json").read_text())["status"] == "finished"
