@@ -5,7 +5,7 @@
 Stages, each written into ``bench/results/federated.json`` as soon as it is done (a rerun skips
 the stages already there; ``--fresh`` starts over):
 
-1. the owner's emulator, ``uniform --keep 20`` (adapter 2,2), and the shards
+1. the owner's emulator, ``uniform --keep 20`` (adapter 2,2) or the bundle ``--emulator DIR``, and the shards
    (``offsite federate partition``: arc_easy's training split, 4 clients, Dirichlet alpha 0.5, seed 0);
 2. ``fed-secagg``: the federation on Flower's simulation engine with SecAgg+ (R rounds x L local
    steps x 4 clients = S optimizer steps in all), its per-round validation loss and bytes;
@@ -50,7 +50,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=4)
-    ap.add_argument("--keep", type=int, default=20)
+    ap.add_argument("--keep", type=int, default=20, help="the emulator built when --emulator is not given: uniform --keep K")
+    ap.add_argument("--emulator", help="an emulator bundle (adapter 2,2) to use instead, e.g. a gradmatch one; "
+                                       "copied into the work directory")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--work", default=str(ROOT / "runs" / "federated-bench"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "federated.json"))
@@ -86,9 +88,16 @@ def main() -> None:
     steps = args.rounds * args.local_steps * CLIENTS
     budget = {"rounds": args.rounds, "local_steps": args.local_steps, "clients": CLIENTS, "total_steps": steps,
               "batch_size": 8, "lr": 1e-4, "schedule": "linear", "eval_limit": args.limit, "alpha": ALPHA,
-              "keep": args.keep}
+              "keep": args.keep, "emulator": args.emulator}
     doc["meta"]["budget"] = budget
-    base = {"model": MODEL, "task": TASK, "method": "uniform", "setting": {"adapter_layers": [2, 2], "keep": args.keep}}
+    method = "uniform"
+    if args.emulator:
+        from offsite.bundle import load_emulator_manifest
+
+        method = load_emulator_manifest(args.emulator)["method"]
+        budget["keep"] = None
+    setting = {"adapter_layers": [2, 2], "keep": args.keep} if not args.emulator else {"adapter_layers": [2, 2]}
+    base = {"model": MODEL, "task": TASK, "method": method, "setting": setting}
 
     def save():
         write_results(out, doc["meta"], doc["records"], stages=doc["stages"], partial=doc.get("partial", {}),
@@ -105,7 +114,10 @@ def main() -> None:
 
     # 1. emulator and shards
     emu_dir, shard_dir = work / "emulator", work / "shards"
-    if not (emu_dir / "manifest.json").is_file():
+    if not (emu_dir / "manifest.json").is_file() and args.emulator:
+        load_emulator(args.emulator)  # verified (digests, schema) before it is used
+        shutil.copytree(args.emulator, emu_dir, dirs_exist_ok=True)
+    elif not (emu_dir / "manifest.json").is_file():
         from offsite.emulator import build_emulator
         from offsite.models.load import load_model
 
@@ -140,7 +152,7 @@ def main() -> None:
         except OSError:
             pass
 
-    fed_base = {**base, "method": "uniform", "setting": {**base["setting"], "federated": budget}}
+    fed_base = {**base, "setting": {**base["setting"], "federated": budget}}
     fails = {"fed-secagg": (True, None), "fed-plain": (False, None),
              "fed-killed": (True, {"partition": 2, "round": 2, "after_steps": 1})}
 
