@@ -21,8 +21,8 @@ the stages already there; ``--fresh`` starts over):
 They run in the order the comparison needs them: fed-secagg, pooled, Full ZS and the two Plug-ins,
 each owner alone, then fed-plain and fed-killed.
 
-The Ray and Flower processes keep their priority; training and evaluation run at nice 19 with one
-thread (``OFFSITE_CLIENT_NICE``), as the machine is shared.
+Training and evaluation run with one thread, at the niceness in ``$OFFSITE_CLIENT_NICE`` (default
+0; e.g. 19 on a shared machine); the Ray and Flower processes keep their priority.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OFFSITE_CLIENT_NICE", "19")
+HEAVY_NICE = int(os.environ.get("OFFSITE_CLIENT_NICE", "0"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 MODEL, TASK, CLIENTS, ALPHA = "smollm2-135m", "arc_easy", 4, 0.5
@@ -146,7 +146,7 @@ def main() -> None:
     from offsite.train import TrainConfig
     from offsite.tune import TrainingData, TuneSettings, file_data, tune_adapter
 
-    def niceness(n):  # heavy work at nice 19; Ray and Flower start at the priority they need
+    def niceness(n):  # heavy work at HEAVY_NICE; Ray and Flower start at the priority they need
         try:
             os.setpriority(os.PRIO_PROCESS, 0, n)
         except OSError:
@@ -174,7 +174,7 @@ def main() -> None:
         done(stage, info, recs)
 
     def tune(stage, data, n_steps):
-        niceness(19)
+        niceness(HEAVY_NICE)
         emu = load_emulator(emu_dir)
         settings = TuneSettings(train=TrainConfig(lr=1e-4, max_steps=n_steps, batch_size=8, micro_batch_size=8,
                                                   schedule="linear", checkpoint_every=None, progress=False,
@@ -188,7 +188,7 @@ def main() -> None:
     manifest = load_emulator_manifest(emu_dir)
 
     def evaluate(name):  # Full ZS and every Plug-in on the same documents
-        niceness(19)
+        niceness(HEAVY_NICE)
         stage = f"plugin:{name}" if name != "full_zs" else "full_zs"
         adapter_dir = None if name == "full_zs" else work / name / "adapter"
         if adapter_dir is not None and not (adapter_dir / "manifest.json").is_file():
