@@ -26,7 +26,8 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
   names whose *first* ``--correction-n`` training examples are pooled), added to every training
   gradient of the data owner (the linear term ``<c, θ>`` in its loss). ``--correction-every K``
   recomputes ``c`` at the data owner's current adapter every ``K`` steps (an interactive protocol:
-  the owner sees each intermediate adapter).
+  the owner sees each intermediate adapter); ``--correction-norm`` scales ``g_full`` to
+  ``g_emulator``'s norm first, tensor by tensor.
 * ``--repair SOURCE:N:lm|kl`` — the owner first tunes the adapter on the emulator with ``N`` public QA
   pairs (the *last* ``N`` of ``SOURCE``'s training split; LM loss on the answers, or KL to the full
   model's next-token distribution on every token), ships that adapter, and plugs in only the data
@@ -319,11 +320,12 @@ def tune(model, emu, data, settings, corr=None, refresh=None, only_bottom=False)
     return adapter_bundle(emu, settings.adapter, state)
 
 
-def refresher(model, emu, sources, n, every):
+def refresher(model, emu, sources, n, every, norm=False):
     """A ``refresh`` for :func:`tune`: ``g_full − g_emulator`` (mean-token gradients over the first
     ``n`` training examples of every source, pooled) at the adapter in ``params``; every ``every``
     steps during tuning it is the data owner's current adapter (an interactive protocol: the owner
-    sees every intermediate adapter)."""
+    sees every intermediate adapter). ``norm``: ``g_full`` is first scaled, tensor by tensor, to
+    ``g_emulator``'s norm, so that ``c`` corrects the direction and not the scale."""
     from offsite.probe import ProbeOptions, task_probe_examples
     from offsite.train import causal_lm_loss, collate, count_targets
 
@@ -351,6 +353,8 @@ def refresher(model, emu, sources, n, every):
                 fparams[f].copy_(params[e])
         ge = grads(emu.model, [params[e] for e, _ in names])
         gf = grads(full, [fparams[f] for _, f in names])
+        if norm:
+            gf = [b * (a.norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ge, gf)]
         return {e: b - a for (e, _), a, b in zip(names, ge, gf)}
 
     refresh.every = every
@@ -437,11 +441,14 @@ def cmd_run(a) -> None:
     theta_r = {k: v.clone() for k, v in emu.adapter_state().items()}
     corr = refresh = None
     if a.correction:
-        refresh = refresher(model, emu, a.correction.split(","), a.correction_n, a.correction_every)
+        refresh = refresher(model, emu, a.correction.split(","), a.correction_n, a.correction_every,
+                            a.correction_norm)
         corr = correction(emu, refresh)
         rec["cv"] = [a.correction, a.correction_n, 1.0]
         if a.correction_every:
             rec["cv"].append(a.correction_every)
+        if a.correction_norm:
+            rec["cv_norm"] = True
         else:
             refresh = None
     t1 = time.time()
@@ -530,7 +537,8 @@ def cmd_collect(a) -> None:
 
     def key(r):
         return r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "") + "".join(f" +{name}={r[t][0]}" for t, name in (("cv", "correction"), ("repair", "repair"))
-                                   if r.get(t)) + (f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else "")
+                                   if r.get(t)) + (f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else "") + (
+            " (norm-matched)" if r.get("cv_norm") else "")
 
     for r in recs:
         layers = list(r["layers"])
@@ -696,6 +704,8 @@ def main(argv=None) -> int:
     r.add_argument("--correction-n", type=int, default=128)
     r.add_argument("--correction-every", type=int, default=0,
                    help="recompute the correction at the current adapter every N steps (0: never)")
+    r.add_argument("--correction-norm", action="store_true",
+                   help="scale g_full to g_emulator's norm (per tensor) before c = g_full - g_emulator")
     r.add_argument("--repair", default="")
     r.add_argument("--tune", choices=("all", "bottom"), default="all",
                    help="which adapter blocks the data owner trains (bottom: the top ones stay the original)")
