@@ -7,7 +7,7 @@ full model? One task, one recipe per call; the experiments behind docs/transfer.
     python bench/transfer_recipes.py run uniform:keep=13 --correction webqs    # static gradient correction
     python bench/transfer_recipes.py run uniform:keep=13 --repair webqs:512:kl # repaired adapter, delta plug-in
     python bench/transfer_recipes.py diagnose uniform:keep=13                  # where the emulator's gradient goes wrong
-    python bench/transfer_recipes.py collect                                   # -> bench/results/transfer-recipes.json
+    python bench/transfer_recipes.py collect --plot docs/img/transfer-probe.png --frontier docs/img/transfer-frontier.png
 
 A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
 
@@ -277,12 +277,22 @@ def correction(emu, refresh) -> dict[str, torch.Tensor]:
             params[e].requires_grad_(False)
 
 
+def freeze_top(emu, model) -> None:
+    """Freeze the top adapter blocks of ``model`` (the emulator's model, prepared for tuning)."""
+    from offsite.models.families import get_blocks
+
+    blocks, n_bottom = get_blocks(model), emu.adapter_layers[0]
+    for pos, src in emu.adapter_positions.items():
+        if src >= n_bottom:
+            for p in blocks[pos].parameters():
+                p.requires_grad_(False)
+
+
 def tune(model, emu, data, settings, corr=None, refresh=None, only_bottom=False):
     """The data owner's tuning (as ``offsite.tune``), with the linear term ``<c, θ>`` when ``corr``;
     ``refresh(params)`` (with ``corr``), called every ``refresh.every`` steps, recomputes ``c`` at
     the current adapter. ``only_bottom``: the top adapter blocks stay frozen."""
     from offsite import adapters
-    from offsite.models.families import get_blocks
     from offsite.train import causal_lm_loss, train
     from offsite.tune import TrainingData, adapter_bundle, split_validation, tokenize, tune_adapter
 
@@ -291,11 +301,7 @@ def tune(model, emu, data, settings, corr=None, refresh=None, only_bottom=False)
     positions = emu.adapter_positions
     m = adapters.prepare(emu.model, positions, settings.adapter, settings.lora)
     if only_bottom:
-        blocks = get_blocks(m)
-        for pos, src in positions.items():
-            if src >= N_LAYERS // 2:
-                for p in blocks[pos].parameters():
-                    p.requires_grad_(False)
+        freeze_top(emu, m)
     params = dict(m.named_parameters())
     corr = corr if corr is not None else {}
 
@@ -579,6 +585,8 @@ def cmd_collect(a) -> None:
     print(markdown(out, task))
     if a.plot:
         print(scatter(out, task, Path(a.plot)))
+    if a.frontier:
+        frontier(out, task, Path(a.frontier))
 
 
 def _ranks(xs: list[float]) -> list[float]:
@@ -646,6 +654,47 @@ def scatter(records: list[dict], task: str, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return "; ".join(line)
+
+
+def frontier(records: list[dict], task: str, path: Path) -> None:
+    """Transfer against the gap, one line per emulator family as its size varies (recipes without a
+    treatment; a family is the recipe with its size option, ``keep`` or ``width``, left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts: dict[str, dict] = {}
+    for r in records:
+        if r["method"] is None or "+" in r["method"] or r["row"] not in ("emu_ft", "plugin"):
+            continue
+        k = (r["method"], tuple(r["setting"]["adapter_layers"]))
+        c = pts.setdefault(k, {"frac": r["middle_fraction"]})
+        c["transfer" if r["metric"] == "transfer" else r["row"]] = r
+    lines: dict[str, list] = {}
+    for (kind, _), c in pts.items():
+        if "transfer" in c and "emu_ft" in c and c["transfer"]["value"] is not None:
+            family = ":".join(x for x in kind.split(":") if not x.startswith(("keep=", "width=")))
+            gap = 100 * (c["plugin"]["value"] - c["emu_ft"]["value"])
+            lines.setdefault(family, []).append((c["frac"], gap, c["transfer"]["value"], c["transfer"]["stderr"]))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for family, p in sorted(lines.items()):
+        p.sort()
+        ax.errorbar([x[1] for x in p], [x[2] for x in p], yerr=[x[3] for x in p], marker="o", capsize=3,
+                    label=family)
+        for frac, gap, t, _ in p:
+            ax.annotate(f"{100 * frac:.0f} %", (gap, t), fontsize=7, xytext=(4, -9), textcoords="offset points")
+    ax.axhline(0.7, color="tab:green", ls="--", lw=0.8)
+    ax.axvline(5, color="tab:green", ls="--", lw=0.8)
+    ax.annotate("the bar: transfer >= 0.7 at a gap >= 5", (5.3, 0.72), fontsize=7, color="tab:green")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("gap = Plug-in − Emulator FT (points; larger: more privacy)")
+    ax.set_ylabel(f"transfer on {task} (Plug-in gain / ceiling gain)")
+    ax.set_title(f"Transfer against gap as the emulator's size varies (labels: middle kept), {task}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def markdown(records: list[dict], task: str) -> str:
@@ -719,6 +768,7 @@ def main(argv=None) -> int:
     c.add_argument("--task", default="arc_easy")
     c.add_argument("--limit", type=int, default=500)
     c.add_argument("--plot", help="also draw transfer against the probe into this PNG")
+    c.add_argument("--frontier", help="also draw transfer against the gap, per method as its size varies, into this PNG")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     {"run": cmd_run, "diagnose": cmd_diagnose, "collect": cmd_collect}[a.cmd](a)

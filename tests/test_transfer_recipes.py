@@ -60,3 +60,51 @@ def test_refit_cuts_the_error_of_a_pruned_middle(tokenizer):
     full, got = _middle_output(model, refit, b)
     _, got_plain = _middle_output(model, plain, b)
     assert _rel(got, full) < 0.75 * _rel(got_plain, full)  # measured: 0.34 against 0.56
+
+
+def test_tune_bottom_freezes_only_the_top_adapter_blocks(tokenizer):
+    from offsite import adapters
+    from offsite.emulator import build_emulator
+    from offsite.models.families import get_blocks
+
+    emu = build_emulator("uniform", tiny_model("llama", 6), tokenizer, "tiny", "2,1", keep=1)
+    m = adapters.prepare(emu.model, emu.adapter_positions, "full")
+    recipes.freeze_top(emu, m)
+    blocks = get_blocks(m)
+    trains = {src: all(p.requires_grad for p in blocks[pos].parameters())
+              for pos, src in emu.adapter_positions.items()}
+    assert trains == {0: True, 1: True, 5: False}
+
+
+def _record(kind, plugin=None, zs=None, **extra):
+    r = {"kind": kind, "layers": [2, 2], "frac": 1.0 if kind.endswith("keep=26") else 0.5, **extra}
+    if plugin is not None:
+        r["plugin_arc_easy"], r["plugin_pred_arc_easy"] = sum(plugin) / len(plugin), plugin
+    if zs is not None:
+        r["emu_zs_arc_easy"], r["emu_zs_pred_arc_easy"] = sum(zs) / len(zs), zs
+    return r
+
+
+def test_collect_computes_transfer_per_ceiling_and_keeps_recipes_without_records(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    results, records = tmp_path / "r.json", tmp_path / "r.records.jsonl"
+    monkeypatch.setattr(recipes, "RESULTS", results)
+    monkeypatch.setattr(recipes, "RECORDS", records)
+    old = {"model": "m", "task": "arc_easy", "method": "prune:width=511", "setting": {"adapter_layers": [2, 2]},
+           "middle_fraction": 0.5,
+           "row": "plugin", "metric": "acc", "value": 0.5, "n": 4}
+    stale = {**old, "method": "uniform:keep=13", "value": 0.1}  # re-measured below: replaced
+    results.write_text(json.dumps({"meta": {}, "records": [old, stale]}))
+    zs, ceil, ceil_bottom = [0, 0, 1, 0], [1, 1, 1, 0], [1, 0, 1, 0]
+    lines = [_record("uniform:keep=26", plugin=ceil, zs=zs), _record("uniform:keep=26", plugin=ceil_bottom, tune="bottom"),
+             _record("uniform:keep=13", plugin=[1, 0, 1, 0]), _record("uniform:keep=13", plugin=[1, 0, 1, 0], tune="bottom")]
+    records.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    recipes.cmd_collect(argparse.Namespace(task="arc_easy", limit=4, plot=None, frontier=None))
+    out = json.loads(results.read_text())["records"]
+    assert old in out and stale not in out
+    t = {r["method"]: r["value"] for r in out if r["metric"] == "transfer"}
+    # (Plug-in - Full ZS) / (ceiling - Full ZS), against the ceiling tuned the same way
+    assert t == {"uniform:keep=13": 0.5, "uniform:keep=13 +tune=bottom": 1.0}
+    assert {r["method"] for r in out if r["row"] == "ceiling"} == {"uniform:keep=26", "uniform:keep=26 +tune=bottom"}
