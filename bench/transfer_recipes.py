@@ -357,11 +357,12 @@ def refresher(model, emu, sources, n, every, norm=False):
         with torch.no_grad():
             for e, f in names:
                 fparams[f].copy_(params[e])
-        ge = grads(emu.model, [params[e] for e, _ in names])
-        gf = grads(full, [fparams[f] for _, f in names])
+        live = [(e, f) for e, f in names if params[e].requires_grad]  # --tune bottom: the bottom blocks
+        ge = grads(emu.model, [params[e] for e, _ in live])
+        gf = grads(full, [fparams[f] for _, f in live])
         if norm:
             gf = [b * (a.norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ge, gf)]
-        return {e: b - a for (e, _), a, b in zip(names, ge, gf)}
+        return {e: b - a for (e, _), a, b in zip(live, ge, gf)}
 
     refresh.every = every
     return refresh
