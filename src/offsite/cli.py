@@ -23,7 +23,7 @@ import json
 import logging
 import sys
 
-from .cli_args import (NON_NEGATIVE, POSITIVE, add_dataclass_args, add_template_arg, add_train_args,
+from .cli_args import (NON_NEGATIVE, POSITIVE, add_dataclass_args, add_template_arg, add_train_args, command_line,
                        method_options, template, tune_settings)
 from .errors import OffsiteError
 from .federated.cli import add_parser as add_federate_parser

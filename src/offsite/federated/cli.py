@@ -14,7 +14,6 @@ full model and prints the table. Run again with the same settings, it resumes af
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from ..cli_args import POSITIVE, command_line
@@ -108,7 +107,7 @@ def _run(args) -> None:
     from ..files import check_parent
     from ..data.own import resolve_task, task_name
     from ..results import write_results
-    from .run import evaluate_federated, finished_state, run_simulation
+    from .run import evaluate_federated, run_simulation
 
     cfg = config_from_args(args)
     try:

@@ -71,7 +71,6 @@ def evaluate_federated(model_name: str, cfg: FederationConfig, task, eval_limit:
     (Full ZS, Emulator FT with the federated adapter, Plug-in). Returns (records, notes)."""
     from ..bundle import load_adapter, load_emulator
     from ..files import read_json_file
-    from ..data.own import task_name
     from ..models.load import load_model, model_display_name
     from ..plug import plug, plug_into_emulator
     from ..run import evaluate_row, row_records

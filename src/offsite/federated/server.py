@@ -18,7 +18,6 @@ history); a server started again with the same settings resumes after the last r
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
