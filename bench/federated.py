@@ -1,6 +1,6 @@
 """Federated offsite-tuning on smollm2-135m: 4 data owners with Dirichlet(0.5) shards of ARC-Easy.
 
-    python bench/federated.py            # ~40 CPU minutes on 2 cores; resumable (finished stages are kept)
+    python bench/federated.py            # about an hour on 2 cores; resumable (finished stages are kept)
 
 Stages, each written into ``bench/results/federated.json`` as soon as it is done (a rerun skips
 the stages already there; ``--fresh`` starts over):
