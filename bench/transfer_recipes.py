@@ -659,7 +659,8 @@ def scatter(records: list[dict], task: str, path: Path) -> str:
 
 def frontier(records: list[dict], task: str, path: Path) -> None:
     """Transfer against the gap, one line per emulator family as its size varies (recipes without a
-    treatment; a family is the recipe with its size option, ``keep`` or ``width``, left out)."""
+    treatment; a family is the recipe with its size option, ``keep`` or ``width``, left out), and
+    the recipes with a treatment as grey points (labelled where they transfer 0.55 or more)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -667,24 +668,35 @@ def frontier(records: list[dict], task: str, path: Path) -> None:
 
     pts: dict[str, dict] = {}
     for r in records:
-        if r["method"] is None or "+" in r["method"] or r["row"] not in ("emu_ft", "plugin"):
+        if r["method"] is None or r["row"] not in ("emu_ft", "plugin"):
             continue
         k = (r["method"], tuple(r["setting"]["adapter_layers"]))
         c = pts.setdefault(k, {"frac": r["middle_fraction"]})
         c["transfer" if r["metric"] == "transfer" else r["row"]] = r
     lines: dict[str, list] = {}
+    treated = []  # recipes with an owner-side treatment or another tuning: points, not lines
     for (kind, _), c in pts.items():
         if "transfer" in c and "emu_ft" in c and c["transfer"]["value"] is not None:
-            family = ":".join(x for x in kind.split(":") if not x.startswith(("keep=", "width=")))
+            family = ":".join(x for x in kind.split(" ")[0].split(":") if not x.startswith(("keep=", "width=")))
             gap = 100 * (c["plugin"]["value"] - c["emu_ft"]["value"])
-            lines.setdefault(family, []).append((c["frac"], gap, c["transfer"]["value"], c["transfer"]["stderr"]))
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+            point = (c["frac"], gap, c["transfer"]["value"], c["transfer"]["stderr"])
+            (treated.append((kind, *point)) if "+" in kind else lines.setdefault(family, []).append(point))
+    fig, ax = plt.subplots(figsize=(8, 5.2))
     for family, p in sorted(lines.items()):
         p.sort()
         ax.errorbar([x[1] for x in p], [x[2] for x in p], yerr=[x[3] for x in p], marker="o", capsize=3,
                     label=family)
         for frac, gap, t, _ in p:
             ax.annotate(f"{100 * frac:.0f} %", (gap, t), fontsize=7, xytext=(4, -9), textcoords="offset points")
+    if treated:
+        ax.errorbar([t[2] for t in treated], [t[3] for t in treated], yerr=[t[4] for t in treated], fmt="x",
+                    color="grey", capsize=2, label="with an owner-side treatment or bottom-only tuning")
+        best = sorted((t for t in treated if t[3] >= 0.55), key=lambda t: -t[3])
+        for i, (kind, frac, gap, t, _) in enumerate(best):
+            ax.annotate(kind.replace(" +tune=bottom", " bottom").replace("+correction=webqs every 4 steps", "corr/4")
+                        .replace(" (norm-matched)", " scaled") + f" ({100 * frac:.0f} %)", (gap, t), fontsize=6,
+                        xytext=(-250, 30 - 14 * i), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
     ax.axhline(0.7, color="tab:green", ls="--", lw=0.8)
     ax.axvline(5, color="tab:green", ls="--", lw=0.8)
     ax.annotate("the bar: transfer >= 0.7 at a gap >= 5", (5.3, 0.72), fontsize=7, color="tab:green")
