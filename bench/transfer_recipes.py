@@ -452,10 +452,10 @@ def cmd_run(a) -> None:
                             a.correction_norm)
         corr = correction(emu, refresh)
         rec["cv"] = [a.correction, a.correction_n, 1.0]
-        if a.correction_every:
-            rec["cv"].append(a.correction_every)
         if a.correction_norm:
             rec["cv_norm"] = True
+        if a.correction_every:
+            rec["cv"].append(a.correction_every)
         else:
             refresh = None
     t1 = time.time()
