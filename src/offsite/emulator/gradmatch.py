@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +60,6 @@ class GradMatchOptions(UniformOptions):
                 "match the gradients along its path (0: at the shipped adapter only)"})
     gm_rollout_lr: float = field(default=1e-4, metadata={"help": "the simulated data owner's Adam learning rate"})
     gm_seed: int = field(default=42, metadata={"help": "seed of the distillation run"})
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 @contextmanager
@@ -240,9 +236,7 @@ def match_gradients(emu: Emulator, model, train_ex: list[dict], val_ex: list[dic
     for p in emu.model.parameters():
         p.requires_grad_(False)
     emu.model.eval()
-    emu.params.update({k: getattr(opts, k) for k in ("gm_steps", "gm_lr", "gm_batch_size", "gm_output_weight",
-                                                     "gm_sources", "gm_examples", "gm_val_examples", "gm_rollout",
-                                                     "gm_rollout_lr", "gm_seed")})
+    emu.params.update({f.name: getattr(opts, f.name) for f in fields(GradMatchOptions) if f.name.startswith("gm_")})
     emu.report["gradmatch"] = {"seconds": round(time.time() - t0, 2), "tokens_seen": result.tokens_seen,
                                "best_val_loss": result.best_val_loss, "best_step": result.best_step,
                                "history": result.history}
