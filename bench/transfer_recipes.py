@@ -542,10 +542,12 @@ def cmd_collect(a) -> None:
     task = a.task
     out = []
 
-    def key(r):
-        return r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "") + "".join(f" +{name}={r[t][0]}" for t, name in (("cv", "correction"), ("repair", "repair"))
-                                   if r.get(t)) + (f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else "") + (
-            " (norm-matched)" if r.get("cv_norm") else "")
+    def key(r):  # the recipe's name in the results: emulator, then tuning and treatments
+        name = r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "")
+        name += f" +correction={r['cv'][0]}" if r.get("cv") else ""
+        name += f" +repair={r['repair'][0]}" if r.get("repair") else ""
+        name += f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else ""
+        return name + (" (norm-matched)" if r.get("cv_norm") else "")
 
     for r in recs:
         layers = list(r["layers"])
@@ -666,16 +668,9 @@ def frontier(records: list[dict], task: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts: dict[str, dict] = {}
-    for r in records:
-        if r["method"] is None or r["row"] not in ("emu_ft", "plugin"):
-            continue
-        k = (r["method"], tuple(r["setting"]["adapter_layers"]))
-        c = pts.setdefault(k, {"frac": r["middle_fraction"]})
-        c["transfer" if r["metric"] == "transfer" else r["row"]] = r
     lines: dict[str, list] = {}
     treated = []  # recipes with an owner-side treatment or another tuning: points, not lines
-    for (kind, _), c in pts.items():
+    for (kind, _), c in recipe_cells(records).items():
         if "transfer" in c and "emu_ft" in c and c["transfer"]["value"] is not None:
             family = ":".join(x for x in kind.split(" ")[0].split(":") if not x.startswith(("keep=", "width=")))
             gap = 100 * (c["plugin"]["value"] - c["emu_ft"]["value"])
@@ -710,29 +705,33 @@ def frontier(records: list[dict], task: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def markdown(records: list[dict], task: str) -> str:
-    """docs/transfer.md's table of the recipes: one line per recipe, in the order first measured."""
-    order, cells, head = [], {}, []
+def recipe_cells(records: list[dict]) -> dict[tuple, dict]:
+    """The records of each recipe ``(method, adapter layers)``, in the order first measured, keyed
+    by what they hold: ``ppl``, ``probe_<source>``, ``emu_zs``, ``emu_ft``, ``plugin`` or
+    ``ceiling``, ``transfer``; and ``frac``, the middle kept. Full ZS (no method) is left out."""
+    cells: dict[tuple, dict] = {}
     for r in records:
         if r["method"] is None:
-            head.append(f"Full ZS: {100 * r['value']:.1f} % on the first {r['n']} {task} documents (every "
-                        "row is scored on them); gap = Plug-in − Emulator FT.")
             continue
-        k = (r["method"], tuple(r["setting"]["adapter_layers"]))
-        if k not in cells:
-            order.append(k)
-            cells[k] = {"frac": r["middle_fraction"]}
+        c = cells.setdefault((r["method"], tuple(r["setting"]["adapter_layers"])), {"frac": r["middle_fraction"]})
         name = {"probe": f"probe_{r['task']}", "emu_zs": "ppl" if r["task"] == "text" else "emu_zs"}.get(
             r["row"], r["metric"] if r["metric"] == "transfer" else r["row"])
-        cells[k][name] = r
+        c[name] = r
+    return cells
+
+
+def markdown(records: list[dict], task: str) -> str:
+    """docs/transfer.md's table of the recipes: one line per recipe, in the order first measured."""
+    head = [f"Full ZS: {100 * r['value']:.1f} % on the first {r['n']} {task} documents (every row is scored "
+            "on them); gap = Plug-in − Emulator FT." for r in records if r["method"] is None]
+    cells = recipe_cells(records)
 
     def pct(c, name):
         return f"{100 * c[name]['value']:.1f}" if name in c else "–"
 
     lines = [f"| recipe | adapter | middle kept | held-out ppl | probe: text | probe: {task} (bottom / top) | "
              "Emulator FT | Plug-in | gap | transfer |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for k in order:
-        c = cells[k]
+    for k, c in cells.items():
         pt = c.get(f"probe_{task}")
         probe_task = (f"{pt['value']:.2f} ({pt['groups']['bottom']:.2f} / {pt['groups']['top']:.2f})"
                       if pt and "bottom" in pt["groups"] else f"{pt['value']:.2f}" if pt else "–")
