@@ -67,7 +67,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from offsite.bundle import load_emulator, save_emulator
+    from offsite.bundle import load_emulator, load_emulator_manifest, save_emulator
     from offsite.files import read_json_file
     from offsite.federated.core import FederationConfig
     from offsite.federated.partition import make_shards, write_shards
@@ -87,16 +87,8 @@ def main() -> None:
     steps = args.rounds * args.local_steps * CLIENTS
     budget = {"rounds": args.rounds, "local_steps": args.local_steps, "clients": CLIENTS, "total_steps": steps,
               "batch_size": 8, "lr": 1e-4, "schedule": "linear", "eval_limit": args.limit, "alpha": ALPHA,
-              "keep": args.keep, "emulator": args.emulator}
+              "keep": None if args.emulator else args.keep, "emulator": args.emulator}
     doc["meta"]["budget"] = budget
-    method = "uniform"
-    if args.emulator:
-        from offsite.bundle import load_emulator_manifest
-
-        method = load_emulator_manifest(args.emulator)["method"]
-        budget["keep"] = None
-    setting = {"adapter_layers": [2, 2], "keep": args.keep} if not args.emulator else {"adapter_layers": [2, 2]}
-    base = {"model": MODEL, "task": TASK, "method": method, "setting": setting}
 
     def save():
         write_results(out, doc["meta"], doc["records"], stages=doc["stages"], partial=doc.get("partial", {}),
@@ -125,6 +117,9 @@ def main() -> None:
         del model
     if not (shard_dir / "partition.json").is_file():
         write_shards(make_shards(TASK, CLIENTS, "dirichlet", ALPHA, seed=0), shard_dir, overwrite=True)
+    manifest = load_emulator_manifest(emu_dir)  # the bundle the owners get names the method
+    setting = {"adapter_layers": [2, 2]} if args.emulator else {"adapter_layers": [2, 2], "keep": args.keep}
+    base = {"model": MODEL, "task": TASK, "method": manifest["method"], "setting": setting}
     partition = read_json_file(shard_dir / "partition.json")
     doc["meta"]["partition"] = partition
     emu_bytes = sum(f.stat().st_size for f in emu_dir.iterdir() if f.is_file())
@@ -137,7 +132,7 @@ def main() -> None:
                                 local_steps=args.local_steps, lr=1e-4, schedule="linear", batch_size=8,
                                 micro_batch_size=8, max_length=1024, seed=42, secagg=secagg)
 
-    from offsite.bundle import load_adapter, load_emulator_manifest, save_adapter
+    from offsite.bundle import load_adapter, save_adapter
     from offsite.federated.run import round_records, run_simulation
     from offsite.models.load import load_model
     from offsite.plug import plug
@@ -183,8 +178,6 @@ def main() -> None:
         save_adapter(bundle, work / stage / "adapter", overwrite=True)
         done(stage, {"steps": res.steps, "train_seconds": round(time.perf_counter() - t0, 1),
                      "examples": len(data.items), "best_val_loss": res.best_val_loss})
-
-    manifest = load_emulator_manifest(emu_dir)
 
     def evaluate(name):  # Full ZS and every Plug-in on the same documents
         niceness(HEAVY_NICE)

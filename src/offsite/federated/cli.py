@@ -14,6 +14,7 @@ full model and prints the table. Run again with the same settings, it resumes af
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..cli_args import POSITIVE, command_line
@@ -54,7 +55,7 @@ def add_parser(sub) -> None:
     r.add_argument("--max-length", type=POSITIVE, default=1024)
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (default 0: FedAvg)")
-    r.add_argument("--secagg", action=__import__("argparse").BooleanOptionalAction, default=True,
+    r.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
                    help="Flower's SecAgg+: the owner sees only the sum of the updates (default: on)")
     r.add_argument("--secagg-clip", type=float, default=0.5)
     r.add_argument("--round-timeout", type=float, default=3600.0)
