@@ -40,6 +40,16 @@ class LoraOptions:
             raise OffsiteError(f"LoRA dropout must be in [0, 1) (got {self.dropout!r})")
 
 
+def param_names(model: nn.Module, positions: dict[int, int]) -> dict[str, str]:
+    """Every parameter of the adapter blocks at ``positions`` (stack position -> original index):
+    its bundle key ``blocks.{original index}.{name}`` -> its name in ``model``, the blocks in
+    original order. The same key names a tensor in the emulator and in the full model (whose
+    positions are the identity), which is how gradients and weights of the two line up."""
+    prefix, blocks = stack_prefix(model), get_blocks(model)
+    return {f"blocks.{src}.{name}": f"{prefix}.{pos}.{name}"
+            for pos, src in sorted(positions.items(), key=lambda x: x[1]) for name, _ in blocks[pos].named_parameters()}
+
+
 def _linear_names(block: nn.Module) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 

@@ -26,7 +26,8 @@ import torch
 
 from .emulator.core import Emulator
 from .errors import OffsiteError
-from .models.families import get_blocks, num_blocks
+from .gradients import adapter_gradients
+from .models.families import num_blocks
 
 __all__ = ["ProbeOptions", "attach_probe", "probe", "probe_examples", "probe_records", "probe_summary",
            "task_probe_examples"]
@@ -70,41 +71,12 @@ def task_probe_examples(tokenizer, task: str, opts: ProbeOptions, max_length: in
     return tokenize(tokenizer, type(data)(data.kind, data.items[: opts.task_examples], task), max_length)
 
 
-def _adapter_grads(model, positions: dict[int, int], examples: list[dict], micro_batch_size: int,
-                   pad_id: int) -> dict[int, torch.Tensor]:
-    """The mean-token LM-loss gradient of the blocks at ``positions`` (stack position -> original
-    block index), flattened per original block. Other parameters get no gradient; the model's
-    ``requires_grad`` flags and train/eval mode are restored afterwards."""
-    from .train import causal_lm_loss, collate, count_targets
-
-    blocks = get_blocks(model)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training = model.training
-    params = {src: [p for p in blocks[pos].parameters()] for pos, src in positions.items()}
-    total = sum(count_targets(e) for e in examples)
-    if total == 0:
-        raise OffsiteError("the probe's examples have no target tokens")
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        for ps in params.values():
-            for p in ps:
-                p.requires_grad_(True)
-        model.eval()  # no dropout: both models see the same deterministic function
-        device = next(model.parameters()).device
-        for i in range(0, len(examples), micro_batch_size):
-            batch = collate(examples[i:i + micro_batch_size], pad_id=pad_id, device=device)
-            loss_sum, _ = causal_lm_loss(model, batch)
-            (loss_sum / total).backward()
-        grads = {src: torch.cat([p.grad.detach().flatten() if p.grad is not None else torch.zeros(p.numel())
-                                 for p in ps]).double() for src, ps in params.items()}
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = None
-        model.train(was_training)
-    return grads
+def _per_block(grads: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per-tensor gradients (:func:`adapter_gradients`) flattened per original block, in float64."""
+    out: dict[int, list[torch.Tensor]] = {}
+    for key, g in grads.items():
+        out.setdefault(int(key.split(".")[1]), []).append(g.flatten().double())
+    return {src: torch.cat(gs) for src, gs in out.items()}
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -137,8 +109,9 @@ def probe(model, emu: Emulator, examples: list[dict] | None = None, opts: ProbeO
         examples = probe_examples(emu.tokenizer, opts)
     pad_id = emu.tokenizer.pad_token_id if emu.tokenizer.pad_token_id is not None else 0
     positions = emu.adapter_positions
-    g_emu = _adapter_grads(emu.model, positions, examples, opts.micro_batch_size, pad_id)
-    g_full = _adapter_grads(model, {src: src for src in positions.values()}, examples, opts.micro_batch_size, pad_id)
+    g_emu = _per_block(adapter_gradients(emu.model, positions, examples, opts.micro_batch_size, pad_id))
+    g_full = _per_block(adapter_gradients(model, {src: src for src in positions.values()}, examples,
+                                          opts.micro_batch_size, pad_id))
     bottom, _ = emu.adapter_layers
     groups = {"all": sorted(g_emu), "bottom": [s for s in sorted(g_emu) if s < bottom],
               "top": [s for s in sorted(g_emu) if s >= bottom]}

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..errors import OffsiteError
+from ..adapters import param_names
 from ..models.families import get_blocks, num_blocks, stack_prefix
 from .registry import Method, register
 from .core import ADAPTER, Emulator, keep_blocks
@@ -94,14 +95,12 @@ class GradientMatch:
             raise OffsiteError("gradmatch needs at least one bottom and one top adapter block "
                                f"(got {bottom},{top}; e.g. --adapter-layers 2,2)")
         self.output_weight, self.rollout, self.full = output_weight, rollout, model
-        e_pre, f_pre = stack_prefix(emu.model), stack_prefix(model)
         e_blocks, f_blocks = get_blocks(emu.model), get_blocks(model)
         pos = emu.adapter_positions
         # every adapter parameter: (emulator name, full-model name), the bottom blocks first
-        order = sorted(pos, key=lambda p: pos[p])
-        self.names = [(f"{e_pre}.{p}.{n}", f"{f_pre}.{pos[p]}.{n}") for p in order
-                      for n, _ in e_blocks[p].named_parameters()]
-        self.n_bottom = sum(1 for p in order if pos[p] < bottom for _ in e_blocks[p].parameters())
+        e_names, f_names = param_names(emu.model, pos), param_names(model, {s: s for s in pos.values()})
+        self.names = [(e, f_names[k]) for k, e in e_names.items()]
+        self.n_bottom = sum(1 for k in e_names if int(k.split(".")[1]) < bottom)
         e_params = dict(emu.model.named_parameters())
         self.theta0 = [e_params[e].detach().clone() for e, _ in self.names]
         self.theta = [t.clone() for t in self.theta0]
