@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo quick test test-slow bench clean
 
+# the demo's recipe (docs/transfer.md): layer drop to 8 of the 26 middle blocks (no build cost), the data
+# owner tunes the bottom adapter blocks, the model owner corrects their gradient every 4 steps
+RECIPE := --method uniform --keep 8 --tune-blocks bottom --assist-every 4
+
 setup: $(STAMP)
 
 # torch is pinned to 2.13.0: the CPU build on disk here, the CUDA build from PyPI on a GPU machine.
@@ -18,11 +22,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/offsite fetch --model smollm2-135m --tasks arc_easy
-	$(BIN)/offsite run --model smollm2-135m --task arc_easy --method uniform --keep 8 --preset demo --overwrite
+	$(BIN)/offsite fetch --model smollm2-135m --tasks arc_easy,webqs
+	$(BIN)/offsite run --model smollm2-135m --task arc_easy $(RECIPE) --preset demo --overwrite
 
 quick: setup
-	$(BIN)/offsite run --model smollm2-135m --task arc_easy --method uniform --keep 8 --preset quick --overwrite
+	$(BIN)/offsite fetch --model smollm2-135m --tasks arc_easy,webqs
+	$(BIN)/offsite run --model smollm2-135m --task arc_easy $(RECIPE) --preset quick --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -32,6 +32,7 @@ from .pema.cli import add_parsers as add_pema_parsers
 from .pema.cli import cmd_pema, cmd_serve
 from .privacy.cli import add_parser as add_privacy_parser
 from .privacy.cli import cmd_privacy
+from .assist import AssistOptions
 from .run import PRESETS
 
 
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     seen = set()
     for m in methods.values():
         add_dataclass_args(p.add_argument_group(f"{m.name} options"), m.options_cls, seen)
+    add_dataclass_args(p.add_argument_group("the model owner in the loop (offsite.assist)"), AssistOptions, seen,
+                       prefix="assist_")
     add_train_args(p, PRESETS)
 
     p = sub.add_parser("report", help="the papers' table (markdown, JSON) and plots from results files")
@@ -350,7 +353,9 @@ def cmd_run(args) -> None:
                  eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
                  text_docs=args.text_docs if args.text_docs is not None else "preset",
                  batch_size=args.batch_size_eval, overwrite=args.overwrite, train_data=train_data,
-                 command=command_line(args))
+                 command=command_line(args), assist=AssistOptions(**{
+                     f.name: getattr(args, "assist_" + f.name) for f in dataclasses.fields(AssistOptions)
+                     if hasattr(args, "assist_" + f.name)}))
     print()
     print(f"{model_display_name(args.model)} · {name} · {args.method} {args.adapter_layers} "
           f"{method_options(args, method) or ''}".rstrip())

@@ -13,7 +13,7 @@ import typing
 
 from .adapters import LoraOptions
 from .train import TrainConfig, resolve_precision
-from .tune import TuneSettings
+from .tune import BLOCKS, TuneSettings
 
 
 def command_line(args) -> str:
@@ -92,6 +92,9 @@ def add_train_args(p, presets: dict | None = None) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--adapter", default="full", choices=["full", "lora", "bitfit"],
                    help="what to train in the adapter blocks (default: full, as in the paper)")
+    g.add_argument("--tune-blocks", choices=list(BLOCKS), default="all",
+                   help="which adapter blocks train: all (default, the papers') or bottom (the top ones stay the "
+                        "original blocks; the owner-assisted recipe, docs/transfer.md)")
     g.add_argument("--lora-r", type=POSITIVE, default=8)
     g.add_argument("--lora-alpha", type=POSITIVE, default=16)
     hints = typing.get_type_hints(TrainConfig)
@@ -134,6 +137,7 @@ def tune_settings(args, base=None):
     if getattr(args, "precision", None):
         changes["mixed_precision"] = resolve_precision(args.precision)
     cfg = dataclasses.replace(cfg, **changes)
-    settings = TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg)
+    settings = TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg,
+                            blocks=args.tune_blocks)
     settings.check()  # before any data, model or emulator is loaded
     return settings

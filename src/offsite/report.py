@@ -95,7 +95,8 @@ def setting_label(setting: dict | None) -> str:
     ad = setting.get("adapter_layers")
     if ad is not None:
         parts.append(f"adapter {','.join(str(a) for a in ad)}")
-    parts += [f"{k}={v}" for k, v in sorted(setting.items()) if k != "adapter_layers"]
+    parts += [f"{k}({', '.join(f'{a}={b}' for a, b in sorted(v.items()))})" if isinstance(v, dict) else f"{k}={v}"
+              for k, v in sorted(setting.items()) if k != "adapter_layers"]
     return ", ".join(parts)
 
 

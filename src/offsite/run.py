@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .assist import AssistOptions, Assistant
 from .bundle import load_adapter, load_emulator, save_emulator
 from .data.own import OwnTask, resolve_task, task_name
 from .emulator import Emulator, build_emulator
@@ -110,10 +111,11 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         ceiling: bool = True, probe: bool = True,
         eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
         batch_size: int = 32, overwrite: bool = False, command: str = "", log=print,
-        train_data: TrainingData | None = None) -> RunResult:
+        train_data: TrainingData | None = None, assist: AssistOptions | None = None) -> RunResult:
     """Both parties on one machine; ``task`` is a built-in task name, a task file of one's own or an
     :class:`~offsite.data.own.OwnTask` (evaluated on its rows); ``train_data`` is what the adapter is
-    tuned on (default: a built-in task's train split; an own task file needs it)."""
+    tuned on (default: a built-in task's train split; an own task file needs it). ``assist``: the
+    model owner corrects the adapter's gradient during tuning (:mod:`offsite.assist`)."""
     if preset not in PRESETS:
         raise OffsiteError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -125,6 +127,10 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         if v is not None and (not isinstance(v, int) or v < lo):
             raise OffsiteError(f"{name} must be an integer >= {lo} (got {v!r})")
     settings.check()
+    assist = assist or AssistOptions()
+    assist.check()
+    if assist.on and settings.adapter != "full":
+        raise OffsiteError(f"the owner's correction (--assist-every) applies to full adapter blocks, not {settings.adapter}")
     out = Path(out)
     check_parent(out)
     if out.exists() and not out.is_dir():
@@ -140,6 +146,11 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         raise OffsiteError(f"{task.source} is evaluation data: pass the examples to tune on as train_data "
                            "(--data), never the rows the adapter is scored on")
     data: TrainingData = train_data if train_data is not None else task_data(task)
+    if assist.on:
+        if assist.source == name:
+            raise OffsiteError(f"the owner's public pairs (--assist-source {assist.source}) are the task being tuned; "
+                               "choose public data of another task")
+        task_data(assist.source)  # fetched? (fails here, before any model work)
     out.mkdir(parents=True, exist_ok=True)
     result = RunResult(meta=meta(command))
     if isinstance(task, OwnTask):
@@ -160,6 +171,12 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         result.notes.append("Full FT skipped (pass --full-ft to run it)")
     if not ceiling:
         result.notes.append("ceiling and transfer skipped (--no-ceiling)")
+    if settings.blocks != "all":
+        result.notes.append(f"the data owner tunes only the {settings.blocks} adapter blocks (the ceiling too)")
+    if assist.on:
+        result.notes.append(f"owner in the loop: the model owner corrected the adapter's gradient every {assist.every} "
+                            f"steps on {assist.examples} public {assist.source} pairs, seeing each intermediate adapter "
+                            "(docs/transfer.md)")
 
     def timed(label, fn):
         log(f"[offsite] {label} ...")
@@ -178,8 +195,11 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
     emu_dir = out / "emulator"
     emu_manifest = save_emulator(built, emu_dir, overwrite=True)
     del built
+    recipe = {"blocks": settings.blocks} if settings.blocks != "all" else {}
+    if assist.on:
+        recipe["assist"] = asdict(assist)
     base = {"model": _name(model_name), "method": method,
-            "setting": {"adapter_layers": list(_pair(adapter_layers)), **method_options},
+            "setting": {"adapter_layers": list(_pair(adapter_layers)), **method_options, **recipe},
             "build_seconds": round(build_s, 2)}
     if probe:
         result.records.extend(probe_records(emu_manifest["report"]["probe"], {**base, "task": "text"}))
@@ -196,8 +216,11 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
     res, dt = timed("Emulator ZS", lambda: evaluate_row(emu.model, emu.tokenizer, task, eval_limit, text_docs, batch_size))
     add("emu_zs", res, dt)
     adapter_dir = out / "adapter"
-    _, dt = timed("tuning the adapter on the emulator",
-                  lambda: tune_to_dir(emu, data, settings, adapter_dir, overwrite=True))
+    # the owner's side of the assisted protocol: the full model and its own copy of the emulator
+    assistant = Assistant(model, load_emulator(emu_dir), assist) if assist.on else None
+    _, dt = timed("tuning the adapter on the emulator" + (" (owner in the loop)" if assistant else ""),
+                  lambda: tune_to_dir(emu, data, settings, adapter_dir, overwrite=True, assist=assistant))
+    assistant = None
     res, dt2 = timed("Emulator FT", lambda: evaluate_row(emu.model, emu.tokenizer, task, eval_limit, text_docs, batch_size))
     add("emu_ft", res, dt2, {"train_seconds": round(dt, 2)})
     emu.model = None  # free the data owner's copy before the owner's work

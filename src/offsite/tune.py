@@ -99,16 +99,24 @@ def tokenize(tokenizer, data: TrainingData, max_length: int) -> list[dict]:
     return tokenize_text(tokenizer, data.items, max_length)
 
 
+BLOCKS = ("all", "bottom")  # which adapter blocks the data owner trains
+
+
 @dataclass
 class TuneSettings:
     adapter: str = "full"  # full | lora | bitfit
     lora: adapters.LoraOptions = field(default_factory=adapters.LoraOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
     val_fraction: float = 0.1
+    # "bottom": only the bottom adapter blocks train; the top ones stay the original blocks (the
+    # owner-assisted recipe, offsite.assist)
+    blocks: str = "all"
 
     def check(self) -> None:
         if self.adapter not in adapters.KINDS:
             raise OffsiteError(f"unknown adapter kind {self.adapter!r}; choose one of {', '.join(adapters.KINDS)}")
+        if self.blocks not in BLOCKS:
+            raise OffsiteError(f"unknown adapter blocks {self.blocks!r}; choose one of {', '.join(BLOCKS)}")
         if self.adapter == "lora":
             self.lora.check()
         if not 0.0 <= self.val_fraction < 1.0:
@@ -124,22 +132,53 @@ def check_plan(data: TrainingData, settings: TuneSettings) -> None:
 
 
 def _train(model, tokenizer, data: TrainingData, settings: TuneSettings, work_dir: Path | None,
-           accelerator=None) -> TrainResult:
+           accelerator=None, loss=None) -> TrainResult:
+    """``loss``: a :class:`offsite.assist.CorrectedLoss` (the owner's correction), else the plain LM loss."""
+    from .train import causal_lm_loss
+
     train_items, val_items = split_validation(data.items, settings.val_fraction, settings.train.seed)
     train_ex = tokenize(tokenizer, TrainingData(data.kind, train_items, data.source), settings.train.max_length)
     val_ex = tokenize(tokenizer, TrainingData(data.kind, val_items, data.source), settings.train.max_length) \
         if val_items else None
     return train(model, None, train_ex, val_ex, settings.train, out_dir=work_dir,
-                 pad_id=tokenizer.pad_token_id, accelerator=accelerator)
+                 pad_id=tokenizer.pad_token_id, accelerator=accelerator, loss_fn=loss, val_loss_fn=causal_lm_loss,
+                 on_step=loss.on_step if loss is not None else None)
+
+
+def freeze_top(emu: Emulator) -> None:
+    """Freeze the top adapter blocks of ``emu.model`` (prepared for tuning; LoRA layers included)."""
+    blocks, n_bottom = get_blocks(emu.model), emu.adapter_layers[0]
+    for pos, src in emu.adapter_positions.items():
+        if src >= n_bottom:
+            for p in blocks[pos].parameters():
+                p.requires_grad_(False)
 
 
 def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
-                 work_dir: str | Path | None = None, accelerator=None) -> tuple[AdapterBundle, TrainResult]:
-    """Train the adapter of ``emu`` in place and return it as a bundle (not yet written)."""
+                 work_dir: str | Path | None = None, accelerator=None,
+                 assist=None) -> tuple[AdapterBundle, TrainResult]:
+    """Train the adapter of ``emu`` in place and return it as a bundle (not yet written).
+
+    ``assist``: the model owner's gradient correction (:class:`offsite.assist.Assistant`, or any
+    object with its ``opts`` and ``correction(state)``); ``None`` or ``assist.opts.every == 0``:
+    the papers' protocol, the data owner alone."""
+    from .assist import CorrectedLoss
+
     positions = emu.adapter_positions
     init_digest = state_digest(emu.adapter_state())
+    settings.check()
     model = adapters.prepare(emu.model, positions, settings.adapter, settings.lora)
-    result = _train(model, emu.tokenizer, data, settings, Path(work_dir) if work_dir else None, accelerator)
+    if settings.blocks == "bottom":
+        freeze_top(emu)
+    loss = None
+    if assist is not None and assist.opts.on:
+        if settings.adapter != "full":
+            raise OffsiteError(f"the owner's correction applies to full adapter blocks; tune with --adapter full "
+                               f"(got {settings.adapter})")
+        named = dict(model.named_parameters())
+        params = {k: named[n] for k, n in adapters.param_names(model, positions).items() if named[n].requires_grad}
+        loss = CorrectedLoss(params, assist.correction, assist.opts.every)
+    result = _train(model, emu.tokenizer, data, settings, Path(work_dir) if work_dir else None, accelerator, loss)
     state = adapters.extract(model, positions, settings.adapter)
     if settings.adapter == "lora":
         emu.model = model.merge_and_unload()  # the emulator now carries the tuned adapter
@@ -150,8 +189,10 @@ def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
         "data": data.source, "data_kind": data.kind, "examples": len(data.items),
         "config": asdict(settings.train), "steps": result.steps, "tokens_seen": result.tokens_seen,
         "seconds": round(result.seconds, 2), "best_val_loss": result.best_val_loss,
-        "best_step": result.best_step, "history": result.history,
+        "best_step": result.best_step, "history": result.history, "blocks": settings.blocks,
     }
+    if loss is not None:  # the owner took part: say how (the history's train_loss includes its linear term)
+        training["assist"] = {**asdict(assist.opts), "corrections": loss.calls}
     lora = asdict(settings.lora) if settings.adapter == "lora" else None
     bundle = adapter_bundle(emu, settings.adapter, state, lora, training, init_digest)
     return bundle, result
@@ -174,13 +215,13 @@ def untuned_adapter(emu: Emulator) -> AdapterBundle:
 
 
 def tune_to_dir(emu: Emulator, data: TrainingData, settings: TuneSettings, out: str | Path,
-                overwrite: bool = False, accelerator=None) -> AdapterBundle:
+                overwrite: bool = False, accelerator=None, assist=None) -> AdapterBundle:
     """Tune and write the adapter bundle atomically. Checkpoints go to ``<out>.work/`` so that a
     killed run resumes when the same command is run again; they are removed on success."""
     out = Path(out)
     check_new_path(out, overwrite)
     work = out.with_name(out.name + ".work")
-    bundle, _ = tune_adapter(emu, data, settings, work, accelerator)
+    bundle, _ = tune_adapter(emu, data, settings, work, accelerator, assist)
     from accelerate import PartialState
 
     state = PartialState()  # under `accelerate launch`, only the main process writes the bundle
