@@ -1,6 +1,7 @@
 """Federated offsite-tuning on smollm2-135m: 4 data owners with Dirichlet(0.5) shards of ARC-Easy.
 
     python bench/federated.py            # about an hour on 2 cores; resumable (finished stages are kept)
+    python bench/federated.py --assist --keep 8   # the owner-assisted recipe (no fed-plain, fed-killed)
 
 Stages, each written into ``bench/results/federated.json`` as soon as it is done (a rerun skips
 the stages already there; ``--fresh`` starts over):
@@ -62,7 +63,16 @@ def main() -> None:
     ap.add_argument("--aux-rounds", type=int, default=2,
                     help="rounds of fed-plain and fed-killed (cost and failure handling need fewer)")
     ap.add_argument("--eval-all", action="store_true", help="also score the Plug-in of fed-plain and fed-killed")
+    ap.add_argument("--assist", action="store_true",
+                    help="the owner-assisted recipe (docs/transfer.md) in every stage: the data owners train the "
+                         "bottom adapter blocks and the owner corrects their gradient every --local-steps steps "
+                         "(in the federation: once a round, at the global adapter); results in "
+                         "bench/results/federated-assist.json unless --out")
     args = ap.parse_args()
+    if args.assist and args.out == str(ROOT / "bench" / "results" / "federated.json"):
+        args.out = str(ROOT / "bench" / "results" / "federated-assist.json")
+    if args.assist and args.work == str(ROOT / "runs" / "federated-bench"):
+        args.work = str(ROOT / "runs" / "federated-bench-assist")
 
     import torch
 
@@ -87,7 +97,8 @@ def main() -> None:
     steps = args.rounds * args.local_steps * CLIENTS
     budget = {"rounds": args.rounds, "local_steps": args.local_steps, "clients": CLIENTS, "total_steps": steps,
               "batch_size": 8, "lr": 1e-4, "schedule": "linear", "eval_limit": args.limit, "alpha": ALPHA,
-              "keep": None if args.emulator else args.keep, "emulator": args.emulator}
+              "keep": None if args.emulator else args.keep, "emulator": args.emulator,
+              "tune_blocks": "bottom" if args.assist else "all", "assist": args.assist}
     doc["meta"]["budget"] = budget
 
     def save():
@@ -130,7 +141,9 @@ def main() -> None:
     def fed_cfg(name, secagg, rounds):
         return FederationConfig(emulator=str(emu_dir), out=str(work / name), clients=CLIENTS, rounds=rounds,
                                 local_steps=args.local_steps, lr=1e-4, schedule="linear", batch_size=8,
-                                micro_batch_size=8, max_length=1024, seed=42, secagg=secagg)
+                                micro_batch_size=8, max_length=1024, seed=42, secagg=secagg,
+                                tune_blocks="bottom" if args.assist else "all", assist=args.assist,
+                                model=MODEL if args.assist else "")
 
     from offsite.bundle import load_adapter, save_adapter
     from offsite.federated.run import round_records, run_simulation
@@ -172,9 +185,14 @@ def main() -> None:
         emu = load_emulator(emu_dir)
         settings = TuneSettings(train=TrainConfig(lr=1e-4, max_steps=n_steps, batch_size=8, micro_batch_size=8,
                                                   schedule="linear", checkpoint_every=None, progress=False,
-                                                  seed=42))
+                                                  seed=42), blocks="bottom" if args.assist else "all")
+        assistant = None
+        if args.assist:  # the owner's side: corrections every local-steps steps, as once a federated round
+            from offsite.assist import AssistOptions, Assistant
+
+            assistant = Assistant(load_model(MODEL)[0], load_emulator(emu_dir), AssistOptions(every=args.local_steps))
         t0 = time.perf_counter()
-        bundle, res = tune_adapter(emu, data, settings, None)
+        bundle, res = tune_adapter(emu, data, settings, None, assist=assistant)
         save_adapter(bundle, work / stage / "adapter", overwrite=True)
         done(stage, {"steps": res.steps, "train_seconds": round(time.perf_counter() - t0, 1),
                      "examples": len(data.items), "best_val_loss": res.best_val_loss})
@@ -219,7 +237,8 @@ def main() -> None:
         plan += [(f"alone-{k}", lambda k=k: tune(f"alone-{k}", file_data(str(shard_dir / f"client-{k}.jsonl")),
                                                   args.rounds * args.local_steps)),
                  (f"plugin:alone-{k}", lambda k=k: evaluate(f"alone-{k}"))]
-    plan += [("fed-plain", lambda: federate("fed-plain")), ("fed-killed", lambda: federate("fed-killed"))]
+    if not args.assist or only:  # SecAgg+'s cost and a killed owner: measured once, in federated.json
+        plan += [("fed-plain", lambda: federate("fed-plain")), ("fed-killed", lambda: federate("fed-killed"))]
     if args.eval_all:
         plan += [("plugin:fed-plain", lambda: evaluate("fed-plain")), ("plugin:fed-killed", lambda: evaluate("fed-killed"))]
     for stage, fn in plan:
@@ -270,7 +289,7 @@ def summarize(doc: dict, out: Path) -> None:
     doc["summary"] = summary
     try:
         if any(r.get("val_loss") is not None for v in runs.values() for r in v["rounds"]):
-            plot(runs, ROOT / "docs" / "img" / "federated-val-loss.png")
+            plot(runs, ROOT / "docs" / "img" / f"{out.stem}-val-loss.png")  # federated-val-loss.png, ...
     except Exception as e:  # noqa: BLE001
         print(f"[bench] plot failed: {e}")
 

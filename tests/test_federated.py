@@ -301,3 +301,58 @@ def test_owner_plugs_in_the_federated_adapter_and_scores_the_table(tmp_path, tok
             ("federated_round", "bytes_to_clients")} <= rows
     assert all(r["n"] == 5 for r in records if r["metric"] == "acc")
     assert json.loads((tmp_path / "fed" / "federation.json").read_text())["status"] == "finished"
+
+
+def test_owner_sends_a_correction_at_the_global_adapter_and_clients_apply_it(fed_setup, tmp_path, tokenizer,
+                                                                          monkeypatch):
+    """--assist --tune-blocks bottom: the owner's correction at the global adapter (safetensors
+    bytes in the round's config) is what offsite.assist computes; a client trains only the bottom
+    blocks, and the correction changes its update; bytes that are not safetensors are refused."""
+    import torch
+    from conftest import tiny_model
+    from flwr.app import Context, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from safetensors.torch import load
+
+    import offsite.data.tasks as tasks
+    from offsite.assist import AssistOptions, Assistant
+    from offsite.bundle import load_emulator
+    from offsite.federated.client import make_client_fn
+    from offsite.federated.core import arrays_to_state
+    from offsite.federated.server import Owner
+
+    tiny_model("llama", 6, seed=0).save_pretrained(tmp_path / "tiny")  # the model fed_setup's emulator came from
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    pairs = [("Q: 1+1=", " 2"), ("Q: 2+3=", " 5"), ("Q: 4+4=", " 8")]
+    monkeypatch.setattr(tasks, "load_task", lambda name, part: [])
+    monkeypatch.setattr(tasks, "train_pairs", lambda docs: pairs)
+    cfg = FederationConfig(emulator=str(fed_setup / "emu"), out=str(tmp_path / "fed"), clients=2, rounds=1,
+                           secagg=False, tune_blocks="bottom", assist=True, model=str(tmp_path / "tiny"))
+    owner = Owner(cfg)
+    c = load(owner.correction())
+    assert sorted(c) == owner.trained and all(k.startswith(("blocks.0.", "blocks.1.")) for k in c)
+    from offsite.models.load import load_model
+
+    direct = Assistant(load_model(str(tmp_path / "tiny"))[0], load_emulator(fed_setup / "emu"), AssistOptions(every=2))
+    want = direct.correction({k: v for k, v in arrays_to_state(owner.keys, owner.global_arrays).items() if k in c})
+    assert all(torch.allclose(c[k], want[k], atol=1e-6) for k in c)
+    with pytest.raises(OffsiteError, match="needs the full model"):
+        FederationConfig(emulator="e", out="o", clients=2, assist=True).check()
+
+    client = make_client_fn(str(fed_setup / "shards"), str(tmp_path / "clients"),
+                            emulators={0: str(fed_setup / "emu")})(
+        Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={}))
+    conf = {"emulator_digest": owner.manifest["digest"], "round": 1, "lr": 1e-3, "local_steps": 2, "batch_size": 4,
+            "micro_batch_size": 4, "max_length": 48, "seed": 1, "val_fraction": 0.1, "tune_blocks": "bottom"}
+    params = ndarrays_to_parameters(owner.initial)
+
+    def update(config):
+        return dict(zip(owner.keys, parameters_to_ndarrays(client.fit(FitIns(params, config)).parameters)))
+
+    plain, corrected = update(conf), update({**conf, "correction": owner.correction()})
+    for k in owner.keys:
+        bottom = k.startswith(("blocks.0.", "blocks.1."))
+        assert bool(np.abs(plain[k]).max() > 0) == bottom, k  # the top blocks stay as shipped
+    assert max(float(np.abs(plain[k] - corrected[k]).max()) for k in owner.trained) > 0
+    with pytest.raises(OffsiteError, match="not a safetensors file"):
+        update({**conf, "correction": b"not a tensor file"})

@@ -63,6 +63,13 @@ def add_parser(sub) -> None:
     r.add_argument("--total-cpus", type=POSITIVE, help="simulation: CPUs Ray may use (default: one client at a time)")
     r.add_argument("--model", default=None, help="the full model to plug the adapter into (default: the "
                                                  "emulator's base, e.g. smollm2-135m)")
+    r.add_argument("--tune-blocks", choices=["all", "bottom"], default="all",
+                   help="which adapter blocks the data owners train (bottom: the owner-assisted recipe)")
+    r.add_argument("--assist", action="store_true",
+                   help="the model owner sends a correction of the adapter's gradient with each round's adapter, "
+                        "computed at it through the full model (--model) on public QA pairs (docs/transfer.md)")
+    r.add_argument("--assist-source", default="webqs", help="the public task the owner's correction uses (default webqs)")
+    r.add_argument("--assist-examples", type=POSITIVE, default=32, help="its first N training pairs (default 32)")
     r.add_argument("--task", default="arc_easy", help="task to score the table on")
     r.add_argument("--eval-limit", type=POSITIVE, default=500)
     r.add_argument("--no-eval", dest="evaluate", action="store_false")
@@ -96,7 +103,9 @@ def config_from_args(args):
                            schedule=args.schedule, batch_size=args.batch_size,
                            micro_batch_size=args.micro_batch_size or min(args.batch_size, 8),
                            max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
-                           secagg=args.secagg, secagg_clip=args.secagg_clip, round_timeout=args.round_timeout)
+                           secagg=args.secagg, secagg_clip=args.secagg_clip, round_timeout=args.round_timeout,
+                           tune_blocks=args.tune_blocks, assist=args.assist, model=_model(args) if args.assist else "",
+                           assist_source=args.assist_source, assist_examples=args.assist_examples)
     cfg.check()
     return cfg
 
@@ -116,7 +125,7 @@ def _run(args) -> None:
     except ImportError:
         raise OffsiteError("offsite federate run needs Flower: pip install 'offsite[federated]' "
                            "(flwr[simulation]==1.42.0)") from None
-    manifest = load_emulator_manifest(args.emulator)  # check the bundle before starting anything
+    load_emulator_manifest(args.emulator)  # check the bundle before starting anything
     shards = Path(args.shards)
     if not shards.is_dir():
         raise OffsiteError(f"{shards}: no such directory (write the shards with offsite federate partition)")
@@ -149,15 +158,24 @@ def _run(args) -> None:
     from ..results import meta
     from ..run import format_table
 
-    model = args.model or manifest["base"].get("name") or manifest.get("model")
-    if not model:
-        raise OffsiteError("the emulator does not name its model; pass --model")
+    model = _model(args)
     records, notes = evaluate_federated(model, cfg, task, args.eval_limit, 0, command=command_line(args))
     write_results(out / "results.json", meta(command_line(args), ("flwr",)), records, notes=notes)
     print(format_table([r for r in records if r["row"] != "federated_round"], task_name(task)))
     for n in notes:
         print(f"note: {n}")
     print(f"results: {out / 'results.json'}")
+
+
+def _model(args) -> str:
+    """The full model: --model, else the one the emulator bundle names."""
+    from ..bundle import load_emulator_manifest
+
+    manifest = load_emulator_manifest(args.emulator)
+    model = args.model or manifest["base"].get("name") or manifest.get("model")
+    if not model:
+        raise OffsiteError("the emulator does not name its model; pass --model")
+    return model
 
 
 def _fmt(v):

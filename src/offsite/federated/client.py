@@ -10,7 +10,9 @@ Messages it answers (Flower's legacy message types, which SecAgg+'s ``secaggplus
   and shapes of the adapter tensors) and its number of training examples.
 * ``fit``: the global adapter (float32 arrays, sorted tensor names) and the round's settings; the
   client writes the adapter into its emulator, makes ``local_steps`` optimizer steps through
-  :func:`offsite.train.train` (the engine of ``offsite tune``; FedProx adds ``mu/2 ||w - w_global||^2``)
+  :func:`offsite.train.train` (the engine of ``offsite tune``; FedProx adds ``mu/2 ||w - w_global||^2``;
+  ``tune_blocks: bottom`` trains only the bottom adapter blocks; a ``correction``, safetensors bytes
+  from the owner, adds its linear term to the loss as :class:`offsite.assist.CorrectedLoss` does)
   and returns the **update** ``w_local - w_global`` weighted by its training examples. A fit whose
   ``emulator_digest`` is not its emulator's is refused with a one-line reason.
 * ``evaluate``: the global adapter's loss on the client's held-out part (a fixed 10 % of its data),
@@ -185,6 +187,10 @@ def make_client_fn(data_dir: str | None = None, work_root: str | None = None, fa
                               eval_every=steps, checkpoint_every=None, max_length=int(config["max_length"]),
                               progress=False, restore_best=False)
             model = adapters.prepare(emu.model, emu.adapter_positions, "full")
+            if str(config.get("tune_blocks", "all")) == "bottom":
+                from ..tune import freeze_top
+
+                freeze_top(emu)
             mu = float(config.get("proximal_mu", 0.0))
             loss_fn = None
             if mu > 0:
@@ -195,6 +201,14 @@ def make_client_fn(data_dir: str | None = None, work_root: str | None = None, fa
                     prox = sum(((p - p0) ** 2).sum() for p, p0 in anchor)
                     return s + n * (mu / 2) * prox, n
 
+            if config.get("correction"):  # the owner's correction at the global adapter (offsite.assist)
+                from ..assist import CorrectedLoss
+
+                named = dict(model.named_parameters())
+                trained = {k: named[n] for k, n in adapters.param_names(model, emu.adapter_positions).items()
+                           if named[n].requires_grad}
+                c = _correction(config["correction"])
+                loss_fn = CorrectedLoss(trained, lambda state: c, every=steps + 1, base=loss_fn)
             on_step = None
             if fail and int(fail.get("partition", -1)) == self.partition and int(fail.get("round", -1)) == rnd:
                 k = int(fail.get("after_steps", 1))
@@ -249,6 +263,17 @@ def _lower_priority() -> None:
             pass
     if os.environ.get("OMP_NUM_THREADS") == "1":
         torch.set_num_threads(1)
+
+
+def _correction(data: bytes) -> dict:
+    """The owner's correction from the round's config: safetensors bytes (never a pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(bytes(data))
+    except (SafetensorError, ValueError) as e:
+        raise OffsiteError(f"the owner's correction is not a safetensors file: {e}") from None
 
 
 def _adapter_state(emu) -> dict:

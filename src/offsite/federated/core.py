@@ -42,6 +42,14 @@ class FederationConfig:
     round_timeout: float = 3600.0  # seconds a round (and each SecAgg+ stage) waits for replies
     node_timeout: float = 300.0  # seconds the ServerApp waits for `clients` nodes to connect
     ship_emulator: bool = True  # send the bundle to clients that do not hold it (else they must)
+    tune_blocks: str = "all"  # "bottom": the clients train only the bottom adapter blocks
+    # the owner in the loop (offsite.assist): with each round's adapter the owner sends a correction of
+    # its gradient, computed at that adapter through the full model `model` and the emulator on the
+    # first `assist_examples` training pairs of the public task `assist_source`
+    assist: bool = False
+    model: str = ""
+    assist_source: str = "webqs"
+    assist_examples: int = 32
 
     def check(self) -> None:
         def bad(msg):
@@ -73,6 +81,12 @@ class FederationConfig:
             bad("secagg_clip must be > 0 and secagg_max_weight >= 0 (0: automatic)")
         if not 0 < self.secagg_threshold <= 1:
             bad(f"secagg_threshold must be in (0, 1] (got {self.secagg_threshold})")
+        if self.tune_blocks not in ("all", "bottom"):
+            bad(f"tune_blocks must be all or bottom (got {self.tune_blocks!r})")
+        if self.assist and not self.model:
+            bad("the owner's correction (assist) needs the full model (--model)")
+        if self.assist_examples < 1:
+            bad(f"assist_examples must be >= 1 (got {self.assist_examples})")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

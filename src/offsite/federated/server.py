@@ -84,6 +84,10 @@ class Owner:
         self.keys, self.initial = state_to_arrays(adapters.extract(emu.model, emu.adapter_positions, "full"))
         self.adapter_digest = keys_digest(self.keys, self.initial)
         self.full_model_bytes = None
+        n_bottom = emu.adapter_layers[0]
+        # the tensors the clients train (bottom blocks only, or every adapter block)
+        self.trained = [k for k in self.keys if cfg.tune_blocks == "all" or int(k.split(".")[1]) < n_bottom]
+        self._assistant = None
         del emu
         self.state = self._load_state()
         self.done = len(self.state["rounds"])
@@ -161,6 +165,26 @@ class Owner:
         self.state["status"] = "finished" if self.done >= self.cfg.rounds else "stopped"
         self.save_state()
 
+    def correction(self) -> bytes:
+        """The owner's correction (:mod:`offsite.assist`) at the current global adapter, as safetensors
+        bytes for the round's config; the full model and an emulator copy are loaded on first use."""
+        from safetensors.torch import save
+
+        from ..assist import AssistOptions, Assistant
+        from .core import arrays_to_state
+
+        if self._assistant is None:
+            from ..bundle import load_emulator
+            from ..models.load import load_model
+
+            model, _ = load_model(self.cfg.model)
+            opts = AssistOptions(every=self.cfg.local_steps, source=self.cfg.assist_source,
+                                 examples=self.cfg.assist_examples)
+            self._assistant = Assistant(model, load_emulator(self.cfg.emulator), opts)
+        state = arrays_to_state(self.keys, self.global_arrays)
+        c = self._assistant.correction({k: state[k] for k in self.trained})
+        return save({k: t.contiguous() for k, t in c.items()})
+
     def ship_files(self) -> dict[str, bytes]:
         from ..files import read_json_file
 
@@ -199,7 +223,7 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter)
                              min_fit_clients=max(1, round(cfg.fraction_fit * n)), min_evaluate_clients=1,
                              min_available_clients=n, accept_failures=True, proximal_mu=cfg.proximal_mu,
                              initial_parameters=ndarrays_to_parameters(owner.global_arrays))
-            self.t0 = {}
+            self.t0, self.correction_s = {}, {}
 
         def _round(self, server_round: int) -> int:
             return owner.done_at_start + server_round
@@ -208,7 +232,7 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter)
             return {"round": rnd, "emulator_digest": owner.manifest["digest"], "lr": cfg.round_lr(rnd),
                     "local_steps": cfg.local_steps, "batch_size": cfg.batch_size,
                     "micro_batch_size": cfg.micro_batch_size, "max_length": cfg.max_length, "seed": cfg.seed,
-                    "val_fraction": cfg.val_fraction, "proximal_mu": cfg.proximal_mu}
+                    "val_fraction": cfg.val_fraction, "proximal_mu": cfg.proximal_mu, "tune_blocks": cfg.tune_blocks}
 
         def configure_fit(self, server_round, parameters, client_manager):
             rnd = self._round(server_round)
@@ -218,7 +242,12 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter)
             size = max(1, round(cfg.fraction_fit * n))
             clients = client_manager.sample(num_clients=size, min_num_clients=size, criterion=Accepted())
             log.info("round %d: %d of %d data owners selected", rnd, len(clients), n)
-            return [(c, FitIns(parameters, self._config(rnd))) for c in clients]
+            config = self._config(rnd)
+            if cfg.assist:  # the same correction for every selected client: it is the global adapter's
+                t0 = time.perf_counter()
+                config["correction"] = owner.correction()
+                self.correction_s[rnd] = round(time.perf_counter() - t0, 2)
+            return [(c, FitIns(parameters, config)) for c in clients]
 
         def aggregate_fit(self, server_round, results, failures):
             rnd = self._round(server_round)
@@ -243,6 +272,8 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter)
                       "train_loss": _wmean([(r.metrics.get("train_loss"), r.num_examples) for _, r in ok]),
                       "client_seconds": [round(float(r.metrics.get("seconds", 0.0)), 2) for _, r in ok],
                       "secagg": cfg.secagg}
+            if rnd in self.correction_s:
+                record["correction_seconds"] = self.correction_s[rnd]
             if ok:
                 if cfg.secagg:  # every result carries the same SecAgg+ aggregate (the weighted mean)
                     delta = parameters_to_ndarrays(ok[0][1].parameters)
