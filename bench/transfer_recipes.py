@@ -7,7 +7,8 @@ full model? One task, one recipe per call; the experiments behind docs/transfer.
     python bench/transfer_recipes.py run uniform:keep=13 --correction webqs    # static gradient correction
     python bench/transfer_recipes.py run uniform:keep=13 --repair webqs:512:kl # repaired adapter, delta plug-in
     python bench/transfer_recipes.py diagnose uniform:keep=13                  # where the emulator's gradient goes wrong
-    python bench/transfer_recipes.py collect --plot docs/img/transfer-probe.png --frontier docs/img/transfer-frontier.png
+    python bench/transfer_recipes.py collect --plot docs/img/transfer-probe.png --frontier docs/img/transfer-frontier.png \
+        --privacy-utility docs/img/privacy-utility-transfer.png
 
 A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
 
@@ -34,15 +35,16 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
   owner's change: ``θ0 + (θ_tuned − θ_repaired)``.
 
 Each ``run`` tunes the adapter (adapter 2,2 ``full`` unless ``--layers``/``--adapter``) on the task's
-training split (one epoch, batch 8, lr 1e-4, linear schedule, one validation at the end, as the
+training split (its first ``--train-limit`` examples where given, as ``bench/paper.py``'s budget; one epoch, batch 8, lr 1e-4, linear schedule, one validation at the end, as the
 ``quick``/``demo`` presets did before validation ran several times an epoch), scores Emulator FT and
 Plug-in on the first ``--limit`` evaluation documents, measures the held-out perplexity (4
 documents) and the probes (``--probe``: ``text`` for public text, a task name for its first 48
 training examples, e.g. ``webqs`` for public QA pairs the owner has; ``--probe-only`` stops there),
 and appends one JSON line with per-document predictions to ``bench/results/transfer-recipes.records.jsonl``.
-``collect`` turns those lines into the results file: per recipe ``emu_ft``/``plugin`` accuracies, the
-probes, and transfer with its paired standard error against the ceiling of the same layout (and the
-same ``--tune``) and Full ZS. Recipes of the results file that have no line in the records file (the
+``collect`` turns those lines into the results file: per recipe and task ``emu_ft``/``plugin``
+accuracies, the probes, and transfer with its paired standard error against the ceiling of the same
+layout, ``--tune`` and task, and Full ZS; for a recipe measured on several tasks also transfer over
+them (``task: "avg<k>"``, the tasks' gains averaged before the ratio) and a table per task. Recipes of the results file that have no line in the records file (the
 records of earlier runs were not kept) stay as they are.
 
 ``--tune bottom`` trains only the bottom adapter blocks (the top ones stay the original blocks on
@@ -232,42 +234,18 @@ def middle_fraction(emu, model, layers) -> float:
 # owner-side treatments
 
 
-def adapter_names(emu):
-    """(emulator parameter name, full-model parameter name) of every adapter parameter."""
-    from offsite.models.families import get_blocks, stack_prefix
+def adapter_names(emu) -> dict[str, str]:
+    """The emulator's adapter parameters: bundle key -> name in the emulator's model."""
+    from offsite.adapters import param_names
 
-    pre, blocks = stack_prefix(emu.model), get_blocks(emu.model)
-    return [(f"{pre}.{pos}.{n}", f"{pre}.{src}.{n}")
-            for pos, src in emu.adapter_positions.items() for n, _ in blocks[pos].named_parameters()]
-
-
-def named_grads(model, names, examples, pad_id, mb=4) -> dict[str, torch.Tensor]:
-    """Mean-token LM-loss gradient of the named parameters (eval mode; flags restored to frozen)."""
-    from offsite.train import causal_lm_loss, collate, count_targets
-
-    params = dict(model.named_parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-        p.grad = None
-    for n in names:
-        params[n].requires_grad_(True)
-    model.eval()
-    total = sum(count_targets(e) for e in examples)
-    for i in range(0, len(examples), mb):
-        loss, _ = causal_lm_loss(model, collate(examples[i:i + mb], pad_id=pad_id))
-        (loss / total).backward()
-    out = {n: params[n].grad.detach().clone() for n in names}
-    for p in model.parameters():
-        p.requires_grad_(False)
-        p.grad = None
-    return out
+    return param_names(emu.model, emu.adapter_positions)
 
 
 def correction(emu, refresh) -> dict[str, torch.Tensor]:
     """``g_full − g_emulator`` at the shipped adapter (``refresh`` of :func:`refresher`), keyed by
     emulator names."""
     params = dict(emu.model.named_parameters())
-    names = [e for e, _ in adapter_names(emu)]
+    names = list(adapter_names(emu).values())
     for e in names:
         params[e].requires_grad_(True)
     try:
@@ -277,31 +255,20 @@ def correction(emu, refresh) -> dict[str, torch.Tensor]:
             params[e].requires_grad_(False)
 
 
-def freeze_top(emu, model) -> None:
-    """Freeze the top adapter blocks of ``model`` (the emulator's model, prepared for tuning)."""
-    from offsite.models.families import get_blocks
-
-    blocks, n_bottom = get_blocks(model), emu.adapter_layers[0]
-    for pos, src in emu.adapter_positions.items():
-        if src >= n_bottom:
-            for p in blocks[pos].parameters():
-                p.requires_grad_(False)
-
-
 def tune(model, emu, data, settings, corr=None, refresh=None, only_bottom=False):
     """The data owner's tuning (as ``offsite.tune``), with the linear term ``<c, θ>`` when ``corr``;
     ``refresh(params)`` (with ``corr``), called every ``refresh.every`` steps, recomputes ``c`` at
     the current adapter. ``only_bottom``: the top adapter blocks stay frozen."""
     from offsite import adapters
     from offsite.train import causal_lm_loss, train
-    from offsite.tune import TrainingData, adapter_bundle, split_validation, tokenize, tune_adapter
+    from offsite.tune import TrainingData, adapter_bundle, freeze_top, split_validation, tokenize, tune_adapter
 
     if corr is None and not only_bottom:
         return tune_adapter(emu, data, settings)[0]
     positions = emu.adapter_positions
     m = adapters.prepare(emu.model, positions, settings.adapter, settings.lora)
     if only_bottom:
-        freeze_top(emu, m)
+        freeze_top(emu)
     params = dict(m.named_parameters())
     corr = corr if corr is not None else {}
 
@@ -332,37 +299,21 @@ def refresher(model, emu, sources, n, every, norm=False):
     steps during tuning it is the data owner's current adapter (an interactive protocol: the owner
     sees every intermediate adapter). ``norm``: ``g_full`` is first scaled, tensor by tensor, to
     ``g_emulator``'s norm, so that ``c`` corrects the direction and not the scale."""
+    from offsite.gradients import adapter_gradients, adapter_written
     from offsite.probe import ProbeOptions, task_probe_examples
-    from offsite.train import causal_lm_loss, collate, count_targets
 
     names, pad = adapter_names(emu), emu.tokenizer.pad_token_id or 0
-    full = copy.deepcopy(model)
-    fparams = dict(full.named_parameters())
-    for p in full.parameters():
-        p.requires_grad_(False)
-    for _, f in names:
-        fparams[f].requires_grad_(True)
+    positions, identity = emu.adapter_positions, {src: src for src in emu.adapter_positions.values()}
     examples = [e for s in sources for e in task_probe_examples(emu.tokenizer, s, ProbeOptions(task_examples=n))]
-    total = sum(count_targets(e) for e in examples)
-
-    def grads(m, ps):
-        out = [torch.zeros_like(p) for p in ps]
-        for i in range(0, len(examples), 8):
-            loss, _ = causal_lm_loss(m, collate(examples[i:i + 8], pad_id=pad))
-            for o, g in zip(out, torch.autograd.grad(loss / total, ps)):
-                o += g
-        return out
 
     def refresh(params):
-        with torch.no_grad():
-            for e, f in names:
-                fparams[f].copy_(params[e])
-        live = [(e, f) for e, f in names if params[e].requires_grad]  # --tune bottom: the bottom blocks
-        ge = grads(emu.model, [params[e] for e, _ in live])
-        gf = grads(full, [fparams[f] for _, f in live])
+        live = [k for k, e in names.items() if params[e].requires_grad]  # --tune bottom: the bottom blocks
+        ge = adapter_gradients(emu.model, positions, examples, 8, pad, live)  # at the data owner's adapter
+        with adapter_written(model, identity, {k: params[names[k]].detach() for k in live}):
+            gf = adapter_gradients(model, identity, examples, 8, pad, live)
         if norm:
-            gf = [b * (a.norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ge, gf)]
-        return {e: b - a for (e, _), a, b in zip(live, ge, gf)}
+            gf = {k: gf[k] * (ge[k].norm() / gf[k].norm().clamp_min(1e-30)) for k in live}
+        return {names[k]: gf[k] - ge[k] for k in live}
 
     refresh.every = every
     return refresh
@@ -410,7 +361,7 @@ def cmd_run(a) -> None:
     from offsite.models.load import load_model
     from offsite.probe import ProbeOptions, probe, probe_examples, task_probe_examples
     from offsite.train import TrainConfig
-    from offsite.tune import TuneSettings, task_data
+    from offsite.tune import TrainingData, TuneSettings, task_data
 
     layers = tuple(int(x) for x in a.layers.split(","))
     model, tok = load_model(MODEL)
@@ -459,7 +410,11 @@ def cmd_run(a) -> None:
         else:
             refresh = None
     t1 = time.time()
-    bundle = tune(model, emu, task_data(task), settings, corr, refresh, only_bottom=a.tune == "bottom")
+    data = task_data(task)
+    if a.train_limit:  # the first N training examples, as bench/paper.py's --train-limit
+        data = TrainingData(data.kind, data.items[:a.train_limit], data.source)
+        rec["train_limit"] = a.train_limit
+    bundle = tune(model, emu, data, settings, corr, refresh, only_bottom=a.tune == "bottom")
     rec[f"tune_s_{task}"] = time.time() - t1
     rec[f"emu_ft_{task}"] = evaluate(emu.model, tok, task, limit=a.limit, progress=False)["acc"]
     state = {k: theta0[k] + (v - theta_r[k]) for k, v in bundle.state.items()} if a.repair else bundle.state
@@ -489,20 +444,20 @@ def _append(rec: dict) -> None:
 def cmd_diagnose(a) -> None:
     """How the emulator's task gradient differs from the full model's, and which corrections fix it."""
     from offsite.models.load import load_model
+    from offsite.gradients import adapter_gradients
     from offsite.probe import ProbeOptions, task_probe_examples
     from offsite.data.tokenize import tokenize_text
     from offsite.data.text import public_text
 
     model, tok = load_model(MODEL)
     emu = build(a.recipe, model, tok, (2, 2))
-    names, pad = adapter_names(emu), tok.pad_token_id or 0
+    pad, positions = tok.pad_token_id or 0, emu.adapter_positions
 
-    def g(m, which, ex):
-        d = named_grads(m, [n[which] for n in names], ex, pad)
-        return torch.cat([d[n[which]].flatten() for n in names]).double()
+    def g(m, pos, ex):  # the adapter's gradient, flattened in the bundle's key order
+        return torch.cat([t.flatten() for t in adapter_gradients(m, pos, ex, 4, pad).values()]).double()
 
     def both(ex):
-        return g(emu.model, 0, ex), g(model, 1, ex)
+        return g(emu.model, positions, ex), g(model, {s: s for s in positions.values()}, ex)
 
     cos = lambda x, y: float(x @ y / (x.norm() * y.norm()))  # noqa: E731
     task = task_probe_examples(tok, a.task, ProbeOptions(task_examples=96))
@@ -534,23 +489,35 @@ def write_diagnosis(out: dict, command: str) -> None:
                                              if k not in ("recipe", "task")])
 
 
-def cmd_collect(a) -> None:
-    from offsite.results import meta, write_results
+def run_task(r: dict) -> str:
+    """The task a records line was tuned and scored on (a probe-only line: arc_easy, the default)."""
+    for prefix in ("tune_s_", "plugin_pred_", "emu_zs_pred_"):
+        for k in r:
+            if k.startswith(prefix):
+                return k[len(prefix):]
+    return "arc_easy"
+
+
+def recipe_key(r: dict) -> str:
+    """The recipe's name in the results: emulator, then tuning and treatments."""
+    name = r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "")
+    name += f" +correction={r['cv'][0]}" if r.get("cv") else ""
+    name += f" n={r['cv'][1]}" if r.get("cv") and r["cv"][1] != 128 else ""
+    name += f" +repair={r['repair'][0]}" if r.get("repair") else ""
+    name += f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else ""
+    return name + (" (norm-matched)" if r.get("cv_norm") else "")
+
+
+def collect_records(recs: list[dict], limit: int) -> list[dict]:
+    """Results-file records from the records lines: per line its task's rows, its perplexity and
+    probes, and transfer against the ceiling of the same layout, tuning and task; per recipe
+    measured on several tasks, transfer over them (``task: "avg<k>"``, numerator and denominator
+    averaged over the tasks)."""
     from offsite.stats import transfer
 
-    recs = [json.loads(line) for line in open(RECORDS)]
-    task = a.task
-    out = []
-
-    def key(r):  # the recipe's name in the results: emulator, then tuning and treatments
-        name = r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "")
-        name += f" +correction={r['cv'][0]}" if r.get("cv") else ""
-        name += f" +repair={r['repair'][0]}" if r.get("repair") else ""
-        name += f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else ""
-        return name + (" (norm-matched)" if r.get("cv_norm") else "")
-
+    out, pooled = [], {}
     for r in recs:
-        layers = list(r["layers"])
+        task, layers = run_task(r), list(r["layers"])
         n_mid = N_LAYERS - sum(layers)
         ceil = next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
                      and not c.get("cv") and not c.get("repair") and c.get("tune") == r.get("tune")
@@ -558,8 +525,10 @@ def cmd_collect(a) -> None:
         # Full ZS is the untouched full model, whatever the layout: any "every block kept" run scored it
         zs = next((c for c in recs if c["kind"] == f"uniform:keep={N_LAYERS - sum(c['layers'])}"
                    and f"emu_zs_pred_{task}" in c), None)
-        base = {"model": MODEL, "task": task, "method": key(r), "setting": {"adapter_layers": layers},
+        base = {"model": MODEL, "task": task, "method": recipe_key(r), "setting": {"adapter_layers": layers},
                 "middle_fraction": round(r["frac"], 4), "command": r.get("command")}
+        if r.get("train_limit"):
+            base["train_limit"] = r["train_limit"]
         if "ppl" in r:
             out.append({**base, "task": "text", "row": "emu_zs", "metric": "ppl", "value": r["ppl"], "n": 4})
         for name in (k for k in r if k.startswith("probe_")):
@@ -568,28 +537,48 @@ def cmd_collect(a) -> None:
         for row in ("emu_zs", "emu_ft", "plugin"):
             if f"{row}_{task}" in r:
                 out.append({**base, "row": "ceiling" if r is ceil and row == "plugin" else row, "metric": "acc",
-                            "value": r[f"{row}_{task}"], "n": a.limit})
+                            "value": r[f"{row}_{task}"], "n": limit})
         if zs is r:
             out.append({**base, "method": None, "row": "full_zs", "metric": "acc", "value": r[f"emu_zs_{task}"],
-                        "n": a.limit})
+                        "n": limit})
         if ceil is not None and zs is not None and r is not ceil and f"plugin_pred_{task}" in r:
-            t = transfer([r[f"plugin_pred_{task}"]], [zs[f"emu_zs_pred_{task}"]], [ceil[f"plugin_pred_{task}"]])
+            preds = (r[f"plugin_pred_{task}"], zs[f"emu_zs_pred_{task}"], ceil[f"plugin_pred_{task}"])
+            t = transfer(*([p] for p in preds))
             out.append({**base, "row": "plugin", "metric": "transfer", "value": t["value"], "stderr": t["stderr"],
                         "n": t["n"], "ceiling_gain": t["ceiling_gain"]})
+            pooled.setdefault((base["method"], tuple(layers)), {})[task] = (preds, base)
+    for (method, layers), per_task in pooled.items():
+        if len(per_task) > 1:
+            tasks = sorted(per_task)
+            t = transfer(*([per_task[k][0][i] for k in tasks] for i in range(3)))
+            out.append({**per_task[tasks[0]][1], "task": f"avg{len(tasks)}", "tasks": tasks, "command": None,
+                        "row": "plugin", "metric": "transfer", "value": t["value"], "stderr": t["stderr"],
+                        "n": t["n"], "ceiling_gain": t["ceiling_gain"]})
+    return out
+
+
+def cmd_collect(a) -> None:
+    from offsite.results import meta, write_results
+
+    out = collect_records([json.loads(line) for line in open(RECORDS)], a.limit)
     new = {(o["method"], tuple(o["setting"]["adapter_layers"])) for o in out}
     if RESULTS.exists():  # recipes measured before their records were kept
         kept = [o for o in json.loads(RESULTS.read_text())["records"]
                 if (o["method"], tuple(o["setting"]["adapter_layers"])) not in new]
         out = kept + out
     write_results(RESULTS, meta("python bench/transfer_recipes.py collect"), out,
-                  notes=[f"first {a.limit} {task} evaluation documents; adapter tuned one epoch on the task's "
-                         "training split (batch 8, lr 1e-4); each record's command made it"])
+                  notes=[f"first {a.limit} evaluation documents of each task; adapter tuned one epoch on the task's "
+                         "training split (its first train_limit examples where a record says so; batch 8, lr 1e-4); "
+                         "each record's command made it"])
     print(f"wrote {RESULTS} ({len(out)} records)")
-    print(markdown(out, task))
+    print(markdown(out, a.task))
+    print(tasks_markdown(out))
     if a.plot:
-        print(scatter(out, task, Path(a.plot)))
+        print(scatter(out, a.task, Path(a.plot)))
     if a.frontier:
-        frontier(out, task, Path(a.frontier))
+        frontier(out, a.task, Path(a.frontier))
+    if a.privacy_utility:
+        privacy_utility(out, a.task, Path(a.privacy_utility))
 
 
 def _ranks(xs: list[float]) -> list[float]:
@@ -628,7 +617,7 @@ def scatter(records: list[dict], task: str, path: Path) -> str:
         k = (r["method"], tuple(r["setting"]["adapter_layers"]))
         if r["row"] == "ceiling":
             continue  # (1, 1) by definition: drawn as a star, not counted in the correlation
-        if r["metric"] == "transfer" and r["value"] is not None:
+        if r["metric"] == "transfer" and r["value"] is not None and r["task"] == task:
             pts.setdefault(k, {})["transfer"] = r["value"]
             pts[k]["stderr"] = r["stderr"]
         elif r["row"] == "probe":
@@ -670,7 +659,7 @@ def frontier(records: list[dict], task: str, path: Path) -> None:
 
     lines: dict[str, list] = {}
     treated = []  # recipes with an owner-side treatment or another tuning: points, not lines
-    for (kind, _), c in recipe_cells(records).items():
+    for (kind, _), c in recipe_cells(records, task).items():
         if "transfer" in c and "emu_ft" in c and c["transfer"]["value"] is not None:
             family = ":".join(x for x in kind.split(" ")[0].split(":") if not x.startswith(("keep=", "width=")))
             gap = 100 * (c["plugin"]["value"] - c["emu_ft"]["value"])
@@ -705,15 +694,71 @@ def frontier(records: list[dict], task: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def recipe_cells(records: list[dict]) -> dict[tuple, dict]:
-    """The records of each recipe ``(method, adapter layers)``, in the order first measured, keyed
-    by what they hold: ``ppl``, ``probe_<source>``, ``emu_zs``, ``emu_ft``, ``plugin`` or
-    ``ceiling``, ``transfer``; and ``frac``, the middle kept. Full ZS (no method) is left out."""
-    cells: dict[tuple, dict] = {}
-    for r in records:
-        if r["method"] is None:
+def privacy_utility(records: list[dict], task: str, path: Path) -> None:
+    """The privacy-utility picture with transfer as utility: Emulator FT (what the emulator alone
+    does with the tuned adapter; lower: the owner gave away less) against transfer, one point per
+    recipe on ``task`` (circles: the emulator alone, the papers' protocol; triangles: with the
+    owner in the loop or another owner-side treatment), and a star per recipe measured on several
+    tasks at its average over them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    best = []  # treated recipes that transfer 0.55 or more: labelled in a column, with leader lines
+    for (kind, _), c in recipe_cells(records, task).items():
+        if "transfer" not in c or "emu_ft" not in c or c["transfer"]["value"] is None:
             continue
-        c = cells.setdefault((r["method"], tuple(r["setting"]["adapter_layers"])), {"frac": r["middle_fraction"]})
+        treated = "+correction" in kind or "+repair" in kind
+        x, t = 100 * c["emu_ft"]["value"], c["transfer"]
+        ax.errorbar(x, t["value"], yerr=t["stderr"], fmt="^" if treated else "o", capsize=2, alpha=0.8,
+                    color="tab:orange" if treated else "tab:blue")
+        if not treated:
+            ax.annotate(kind.split(" ")[0], (x, t["value"]), fontsize=6, xytext=(4, 2), textcoords="offset points")
+        elif t["value"] >= 0.55:
+            best.append((t["value"], x, kind))
+    for i, (v, x, kind) in enumerate(sorted(best, reverse=True)):
+        label = (kind.replace(" +tune=bottom", " bottom").replace(" +correction=webqs", " +owner")
+                 .replace(" every 4 steps", "/4").replace(" (norm-matched)", " scaled"))
+        ax.annotate(label, (x, v), fontsize=6, xytext=(0.42, 0.97 - 0.045 * i), textcoords="axes fraction",
+                    va="top", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
+    for avg in (r for r in records if r["metric"] == "transfer" and r["task"].startswith("avg")):
+        key = (avg["method"], tuple(avg["setting"]["adapter_layers"]))
+        fts = [recipe_cells(records, t)[key]["emu_ft"]["value"] for t in avg["tasks"]]
+        x = 100 * sum(fts) / len(fts)
+        ax.errorbar(x, avg["value"], yerr=avg["stderr"], fmt="*", ms=14, color="tab:red", capsize=3)
+        ax.annotate(f"{avg['method'].split(' ')[0]} +owner, average of {len(avg['tasks'])} tasks", (x, avg["value"]),
+                    fontsize=7, color="tab:red", xytext=(6, -12), textcoords="offset points")
+    ax.plot([], [], "o", color="tab:blue", label=f"emulator alone (the papers' protocol), {task}")
+    ax.plot([], [], "^", color="tab:orange", label=f"with an owner-side treatment, {task}")
+    ax.axhline(0.7, color="tab:green", ls="--", lw=0.8, label="transfer 0.7")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("Emulator FT accuracy (%): lower, more of the model kept private")
+    ax.set_ylabel("transfer = (Plug-in − Full ZS) / (ceiling − Full ZS): utility")
+    ax.set_title("Privacy against utility, utility measured as transfer (smollm2-135m, adapter 2,2)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def recipe_cells(records: list[dict], task: str) -> dict[tuple, dict]:
+    """The records of each recipe ``(method, adapter layers)`` measured on ``task``, in the order
+    first measured, keyed by what they hold: ``ppl``, ``probe_<source>``, ``emu_zs``, ``emu_ft``,
+    ``plugin`` or ``ceiling``, ``transfer``; and ``frac``, the middle kept. Full ZS (no method) is
+    left out."""
+    cells: dict[tuple, dict] = {}
+    on_task = {(r["method"], tuple(r["setting"]["adapter_layers"])) for r in records
+               if r["task"] == task and r["row"] != "probe"}
+    for r in records:
+        key = (r["method"], tuple(r["setting"]["adapter_layers"]))
+        if r["method"] is None or key not in on_task:
+            continue
+        if r["row"] != "probe" and r["task"] not in (task, "text"):
+            continue
+        c = cells.setdefault(key, {"frac": r["middle_fraction"]})
         name = {"probe": f"probe_{r['task']}", "emu_zs": "ppl" if r["task"] == "text" else "emu_zs"}.get(
             r["row"], r["metric"] if r["metric"] == "transfer" else r["row"])
         c[name] = r
@@ -723,8 +768,8 @@ def recipe_cells(records: list[dict]) -> dict[tuple, dict]:
 def markdown(records: list[dict], task: str) -> str:
     """docs/transfer.md's table of the recipes: one line per recipe, in the order first measured."""
     head = [f"Full ZS: {100 * r['value']:.1f} % on the first {r['n']} {task} documents (every row is scored "
-            "on them); gap = Plug-in − Emulator FT." for r in records if r["method"] is None]
-    cells = recipe_cells(records)
+            "on them); gap = Plug-in − Emulator FT." for r in records if r["method"] is None and r["task"] == task]
+    cells = recipe_cells(records, task)
 
     def pct(c, name):
         return f"{100 * c[name]['value']:.1f}" if name in c else "–"
@@ -747,6 +792,37 @@ def markdown(records: list[dict], task: str) -> str:
     return "\n".join(head + [""] + lines)
 
 
+def tasks_markdown(records: list[dict]) -> str:
+    """docs/transfer.md's table of the recipes measured on several tasks: per task Full ZS, ceiling,
+    Emulator FT, Plug-in, gap and transfer, then the average over those tasks (transfer with the
+    tasks' gains averaged before the ratio)."""
+    avgs = [r for r in records if r["metric"] == "transfer" and r["task"].startswith("avg")]
+    lines = []
+    for avg in avgs:
+        key = (avg["method"], tuple(avg["setting"]["adapter_layers"]))
+        lines += [f"`{avg['method']}` (adapter {key[1][0]},{key[1][1]}, {100 * avg['middle_fraction']:.0f} % of the "
+                  "middle kept; ceiling: the same tuning on the full model):", "",
+                  "| task | Full ZS | ceiling | Emulator FT | Plug-in | gap | transfer |", "|---|---|---|---|---|---|---|"]
+        rows = {k: [] for k in ("zs", "ceil", "ft", "plug")}
+        for task in avg["tasks"]:
+            c = recipe_cells(records, task)[key]
+            ceil_key = next(k for k, v in recipe_cells(records, task).items() if "ceiling" in v and k[1] == key[1]
+                            and ("+tune=bottom" in k[0]) == ("+tune=bottom" in key[0]))
+            zs = next(r["value"] for r in records if r["method"] is None and r["task"] == task)
+            vals = (zs, recipe_cells(records, task)[ceil_key]["ceiling"]["value"], c["emu_ft"]["value"],
+                    c["plugin"]["value"])
+            for k, v in zip(rows, vals):
+                rows[k].append(v)
+            t = c["transfer"]
+            lines.append(f"| {task} | " + " | ".join(f"{100 * v:.1f}" for v in vals)
+                         + f" | {100 * (vals[3] - vals[2]):+.1f} | {t['value']:.2f} ± {t['stderr']:.2f} |")
+        mean = {k: sum(v) / len(v) for k, v in rows.items()}
+        lines.append(f"| **average of {len(avg['tasks'])}** | " + " | ".join(f"{100 * v:.1f}" for v in mean.values())
+                     + f" | {100 * (mean['plug'] - mean['ft']):+.1f} | **{avg['value']:.2f} ± {avg['stderr']:.2f}** |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -762,7 +838,8 @@ def main(argv=None) -> int:
     r.add_argument("--zs-only", action="store_true", help="score the untouched emulator and stop")
     r.add_argument("--probe-only", action="store_true", help="measure the perplexity and the probes and stop")
     r.add_argument("--correction", default="")
-    r.add_argument("--correction-n", type=int, default=128)
+    r.add_argument("--correction-n", type=int, default=128, help="public QA pairs per source the owner's correction averages over")
+    r.add_argument("--train-limit", type=int, default=0, help="tune on the first N training examples (0: all)")
     r.add_argument("--correction-every", type=int, default=0,
                    help="recompute the correction at the current adapter every N steps (0: never)")
     r.add_argument("--correction-norm", action="store_true",
@@ -781,6 +858,7 @@ def main(argv=None) -> int:
     c.add_argument("--limit", type=int, default=500)
     c.add_argument("--plot", help="also draw transfer against the probe into this PNG")
     c.add_argument("--frontier", help="also draw transfer against the gap, per method as its size varies, into this PNG")
+    c.add_argument("--privacy-utility", help="also draw Emulator FT against transfer (privacy against utility) into this PNG")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     {"run": cmd_run, "diagnose": cmd_diagnose, "collect": cmd_collect}[a.cmd](a)

@@ -62,26 +62,13 @@ def test_refit_cuts_the_error_of_a_pruned_middle(tokenizer):
     assert _rel(got, full) < 0.75 * _rel(got_plain, full)  # measured: 0.34 against 0.56
 
 
-def test_tune_bottom_freezes_only_the_top_adapter_blocks(tokenizer):
-    from offsite import adapters
-    from offsite.emulator import build_emulator
-    from offsite.models.families import get_blocks
-
-    emu = build_emulator("uniform", tiny_model("llama", 6), tokenizer, "tiny", "2,1", keep=1)
-    m = adapters.prepare(emu.model, emu.adapter_positions, "full")
-    recipes.freeze_top(emu, m)
-    blocks = get_blocks(m)
-    trains = {src: all(p.requires_grad for p in blocks[pos].parameters())
-              for pos, src in emu.adapter_positions.items()}
-    assert trains == {0: True, 1: True, 5: False}
-
-
-def _record(kind, plugin=None, zs=None, **extra):
+def _record(kind, plugin=None, zs=None, task="arc_easy", **extra):
     r = {"kind": kind, "layers": [2, 2], "frac": 1.0 if kind.endswith("keep=26") else 0.5, **extra}
     if plugin is not None:
-        r["plugin_arc_easy"], r["plugin_pred_arc_easy"] = sum(plugin) / len(plugin), plugin
+        r[f"plugin_{task}"], r[f"plugin_pred_{task}"] = sum(plugin) / len(plugin), plugin
+        r[f"emu_ft_{task}"] = 0.25
     if zs is not None:
-        r["emu_zs_arc_easy"], r["emu_zs_pred_arc_easy"] = sum(zs) / len(zs), zs
+        r[f"emu_zs_{task}"], r[f"emu_zs_pred_{task}"] = sum(zs) / len(zs), zs
     return r
 
 
@@ -108,3 +95,22 @@ def test_collect_computes_transfer_per_ceiling_and_keeps_recipes_without_records
     # (Plug-in - Full ZS) / (ceiling - Full ZS), against the ceiling tuned the same way
     assert t == {"uniform:keep=13": 0.5, "uniform:keep=13 +tune=bottom": 1.0}
     assert {r["method"] for r in out if r["row"] == "ceiling"} == {"uniform:keep=26", "uniform:keep=26 +tune=bottom"}
+
+
+def test_collect_averages_transfer_over_tasks_and_tabulates_them():
+    from offsite.stats import transfer
+
+    zs, ceil, plug = {"a": [0, 0, 1, 0], "b": [0, 1, 0, 0]}, {"a": [1, 1, 1, 0], "b": [1, 1, 1, 0]}, \
+        {"a": [1, 0, 1, 0], "b": [1, 1, 0, 0]}
+    lines = [r for task in ("a", "b") for r in (
+        _record("uniform:keep=26", plugin=ceil[task], zs=zs[task], task=task, tune="bottom"),
+        _record("uniform:keep=8", plugin=plug[task], task=task, tune="bottom", cv=["webqs", 32, 1.0, 4], cv_norm=True))]
+    out = recipes.collect_records(lines, limit=4)
+    per_task = {r["task"]: r for r in out if r["metric"] == "transfer"}
+    assert set(per_task) == {"a", "b", "avg2"}
+    assert per_task["a"]["value"] == 0.5 and per_task["b"]["value"] == 0.5
+    want = transfer([plug["a"], plug["b"]], [zs["a"], zs["b"]], [ceil["a"], ceil["b"]])
+    assert per_task["avg2"]["value"] == want["value"] and per_task["avg2"]["tasks"] == ["a", "b"]
+    table = recipes.tasks_markdown(out)
+    assert "| a | 25.0 | 75.0 | 25.0 | 50.0 | +25.0 | 0.50 ± " in table
+    assert "**average of 2**" in table and f"**{want['value']:.2f} ± {want['stderr']:.2f}**" in table
