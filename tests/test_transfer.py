@@ -46,6 +46,7 @@ def test_transfer_matches_a_hand_computed_case():
     assert t["value"] == pytest.approx(2 / 3)
     assert t["stderr"] == pytest.approx(math.sqrt(var / 5) / 0.6)
     assert t["ceiling_gain"] == pytest.approx(0.6) and t["n"] == 5
+    assert (t["plugin_gain"], t["plugin_gain_stderr"]) == pytest.approx(paired(plug, zs))  # 0.4, paired
 
 
 def test_transfer_is_one_when_the_plugin_is_the_ceiling_and_none_without_a_gain():
@@ -180,6 +181,8 @@ def test_run_ceiling_equals_plugin_for_the_full_middle_and_transfer_is_one(tok, 
     assert any(r["metric"] == "transfer" for r in saved["records"])
     table = (tmp_path / "r" / "table.md").read_text()
     assert "Ceiling" in table and "transfer" in table and "1.00" in table
+    gain = 100 * (acc["plugin"] - acc["full_zs"])
+    assert f"| Plug-in − Full ZS (paired) | {gain:+.1f} ± " in table
     assert json.loads((tmp_path / "r" / "emulator" / "manifest.json").read_text())["report"]["probe"]
 
 

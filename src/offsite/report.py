@@ -284,7 +284,8 @@ def _block_report(b: _Block) -> dict:
                    "rows": {r: _mean([rows[r][t] for t in avg_tasks]) for r in rows}}
         if gap:
             average["gap"] = _diff(average["rows"]["plugin"], average["rows"]["emu_ft"])
-    transfer = {t: _cell(r) for t, r in b.transfer.items()}
+    transfer = {t: {**_cell(r), **{k: r[k] for k in ("plugin_gain", "plugin_gain_stderr") if k in r}}
+                for t, r in b.transfer.items()}
     if average:
         average["transfer"] = transfer.get(f"avg{len(avg_tasks)}") if len(avg_tasks) > 1 \
             else transfer.get(avg_tasks[0])
@@ -376,6 +377,11 @@ def block_markdown(b: dict) -> str:
             cells.append(fmt_ratio(avg.get("transfer")))
         cells += ["" for _ in ppl_tasks]
         lines.append("| transfer (Plug-in − Full ZS) / (Ceiling − Full ZS) | " + " | ".join(cells) + " |")
+        gains = [b["transfer"].get(t) or {} for t in acc_tasks] + ([avg.get("transfer") or {}] if avg else [])
+        if any("plugin_gain" in g for g in gains):  # the Plug-in's own gain, paired: is it above noise?
+            cells = [f"{100 * g['plugin_gain']:+.1f} ± {100 * g['plugin_gain_stderr']:.1f}" if "plugin_gain" in g
+                     else "" for g in gains] + ["" for _ in ppl_tasks]
+            lines.append("| Plug-in − Full ZS (paired) | " + " | ".join(cells) + " |")
     title = f"### {b['model']} · {b['label']}"
     params = _params(b)
     if b.get("probe_grad_cos") is not None:

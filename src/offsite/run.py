@@ -295,7 +295,8 @@ def transfer_record(scores: dict, task: str, base: dict) -> dict | None:
         return None
     return {**base, "task": task, "row": "plugin", "metric": "transfer", "value": t["value"],
             "stderr": t["stderr"], "n": t["n"], "ceiling_gain": t["ceiling_gain"],
-            "ceiling_gain_stderr": t["ceiling_gain_stderr"]}
+            "ceiling_gain_stderr": t["ceiling_gain_stderr"], "plugin_gain": t["plugin_gain"],
+            "plugin_gain_stderr": t["plugin_gain_stderr"]}
 
 
 def _name(model_name: str) -> str:

@@ -53,8 +53,10 @@ def transfer(plugin: Sequence[Sequence[float]], zs: Sequence[Sequence[float]],
              ceiling: Sequence[Sequence[float]]) -> dict:
     """Transfer over one or more tasks, each given as per-document scores of the three rows.
 
-    Returns ``{"value", "stderr", "ceiling_gain", "ceiling_gain_stderr", "n"}``; ``value`` and
-    ``stderr`` are ``None`` when the ceiling gains nothing.
+    Returns ``{"value", "stderr", "ceiling_gain", "ceiling_gain_stderr", "plugin_gain",
+    "plugin_gain_stderr", "n"}`` (the gains: paired means of ceiling − Full ZS and Plug-in − Full ZS,
+    averaged over the tasks, with their standard errors); ``value`` and ``stderr`` are ``None`` when
+    the ceiling gains nothing.
     """
     if not plugin or not (len(plugin) == len(zs) == len(ceiling)):
         raise ValueError("transfer needs the same tasks for the Plug-in, Full ZS and ceiling rows")
@@ -69,10 +71,11 @@ def transfer(plugin: Sequence[Sequence[float]], zs: Sequence[Sequence[float]],
     k = len(parts)
     big_a, big_b = sum(num) / k, sum(den) / k
     gain_se = math.sqrt(sum(_var(b) / len(b) for _, b in parts)) / k
+    gains = {"plugin_gain": big_a, "plugin_gain_stderr": math.sqrt(sum(_var(a) / len(a) for a, _ in parts)) / k}
     n = sum(len(a) for a, _ in parts)
     if big_b == 0:
-        return {"value": None, "stderr": None, "ceiling_gain": 0.0, "ceiling_gain_stderr": gain_se, "n": n}
+        return {"value": None, "stderr": None, "ceiling_gain": 0.0, "ceiling_gain_stderr": gain_se, **gains, "n": n}
     t = big_a / big_b
     var = sum(_var([x - t * y for x, y in zip(a, b)]) / len(a) for a, b in parts) / k ** 2
     return {"value": t, "stderr": math.sqrt(var) / abs(big_b), "ceiling_gain": big_b,
-            "ceiling_gain_stderr": gain_se, "n": n}
+            "ceiling_gain_stderr": gain_se, **gains, "n": n}
