@@ -8,7 +8,7 @@ full model? One task, one recipe per call; the experiments behind docs/transfer.
     python bench/transfer_recipes.py run uniform:keep=13 --repair webqs:512:kl # repaired adapter, delta plug-in
     python bench/transfer_recipes.py diagnose uniform:keep=13                  # where the emulator's gradient goes wrong
     python bench/transfer_recipes.py collect --plot docs/img/transfer-probe.png --frontier docs/img/transfer-frontier.png \
-        --privacy-utility docs/img/privacy-utility-transfer.png
+        --privacy-utility docs/img/privacy-utility-transfer.png --doc docs/transfer.md
 
 A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
 
@@ -534,13 +534,14 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
         for name in (k for k in r if k.startswith("probe_")):
             out.append({**base, "task": name[len("probe_"):], "row": "probe", "metric": "grad_cos",
                         "value": r[name]["all"], "groups": r[name]})
+        n_docs = len(r.get(f"plugin_pred_{task}") or r.get(f"emu_zs_pred_{task}") or []) or limit  # a task may have fewer
         for row in ("emu_zs", "emu_ft", "plugin"):
             if f"{row}_{task}" in r:
                 out.append({**base, "row": "ceiling" if r is ceil and row == "plugin" else row, "metric": "acc",
-                            "value": r[f"{row}_{task}"], "n": limit})
+                            "value": r[f"{row}_{task}"], "n": n_docs})
         if zs is r:
             out.append({**base, "method": None, "row": "full_zs", "metric": "acc", "value": r[f"emu_zs_{task}"],
-                        "n": limit})
+                        "n": n_docs})
         if ceil is not None and zs is not None and r is not ceil and f"plugin_pred_{task}" in r:
             preds = (r[f"plugin_pred_{task}"], zs[f"emu_zs_pred_{task}"], ceil[f"plugin_pred_{task}"])
             t = transfer(*([p] for p in preds))
@@ -579,6 +580,23 @@ def cmd_collect(a) -> None:
         frontier(out, a.task, Path(a.frontier))
     if a.privacy_utility:
         privacy_utility(out, a.task, Path(a.privacy_utility))
+    if a.doc:
+        doc = Path(a.doc)
+        text = fill(doc.read_text(), "recipes", markdown(out, a.task))
+        text = fill(text, "tasks", tasks_markdown(out))
+        doc.write_text(text)
+        print(f"refreshed the tables of {doc}")
+
+
+def fill(text: str, name: str, content: str) -> str:
+    """``text`` with what lies between ``<!-- begin generated: NAME ... -->`` and ``<!-- end
+    generated: NAME -->`` replaced by ``content`` (the markers stay); unchanged without them."""
+    import re
+
+    m = re.search(rf"(<!-- begin generated: {name}\b[^\n]*-->\n)(.*?)(<!-- end generated: {name} -->)", text, re.S)
+    if m is None:
+        return text
+    return text[:m.start(2)] + content.rstrip("\n") + "\n" + text[m.end(2):]
 
 
 def _ranks(xs: list[float]) -> list[float]:
@@ -858,6 +876,7 @@ def main(argv=None) -> int:
     c.add_argument("--limit", type=int, default=500)
     c.add_argument("--plot", help="also draw transfer against the probe into this PNG")
     c.add_argument("--frontier", help="also draw transfer against the gap, per method as its size varies, into this PNG")
+    c.add_argument("--doc", help="also refresh the generated tables of this markdown file (docs/transfer.md)")
     c.add_argument("--privacy-utility", help="also draw Emulator FT against transfer (privacy against utility) into this PNG")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)

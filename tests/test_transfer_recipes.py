@@ -88,7 +88,8 @@ def test_collect_computes_transfer_per_ceiling_and_keeps_recipes_without_records
     lines = [_record("uniform:keep=26", plugin=ceil, zs=zs), _record("uniform:keep=26", plugin=ceil_bottom, tune="bottom"),
              _record("uniform:keep=13", plugin=[1, 0, 1, 0]), _record("uniform:keep=13", plugin=[1, 0, 1, 0], tune="bottom")]
     records.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    recipes.cmd_collect(argparse.Namespace(task="arc_easy", limit=4, plot=None, frontier=None))
+    recipes.cmd_collect(argparse.Namespace(task="arc_easy", limit=4, plot=None, frontier=None, privacy_utility=None,
+                                           doc=None))
     out = json.loads(results.read_text())["records"]
     assert old in out and stale not in out
     t = {r["method"]: r["value"] for r in out if r["metric"] == "transfer"}
@@ -114,3 +115,10 @@ def test_collect_averages_transfer_over_tasks_and_tabulates_them():
     table = recipes.tasks_markdown(out)
     assert "| a | 25.0 | 75.0 | 25.0 | 50.0 | +25.0 | 0.50 ± " in table
     assert "**average of 2**" in table and f"**{want['value']:.2f} ± {want['stderr']:.2f}**" in table
+
+
+def test_fill_replaces_only_between_its_markers():
+    doc = "intro\n<!-- begin generated: tasks (by a command) -->\nold\nlines\n<!-- end generated: tasks -->\nrest\n"
+    assert recipes.fill(doc, "tasks", "| new |\n") == (
+        "intro\n<!-- begin generated: tasks (by a command) -->\n| new |\n<!-- end generated: tasks -->\nrest\n")
+    assert recipes.fill(doc, "recipes", "x") == doc  # no markers of that name: unchanged
