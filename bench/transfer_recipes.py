@@ -545,8 +545,11 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
         if ceil is not None and zs is not None and r is not ceil and f"plugin_pred_{task}" in r:
             preds = (r[f"plugin_pred_{task}"], zs[f"emu_zs_pred_{task}"], ceil[f"plugin_pred_{task}"])
             t = transfer(*([p] for p in preds))
-            out.append({**base, "row": "plugin", "metric": "transfer", "value": t["value"], "stderr": t["stderr"],
-                        "n": t["n"], "ceiling_gain": t["ceiling_gain"]})
+            noise = not t["ceiling_gain"] > 2 * t["ceiling_gain_stderr"]  # a ratio over noise means nothing
+            out.append({**base, "row": "plugin", "metric": "transfer", "value": None if noise else t["value"],
+                        "stderr": None if noise else t["stderr"], "n": t["n"], "ceiling_gain": t["ceiling_gain"],
+                        "ceiling_gain_stderr": t["ceiling_gain_stderr"], "plugin_gain": t["plugin_gain"],
+                        "plugin_gain_stderr": t["plugin_gain_stderr"]})
             pooled.setdefault((base["method"], tuple(layers)), {})[task] = (preds, base)
     for (method, layers), per_task in pooled.items():
         if len(per_task) > 1:
@@ -554,7 +557,8 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
             t = transfer(*([per_task[k][0][i] for k in tasks] for i in range(3)))
             out.append({**per_task[tasks[0]][1], "task": f"avg{len(tasks)}", "tasks": tasks, "command": None,
                         "row": "plugin", "metric": "transfer", "value": t["value"], "stderr": t["stderr"],
-                        "n": t["n"], "ceiling_gain": t["ceiling_gain"]})
+                        "n": t["n"], "ceiling_gain": t["ceiling_gain"], "ceiling_gain_stderr": t["ceiling_gain_stderr"],
+                        "plugin_gain": t["plugin_gain"], "plugin_gain_stderr": t["plugin_gain_stderr"]})
     return out
 
 
@@ -812,8 +816,9 @@ def markdown(records: list[dict], task: str) -> str:
 
 def tasks_markdown(records: list[dict]) -> str:
     """docs/transfer.md's table of the recipes measured on several tasks: per task Full ZS, ceiling,
-    Emulator FT, Plug-in, gap and transfer, then the average over those tasks (transfer with the
-    tasks' gains averaged before the ratio)."""
+    Emulator FT, Plug-in, gap and transfer (where the ceiling gains at least two standard errors),
+    then the average over those tasks (transfer with the tasks' gains averaged before the ratio,
+    every task counted)."""
     avgs = [r for r in records if r["metric"] == "transfer" and r["task"].startswith("avg")]
     lines = []
     for avg in avgs:
@@ -832,8 +837,10 @@ def tasks_markdown(records: list[dict]) -> str:
             for k, v in zip(rows, vals):
                 rows[k].append(v)
             t = c["transfer"]
+            tr = (f"{t['value']:.2f} ± {t['stderr']:.2f}" if t["value"] is not None else
+                  f"– (ceiling gain {100 * t['ceiling_gain']:+.1f} ± {100 * t['ceiling_gain_stderr']:.1f}: within noise)")
             lines.append(f"| {task} | " + " | ".join(f"{100 * v:.1f}" for v in vals)
-                         + f" | {100 * (vals[3] - vals[2]):+.1f} | {t['value']:.2f} ± {t['stderr']:.2f} |")
+                         + f" | {100 * (vals[3] - vals[2]):+.1f} | {tr} |")
         mean = {k: sum(v) / len(v) for k, v in rows.items()}
         lines.append(f"| **average of {len(avg['tasks'])}** | " + " | ".join(f"{100 * v:.1f}" for v in mean.values())
                      + f" | {100 * (mean['plug'] - mean['ft']):+.1f} | **{avg['value']:.2f} ± {avg['stderr']:.2f}** |")

@@ -84,15 +84,22 @@ def test_collect_computes_transfer_per_ceiling_and_keeps_recipes_without_records
            "row": "plugin", "metric": "acc", "value": 0.5, "n": 4}
     stale = {**old, "method": "uniform:keep=13", "value": 0.1}  # re-measured below: replaced
     results.write_text(json.dumps({"meta": {}, "records": [old, stale]}))
-    zs, ceil, ceil_bottom = [0, 0, 1, 0], [1, 1, 1, 0], [1, 0, 1, 0]
+    # 40 documents (each pattern ten times), so that the ceilings' gains are above noise
+    zs, ceil, ceil_bottom, plug = [0, 0, 1, 0] * 10, [1, 1, 1, 0] * 10, [1, 0, 1, 0] * 10, [1, 0, 1, 0] * 10
     lines = [_record("uniform:keep=26", plugin=ceil, zs=zs), _record("uniform:keep=26", plugin=ceil_bottom, tune="bottom"),
-             _record("uniform:keep=13", plugin=[1, 0, 1, 0]), _record("uniform:keep=13", plugin=[1, 0, 1, 0], tune="bottom")]
+             _record("uniform:keep=13", plugin=plug), _record("uniform:keep=13", plugin=plug, tune="bottom"),
+             _record("uniform:keep=8", plugin=[1, 0, 1, 0], task="tiny", zs=[0, 0, 1, 0]),
+             _record("uniform:keep=26", plugin=[1, 1, 1, 0], task="tiny", zs=[0, 0, 1, 0])]
     records.write_text("".join(json.dumps(r) + "\n" for r in lines))
     recipes.cmd_collect(argparse.Namespace(task="arc_easy", limit=4, plot=None, frontier=None, privacy_utility=None,
                                            doc=None))
     out = json.loads(results.read_text())["records"]
     assert old in out and stale not in out
-    t = {r["method"]: r["value"] for r in out if r["metric"] == "transfer"}
+    # 4 documents: the ceiling's gain (+0.5) is under two standard errors, so no transfer is claimed
+    [small] = [r for r in out if r["metric"] == "transfer" and r["task"] == "tiny"]
+    assert small["value"] is None and small["ceiling_gain"] == 0.5
+    assert {r["n"] for r in out if r["task"] == "tiny" and r["metric"] == "acc"} == {4}  # its own size
+    t = {r["method"]: r["value"] for r in out if r["metric"] == "transfer" and r["task"] == "arc_easy"}
     # (Plug-in - Full ZS) / (ceiling - Full ZS), against the ceiling tuned the same way
     assert t == {"uniform:keep=13": 0.5, "uniform:keep=13 +tune=bottom": 1.0}
     assert {r["method"] for r in out if r["row"] == "ceiling"} == {"uniform:keep=26", "uniform:keep=26 +tune=bottom"}
@@ -101,12 +108,12 @@ def test_collect_computes_transfer_per_ceiling_and_keeps_recipes_without_records
 def test_collect_averages_transfer_over_tasks_and_tabulates_them():
     from offsite.stats import transfer
 
-    zs, ceil, plug = {"a": [0, 0, 1, 0], "b": [0, 1, 0, 0]}, {"a": [1, 1, 1, 0], "b": [1, 1, 1, 0]}, \
-        {"a": [1, 0, 1, 0], "b": [1, 1, 0, 0]}
+    zs, ceil, plug = {"a": [0, 0, 1, 0] * 10, "b": [0, 1, 0, 0] * 10}, {"a": [1, 1, 1, 0] * 10, "b": [1, 1, 1, 0] * 10}, \
+        {"a": [1, 0, 1, 0] * 10, "b": [1, 1, 0, 0] * 10}
     lines = [r for task in ("a", "b") for r in (
         _record("uniform:keep=26", plugin=ceil[task], zs=zs[task], task=task, tune="bottom"),
         _record("uniform:keep=8", plugin=plug[task], task=task, tune="bottom", cv=["webqs", 32, 1.0, 4], cv_norm=True))]
-    out = recipes.collect_records(lines, limit=4)
+    out = recipes.collect_records(lines, limit=40)
     per_task = {r["task"]: r for r in out if r["metric"] == "transfer"}
     assert set(per_task) == {"a", "b", "avg2"}
     assert per_task["a"]["value"] == 0.5 and per_task["b"]["value"] == 0.5
