@@ -720,8 +720,8 @@ def privacy_utility(records: list[dict], task: str, path: Path) -> None:
     """The privacy-utility picture with transfer as utility: Emulator FT (what the emulator alone
     does with the tuned adapter; lower: the owner gave away less) against transfer, one point per
     recipe on ``task`` (circles: the emulator alone, the papers' protocol; triangles: with the
-    owner in the loop or another owner-side treatment), and a star per recipe measured on several
-    tasks at its average over them."""
+    owner in the loop or another owner-side treatment), and a star per recipe measured on three
+    tasks or more at its average over them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -745,7 +745,7 @@ def privacy_utility(records: list[dict], task: str, path: Path) -> None:
                  .replace(" every 4 steps", "/4").replace(" (norm-matched)", " scaled"))
         ax.annotate(label, (x, v), fontsize=6, xytext=(0.42, 0.97 - 0.045 * i), textcoords="axes fraction",
                     va="top", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
-    for avg in (r for r in records if r["metric"] == "transfer" and r["task"].startswith("avg")):
+    for avg in (r for r in records if r["metric"] == "transfer" and r["task"].startswith("avg") and len(r["tasks"]) > 2):
         key = (avg["method"], tuple(avg["setting"]["adapter_layers"]))
         fts = [recipe_cells(records, t)[key]["emu_ft"]["value"] for t in avg["tasks"]]
         x = 100 * sum(fts) / len(fts)
