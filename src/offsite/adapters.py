@@ -50,6 +50,12 @@ def param_names(model: nn.Module, positions: dict[int, int]) -> dict[str, str]:
             for pos, src in sorted(positions.items(), key=lambda x: x[1]) for name, _ in blocks[pos].named_parameters()}
 
 
+def trained_params(model: nn.Module, positions: dict[int, int]) -> dict[str, nn.Parameter]:
+    """The adapter tensors of ``model`` that train (``requires_grad``), by bundle key (:func:`param_names`)."""
+    named = dict(model.named_parameters())
+    return {k: named[n] for k, n in param_names(model, positions).items() if named[n].requires_grad}
+
+
 def _linear_names(block: nn.Module) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 

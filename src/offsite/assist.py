@@ -66,14 +66,13 @@ class Assistant:
 
     def __init__(self, model, emu: Emulator, opts: AssistOptions, micro_batch_size: int = 8,
                  examples: list[dict] | None = None):
-        from .data.tasks import load_task, train_pairs
-        from .data.tokenize import tokenize_qa
+        from .probe import ProbeOptions, task_probe_examples
 
         opts.check()
         self.model, self.emu, self.opts, self.micro_batch_size = model, emu, opts, micro_batch_size
         # the public pairs, tokenized as the data owner's are (the loss on the answer); or given
-        self.examples = examples if examples is not None else tokenize_qa(
-            emu.tokenizer, train_pairs(load_task(opts.source, "train"))[: opts.examples], 1024)
+        self.examples = examples if examples is not None else task_probe_examples(
+            emu.tokenizer, opts.source, ProbeOptions(task_examples=opts.examples))
         pad = emu.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
         self.positions = emu.adapter_positions
@@ -104,6 +103,11 @@ class Assistant:
                                     self.pad_id, keys)
         self.calls += 1
         return {k: g_f[k] * (g_e[k].norm() / g_f[k].norm().clamp_min(1e-30)) - g_e[k] for k in keys}
+
+    def loss(self, params: dict[str, torch.nn.Parameter]) -> "CorrectedLoss":
+        """The data owner's training loss for the trainable adapter tensors ``params``, asking this
+        owner for a correction every ``opts.every`` steps."""
+        return CorrectedLoss(params, self.correction, self.opts.every)
 
 
 class CorrectedLoss:

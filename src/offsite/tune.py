@@ -160,10 +160,8 @@ def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
     """Train the adapter of ``emu`` in place and return it as a bundle (not yet written).
 
     ``assist``: the model owner's gradient correction (:class:`offsite.assist.Assistant`, or any
-    object with its ``opts`` and ``correction(state)``); ``None`` or ``assist.opts.every == 0``:
-    the papers' protocol, the data owner alone."""
-    from .assist import CorrectedLoss
-
+    object with its ``opts`` and ``loss(params)``); ``None`` or ``assist.opts.every == 0``: the
+    papers' protocol, the data owner alone."""
     positions = emu.adapter_positions
     init_digest = state_digest(emu.adapter_state())
     settings.check()
@@ -175,9 +173,7 @@ def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
         if settings.adapter != "full":
             raise OffsiteError(f"the owner's correction applies to full adapter blocks; tune with --adapter full "
                                f"(got {settings.adapter})")
-        named = dict(model.named_parameters())
-        params = {k: named[n] for k, n in adapters.param_names(model, positions).items() if named[n].requires_grad}
-        loss = CorrectedLoss(params, assist.correction, assist.opts.every)
+        loss = assist.loss(adapters.trained_params(model, positions))
     result = _train(model, emu.tokenizer, data, settings, Path(work_dir) if work_dir else None, accelerator, loss)
     state = adapters.extract(model, positions, settings.adapter)
     if settings.adapter == "lora":

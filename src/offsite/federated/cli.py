@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from ..cli_args import POSITIVE, command_line
+from ..tune import BLOCKS
 from ..errors import OffsiteError
 
 
@@ -63,7 +64,7 @@ def add_parser(sub) -> None:
     r.add_argument("--total-cpus", type=POSITIVE, help="simulation: CPUs Ray may use (default: one client at a time)")
     r.add_argument("--model", default=None, help="the full model to plug the adapter into (default: the "
                                                  "emulator's base, e.g. smollm2-135m)")
-    r.add_argument("--tune-blocks", choices=["all", "bottom"], default="all",
+    r.add_argument("--tune-blocks", choices=list(BLOCKS), default="all",
                    help="which adapter blocks the data owners train (bottom: the owner-assisted recipe)")
     r.add_argument("--assist", action="store_true",
                    help="the model owner sends a correction of the adapter's gradient with each round's adapter, "

@@ -204,11 +204,9 @@ def make_client_fn(data_dir: str | None = None, work_root: str | None = None, fa
             if config.get("correction"):  # the owner's correction at the global adapter (offsite.assist)
                 from ..assist import CorrectedLoss
 
-                named = dict(model.named_parameters())
-                trained = {k: named[n] for k, n in adapters.param_names(model, emu.adapter_positions).items()
-                           if named[n].requires_grad}
                 c = _correction(config["correction"])
-                loss_fn = CorrectedLoss(trained, lambda state: c, every=steps + 1, base=loss_fn)
+                loss_fn = CorrectedLoss(adapters.trained_params(model, emu.adapter_positions), lambda state: c,
+                                        every=steps + 1, base=loss_fn)
             on_step = None
             if fail and int(fail.get("partition", -1)) == self.partition and int(fail.get("round", -1)) == rnd:
                 k = int(fail.get("after_steps", 1))

@@ -81,8 +81,10 @@ class FederationConfig:
             bad("secagg_clip must be > 0 and secagg_max_weight >= 0 (0: automatic)")
         if not 0 < self.secagg_threshold <= 1:
             bad(f"secagg_threshold must be in (0, 1] (got {self.secagg_threshold})")
-        if self.tune_blocks not in ("all", "bottom"):
-            bad(f"tune_blocks must be all or bottom (got {self.tune_blocks!r})")
+        from ..tune import BLOCKS
+
+        if self.tune_blocks not in BLOCKS:
+            bad(f"tune_blocks must be one of {', '.join(BLOCKS)} (got {self.tune_blocks!r})")
         if self.assist and not self.model:
             bad("the owner's correction (assist) needs the full model (--model)")
         if self.assist_examples < 1:
