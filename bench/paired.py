@@ -88,7 +88,7 @@ def score_entry(b: Bench, entry, task: str, tune: bool = False, docs=None, log=p
             from offsite.tune import tune_to_dir
 
             log(f"[paired] tuning the adapter: {task} · {method} {setting_key(setting)} (as bench/paper.py)")
-            tune_to_dir(load_emulator(emu_dir), b.data(task), b.settings(task, b.budget.lr), adapter, overwrite=True)
+            tune_to_dir(load_emulator(emu_dir), b.data(task), b.settings(task), adapter, overwrite=True)
         scored = plug(copy.deepcopy(model), load_adapter(adapter), load_emulator_manifest(emu_dir))
     if docs is None:
         docs = load_task(task, "eval")[:b.budget.eval_limit]
@@ -267,8 +267,6 @@ def main(argv=None) -> int:
                 raise OffsiteError(f"{args.out} is not a paired-differences results file ({exc})") from None
             print(markdown(records), end="")
             return 0
-        import dataclasses
-
         from offsite.emulator import all_methods
         from offsite.results import meta, write_results
 
@@ -276,10 +274,10 @@ def main(argv=None) -> int:
         for path in args.results:
             try:
                 tables.append(json.loads(Path(path).read_text()))
-                budgets.append(Budget(**tables[-1]["meta"]["budget"]))
+                budgets.append(Budget.from_identity(tables[-1]["meta"]["budget"]))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise OffsiteError(f"{path} is not a paper benchmark results file ({exc})") from None
-        unseeded = {json.dumps({**dataclasses.asdict(x), "seed": None}, sort_keys=True) for x in budgets}
+        unseeded = {json.dumps({**x.identity(), "seed": None}, sort_keys=True) for x in budgets}
         if len(unseeded) > 1 or len({x.seed for x in budgets}) < len(budgets):
             raise OffsiteError("several --results files must be runs of one budget with different seeds")
         if args.threads:
@@ -314,9 +312,9 @@ def main(argv=None) -> int:
             records = combine_seeds([(x, t["records"]) for x, t in zip(benches, tables)], entries, tasks)
         command = "python bench/paired.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         records = [{"model": b.display, **r} for r in records]
-        where = {"budget": dataclasses.asdict(b.budget), "results_file": str(Path(args.results[0]))}
+        where = {"budget": b.budget.identity(), "results_file": str(Path(args.results[0]))}
         if len(benches) > 1:
-            where = {"budget": {**dataclasses.asdict(b.budget), "seed": [x.seed for x in budgets]},
+            where = {"budget": {**b.budget.identity(), "seed": [x.seed for x in budgets]},
                      "results_files": [str(Path(x)) for x in args.results]}
         write_results(Path(args.out), {**meta(command.strip()), **where}, records)
         print(summary(records))

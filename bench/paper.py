@@ -32,7 +32,9 @@ cache after changing a method's code: it is keyed by the setting, not by the cod
 Plug-in rows of multiple-choice tasks also keep their per-document predictions there
 (``details/``), which ``bench/paired.py`` compares without scoring again.
 
-**Budget** (docs/protocol.md, "Budget"), the same for every method, seed and documents:
+**Budget** (docs/protocol.md, "Budget"; :class:`offsite.budget.Budget`, the type ``offsite run``'s
+presets are made of: the default is its ``paper`` preset, ``--preset`` starts from another one and
+the budget flags change it), the same for every method, seed and documents:
 
 * training: the first ``--train-limit`` (1,000) examples of the task's training split (its fixed
   hash order), one epoch; 10% of them are held out for choosing the best adapter (tune.py), so
@@ -51,9 +53,10 @@ results file: the file's name carries any budget that differs from the default, 
 refuses cells of another budget.
 
 The core is :func:`run_benchmark`, which takes :class:`~offsite.benchmark.Hooks` (model loader,
-training data, evaluation) so tests run it on tiny models in seconds. What the other benchmark
-scripts share with it (the budget, settings, cell keys, the cache, results files) is
-:mod:`offsite.benchmark`.
+training data, evaluation) so tests run it on tiny models in seconds; the ceiling and Full FT rows
+train through ``offsite run``'s functions (:func:`offsite.run.tune_ceiling`,
+:func:`offsite.run.tune_full_ft`). What the other benchmark scripts share with it (settings, cell
+keys, the cache, results files) is :mod:`offsite.benchmark`.
 """
 
 from __future__ import annotations
@@ -62,14 +65,14 @@ import argparse
 import copy
 import json
 import shlex
-import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
-from offsite.benchmark import (METHOD_ROWS, Bench, Budget, Hooks, cell_key, chosen_settings, load_same_budget,
+from offsite.benchmark import (METHOD_ROWS, Bench, Hooks, cell_key, chosen_settings, load_same_budget,
                                merge_results, parse_settings_override, record_cell)
+from offsite.budget import PRESETS, Budget
 from offsite.bundle import load_adapter, load_emulator, load_emulator_manifest
 from offsite.emulator import all_methods
 from offsite.errors import OffsiteError
@@ -81,9 +84,9 @@ from offsite.probe import probe as probe_emulator
 from offsite.probe import probe_records
 from offsite.report import build_report, load_results, readme_table, report_files, report_markdown, setting_key, slug
 from offsite.results import meta, write_results
-from offsite.run import ceiling_emulator, row_records, transfer_record
+from offsite.run import row_records, transfer_record, tune_ceiling, tune_full_ft
 from offsite.stats import transfer
-from offsite.tune import finetune_full, tune_adapter, tune_to_dir
+from offsite.tune import tune_to_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TASKS = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq", "text")
@@ -138,7 +141,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
     # the results file: earlier cells are kept, the budget must match
     records, runs = [], []
     if results_path.exists():
-        old = load_same_budget(results_path, asdict(budget), "now")
+        old = load_same_budget(results_path, budget.identity(), "now")
         records = old["records"]
         runs = list(old["meta"].get("runs") or [])
     done = {record_cell(r) for r in records}
@@ -162,11 +165,11 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
             if updated != records:
                 records = updated
                 write_results(results_path, old["meta"], records)
-        return {"meta": {"budget": asdict(budget), "runs": runs}, "records": records, "failures": failures}
+        return {"meta": {"budget": budget.identity(), "runs": runs}, "records": records, "failures": failures}
 
     this_run = meta(command)
     runs.append({k: this_run[k] for k in ("command", "git_commit", "machine", "date")})
-    meta_block = {**this_run, "budget": asdict(budget), "runs": runs}
+    meta_block = {**this_run, "budget": budget.identity(), "runs": runs}
     results_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(row, task, method, setting, metrics, seconds, extra):
@@ -193,16 +196,14 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         if path.exists():
             return json.loads(path.read_text())
         model, tok = b.base()
-        full_middle = ceiling_emulator(model, tok, b.display, layout["adapter_layers"])
         data = b.data(task)
         log(f"[paper] ceiling: tuning the adapter {setting_key(layout)} on the full model ({task})")
-        work = path.with_suffix(".work")
-        _, trained = tune_adapter(full_middle, data, b.settings(task, budget.lr), work)
+        full_middle, trained = tune_ceiling(model, tok, b.display, layout["adapter_layers"], data,
+                                            b.settings(task), path.with_suffix(".work"))
         metrics, dt = b.evaluate(full_middle.model, tok, task, entry=("ceiling", None, layout))
         cell = {"metrics": metrics, "seconds": round(dt, 2), "train_seconds": round(trained.seconds, 2),
                 "train_examples": len(data.items), "train_steps": trained.steps}
         write_json_atomic(path, cell)
-        shutil.rmtree(work, ignore_errors=True)
         return cell
 
     def probe_cell(method, setting, emu_dir, extra):
@@ -246,7 +247,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
             tuned = load_emulator(emu_dir)
             log(f"[paper] tuning the adapter: {task} · {method} {setting_key(setting)} "
                 f"({len(data.items)} examples)")
-            tune_to_dir(tuned, data, b.settings(task, budget.lr), adapter_dir, overwrite=True)
+            tune_to_dir(tuned, data, b.settings(task), adapter_dir, overwrite=True)
         bundle = load_adapter(adapter_dir)
         ft_extra = {**extra, "train_seconds": bundle.training.get("seconds"),
                     "train_examples": bundle.training.get("examples"),
@@ -289,13 +290,12 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
             ft = copy.deepcopy(model)
             log(f"[paper] Full FT: {task} ({len(data.items)} examples)")
             work = b.cache / "full_ft" / budget.digest() / f"{task}.work"
-            result = finetune_full(ft, tok, data, b.settings(task, budget.full_ft_lr), work)
+            result = tune_full_ft(ft, tok, data, b.settings(task), budget.full_ft_lr, work)
             metrics, dt = b.evaluate(ft, tok, task)
             save("full_ft", task, None, None, metrics, dt,
                  {**eval_extra, "train_seconds": round(result.seconds, 2), "train_examples": len(data.items),
                   "train_steps": result.steps})
             del ft
-            shutil.rmtree(work, ignore_errors=True)
     if ceiling:
         records = with_transfer(records, plan, tasks, b)
         write_results(results_path, meta_block, records)
@@ -351,8 +351,12 @@ def _limit(text: str) -> int | None:
     return v
 
 
+_BUDGET_FLAGS = ("eval_limit", "train_limit", "text_train_limit", "epochs", "lr", "full_ft_lr", "batch_size",
+                 "micro_batch_size", "seed", "adapter")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = Budget()
+    d = PRESETS["paper"]
     p = argparse.ArgumentParser(prog="bench/paper.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -361,17 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="all", help="comma-separated registered methods, or 'all' (default)")
     p.add_argument("--settings", help='JSON replacing methods\' declared settings, e.g. '
                                       '\'{"uniform": [{"adapter_layers": [2, 2], "keep": 4}]}\'')
-    p.add_argument("--eval-limit", type=_limit, default=d.eval_limit, help="documents per task ('all': every one)")
-    p.add_argument("--train-limit", type=_limit, default=d.train_limit, help="training examples per task ('all')")
-    p.add_argument("--text-train-limit", type=_limit, default=d.text_train_limit,
-                   help="public-text training documents for the text task")
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr, help="adapter learning rate")
-    p.add_argument("--full-ft-lr", type=float, default=d.full_ft_lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training examples per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--adapter", default=d.adapter, choices=["full", "lora", "bitfit"])
+    g = p.add_argument_group("budget (offsite.budget: a preset, then the flags given change it)")
+    g.add_argument("--preset", default="paper", choices=list(PRESETS),
+                   help="the budget to start from, as `offsite run --preset` (default: paper)")
+    # flags left out keep the preset's value (SUPPRESS: absent from the namespace)
+    kw = {"default": argparse.SUPPRESS}
+    g.add_argument("--eval-limit", type=_limit, help=f"documents per task ('all': every one; default {d.eval_limit})", **kw)
+    g.add_argument("--train-limit", type=_limit, help=f"training examples per task ('all'; default {d.train_limit})", **kw)
+    g.add_argument("--text-train-limit", type=_limit, **kw,
+                   help=f"public-text training documents for the text task (default {d.text_train_limit})")
+    g.add_argument("--epochs", type=float, help=f"default {d.epochs:g}", **kw)
+    g.add_argument("--lr", type=float, help=f"adapter learning rate (default {d.lr:g})", **kw)
+    g.add_argument("--full-ft-lr", type=float, help=f"default {d.full_ft_lr:g}", **kw)
+    g.add_argument("--batch-size", type=int, help=f"training examples per optimizer step (default {d.batch_size})", **kw)
+    g.add_argument("--micro-batch-size", type=int, help=f"default {d.micro_batch_size}", **kw)
+    g.add_argument("--seed", type=int, help=f"default {d.seed}", **kw)
+    g.add_argument("--adapter", choices=["full", "lora", "bitfit"], help=f"default {d.adapter}", **kw)
     p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=True,
                    help="the Full FT row (default on)")
     p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
@@ -393,10 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def budget_from_args(args) -> Budget:
-    return Budget(eval_limit=args.eval_limit, train_limit=args.train_limit, text_train_limit=args.text_train_limit,
-                  lr=args.lr, full_ft_lr=args.full_ft_lr, epochs=args.epochs, batch_size=args.batch_size,
-                  micro_batch_size=min(args.micro_batch_size, args.batch_size), seed=args.seed,
-                  adapter=args.adapter)
+    """The ``--preset``'s budget with the budget flags given (a smaller ``--batch-size`` caps the
+    micro-batch)."""
+    changes = {k: getattr(args, k) for k in _BUDGET_FLAGS if hasattr(args, k)}
+    base = PRESETS[args.preset]
+    if "batch_size" in changes and "micro_batch_size" not in changes:
+        changes["micro_batch_size"] = min(base.micro_batch_size, changes["batch_size"])
+    budget = replace(base, **changes)
+    return replace(budget, micro_batch_size=min(budget.micro_batch_size, budget.batch_size))
 
 
 def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:

@@ -395,7 +395,7 @@ def test_training_flags_are_generated_from_train_config():
 
     from offsite.cli import build_parser
     from offsite.cli_args import tune_settings
-    from offsite.run import PRESETS
+    from offsite.budget import PRESETS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
@@ -407,10 +407,10 @@ def test_training_flags_are_generated_from_train_config():
     tune_lr = next(a for a in sub["tune"]._actions if a.dest == "lr").help
     run_lr = next(a for a in sub["run"]._actions if a.dest == "lr").help
     assert f"default: {TrainConfig.lr:g})" in tune_lr
-    assert all(f"{name} {p.train.lr:g}" in run_lr for name, p in PRESETS.items())
+    assert all(f"{name} {p.lr:g}" in run_lr for name, p in PRESETS.items())
     args = parser.parse_args(["run", "--preset", "gpu", "--lr", "0.5", "--max-steps", "3"])
-    cfg = tune_settings(args, base=PRESETS["gpu"].train).train
+    cfg = tune_settings(args, base=PRESETS["gpu"].train_config()).train
     assert (cfg.lr, cfg.max_steps) == (0.5, 3)
-    assert (cfg.epochs, cfg.batch_size) == (PRESETS["gpu"].train.epochs, PRESETS["gpu"].train.batch_size)
+    assert (cfg.epochs, cfg.batch_size) == (PRESETS["gpu"].epochs, PRESETS["gpu"].batch_size)
     with pytest.raises(OffsiteError):
         parser.parse_args(["tune", "--emulator", "e", "--task", "arc_easy", "--out", "o", "--max-length", "1"])

@@ -1,6 +1,7 @@
 """What the benchmark scripts in ``bench/`` share, as one importable module.
 
-* :class:`Budget`: what one benchmark cell may spend (part of a results file's identity);
+* :class:`~offsite.budget.Budget` (defined in :mod:`offsite.budget`, shared with ``offsite run``): what
+  one benchmark cell may spend (its identity keys the results file and the cache);
 * :class:`Hooks` and :class:`Bench`: the model loader, training data and evaluation a benchmark
   uses (replaceable in tests), and its cache of emulators, adapters and per-document predictions;
 * method settings: :func:`method_settings`, :func:`chosen_settings`, :func:`parse_settings_override`;
@@ -27,8 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from .budget import Budget
 from .bundle import save_emulator
-from .data.text import public_text
 from .emulator import build_emulator as _build_emulator
 from .emulator import get_method, parse_adapter_layers
 from .errors import OffsiteError
@@ -37,58 +38,9 @@ from .files import write_json_atomic
 from .models.load import load_model, model_display_name
 from .report import load_results, setting_key, setting_label, slug
 from .results import write_results
-from .run import FULL_FT_LR
-from .train import TrainConfig
-from .tune import TrainingData, TuneSettings, task_data
 
 METHOD_ROWS = ("emu_zs", "emu_ft", "plugin")
 DEFAULT_SETTING = {"adapter_layers": [2, 2]}
-
-
-# --- the budget ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What one cell may spend; part of the results file's identity (see the module docstring)."""
-
-    eval_limit: int | None = 1000
-    train_limit: int | None = 1000
-    text_train_limit: int | None = 64
-    text_block: int = 512
-    lr: float = TrainConfig.lr
-    full_ft_lr: float = FULL_FT_LR
-    epochs: float = 1.0
-    batch_size: int = 8
-    micro_batch_size: int = 8
-    schedule: str = "linear"
-    seed: int = 42
-    max_length: int = 1024
-    adapter: str = "full"
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-    def tag(self) -> str:
-        """'' for the default budget, else a short readable name of what differs."""
-        default = Budget()
-        if self == default:
-            return ""
-        parts = []
-        for name, short in (("eval_limit", "e"), ("train_limit", "t")):
-            v = getattr(self, name)
-            if v != getattr(default, name):
-                parts.append(f"{short}{'all' if v is None else v}")
-        rest = {k: v for k, v in asdict(self).items() if k not in ("eval_limit", "train_limit")}
-        if rest != {k: v for k, v in asdict(default).items() if k not in ("eval_limit", "train_limit")}:
-            parts.append(self.digest()[:6])
-        return "-".join(parts)
-
-    def train_config(self, task: str, lr: float, progress: bool = True):
-        return TrainConfig(lr=lr, epochs=self.epochs, batch_size=self.batch_size,
-                           micro_batch_size=self.micro_batch_size, schedule=self.schedule, seed=self.seed,
-                           max_length=self.text_block if task == "text" else self.max_length,
-                           warmup_ratio=0.0, checkpoint_every=50, progress=progress)
 
 
 # --- the real world, replaceable in tests -------------------------------------------------------
@@ -99,10 +51,7 @@ def _load_model(name: str):
 
 
 def _train_data(task: str, budget: Budget):
-    if task == "text":
-        return TrainingData("text", list(public_text("train"))[:budget.text_train_limit], source="text")
-    data = task_data(task)
-    return TrainingData(data.kind, data.items[:budget.train_limit], source=data.source)
+    return budget.training_data(task)
 
 
 def _evaluate(model, tokenizer, task: str, limit: int | None, batch_size: int, progress: bool = True) -> dict:
@@ -239,8 +188,9 @@ class Bench:
             self._data[task] = self.hooks.train_data(task, self.budget)
         return self._data[task]
 
-    def settings(self, task, lr):
-        return TuneSettings(adapter=self.budget.adapter, train=self.budget.train_config(task, lr, self.progress))
+    def settings(self, task, lr=None):
+        """The data owner's tuning settings for ``task`` (at the budget's adapter lr unless ``lr``)."""
+        return self.budget.tune_settings(task, lr, self.progress)
 
     def evaluate(self, model, tokenizer, task, entry=None):
         """The metrics of ``model`` on ``task`` and the seconds they took. With ``entry`` (a Full ZS or

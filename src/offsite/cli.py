@@ -33,7 +33,7 @@ from .pema.cli import cmd_pema, cmd_serve
 from .privacy.cli import add_parser as add_privacy_parser
 from .privacy.cli import cmd_privacy
 from .assist import AssistOptions
-from .run import PRESETS
+from .budget import PRESETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="uniform", choices=sorted(methods))
     p.add_argument("--adapter-layers", default="2,2")
     p.add_argument("--preset", default="demo", choices=list(PRESETS),
-                   help="quick: minutes; demo: 20-30 min on 2 CPU cores; gpu: the paper's budget")
+                   help="the budget (offsite.budget): quick: minutes; demo: 20-30 min on 2 CPU cores; paper: "
+                        "bench/paper.py's (1,000 examples and documents); gpu: the paper's recipe, every document")
     p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=None,
                    help="also fine-tune the full model (the FT row); default: on for the gpu preset")
     p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
@@ -345,8 +346,7 @@ def cmd_run(args) -> None:
     train_data = file_data(args.data, template(args)) if args.data else None
     name = task_name(task)
     out = args.out or f"runs/{model_display_name(args.model)}-{Path(name).name.replace(':', '-')}-{args.method}"
-    preset = PRESETS[args.preset]
-    settings = tune_settings(args, base=preset.train)
+    settings = tune_settings(args, base=PRESETS[args.preset].train_config())
     result = run(args.model, task, args.method, args.adapter_layers, method_options(args, method), out,
                  preset=args.preset, settings=settings, full_ft=args.full_ft, ceiling=args.ceiling,
                  probe=args.probe,

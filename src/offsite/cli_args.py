@@ -79,7 +79,7 @@ def train_flag_defaults(presets: dict | None = None) -> dict[str, str]:
         if not presets:
             out[f.name] = _shown(f.default, cli)
             continue
-        shown = {name: _shown(getattr(preset.train, f.name), cli) for name, preset in presets.items()}
+        shown = {name: _shown(getattr(budget.train_config(), f.name), cli) for name, budget in presets.items()}
         same = set(shown.values())
         out[f.name] = same.pop() if len(same) == 1 else "the preset's: " + ", ".join(f"{k} {v}" for k, v in shown.items())
     return out

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .assist import AssistOptions, Assistant
+from .budget import PRESETS, Budget, preset as named_preset
 from .bundle import load_adapter, load_emulator, save_emulator
 from .data.own import OwnTask, resolve_task, task_name
 from .emulator import Emulator, build_emulator
@@ -38,40 +39,7 @@ from .plug import plug
 from .probe import attach_probe, probe_records
 from .report import ROW_TITLES, ROWS, block_markdown, build_report
 from .results import meta, metric_records, write_results
-from .train import TrainConfig
 from .tune import TrainingData, TuneSettings, finetune_full, task_data, tune_adapter, tune_to_dir
-
-FULL_FT_LR = 2e-5  # fine-tuning every block (the Full FT row): the paper's ft_all.sh
-
-
-@dataclass
-class Preset:
-    """How much work a run does. The evaluation subset is the first N documents of the task's
-    pinned evaluation split (the same N for every row and method)."""
-
-    eval_limit: int | None
-    text_docs: int | None  # held-out text documents for perplexity (about 1k tokens each)
-    train: TrainConfig
-    full_ft: bool
-    full_ft_lr: float
-
-
-PRESETS = {
-    # quick and demo tune the adapter at TrainConfig's default learning rate
-    # minutes on a 2-core CPU: a smoke run of the whole pipeline
-    "quick": Preset(eval_limit=100, text_docs=4, full_ft=False, full_ft_lr=FULL_FT_LR,
-                    train=TrainConfig(epochs=1, batch_size=8, micro_batch_size=8,
-                                      schedule="linear", warmup_ratio=0.0, checkpoint_every=20)),
-    # `make demo`: 20-30 minutes on a 2-core CPU with the ceiling row (about 8 without it)
-    "demo": Preset(eval_limit=500, text_docs=8, full_ft=False, full_ft_lr=FULL_FT_LR,
-                   train=TrainConfig(epochs=2, batch_size=8, micro_batch_size=8,
-                                     schedule="linear", warmup_ratio=0.0, checkpoint_every=20)),
-    # a GPU: the paper's recipe (5 epochs, batch 32, linear schedule), every document, Full FT on
-    "gpu": Preset(eval_limit=None, text_docs=None, full_ft=True, full_ft_lr=FULL_FT_LR,
-                  train=TrainConfig(lr=2e-5, epochs=5, batch_size=32, micro_batch_size=32,
-                                    schedule="linear", checkpoint_every=100)),
-}
-
 
 @dataclass
 class RunResult:
@@ -107,22 +75,22 @@ def row_records(row: str, results: dict[str, dict], base: dict, seconds: float, 
 
 
 def run(model_name: str, task, method: str, adapter_layers, method_options: dict, out: str | Path,
-        preset: str = "demo", settings: TuneSettings | None = None, full_ft: bool | None = None,
+        preset: str | Budget = "demo", settings: TuneSettings | None = None, full_ft: bool | None = None,
         ceiling: bool = True, probe: bool = True,
         eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
         batch_size: int = 32, overwrite: bool = False, command: str = "", log=print,
         train_data: TrainingData | None = None, assist: AssistOptions | None = None) -> RunResult:
     """Both parties on one machine; ``task`` is a built-in task name, a task file of one's own or an
     :class:`~offsite.data.own.OwnTask` (evaluated on its rows); ``train_data`` is what the adapter is
-    tuned on (default: a built-in task's train split; an own task file needs it). ``assist``: the
+    tuned on (default: the first ``train_limit`` examples of a built-in task's train split, per the
+    budget; an own task file needs it). ``preset``: a :data:`~offsite.budget.PRESETS` name or a
+    :class:`~offsite.budget.Budget`. ``assist``: the
     model owner corrects the adapter's gradient during tuning (:mod:`offsite.assist`)."""
-    if preset not in PRESETS:
-        raise OffsiteError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    eval_limit = p.eval_limit if eval_limit == "preset" else eval_limit
-    text_docs = p.text_docs if text_docs == "preset" else text_docs
-    full_ft = p.full_ft if full_ft is None else full_ft
-    settings = settings or TuneSettings(train=replace(p.train))
+    budget = preset if isinstance(preset, Budget) else named_preset(preset)
+    eval_limit = budget.eval_limit if eval_limit == "preset" else eval_limit
+    text_docs = budget.text_docs if text_docs == "preset" else text_docs
+    full_ft = budget.full_ft if full_ft is None else full_ft
+    settings = settings or budget.tune_settings()
     for name, v, lo in (("eval_limit", eval_limit, 1), ("text_docs", text_docs, 0), ("batch_size", batch_size, 1)):
         if v is not None and (not isinstance(v, int) or v < lo):
             raise OffsiteError(f"{name} must be an integer >= {lo} (got {v!r})")
@@ -145,7 +113,7 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
     if isinstance(task, OwnTask) and train_data is None:
         raise OffsiteError(f"{task.source} is evaluation data: pass the examples to tune on as train_data "
                            "(--data), never the rows the adapter is scored on")
-    data: TrainingData = train_data if train_data is not None else task_data(task)
+    data: TrainingData = train_data if train_data is not None else budget.training_data(task)
     if assist.on:
         if assist.source == name:
             raise OffsiteError(f"the owner's public pairs (--assist-source {assist.source}) are the task being tuned; "
@@ -232,10 +200,8 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
     # 4. the ceiling: the same adapter, data, settings and seed tuned on the full model (before the
     #    plug-in, which writes into the model)
     if ceiling:
-        full_middle = ceiling_emulator(model, tokenizer, _name(model_name), adapter_layers)
-        _, dt = timed("ceiling: tuning the adapter on the full model",
-                      lambda: tune_adapter(full_middle, data, settings, out / "ceiling.work"))
-        shutil.rmtree(out / "ceiling.work", ignore_errors=True)
+        (full_middle, _), dt = timed("ceiling: tuning the adapter on the full model", lambda: tune_ceiling(
+            model, tokenizer, _name(model_name), adapter_layers, data, settings, out / "ceiling.work"))
         res, dt2 = timed("ceiling", lambda: evaluate_row(full_middle.model, tokenizer, task, eval_limit, text_docs,
                                                          batch_size, scores.setdefault("ceiling", {})))
         add("ceiling", res, dt2, {"train_seconds": round(dt, 2)})
@@ -261,9 +227,8 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
     # 5. Full FT baseline through the same training loop
     if full_ft:
         ft_model, _ = load_model(model_name)
-        ft_settings = replace(settings, train=replace(settings.train, lr=p.full_ft_lr))
-        _, dt = timed("Full FT training", lambda: finetune_full(ft_model, tokenizer, data, ft_settings,
-                                                                out / "full_ft.work"))
+        _, dt = timed("Full FT training", lambda: tune_full_ft(ft_model, tokenizer, data, settings,
+                                                               budget.full_ft_lr, out / "full_ft.work"))
         res, dt2 = timed("Full FT", lambda: evaluate_row(ft_model, tokenizer, task, eval_limit, text_docs, batch_size))
         add("full_ft", res, dt2, {"train_seconds": round(dt, 2)})
     write_text_atomic(out / "table.md", format_table(result.records, name) + "\n\n" + "\n".join(
@@ -280,6 +245,26 @@ def ceiling_emulator(model, tokenizer, name: str, adapter_layers) -> Emulator:
     layers = _pair(adapter_layers)
     middle = split_layers(num_blocks(model.config), layers)[1]
     return build_emulator("uniform", model, tokenizer, name, layers, keep=len(middle))
+
+
+def tune_ceiling(model, tokenizer, name: str, adapter_layers, data: TrainingData, settings: TuneSettings,
+                 work: Path):
+    """The ceiling row's training: the adapter tuned with ``settings`` on the full middle of ``model``
+    (which is not modified: the returned emulator holds copies of the adapter blocks). Checkpoints
+    go to ``work``, removed once done. Returns (that emulator, the training result)."""
+    full_middle = ceiling_emulator(model, tokenizer, name, adapter_layers)
+    _, trained = tune_adapter(full_middle, data, settings, work)
+    shutil.rmtree(work, ignore_errors=True)
+    return full_middle, trained
+
+
+def tune_full_ft(model, tokenizer, data: TrainingData, settings: TuneSettings, lr: float, work: Path):
+    """The Full FT row's training: every block of ``model`` fine-tuned in place with ``settings`` at
+    the learning rate ``lr`` (the budget's ``full_ft_lr``). Checkpoints go to ``work``, removed once
+    done. Returns the training result."""
+    result = finetune_full(model, tokenizer, data, replace(settings, train=replace(settings.train, lr=lr)), work)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
 
 
 def transfer_record(scores: dict, task: str, base: dict) -> dict | None:
@@ -321,5 +306,5 @@ def format_table(records: list[dict], task: str) -> str:
     return "\n\n".join(block_markdown(b) for b in rep["blocks"])
 
 
-__all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Preset", "RunResult", "ceiling_emulator", "format_table", "run",
-           "transfer_record"]
+__all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Budget", "RunResult", "ceiling_emulator", "format_table", "run",
+           "transfer_record", "tune_ceiling", "tune_full_ft"]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..cli_args import add_dataclass_args, add_train_args, tune_settings
-from ..run import PRESETS
+from ..budget import PRESETS
 from .attack import AttackConfig
 from .report import format_markdown
 from .run import DEFAULT_BUDGETS, parse_budgets, run_privacy
@@ -45,7 +45,7 @@ def cmd_privacy(args) -> None:
     tasks = [t for t in args.task.split(",") if t]
     budgets = parse_budgets(args.budgets)
     out = args.out or f"runs/privacy-{Path(args.emulator.rstrip('/')).name}"
-    settings = tune_settings(args, base=PRESETS[args.preset].train)
+    settings = tune_settings(args, base=PRESETS[args.preset].train_config())
     records, out = run_privacy(
         args.model, args.emulator, tasks, out, budgets, overwrite=args.overwrite,
         command="offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]), settings=settings,

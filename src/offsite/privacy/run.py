@@ -28,14 +28,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from ..bundle import load_emulator_manifest
 from ..errors import OffsiteError
 from ..files import write_json_atomic
 from ..results import meta, metric_records
-from ..run import PRESETS
+from ..budget import preset as named_preset
 from .attack import AttackConfig, recover
 from .report import EXPOSURE_METRICS, ROW, format_markdown, plot_privacy
 
@@ -85,7 +84,7 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
     """Recovery attack at every budget + weight exposure + Plug-in, as results records (see module doc).
 
     ``settings`` (:class:`offsite.tune.TuneSettings`) are the data owner's tuning settings; by
-    default the ``preset``'s (:data:`offsite.run.PRESETS`), as ``offsite run`` uses them —
+    default the ``preset``'s (:data:`offsite.budget.PRESETS`), as ``offsite run`` uses them —
     ``bench/paper.py`` passes its own so the attacker tunes exactly like its data owner. ``setting``
     overrides the records' ``setting`` (default: adapter layers + the bundle's method parameters).
     ``model``: the owner's full model if already loaded (not modified). ``details``, if given, is
@@ -96,16 +95,13 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
     from ..eval import METRIC, evaluate
     from ..models.load import load_model, model_display_name
     from ..plug import plug
-    from ..tune import TuneSettings
 
-    if preset not in PRESETS:
-        raise OffsiteError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if task not in METRIC or task == "text":
         raise OffsiteError(f"the attack needs a task with training data, got {task!r}")
-    p = PRESETS[preset]
+    p = named_preset(preset)
     eval_limit = p.eval_limit if eval_limit == "preset" else eval_limit
     text_docs = p.text_docs if text_docs == "preset" else text_docs
-    settings = settings or TuneSettings(train=replace(p.train))
+    settings = settings or p.tune_settings()
     attack = attack or AttackConfig()
     attack.check()
     budgets = parse_budgets(",".join(str(int(b)) for b in budgets))
