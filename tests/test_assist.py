@@ -179,3 +179,22 @@ def test_run_with_the_owner_in_the_loop_records_the_recipe(tok, tmp_path, monkey
     with pytest.raises(OffsiteError, match="are the task being tuned"):
         run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 1}, tmp_path / "r2", settings=settings,
             assist=AssistOptions(every=4, source="arc_easy"), log=lambda *a: None)
+
+
+def test_a_checkpoint_resumes_only_under_the_same_correction(tok, tmp_path):
+    model = tiny_model("llama", 6)
+    emu = build_emulator("uniform", model, tok, "tiny", (2, 1), keep=1)
+
+    def tuned(every):
+        owner = Assistant(model, build_emulator("uniform", model, tok, "tiny", (2, 1), keep=1),
+                          AssistOptions(every=every), examples=_public(tok))
+        settings = TuneSettings(blocks="bottom", train=TrainConfig(lr=1e-2, max_steps=4, batch_size=4,
+                                                                   micro_batch_size=4, checkpoint_every=2,
+                                                                   progress=False))
+        return tune_adapter(copy.deepcopy(emu), TrainingData("qa", PAIRS), settings, tmp_path / "work", assist=owner)
+
+    first, _ = tuned(2)
+    again, _ = tuned(2)  # resumes from the finished checkpoint: the same adapter
+    assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
+    with pytest.raises(OffsiteError, match="different run .*run"):
+        tuned(3)

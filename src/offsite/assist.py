@@ -23,8 +23,10 @@ model's much smaller gradients and the emulator's own term dominates (measured i
 0.25 transfer without scaling and with all four blocks tuned, 0.57 with scaling alone, 0.73 with
 both). The price is interaction and privacy: the owner sees every intermediate adapter, and the data
 owner receives the full model's gradients on public data at its adapter (docs/transfer.md, "The
-owner in the loop"). Both parties run in one process here (``offsite run --assist-every``, the
-Python API); a network transport between two machines is not built yet.
+owner in the loop"). Both parties run in one process with ``offsite run --assist-every`` (the
+Python API: :class:`Assistant`); on two machines the owner serves its corrections over HTTP
+(``offsite assist-serve``, :mod:`offsite.assist_service`) and the data owner tunes with ``offsite
+tune --assist URL``. Tensors cross only as safetensors (:func:`tensors_to_bytes`).
 """
 
 from __future__ import annotations
@@ -154,4 +156,22 @@ class CorrectedLoss:
             self.c = None
 
 
-__all__ = ["AssistOptions", "Assistant", "CorrectedLoss"]
+def tensors_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """Adapter tensors or a correction as they cross between the parties: safetensors bytes."""
+    from safetensors.torch import save
+
+    return save({k: t.detach().cpu().contiguous() for k, t in state.items()})
+
+
+def tensors_from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors bytes a peer sent (never a pickle); ``what`` names them in the error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(bytes(data))
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise OffsiteError(f"{what} is not a safetensors file: {' '.join(str(e).split())[:200]}") from None
+
+
+__all__ = ["AssistOptions", "Assistant", "CorrectedLoss", "tensors_from_bytes", "tensors_to_bytes"]

@@ -2,7 +2,8 @@
 
     offsite fetch                      fetch the embedded model and data into the cache
     offsite emulate --model M --method uniform --keep 8 --out DIR      (model owner)
-    offsite tune --emulator DIR --task arc_easy --out DIR              (data owner)
+    offsite tune --emulator DIR --task arc_easy --out DIR [--assist URL]   (data owner)
+    offsite assist-serve --model M --emulator DIR                      (model owner, in the loop)
     offsite plug --model M --adapter DIR --out DIR                     (model owner)
     offsite eval --model M|--emulator DIR [--adapter DIR] --task arc_easy|--data FILE   (either)
     offsite probe --model M --emulator DIR                             (model owner, before shipping)
@@ -21,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 from .cli_args import (NON_NEGATIVE, POSITIVE, add_dataclass_args, add_template_arg, add_train_args, command_line,
@@ -76,7 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_template_arg(p)
     p.add_argument("--out", required=True, help="adapter bundle directory to create")
     p.add_argument("--overwrite", action="store_true")
+    g = p.add_argument_group("the model owner in the loop (offsite.assist_service)")
+    g.add_argument("--assist", metavar="URL", help="the owner's correction service (offsite assist-serve): ask it "
+                                                   "for a correction of the adapter's gradient (docs/transfer.md)")
+    g.add_argument("--assist-every", type=POSITIVE, default=4, help="optimizer steps between corrections (default 4)")
+    g.add_argument("--assist-api-key", help="the service's API key (default: $OFFSITE_API_KEY if set)")
     add_train_args(p)
+
+    p = sub.add_parser("assist-serve", help="model owner: serve corrections of the adapter's gradient to a data "
+                                            "owner tuning on the emulator (offsite tune --assist URL)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--emulator", required=True, help="the emulator bundle shipped to the data owner")
+    add_dataclass_args(p, AssistOptions, {"--assist-every"}, prefix="assist_")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8708)
+    p.add_argument("--api-key", help="require this key (default: $OFFSITE_API_KEY if set)")
+    p.add_argument("--max-body-mb", type=float, default=256.0, help="request body size (the adapter tensors)")
 
     p = sub.add_parser("plug", help="model owner: plug an adapter into the full model")
     p.add_argument("--model", default="smollm2-135m")
@@ -244,10 +261,39 @@ def cmd_tune(args) -> None:
     data = task_data(args.task) if args.task else file_data(args.data, template(args))
     check_plan(data, settings)
     emu = load_emulator(args.emulator)
-    bundle = tune_to_dir(emu, data, settings, args.out, overwrite=args.overwrite)
+    assist = None
+    if args.assist:
+        from .assist_service import RemoteAssistant
+
+        if settings.adapter != "full":
+            raise OffsiteError(f"the owner's correction (--assist) applies to full adapter blocks, not {settings.adapter}")
+        assist = RemoteAssistant(args.assist, args.assist_every, emu,
+                                 api_key=args.assist_api_key or os.environ.get("OFFSITE_API_KEY"))
+    bundle = tune_to_dir(emu, data, settings, args.out, overwrite=args.overwrite, assist=assist)
     t = bundle.training
+    asked = f", {t['assist']['corrections']} corrections from the owner" if "assist" in t else ""
     print(f"wrote {args.out}: {bundle.kind} adapter for blocks {bundle.sources}, {t['steps']} steps, "
-          f"best validation loss {t['best_val_loss']}")
+          f"best validation loss {t['best_val_loss']}{asked}")
+
+
+def cmd_assist_serve(args) -> None:
+    from .assist import Assistant
+    from .assist_service import serve
+    from .bundle import load_emulator
+    from .models.load import load_model
+
+    if not args.max_body_mb > 0:
+        raise OffsiteError("--max-body-mb must be > 0")
+    opts = AssistOptions(every=1, **{f.name: getattr(args, "assist_" + f.name) for f in dataclasses.fields(AssistOptions)
+                                     if f.name != "every" and hasattr(args, "assist_" + f.name)})
+    emu = load_emulator(args.emulator)  # checked before the model is loaded
+    model, _ = load_model(args.model)
+    assistant = Assistant(model, emu, opts)
+    key = args.api_key or os.environ.get("OFFSITE_API_KEY")
+    print(f"serving corrections for {args.emulator} on http://{args.host}:{args.port} ({len(assistant.examples)} "
+          f"public {opts.source} pairs; API key {'on' if key else 'off'})", flush=True)
+    serve(assistant, emu.manifest["digest"], args.host, args.port, api_key=key,
+          max_body_bytes=int(args.max_body_mb * (1 << 20)), log_level="info" if args.verbose else "warning")
 
 
 def cmd_plug(args) -> None:
@@ -376,7 +422,7 @@ def cmd_report(args) -> None:
         print(f"wrote {', '.join(str(p) for p in written)}")
 
 
-COMMANDS = {"fetch": cmd_fetch, "emulate": cmd_emulate, "tune": cmd_tune, "plug": cmd_plug,
+COMMANDS = {"fetch": cmd_fetch, "emulate": cmd_emulate, "tune": cmd_tune, "assist-serve": cmd_assist_serve, "plug": cmd_plug,
             "eval": cmd_eval, "probe": cmd_probe, "run": cmd_run, "report": cmd_report,
             "privacy": cmd_privacy, "serve": cmd_serve, "pema": cmd_pema, "federate": cmd_federate}
 

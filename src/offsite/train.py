@@ -284,6 +284,7 @@ def train(
     pad_id: int | None = None,
     on_step: Callable[[dict], None] | None = None,
     val_loss_fn: Callable | None = None,
+    run_info: dict | None = None,
 ) -> TrainResult:
     """Train ``trainable`` (default: the parameters with ``requires_grad``) of ``model`` in place.
 
@@ -296,6 +297,8 @@ def train(
       The function prepares the model and optimizer itself.
     * ``out_dir``: where ``checkpoint/`` lives. If it holds a checkpoint of the same run, training
       resumes from it and ends exactly as an uninterrupted run would.
+    * ``run_info``: what else defines the run (JSON), e.g. the owner's correction options: a
+      checkpoint resumes only under the same (left out of the fingerprint when ``None``).
     * ``pad_id``: the padding token (any valid id works: pads are masked and carry no loss);
       default the model's ``pad_token_id``, else its ``eos_token_id``, else 0.
     * ``on_step(record)``: called on every process after each optimizer step (after validation and
@@ -354,6 +357,8 @@ def train(
                    "data": _digest(train_examples), "trainable": names}
     if cfg.mixed_precision != "no":  # (only then: float32 checkpoints of earlier versions still resume)
         fingerprint["config"]["mixed_precision"] = cfg.mixed_precision
+    if run_info is not None:
+        fingerprint["run"] = run_info
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
                 else nullcontext())
     ckpt_root = Path(out_dir) / "checkpoint" if out_dir is not None else None

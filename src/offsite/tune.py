@@ -132,8 +132,9 @@ def check_plan(data: TrainingData, settings: TuneSettings) -> None:
 
 
 def _train(model, tokenizer, data: TrainingData, settings: TuneSettings, work_dir: Path | None,
-           accelerator=None, loss=None) -> TrainResult:
-    """``loss``: a :class:`offsite.assist.CorrectedLoss` (the owner's correction), else the plain LM loss."""
+           accelerator=None, loss=None, run_info: dict | None = None) -> TrainResult:
+    """``loss``: a :class:`offsite.assist.CorrectedLoss` (the owner's correction), else the plain LM loss;
+    ``run_info``: what else a checkpoint must match to resume (the correction's options)."""
     from .train import causal_lm_loss
 
     train_items, val_items = split_validation(data.items, settings.val_fraction, settings.train.seed)
@@ -142,7 +143,7 @@ def _train(model, tokenizer, data: TrainingData, settings: TuneSettings, work_di
         if val_items else None
     return train(model, None, train_ex, val_ex, settings.train, out_dir=work_dir,
                  pad_id=tokenizer.pad_token_id, accelerator=accelerator, loss_fn=loss, val_loss_fn=causal_lm_loss,
-                 on_step=loss.on_step if loss is not None else None)
+                 on_step=loss.on_step if loss is not None else None, run_info=run_info)
 
 
 def freeze_top(emu: Emulator) -> None:
@@ -174,7 +175,8 @@ def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
             raise OffsiteError(f"the owner's correction applies to full adapter blocks; tune with --adapter full "
                                f"(got {settings.adapter})")
         loss = assist.loss(adapters.trained_params(model, positions))
-    result = _train(model, emu.tokenizer, data, settings, Path(work_dir) if work_dir else None, accelerator, loss)
+    result = _train(model, emu.tokenizer, data, settings, Path(work_dir) if work_dir else None, accelerator, loss,
+                    {"assist": asdict(assist.opts)} if loss is not None else None)
     state = adapters.extract(model, positions, settings.adapter)
     if settings.adapter == "lora":
         emu.model = model.merge_and_unload()  # the emulator now carries the tuned adapter

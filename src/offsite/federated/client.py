@@ -265,13 +265,9 @@ def _lower_priority() -> None:
 
 def _correction(data: bytes) -> dict:
     """The owner's correction from the round's config: safetensors bytes (never a pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from ..assist import tensors_from_bytes
 
-    try:
-        return load(bytes(data))
-    except (SafetensorError, ValueError) as e:
-        raise OffsiteError(f"the owner's correction is not a safetensors file: {e}") from None
+    return tensors_from_bytes(data, "the owner's correction")
 
 
 def _adapter_state(emu) -> dict:

@@ -168,9 +168,7 @@ class Owner:
     def correction(self) -> bytes:
         """The owner's correction (:mod:`offsite.assist`) at the current global adapter, as safetensors
         bytes for the round's config; the full model and an emulator copy are loaded on first use."""
-        from safetensors.torch import save
-
-        from ..assist import AssistOptions, Assistant
+        from ..assist import AssistOptions, Assistant, tensors_to_bytes
         from .core import arrays_to_state
 
         if self._assistant is None:
@@ -183,7 +181,7 @@ class Owner:
             self._assistant = Assistant(model, load_emulator(self.cfg.emulator), opts)
         state = arrays_to_state(self.keys, self.global_arrays)
         c = self._assistant.correction({k: state[k] for k in self.trained})
-        return save({k: t.contiguous() for k, t in c.items()})
+        return tensors_to_bytes(c)
 
     def ship_files(self) -> dict[str, bytes]:
         from ..files import read_json_file

@@ -20,23 +20,21 @@ import torch
 from offsite.errors import OffsiteError
 from offsite.pema.backend import Backend
 from offsite.pema.service import decode_tensor
+from offsite.service import ServiceClient
 
 __all__ = ["ServiceBackend"]
 
 
 class ServiceBackend(Backend):
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0):
-        import httpx
-
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._client = ServiceClient(url, api_key, timeout, name="PEMA service")
+        self.url = self._client.url
         self._info = None
         self._tok = None
         self._head = None
 
     def close(self) -> None:
-        self._http.close()
+        self._client.close()
 
     def __enter__(self):
         return self
@@ -45,19 +43,7 @@ class ServiceBackend(Backend):
         self.close()
 
     def _call(self, method: str, path: str, json=None):
-        import httpx
-
-        try:
-            r = self._http.request(method, path, json=json)
-        except httpx.HTTPError as e:
-            raise OffsiteError(f"cannot reach the PEMA service at {self.url}: {e}") from e
-        if r.status_code >= 400:
-            try:
-                reason = r.json().get("error") or r.text
-            except ValueError:
-                reason = r.text
-            raise OffsiteError(f"PEMA service {path}: {r.status_code} {' '.join(str(reason).split())[:300]}")
-        return r
+        return self._client.call(method, path, json=json)
 
     def info(self) -> dict:
         if self._info is None:

@@ -27,9 +27,6 @@ sent as ``Authorization: Bearer K`` or ``X-API-Key: K``) gets **401**. Every err
 """
 
 import base64
-import hmac
-import threading
-import time
 
 import numpy as np
 import torch
@@ -37,6 +34,8 @@ import torch
 from offsite.errors import OffsiteError
 from offsite.files import parse_json
 from offsite.pema.backend import InProcessBackend, LimitExceeded
+from offsite.service import HTTPError, base_app, in_thread, read_body, serve_app
+from offsite.service import ServerThread as _ServerThread
 
 __all__ = ["create_app", "serve", "ServerThread", "encode_tensor", "decode_tensor"]
 
@@ -61,79 +60,33 @@ def decode_tensor(obj: dict) -> torch.Tensor:
 
 def create_app(backend: InProcessBackend, api_key: str | None = None):
     """The FastAPI application over ``backend`` (its ``limits`` and ``share_head`` apply)."""
-    from fastapi import FastAPI, Request
+    from fastapi import Request
     from fastapi.responses import JSONResponse, Response
 
-    app = FastAPI(title="offsite PEMA representation service", docs_url=None, redoc_url=None)
-    limits = backend.limits
-
-    def error(status: int, reason: str):
-        return JSONResponse({"error": reason}, status_code=status)
-
-    def authorized(request: Request) -> bool:
-        if not api_key:
-            return True
-        given = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if given is None and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        return given is not None and hmac.compare_digest(given.encode(), api_key.encode())
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path != "/healthz" and not authorized(request):
-            return error(401, "missing or wrong API key")
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is not None:
-                try:
-                    if int(length) > limits.max_body_bytes:
-                        return error(413, f"request body of {length} bytes > max_body_bytes {limits.max_body_bytes}")
-                except ValueError:
-                    return error(400, "bad Content-Length header")
-        return await call_next(request)
+    app = base_app("offsite PEMA representation service", api_key, backend.limits.max_body_bytes)
 
     async def body(request: Request):
-        chunks, size = [], 0
-        async for chunk in request.stream():  # counted while reading: a chunked body has no Content-Length
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise _HTTPError(413, f"request body of more than {limits.max_body_bytes} bytes > max_body_bytes "
-                                      f"{limits.max_body_bytes}")
-            chunks.append(chunk)
         try:
-            obj = parse_json(b"".join(chunks), "request body")
+            obj = parse_json(await read_body(request), "request body")
         except OffsiteError as e:
-            raise _HTTPError(400, str(e)) from e
+            raise HTTPError(400, str(e)) from e
         if not isinstance(obj, dict):
-            raise _HTTPError(400, "request body must be a JSON object")
+            raise HTTPError(400, "request body must be a JSON object")
         return obj
 
     def flag(obj, name, default):
         v = obj.get(name, default)
         if not isinstance(v, bool):
-            raise _HTTPError(400, f"'{name}' must be true or false")
+            raise HTTPError(400, f"'{name}' must be true or false")
         return v
 
     def run(fn):
         try:
             return fn()
         except LimitExceeded as e:
-            raise _HTTPError(413, str(e)) from e
+            raise HTTPError(413, str(e)) from e
         except OffsiteError as e:
-            raise _HTTPError(400, str(e)) from e
-
-    @app.exception_handler(_HTTPError)
-    async def handle(_request, exc: "_HTTPError"):
-        return error(exc.status, exc.reason)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request, exc: Exception):  # still a JSON error body, never a plain-text 500
-        return error(500, f"internal error ({type(exc).__name__})")
-
-    @app.get("/healthz")
-    def healthz():
-        return {"ok": True}
+            raise HTTPError(400, str(e)) from e
 
     @app.get("/v1/info")
     def info():
@@ -152,8 +105,8 @@ def create_app(backend: InProcessBackend, api_key: str | None = None):
     @app.get("/v1/head")
     def head():
         if not backend.share_head:
-            return error(403, "the model owner does not share the final norm and LM head "
-                              "(the service was started without --share-head)")
+            return JSONResponse({"error": "the model owner does not share the final norm and LM head "
+                              "(the service was started without --share-head)"}, status_code=403)
         return Response(backend.head().to_bytes(), media_type="application/octet-stream")
 
     @app.post("/v1/forward")
@@ -161,11 +114,11 @@ def create_app(backend: InProcessBackend, api_key: str | None = None):
         obj = await body(request)
         unknown = set(obj) - {"sequences", "start", "hidden", "logprobs"}
         if unknown:
-            raise _HTTPError(400, f"unknown field(s) {sorted(unknown)}")
+            raise HTTPError(400, f"unknown field(s) {sorted(unknown)}")
         if "sequences" not in obj:
-            raise _HTTPError(400, "missing 'sequences'")
+            raise HTTPError(400, "missing 'sequences'")
         hidden, logprobs = flag(obj, "hidden", True), flag(obj, "logprobs", True)
-        res = await _in_thread(lambda: run(lambda: backend.forward(obj["sequences"], obj.get("start"),
+        res = await in_thread(lambda: run(lambda: backend.forward(obj["sequences"], obj.get("start"),
                                                                     hidden, logprobs)))
         return {"results": [{k: encode_tensor(v) for k, v in r.items()} for r in res]}
 
@@ -174,75 +127,26 @@ def create_app(backend: InProcessBackend, api_key: str | None = None):
         obj = await body(request)
         unknown = set(obj) - {"prompts", "steps", "hidden", "logprobs"}
         if unknown:
-            raise _HTTPError(400, f"unknown field(s) {sorted(unknown)}")
+            raise HTTPError(400, f"unknown field(s) {sorted(unknown)}")
         if "prompts" not in obj or "steps" not in obj:
-            raise _HTTPError(400, "missing 'prompts' or 'steps'")
+            raise HTTPError(400, "missing 'prompts' or 'steps'")
         hidden, logprobs = flag(obj, "hidden", True), flag(obj, "logprobs", False)
-        res = await _in_thread(lambda: run(lambda: backend.greedy(obj["prompts"], obj["steps"], hidden, logprobs)))
+        res = await in_thread(lambda: run(lambda: backend.greedy(obj["prompts"], obj["steps"], hidden, logprobs)))
         return {"results": [{k: (v.tolist() if k == "tokens" else encode_tensor(v)) for k, v in r.items()}
                             for r in res]}
 
     return app
 
 
-class _HTTPError(Exception):
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
-async def _in_thread(fn):
-    import anyio
-
-    return await anyio.to_thread.run_sync(fn)
-
-
 def serve(backend: InProcessBackend, host: str = "127.0.0.1", port: int = 8707, api_key: str | None = None,
           log_level: str = "info") -> None:
     """Run the service in the foreground until interrupted."""
-    import uvicorn
-
-    uvicorn.run(create_app(backend, api_key), host=host, port=port, log_level=log_level)
+    serve_app(create_app(backend, api_key), host, port, log_level)
 
 
-class ServerThread:
+class ServerThread(_ServerThread):
     """The service in a background thread (tests, benchmarks): ``with ServerThread(backend) as url:``."""
 
     def __init__(self, backend: InProcessBackend, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None):
-        import socket
-
-        import uvicorn
-
-        if port == 0:
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-        self.host, self.port = host, port
-        config = uvicorn.Config(create_app(backend, api_key), host=host, port=port, log_level="warning",
-                                lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise OffsiteError(f"the PEMA service did not start on {self.url}")
-            time.sleep(0.02)
-        return self.url
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(create_app(backend, api_key), host, port, name="PEMA service")
