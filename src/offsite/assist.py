@@ -46,8 +46,9 @@ class AssistOptions:
     every: int = field(default=0, metadata={"help": "the model owner corrects the adapter's gradient every N "
                                                     "optimizer steps (docs/transfer.md; 0: never, the papers' "
                                                     "protocol; 4 is the measured recipe, with --tune-blocks bottom)"})
-    source: str = field(default="webqs", metadata={"help": "public QA task whose training pairs the owner takes "
-                                                           "the gradients on (default webqs)"})
+    source: str = field(default="webqs", metadata={"help": "public QA pairs the owner takes the gradients on: a "
+                                                           "built-in task's training pairs (default webqs) or squad "
+                                                           "(SQuAD passages with questions)"})
     examples: int = field(default=32, metadata={"help": "how many of its first training pairs (default 32)"})
 
     def check(self) -> None:

