@@ -8,7 +8,7 @@ full model? One task, one recipe per call; the experiments behind docs/transfer.
     python bench/transfer_recipes.py run uniform:keep=13 --repair webqs:512:kl # repaired adapter, delta plug-in
     python bench/transfer_recipes.py diagnose uniform:keep=13                  # where the emulator's gradient goes wrong
     python bench/transfer_recipes.py collect --plot docs/img/transfer-probe.png --frontier docs/img/transfer-frontier.png \
-        --privacy-utility docs/img/privacy-utility-transfer.png --doc docs/transfer.md
+        --privacy-utility docs/img/privacy-utility-transfer.png --doc docs/transfer.md   # also <task>-recipes blocks
 
 A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
 
@@ -563,6 +563,8 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
 
 
 def cmd_collect(a) -> None:
+    import re
+
     from offsite.results import meta, write_results
 
     out = collect_records([json.loads(line) for line in open(RECORDS)], a.limit)
@@ -587,6 +589,8 @@ def cmd_collect(a) -> None:
     if a.doc:
         doc = Path(a.doc)
         text = fill(doc.read_text(), "recipes", markdown(out, a.task))
+        for task in re.findall(r"<!-- begin generated: (\w+)-recipes\b", text):  # another task's recipes
+            text = fill(text, f"{task}-recipes", markdown(out, task))
         text = fill(text, "tasks", tasks_markdown(out))
         doc.write_text(text)
         print(f"refreshed the tables of {doc}")
@@ -883,7 +887,8 @@ def main(argv=None) -> int:
     c.add_argument("--limit", type=int, default=500)
     c.add_argument("--plot", help="also draw transfer against the probe into this PNG")
     c.add_argument("--frontier", help="also draw transfer against the gap, per method as its size varies, into this PNG")
-    c.add_argument("--doc", help="also refresh the generated tables of this markdown file (docs/transfer.md)")
+    c.add_argument("--doc", help="also refresh the generated tables of this markdown file (docs/transfer.md): "
+                                 "the recipes on --task, a '<task>-recipes' block per other task, the tasks")
     c.add_argument("--privacy-utility", help="also draw Emulator FT against transfer (privacy against utility) into this PNG")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -91,8 +91,14 @@ def test_collect_computes_transfer_per_ceiling_and_keeps_recipes_without_records
              _record("uniform:keep=8", plugin=[1, 0, 1, 0], task="tiny", zs=[0, 0, 1, 0]),
              _record("uniform:keep=26", plugin=[1, 1, 1, 0], task="tiny", zs=[0, 0, 1, 0])]
     records.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- begin generated: tiny-recipes (x) -->\n<!-- end generated: tiny-recipes -->\n"
+                   "<!-- begin generated: recipes (x) -->\n<!-- end generated: recipes -->\n")
     recipes.cmd_collect(argparse.Namespace(task="arc_easy", limit=4, plot=None, frontier=None, privacy_utility=None,
-                                           doc=None))
+                                           doc=str(doc)))
+    tiny_block, main_block = doc.read_text().split("<!-- begin generated: recipes")
+    assert "on the first 4 tiny documents" in tiny_block and "uniform:keep=13" not in tiny_block
+    assert "arc_easy documents" in main_block and "`uniform:keep=13`" in main_block
     out = json.loads(results.read_text())["records"]
     assert old in out and stale not in out
     # 4 documents: the ceiling's gain (+0.5) is under two standard errors, so no transfer is claimed
