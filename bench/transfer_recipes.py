@@ -551,6 +551,7 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
                         "ceiling_gain_stderr": t["ceiling_gain_stderr"], "plugin_gain": t["plugin_gain"],
                         "plugin_gain_stderr": t["plugin_gain_stderr"]})
             pooled.setdefault((base["method"], tuple(layers)), {})[task] = (preds, base)
+    out += matched_records(out, pooled)
     for (method, layers), per_task in pooled.items():
         if len(per_task) > 1:
             tasks = sorted(per_task)
@@ -560,6 +561,38 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
                         "n": t["n"], "ceiling_gain": t["ceiling_gain"], "ceiling_gain_stderr": t["ceiling_gain_stderr"],
                         "plugin_gain": t["plugin_gain"], "plugin_gain_stderr": t["plugin_gain_stderr"]})
     return out
+
+
+#: the owner's public pairs matched to the data owner's input format: passages with questions (SQuAD)
+#: for SciQ, bare questions (WebQuestions) for the other tasks (docs/transfer.md, "SciQ")
+MATCHED_SOURCE = {"sciq": "squad"}
+DEFAULT_SOURCE = "webqs"
+
+
+def matched_records(out: list[dict], pooled: dict) -> list[dict]:
+    """A recipe with the WebQuestions correction becomes ``+correction=matched`` where the same
+    recipe was also run with each task's matched source (``MATCHED_SOURCE``): its per-task rows and
+    transfer are those runs' (each record keeps its run's command), and ``pooled`` gains it, so that
+    its average over the tasks is computed like any recipe's."""
+    added = []
+    for (method, layers), per_task in list(pooled.items()):
+        if f"+correction={DEFAULT_SOURCE}" not in method:
+            continue
+        name = method.replace(f"+correction={DEFAULT_SOURCE}", "+correction=matched")
+        chosen = {}
+        for task in per_task.keys() | set(MATCHED_SOURCE):
+            src = MATCHED_SOURCE.get(task, DEFAULT_SOURCE)
+            run = method.replace(f"+correction={DEFAULT_SOURCE}", f"+correction={src}")
+            if task in pooled.get((run, layers), {}):
+                chosen[task] = run
+        if len(chosen) < 2 or not any(task in MATCHED_SOURCE for task in chosen):
+            continue
+        for task, run in chosen.items():
+            added += [{**r, "method": name} for r in out if r["method"] == run and r["task"] == task
+                      and tuple(r["setting"]["adapter_layers"]) == layers]
+            preds, base = pooled[(run, layers)][task]
+            pooled.setdefault((name, layers), {})[task] = (preds, {**base, "method": name})
+    return added
 
 
 def cmd_collect(a) -> None:

@@ -135,3 +135,24 @@ def test_fill_replaces_only_between_its_markers():
     assert recipes.fill(doc, "tasks", "| new |\n") == (
         "intro\n<!-- begin generated: tasks (by a command) -->\n| new |\n<!-- end generated: tasks -->\nrest\n")
     assert recipes.fill(doc, "recipes", "x") == doc  # no markers of that name: unchanged
+
+
+def test_matched_source_takes_each_task_from_its_own_run():
+    """``+correction=matched``: SciQ from the run with SQuAD pairs, other tasks from the WebQuestions
+    run; its average pools exactly those runs' predictions."""
+    from offsite.stats import transfer
+
+    zs, ceil = [0, 0, 1, 0] * 10, [1, 1, 1, 0] * 10
+    web, squad = [1, 0, 1, 0] * 10, [1, 1, 1, 0] * 10
+    cv = lambda src: dict(tune="bottom", cv=[src, 32, 1.0, 4], cv_norm=True)  # noqa: E731
+    lines = [r for task in ("arc_easy", "sciq") for r in (
+        _record("uniform:keep=26", plugin=ceil, zs=zs, task=task, tune="bottom"),
+        _record("uniform:keep=8", plugin=web, task=task, **cv("webqs")))]
+    lines.append(_record("uniform:keep=8", plugin=squad, task="sciq", **cv("squad")))
+    out = recipes.collect_records(lines, limit=40)
+    matched = {r["task"]: r for r in out if r["metric"] == "transfer" and "+correction=matched" in r["method"]}
+    assert matched["arc_easy"]["value"] == 0.5 and matched["sciq"]["value"] == 1.0
+    want = transfer([web, squad], [zs, zs], [ceil, ceil])
+    assert matched["avg2"]["value"] == want["value"] and matched["avg2"]["tasks"] == ["arc_easy", "sciq"]
+    table = recipes.tasks_markdown(out)
+    assert table.count("+correction=matched") == 1 and "| sciq | 25.0 | 75.0 | 25.0 | 75.0 |" in table
