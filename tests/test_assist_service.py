@@ -54,7 +54,7 @@ def _settings(steps=6):
 def test_tuning_against_the_service_equals_the_in_process_protocol(world):
     local, _ = tune_adapter(load_emulator(world / "emu"), TrainingData("qa", PAIRS), _settings(), assist=_owner(world))
     owner = _owner(world)
-    with AssistServer(owner, load_emulator(world / "emu").manifest["digest"]) as url:
+    with AssistServer({"webqs": owner}, load_emulator(world / "emu").manifest["digest"]) as url:
         emu = load_emulator(world / "emu")
         remote = RemoteAssistant(url, 2, emu)
         assert (remote.opts.source, remote.opts.examples) == ("webqs", 6)
@@ -71,7 +71,7 @@ def test_the_service_and_its_client_refuse_what_is_not_theirs(world):
     emu = load_emulator(world / "emu")
     state = {k: v for k, v in adapters.extract(emu.model, emu.adapter_positions, "full").items()
              if k.startswith("blocks.0.")}
-    with AssistServer(owner, digest, api_key="secret") as url:
+    with AssistServer({"webqs": owner}, digest, api_key="secret") as url:
         with pytest.raises(OffsiteError, match="401"):
             RemoteAssistant(url, 2, emu)
         with pytest.raises(OffsiteError, match="corrects for another emulator"):
@@ -93,7 +93,7 @@ def test_the_service_and_its_client_refuse_what_is_not_theirs(world):
 
 def test_offsite_tune_with_assist(world, tmp_path, capsys):
     owner = _owner(world, every=1)
-    with AssistServer(owner, load_emulator(world / "emu").manifest["digest"]) as url:
+    with AssistServer({"webqs": owner}, load_emulator(world / "emu").manifest["digest"]) as url:
         assert main(["tune", "--emulator", str(world / "emu"), "--data", str(world / "train.jsonl"),
                      "--out", str(tmp_path / "ad"), "--tune-blocks", "bottom", "--assist", url, "--assist-every", "2",
                      "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2"]) == 0
@@ -101,6 +101,35 @@ def test_offsite_tune_with_assist(world, tmp_path, capsys):
         assert main(["tune", "--emulator", str(world / "emu"), "--data", str(world / "train.jsonl"),
                      "--out", str(tmp_path / "lora"), "--adapter", "lora", "--assist", url]) == 2
         assert "full adapter blocks" in capsys.readouterr().err
+    assert main(["tune", "--emulator", str(world / "emu"), "--data", str(world / "train.jsonl"),
+                 "--out", str(tmp_path / "nosrv"), "--assist-source", "squad"]) == 2
+    assert "--assist-source needs --assist URL" in capsys.readouterr().err
     bundle = load_adapter(tmp_path / "ad")
     assert bundle.training["assist"]["corrections"] == 2 and bundle.training["blocks"] == "bottom"
     assert not (tmp_path / "lora").exists()
+
+
+def test_the_data_owner_picks_one_of_the_owners_sources(world):
+    """An owner offering two public sources: the data owner's choice decides which pairs correct it."""
+    from offsite.models.load import load_model
+
+    model, tok = load_model(str(world / "model"))
+    emu_owner = load_emulator(world / "emu")
+    short = Assistant(model, emu_owner, AssistOptions(every=1, source="short"), examples=tokenize_qa(tok, PAIRS[:4], 128))
+    passages = [("A long passage about the sky and its colours. " * 3 + p, a) for p, a in PAIRS[4:8]]
+    long = Assistant(model, emu_owner, AssistOptions(every=1, source="long"), examples=tokenize_qa(tok, passages, 128))
+    emu = load_emulator(world / "emu")
+    state = {k: v for k, v in adapters.extract(emu.model, emu.adapter_positions, "full").items()
+             if k.startswith("blocks.0.")}
+    with AssistServer({"short": short, "long": long}, emu_owner.manifest["digest"]) as url:
+        assert RemoteAssistant(url, 2, emu).opts.source == "short"  # the owner's first, by default
+        remote = RemoteAssistant(url, 2, emu, source="long")
+        got = remote.correction(state)
+        with pytest.raises(OffsiteError, match="offers corrections on short, long, not 'squad'"):
+            RemoteAssistant(url, 2, emu, source="squad")
+        with ServiceClient(url) as client:
+            with pytest.raises(OffsiteError, match="no public source 'x'"):
+                client.call("POST", "/v1/correction?source=x", content=tensors_to_bytes(state))
+    want = long.correction(state)
+    assert (short.calls, long.calls) == (0, 2)
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -82,11 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--assist", metavar="URL", help="the owner's correction service (offsite assist-serve): ask it "
                                                    "for a correction of the adapter's gradient (docs/transfer.md)")
     g.add_argument("--assist-every", type=POSITIVE, default=4, help="optimizer steps between corrections (default 4)")
+    g.add_argument("--assist-source", help="which of the owner's public sources to correct on: the one shaped like "
+                                           "your inputs, e.g. squad where a passage comes before the question "
+                                           "(default: the service's first)")
     g.add_argument("--assist-api-key", help="the service's API key (default: $OFFSITE_API_KEY if set)")
     add_train_args(p)
 
     p = sub.add_parser("assist-serve", help="model owner: serve corrections of the adapter's gradient to a data "
-                                            "owner tuning on the emulator (offsite tune --assist URL)")
+                                            "owner tuning on the emulator (offsite tune --assist URL); "
+                                            "--assist-source a,b offers several public sources")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--emulator", required=True, help="the emulator bundle shipped to the data owner")
     add_dataclass_args(p, AssistOptions, {"--assist-every"}, prefix="assist_")
@@ -267,8 +271,10 @@ def cmd_tune(args) -> None:
 
         if settings.adapter != "full":
             raise OffsiteError(f"the owner's correction (--assist) applies to full adapter blocks, not {settings.adapter}")
-        assist = RemoteAssistant(args.assist, args.assist_every, emu,
+        assist = RemoteAssistant(args.assist, args.assist_every, emu, source=args.assist_source,
                                  api_key=args.assist_api_key or os.environ.get("OFFSITE_API_KEY"))
+    elif args.assist_source:
+        raise OffsiteError("--assist-source needs --assist URL, the owner's correction service")
     bundle = tune_to_dir(emu, data, settings, args.out, overwrite=args.overwrite, assist=assist)
     t = bundle.training
     asked = f", {t['assist']['corrections']} corrections from the owner" if "assist" in t else ""
@@ -281,18 +287,24 @@ def cmd_assist_serve(args) -> None:
     from .assist_service import serve
     from .bundle import load_emulator
     from .models.load import load_model
+    from .tune import task_data
 
     if not args.max_body_mb > 0:
         raise OffsiteError("--max-body-mb must be > 0")
     opts = AssistOptions(every=1, **{f.name: getattr(args, "assist_" + f.name) for f in dataclasses.fields(AssistOptions)
                                      if f.name != "every" and hasattr(args, "assist_" + f.name)})
-    emu = load_emulator(args.emulator)  # checked before the model is loaded
+    sources = [x for x in opts.source.split(",") if x]
+    for source in sources:
+        task_data(source)  # fetched and known? (fails here, before the model is loaded)
+    emu = load_emulator(args.emulator)
     model, _ = load_model(args.model)
-    assistant = Assistant(model, emu, opts)
+    # one model and one emulator copy for every source: corrections run one at a time
+    assistants = {source: Assistant(model, emu, dataclasses.replace(opts, source=source)) for source in sources}
     key = args.api_key or os.environ.get("OFFSITE_API_KEY")
-    print(f"serving corrections for {args.emulator} on http://{args.host}:{args.port} ({len(assistant.examples)} "
-          f"public {opts.source} pairs; API key {'on' if key else 'off'})", flush=True)
-    serve(assistant, emu.manifest["digest"], args.host, args.port, api_key=key,
+    pairs = ", ".join(f"{len(a.examples)} {s}" for s, a in assistants.items())
+    print(f"serving corrections for {args.emulator} on http://{args.host}:{args.port} (public pairs: {pairs}; "
+          f"API key {'on' if key else 'off'})", flush=True)
+    serve(assistants, emu.manifest["digest"], args.host, args.port, api_key=key,
           max_body_bytes=int(args.max_body_mb * (1 << 20)), log_level="info" if args.verbose else "warning")
 
 
