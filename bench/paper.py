@@ -404,11 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 def budget_from_args(args) -> Budget:
     """The ``--preset``'s budget with the budget flags given (a smaller ``--batch-size`` caps the
     micro-batch)."""
-    changes = {k: getattr(args, k) for k in _BUDGET_FLAGS if hasattr(args, k)}
-    base = PRESETS[args.preset]
-    if "batch_size" in changes and "micro_batch_size" not in changes:
-        changes["micro_batch_size"] = min(base.micro_batch_size, changes["batch_size"])
-    budget = replace(base, **changes)
+    budget = replace(PRESETS[args.preset], **{k: getattr(args, k) for k in _BUDGET_FLAGS if hasattr(args, k)})
     return replace(budget, micro_batch_size=min(budget.micro_batch_size, budget.batch_size))
 
 

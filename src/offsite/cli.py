@@ -269,8 +269,6 @@ def cmd_tune(args) -> None:
     if args.assist:
         from .assist_service import RemoteAssistant
 
-        if settings.adapter != "full":
-            raise OffsiteError(f"the owner's correction (--assist) applies to full adapter blocks, not {settings.adapter}")
         assist = RemoteAssistant(args.assist, args.assist_every, emu, source=args.assist_source,
                                  api_key=args.assist_api_key or os.environ.get("OFFSITE_API_KEY"))
     elif args.assist_source:

@@ -22,7 +22,7 @@ import time
 
 from .errors import OffsiteError
 
-__all__ = ["HTTPError", "ServerThread", "ServiceClient", "base_app", "in_thread", "read_body"]
+__all__ = ["HTTPError", "ServerThread", "ServiceClient", "base_app", "in_thread", "read_body", "serve_app"]
 
 
 class HTTPError(Exception):

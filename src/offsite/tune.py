@@ -40,10 +40,6 @@ class TrainingData:
             raise OffsiteError(f"training data {self.source or ''} has no examples".replace("  ", " "))
 
 
-#: public training pairs that are not an evaluated task (the model owner's correction may use them)
-PAIR_SOURCES = ("squad",)
-
-
 def task_data(task) -> TrainingData:
     """The training pairs of a built-in task (its train split), of an own task file
     (:class:`offsite.data.own.OwnTask`: every document, formatted as it is scored) or of a public

@@ -61,7 +61,7 @@ def decode_tensor(obj: dict) -> torch.Tensor:
 def create_app(backend: InProcessBackend, api_key: str | None = None):
     """The FastAPI application over ``backend`` (its ``limits`` and ``share_head`` apply)."""
     from fastapi import Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import Response
 
     app = base_app("offsite PEMA representation service", api_key, backend.limits.max_body_bytes)
 
@@ -105,8 +105,8 @@ def create_app(backend: InProcessBackend, api_key: str | None = None):
     @app.get("/v1/head")
     def head():
         if not backend.share_head:
-            return JSONResponse({"error": "the model owner does not share the final norm and LM head "
-                              "(the service was started without --share-head)"}, status_code=403)
+            raise HTTPError(403, "the model owner does not share the final norm and LM head "
+                                 "(the service was started without --share-head)")
         return Response(backend.head().to_bytes(), media_type="application/octet-stream")
 
     @app.post("/v1/forward")
