@@ -8,7 +8,7 @@ full model? One task, one recipe per call; the experiments behind docs/transfer.
     python bench/transfer_recipes.py run uniform:keep=13 --repair webqs:512:kl # repaired adapter, delta plug-in
     python bench/transfer_recipes.py diagnose uniform:keep=13                  # where the emulator's gradient goes wrong
     python bench/transfer_recipes.py collect --plot docs/img/transfer-probe.png --frontier docs/img/transfer-frontier.png \
-        --privacy-utility docs/img/privacy-utility-transfer.png --doc docs/transfer.md   # also <task>-recipes blocks
+        --privacy-utility docs/img/privacy-utility-transfer.png --doc docs/transfer.md   # also <task>-recipes, methods
 
 A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
 
@@ -29,6 +29,10 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
   recomputes ``c`` at the data owner's current adapter every ``K`` steps (an interactive protocol:
   the owner sees each intermediate adapter); ``--correction-norm`` scales ``g_full`` to
   ``g_emulator``'s norm first, tensor by tensor.
+* ``--train-task SOURCE`` — a floor: the same tuning on another task's training split (``webqs``:
+  the owner's kind of public pairs), scored on ``--task``; named ``+data=SOURCE``. How much of the
+  ceiling's gain comes without the data owner's data (its transfer: against the ceiling tuned on
+  the task).
 * ``--repair SOURCE:N:lm|kl`` — the owner first tunes the adapter on the emulator with ``N`` public QA
   pairs (the *last* ``N`` of ``SOURCE``'s training split; LM loss on the answers, or KL to the full
   model's next-token distribution on every token), ships that adapter, and plugs in only the data
@@ -44,8 +48,12 @@ and appends one JSON line with per-document predictions to ``bench/results/trans
 ``collect`` turns those lines into the results file: per recipe and task ``emu_ft``/``plugin``
 accuracies, the probes, and transfer with its paired standard error against the ceiling of the same
 layout, ``--tune`` and task, and Full ZS; for a recipe measured on several tasks also transfer over
-them (``task: "avg<k>"``, the tasks' gains averaged before the ratio) and a table per task. Recipes of the results file that have no line in the records file (the
-records of earlier runs were not kept) stay as they are.
+them (``task: "avg<k>"``, the tasks' gains averaged before the ratio) and a table per task, and a
+table of every recipe measured on six tasks with its averages and whether it clears the transfer
+issue's bar (``methods``). A run scored on more than the default 500 documents (``--limit 1000``,
+the benchmark's budget) is its own recipe, named ``... [first 1000 docs]``, compared with the Full
+ZS and ceiling scored on as many. Recipes of the results file that have no line in the records file
+(the records of earlier runs were not kept) stay as they are.
 
 ``--tune bottom`` trains only the bottom adapter blocks (the top ones stay the original blocks on
 the emulator and in the full model); its ceiling is ``uniform:keep=26 --tune bottom``.
@@ -410,7 +418,9 @@ def cmd_run(a) -> None:
         else:
             refresh = None
     t1 = time.time()
-    data = task_data(task)
+    data = task_data(a.train_task or task)
+    if a.train_task:  # a floor: the same tuning without the task's data
+        rec["train_task"] = a.train_task
     if a.train_limit:  # the first N training examples, as bench/paper.py's --train-limit
         data = TrainingData(data.kind, data.items[:a.train_limit], data.source)
         rec["train_limit"] = a.train_limit
@@ -498,14 +508,33 @@ def run_task(r: dict) -> str:
     return "arc_easy"
 
 
+DEFAULT_LIMIT = 500  # evaluation documents a run scores unless ``--limit`` says otherwise
+MORE_DOCS = " [first {n} docs]"  # the name's tail for a run scored on more documents than that
+
+
+def run_docs(r: dict) -> int:
+    """How many evaluation documents a records line was scored on (0: a probe-only line)."""
+    task = run_task(r)
+    return len(r.get(f"plugin_pred_{task}") or r.get(f"emu_zs_pred_{task}") or [])
+
+
+def more_docs(kind: str) -> bool:
+    """Whether a recipe's name says it was scored on more documents than the default (its own rows;
+    left out of the plots, where the same recipe on the default documents already stands)."""
+    return MORE_DOCS.split("{")[0] in kind
+
+
 def recipe_key(r: dict) -> str:
-    """The recipe's name in the results: emulator, then tuning and treatments."""
+    """The recipe's name in the results: emulator, then tuning and treatments; a run scored on more
+    than ``DEFAULT_LIMIT`` documents says how many (its Full ZS and ceiling are scored on the same)."""
     name = r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "")
     name += f" +correction={r['cv'][0]}" if r.get("cv") else ""
     name += f" n={r['cv'][1]}" if r.get("cv") and r["cv"][1] != 128 else ""
     name += f" +repair={r['repair'][0]}" if r.get("repair") else ""
+    name += f" +data={r['train_task']}" if r.get("train_task") else ""
     name += f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else ""
-    return name + (" (norm-matched)" if r.get("cv_norm") else "")
+    name += " (norm-matched)" if r.get("cv_norm") else ""
+    return name + (MORE_DOCS.format(n=run_docs(r)) if run_docs(r) > DEFAULT_LIMIT else "")
 
 
 def collect_records(recs: list[dict], limit: int) -> list[dict]:
@@ -520,11 +549,11 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
         task, layers = run_task(r), list(r["layers"])
         n_mid = N_LAYERS - sum(layers)
         ceil = next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
-                     and not c.get("cv") and not c.get("repair") and c.get("tune") == r.get("tune")
-                     and f"plugin_pred_{task}" in c), None)
+                     and not any(c.get(k) for k in ("cv", "repair", "train_task")) and c.get("tune") == r.get("tune")
+                     and f"plugin_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
         # Full ZS is the untouched full model, whatever the layout: any "every block kept" run scored it
         zs = next((c for c in recs if c["kind"] == f"uniform:keep={N_LAYERS - sum(c['layers'])}"
-                   and f"emu_zs_pred_{task}" in c), None)
+                   and f"emu_zs_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
         base = {"model": MODEL, "task": task, "method": recipe_key(r), "setting": {"adapter_layers": layers},
                 "middle_fraction": round(r["frac"], 4), "command": r.get("command")}
         if r.get("train_limit"):
@@ -572,19 +601,22 @@ DEFAULT_SOURCE = "webqs"
 def matched_records(out: list[dict], pooled: dict) -> list[dict]:
     """A recipe with the WebQuestions correction becomes ``+correction=matched`` where the same
     recipe was also run with each task's matched source (``MATCHED_SOURCE``): its per-task rows and
-    transfer are those runs' (each record keeps its run's command), and ``pooled`` gains it, so that
-    its average over the tasks is computed like any recipe's."""
+    transfer are those runs' (each record keeps its run's command; of a task's runs on the default
+    and on more documents, the one on the most), and ``pooled`` gains it, so that its average over
+    the tasks is computed like any recipe's."""
     added = []
     for (method, layers), per_task in list(pooled.items()):
-        if f"+correction={DEFAULT_SOURCE}" not in method:
+        if f"+correction={DEFAULT_SOURCE}" not in method or more_docs(method):
             continue
         name = method.replace(f"+correction={DEFAULT_SOURCE}", "+correction=matched")
         chosen = {}
         for task in per_task.keys() | set(MATCHED_SOURCE):
             src = MATCHED_SOURCE.get(task, DEFAULT_SOURCE)
             run = method.replace(f"+correction={DEFAULT_SOURCE}", f"+correction={src}")
-            if task in pooled.get((run, layers), {}):
-                chosen[task] = run
+            runs = [m for (m, lay), tasks in pooled.items() if lay == layers and task in tasks
+                    and (m == run or (m.startswith(run) and more_docs(m[len(run):])))]
+            if runs:  # the run on the most documents
+                chosen[task] = max(runs, key=lambda m: len(pooled[(m, layers)][task][0][0]))
         if len(chosen) < 2 or not any(task in MATCHED_SOURCE for task in chosen):
             continue
         for task, run in chosen.items():
@@ -613,6 +645,7 @@ def cmd_collect(a) -> None:
     print(f"wrote {RESULTS} ({len(out)} records)")
     print(markdown(out, a.task))
     print(tasks_markdown(out))
+    print(methods_markdown(out))
     if a.plot:
         print(scatter(out, a.task, Path(a.plot)))
     if a.frontier:
@@ -625,6 +658,7 @@ def cmd_collect(a) -> None:
         for task in re.findall(r"<!-- begin generated: (\w+)-recipes\b", text):  # another task's recipes
             text = fill(text, f"{task}-recipes", markdown(out, task))
         text = fill(text, "tasks", tasks_markdown(out))
+        text = fill(text, "methods", methods_markdown(out))
         doc.write_text(text)
         print(f"refreshed the tables of {doc}")
 
@@ -719,7 +753,7 @@ def frontier(records: list[dict], task: str, path: Path) -> None:
     lines: dict[str, list] = {}
     treated = []  # recipes with an owner-side treatment or another tuning: points, not lines
     for (kind, _), c in recipe_cells(records, task).items():
-        if "transfer" in c and "emu_ft" in c and c["transfer"]["value"] is not None:
+        if "transfer" in c and "emu_ft" in c and c["transfer"]["value"] is not None and not more_docs(kind):
             family = ":".join(x for x in kind.split(" ")[0].split(":") if not x.startswith(("keep=", "width=")))
             gap = 100 * (c["plugin"]["value"] - c["emu_ft"]["value"])
             point = (c["frac"], gap, c["transfer"]["value"], c["transfer"]["stderr"])
@@ -767,7 +801,7 @@ def privacy_utility(records: list[dict], task: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.2))
     best = []  # treated recipes that transfer 0.55 or more: labelled in a column, with leader lines
     for (kind, _), c in recipe_cells(records, task).items():
-        if "transfer" not in c or "emu_ft" not in c or c["transfer"]["value"] is None:
+        if "transfer" not in c or "emu_ft" not in c or c["transfer"]["value"] is None or more_docs(kind):
             continue
         treated = "+correction" in kind or "+repair" in kind
         x, t = 100 * c["emu_ft"]["value"], c["transfer"]
@@ -826,8 +860,10 @@ def recipe_cells(records: list[dict], task: str) -> dict[tuple, dict]:
 
 def markdown(records: list[dict], task: str) -> str:
     """docs/transfer.md's table of the recipes: one line per recipe, in the order first measured."""
-    head = [f"Full ZS: {100 * r['value']:.1f} % on the first {r['n']} {task} documents (every row is scored "
-            "on them); gap = Plug-in − Emulator FT." for r in records if r["method"] is None and r["task"] == task]
+    zs = sorted((r for r in records if r["method"] is None and r["task"] == task), key=lambda r: r["n"])
+    more = "".join(f"; {100 * r['value']:.1f} % on the first {r['n']}, where the recipe's name says so" for r in zs[1:])
+    head = [f"Full ZS: {100 * zs[0]['value']:.1f} % on the first {zs[0]['n']} {task} documents (every row is scored "
+            f"on them{more}); gap = Plug-in − Emulator FT."] if zs else []
     cells = recipe_cells(records, task)
 
     def pct(c, name):
@@ -851,37 +887,95 @@ def markdown(records: list[dict], task: str) -> str:
     return "\n".join(head + [""] + lines)
 
 
+def task_rows(records: list[dict], avg: dict) -> dict[str, tuple]:
+    """Per task of an average-over-tasks record: ``(Full ZS, ceiling, Emulator FT, Plug-in, transfer
+    record)``, each row scored on the same documents (the ceiling: the same layout and tuning)."""
+    key, out = (avg["method"], tuple(avg["setting"]["adapter_layers"])), {}
+    for task in avg["tasks"]:
+        cells = recipe_cells(records, task)
+        c = cells[key]
+        ceil = next(v["ceiling"] for k, v in cells.items() if "ceiling" in v and k[1] == key[1]
+                    and ("+tune=bottom" in k[0]) == ("+tune=bottom" in key[0]) and v["ceiling"]["n"] == c["plugin"]["n"])
+        zs = next(r["value"] for r in records if r["method"] is None and r["task"] == task
+                  and r["n"] == c["plugin"]["n"])
+        out[task] = (zs, ceil["value"], c["emu_ft"]["value"], c["plugin"]["value"], c["transfer"])
+    return out
+
+
+def shown_averages(records: list[dict]) -> list[dict]:
+    """The averages over tasks worth a table: every one, except a recipe's own-source average where
+    its ``+correction=matched`` twin covers the same tasks and more (a subset of what the twin shows)."""
+    avgs = [r for r in records if r["metric"] == "transfer" and r["task"].startswith("avg")]
+    matched = {(r["method"], tuple(r["setting"]["adapter_layers"])): set(r["tasks"]) for r in avgs
+               if "+correction=matched" in r["method"]}
+    out = []
+    for r in avgs:
+        twin = (r["method"].replace(f"+correction={DEFAULT_SOURCE}", "+correction=matched"),
+                tuple(r["setting"]["adapter_layers"]))
+        if twin[0] != r["method"] and twin in matched and set(r["tasks"]) < matched[twin]:
+            continue
+        out.append(r)
+    return out
+
+
 def tasks_markdown(records: list[dict]) -> str:
     """docs/transfer.md's table of the recipes measured on several tasks: per task Full ZS, ceiling,
     Emulator FT, Plug-in, gap and transfer (where the ceiling gains at least two standard errors),
     then the average over those tasks (transfer with the tasks' gains averaged before the ratio,
     every task counted)."""
-    avgs = [r for r in records if r["metric"] == "transfer" and r["task"].startswith("avg")]
     lines = []
-    for avg in avgs:
-        key = (avg["method"], tuple(avg["setting"]["adapter_layers"]))
-        lines += [f"`{avg['method']}` (adapter {key[1][0]},{key[1][1]}, {100 * avg['middle_fraction']:.0f} % of the "
+    for avg in shown_averages(records):
+        layers = avg["setting"]["adapter_layers"]
+        lines += [f"`{avg['method']}` (adapter {layers[0]},{layers[1]}, {100 * avg['middle_fraction']:.0f} % of the "
                   "middle kept; ceiling: the same tuning on the full model):", "",
                   "| task | Full ZS | ceiling | Emulator FT | Plug-in | gap | transfer |", "|---|---|---|---|---|---|---|"]
-        rows = {k: [] for k in ("zs", "ceil", "ft", "plug")}
-        for task in avg["tasks"]:
-            c = recipe_cells(records, task)[key]
-            ceil_key = next(k for k, v in recipe_cells(records, task).items() if "ceiling" in v and k[1] == key[1]
-                            and ("+tune=bottom" in k[0]) == ("+tune=bottom" in key[0]))
-            zs = next(r["value"] for r in records if r["method"] is None and r["task"] == task)
-            vals = (zs, recipe_cells(records, task)[ceil_key]["ceiling"]["value"], c["emu_ft"]["value"],
-                    c["plugin"]["value"])
-            for k, v in zip(rows, vals):
-                rows[k].append(v)
-            t = c["transfer"]
+        rows = task_rows(records, avg)
+        for task, (*vals, t) in rows.items():
             tr = (f"{t['value']:.2f} ± {t['stderr']:.2f}" if t["value"] is not None else
                   f"– (ceiling gain {100 * t['ceiling_gain']:+.1f} ± {100 * t['ceiling_gain_stderr']:.1f}: within noise)")
             lines.append(f"| {task} | " + " | ".join(f"{100 * v:.1f}" for v in vals)
                          + f" | {100 * (vals[3] - vals[2]):+.1f} | {tr} |")
-        mean = {k: sum(v) / len(v) for k, v in rows.items()}
-        lines.append(f"| **average of {len(avg['tasks'])}** | " + " | ".join(f"{100 * v:.1f}" for v in mean.values())
-                     + f" | {100 * (mean['plug'] - mean['ft']):+.1f} | **{avg['value']:.2f} ± {avg['stderr']:.2f}** |")
+        mean = [sum(v[i] for v in rows.values()) / len(rows) for i in range(4)]
+        lines.append(f"| **average of {len(rows)}** | " + " | ".join(f"{100 * v:.1f}" for v in mean)
+                     + f" | {100 * (mean[3] - mean[2]):+.1f} | **{avg['value']:.2f} ± {avg['stderr']:.2f}** |")
         lines.append("")
+    return "\n".join(lines)
+
+
+#: the bar of the transfer issue: transfer on the average and on these tasks, and the least gap
+BAR = {"transfer": 0.7, "tasks": ("arc_easy", "sciq"), "gap": 5.0}
+
+
+def methods_markdown(records: list[dict], n_tasks: int = 6) -> str:
+    """One line per recipe measured on ``n_tasks`` tasks: its averages over them (Full ZS, ceiling,
+    Emulator FT, Plug-in, gap, transfer), transfer on the bar's tasks, the emulator's probe (public
+    text and public QA pairs: the owner's, before shipping) and whether it clears the bar."""
+    probes = {}  # the emulator's, whatever the recipe around it
+    for r in records:
+        if r["row"] == "probe" and r["method"] is not None:
+            probes.setdefault((r["method"].split(" ")[0], tuple(r["setting"]["adapter_layers"]), r["task"]), r["value"])
+    lines = ["| recipe | middle kept | Full ZS | ceiling | Emulator FT | Plug-in | gap | transfer | "
+             + " | ".join(f"transfer: {t}" for t in BAR["tasks"]) + " | probe: text / webqs | the bar |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(BAR["tasks"]) + "---|---|"]
+    for avg in shown_averages(records):
+        if len(avg["tasks"]) != n_tasks:
+            continue
+        layers = tuple(avg["setting"]["adapter_layers"])
+        rows = task_rows(records, avg)
+        mean = [sum(v[i] for v in rows.values()) / len(rows) for i in range(4)]
+        gap = 100 * (mean[3] - mean[2])
+        per = [rows[t][4] if t in rows else None for t in BAR["tasks"]]
+        emulator = avg["method"].split(" ")[0]
+        probe = " / ".join(f"{probes[(emulator, layers, s)]:.2f}" if (emulator, layers, s) in probes else "–"
+                           for s in ("text", "webqs"))
+        clears = (avg["value"] >= BAR["transfer"] and gap >= BAR["gap"]
+                  and all(t is not None and t["value"] is not None and t["value"] >= BAR["transfer"] for t in per))
+        lines.append(f"| `{avg['method']}` | {100 * avg['middle_fraction']:.0f} % | "
+                     + " | ".join(f"{100 * v:.1f}" for v in mean) + f" | {gap:+.1f} | "
+                     f"**{avg['value']:.2f} ± {avg['stderr']:.2f}** | "
+                     + " | ".join(f"{t['value']:.2f} ± {t['stderr']:.2f}" if t and t["value"] is not None else "–"
+                                  for t in per)
+                     + f" | {probe} | {'yes' if clears else 'no'} |")
     return "\n".join(lines)
 
 
@@ -894,7 +988,7 @@ def main(argv=None) -> int:
     r.add_argument("--layers", default="2,2")
     r.add_argument("--adapter", default="full")
     r.add_argument("--lr", type=float, default=1e-4)
-    r.add_argument("--limit", type=int, default=500)
+    r.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
     r.add_argument("--probe", default="text,arc_easy")
     r.add_argument("--zs", action="store_true", help="also score the emulator untouched (Full ZS for keep=all)")
     r.add_argument("--zs-only", action="store_true", help="score the untouched emulator and stop")
@@ -902,6 +996,8 @@ def main(argv=None) -> int:
     r.add_argument("--correction", default="")
     r.add_argument("--correction-n", type=int, default=128, help="public QA pairs per source the owner's correction averages over")
     r.add_argument("--train-limit", type=int, default=0, help="tune on the first N training examples (0: all)")
+    r.add_argument("--train-task", help="tune on this task's training split instead of --task's (a floor: what the "
+                                        "tuning gives --task without its data; e.g. webqs, the owner's public pairs)")
     r.add_argument("--correction-every", type=int, default=0,
                    help="recompute the correction at the current adapter every N steps (0: never)")
     r.add_argument("--correction-norm", action="store_true",
@@ -917,7 +1013,7 @@ def main(argv=None) -> int:
     d.add_argument("--sources", default="webqs,sciq,openbookqa,piqa,arc_challenge")
     c = sub.add_parser("collect")
     c.add_argument("--task", default="arc_easy")
-    c.add_argument("--limit", type=int, default=500)
+    c.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
     c.add_argument("--plot", help="also draw transfer against the probe into this PNG")
     c.add_argument("--frontier", help="also draw transfer against the gap, per method as its size varies, into this PNG")
     c.add_argument("--doc", help="also refresh the generated tables of this markdown file (docs/transfer.md): "

@@ -156,3 +156,75 @@ def test_matched_source_takes_each_task_from_its_own_run():
     assert matched["avg2"]["value"] == want["value"] and matched["avg2"]["tasks"] == ["arc_easy", "sciq"]
     table = recipes.tasks_markdown(out)
     assert table.count("+correction=matched") == 1 and "| sciq | 25.0 | 75.0 | 25.0 | 75.0 |" in table
+
+
+def test_a_run_on_more_documents_is_its_own_recipe_against_its_own_ceiling(monkeypatch):
+    """A run scored on more documents than the default is named so, and compared with the Full ZS
+    and ceiling scored on as many documents (never with those of the default documents)."""
+    monkeypatch.setattr(recipes, "DEFAULT_LIMIT", 40)
+    zs, ceil, plug = [0, 0, 1, 0], [1, 1, 1, 0], [1, 0, 1, 0]
+    cv = dict(tune="bottom", cv=["webqs", 32, 1.0, 4], cv_norm=True)
+    lines = [_record("uniform:keep=26", plugin=ceil * 10, zs=zs * 10, tune="bottom"),
+             _record("uniform:keep=8", plugin=plug * 10, **cv),
+             # on 80 documents the ceiling gains less and the same Plug-in carries all of it
+             _record("uniform:keep=26", plugin=[1, 0, 1, 0] * 20, zs=zs * 20, tune="bottom"),
+             _record("uniform:keep=8", plugin=plug * 20, **cv)]
+    out = recipes.collect_records(lines, limit=40)
+    t = {r["method"]: r for r in out if r["metric"] == "transfer"}
+    name = "uniform:keep=8 +tune=bottom +correction=webqs n=32 every 4 steps (norm-matched)"
+    assert t[name]["value"] == 0.5 and t[name]["n"] == 40
+    assert t[name + " [first 80 docs]"]["value"] == 1.0 and t[name + " [first 80 docs]"]["n"] == 80
+    assert {r["method"] for r in out if r["row"] == "ceiling"} == {
+        "uniform:keep=26 +tune=bottom", "uniform:keep=26 +tune=bottom [first 80 docs]"}
+    head = recipes.markdown(out, "arc_easy").splitlines()[0]
+    assert "on the first 40 arc_easy documents" in head and "on the first 80, where the recipe's name says so" in head
+    assert recipes.more_docs(name + " [first 80 docs]") and not recipes.more_docs(name)
+
+
+def test_methods_table_says_which_recipe_clears_the_bar(monkeypatch):
+    monkeypatch.setattr(recipes, "BAR", {"transfer": 0.7, "tasks": ("a",), "gap": 5.0})
+    zs, ceil = [0, 0, 1, 0] * 10, [1, 1, 1, 0] * 10
+    cv = lambda kind: dict(tune="bottom", cv=["webqs", 32, 1.0, 4], cv_norm=True)  # noqa: E731
+    lines = [r for task in ("a", "b") for r in (
+        _record("uniform:keep=26", plugin=ceil, zs=zs, task=task, tune="bottom"),
+        _record("uniform:keep=8", plugin=ceil, task=task, **cv("")),  # carries all of the ceiling's gain
+        _record("kd:keep=8", plugin=[1, 0, 1, 0] * 10, task=task, **cv("")))]  # half of it
+    lines.append({"kind": "kd:keep=8", "layers": [2, 2], "frac": 0.5, "probe_text": {"all": 0.3, "bottom": 0.2, "top": 0.4}})
+    out = recipes.collect_records(lines, limit=40)
+    table = recipes.methods_markdown(out, n_tasks=2)
+    [uniform] = [line for line in table.splitlines() if line.startswith("| `uniform")]
+    [kd] = [line for line in table.splitlines() if line.startswith("| `kd")]
+    assert "**1.00 ± 0.00**" in uniform and uniform.endswith("| – / – | yes |")
+    assert "**0.50 ± " in kd and kd.endswith("| 0.30 / – | no |")  # the emulator's probe, from its own line
+    assert recipes.methods_markdown(out, n_tasks=6).count("\n") == 1  # no recipe measured on six tasks
+
+
+def test_matched_source_takes_the_run_on_the_most_documents(monkeypatch):
+    monkeypatch.setattr(recipes, "DEFAULT_LIMIT", 40)
+    zs, ceil = [0, 0, 1, 0], [1, 1, 1, 0]
+    cv = lambda src: dict(tune="bottom", cv=[src, 32, 1.0, 4], cv_norm=True)  # noqa: E731
+    lines = [r for task in ("arc_easy", "sciq") for r in (
+        _record("uniform:keep=26", plugin=ceil * 10, zs=zs * 10, task=task, tune="bottom"),
+        _record("uniform:keep=8", plugin=[1, 0, 1, 0] * 10, task=task, **cv("webqs")))]
+    lines += [_record("uniform:keep=8", plugin=ceil * 10, task="sciq", **cv("squad")),
+              _record("uniform:keep=26", plugin=ceil * 20, zs=zs * 20, tune="bottom"),  # ARC-Easy on 80 documents
+              _record("uniform:keep=8", plugin=[1, 1, 1, 0] * 5 + [1, 0, 1, 0] * 15, **cv("webqs"))]
+    out = recipes.collect_records(lines, limit=40)
+    matched = {r["task"]: r for r in out if r["metric"] == "transfer" and "+correction=matched" in r["method"]}
+    assert matched["arc_easy"]["n"] == 80 and matched["arc_easy"]["value"] == 0.625  # (10/80 + 20/80) / (40/80)
+    assert matched["sciq"]["value"] == 1.0 and matched["avg2"]["n"] == 120
+    table = recipes.tasks_markdown(out)
+    assert "| arc_easy | 25.0 | 75.0 | 25.0 | 56.2 |" in table  # Full ZS and ceiling on the same 80 documents
+
+
+def test_a_floor_is_scored_against_the_ceiling_and_never_is_one():
+    """``--train-task``: the same tuning on other data (a floor) is its own recipe, ``+data=SOURCE``,
+    and its transfer is taken against the ceiling tuned on the task itself."""
+    zs, ceil = [0, 0, 1, 0] * 10, [1, 1, 1, 0] * 10
+    floor = [1, 0, 1, 0] * 10
+    lines = [_record("uniform:keep=26", plugin=floor, tune="bottom", train_task="webqs"),  # before the ceiling
+             _record("uniform:keep=26", plugin=ceil, zs=zs, tune="bottom")]
+    out = recipes.collect_records(lines, limit=40)
+    assert {r["method"] for r in out if r["row"] == "ceiling"} == {"uniform:keep=26 +tune=bottom"}
+    [t] = [r for r in out if r["metric"] == "transfer"]
+    assert t["method"] == "uniform:keep=26 +tune=bottom +data=webqs" and t["value"] == 0.5
