@@ -301,20 +301,27 @@ def tune(model, emu, data, settings, corr=None, refresh=None, only_bottom=False)
     return adapter_bundle(emu, settings.adapter, state)
 
 
-def refresher(model, emu, sources, n, every, norm=False):
+def refresher(model, emu, sources, n, every, norm=False, pool=0):
     """A ``refresh`` for :func:`tune`: ``g_full − g_emulator`` (mean-token gradients over the first
     ``n`` training examples of every source, pooled) at the adapter in ``params``; every ``every``
     steps during tuning it is the data owner's current adapter (an interactive protocol: the owner
     sees every intermediate adapter). ``norm``: ``g_full`` is first scaled, tensor by tensor, to
-    ``g_emulator``'s norm, so that ``c`` corrects the direction and not the scale."""
+    ``g_emulator``'s norm, so that ``c`` corrects the direction and not the scale. ``pool`` > ``n``:
+    the owner holds the first ``pool`` pairs of each source and the ``i``-th correction takes the
+    next ``n`` of them (``[i·n, (i+1)·n)``, cycling), so that over a tuning it averages over many
+    more pairs than one correction costs."""
     from offsite.gradients import adapter_gradients, adapter_written
     from offsite.probe import ProbeOptions, task_probe_examples
 
     names, pad = adapter_names(emu), emu.tokenizer.pad_token_id or 0
     positions, identity = emu.adapter_positions, {src: src for src in emu.adapter_positions.values()}
-    examples = [e for s in sources for e in task_probe_examples(emu.tokenizer, s, ProbeOptions(task_examples=n))]
+    held = {s: task_probe_examples(emu.tokenizer, s, ProbeOptions(task_examples=max(n, pool))) for s in sources}
+    calls = []
 
     def refresh(params):
+        i = len(calls) * n
+        calls.append(i)
+        examples = [e for ex in held.values() for e in (ex + ex)[i % len(ex):i % len(ex) + n]]
         live = [k for k, e in names.items() if params[e].requires_grad]  # --tune bottom: the bottom blocks
         ge = adapter_gradients(emu.model, positions, examples, 8, pad, live)  # at the data owner's adapter
         with adapter_written(model, identity, {k: params[names[k]].detach() for k in live}):
@@ -408,11 +415,13 @@ def cmd_run(a) -> None:
     corr = refresh = None
     if a.correction:
         refresh = refresher(model, emu, a.correction.split(","), a.correction_n, a.correction_every,
-                            a.correction_norm)
+                            a.correction_norm, a.correction_pool)
         corr = correction(emu, refresh)
         rec["cv"] = [a.correction, a.correction_n, 1.0]
         if a.correction_norm:
             rec["cv_norm"] = True
+        if a.correction_pool > a.correction_n:
+            rec["cv_pool"] = a.correction_pool
         if a.correction_every:
             rec["cv"].append(a.correction_every)
         else:
@@ -518,10 +527,15 @@ def run_docs(r: dict) -> int:
     return len(r.get(f"plugin_pred_{task}") or r.get(f"emu_zs_pred_{task}") or [])
 
 
+def without_docs(kind: str) -> str:
+    """A recipe's name without its ``[first N docs]`` tail."""
+    return kind.split(MORE_DOCS.split("{")[0])[0]
+
+
 def more_docs(kind: str) -> bool:
     """Whether a recipe's name says it was scored on more documents than the default (its own rows;
     left out of the plots, where the same recipe on the default documents already stands)."""
-    return MORE_DOCS.split("{")[0] in kind
+    return without_docs(kind) != kind
 
 
 def recipe_key(r: dict) -> str:
@@ -533,6 +547,7 @@ def recipe_key(r: dict) -> str:
     name += f" +repair={r['repair'][0]}" if r.get("repair") else ""
     name += f" +data={r['train_task']}" if r.get("train_task") else ""
     name += f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else ""
+    name += f" from a pool of {r['cv_pool']}" if r.get("cv_pool") else ""
     name += " (norm-matched)" if r.get("cv_norm") else ""
     return name + (MORE_DOCS.format(n=run_docs(r)) if run_docs(r) > DEFAULT_LIMIT else "")
 
@@ -605,16 +620,19 @@ def matched_records(out: list[dict], pooled: dict) -> list[dict]:
     and on more documents, the one on the most), and ``pooled`` gains it, so that its average over
     the tasks is computed like any recipe's."""
     added = []
-    for (method, layers), per_task in list(pooled.items()):
-        if f"+correction={DEFAULT_SOURCE}" not in method or more_docs(method):
+    bases: dict[tuple, set] = {}  # every task a recipe was run on, on any number of documents
+    for (m, layers), per_task in pooled.items():
+        bases.setdefault((without_docs(m), layers), set()).update(per_task)
+    for (method, layers), tasks in bases.items():
+        if f"+correction={DEFAULT_SOURCE}" not in method:
             continue
         name = method.replace(f"+correction={DEFAULT_SOURCE}", "+correction=matched")
         chosen = {}
-        for task in per_task.keys() | set(MATCHED_SOURCE):
+        for task in tasks | set(MATCHED_SOURCE):
             src = MATCHED_SOURCE.get(task, DEFAULT_SOURCE)
             run = method.replace(f"+correction={DEFAULT_SOURCE}", f"+correction={src}")
-            runs = [m for (m, lay), tasks in pooled.items() if lay == layers and task in tasks
-                    and (m == run or (m.startswith(run) and more_docs(m[len(run):])))]
+            runs = [m for (m, lay), tasks in pooled.items()
+                    if lay == layers and task in tasks and without_docs(m) == run]
             if runs:  # the run on the most documents
                 chosen[task] = max(runs, key=lambda m: len(pooled[(m, layers)][task][0][0]))
         if len(chosen) < 2 or not any(task in MATCHED_SOURCE for task in chosen):
@@ -1000,6 +1018,9 @@ def main(argv=None) -> int:
                                         "tuning gives --task without its data; e.g. webqs, the owner's public pairs)")
     r.add_argument("--correction-every", type=int, default=0,
                    help="recompute the correction at the current adapter every N steps (0: never)")
+    r.add_argument("--correction-pool", type=int, default=0,
+                   help="the owner's pool of public pairs per source: each correction takes the next --correction-n "
+                        "of its first N, cycling (0: always the first --correction-n)")
     r.add_argument("--correction-norm", action="store_true",
                    help="scale g_full to g_emulator's norm (per tensor) before c = g_full - g_emulator")
     r.add_argument("--repair", default="")

@@ -198,3 +198,24 @@ def test_a_checkpoint_resumes_only_under_the_same_correction(tok, tmp_path):
     assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
     with pytest.raises(OffsiteError, match="different run .*run"):
         tuned(3)
+
+
+def test_a_pool_gives_each_correction_the_next_pairs(tok):
+    """``pool``: the owner holds more public pairs than a correction takes, and each correction takes
+    the next ``examples`` of them, cycling; the correction is the one taken on exactly those pairs."""
+    model = tiny_model("llama", 6, seed=2)
+    emu = build_emulator("uniform", model, tok, "tiny", (2, 1), keep=1)
+    ex = tokenize_qa(tok, PAIRS[:5], 128)
+    a = Assistant(model, emu, AssistOptions(every=1, examples=2, pool=5), examples=ex)
+    state = {k: v for k, v in _moved(emu).items() if k.startswith(("blocks.0.", "blocks.1."))}
+    got = []
+    for _ in range(4):
+        got.append(a.next_pairs())
+        c = a.correction(state)
+    assert got == [ex[0:2], ex[2:4], [ex[4], ex[0]], ex[1:3]]
+    alone = Assistant(model, emu, AssistOptions(every=1), examples=ex[1:3]).correction(state)  # the 4th's pairs
+    assert all(torch.allclose(c[k], alone[k], atol=1e-6) for k in c)
+    fixed = Assistant(model, emu, AssistOptions(every=1), examples=ex)
+    assert fixed.next_pairs() == ex and fixed.correction(state) and fixed.next_pairs() == ex  # no pool: all, always
+    with pytest.raises(OffsiteError, match="pool must be 0 or at least"):
+        AssistOptions(examples=32, pool=16).check()

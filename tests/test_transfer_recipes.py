@@ -215,6 +215,13 @@ def test_matched_source_takes_the_run_on_the_most_documents(monkeypatch):
     assert matched["sciq"]["value"] == 1.0 and matched["avg2"]["n"] == 120
     table = recipes.tasks_markdown(out)
     assert "| arc_easy | 25.0 | 75.0 | 25.0 | 56.2 |" in table  # Full ZS and ceiling on the same 80 documents
+    # a recipe whose WebQuestions run was scored only on more documents is matched all the same
+    every2 = dict(tune="bottom", cv=["webqs", 32, 1.0, 2], cv_norm=True)
+    lines += [_record("uniform:keep=8", plugin=ceil * 20, **every2),
+              _record("uniform:keep=8", plugin=ceil * 10, task="sciq", **{**every2, "cv": ["squad", 32, 1.0, 2]})]
+    out = recipes.collect_records(lines, limit=40)
+    [avg] = [r for r in out if r["task"] == "avg2" and "matched" in r["method"] and "every 2" in r["method"]]
+    assert avg["value"] == 1.0 and avg["n"] == 120
 
 
 def test_a_floor_is_scored_against_the_ceiling_and_never_is_one():

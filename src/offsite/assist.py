@@ -31,7 +31,7 @@ tune --assist URL``. Tensors cross only as safetensors (:func:`tensors_to_bytes`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -49,23 +49,39 @@ class AssistOptions:
     source: str = field(default="webqs", metadata={"help": "public QA pairs the owner takes the gradients on: a "
                                                            "built-in task's training pairs (default webqs) or squad "
                                                            "(SQuAD passages with questions)"})
-    examples: int = field(default=32, metadata={"help": "how many of its first training pairs (default 32)"})
+    examples: int = field(default=32, metadata={"help": "public pairs per correction (default 32)"})
+    pool: int = field(default=0, metadata={"help": "the owner holds the first N pairs of the source and each "
+                                                   "correction takes the next --assist-examples of them, cycling "
+                                                   "(0: every correction takes the first --assist-examples)"})
 
     def check(self) -> None:
         if not isinstance(self.every, int) or self.every < 0:
             raise OffsiteError(f"assist every must be an integer >= 0 (got {self.every!r})")
         if not isinstance(self.examples, int) or self.examples < 1:
             raise OffsiteError(f"assist examples must be an integer >= 1 (got {self.examples!r})")
+        if not isinstance(self.pool, int) or not (self.pool == 0 or self.pool >= self.examples):
+            raise OffsiteError(f"assist pool must be 0 or at least the pairs per correction, {self.examples} "
+                               f"(got {self.pool!r})")
 
     @property
     def on(self) -> bool:
         return self.every > 0
 
+    def record(self) -> dict:
+        """The options as results, manifests and checkpoints record them (``pool`` only when used, so
+        that records written before it existed keep their meaning)."""
+        d = asdict(self)
+        if not self.pool:
+            del d["pool"]
+        return d
+
 
 class Assistant:
     """The model owner's side: holds the full ``model`` and its own copy of the shipped emulator
     ``emu`` (neither is changed: the data owner's adapter is written in for each correction and
-    taken out again) and the public examples."""
+    taken out again) and the public pairs it corrects on (``held``: the first ``opts.examples`` of
+    the source, or its first ``opts.pool`` when each correction takes the next ones; or the
+    ``examples`` given)."""
 
     def __init__(self, model, emu: Emulator, opts: AssistOptions, micro_batch_size: int = 8,
                  examples: list[dict] | None = None):
@@ -74,8 +90,8 @@ class Assistant:
         opts.check()
         self.model, self.emu, self.opts, self.micro_batch_size = model, emu, opts, micro_batch_size
         # the public pairs, tokenized as the data owner's are (the loss on the answer); or given
-        self.examples = examples if examples is not None else task_probe_examples(
-            emu.tokenizer, opts.source, ProbeOptions(task_examples=opts.examples))
+        self.held = examples if examples is not None else task_probe_examples(
+            emu.tokenizer, opts.source, ProbeOptions(task_examples=max(opts.examples, opts.pool)))
         pad = emu.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
         self.positions = emu.adapter_positions
@@ -97,15 +113,22 @@ class Assistant:
                 raise OffsiteError(f"{key} has shape {tuple(t.shape)}, the emulator's adapter {self.shapes[key]}")
             if not torch.isfinite(t).all():
                 raise OffsiteError(f"{key} holds NaN or infinite values")
-        keys = list(state)
+        keys, pairs = list(state), self.next_pairs()
         with adapter_written(self.emu.model, self.positions, state):
-            g_e = adapter_gradients(self.emu.model, self.positions, self.examples, self.micro_batch_size,
-                                    self.pad_id, keys)
+            g_e = adapter_gradients(self.emu.model, self.positions, pairs, self.micro_batch_size, self.pad_id, keys)
         with adapter_written(self.model, self.full_positions, state):
-            g_f = adapter_gradients(self.model, self.full_positions, self.examples, self.micro_batch_size,
-                                    self.pad_id, keys)
+            g_f = adapter_gradients(self.model, self.full_positions, pairs, self.micro_batch_size, self.pad_id, keys)
         self.calls += 1
         return {k: g_f[k] * (g_e[k].norm() / g_f[k].norm().clamp_min(1e-30)) - g_e[k] for k in keys}
+
+    def next_pairs(self) -> list[dict]:
+        """The public pairs of the next correction: every held pair; with a pool, the next
+        ``opts.examples`` of them (the ``i``-th correction starts at pair ``i · examples``, cycling)."""
+        if not self.opts.pool:
+            return self.held
+        n = min(self.opts.examples, len(self.held))
+        i = self.calls * self.opts.examples % len(self.held)
+        return (self.held + self.held)[i:i + n]
 
     def loss(self, params: dict[str, torch.nn.Parameter]) -> "CorrectedLoss":
         """The data owner's training loss for the trainable adapter tensors ``params``, asking this

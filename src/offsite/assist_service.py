@@ -10,7 +10,8 @@ adapter's gradient (:mod:`offsite.assist`) over HTTP, and the data owner tunes a
 
 Endpoints (the guard of :mod:`offsite.service`: API key, body limit, JSON error bodies)::
 
-    GET  /v1/info        {"emulator_digest", "sources": {name: pairs}, "default_source",
+    GET  /v1/info        {"emulator_digest", "sources": {name: pairs per correction}, "default_source",
+                          "pools": {name: pairs held, where each correction takes the next ones},
                           "tensors": {name: shape}, "corrections"}
     POST /v1/correction?source=NAME
                          body: the data owner's trainable adapter tensors, safetensors
@@ -61,7 +62,9 @@ def create_app(assistants: dict[str, Assistant], emulator_digest: str, api_key: 
     @app.get("/v1/info")
     def info():
         return {"emulator_digest": emulator_digest, "default_source": next(iter(assistants)),
-                "sources": {name: len(a.examples) for name, a in assistants.items()},
+                "sources": {name: min(a.opts.examples, len(a.held)) if a.opts.pool else len(a.held)
+                            for name, a in assistants.items()},
+                "pools": {name: len(a.held) for name, a in assistants.items() if a.opts.pool},
                 "corrections": sum(a.calls for a in assistants.values()),
                 "tensors": {k: list(v) for k, v in first.shapes.items()}}
 
@@ -123,7 +126,9 @@ class RemoteAssistant:
         if source not in sources:
             raise OffsiteError(f"the owner offers corrections on {', '.join(map(str, sources)) or 'no source'}, "
                                f"not {source!r}; pick the one shaped like your inputs (--assist-source)")
-        self.opts = AssistOptions(every=every, source=source, examples=int(sources[source]))
+        pools = info.get("pools") if isinstance(info.get("pools"), dict) else {}
+        self.opts = AssistOptions(every=every, source=source, examples=int(sources[source]),
+                                  pool=int(pools.get(source, 0)))
         self.opts.check()
         self.calls = 0
 

@@ -299,7 +299,8 @@ def cmd_assist_serve(args) -> None:
     # one model and one emulator copy for every source: corrections run one at a time
     assistants = {source: Assistant(model, emu, dataclasses.replace(opts, source=source)) for source in sources}
     key = args.api_key or os.environ.get("OFFSITE_API_KEY")
-    pairs = ", ".join(f"{len(a.examples)} {s}" for s, a in assistants.items())
+    pairs = ", ".join(f"{len(a.held)} {s}" + (f" ({a.opts.examples} a correction)" if a.opts.pool else "")
+                      for s, a in assistants.items())
     print(f"serving corrections for {args.emulator} on http://{args.host}:{args.port} (public pairs: {pairs}; "
           f"API key {'on' if key else 'off'})", flush=True)
     serve(assistants, emu.manifest["digest"], args.host, args.port, api_key=key,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .assist import AssistOptions, Assistant
@@ -143,7 +143,9 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         result.notes.append(f"the data owner tunes only the {settings.blocks} adapter blocks (the ceiling too)")
     if assist.on:
         result.notes.append(f"owner in the loop: the model owner corrected the adapter's gradient every {assist.every} "
-                            f"steps on {assist.examples} public {assist.source} pairs, seeing each intermediate adapter "
+                            f"steps on {assist.examples} public {assist.source} pairs"
+                            + (f" (the next ones of its first {assist.pool} each time)" if assist.pool else "")
+                            + ", seeing each intermediate adapter "
                             "(docs/transfer.md)")
 
     def timed(label, fn):
@@ -165,7 +167,7 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
     del built
     recipe = {"blocks": settings.blocks} if settings.blocks != "all" else {}
     if assist.on:
-        recipe["assist"] = asdict(assist)
+        recipe["assist"] = assist.record()
     base = {"model": _name(model_name), "method": method,
             "setting": {"adapter_layers": list(_pair(adapter_layers)), **method_options, **recipe},
             "build_seconds": round(build_s, 2)}

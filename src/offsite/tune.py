@@ -181,7 +181,7 @@ def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
                                f"(got {settings.adapter})")
         loss = assist.loss(adapters.trained_params(model, positions))
     result = _train(model, emu.tokenizer, data, settings, Path(work_dir) if work_dir else None, accelerator, loss,
-                    {"assist": asdict(assist.opts)} if loss is not None else None)
+                    {"assist": assist.opts.record()} if loss is not None else None)
     state = adapters.extract(model, positions, settings.adapter)
     if settings.adapter == "lora":
         emu.model = model.merge_and_unload()  # the emulator now carries the tuned adapter
@@ -195,7 +195,7 @@ def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
         "best_step": result.best_step, "history": result.history, "blocks": settings.blocks,
     }
     if loss is not None:  # the owner took part: say how (the history's train_loss includes its linear term)
-        training["assist"] = {**asdict(assist.opts), "corrections": loss.calls}
+        training["assist"] = {**assist.opts.record(), "corrections": loss.calls}
     lora = asdict(settings.lora) if settings.adapter == "lora" else None
     bundle = adapter_bundle(emu, settings.adapter, state, lora, training, init_digest)
     return bundle, result
