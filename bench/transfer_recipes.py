@@ -595,6 +595,16 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
                         "ceiling_gain_stderr": t["ceiling_gain_stderr"], "plugin_gain": t["plugin_gain"],
                         "plugin_gain_stderr": t["plugin_gain_stderr"]})
             pooled.setdefault((base["method"], tuple(layers)), {})[task] = (preds, base)
+            # the floor: the same bottom blocks tuned on the full model on the owner's public pairs, no task data
+            floor = next((c for c in recs if r.get("cv") and c["kind"] == ceil["kind"] and c.get("train_task") ==
+                          r["cv"][0] and c.get("tune") == r.get("tune") and list(c["layers"]) == layers
+                          and not c.get("cv") and run_task(c) == task and run_docs(c) >= run_docs(r)), None)
+            if floor is not None and not noise:  # documents are first-N: a floor on more is cut to these
+                fp = floor[f"plugin_pred_{task}"][:run_docs(r)]
+                f = transfer([preds[0]], [fp], [preds[2]])
+                out.append({**base, "row": "plugin", "metric": "transfer_beyond_floor", "value": f["value"],
+                            "stderr": f["stderr"], "n": f["n"], "floor": sum(fp) / len(fp),
+                            "floor_command": floor.get("command")})
     out += matched_records(out, pooled)
     for (method, layers), per_task in pooled.items():
         if len(per_task) > 1:
@@ -858,7 +868,7 @@ def privacy_utility(records: list[dict], task: str, path: Path) -> None:
 def recipe_cells(records: list[dict], task: str) -> dict[tuple, dict]:
     """The records of each recipe ``(method, adapter layers)`` measured on ``task``, in the order
     first measured, keyed by what they hold: ``ppl``, ``probe_<source>``, ``emu_zs``, ``emu_ft``,
-    ``plugin`` or ``ceiling``, ``transfer``; and ``frac``, the middle kept. Full ZS (no method) is
+    ``plugin`` or ``ceiling``, ``transfer``, ``transfer_beyond_floor``; and ``frac``, the middle kept. Full ZS (no method) is
     left out."""
     cells: dict[tuple, dict] = {}
     on_task = {(r["method"], tuple(r["setting"]["adapter_layers"])) for r in records
@@ -871,7 +881,7 @@ def recipe_cells(records: list[dict], task: str) -> dict[tuple, dict]:
             continue
         c = cells.setdefault(key, {"frac": r["middle_fraction"]})
         name = {"probe": f"probe_{r['task']}", "emu_zs": "ppl" if r["task"] == "text" else "emu_zs"}.get(
-            r["row"], r["metric"] if r["metric"] == "transfer" else r["row"])
+            r["row"], r["metric"] if r["metric"].startswith("transfer") else r["row"])
         c[name] = r
     return cells
 
@@ -888,7 +898,7 @@ def markdown(records: list[dict], task: str) -> str:
         return f"{100 * c[name]['value']:.1f}" if name in c else "–"
 
     lines = [f"| recipe | adapter | middle kept | held-out ppl | probe: text | probe: {task} (bottom / top) | "
-             "Emulator FT | Plug-in | gap | transfer |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Emulator FT | Plug-in | gap | transfer | beyond the floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, c in cells.items():
         pt = c.get(f"probe_{task}")
         probe_task = (f"{pt['value']:.2f} ({pt['groups']['bottom']:.2f} / {pt['groups']['top']:.2f})"
@@ -901,7 +911,8 @@ def markdown(records: list[dict], task: str) -> str:
         top = c.get("ceiling") or c.get("plugin")
         gap = f"{100 * (top['value'] - c['emu_ft']['value']):+.1f}" if top and "emu_ft" in c else "–"
         lines.append(f"| `{k[0]}` | {k[1][0]},{k[1][1]} | {100 * c['frac']:.0f} % | {ppl} | {ptext} | "
-                     f"{probe_task} | {pct(c, 'emu_ft')} | {plug} | {gap} | {tr} |")
+                     f"{probe_task} | {pct(c, 'emu_ft')} | {plug} | {gap} | {tr} | "
+                     f"{_transfer_cell(c.get('transfer_beyond_floor'))} |")
     return "\n".join(head + [""] + lines)
 
 
@@ -964,6 +975,13 @@ def tasks_markdown(records: list[dict]) -> str:
 BAR = {"transfer": 0.7, "tasks": ("arc_easy", "sciq"), "gap": 5.0}
 
 
+def _transfer_cell(t: dict | None) -> str:
+    """A task's transfer with its standard error, and its documents where more than the default."""
+    if not t or t["value"] is None:
+        return "–"
+    return f"{t['value']:.2f} ± {t['stderr']:.2f}" + (f" ({t['n']} docs)" if t["n"] > DEFAULT_LIMIT else "")
+
+
 def methods_markdown(records: list[dict], n_tasks: int = 6) -> str:
     """One line per recipe measured on ``n_tasks`` tasks: its averages over them (Full ZS, ceiling,
     Emulator FT, Plug-in, gap, transfer), transfer on the bar's tasks, the emulator's probe (public
@@ -973,8 +991,9 @@ def methods_markdown(records: list[dict], n_tasks: int = 6) -> str:
         if r["row"] == "probe" and r["method"] is not None:
             probes.setdefault((r["method"].split(" ")[0], tuple(r["setting"]["adapter_layers"]), r["task"]), r["value"])
     lines = ["| recipe | middle kept | Full ZS | ceiling | Emulator FT | Plug-in | gap | transfer | "
-             + " | ".join(f"transfer: {t}" for t in BAR["tasks"]) + " | probe: text / webqs | the bar |",
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(BAR["tasks"]) + "---|---|"]
+             + " | ".join(f"transfer: {t}" for t in BAR["tasks"]) + " | "
+             + " | ".join(f"beyond the floor: {t}" for t in BAR["tasks"]) + " | probe: text / webqs | the bar |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * 2 * len(BAR["tasks"]) + "---|---|"]
     for avg in shown_averages(records):
         if len(avg["tasks"]) != n_tasks:
             continue
@@ -983,6 +1002,8 @@ def methods_markdown(records: list[dict], n_tasks: int = 6) -> str:
         mean = [sum(v[i] for v in rows.values()) / len(rows) for i in range(4)]
         gap = 100 * (mean[3] - mean[2])
         per = [rows[t][4] if t in rows else None for t in BAR["tasks"]]
+        floors = [recipe_cells(records, t).get((avg["method"], layers), {}).get("transfer_beyond_floor")
+                  for t in BAR["tasks"]]
         emulator = avg["method"].split(" ")[0]
         probe = " / ".join(f"{probes[(emulator, layers, s)]:.2f}" if (emulator, layers, s) in probes else "–"
                            for s in ("text", "webqs"))
@@ -991,8 +1012,8 @@ def methods_markdown(records: list[dict], n_tasks: int = 6) -> str:
         lines.append(f"| `{avg['method']}` | {100 * avg['middle_fraction']:.0f} % | "
                      + " | ".join(f"{100 * v:.1f}" for v in mean) + f" | {gap:+.1f} | "
                      f"**{avg['value']:.2f} ± {avg['stderr']:.2f}** | "
-                     + " | ".join(f"{t['value']:.2f} ± {t['stderr']:.2f}" if t and t["value"] is not None else "–"
-                                  for t in per)
+                     + " | ".join(_transfer_cell(t) for t in per) + " | "
+                     + " | ".join(_transfer_cell(t) for t in floors)
                      + f" | {probe} | {'yes' if clears else 'no'} |")
     return "\n".join(lines)
 

@@ -235,3 +235,22 @@ def test_a_floor_is_scored_against_the_ceiling_and_never_is_one():
     assert {r["method"] for r in out if r["row"] == "ceiling"} == {"uniform:keep=26 +tune=bottom"}
     [t] = [r for r in out if r["metric"] == "transfer"]
     assert t["method"] == "uniform:keep=26 +tune=bottom +data=webqs" and t["value"] == 0.5
+
+
+def test_transfer_beyond_the_floor_of_the_owners_public_pairs():
+    """A corrected recipe is also measured against the floor: the same tuning on the full model on
+    the correction's public source, with no task data: (Plug-in − floor) / (ceiling − floor)."""
+    zs, ceil = [0, 0, 0, 0] * 10, [1, 1, 1, 1] * 10
+    floor, plug = [1, 1, 0, 0] * 10, [1, 1, 1, 0] * 10
+    cv = dict(tune="bottom", cv=["webqs", 32, 1.0, 4], cv_norm=True)
+    lines = [_record("uniform:keep=26", plugin=ceil, zs=zs, tune="bottom"),
+             _record("uniform:keep=26", plugin=floor, tune="bottom", train_task="webqs"),
+             _record("uniform:keep=8", plugin=plug, **cv),
+             _record("uniform:keep=8", plugin=plug, **{**cv, "cv": ["squad", 32, 1.0, 4]})]  # no squad floor
+    out = recipes.collect_records(lines, limit=40)
+    t = {r["method"]: r for r in out if r["metric"] == "transfer"}
+    beyond = {r["method"]: r for r in out if r["metric"] == "transfer_beyond_floor"}
+    name = "uniform:keep=8 +tune=bottom +correction=webqs n=32 every 4 steps (norm-matched)"
+    assert t[name]["value"] == 0.75 and beyond[name]["value"] == 0.5 and beyond[name]["floor"] == 0.5
+    assert t["uniform:keep=26 +tune=bottom +data=webqs"]["value"] == 0.5  # the floor's own transfer
+    assert set(beyond) == {name}

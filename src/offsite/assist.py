@@ -21,7 +21,11 @@ data owner's data, because it holds both models and public data of a similar kin
 Scaling ``g_f`` to the emulator's norm matters: unscaled, the correction's size follows the full
 model's much smaller gradients and the emulator's own term dominates (measured in docs/transfer.md:
 0.25 transfer without scaling and with all four blocks tuned, 0.57 with scaling alone, 0.73 with
-both). The price is interaction and privacy: the owner sees every intermediate adapter, and the data
+both). What it carries, measured, is mostly the owner's own public pairs: their full-model gradient
+enters every step, and the owner alone, tuning the same blocks of its full model on those pairs,
+lifts ARC-Easy as much as the whole protocol does (docs/transfer.md, "The floor"). ``pool``: each
+correction takes the next public pairs of a larger set (more of them per tuning, the same cost per
+correction). The price is interaction and privacy: the owner sees every intermediate adapter, and the data
 owner receives the full model's gradients on public data at its adapter (docs/transfer.md, "The
 owner in the loop"). Both parties run in one process with ``offsite run --assist-every`` (the
 Python API: :class:`Assistant`); on two machines the owner serves its corrections over HTTP
