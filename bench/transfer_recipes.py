@@ -661,10 +661,12 @@ def cmd_collect(a) -> None:
     from offsite.results import meta, write_results
 
     out = collect_records([json.loads(line) for line in open(RECORDS)], a.limit)
-    new = {(o["method"], tuple(o["setting"]["adapter_layers"])) for o in out}
+    def key(o):  # a record's place: what a new line re-measures replaces it, nothing else does
+        return o["method"], tuple(o["setting"]["adapter_layers"]), o["task"], o["row"], o["metric"]
+
+    new = {key(o) for o in out}
     if RESULTS.exists():  # recipes measured before their records were kept
-        kept = [o for o in json.loads(RESULTS.read_text())["records"]
-                if (o["method"], tuple(o["setting"]["adapter_layers"])) not in new]
+        kept = [o for o in json.loads(RESULTS.read_text())["records"] if key(o) not in new]
         out = kept + out
     write_results(RESULTS, meta("python bench/transfer_recipes.py collect"), out,
                   notes=[f"first {a.limit} evaluation documents of each task; adapter tuned one epoch on the task's "
@@ -723,6 +725,13 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
 
 
+def trained_on(kind: str, source: str) -> bool:
+    """Whether the emulator was trained on ``source``'s pairs (``gradmatch``: its ``gm_sources``), so
+    that its probe there is in-sample and says nothing about other data."""
+    base, o = _opts(kind.split(" ")[0])
+    return base == "gradmatch" and source in o.get("gm_sources", "webqs").split(",")
+
+
 def scatter(records: list[dict], task: str, path: Path) -> str:
     """Transfer against the probe's cosine (public text and task examples), one point per emulator
     without a treatment; the ceiling sits at (1, 1). Returns a line with the rank correlations."""
@@ -741,7 +750,7 @@ def scatter(records: list[dict], task: str, path: Path) -> str:
         if r["metric"] == "transfer" and r["value"] is not None and r["task"] == task:
             pts.setdefault(k, {})["transfer"] = r["value"]
             pts[k]["stderr"] = r["stderr"]
-        elif r["row"] == "probe":
+        elif r["row"] == "probe" and not trained_on(r["method"], r["task"]):
             pts.setdefault(k, {})[f"probe_{r['task']}"] = r["value"]
     sources = ["text", task] + sorted({r["task"] for r in records if r["row"] == "probe"} - {"text", task})
     titles = {"text": "public text (the owner's probe)", task: f"{task} training examples (the data owner's)"}

@@ -254,3 +254,25 @@ def test_transfer_beyond_the_floor_of_the_owners_public_pairs():
     assert t[name]["value"] == 0.75 and beyond[name]["value"] == 0.5 and beyond[name]["floor"] == 0.5
     assert t["uniform:keep=26 +tune=bottom +data=webqs"]["value"] == 0.5  # the floor's own transfer
     assert set(beyond) == {name}
+
+
+def test_collect_keeps_old_records_a_new_line_does_not_remeasure(tmp_path, monkeypatch):
+    """A probe-only line of a recipe whose runs were recorded before their lines were kept replaces
+    only the probe it measures, not the recipe's accuracies and transfer."""
+    import argparse
+    import json
+
+    results, records = tmp_path / "r.json", tmp_path / "r.records.jsonl"
+    monkeypatch.setattr(recipes, "RESULTS", results)
+    monkeypatch.setattr(recipes, "RECORDS", records)
+    base = {"model": "m", "method": "uniform:keep=8", "setting": {"adapter_layers": [2, 2]}, "middle_fraction": 0.3}
+    old = [{**base, "task": "arc_easy", "row": "plugin", "metric": "transfer", "value": -0.04, "stderr": 0.12},
+           {**base, "task": "webqs", "row": "probe", "metric": "grad_cos", "value": 0.5}]
+    results.write_text(json.dumps({"meta": {}, "records": old}))
+    line = {"kind": "uniform:keep=8", "layers": [2, 2], "frac": 0.3, "probe_webqs": {"all": -0.015}}
+    records.write_text(json.dumps(line) + "\n")
+    recipes.cmd_collect(argparse.Namespace(task="arc_easy", limit=500, plot=None, frontier=None,
+                                           privacy_utility=None, doc=None))
+    out = json.loads(results.read_text())["records"]
+    assert old[0] in out and old[1] not in out
+    assert [r["value"] for r in out if r["row"] == "probe"] == [-0.015]
