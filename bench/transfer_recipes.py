@@ -853,7 +853,7 @@ def privacy_utility(records: list[dict], task: str, path: Path) -> None:
                  .replace(" every 4 steps", "/4").replace(" (norm-matched)", " scaled"))
         ax.annotate(label, (x, v), fontsize=6, xytext=(0.42, 0.97 - 0.045 * i), textcoords="axes fraction",
                     va="top", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
-    for avg in (r for r in records if r["metric"] == "transfer" and r["task"].startswith("avg") and len(r["tasks"]) > 2):
+    for avg in (r for r in shown_averages(records) if len(r["tasks"]) > 2):
         key = (avg["method"], tuple(avg["setting"]["adapter_layers"]))
         fts = [recipe_cells(records, t)[key]["emu_ft"]["value"] for t in avg["tasks"]]
         x = 100 * sum(fts) / len(fts)
