@@ -661,6 +661,7 @@ def cmd_collect(a) -> None:
     from offsite.results import meta, write_results
 
     out = collect_records([json.loads(line) for line in open(RECORDS)], a.limit)
+
     def key(o):  # a record's place: what a new line re-measures replaces it, nothing else does
         return o["method"], tuple(o["setting"]["adapter_layers"]), o["task"], o["row"], o["metric"]
 
@@ -940,6 +941,11 @@ def task_rows(records: list[dict], avg: dict) -> dict[str, tuple]:
     return out
 
 
+def task_means(rows: dict[str, tuple]) -> list[float]:
+    """Full ZS, ceiling, Emulator FT and Plug-in of :func:`task_rows`, averaged over the tasks."""
+    return [sum(v[i] for v in rows.values()) / len(rows) for i in range(4)]
+
+
 def shown_averages(records: list[dict]) -> list[dict]:
     """The averages over tasks worth a table: every one, except a recipe's own-source average where
     its ``+correction=matched`` twin covers the same tasks and more (a subset of what the twin shows)."""
@@ -973,7 +979,7 @@ def tasks_markdown(records: list[dict]) -> str:
                   f"– (ceiling gain {100 * t['ceiling_gain']:+.1f} ± {100 * t['ceiling_gain_stderr']:.1f}: within noise)")
             lines.append(f"| {task} | " + " | ".join(f"{100 * v:.1f}" for v in vals)
                          + f" | {100 * (vals[3] - vals[2]):+.1f} | {tr} |")
-        mean = [sum(v[i] for v in rows.values()) / len(rows) for i in range(4)]
+        mean = task_means(rows)
         lines.append(f"| **average of {len(rows)}** | " + " | ".join(f"{100 * v:.1f}" for v in mean)
                      + f" | {100 * (mean[3] - mean[2]):+.1f} | **{avg['value']:.2f} ± {avg['stderr']:.2f}** |")
         lines.append("")
@@ -1008,7 +1014,7 @@ def methods_markdown(records: list[dict], n_tasks: int = 6) -> str:
             continue
         layers = tuple(avg["setting"]["adapter_layers"])
         rows = task_rows(records, avg)
-        mean = [sum(v[i] for v in rows.values()) / len(rows) for i in range(4)]
+        mean = task_means(rows)
         gap = 100 * (mean[3] - mean[2])
         per = [rows[t][4] if t in rows else None for t in BAR["tasks"]]
         floors = [recipe_cells(records, t).get((avg["method"], layers), {}).get("transfer_beyond_floor")

@@ -125,14 +125,19 @@ class Assistant:
         self.calls += 1
         return {k: g_f[k] * (g_e[k].norm() / g_f[k].norm().clamp_min(1e-30)) - g_e[k] for k in keys}
 
+    @property
+    def per_correction(self) -> int:
+        """How many public pairs one correction takes: every held pair, or with a pool
+        ``opts.examples`` of them (at most all it holds)."""
+        return min(self.opts.examples, len(self.held)) if self.opts.pool else len(self.held)
+
     def next_pairs(self) -> list[dict]:
         """The public pairs of the next correction: every held pair; with a pool, the next
         ``opts.examples`` of them (the ``i``-th correction starts at pair ``i · examples``, cycling)."""
         if not self.opts.pool:
             return self.held
-        n = min(self.opts.examples, len(self.held))
         i = self.calls * self.opts.examples % len(self.held)
-        return (self.held + self.held)[i:i + n]
+        return (self.held + self.held)[i:i + self.per_correction]
 
     def loss(self, params: dict[str, torch.nn.Parameter]) -> "CorrectedLoss":
         """The data owner's training loss for the trainable adapter tensors ``params``, asking this

@@ -62,8 +62,7 @@ def create_app(assistants: dict[str, Assistant], emulator_digest: str, api_key: 
     @app.get("/v1/info")
     def info():
         return {"emulator_digest": emulator_digest, "default_source": next(iter(assistants)),
-                "sources": {name: min(a.opts.examples, len(a.held)) if a.opts.pool else len(a.held)
-                            for name, a in assistants.items()},
+                "sources": {name: a.per_correction for name, a in assistants.items()},
                 "pools": {name: len(a.held) for name, a in assistants.items() if a.opts.pool},
                 "corrections": sum(a.calls for a in assistants.values()),
                 "tensors": {k: list(v) for k, v in first.shapes.items()}}
