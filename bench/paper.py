@@ -12,7 +12,7 @@ adapter 2,2 with the method's default options; ``uniform``/``kd`` declare keep=8
 emulator can be matched to the same size) the rows Emulator ZS, Emulator FT and Plug-in. A method
 registered later (``offsite.emulator.register``) joins without any change here.
 
-Each method setting also gets (``--no-ceiling`` / ``--no-probe`` skip them):
+Each method setting also gets (``--no-ceiling`` / ``--no-floor`` / ``--no-probe`` skip them):
 
 * the **ceiling**: the same adapter, data, budget and seed tuned on the full model, tuned and scored
   once per adapter layout and task and recorded under every method with that layout;
@@ -20,6 +20,13 @@ Each method setting also gets (``--no-ceiling`` / ``--no-probe`` skip them):
   "transfer"`` per task and over the multiple-choice tasks run (``task: "avg<k>"``), with a paired
   standard error from the per-document predictions, written only where the ceiling gains at least
   two standard errors (docs/transfer.md);
+* the **floor**: the same adapter, budget and seed tuned on the full model on as many of the model
+  owner's public pairs, shaped like the task's inputs (:func:`offsite.assist.matched_source`:
+  SQuAD for SciQ, WebQuestions otherwise), once per layout and task like the ceiling: what the owner
+  gets without the data owner (``row: "floor"``; not for ``text``, whose training data is public
+  text already). From it, **transfer beyond the floor** = (Plug-in − floor) / (ceiling − floor),
+  records ``metric: "transfer_beyond_floor"``, per task and averaged as transfer is, where the
+  ceiling is at least two standard errors above the floor;
 * the **probe**: the adapter-gradient cosine between the emulator and the full model on held-out
   public text (``row: "probe"``, task ``text``; from the bundle's manifest when it carries one).
 
@@ -70,6 +77,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from offsite.assist import matched_source
 from offsite.benchmark import (METHOD_ROWS, Bench, Hooks, cell_key, chosen_settings, load_same_budget,
                                merge_results, parse_settings_override, record_cell)
 from offsite.budget import PRESETS, Budget
@@ -84,7 +92,7 @@ from offsite.probe import probe as probe_emulator
 from offsite.probe import probe_records
 from offsite.report import build_report, load_results, readme_table, report_files, report_markdown, setting_key, slug
 from offsite.results import meta, write_results
-from offsite.run import row_records, transfer_record, tune_ceiling, tune_full_ft
+from offsite.run import public_pairs_of, row_records, transfer_record, tune_ceiling, tune_full_ft
 from offsite.stats import transfer
 from offsite.tune import tune_to_dir
 
@@ -108,7 +116,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
                   budget: Budget = Budget(), full_ft: bool = True, results_path=None, cache=DEFAULT_CACHE,
                   settings_override: dict | None = None, batch_size: int = 32, command: str = "",
                   hooks: Hooks | None = None, progress: bool = True, plan_only: bool = False,
-                  ceiling: bool = True, probe: bool = True, log=print) -> dict:
+                  ceiling: bool = True, probe: bool = True, floor: bool = True, log=print) -> dict:
     """Run every missing cell; returns the results file's content. See the module docstring."""
 
     hooks = hooks or Hooks()
@@ -147,10 +155,14 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
     done = {record_cell(r) for r in records}
 
     method_rows = METHOD_ROWS + (("ceiling",) if ceiling else ())
+
+    def rows_of(task):  # the method rows of a task: the floor where its training data is not public already
+        return method_rows + (("floor",) if floor and task != "text" else ())
+
     todo = [("text", m, s, "probe") for m, s in plan] if probe else []
     for task in tasks:
         todo.append((task, None, None, "full_zs"))
-        todo += [(task, m, s, row) for m, s in plan for row in method_rows]
+        todo += [(task, m, s, row) for m, s in plan for row in rows_of(task)]
         if full_ft:
             todo.append((task, None, None, "full_ft"))
     missing = [c for c in todo if cell_key(b.display, c[0], c[1], c[2], c[3]) not in done]
@@ -206,6 +218,27 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         write_json_atomic(path, cell)
         return cell
 
+    def floor_cell(task, setting):
+        """The floor's metrics for this setting's adapter layout on ``task``: the adapter tuned on the
+        full model on as many public pairs of ``matched_source(task)`` as the task has training
+        examples; once per layout, task, source and budget, shared like the ceiling."""
+        layout = {"adapter_layers": list(setting["adapter_layers"])}
+        source = matched_source(task)
+        path = b.floor_path(layout, task, source)
+        if path.exists():
+            return json.loads(path.read_text())
+        model, tok = b.base()
+        data = public_pairs_of(b.data(source), len(b.data(task).items))
+        log(f"[paper] floor: tuning the adapter {setting_key(layout)} on the full model on {len(data.items)} "
+            f"public {source} pairs ({task})")
+        full_middle, trained = tune_ceiling(model, tok, b.display, layout["adapter_layers"], data,
+                                            b.settings(task), path.with_suffix(".work"))
+        metrics, dt = b.evaluate(full_middle.model, tok, task, entry=("floor", source, layout))
+        cell = {"metrics": metrics, "seconds": round(dt, 2), "train_seconds": round(trained.seconds, 2),
+                "train_examples": len(data.items), "train_steps": trained.steps, "floor_source": source}
+        write_json_atomic(path, cell)
+        return cell
+
     def probe_cell(method, setting, emu_dir, extra):
         """The transfer probe (adapter-gradient cosine on public text) of a cached emulator: from its
         manifest when it was probed at build time, else computed now against the full model."""
@@ -235,6 +268,11 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
             cell = ceiling_cell(task, setting)
             save("ceiling", task, method, setting, cell["metrics"], cell["seconds"],
                  {**eval_extra, **{k: cell[k] for k in ("train_seconds", "train_examples", "train_steps")}})
+        if "floor" in rows_of(task) and not is_done(task, method, setting, "floor"):
+            cell = floor_cell(task, setting)
+            save("floor", task, method, setting, cell["metrics"], cell["seconds"],
+                 {**eval_extra, **{k: cell[k] for k in ("train_seconds", "train_examples", "train_steps",
+                                                        "floor_source")}})
         if not is_done(task, method, setting, "emu_zs"):
             emu = load_emulator(emu_dir)
             metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
@@ -274,7 +312,7 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
 
         for method, setting in plan:
             if (method, setting_key(setting)) in broken or (
-                    all(is_done(task, method, setting, r) for r in method_rows)
+                    all(is_done(task, method, setting, r) for r in rows_of(task))
                     and (not probe or is_done("text", method, setting, "probe"))):
                 continue
             try:
@@ -302,37 +340,49 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
     return {"meta": meta_block, "records": records, "failures": failures}
 
 
+#: the Plug-in's derived records: (the row the gain is measured from, the metric)
+DERIVED = (("full_zs", "transfer"), ("floor", "transfer_beyond_floor"))
+
+
 def with_transfer(records: list[dict], plan, tasks, b: Bench) -> list[dict]:
     """``records`` with the Plug-in's transfer records recomputed from the cached per-document
-    predictions of Full ZS, Plug-in and ceiling: per task, and over the tasks that have all three
-    (task ``avg<k>``), each only where the ceiling gains at least two standard errors."""
+    predictions of Full ZS, Plug-in and ceiling (and beyond the floor: of the floor, Plug-in and
+    ceiling): per task, and over the tasks that have all three (task ``avg<k>``), each only where
+    the ceiling gains at least two standard errors over the row it is measured from."""
     def correct(entry, task):
         path = b.details_path(entry, task)
         return json.loads(path.read_text()) if path.exists() else None
 
-    kept = [r for r in records if not (r["row"] == "plugin" and r.get("metric") == "transfer")]
+    def base_entry(row, task):
+        return ("full_zs", None, None) if row == "full_zs" else ("floor", matched_source(task), None)
+
+    metrics = {m for _, m in DERIVED}
+    kept = [r for r in records if not (r["row"] == "plugin" and r.get("metric") in metrics)]
     new = []
     for method, setting in plan:
         layout = {"adapter_layers": list(setting["adapter_layers"])}
         base = {"model": b.display, "method": method, "setting": setting}
-        rows = {"plugin": {}, "full_zs": {}, "ceiling": {}}
-        for task in tasks:
-            got = {"plugin": correct(("plugin", method, setting), task), "full_zs": correct(("full_zs", None, None), task),
-                   "ceiling": correct(("ceiling", None, layout), task)}
-            if any(g is None for g in got.values()) or len({tuple(g["ids"]) for g in got.values()}) != 1:
-                continue  # not multiple choice, not scored yet, or on other documents
-            for row, g in got.items():
-                rows[row][task] = g["correct"]
-            rec = transfer_record(rows, task, base)
-            if rec is not None:
-                new.append(rec)
-        common = list(rows["plugin"])
-        if len(common) > 1:
-            t = transfer(*[[rows[r][k] for k in common] for r in ("plugin", "full_zs", "ceiling")])
-            if t["value"] is not None and t["ceiling_gain"] > 2 * t["ceiling_gain_stderr"]:
-                new.append({**base, "task": f"avg{len(common)}", "row": "plugin", "metric": "transfer",
-                            "value": t["value"], "stderr": t["stderr"], "n": t["n"], "tasks": common,
-                            "ceiling_gain": t["ceiling_gain"], "ceiling_gain_stderr": t["ceiling_gain_stderr"]})
+        for base_row, metric in DERIVED:
+            rows = {"plugin": {}, base_row: {}, "ceiling": {}}
+            for task in tasks:
+                row, source, _ = base_entry(base_row, task)
+                got = {"plugin": correct(("plugin", method, setting), task),
+                       base_row: correct((row, source, layout if row == "floor" else None), task),
+                       "ceiling": correct(("ceiling", None, layout), task)}
+                if any(g is None for g in got.values()) or len({tuple(g["ids"]) for g in got.values()}) != 1:
+                    continue  # not multiple choice, not scored yet, or on other documents
+                for r, g in got.items():
+                    rows[r][task] = g["correct"]
+                rec = transfer_record(rows, task, base, floor=base_row == "floor")
+                if rec is not None:
+                    new.append(rec)
+            common = list(rows["plugin"])
+            if len(common) > 1:
+                t = transfer(*[[rows[r][k] for k in common] for r in ("plugin", base_row, "ceiling")])
+                if t["value"] is not None and t["ceiling_gain"] > 2 * t["ceiling_gain_stderr"]:
+                    new.append({**base, "task": f"avg{len(common)}", "row": "plugin", "metric": metric,
+                                "value": t["value"], "stderr": t["stderr"], "n": t["n"], "tasks": common,
+                                "ceiling_gain": t["ceiling_gain"], "ceiling_gain_stderr": t["ceiling_gain_stderr"]})
     return kept + new
 
 
@@ -385,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Full FT row (default on)")
     p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                    help="the ceiling row (the adapter tuned on the full model) and the Plug-in's transfer (default on)")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="the floor row (the adapter tuned on the full model on the owner's public pairs of the "
+                        "task's input format) and the Plug-in's transfer beyond it (default on)")
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="the transfer probe of every emulator (adapter-gradient cosine on public text; default on)")
     p.add_argument("--batch-size-eval", type=int, default=32)
@@ -433,7 +486,7 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         command = "python bench/paper.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         out = run_benchmark(args.model, tasks, methods, budget, full_ft=args.full_ft, results_path=path,
                       cache=args.cache, settings_override=override, batch_size=args.batch_size_eval,
-                      command=command.strip(), hooks=hooks, plan_only=args.plan, ceiling=args.ceiling,
+                      command=command.strip(), hooks=hooks, plan_only=args.plan, ceiling=args.ceiling, floor=args.floor,
                       probe=args.probe)
         if not args.plan:
             report, _ = report_files([path], args.report)

@@ -72,6 +72,8 @@ from pathlib import Path
 
 import torch
 
+from offsite.assist import DEFAULT_SOURCE, MATCHED_SOURCE
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
 RECORDS = RESULTS.with_suffix(".records.jsonl")  # per-document predictions: kept, so collect can redo transfer
@@ -615,12 +617,6 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
                         "n": t["n"], "ceiling_gain": t["ceiling_gain"], "ceiling_gain_stderr": t["ceiling_gain_stderr"],
                         "plugin_gain": t["plugin_gain"], "plugin_gain_stderr": t["plugin_gain_stderr"]})
     return out
-
-
-#: the owner's public pairs matched to the data owner's input format: passages with questions (SQuAD)
-#: for SciQ, bare questions (WebQuestions) for the other tasks (docs/transfer.md, "SciQ")
-MATCHED_SOURCE = {"sciq": "squad"}
-DEFAULT_SOURCE = "webqs"
 
 
 def matched_records(out: list[dict], pooled: dict) -> list[dict]:

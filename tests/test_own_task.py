@@ -165,7 +165,7 @@ def test_template_errors(world):
 def worked(world):
     out = world / "run"
     argv = ["run", "--model", world / "model", "--data", world / "train.jsonl", "--eval-data", world / "quiz.jsonl",
-            "--preset", "quick", "--keep", "1", "--no-probe", "--text-docs", "0", "--out", out,
+            "--preset", "quick", "--keep", "1", "--no-probe", "--no-floor", "--text-docs", "0", "--out", out,
             "--lr", "1e-2", "--batch-size", "4"]
     assert main([str(a) for a in argv]) == 0
     return out
@@ -227,7 +227,7 @@ def test_generation_task_through_run(world, tmp_path):
     write_jsonl(train, [{"question": f"Code of item {i}?", "answers": [f"c{i}"]} for i in range(10, 22)])
     out = tmp_path / "run"
     assert main(["run", "--model", str(world / "model"), "--data", str(train), "--eval-data", str(gen),
-                 "--preset", "quick", "--keep", "1", "--no-probe", "--no-ceiling", "--text-docs", "0",
+                 "--preset", "quick", "--keep", "1", "--no-probe", "--no-ceiling", "--no-floor", "--text-docs", "0",
                  "--out", str(out), "--max-steps", "2", "--batch-size", "4"]) == 0
     recs = json.loads((out / "results.json").read_text())["records"]
     assert {r["metric"] for r in recs if r["row"] == "plugin"} == {"exact_match", "f1"}

@@ -27,6 +27,8 @@ DOCS = {
 TRAIN = {
     "arc_easy": TrainingData("qa", [(d.context, " " + d.target) for d in DOCS["arc_easy"]] * 2, "arc_easy"),
     "text": TrainingData("text", ["Once upon a time there was a tiny model. " * 5] * 3, "text"),
+    "webqs": TrainingData("qa", [(f"Question: who wrote book {i}?\nAnswer:", f" author {i}") for i in range(12)],
+                          "webqs"),  # the owner's public pairs, for the floor
 }
 BUDGET = benchmark.Budget(eval_limit=4, train_limit=8, text_train_limit=2, text_block=64, max_length=128,
                       lr=1e-3, full_ft_lr=1e-3, batch_size=4, micro_batch_size=4)
@@ -78,6 +80,7 @@ def builds(monkeypatch):
 def run(tmp_path, counter, methods=("uniform",), settings=UNIFORM, **kw):
     kw.setdefault("budget", BUDGET)
     kw.setdefault("ceiling", False)  # tested on their own below
+    kw.setdefault("floor", False)
     kw.setdefault("probe", False)
     return paper.run_benchmark("tiny", ["arc_easy", "text"], list(methods) if methods else None,
                                results_path=tmp_path / "res.json", cache=tmp_path / "cache",
@@ -140,7 +143,7 @@ def test_task_subsets_run_apart_merge_into_one_file_that_a_rerun_finds_complete(
         return paper.run_benchmark("tiny", tasks, ["uniform"], budget=kw.pop("budget", BUDGET),
                                    results_path=tmp_path / name, cache=tmp_path / "cache", settings_override=UNIFORM,
                                    hooks=Counting().hooks(), progress=False, log=lambda *_: None,
-                                   command=f"test {name}", full_ft=False, ceiling=False, probe=False, **kw)
+                                   command=f"test {name}", full_ft=False, ceiling=False, floor=False, probe=False, **kw)
 
     run_tasks(["arc_easy"], "a.json")
     run_tasks(["text"], "b.json")
@@ -158,7 +161,7 @@ def test_task_subsets_run_apart_merge_into_one_file_that_a_rerun_finds_complete(
     c = Counting()
     paper.run_benchmark("tiny", ["arc_easy", "text"], ["uniform"], budget=BUDGET, results_path=tmp_path / "a.json",
                         cache=tmp_path / "cache", settings_override=UNIFORM, hooks=c.hooks(), progress=False,
-                        log=lambda *_: None, command="rerun", full_ft=False, ceiling=False, probe=False)
+                        log=lambda *_: None, command="rerun", full_ft=False, ceiling=False, floor=False, probe=False)
     assert (c.loads, c.evals) == (0, [])
     # into a new file; another budget is refused and nothing is written
     benchmark.merge_results(tmp_path / "new.json", [tmp_path / "b.json"], log=lambda *_: None)
@@ -234,7 +237,7 @@ def test_cli_plan_and_readme_table(tmp_path, capsys):
     args = ["--model", "tiny", "--tasks", "arc_easy", "--methods", "uniform", "--settings", json.dumps(UNIFORM),
             "--eval-limit", "4", "--train-limit", "8", "--text-train-limit", "2", "--batch-size", "4",
             "--lr", "1e-3", "--full-ft-lr", "1e-3", "--results", str(tmp_path / "r.json"),
-            "--cache", str(tmp_path / "c"), "--no-ceiling", "--no-probe"]
+            "--cache", str(tmp_path / "c"), "--no-ceiling", "--no-floor", "--no-probe"]
     assert paper.main(args + ["--plan"], hooks=hooks) == 0
     assert "0 of 5 cells done" in capsys.readouterr().out
     assert paper.main(args + ["--no-full-ft"], hooks=hooks) == 0
@@ -275,12 +278,14 @@ def test_ceiling_transfer_and_probe_cells(tmp_path, monkeypatch):
     docs = [Doc(f"d{i}", f"Question {i}: which fruit?\nAnswer:", ["y", "x"] if i % 2 else ["x", "y"],
                 0 if i % 2 else 1) for i in range(40)]
     train = TrainingData("qa", [(f"Question {i}: which fruit?\nAnswer:", " y") for i in range(80)], "fruit")
+    # the owner's public pairs teach the other answer: the floor stays below the ceiling
+    public = TrainingData("qa", [(f"Question {i}: which fruit?\nAnswer:", " x") for i in range(200)], "public")
     monkeypatch.setattr(text, "public_text", lambda part: ["The quick brown fox jumps over the lazy dog. " * 40] * 4)
     trains = []
 
     def data(task, budget):
         trains.append(task)
-        return train
+        return public if task in ("webqs", "squad") else train
 
     hooks = benchmark.Hooks(load_model=lambda name: (tiny_model("llama", 6, seed=1), make_tokenizer()),
                         train_data=data, display_name=lambda n: n,
@@ -307,7 +312,14 @@ def test_ceiling_transfer_and_probe_cells(tmp_path, monkeypatch):
     [cos] = [r for r in recs if r["row"] == "probe" and r["metric"] == "grad_cos"]
     assert cos["value"] == pytest.approx(1.0, abs=1e-6) and cos["task"] == "text"
     n_trains = len(trains)
-    assert n_trains == 2  # loaded once per task, for the emulator's adapter and the ceiling
+    assert sorted(trains) == ["arc_easy", "sciq", "squad", "webqs"]  # once per task and public source
+    floor = {r["task"]: r for r in recs if r["row"] == "floor" and r["metric"] == "acc"}
+    assert floor["arc_easy"]["floor_source"] == "webqs" and floor["sciq"]["floor_source"] == "squad"
+    assert all(f["train_examples"] == 80 for f in floor.values())  # as many pairs as the task's examples
+    assert all(acc[t, "floor"] < acc[t, "ceiling"] for t in ("arc_easy", "sciq"))
+    beyond = {r["task"]: r for r in recs if r["metric"] == "transfer_beyond_floor"}
+    assert set(beyond) == {"arc_easy", "sciq", "avg2"}  # Plug-in = ceiling: all of it
+    assert all(r["value"] == pytest.approx(1.0) and r["row"] == "plugin" for r in beyond.values())
 
     # everything done: a rerun trains nothing, the transfer records are not duplicated
     go()
@@ -318,4 +330,5 @@ def test_ceiling_transfer_and_probe_cells(tmp_path, monkeypatch):
     from offsite.report import build_report, report_markdown
 
     md = report_markdown(build_report([("r.json", {"meta": {}, "records": again})]))
-    assert "Ceiling" in md and "transfer" in md
+    assert "Ceiling" in md and "transfer" in md and "| Floor (adapter tuned on the full model on public pairs) |" in md
+    assert "| transfer beyond the floor (Plug-in − Floor) / (Ceiling − Floor) | 1.00 ± 0.00 | 1.00 ± 0.00 | 1.00 ± 0.00 |" in md

@@ -186,6 +186,60 @@ def test_run_ceiling_equals_plugin_for_the_full_middle_and_transfer_is_one(tok, 
     assert json.loads((tmp_path / "r" / "emulator" / "manifest.json").read_text())["report"]["probe"]
 
 
+def test_run_floor_row_and_transfer_beyond_it(tok, tmp_path, monkeypatch):
+    """The floor: the same adapter tuned on the full model on as many of the owner's public pairs.
+    Here they teach the other answer, so the floor stays at Full ZS and the full middle's Plug-in
+    carries all of what only the task's data teaches (transfer beyond the floor 1)."""
+    import offsite.run as run_mod
+    from offsite.run import run
+    from offsite.tune import TrainingData
+
+    _qa_world(monkeypatch, tok)
+    asked = []
+
+    def public(task):
+        asked.append(task)
+        return TrainingData("qa", [(f"Question {i}: which fruit?\nAnswer:", " x") for i in range(200)], source=task)
+
+    monkeypatch.setattr(run_mod, "task_data", public)
+    own = TrainingData("qa", [(f"Question {i}: which fruit?\nAnswer:", " y") for i in range(80)], source="mine")
+    res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "r", settings=_settings(),
+              eval_limit=None, text_docs=0, probe=False, train_data=own, log=lambda *a: None)
+    assert asked == ["webqs"]  # arc_easy's inputs are bare questions: WebQuestions pairs
+    acc = {r["row"]: r for r in res.records if r["metric"] == "acc"}
+    assert acc["floor"]["floor_source"] == "webqs" and acc["floor"]["train_examples"] == 80  # as many as the data owner's
+    assert acc["floor"]["value"] == acc["full_zs"]["value"] < acc["ceiling"]["value"] == acc["plugin"]["value"]
+    [beyond] = [r for r in res.records if r["metric"] == "transfer_beyond_floor"]
+    assert beyond["row"] == "plugin" and beyond["value"] == pytest.approx(1.0) and beyond["stderr"] == pytest.approx(0.0)
+    table = (tmp_path / "r" / "table.md").read_text()
+    assert "| Floor (adapter tuned on the full model on public pairs) |" in table
+    assert "| transfer beyond the floor (Plug-in − Floor) / (Ceiling − Floor) | 1.00 ± 0.00 |" in table
+    assert any("80 public webqs pairs" in n for n in res.notes)
+    # the floor's source: shaped like the task's inputs, never the task itself
+    with pytest.raises(OffsiteError, match="the floor's public pairs .* are the task being tuned"):
+        run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "r2", floor_source="arc_easy",
+            log=lambda *a: None)
+    with pytest.raises(OffsiteError, match="--no-floor"):
+        run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "r3", floor=False, floor_source="squad",
+            log=lambda *a: None)
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+
+
+def test_transfer_beyond_the_floor_by_hand():
+    from offsite.run import transfer_record
+
+    scores = {"plugin": {"t": [1, 1, 0, 0, 1, 1, 1, 1]}, "floor": {"t": [0, 0, 0, 0, 1, 1, 1, 1]},
+              "ceiling": {"t": [1] * 8}, "full_zs": {"t": [0] * 8}}
+    rec = transfer_record(scores, "t", {"model": "m"}, floor=True)
+    # a = plugin - floor, b = ceiling - floor: T = 0.25 / 0.5; se = sd(a - T b) / (sqrt(8) * 0.5)
+    assert rec["metric"] == "transfer_beyond_floor" and rec["value"] == pytest.approx(0.5)
+    assert rec["stderr"] == pytest.approx(math.sqrt(1 / 7) / math.sqrt(8) / 0.5)
+    assert rec["ceiling_gain"] == pytest.approx(0.5)
+    scores["floor"]["t"] = [1, 1, 1, 1, 1, 1, 1, 0]  # the ceiling within noise of the floor: nothing to report
+    assert transfer_record(scores, "t", {"model": "m"}, floor=True) is None
+    assert transfer_record(scores, "t", {"model": "m"})["metric"] == "transfer"
+
+
 def test_run_without_ceiling_writes_no_transfer(tok, tmp_path, monkeypatch):
     from offsite.run import run
 

@@ -44,13 +44,27 @@ from .emulator.core import Emulator
 from .errors import OffsiteError
 from .gradients import adapter_gradients, adapter_written
 
+#: the owner's default public pairs: bare questions with short answers (WebQuestions)
+DEFAULT_SOURCE = "webqs"
+#: tasks whose inputs are shaped otherwise, and the public pairs shaped like them: SciQ puts a passage
+#: before the question, as SQuAD does. The owner's pairs must share the data owner's input format
+#: (docs/transfer.md, "SciQ": SciQ keeps 0.84 of the ceiling's gain with SQuAD pairs, 0.35 with
+#: WebQuestions), and so must the floor's (:func:`offsite.run.run`).
+MATCHED_SOURCE = {"sciq": "squad"}
+
+
+def matched_source(task: str) -> str:
+    """The public pair source shaped like ``task``'s inputs (:data:`MATCHED_SOURCE`, else
+    :data:`DEFAULT_SOURCE`)."""
+    return MATCHED_SOURCE.get(task, DEFAULT_SOURCE)
+
 
 @dataclass
 class AssistOptions:
     every: int = field(default=0, metadata={"help": "the model owner corrects the adapter's gradient every N "
                                                     "optimizer steps (docs/transfer.md; 0: never, the papers' "
                                                     "protocol; 4 is the measured recipe, with --tune-blocks bottom)"})
-    source: str = field(default="webqs", metadata={"help": "public QA pairs the owner takes the gradients on: a "
+    source: str = field(default=DEFAULT_SOURCE, metadata={"help": "public QA pairs the owner takes the gradients on: a "
                                                            "built-in task's training pairs (default webqs) or squad "
                                                            "(SQuAD passages with questions)"})
     examples: int = field(default=32, metadata={"help": "public pairs per correction (default 32)"})
@@ -207,4 +221,5 @@ def tensors_from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:
         raise OffsiteError(f"{what} is not a safetensors file: {' '.join(str(e).split())[:200]}") from None
 
 
-__all__ = ["AssistOptions", "Assistant", "CorrectedLoss", "tensors_from_bytes", "tensors_to_bytes"]
+__all__ = ["DEFAULT_SOURCE", "MATCHED_SOURCE", "AssistOptions", "Assistant", "CorrectedLoss", "matched_source",
+           "tensors_from_bytes", "tensors_to_bytes"]

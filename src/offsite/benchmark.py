@@ -207,12 +207,14 @@ class Bench:
 
     def details_path(self, entry, task: str) -> Path:
         """Where the per-document predictions of ``entry`` = (row, method, setting) on ``task`` live;
-        Full ZS is ``("full_zs", None, None)``. A Plug-in's depend on the whole budget; Full ZS
-        trains nothing, so its predictions depend only on the documents (shared by budgets that
-        differ in training, e.g. the seed)."""
+        Full ZS is ``("full_zs", None, None)``, the floor ``("floor", <public source>, layout)``. A
+        Plug-in's depend on the whole budget; Full ZS trains nothing, so its predictions depend only
+        on the documents (shared by budgets that differ in training, e.g. the seed)."""
         row, method, setting = entry
         if row == "ceiling":  # shared by every method with the same adapter layout
             return self.cache / "details" / self.budget.digest() / "ceiling" / setting_dir(setting) / f"{task}.json"
+        if row == "floor":  # likewise, per public source
+            return self.cache / "details" / self.budget.digest() / f"floor-{method}" / setting_dir(setting) / f"{task}.json"
         if method is None:
             limit = self.budget.eval_limit
             return self.cache / "details" / f"full_zs-e{'all' if limit is None else limit}" / f"{task}.json"
@@ -221,6 +223,10 @@ class Bench:
     def ceiling_path(self, layout: dict, task: str) -> Path:
         """The cached metrics of the ceiling of an adapter layout ``{"adapter_layers": [b, t]}``."""
         return self.cache / "ceiling" / self.budget.digest() / setting_dir(layout) / f"{task}.json"
+
+    def floor_path(self, layout: dict, task: str, source: str) -> Path:
+        """The cached metrics of the floor of an adapter layout on ``task``, tuned on ``source``'s pairs."""
+        return self.cache / f"floor-{source}" / self.budget.digest() / setting_dir(layout) / f"{task}.json"
 
     def emulator_dir(self, method: str, setting: dict) -> Path:
         return self.cache / "emulators" / method / setting_dir(setting)
@@ -282,6 +288,8 @@ def entry_name(entry) -> str:
     row, method, setting = entry
     if row == "ceiling":
         return f"Ceiling ({setting_label(setting)})"
+    if row == "floor":
+        return f"Floor on {method} pairs ({setting_label(setting)})"
     return "Full ZS" if method is None else f"{method} ({setting_label(setting)}) Plug-in"
 
 

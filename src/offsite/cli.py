@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                    help="also tune the same adapter on the full model (the ceiling row) and report transfer = "
                         "(Plug-in - Full ZS) / (ceiling - Full ZS) (default: on)")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also tune the same adapter on the full model on as many of the owner's public pairs "
+                        "(the floor row: what the owner gets alone) and report transfer beyond it = "
+                        "(Plug-in - floor) / (ceiling - floor) (default: on)")
+    p.add_argument("--floor-source", help="the floor's public pairs: a built-in task's training pairs or squad "
+                                          "(default: --assist-source when the owner is in the loop, else the "
+                                          "source shaped like the task's inputs: squad for sciq, webqs otherwise)")
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the emulator's transfer probe on public text when it is built (default: on)")
     p.add_argument("--eval-limit", type=POSITIVE, help="evaluate the first N documents (default: the preset's)")
@@ -406,7 +413,7 @@ def cmd_run(args) -> None:
     settings = tune_settings(args, base=PRESETS[args.preset].train_config())
     result = run(args.model, task, args.method, args.adapter_layers, method_options(args, method), out,
                  preset=args.preset, settings=settings, full_ft=args.full_ft, ceiling=args.ceiling,
-                 probe=args.probe,
+                 probe=args.probe, floor=args.floor, floor_source=args.floor_source,
                  eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
                  text_docs=args.text_docs if args.text_docs is not None else "preset",
                  batch_size=args.batch_size_eval, overwrite=args.overwrite, train_data=train_data,

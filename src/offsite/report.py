@@ -2,7 +2,8 @@
 
 Input: results JSON files (docs/results-format.md, ``{"meta", "records"}``). Records whose ``row`` is one of
 the papers' rows (``full_zs``, ``emu_zs``, ``emu_ft``, ``plugin``, ``full_ft``) or the adapter
-``ceiling`` are tabulated, with the Plug-in's ``transfer`` records and the emulator's transfer probe
+``ceiling`` or ``floor`` are tabulated, with the Plug-in's ``transfer`` and ``transfer_beyond_floor``
+records and the emulator's transfer probe
 (``row: "probe"``, ``metric: "grad_cos"``) beside them; the rest (efficiency or eval-speed rows) are
 ignored and counted in the notes.
 
@@ -27,6 +28,9 @@ ignored and counted in the notes.
   that the emulator carried, printed as recorded (its paired standard error comes from per-document
   scores, :mod:`offsite.stats`; a task whose ceiling gains under two standard errors has none). The
   average's transfer is the record of task ``avg<k>`` (``k`` tasks) where one was written.
+  **Transfer beyond the floor**, (Plug-in − floor) / (ceiling − floor), likewise: the share of what
+  only the task's data teaches (the floor: the adapter tuned on the full model on the owner's public
+  pairs) that the emulator carried.
 * **Plots** (matplotlib, Agg): ``bars-<block>.png``, the per-task bars of every row of a block with
   standard-error whiskers (perplexity on its own panel); ``privacy-utility-<model>.png``, one point
   per method and setting at (Emulator FT, Plug-in) averages, with Full FT and Full ZS as reference
@@ -46,16 +50,19 @@ from pathlib import Path
 
 from .errors import OffsiteError
 
-ROWS = ("full_zs", "emu_zs", "emu_ft", "plugin", "ceiling", "full_ft")
+ROWS = ("full_zs", "emu_zs", "emu_ft", "plugin", "ceiling", "floor", "full_ft")
 ROW_TITLES = {"full_zs": "Full ZS", "emu_zs": "Emulator ZS", "emu_ft": "Emulator FT",
-              "plugin": "Plug-in", "ceiling": "Ceiling (adapter tuned on the full model)", "full_ft": "Full FT"}
+              "plugin": "Plug-in", "ceiling": "Ceiling (adapter tuned on the full model)",
+              "floor": "Floor (adapter tuned on the full model on public pairs)", "full_ft": "Full FT"}
+#: the Plug-in's derived records: metric -> the _Block / block-report field that holds them
+TRANSFER_METRICS = {"transfer": "transfer", "transfer_beyond_floor": "beyond_floor"}
 SHARED_ROWS = ("full_zs", "full_ft")
 TASK_ORDER = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq", "webqs", "text")
 TASK_TITLES = {"openbookqa": "OBQA", "piqa": "PIQA", "arc_easy": "ARC-E", "arc_challenge": "ARC-C",
                "hellaswag": "HellaSwag", "sciq": "SciQ", "webqs": "WebQs", "text": "text"}
 LOWER_IS_BETTER = {"ppl", "token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 ROW_COLORS = {"full_zs": "tab:gray", "emu_zs": "tab:orange", "emu_ft": "tab:blue", "plugin": "tab:red",
-              "ceiling": "tab:purple", "full_ft": "tab:green"}
+              "ceiling": "tab:purple", "floor": "tab:brown", "full_ft": "tab:green"}
 
 
 def human(n: int) -> str:
@@ -144,6 +151,7 @@ class _Block:
     middle_params: int | None = None
     original_middle_params: int | None = None
     transfer: dict = field(default_factory=dict)  # task (or "avg<k>") -> record
+    beyond_floor: dict = field(default_factory=dict)  # task (or "avg<k>") -> transfer_beyond_floor record
     probe: dict | None = None  # the transfer probe's grad_cos record (public text)
 
 
@@ -200,7 +208,7 @@ def build_report(sources: list[tuple[str, dict]], tasks: list[str] | None = None
             if row not in ROWS and not is_probe:
                 skipped += 1
                 continue
-            is_transfer = row == "plugin" and rec.get("metric") == "transfer"
+            is_transfer = row == "plugin" and rec.get("metric") in TRANSFER_METRICS
             if tasks and rec["task"] not in tasks and not (is_probe or is_transfer):
                 continue
             method = rec.get("method")
@@ -220,7 +228,7 @@ def build_report(sources: list[tuple[str, dict]], tasks: list[str] | None = None
                 continue
             if is_transfer:
                 if rec.get("value") is not None:
-                    b.transfer[rec["task"]] = rec
+                    getattr(b, TRANSFER_METRICS[rec["metric"]])[rec["task"]] = rec
                 continue
             ck = (row, rec["task"], rec["metric"])
             old = b.cells.get(ck)
@@ -286,15 +294,16 @@ def _block_report(b: _Block) -> dict:
             average["gap"] = _diff(average["rows"]["plugin"], average["rows"]["emu_ft"])
     transfer = {t: {**_cell(r), **{k: r[k] for k in ("plugin_gain", "plugin_gain_stderr") if k in r}}
                 for t, r in b.transfer.items()}
+    beyond = {t: _cell(r) for t, r in b.beyond_floor.items()}
     if average:
-        average["transfer"] = transfer.get(f"avg{len(avg_tasks)}") if len(avg_tasks) > 1 \
-            else transfer.get(avg_tasks[0])
+        key = f"avg{len(avg_tasks)}" if len(avg_tasks) > 1 else avg_tasks[0]
+        average["transfer"], average["beyond_floor"] = transfer.get(key), beyond.get(key)
     label = (f"{b.method} ({setting_label(b.setting)})" if b.setting else b.method) if b.method \
         else "full model (baselines only)"
     return {"model": b.model, "method": b.method, "setting": b.setting, "label": label,
             "middle_params": b.middle_params, "original_middle_params": b.original_middle_params,
             "tasks": task_list, "metrics": metrics, "rows": rows, "gap": gap, "average": average,
-            "transfer": transfer, "probe_grad_cos": b.probe["value"] if b.probe else None}
+            "transfer": transfer, "beyond_floor": beyond, "probe_grad_cos": b.probe["value"] if b.probe else None}
 
 
 def _summary(blocks: list[dict]) -> dict:
@@ -314,7 +323,8 @@ def _summary(blocks: list[dict]) -> dict:
                   "middle_params": b["middle_params"], "rows": means}
             if "plugin" in means and "emu_ft" in means:
                 pt["gap"] = _diff(means["plugin"], means["emu_ft"])
-            pt["transfer"] = b["transfer"].get(f"avg{len(common)}" if len(common) > 1 else common[0])
+            key = f"avg{len(common)}" if len(common) > 1 else common[0]
+            pt["transfer"], pt["beyond_floor"] = b["transfer"].get(key), b["beyond_floor"].get(key)
             pt["probe_grad_cos"] = b["probe_grad_cos"]
             points.append(pt)
             for r in SHARED_ROWS:
@@ -382,6 +392,12 @@ def block_markdown(b: dict) -> str:
             cells = [f"{100 * g['plugin_gain']:+.1f} ± {100 * g['plugin_gain_stderr']:.1f}" if "plugin_gain" in g
                      else "" for g in gains] + ["" for _ in ppl_tasks]
             lines.append("| Plug-in − Full ZS (paired) | " + " | ".join(cells) + " |")
+    if b["beyond_floor"]:
+        cells = [fmt_ratio(b["beyond_floor"].get(t)) for t in acc_tasks]
+        if avg:
+            cells.append(fmt_ratio(avg.get("beyond_floor")))
+        cells += ["" for _ in ppl_tasks]
+        lines.append("| transfer beyond the floor (Plug-in − Floor) / (Ceiling − Floor) | " + " | ".join(cells) + " |")
     title = f"### {b['model']} · {b['label']}"
     params = _params(b)
     if b.get("probe_grad_cos") is not None:
@@ -402,13 +418,14 @@ def summary_markdown(model: str, s: dict) -> str:
     rows = [r for r in ROWS if r not in SHARED_ROWS]
     lines = [f"### {model} · all methods, average over {len(s['tasks'])} tasks ({', '.join(s['tasks'])})", "",
              "| method (setting) | middle params | " + " | ".join(ROW_TITLES[r].split(" (")[0] for r in rows)
-             + " | gap | transfer | probe cos |",
-             "|---" * (len(rows) + 5) + "|"]
+             + " | gap | transfer | beyond the floor | probe cos |",
+             "|---" * (len(rows) + 6) + "|"]
     for pt in s["points"]:
         mp = human(pt["middle_params"]) if pt.get("middle_params") else "–"
         cos = f"{pt['probe_grad_cos']:.2f}" if pt.get("probe_grad_cos") is not None else "–"
         lines.append(f"| {pt['label']} | {mp} | " + " | ".join(fmt(pt["rows"].get(r), "acc") for r in rows)
-                     + f" | {fmt(pt.get('gap'), 'acc', signed=True)} | {fmt_ratio(pt.get('transfer'))} | {cos} |")
+                     + f" | {fmt(pt.get('gap'), 'acc', signed=True)} | {fmt_ratio(pt.get('transfer'))}"
+                     f" | {fmt_ratio(pt.get('beyond_floor'))} | {cos} |")
     refs = [f"{ROW_TITLES[r]} {fmt(s['reference'][r], 'acc')}" for r in SHARED_ROWS if r in s["reference"]]
     if refs:
         lines += ["", "Full model on the same tasks: " + "; ".join(refs) + "."]
@@ -453,7 +470,7 @@ def readme_table(report: dict) -> str:
             mp, op = b.get("middle_params"), b.get("original_middle_params")
             params = (human(mp) + (f" ({mp / op:.0%})" if op else "")) if mp else "–"
             name = b["label"]
-            for r in ("emu_zs", "emu_ft", "plugin", "ceiling"):
+            for r in ("emu_zs", "emu_ft", "plugin", "ceiling", "floor"):
                 if r in b["rows"]:
                     lines.append(line(name, params, ROW_TITLES[r], b["rows"][r], pt["rows"].get(r)))
                     name, params = "", ""

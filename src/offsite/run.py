@@ -8,7 +8,15 @@
 5. the ceiling (on by default) tunes the same adapter with the same data, settings and seed on the
    full model itself: what a perfect emulator would give. Only a run that holds both assets can
    compute it. From it, **transfer** = (Plug-in − Full ZS) / (ceiling − Full ZS) with its paired
-   standard error (:mod:`offsite.stats`), the share of the adaptation the emulator carried.
+   standard error (:mod:`offsite.stats`), the share of the adaptation the emulator carried;
+6. the floor (on by default) tunes the same adapter, settings and seed on the full model on as many
+   of the model owner's *public* pairs, shaped like the task's inputs
+   (:func:`offsite.assist.matched_source`, or the owner's correction source when it is in the loop):
+   what the owner gets alone, without the data owner. On our model most of what the ceiling learns
+   is the question-and-answer format, which any such pairs teach (docs/transfer.md, "The floor"), so
+   a Plug-in at the floor has carried nothing of the data owner's own. From it, **transfer beyond
+   the floor** = (Plug-in − floor) / (ceiling − floor), reported where the ceiling is at least two
+   standard errors above the floor.
 
 The emulator's transfer probe (:mod:`offsite.probe`, data-free) is measured when it is built and
 written into its manifest and the results (``row: "probe"``).
@@ -27,12 +35,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .assist import AssistOptions, Assistant
+from .assist import AssistOptions, Assistant, matched_source
 from .budget import PRESETS, Budget, preset as named_preset
 from .bundle import load_adapter, load_emulator, save_emulator
 from .data.own import OwnTask, resolve_task, task_name
 from .emulator import Emulator, build_emulator
-from .errors import OffsiteError
+from .errors import DataUnavailable, OffsiteError
 from .files import check_parent, write_text_atomic
 from .models.load import load_model
 from .plug import plug
@@ -76,7 +84,7 @@ def row_records(row: str, results: dict[str, dict], base: dict, seconds: float, 
 
 def run(model_name: str, task, method: str, adapter_layers, method_options: dict, out: str | Path,
         preset: str | Budget = "demo", settings: TuneSettings | None = None, full_ft: bool | None = None,
-        ceiling: bool = True, probe: bool = True,
+        ceiling: bool = True, probe: bool = True, floor: bool = True, floor_source: str | None = None,
         eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
         batch_size: int = 32, overwrite: bool = False, command: str = "", log=print,
         train_data: TrainingData | None = None, assist: AssistOptions | None = None) -> RunResult:
@@ -119,6 +127,17 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
             raise OffsiteError(f"the owner's public pairs (--assist-source {assist.source}) are the task being tuned; "
                                "choose public data of another task")
         task_data(assist.source)  # fetched? (fails here, before any model work)
+    if floor_source and not floor:
+        raise OffsiteError("--floor-source names the floor's public pairs; drop it or drop --no-floor")
+    if floor:
+        floor_source = floor_source or (assist.source if assist.on else matched_source(name))
+        if floor_source == name:
+            raise OffsiteError(f"the floor's public pairs (--floor-source {floor_source}) are the task being tuned; "
+                               "choose public data of another task")
+        try:  # fetched? (fails here, before any model work)
+            floor_data = public_pairs_of(task_data(floor_source), len(data.items))
+        except DataUnavailable as exc:
+            raise DataUnavailable(f"{exc} (the floor's public pairs; pass --no-floor to skip the floor)") from None
     out.mkdir(parents=True, exist_ok=True)
     result = RunResult(meta=meta(command))
     if isinstance(task, OwnTask):
@@ -139,6 +158,11 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         result.notes.append("Full FT skipped (pass --full-ft to run it)")
     if not ceiling:
         result.notes.append("ceiling and transfer skipped (--no-ceiling)")
+    if floor:
+        result.notes.append(f"floor: the same adapter tuned on the full model on {len(floor_data.items)} public "
+                            f"{floor_source} pairs, what the model owner gets without the data owner")
+    else:
+        result.notes.append("floor skipped (--no-floor)")
     if settings.blocks != "all":
         result.notes.append(f"the data owner tunes only the {settings.blocks} adapter blocks (the ceiling too)")
     if assist.on:
@@ -208,6 +232,15 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
                                                          batch_size, scores.setdefault("ceiling", {})))
         add("ceiling", res, dt2, {"train_seconds": round(dt, 2)})
         full_middle = None
+    if floor:
+        (owner_alone, _), dt = timed(f"floor: tuning the adapter on the full model on public {floor_source} pairs",
+                                     lambda: tune_ceiling(model, tokenizer, _name(model_name), adapter_layers,
+                                                          floor_data, settings, out / "floor.work"))
+        res, dt2 = timed("floor", lambda: evaluate_row(owner_alone.model, tokenizer, task, eval_limit, text_docs,
+                                                       batch_size, scores.setdefault("floor", {})))
+        add("floor", res, dt2, {"train_seconds": round(dt, 2), "train_examples": len(floor_data.items),
+                                "floor_source": floor_source})
+        owner_alone = None
     plugged = plug(model, load_adapter(adapter_dir), emu_manifest)
     res, dt = timed("Plug-in", lambda: evaluate_row(plugged, tokenizer, task, eval_limit, text_docs, batch_size,
                                                     scores.setdefault("plugin", {})))
@@ -221,6 +254,15 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         elif rec is None:
             result.notes.append(f"transfer not reported: the ceiling's gain on {name} is under two standard "
                                 "errors (nothing to transfer)")
+        else:
+            result.records.append(rec)
+            _save(result, out)
+    if ceiling and floor and name in scores["floor"]:
+        rec = transfer_record(scores, name, base, floor=True)
+        if rec is None:
+            result.notes.append(f"transfer beyond the floor not reported: the ceiling is within two standard errors "
+                                f"of the floor on {name} (what the adapter learns there, the owner's public "
+                                f"{floor_source} pairs teach too)")
         else:
             result.records.append(rec)
             _save(result, out)
@@ -251,9 +293,10 @@ def ceiling_emulator(model, tokenizer, name: str, adapter_layers) -> Emulator:
 
 def tune_ceiling(model, tokenizer, name: str, adapter_layers, data: TrainingData, settings: TuneSettings,
                  work: Path):
-    """The ceiling row's training: the adapter tuned with ``settings`` on the full middle of ``model``
-    (which is not modified: the returned emulator holds copies of the adapter blocks). Checkpoints
-    go to ``work``, removed once done. Returns (that emulator, the training result)."""
+    """The ceiling row's training (and the floor's, on public pairs): the adapter tuned with
+    ``settings`` on ``data`` on the full middle of ``model`` (which is not modified: the returned
+    emulator holds copies of the adapter blocks). Checkpoints go to ``work``, removed once done.
+    Returns (that emulator, the training result)."""
     full_middle = ceiling_emulator(model, tokenizer, name, adapter_layers)
     _, trained = tune_adapter(full_middle, data, settings, work)
     shutil.rmtree(work, ignore_errors=True)
@@ -269,18 +312,28 @@ def tune_full_ft(model, tokenizer, data: TrainingData, settings: TuneSettings, l
     return result
 
 
-def transfer_record(scores: dict, task: str, base: dict) -> dict | None:
+def public_pairs_of(public: TrainingData, n: int) -> TrainingData:
+    """The floor's training data: the first ``n`` of the owner's ``public`` pairs (all of them where
+    it has fewer), as many as the data owner tunes on."""
+    return TrainingData(public.kind, public.items[:n], source=public.source)
+
+
+def transfer_record(scores: dict, task: str, base: dict, floor: bool = False) -> dict | None:
     """The ``row: "plugin", metric: "transfer"`` record of ``task`` from per-document correctness of
     the Full ZS, Plug-in and ceiling rows; ``None`` where the ceiling's gain is under two standard
-    errors (a ratio over noise means nothing)."""
+    errors (a ratio over noise means nothing). ``floor``: the ``metric: "transfer_beyond_floor"``
+    record instead, (Plug-in − floor) / (ceiling − floor), from the floor row in place of Full ZS
+    (its ``ceiling_gain`` and ``plugin_gain`` are then over the floor)."""
     from .stats import transfer
 
-    if not all(task in scores.get(r, {}) for r in ("plugin", "full_zs", "ceiling")):
+    base_row = "floor" if floor else "full_zs"
+    if not all(task in scores.get(r, {}) for r in ("plugin", base_row, "ceiling")):
         return None
-    t = transfer([scores["plugin"][task]], [scores["full_zs"][task]], [scores["ceiling"][task]])
+    t = transfer([scores["plugin"][task]], [scores[base_row][task]], [scores["ceiling"][task]])
     if t["value"] is None or not t["ceiling_gain"] > 2 * t["ceiling_gain_stderr"]:
         return None
-    return {**base, "task": task, "row": "plugin", "metric": "transfer", "value": t["value"],
+    metric = "transfer_beyond_floor" if floor else "transfer"
+    return {**base, "task": task, "row": "plugin", "metric": metric, "value": t["value"],
             "stderr": t["stderr"], "n": t["n"], "ceiling_gain": t["ceiling_gain"],
             "ceiling_gain_stderr": t["ceiling_gain_stderr"], "plugin_gain": t["plugin_gain"],
             "plugin_gain_stderr": t["plugin_gain_stderr"]}
@@ -308,5 +361,5 @@ def format_table(records: list[dict], task: str) -> str:
     return "\n\n".join(block_markdown(b) for b in rep["blocks"])
 
 
-__all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Budget", "RunResult", "ceiling_emulator", "format_table", "run",
-           "transfer_record", "tune_ceiling", "tune_full_ft"]
+__all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Budget", "RunResult", "ceiling_emulator", "format_table",
+           "public_pairs_of", "run", "transfer_record", "tune_ceiling", "tune_full_ft"]
