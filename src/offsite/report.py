@@ -381,23 +381,19 @@ def block_markdown(b: dict) -> str:
             cells.append(fmt(avg.get("gap"), "acc", signed=True))
         cells += [fmt(b["gap"].get(t), metrics[t], signed=True) for t in ppl_tasks]
         lines.append("| gap (Plug-in − Emulator FT) | " + " | ".join(cells) + " |")
-    if b["transfer"]:
-        cells = [fmt_ratio(b["transfer"].get(t)) for t in acc_tasks]
-        if avg:
-            cells.append(fmt_ratio(avg.get("transfer")))
-        cells += ["" for _ in ppl_tasks]
-        lines.append("| transfer (Plug-in − Full ZS) / (Ceiling − Full ZS) | " + " | ".join(cells) + " |")
+    for key, title in (("transfer", "transfer (Plug-in − Full ZS) / (Ceiling − Full ZS)"),
+                       ("beyond_floor", "transfer beyond the floor (Plug-in − Floor) / (Ceiling − Floor)")):
+        if not b[key]:
+            continue
+        cells = [fmt_ratio(b[key].get(t)) for t in acc_tasks] + ([fmt_ratio(avg.get(key))] if avg else [])
+        lines.append(f"| {title} | " + " | ".join(cells + ["" for _ in ppl_tasks]) + " |")
+        if key != "transfer":
+            continue
         gains = [b["transfer"].get(t) or {} for t in acc_tasks] + ([avg.get("transfer") or {}] if avg else [])
         if any("plugin_gain" in g for g in gains):  # the Plug-in's own gain, paired: is it above noise?
             cells = [f"{100 * g['plugin_gain']:+.1f} ± {100 * g['plugin_gain_stderr']:.1f}" if "plugin_gain" in g
                      else "" for g in gains] + ["" for _ in ppl_tasks]
             lines.append("| Plug-in − Full ZS (paired) | " + " | ".join(cells) + " |")
-    if b["beyond_floor"]:
-        cells = [fmt_ratio(b["beyond_floor"].get(t)) for t in acc_tasks]
-        if avg:
-            cells.append(fmt_ratio(avg.get("beyond_floor")))
-        cells += ["" for _ in ppl_tasks]
-        lines.append("| transfer beyond the floor (Plug-in − Floor) / (Ceiling − Floor) | " + " | ".join(cells) + " |")
     title = f"### {b['model']} · {b['label']}"
     params = _params(b)
     if b.get("probe_grad_cos") is not None:
