@@ -93,7 +93,7 @@ from offsite.probe import probe_records
 from offsite.report import build_report, load_results, readme_table, report_files, report_markdown, setting_key, slug
 from offsite.results import meta, write_results
 from offsite.run import public_pairs_of, row_records, transfer_record, tune_ceiling, tune_full_ft
-from offsite.stats import transfer
+from offsite.stats import above_noise, transfer
 from offsite.tune import tune_to_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -379,7 +379,7 @@ def with_transfer(records: list[dict], plan, tasks, b: Bench) -> list[dict]:
             common = list(rows["plugin"])
             if len(common) > 1:
                 t = transfer(*[[rows[r][k] for k in common] for r in ("plugin", base_row, "ceiling")])
-                if t["value"] is not None and t["ceiling_gain"] > 2 * t["ceiling_gain_stderr"]:
+                if above_noise(t):
                     new.append({**base, "task": f"avg{len(common)}", "row": "plugin", "metric": metric,
                                 "value": t["value"], "stderr": t["stderr"], "n": t["n"], "tasks": common,
                                 "ceiling_gain": t["ceiling_gain"], "ceiling_gain_stderr": t["ceiling_gain_stderr"]})

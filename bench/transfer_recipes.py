@@ -559,7 +559,7 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
     probes, and transfer against the ceiling of the same layout, tuning and task; per recipe
     measured on several tasks, transfer over them (``task: "avg<k>"``, numerator and denominator
     averaged over the tasks)."""
-    from offsite.stats import transfer
+    from offsite.stats import above_noise, transfer
 
     out, pooled = [], {}
     for r in recs:
@@ -591,7 +591,7 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
         if ceil is not None and zs is not None and r is not ceil and f"plugin_pred_{task}" in r:
             preds = (r[f"plugin_pred_{task}"], zs[f"emu_zs_pred_{task}"], ceil[f"plugin_pred_{task}"])
             t = transfer(*([p] for p in preds))
-            noise = not t["ceiling_gain"] > 2 * t["ceiling_gain_stderr"]  # a ratio over noise means nothing
+            noise = not above_noise(t)  # a ratio over noise means nothing
             out.append({**base, "row": "plugin", "metric": "transfer", "value": None if noise else t["value"],
                         "stderr": None if noise else t["stderr"], "n": t["n"], "ceiling_gain": t["ceiling_gain"],
                         "ceiling_gain_stderr": t["ceiling_gain_stderr"], "plugin_gain": t["plugin_gain"],
@@ -604,9 +604,11 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
             if floor is not None and not noise:  # documents are first-N: a floor on more is cut to these
                 fp = floor[f"plugin_pred_{task}"][:run_docs(r)]
                 f = transfer([preds[0]], [fp], [preds[2]])
-                out.append({**base, "row": "plugin", "metric": "transfer_beyond_floor", "value": f["value"],
-                            "stderr": f["stderr"], "n": f["n"], "floor": sum(fp) / len(fp),
-                            "floor_command": floor.get("command")})
+                near = not above_noise(f)  # the ceiling within noise of the floor: nothing beyond it to carry
+                out.append({**base, "row": "plugin", "metric": "transfer_beyond_floor",
+                            "value": None if near else f["value"], "stderr": None if near else f["stderr"],
+                            "n": f["n"], "ceiling_gain": f["ceiling_gain"], "ceiling_gain_stderr": f["ceiling_gain_stderr"],
+                            "floor": sum(fp) / len(fp), "floor_command": floor.get("command")})
     out += matched_records(out, pooled)
     for (method, layers), per_task in pooled.items():
         if len(per_task) > 1:
@@ -987,7 +989,11 @@ BAR = {"transfer": 0.7, "tasks": ("arc_easy", "sciq"), "gap": 5.0}
 
 
 def _transfer_cell(t: dict | None) -> str:
-    """A task's transfer with its standard error, and its documents where more than the default."""
+    """A task's transfer with its standard error, and its documents where more than the default;
+    "within noise" where the ceiling's gain over the row it is measured from is under two standard
+    errors (nothing to carry)."""
+    if t and t["value"] is None and "ceiling_gain" in t:
+        return "within noise"
     if not t or t["value"] is None:
         return "–"
     return f"{t['value']:.2f} ± {t['stderr']:.2f}" + (f" ({t['n']} docs)" if t["n"] > DEFAULT_LIMIT else "")

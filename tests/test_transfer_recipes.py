@@ -2,6 +2,7 @@
 refit reproduces an unpruned block exactly and cuts the error of a pruned one."""
 
 
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -254,6 +255,12 @@ def test_transfer_beyond_the_floor_of_the_owners_public_pairs():
     assert t[name]["value"] == 0.75 and beyond[name]["value"] == 0.5 and beyond[name]["floor"] == 0.5
     assert t["uniform:keep=26 +tune=bottom +data=webqs"]["value"] == 0.5  # the floor's own transfer
     assert set(beyond) == {name}
+    # a floor within noise of the ceiling leaves nothing beyond it to carry: no ratio, as offsite run has it
+    near = [1] * 39 + [0]
+    lines[1] = _record("uniform:keep=26", plugin=near, tune="bottom", train_task="webqs")
+    [b] = [r for r in recipes.collect_records(lines, limit=40) if r["metric"] == "transfer_beyond_floor"]
+    assert b["value"] is None and b["ceiling_gain"] == pytest.approx(1 / 40)
+    assert recipes._transfer_cell(b) == "within noise"
 
 
 def test_collect_keeps_old_records_a_new_line_does_not_remeasure(tmp_path, monkeypatch):

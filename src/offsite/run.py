@@ -324,13 +324,13 @@ def transfer_record(scores: dict, task: str, base: dict, floor: bool = False) ->
     errors (a ratio over noise means nothing). ``floor``: the ``metric: "transfer_beyond_floor"``
     record instead, (Plug-in − floor) / (ceiling − floor), from the floor row in place of Full ZS
     (its ``ceiling_gain`` and ``plugin_gain`` are then over the floor)."""
-    from .stats import transfer
+    from .stats import above_noise, transfer
 
     base_row = "floor" if floor else "full_zs"
     if not all(task in scores.get(r, {}) for r in ("plugin", base_row, "ceiling")):
         return None
     t = transfer([scores["plugin"][task]], [scores[base_row][task]], [scores["ceiling"][task]])
-    if t["value"] is None or not t["ceiling_gain"] > 2 * t["ceiling_gain_stderr"]:
+    if not above_noise(t):
         return None
     metric = "transfer_beyond_floor" if floor else "transfer"
     return {**base, "task": task, "row": "plugin", "metric": metric, "value": t["value"],

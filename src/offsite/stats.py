@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["paired", "transfer"]
+__all__ = ["above_noise", "paired", "transfer"]
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -47,6 +47,12 @@ def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     _check(a, b)
     d = [x - y for x, y in zip(a, b)]
     return _mean(d), math.sqrt(_var(d) / len(d))
+
+
+def above_noise(t: dict) -> bool:
+    """Whether a :func:`transfer` result means anything: the ceiling gains at least two standard
+    errors over the row it is measured from (Full ZS, or the floor for transfer beyond the floor)."""
+    return t["value"] is not None and t["ceiling_gain"] > 2 * t["ceiling_gain_stderr"]
 
 
 def transfer(plugin: Sequence[Sequence[float]], zs: Sequence[Sequence[float]],
