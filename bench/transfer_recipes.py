@@ -33,6 +33,11 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
   the owner's kind of public pairs), scored on ``--task``; named ``+data=SOURCE``. How much of the
   ceiling's gain comes without the data owner's data (its transfer: against the ceiling tuned on
   the task).
+* ``--start-floor SOURCE:N`` — the owner first tunes the adapter (the blocks ``--tune`` trains) on its
+  *full* model on the first ``N`` training pairs of ``SOURCE`` (the floor's tuning: what public pairs
+  teach) and ships that adapter; the data owner tunes on the emulator from there, and the whole
+  adapter is plugged in. Named ``+start=floor(SOURCE:N)``. Asks whether the emulator can carry what
+  lies beyond the floor once the owner has handled the format.
 * ``--repair SOURCE:N:lm|kl`` — the owner first tunes the adapter on the emulator with ``N`` public QA
   pairs (the *last* ``N`` of ``SOURCE``'s training split; LM loss on the answers, or KL to the full
   model's next-token distribution on every token), ships that adapter, and plugs in only the data
@@ -372,6 +377,24 @@ def repair(model, emu, spec: str, lr: float, epochs: float) -> None:
 # commands
 
 
+def start_from_floor(model, emu, spec: str, settings, only_bottom: bool, layers) -> None:
+    """``--start-floor``: the adapter blocks of ``emu`` become the adapter tuned on the full
+    ``model`` on the first ``N`` pairs of ``SOURCE`` (``spec`` = ``SOURCE:N``), as the floor is."""
+    from offsite.models.families import get_blocks
+    from offsite.run import ceiling_emulator
+    from offsite.tune import TrainingData, task_data
+
+    src, n = spec.split(":")
+    d = task_data(src)
+    full = ceiling_emulator(model, emu.tokenizer, MODEL, layers)
+    state = tune(model, full, TrainingData(d.kind, d.items[:int(n)], src), settings, only_bottom=only_bottom).state
+    blocks, pos_of = get_blocks(emu.model), {source: pos for pos, source in emu.adapter_positions.items()}
+    with torch.no_grad():
+        for key, t in state.items():  # bundle keys: blocks.<original index>.<name>
+            _, source, name = key.split(".", 2)
+            blocks[pos_of[int(source)]].get_parameter(name).copy_(t)
+
+
 def cmd_run(a) -> None:
     from offsite import adapters
     from offsite.eval import evaluate
@@ -408,6 +431,10 @@ def cmd_run(a) -> None:
         rec[f"emu_zs_pred_{task}"] = [int(d["pred"] == d["gold"]) for d in r["details"]]
     if a.zs_only:
         return _append(rec)
+    if a.start_floor:
+        t1 = time.time()
+        start_from_floor(model, emu, a.start_floor, settings, a.tune == "bottom", layers)
+        rec["start_floor"] = [a.start_floor, time.time() - t1]
     theta0 = {k: v.clone() for k, v in emu.adapter_state().items()}
     if a.repair:
         t1 = time.time()
@@ -546,6 +573,7 @@ def recipe_key(r: dict) -> str:
     name = r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "")
     name += f" +correction={r['cv'][0]}" if r.get("cv") else ""
     name += f" n={r['cv'][1]}" if r.get("cv") and r["cv"][1] != 128 else ""
+    name += f" +start=floor({r['start_floor'][0]})" if r.get("start_floor") else ""
     name += f" +repair={r['repair'][0]}" if r.get("repair") else ""
     name += f" +data={r['train_task']}" if r.get("train_task") else ""
     name += f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else ""
@@ -566,7 +594,8 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
         task, layers = run_task(r), list(r["layers"])
         n_mid = N_LAYERS - sum(layers)
         ceil = next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
-                     and not any(c.get(k) for k in ("cv", "repair", "train_task")) and c.get("tune") == r.get("tune")
+                     and not any(c.get(k) for k in ("cv", "repair", "train_task", "start_floor"))
+                     and c.get("tune") == r.get("tune")
                      and f"plugin_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
         # Full ZS is the untouched full model, whatever the layout: any "every block kept" run scored it
         zs = next((c for c in recs if c["kind"] == f"uniform:keep={N_LAYERS - sum(c['layers'])}"
@@ -598,9 +627,11 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
                         "plugin_gain_stderr": t["plugin_gain_stderr"]})
             pooled.setdefault((base["method"], tuple(layers)), {})[task] = (preds, base)
             # the floor: the same bottom blocks tuned on the full model on the owner's public pairs, no task data
-            floor = next((c for c in recs if r.get("cv") and c["kind"] == ceil["kind"] and c.get("train_task") ==
-                          r["cv"][0] and c.get("tune") == r.get("tune") and list(c["layers"]) == layers
-                          and not c.get("cv") and run_task(c) == task and run_docs(c) >= run_docs(r)), None)
+            source = r["cv"][0] if r.get("cv") else r["start_floor"][0].split(":")[0] if r.get("start_floor") else None
+            floor = next((c for c in recs if source and c["kind"] == ceil["kind"] and c.get("train_task") == source
+                          and c.get("tune") == r.get("tune") and list(c["layers"]) == layers
+                          and not c.get("cv") and not c.get("start_floor") and run_task(c) == task
+                          and run_docs(c) >= run_docs(r)), None)
             if floor is not None and not noise:  # documents are first-N: a floor on more is cut to these
                 fp = floor[f"plugin_pred_{task}"][:run_docs(r)]
                 f = transfer([preds[0]], [fp], [preds[2]])
@@ -1062,6 +1093,9 @@ def main(argv=None) -> int:
     r.add_argument("--correction-norm", action="store_true",
                    help="scale g_full to g_emulator's norm (per tensor) before c = g_full - g_emulator")
     r.add_argument("--repair", default="")
+    r.add_argument("--start-floor", default="", metavar="SOURCE:N",
+                   help="ship the adapter tuned on the full model on the first N pairs of SOURCE (the floor's) "
+                        "and tune on the emulator from there")
     r.add_argument("--tune", choices=("all", "bottom"), default="all",
                    help="which adapter blocks the data owner trains (bottom: the top ones stay the original)")
     r.add_argument("--plug-bottom", action="store_true",

@@ -255,6 +255,12 @@ def test_transfer_beyond_the_floor_of_the_owners_public_pairs():
     assert t[name]["value"] == 0.75 and beyond[name]["value"] == 0.5 and beyond[name]["floor"] == 0.5
     assert t["uniform:keep=26 +tune=bottom +data=webqs"]["value"] == 0.5  # the floor's own transfer
     assert set(beyond) == {name}
+    # a recipe that starts from the floor's adapter is measured against the same floor, and is no ceiling
+    start = _record("uniform:keep=8", plugin=plug, tune="bottom", start_floor=["webqs:40", 1.0])
+    out = recipes.collect_records(lines + [start], limit=40)
+    name = "uniform:keep=8 +tune=bottom +start=floor(webqs:40)"
+    assert [r["value"] for r in out if r["metric"] == "transfer_beyond_floor" and r["method"] == name] == [0.5]
+    assert {r["method"] for r in out if r["row"] == "ceiling"} == {"uniform:keep=26 +tune=bottom"}
     # a floor within noise of the ceiling leaves nothing beyond it to carry: no ratio, as offsite run has it
     near = [1] * 39 + [0]
     lines[1] = _record("uniform:keep=26", plugin=near, tune="bottom", train_task="webqs")
@@ -283,3 +289,31 @@ def test_collect_keeps_old_records_a_new_line_does_not_remeasure(tmp_path, monke
     out = json.loads(results.read_text())["records"]
     assert old[0] in out and old[1] not in out
     assert [r["value"] for r in out if r["row"] == "probe"] == [-0.015]
+
+
+def test_start_from_the_floor_ships_the_adapter_tuned_on_the_full_model(tokenizer, monkeypatch):
+    """``--start-floor``: the emulator's bottom adapter blocks become those tuned on the full model on
+    public pairs (the floor's tuning); its top blocks and the full model stay as they were."""
+    import offsite.tune as tune_mod
+    from offsite.emulator import build_emulator
+    from offsite.run import ceiling_emulator
+    from offsite.train import TrainConfig
+    from offsite.tune import TrainingData, TuneSettings
+
+    pairs = TrainingData("qa", [(f"Question {i}: which fruit?\nAnswer:", " y") for i in range(16)], "webqs")
+    monkeypatch.setattr(tune_mod, "task_data", lambda src: pairs)
+    model = tiny_model("llama", 6, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    emu = build_emulator("uniform", model, tokenizer, "tiny", (2, 1), keep=1)
+    shipped = {k: v.clone() for k, v in emu.adapter_state().items()}
+    settings = TuneSettings(train=TrainConfig(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=4,
+                                              checkpoint_every=None, progress=False))
+    recipes.start_from_floor(model, emu, "webqs:8", settings, True, (2, 1))
+    full = ceiling_emulator(model, tokenizer, "tiny", (2, 1))
+    floor = recipes.tune(model, full, TrainingData("qa", pairs.items[:8], "webqs"), settings, only_bottom=True).state
+    now = emu.adapter_state()
+    assert all(torch.equal(now[k], floor[k]) for k in floor)  # the floor's bottom blocks, deterministic
+    assert any(not torch.equal(now[k], shipped[k]) for k in floor)
+    top = [k for k in now if k.startswith("blocks.5.")]
+    assert top and all(torch.equal(now[k], shipped[k]) for k in top)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
