@@ -1,4 +1,4 @@
-# `make demo`: set up, fetch the embedded model and data, run the main job with the owner in the loop (about 30 min on 2 CPU cores, the ceiling row included).
+# `make demo`: set up, fetch the embedded model and data, run the main job with the owner in the loop (about 35 min on 2 CPU cores, the ceiling and floor rows included).
 # `make test`: set up, run the tests (tiny random models, a few minutes).
 PYTHON ?= python3
 VENV ?= .venv

@@ -110,7 +110,7 @@ class Budget:
 PRESETS: dict[str, Budget] = {
     # minutes on a 2-core CPU: a smoke run of the whole pipeline
     "quick": Budget(eval_limit=100, train_limit=None, text_docs=4, epochs=1, checkpoint_every=20),
-    # `make demo`: 20-30 minutes on a 2-core CPU with the ceiling row (about 8 without it)
+    # `make demo`: about 35 minutes on a 2-core CPU with the owner in the loop and the ceiling and floor rows
     "demo": Budget(eval_limit=500, train_limit=None, text_docs=8, epochs=2, checkpoint_every=20),
     # the benchmark's budget (bench/paper.py's default): one cell of its table; hours on a CPU for six tasks
     "paper": Budget(),

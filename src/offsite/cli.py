@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="uniform", choices=sorted(methods))
     p.add_argument("--adapter-layers", default="2,2")
     p.add_argument("--preset", default="demo", choices=list(PRESETS),
-                   help="the budget (offsite.budget): quick: minutes; demo: 20-30 min on 2 CPU cores; paper: "
+                   help="the budget (offsite.budget): quick: minutes; demo: ~35 min on 2 CPU cores; paper: "
                         "bench/paper.py's (1,000 examples and documents); gpu: the paper's recipe, every document")
     p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=None,
                    help="also fine-tune the full model (the FT row); default: on for the gpu preset")
