@@ -200,42 +200,26 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
 
     broken: set = set()
 
-    def ceiling_cell(task, setting):
-        """The ceiling's metrics for this setting's adapter layout on ``task``: tuned and scored once
-        per layout, task and budget, then shared by every method with that layout."""
+    def full_model_cell(task, setting, row):
+        """The metrics of this setting's adapter layout tuned on the full model, for ``row``
+        "ceiling" on ``task``'s training data, or "floor" on as many public pairs of
+        ``matched_source(task)``: tuned and scored once per layout, task (and source) and budget,
+        then shared by every method with that layout."""
         layout = {"adapter_layers": list(setting["adapter_layers"])}
-        path = b.ceiling_path(layout, task)
+        source = matched_source(task) if row == "floor" else None
+        path = b.floor_path(layout, task, source) if source else b.ceiling_path(layout, task)
         if path.exists():
             return json.loads(path.read_text())
         model, tok = b.base()
-        data = b.data(task)
-        log(f"[paper] ceiling: tuning the adapter {setting_key(layout)} on the full model ({task})")
+        data = public_pairs_of(b.data(source), len(b.data(task).items)) if source else b.data(task)
+        log(f"[paper] {row}: tuning the adapter {setting_key(layout)} on the full model on {len(data.items)} "
+            f"{f'public {source} pairs' if source else 'examples'} ({task})")
         full_middle, trained = tune_ceiling(model, tok, b.display, layout["adapter_layers"], data,
                                             b.settings(task), path.with_suffix(".work"))
-        metrics, dt = b.evaluate(full_middle.model, tok, task, entry=("ceiling", None, layout))
+        metrics, dt = b.evaluate(full_middle.model, tok, task, entry=(row, source, layout))
         cell = {"metrics": metrics, "seconds": round(dt, 2), "train_seconds": round(trained.seconds, 2),
-                "train_examples": len(data.items), "train_steps": trained.steps}
-        write_json_atomic(path, cell)
-        return cell
-
-    def floor_cell(task, setting):
-        """The floor's metrics for this setting's adapter layout on ``task``: the adapter tuned on the
-        full model on as many public pairs of ``matched_source(task)`` as the task has training
-        examples; once per layout, task, source and budget, shared like the ceiling."""
-        layout = {"adapter_layers": list(setting["adapter_layers"])}
-        source = matched_source(task)
-        path = b.floor_path(layout, task, source)
-        if path.exists():
-            return json.loads(path.read_text())
-        model, tok = b.base()
-        data = public_pairs_of(b.data(source), len(b.data(task).items))
-        log(f"[paper] floor: tuning the adapter {setting_key(layout)} on the full model on {len(data.items)} "
-            f"public {source} pairs ({task})")
-        full_middle, trained = tune_ceiling(model, tok, b.display, layout["adapter_layers"], data,
-                                            b.settings(task), path.with_suffix(".work"))
-        metrics, dt = b.evaluate(full_middle.model, tok, task, entry=("floor", source, layout))
-        cell = {"metrics": metrics, "seconds": round(dt, 2), "train_seconds": round(trained.seconds, 2),
-                "train_examples": len(data.items), "train_steps": trained.steps, "floor_source": source}
+                "train_examples": len(data.items), "train_steps": trained.steps,
+                **({"floor_source": source} if source else {})}
         write_json_atomic(path, cell)
         return cell
 
@@ -264,15 +248,12 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
                  "build_seconds": b.build_seconds(emu_dir)}
         if probe and not is_done("text", method, setting, "probe"):
             probe_cell(method, setting, emu_dir, {k: v for k, v in extra.items() if k != "eval_limit"})
-        if ceiling and not is_done(task, method, setting, "ceiling"):
-            cell = ceiling_cell(task, setting)
-            save("ceiling", task, method, setting, cell["metrics"], cell["seconds"],
-                 {**eval_extra, **{k: cell[k] for k in ("train_seconds", "train_examples", "train_steps")}})
-        if "floor" in rows_of(task) and not is_done(task, method, setting, "floor"):
-            cell = floor_cell(task, setting)
-            save("floor", task, method, setting, cell["metrics"], cell["seconds"],
-                 {**eval_extra, **{k: cell[k] for k in ("train_seconds", "train_examples", "train_steps",
-                                                        "floor_source")}})
+        for row in ("ceiling", "floor"):
+            if row in rows_of(task) and not is_done(task, method, setting, row):
+                cell = full_model_cell(task, setting, row)
+                save(row, task, method, setting, cell["metrics"], cell["seconds"],
+                     {**eval_extra, **{k: cell[k] for k in ("train_seconds", "train_examples", "train_steps",
+                                                            "floor_source") if k in cell}})
         if not is_done(task, method, setting, "emu_zs"):
             emu = load_emulator(emu_dir)
             metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
@@ -353,8 +334,8 @@ def with_transfer(records: list[dict], plan, tasks, b: Bench) -> list[dict]:
         path = b.details_path(entry, task)
         return json.loads(path.read_text()) if path.exists() else None
 
-    def base_entry(row, task):
-        return ("full_zs", None, None) if row == "full_zs" else ("floor", matched_source(task), None)
+    def base_entry(row, task, layout):  # the row transfer is measured from: Full ZS, or the floor
+        return ("full_zs", None, None) if row == "full_zs" else ("floor", matched_source(task), layout)
 
     metrics = {m for _, m in DERIVED}
     kept = [r for r in records if not (r["row"] == "plugin" and r.get("metric") in metrics)]
@@ -365,9 +346,8 @@ def with_transfer(records: list[dict], plan, tasks, b: Bench) -> list[dict]:
         for base_row, metric in DERIVED:
             rows = {"plugin": {}, base_row: {}, "ceiling": {}}
             for task in tasks:
-                row, source, _ = base_entry(base_row, task)
                 got = {"plugin": correct(("plugin", method, setting), task),
-                       base_row: correct((row, source, layout if row == "floor" else None), task),
+                       base_row: correct(base_entry(base_row, task, layout), task),
                        "ceiling": correct(("ceiling", None, layout), task)}
                 if any(g is None for g in got.values()) or len({tuple(g["ids"]) for g in got.values()}) != 1:
                     continue  # not multiple choice, not scored yet, or on other documents

@@ -380,7 +380,7 @@ def repair(model, emu, spec: str, lr: float, epochs: float) -> None:
 def start_from_floor(model, emu, spec: str, settings, only_bottom: bool, layers) -> None:
     """``--start-floor``: the adapter blocks of ``emu`` become the adapter tuned on the full
     ``model`` on the first ``N`` pairs of ``SOURCE`` (``spec`` = ``SOURCE:N``), as the floor is."""
-    from offsite.models.families import get_blocks
+    from offsite.adapters import param_names
     from offsite.run import ceiling_emulator
     from offsite.tune import TrainingData, task_data
 
@@ -388,11 +388,10 @@ def start_from_floor(model, emu, spec: str, settings, only_bottom: bool, layers)
     d = task_data(src)
     full = ceiling_emulator(model, emu.tokenizer, MODEL, layers)
     state = tune(model, full, TrainingData(d.kind, d.items[:int(n)], src), settings, only_bottom=only_bottom).state
-    blocks, pos_of = get_blocks(emu.model), {source: pos for pos, source in emu.adapter_positions.items()}
+    names, params = param_names(emu.model, emu.adapter_positions), dict(emu.model.named_parameters())
     with torch.no_grad():
-        for key, t in state.items():  # bundle keys: blocks.<original index>.<name>
-            _, source, name = key.split(".", 2)
-            blocks[pos_of[int(source)]].get_parameter(name).copy_(t)
+        for key, t in state.items():  # bundle keys, the same in the emulator and the full model
+            params[names[key]].copy_(t)
 
 
 def cmd_run(a) -> None:

@@ -466,7 +466,7 @@ def readme_table(report: dict) -> str:
             mp, op = b.get("middle_params"), b.get("original_middle_params")
             params = (human(mp) + (f" ({mp / op:.0%})" if op else "")) if mp else "–"
             name = b["label"]
-            for r in ("emu_zs", "emu_ft", "plugin", "ceiling", "floor"):
+            for r in [row for row in ROWS if row not in SHARED_ROWS]:
                 if r in b["rows"]:
                     lines.append(line(name, params, ROW_TITLES[r], b["rows"][r], pt["rows"].get(r)))
                     name, params = "", ""
