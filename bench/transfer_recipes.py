@@ -37,14 +37,16 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
   *full* model on the first ``N`` training pairs of ``SOURCE`` (the floor's tuning: what public pairs
   teach) and ships that adapter; the data owner tunes on the emulator from there, and the whole
   adapter is plugged in. Named ``+start=floor(SOURCE:N)``. Asks whether the emulator can carry what
-  lies beyond the floor once the owner has handled the format.
+  lies beyond the floor once the owner has handled the format. ``--build-at-floor`` also builds the
+  emulator with that adapter in the full model (``gradmatch`` then matches the adapter's gradient
+  where the data owner starts; cached apart, ``KIND@floor-SOURCE-N``); named ``... (emulator built there)``.
 * ``--repair SOURCE:N:lm|kl`` — the owner first tunes the adapter on the emulator with ``N`` public QA
   pairs (the *last* ``N`` of ``SOURCE``'s training split; LM loss on the answers, or KL to the full
   model's next-token distribution on every token), ships that adapter, and plugs in only the data
   owner's change: ``θ0 + (θ_tuned − θ_repaired)``.
 
 Each ``run`` tunes the adapter (adapter 2,2 ``full`` unless ``--layers``/``--adapter``) on the task's
-training split (its first ``--train-limit`` examples where given, as ``bench/paper.py``'s budget; one epoch, batch 8, lr 1e-4, linear schedule, one validation at the end, as the
+training split (its first ``--train-limit`` examples where given, as ``bench/paper.py``'s budget; one epoch unless ``--epochs``, batch 8, lr 1e-4, linear schedule, one validation at the end, as the
 ``quick``/``demo`` presets did before validation ran several times an epoch), scores Emulator FT and
 Plug-in on the first ``--limit`` evaluation documents, measures the held-out perplexity (4
 documents) and the probes (``--probe``: ``text`` for public text, a task name for its first 48
@@ -202,16 +204,25 @@ def build_prune(model, tok, layers, width=511, n_seq=48, block_size=256, ridge=1
     return assemble(model, tok, MODEL, layers, middle, "prune", {"width": width})
 
 
-def build(kind: str, model, tok, layers):
+def build(kind: str, model, tok, layers, at: tuple[str, dict] | None = None):
     """The recipe's emulator. A registered method other than ``uniform`` (``METHOD:option=value:...``,
     e.g. ``gradmatch:keep=13:gm_steps=300``) is built once and kept as a bundle under
-    ``runs/transfer-recipes/emulators/`` (its build cost is in the bundle's manifest)."""
+    ``runs/transfer-recipes/emulators/`` (its build cost is in the bundle's manifest). ``at`` =
+    ``(SPEC, state)``: built with the adapter ``state`` (bundle keys; the floor's of ``--start-floor
+    SPEC``) in ``model``'s adapter blocks, so a method that distils around the shipped adapter
+    (``gradmatch``) does so around that one, and the emulator ships it."""
     import typing
     import dataclasses
 
     from offsite.bundle import load_emulator, save_emulator
     from offsite.emulator import all_methods, build_emulator
+    from offsite.gradients import adapter_written
 
+    if at is not None:
+        identity = {i: i for i in range(N_LAYERS)}
+        with adapter_written(model, identity, at[1]):
+            return build(kind + f"@floor-{at[0].replace(':', '-')}", model, tok, layers)
+    kind, _, where = kind.partition("@")
     base, o = _opts(kind)
     if base == "uniform":
         return build_emulator("uniform", model, tok, MODEL, layers, keep=int(o["keep"]))
@@ -227,7 +238,7 @@ def build(kind: str, model, tok, layers):
         unknown = sorted(set(o) - set(types))
         if unknown:
             raise SystemExit(f"error: {base} has no option(s) {', '.join(unknown)}")
-        cached = EMULATORS / f"{kind.replace(':', '_').replace('=', '-')}_{layers[0]}-{layers[1]}"
+        cached = EMULATORS / f"{kind.replace(':', '_').replace('=', '-')}_{layers[0]}-{layers[1]}{where and '_' + where}"
         if (cached / "manifest.json").exists():
             return load_emulator(cached)
         emu = build_emulator(base, model, tok, MODEL, layers, **{k: types[k](v) for k, v in o.items()})
@@ -377,17 +388,23 @@ def repair(model, emu, spec: str, lr: float, epochs: float) -> None:
 # commands
 
 
-def start_from_floor(model, emu, spec: str, settings, only_bottom: bool, layers) -> None:
-    """``--start-floor``: the adapter blocks of ``emu`` become the adapter tuned on the full
-    ``model`` on the first ``N`` pairs of ``SOURCE`` (``spec`` = ``SOURCE:N``), as the floor is."""
-    from offsite.adapters import param_names
+def floor_state(model, tok, spec: str, settings, only_bottom: bool, layers) -> dict[str, torch.Tensor]:
+    """The adapter tuned on the full ``model`` on the first ``N`` pairs of ``SOURCE`` (``spec`` =
+    ``SOURCE:N``), as the floor is; bundle keys."""
     from offsite.run import ceiling_emulator
     from offsite.tune import TrainingData, task_data
 
     src, n = spec.split(":")
     d = task_data(src)
-    full = ceiling_emulator(model, emu.tokenizer, MODEL, layers)
-    state = tune(model, full, TrainingData(d.kind, d.items[:int(n)], src), settings, only_bottom=only_bottom).state
+    full = ceiling_emulator(model, tok, MODEL, layers)
+    return tune(model, full, TrainingData(d.kind, d.items[:int(n)], src), settings, only_bottom=only_bottom).state
+
+
+def start_from_floor(model, emu, spec: str, settings, only_bottom: bool, layers) -> None:
+    """``--start-floor``: the adapter blocks of ``emu`` become the floor's (:func:`floor_state`)."""
+    from offsite.adapters import param_names
+
+    state = floor_state(model, emu.tokenizer, spec, settings, only_bottom, layers)
     names, params = param_names(emu.model, emu.adapter_positions), dict(emu.model.named_parameters())
     with torch.no_grad():
         for key, t in state.items():  # bundle keys, the same in the emulator and the full model
@@ -404,8 +421,18 @@ def cmd_run(a) -> None:
 
     layers = tuple(int(x) for x in a.layers.split(","))
     model, tok = load_model(MODEL)
+    cfg = TrainConfig(lr=a.lr, epochs=a.epochs, batch_size=8, micro_batch_size=8, schedule="linear", warmup_ratio=0.0,
+                      checkpoint_every=None, evals_per_epoch=1)
+    settings = TuneSettings(adapter=a.adapter, train=cfg)
+    at = None
+    if a.build_at_floor:
+        if not a.start_floor:
+            raise SystemExit("error: --build-at-floor builds the emulator around the --start-floor adapter: pass both")
+        t1 = time.time()
+        at = (a.start_floor, floor_state(model, tok, a.start_floor, settings, a.tune == "bottom", layers))
+        floor_s = time.time() - t1
     t0 = time.time()
-    emu = build(a.recipe, model, tok, layers)
+    emu = build(a.recipe, model, tok, layers, at)
     rec = {"kind": a.recipe, "layers": layers, "frac": middle_fraction(emu, model, layers),
            "build_s": time.time() - t0, "command": "python bench/transfer_recipes.py " + " ".join(
                shlex.quote(x) for x in sys.argv[1:])}
@@ -421,16 +448,16 @@ def cmd_run(a) -> None:
     if a.probe_only:
         return _append(rec)
     task = a.task
-    cfg = TrainConfig(lr=a.lr, epochs=1, batch_size=8, micro_batch_size=8, schedule="linear", warmup_ratio=0.0,
-                      checkpoint_every=None, evals_per_epoch=1)
-    settings = TuneSettings(adapter=a.adapter, train=cfg)
     if a.zs or a.zs_only:
         r = evaluate(emu.model, tok, task, limit=a.limit, progress=False, return_details=True)
         rec[f"emu_zs_{task}"] = r["acc"]
         rec[f"emu_zs_pred_{task}"] = [int(d["pred"] == d["gold"]) for d in r["details"]]
     if a.zs_only:
         return _append(rec)
-    if a.start_floor:
+    if at is not None:  # the emulator was built around the floor's adapter and ships it
+        rec["start_floor"] = [a.start_floor, floor_s]
+        rec["built_at_floor"] = True
+    elif a.start_floor:
         t1 = time.time()
         start_from_floor(model, emu, a.start_floor, settings, a.tune == "bottom", layers)
         rec["start_floor"] = [a.start_floor, time.time() - t1]
@@ -461,6 +488,8 @@ def cmd_run(a) -> None:
     if a.train_limit:  # the first N training examples, as bench/paper.py's --train-limit
         data = TrainingData(data.kind, data.items[:a.train_limit], data.source)
         rec["train_limit"] = a.train_limit
+    if a.epochs != 1:
+        rec["epochs"] = a.epochs
     bundle = tune(model, emu, data, settings, corr, refresh, only_bottom=a.tune == "bottom")
     rec[f"tune_s_{task}"] = time.time() - t1
     rec[f"emu_ft_{task}"] = evaluate(emu.model, tok, task, limit=a.limit, progress=False)["acc"]
@@ -570,9 +599,11 @@ def recipe_key(r: dict) -> str:
     """The recipe's name in the results: emulator, then tuning and treatments; a run scored on more
     than ``DEFAULT_LIMIT`` documents says how many (its Full ZS and ceiling are scored on the same)."""
     name = r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "")
+    name += f" +epochs={r['epochs']:g}" if r.get("epochs", 1) != 1 else ""
     name += f" +correction={r['cv'][0]}" if r.get("cv") else ""
     name += f" n={r['cv'][1]}" if r.get("cv") and r["cv"][1] != 128 else ""
     name += f" +start=floor({r['start_floor'][0]})" if r.get("start_floor") else ""
+    name += " (emulator built there)" if r.get("built_at_floor") else ""
     name += f" +repair={r['repair'][0]}" if r.get("repair") else ""
     name += f" +data={r['train_task']}" if r.get("train_task") else ""
     name += f" every {r['cv'][3]} steps" if len(r.get("cv") or []) > 3 else ""
@@ -594,7 +625,7 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
         n_mid = N_LAYERS - sum(layers)
         ceil = next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
                      and not any(c.get(k) for k in ("cv", "repair", "train_task", "start_floor"))
-                     and c.get("tune") == r.get("tune")
+                     and c.get("tune") == r.get("tune") and c.get("epochs", 1) == r.get("epochs", 1)
                      and f"plugin_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
         # Full ZS is the untouched full model, whatever the layout: any "every block kept" run scored it
         zs = next((c for c in recs if c["kind"] == f"uniform:keep={N_LAYERS - sum(c['layers'])}"
@@ -629,6 +660,7 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
             source = r["cv"][0] if r.get("cv") else r["start_floor"][0].split(":")[0] if r.get("start_floor") else None
             floor = next((c for c in recs if source and c["kind"] == ceil["kind"] and c.get("train_task") == source
                           and c.get("tune") == r.get("tune") and list(c["layers"]) == layers
+                          and c.get("epochs", 1) == r.get("epochs", 1)
                           and not c.get("cv") and not c.get("start_floor") and run_task(c) == task
                           and run_docs(c) >= run_docs(r)), None)
             if floor is not None and not noise:  # documents are first-N: a floor on more is cut to these
@@ -1081,6 +1113,7 @@ def main(argv=None) -> int:
     r.add_argument("--probe-only", action="store_true", help="measure the perplexity and the probes and stop")
     r.add_argument("--correction", default="")
     r.add_argument("--correction-n", type=int, default=128, help="public QA pairs per source the owner's correction averages over")
+    r.add_argument("--epochs", type=float, default=1.0, help="the data owner's epochs (default 1, the budget's)")
     r.add_argument("--train-limit", type=int, default=0, help="tune on the first N training examples (0: all)")
     r.add_argument("--train-task", help="tune on this task's training split instead of --task's (a floor: what the "
                                         "tuning gives --task without its data; e.g. webqs, the owner's public pairs)")
@@ -1095,6 +1128,9 @@ def main(argv=None) -> int:
     r.add_argument("--start-floor", default="", metavar="SOURCE:N",
                    help="ship the adapter tuned on the full model on the first N pairs of SOURCE (the floor's) "
                         "and tune on the emulator from there")
+    r.add_argument("--build-at-floor", action="store_true",
+                   help="with --start-floor: build the emulator with the floor's adapter in the full model (a method "
+                        "that distils around the shipped adapter, gradmatch, matches the gradients there)")
     r.add_argument("--tune", choices=("all", "bottom"), default="all",
                    help="which adapter blocks the data owner trains (bottom: the top ones stay the original)")
     r.add_argument("--plug-bottom", action="store_true",

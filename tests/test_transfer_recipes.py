@@ -317,3 +317,51 @@ def test_start_from_the_floor_ships_the_adapter_tuned_on_the_full_model(tokenize
     top = [k for k in now if k.startswith("blocks.5.")]
     assert top and all(torch.equal(now[k], shipped[k]) for k in top)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_build_at_the_floor_distils_around_the_shipped_adapter_and_ships_it(tokenizer, tmp_path, monkeypatch):
+    """``--build-at-floor``: the emulator is built with the floor's adapter in the full model (so
+    ``gradmatch`` matches gradients there), ships that adapter, is cached apart from the one built
+    around the original adapter, and leaves the full model as it was."""
+    import offsite.emulator.gradmatch as gradmatch
+
+    pairs = [(f"Question {i}: which fruit?\nAnswer:", " pear") for i in range(12)]
+    monkeypatch.setattr(gradmatch, "source_pairs", lambda src: list(pairs))
+    monkeypatch.setattr(recipes, "EMULATORS", tmp_path)
+    model = tiny_model("llama", 6, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    floor = {f"blocks.{i}.{n}": p.detach() + 0.05 * torch.randn(p.shape, generator=g)
+             for i in (0, 1) for n, p in model.model.layers[i].named_parameters()}
+    kind = "gradmatch:keep=1:gm_steps=2:gm_batch_size=2:gm_examples=8:gm_val_examples=2"
+    emu = recipes.build(kind, model, tokenizer, (2, 1), at=("webqs:8", floor))
+    shipped = emu.adapter_state()
+    assert all(torch.allclose(shipped[k], floor[k]) for k in floor)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    plain = recipes.build(kind, model, tokenizer, (2, 1))
+    assert not torch.allclose(plain.adapter_state()["blocks.0.self_attn.q_proj.weight"],
+                              floor["blocks.0.self_attn.q_proj.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gradmatch_keep-1_gm_steps-2_gm_batch_size-2_gm_examples-8_gm_val_examples-2_2-1",
+        "gradmatch_keep-1_gm_steps-2_gm_batch_size-2_gm_examples-8_gm_val_examples-2_2-1_floor-webqs-8"]
+    again = recipes.build(kind, model, tokenizer, (2, 1), at=("webqs:8", floor))  # from its cache
+    assert all(torch.equal(again.adapter_state()[k], shipped[k]) for k in floor)
+
+
+def test_more_epochs_is_its_own_recipe_against_a_ceiling_and_floor_of_as_many():
+    """``--epochs``: a run of three epochs is named so and compared only with the ceiling and the
+    floor tuned for as many epochs."""
+    zs = [0, 0, 0, 0] * 10
+    lines = [_record("uniform:keep=26", plugin=[1, 1, 0, 0] * 10, zs=zs, tune="bottom"),
+             _record("uniform:keep=26", plugin=[1, 1, 1, 1] * 10, tune="bottom", epochs=3),
+             _record("uniform:keep=26", plugin=[1, 0, 0, 0] * 10, tune="bottom", train_task="webqs"),
+             _record("uniform:keep=26", plugin=[1, 1, 0, 0] * 10, tune="bottom", train_task="webqs", epochs=3),
+             _record("uniform:keep=8", plugin=[1, 1, 1, 0] * 10, tune="bottom", epochs=3,
+                     start_floor=["webqs:40", 1.0], built_at_floor=True)]
+    out = recipes.collect_records(lines, limit=40)
+    name = "uniform:keep=8 +tune=bottom +epochs=3 +start=floor(webqs:40) (emulator built there)"
+    t = {(r["method"], r["metric"]): r["value"] for r in out if r["row"] == "plugin" and r["metric"] != "acc"}
+    assert t[(name, "transfer")] == 0.75 and t[(name, "transfer_beyond_floor")] == 0.5
+    assert t[("uniform:keep=26 +tune=bottom +epochs=3 +data=webqs", "transfer")] == 0.5
+    assert {r["method"] for r in out if r["row"] == "ceiling"} == {"uniform:keep=26 +tune=bottom",
+                                                                   "uniform:keep=26 +tune=bottom +epochs=3"}
