@@ -46,7 +46,8 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
   owner's change: ``θ0 + (θ_tuned − θ_repaired)``.
 
 Each ``run`` tunes the adapter (adapter 2,2 ``full`` unless ``--layers``/``--adapter``) on the task's
-training split (its first ``--train-limit`` examples where given, as ``bench/paper.py``'s budget; one epoch unless ``--epochs``, batch 8, lr 1e-4, linear schedule, one validation at the end, as the
+training split (its first ``--train-limit`` examples where given, as ``bench/paper.py``'s budget;
+one epoch unless ``--epochs``, batch 8, lr 1e-4, linear schedule, one validation at the end, as the
 ``quick``/``demo`` presets did before validation ran several times an epoch), scores Emulator FT and
 Plug-in on the first ``--limit`` evaluation documents, measures the held-out perplexity (4
 documents) and the probes (``--probe``: ``text`` for public text, a task name for its first 48
@@ -420,14 +421,14 @@ def cmd_run(a) -> None:
     from offsite.tune import TrainingData, TuneSettings, task_data
 
     layers = tuple(int(x) for x in a.layers.split(","))
+    if a.build_at_floor and not a.start_floor:
+        raise SystemExit("error: --build-at-floor builds the emulator around the --start-floor adapter: pass both")
     model, tok = load_model(MODEL)
     cfg = TrainConfig(lr=a.lr, epochs=a.epochs, batch_size=8, micro_batch_size=8, schedule="linear", warmup_ratio=0.0,
                       checkpoint_every=None, evals_per_epoch=1)
     settings = TuneSettings(adapter=a.adapter, train=cfg)
     at = None
     if a.build_at_floor:
-        if not a.start_floor:
-            raise SystemExit("error: --build-at-floor builds the emulator around the --start-floor adapter: pass both")
         t1 = time.time()
         at = (a.start_floor, floor_state(model, tok, a.start_floor, settings, a.tune == "bottom", layers))
         floor_s = time.time() - t1
