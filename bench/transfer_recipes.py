@@ -39,7 +39,8 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
   adapter is plugged in. Named ``+start=floor(SOURCE:N)``. Asks whether the emulator can carry what
   lies beyond the floor once the owner has handled the format. ``--build-at-floor`` also builds the
   emulator with that adapter in the full model (``gradmatch`` then matches the adapter's gradient
-  where the data owner starts; cached apart, ``KIND@floor-SOURCE-N``); named ``... (emulator built there)``.
+  where the data owner starts; cached apart, the bundle named ``..._floor-SOURCE-N``); named
+  ``... (emulator built there)``.
 * ``--repair SOURCE:N:lm|kl`` — the owner first tunes the adapter on the emulator with ``N`` public QA
   pairs (the *last* ``N`` of ``SOURCE``'s training split; LM loss on the answers, or KL to the full
   model's next-token distribution on every token), ships that adapter, and plugs in only the data
@@ -214,39 +215,39 @@ def build(kind: str, model, tok, layers, at: tuple[str, dict] | None = None):
     (``gradmatch``) does so around that one, and the emulator ships it."""
     import typing
     import dataclasses
+    from contextlib import nullcontext
 
     from offsite.bundle import load_emulator, save_emulator
     from offsite.emulator import all_methods, build_emulator
     from offsite.gradients import adapter_written
 
-    if at is not None:
-        identity = {i: i for i in range(N_LAYERS)}
-        with adapter_written(model, identity, at[1]):
-            return build(kind + f"@floor-{at[0].replace(':', '-')}", model, tok, layers)
-    kind, _, where = kind.partition("@")
-    base, o = _opts(kind)
-    if base == "uniform":
-        return build_emulator("uniform", model, tok, MODEL, layers, keep=int(o["keep"]))
-    if base == "prune":
-        return build_prune(model, tok, layers, width=int(o.get("width", 511)), n_seq=int(o.get("nseq", 48)),
-                           ridge=float(o.get("ridge", 1e-2)), refit_attn=o.get("attn", "1") == "1",
-                           skip_first=o.get("skip", "1") == "1", weight=o.get("w", "none"), qa=int(o.get("qa", 0)))
-    if base in all_methods():
-        cls = all_methods()[base].options_cls
-        hints = typing.get_type_hints(cls)
-        types = {f.name: next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
-                 for f in dataclasses.fields(cls)}
-        unknown = sorted(set(o) - set(types))
-        if unknown:
-            raise SystemExit(f"error: {base} has no option(s) {', '.join(unknown)}")
-        cached = EMULATORS / f"{kind.replace(':', '_').replace('=', '-')}_{layers[0]}-{layers[1]}{where and '_' + where}"
-        if (cached / "manifest.json").exists():
-            return load_emulator(cached)
-        emu = build_emulator(base, model, tok, MODEL, layers, **{k: types[k](v) for k, v in o.items()})
-        save_emulator(emu, cached)
-        return emu
-    raise SystemExit(f"error: unknown emulator {kind!r} (uniform:keep=K, prune:width=W..., or a registered "
-                     "method with its options)")
+    # the full model holds the original block i at position i
+    within = adapter_written(model, {i: i for i in range(N_LAYERS)}, at[1]) if at else nullcontext()
+    suffix = f"_floor-{at[0].replace(':', '-')}" if at else ""
+    with within:
+        base, o = _opts(kind)
+        if base == "uniform":
+            return build_emulator("uniform", model, tok, MODEL, layers, keep=int(o["keep"]))
+        if base == "prune":
+            return build_prune(model, tok, layers, width=int(o.get("width", 511)), n_seq=int(o.get("nseq", 48)),
+                               ridge=float(o.get("ridge", 1e-2)), refit_attn=o.get("attn", "1") == "1",
+                               skip_first=o.get("skip", "1") == "1", weight=o.get("w", "none"), qa=int(o.get("qa", 0)))
+        if base in all_methods():
+            cls = all_methods()[base].options_cls
+            hints = typing.get_type_hints(cls)
+            types = {f.name: next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+                     for f in dataclasses.fields(cls)}
+            unknown = sorted(set(o) - set(types))
+            if unknown:
+                raise SystemExit(f"error: {base} has no option(s) {', '.join(unknown)}")
+            cached = EMULATORS / f"{kind.replace(':', '_').replace('=', '-')}_{layers[0]}-{layers[1]}{suffix}"
+            if (cached / "manifest.json").exists():
+                return load_emulator(cached)
+            emu = build_emulator(base, model, tok, MODEL, layers, **{k: types[k](v) for k, v in o.items()})
+            save_emulator(emu, cached)
+            return emu
+        raise SystemExit(f"error: unknown emulator {kind!r} (uniform:keep=K, prune:width=W..., or a registered "
+                         "method with its options)")
 
 
 def middle_fraction(emu, model, layers) -> float:
