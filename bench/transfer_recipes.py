@@ -82,6 +82,7 @@ from pathlib import Path
 import torch
 
 from offsite.assist import DEFAULT_SOURCE, MATCHED_SOURCE
+from offsite.report import fill_generated as fill
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
@@ -754,17 +755,6 @@ def cmd_collect(a) -> None:
         text = fill(text, "methods", methods_markdown(out))
         doc.write_text(text)
         print(f"refreshed the tables of {doc}")
-
-
-def fill(text: str, name: str, content: str) -> str:
-    """``text`` with what lies between ``<!-- begin generated: NAME ... -->`` and ``<!-- end
-    generated: NAME -->`` replaced by ``content`` (the markers stay); unchanged without them."""
-    import re
-
-    m = re.search(rf"(<!-- begin generated: {name}\b[^\n]*-->\n)(.*?)(<!-- end generated: {name} -->)", text, re.S)
-    if m is None:
-        return text
-    return text[:m.start(2)] + content.rstrip("\n") + "\n" + text[m.end(2):]
 
 
 def _ranks(xs: list[float]) -> list[float]:

@@ -517,6 +517,15 @@ def report_markdown(report: dict) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def fill_generated(text: str, name: str, content: str) -> str:
+    """``text`` with what lies between ``<!-- begin generated: NAME ... -->`` and ``<!-- end
+    generated: NAME -->`` replaced by ``content`` (the markers stay); unchanged without them."""
+    m = re.search(rf"(<!-- begin generated: {name}\b[^\n]*-->\n)(.*?)(<!-- end generated: {name} -->)", text, re.S)
+    if m is None:
+        return text
+    return text[:m.start(2)] + content.rstrip("\n") + "\n" + text[m.end(2):]
+
+
 # --- plots --------------------------------------------------------------------------------------
 
 
@@ -675,6 +684,6 @@ def report_files(paths: list[str | Path], out: str | Path | None = None, tasks: 
     return report, written
 
 
-__all__ = ["ROWS", "ROW_TITLES", "block_markdown", "build_report", "load_results", "parse_exclude", "plot_bars",
+__all__ = ["ROWS", "ROW_TITLES", "block_markdown", "build_report", "fill_generated", "load_results", "parse_exclude", "plot_bars",
            "plot_privacy_utility", "readme_table", "report_files", "report_markdown", "summary_markdown",
            "write_report"]
