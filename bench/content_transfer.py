@@ -88,14 +88,13 @@ def split_rows(csv_path: Path) -> dict[str, list[dict]]:
 
 def write_split(folder: Path) -> dict[str, Path]:
     """Write (or reuse) the two JSONL files; their sha256 goes into the results."""
-    from offsite.files import write_text_atomic
+    from offsite.files import write_jsonl_atomic
 
     paths = {part: folder / f"rt_{part}.jsonl" for part in ("train", "eval")}
     if not all(p.exists() for p in paths.values()):
         rows = split_rows(fetch_reviews())
-        folder.mkdir(parents=True, exist_ok=True)
         for part, path in paths.items():
-            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows[part]))
+            write_jsonl_atomic(path, rows[part])
     return paths
 
 
@@ -146,7 +145,7 @@ def cmd_collect(a) -> int:
         records += [dict(r, recipe=run.name, command=res["meta"]["command"]) for r in res["records"]]
         cells = [_acc(res["records"], row) for row in ("full_zs", "emu_ft", "plugin", "ceiling", "floor")]
         t, tb = _acc(res["records"], "plugin", "transfer"), _acc(res["records"], "plugin", "transfer_beyond_floor")
-        mid = cells[1]["setting"] if cells[1] else {}
+        mid = cells[1]["setting"]  # emu_ft and plugin: in every finished run
         probe = next((r for r in res["records"] if r["row"] == "probe" and r["metric"] == "grad_cos"), None)
         lines.append(f"| `{run.name}` | " + " | ".join(f"{100 * c['value']:.1f}" if c else "–" for c in cells)
                      + f" | {100 * (cells[2]['value'] - cells[1]['value']):+.1f} | "

@@ -59,12 +59,6 @@ def csqa_rows(work: Path) -> list[dict]:
     return sorted(rows, key=lambda r: hashlib.sha256(f"csqa/{r['id']}".encode()).hexdigest())
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from offsite.files import write_text_atomic
-
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -91,7 +85,7 @@ def _main(args) -> int:
 
     from offsite.bundle import load_adapter, load_emulator_manifest
 
-    from offsite.files import write_json_atomic, write_text_atomic
+    from offsite.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
     from offsite.cli import main as offsite
     from offsite.data.own import load_own_task
     from offsite.eval import evaluate
@@ -104,8 +98,8 @@ def _main(args) -> int:
         rows = csqa_rows(Path(tmp))
     if args.eval + args.train > len(rows):
         raise OffsiteError(f"--eval + --train is more than the {len(rows)} questions")
-    write_jsonl(out / "csqa.jsonl", rows[:args.eval])
-    write_jsonl(out / "train.jsonl", rows[args.eval:args.eval + args.train])
+    write_jsonl_atomic(out / "csqa.jsonl", rows[:args.eval])
+    write_jsonl_atomic(out / "train.jsonl", rows[args.eval:args.eval + args.train])
 
     # 2. the command line, as a data owner types it
     argv = ["run", "--model", args.model, "--data", str(out / "train.jsonl"), "--eval-data", str(out / "csqa.jsonl"),

@@ -166,6 +166,11 @@ def write_json_atomic(path: str | Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_jsonl_atomic(path: str | Path, rows, ensure_ascii: bool = True) -> None:
+    """Write ``rows`` as JSON Lines (one object a line), atomically as :func:`write_text_atomic`."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows))
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
     path = Path(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import write_json_atomic, write_text_atomic
+from ..files import write_json_atomic, write_jsonl_atomic
 from ..errors import OffsiteError
 
 SCHEMES = ("iid", "dirichlet")
@@ -135,6 +135,6 @@ def write_shards(shards: Shards, out: str | Path, overwrite: bool = False) -> Pa
         raise OffsiteError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     for k, recs in enumerate(shards.records):
-        write_text_atomic(out / f"client-{k}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+        write_jsonl_atomic(out / f"client-{k}.jsonl", recs, ensure_ascii=False)
     write_json_atomic(out / "partition.json", shards.info)
     return out
