@@ -218,3 +218,47 @@ def test_tuned_adapter_goes_back_into_its_emulator_only(tokenizer, tmp_path):
     assert torch.equal(logits(again.model), logits(tuned.model))
     with pytest.raises(BundleError, match="another emulator"):
         plug_into_emulator(load_emulator(tmp_path / "emu3"), load_adapter(tmp_path / "ad"))
+
+
+def test_plug_check_data_scores_before_and_after_and_refuses_harm(tiny_dir, tmp_path, monkeypatch, capsys):
+    import offsite.eval as ev
+    from offsite.cli import main
+    from offsite.data.own import load_own_task
+    from offsite.models.load import load_model
+
+    rows = [{"question": f"Which is {w}?", "choices": ["red", "blue", "green"], "answer": c}
+            for w, c in (("sky", "blue"), ("grass", "green"), ("blood", "red"), ("sea", "blue"))]
+    mc = tmp_path / "check.jsonl"
+    mc.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS))
+    assert main(["emulate", "--model", str(tiny_dir), "--keep", "1", "--no-probe", "--out", str(tmp_path / "emu")]) == 0
+    assert main(["tune", "--emulator", str(tmp_path / "emu"), "--data", str(data), "--out", str(tmp_path / "ad"),
+                 "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2"]) == 0
+    capsys.readouterr()
+    plug = ["plug", "--model", str(tiny_dir), "--adapter", str(tmp_path / "ad"), "--emulator", str(tmp_path / "emu"),
+            "--check-data", str(mc)]
+    code = main(plug + ["--out", str(tmp_path / "p1")])
+    out = capsys.readouterr().out
+    model, tok = load_model(str(tiny_dir))
+    zs = ev.evaluate(model, tok, load_own_task(mc), progress=False)["acc"]
+    assert f"check on 4 rows of {mc}: Full ZS {100 * zs:.1f}, Plug-in" in out
+    assert (tmp_path / "p1").is_dir() == (code == 0)
+    # an adapter that makes every row wrong: refused, nothing written
+    real = ev.evaluate
+    calls = []
+
+    def rigged(model, tokenizer, task, **kw):
+        res = real(model, tokenizer, task, **kw)
+        calls.append(1)
+        for d in res["details"]:
+            d["pred"] = d["gold"] if len(calls) == 1 else d["gold"] + 1
+        return res
+
+    monkeypatch.setattr(ev, "evaluate", rigged)
+    assert main(plug + ["--out", str(tmp_path / "p2")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "100.0 ± 0.0 points below Full ZS on check" in errors[0] and "nothing written" in errors[0]
+    assert not (tmp_path / "p2").exists()
+    assert main(plug + ["--out", str(tmp_path / "p3"), "--peft"]) == 2

@@ -14,7 +14,7 @@ from offsite.emulator import build_emulator
 from offsite.errors import OffsiteError
 from offsite.models.families import get_blocks
 from offsite.probe import ProbeOptions, attach_probe, probe, probe_records
-from offsite.stats import paired, transfer
+from offsite.stats import paired, paired_seeds, transfer, transfer_seeds
 from offsite.data.tokenize import tokenize_text
 from offsite.train import causal_lm_loss, collate
 
@@ -61,6 +61,34 @@ def test_transfer_over_tasks_averages_numerator_and_denominator():
     assert t["value"] == pytest.approx(((1 + 1 / 3) / 2) / 1.0)
     with pytest.raises(ValueError):
         transfer([[1]], [[0, 1]], [[1]])
+
+
+def test_paired_seeds_adds_the_seed_variance_to_the_documents():
+    a = [[1, 1, 0, 1], [0, 1, 0, 1]]  # two seeds on the same four documents
+    b = [0, 1, 0, 0]  # seed-independent (Full ZS)
+    mean, se = paired_seeds(a, b)
+    # seed-averaged a = .5, 1, 0, 1: d = .5, 0, 0, 1 (mean .375); per seed: .5, .25
+    d = [0.5, 0, 0, 1]
+    var_doc = sum((x - 0.375) ** 2 for x in d) / 3 / 4
+    assert mean == pytest.approx(0.375)
+    assert se == pytest.approx(math.sqrt(var_doc + ((0.5 - 0.375) ** 2 + (0.25 - 0.375) ** 2) / 2))
+    # one seed: the paired standard error alone
+    assert paired_seeds([a[0]], b) == pytest.approx(paired(a[0], b))
+    with pytest.raises(ValueError):
+        paired_seeds(a, [[0, 1, 0, 0]] * 3)  # three seeds against two
+
+
+def test_transfer_seeds_is_the_transfer_of_seed_means_with_a_wider_interval():
+    zs = [0, 0, 0, 0, 1, 1]
+    ceil = [[1, 1, 1, 0, 1, 1], [1, 1, 0, 1, 1, 1]]
+    plug = [[1, 0, 1, 0, 1, 1], [0, 0, 0, 0, 1, 0]]
+    t = transfer_seeds(plug, zs, ceil)
+    avg = lambda rows: [sum(c) / len(rows) for c in zip(*rows)]  # noqa: E731
+    one = transfer([avg(plug)], [zs], [avg(ceil)])
+    assert t["value"] == pytest.approx(one["value"]) and t["seeds"] == 2
+    assert t["per_seed"] == pytest.approx([transfer([p], [zs], [c])["value"] for p, c in zip(plug, ceil)])
+    assert t["stderr"] > one["stderr"] and t["plugin_gain_stderr"] > one["plugin_gain_stderr"]
+    assert transfer_seeds([zs, zs], zs, [zs, zs])["value"] is None  # no gain, no ratio
 
 
 # --- the probe -------------------------------------------------------------------------------
@@ -250,3 +278,16 @@ def test_run_without_ceiling_writes_no_transfer(tok, tmp_path, monkeypatch):
     assert "ceiling" not in rows and "probe" not in rows
     assert not any(r["metric"] == "transfer" for r in res.records)
     assert any("--no-ceiling" in n for n in res.notes)
+
+
+def test_harm_note_only_beyond_two_standard_errors():
+    from offsite.harm import harm_note
+
+    zs = [1] * 40 + [0] * 10
+    worse = [0] * 20 + [1] * 20 + [0] * 10  # 20 documents lost: far beyond noise
+    note = harm_note({"plugin": {"t": worse}, "full_zs": {"t": zs}}, "t")
+    assert note and "40.0" in note and "below Full ZS on t" in note
+    slightly = [0] + [1] * 39 + [0] * 10  # one document lost: noise
+    assert harm_note({"plugin": {"t": slightly}, "full_zs": {"t": zs}}, "t") is None
+    assert harm_note({"plugin": {"t": zs}, "full_zs": {"t": worse}}, "t") is None  # better: no warning
+    assert harm_note({"full_zs": {"t": zs}}, "t") is None  # not multiple choice: no per-document scores

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulator", help="the emulator bundle the adapter should have been tuned on (checked)")
     p.add_argument("--out", required=True, help="output directory (a plain Hugging Face model)")
     p.add_argument("--peft", action="store_true", help="LoRA only: write a PEFT adapter for the full model instead")
+    p.add_argument("--check-data", metavar="FILE", help="a multiple-choice file of the owner's: score the model "
+                   "before and after the plug-in on it and write nothing if the adapter makes it worse beyond noise")
+    p.add_argument("--check-limit", type=int, metavar="N", help="with --check-data: its first N rows (default: all)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("eval", help="evaluate a model or an emulator on a task")
@@ -321,10 +324,30 @@ def cmd_plug(args) -> None:
     from .plug import plug_to_dir
 
     check_new_path(args.out, args.overwrite)
+    check = None
+    if args.check_data:
+        from .data.own import resolve_task
+
+        if args.peft:
+            raise OffsiteError("--check-data scores the plugged model; it does not apply to --peft")
+        if args.check_limit is not None and args.check_limit < 1:
+            raise OffsiteError(f"--check-limit must be >= 1 (got {args.check_limit})")
+        task = resolve_task(args.check_data)  # read the file before any model work
     bundle = load_adapter(args.adapter)  # check what the peer sent before any heavy work
     model, tokenizer = load_model(args.model)
+    if args.check_data:
+        from .harm import check_data
+
+        before, _ = load_model(args.model)
+
+        def check(plugged):
+            c = check_data(before, plugged, tokenizer, task, args.check_limit)
+            print(f"check on {c['n']} rows of {args.check_data}: Full ZS {100 * c['full_zs']:.1f}, Plug-in "
+                  f"{100 * c['plugin']:.1f} ({100 * c['diff']:+.1f} ± {100 * c['stderr']:.1f})")
+            if c["harm"]:
+                raise OffsiteError(c["harm"] + "; nothing written")
     out = plug_to_dir(model, tokenizer, bundle, args.out, emulator_dir=args.emulator,
-                      overwrite=args.overwrite, peft_format=args.peft)
+                      overwrite=args.overwrite, peft_format=args.peft, check=check)
     print(f"wrote {out}")
 
 

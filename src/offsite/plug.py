@@ -57,8 +57,11 @@ def plug_into_emulator(emu, bundle: AdapterBundle):
 
 
 def plug_to_dir(model, tokenizer, adapter: AdapterBundle | str | Path, out: str | Path, emulator_dir=None,
-                overwrite: bool = False, peft_format: bool = False) -> Path:
+                overwrite: bool = False, peft_format: bool = False, check=None) -> Path:
     """Plug an adapter bundle into ``model`` and save the result as a Hugging Face directory.
+
+    ``check``: called with the plugged model before anything is written (it raises to refuse it;
+    ``offsite plug --check-data``, :mod:`offsite.harm`).
 
     With ``peft_format`` (LoRA only) the output is a PEFT adapter directory for the full model
     (``adapter_config.json`` + ``adapter_model.safetensors``) instead of merged weights.
@@ -74,6 +77,8 @@ def plug_to_dir(model, tokenizer, adapter: AdapterBundle | str | Path, out: str 
             peft_model.save_pretrained(tmp)
         return Path(out)
     plugged = plug(model, bundle, manifest)
+    if check is not None:
+        check(plugged)
     with atomic_dir(out, overwrite) as tmp:
         plugged.config.use_cache = True
         plugged.save_pretrained(tmp)

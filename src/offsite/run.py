@@ -42,6 +42,7 @@ from .data.own import OwnTask, resolve_task, task_name
 from .emulator import Emulator, build_emulator
 from .errors import DataUnavailable, OffsiteError
 from .files import check_parent, write_text_atomic
+from .harm import harm_note
 from .models.load import load_model
 from .plug import plug
 from .probe import attach_probe, probe_records
@@ -246,6 +247,11 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
                                                     scores.setdefault("plugin", {})))
     add("plugin", res, dt)
     plugged = None
+    harm = harm_note(scores, name)
+    if harm:
+        log(f"[offsite] WARNING: {harm}")
+        result.notes.insert(0, f"WARNING: {harm}")
+        _save(result, out)
     if ceiling:
         rec = transfer_record(scores, name, base)
         if name not in scores["full_zs"]:

@@ -16,6 +16,13 @@ with ``a_i = plugin_i − zs_i``, ``b_i = ceiling_i − zs_i`` and ``T = mean(a)
 the numerator and denominator are the averages of the per-task means, and the variance adds up
 task by task. A ceiling whose gain is within noise of zero makes the ratio meaningless; callers
 report it only where the ceiling's gain is at least two standard errors.
+
+**Over training seeds** (:func:`paired_seeds`, :func:`transfer_seeds`) a row is scored once per seed on
+the same documents. The estimate is the statistic of the seed-averaged rows; its standard error adds
+two parts: the documents' (the paired standard error above, on the seed-averaged per-document scores)
+and the seeds' (the variance of the per-seed statistics over the seeds, divided by their number).
+The seed part also holds some document noise, so the sum errs on the wide side; with one seed it is
+the document part alone.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["above_noise", "paired", "transfer"]
+__all__ = ["above_noise", "paired", "paired_seeds", "transfer", "transfer_seeds"]
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -85,3 +92,47 @@ def transfer(plugin: Sequence[Sequence[float]], zs: Sequence[Sequence[float]],
     var = sum(_var([x - t * y for x, y in zip(a, b)]) / len(a) for a, b in parts) / k ** 2
     return {"value": t, "stderr": math.sqrt(var) / abs(big_b), "ceiling_gain": big_b,
             "ceiling_gain_stderr": gain_se, **gains, "n": n}
+
+
+def _seed_mean(rows: Sequence[Sequence[float]]) -> list[float]:
+    """Per-document means over seeds of one row (each seed's scores on the same documents)."""
+    _check(*rows)
+    return [sum(col) / len(rows) for col in zip(*rows)]
+
+
+def _seed_rows(rows, k: int) -> list:
+    """A row given once (seed-independent, like Full ZS) repeated for ``k`` seeds; else as given."""
+    rows = list(rows)
+    if rows and not isinstance(rows[0], (list, tuple)):
+        return [rows] * k
+    if len(rows) not in (1, k):
+        raise ValueError(f"a row has {len(rows)} seeds where the others have {k}")
+    return rows * k if len(rows) == 1 else rows
+
+
+def paired_seeds(a, b) -> tuple[float, float]:
+    """Mean and standard error (documents and seeds, module docstring) of ``a − b`` where each of ``a``
+    and ``b`` is a list of per-seed per-document scores, or one per-document list (seed-independent)."""
+    k = max(len(r) if r and isinstance(r[0], (list, tuple)) else 1 for r in (a, b))
+    a, b = _seed_rows(a, k), _seed_rows(b, k)
+    mean, se_doc = paired(_seed_mean(a), _seed_mean(b))
+    per_seed = [paired(x, y)[0] for x, y in zip(a, b)]
+    return mean, math.sqrt(se_doc ** 2 + _var(per_seed) / k)
+
+
+def transfer_seeds(plugin, base, ceiling) -> dict:
+    """:func:`transfer` of one task over training seeds: rows as in :func:`paired_seeds`. Adds
+    ``seeds`` (how many), ``per_seed`` (each seed's transfer) and the seed part of the standard error
+    to ``stderr`` and to the two gains' standard errors."""
+    k = max(len(r) if r and isinstance(r[0], (list, tuple)) else 1 for r in (plugin, base, ceiling))
+    plugin, base, ceiling = (_seed_rows(r, k) for r in (plugin, base, ceiling))
+    t = transfer([_seed_mean(plugin)], [_seed_mean(base)], [_seed_mean(ceiling)])
+    singles = [transfer([p], [z], [c]) for p, z, c in zip(plugin, base, ceiling)]
+    for key, part in (("plugin_gain", "plugin_gain"), ("ceiling_gain", "ceiling_gain")):
+        t[f"{key}_stderr"] = math.sqrt(t[f"{key}_stderr"] ** 2 + _var([s[part] for s in singles]) / k)
+    t["per_seed"] = [s["value"] for s in singles]
+    if t["value"] is not None:
+        known = [v for v in t["per_seed"] if v is not None]
+        t["stderr"] = math.sqrt(t["stderr"] ** 2 + (_var(known) / k if len(known) == k else math.inf))
+    t["seeds"] = k
+    return t

@@ -1,0 +1,225 @@
+"""Seeds on a content task: each row of the table scored once per (task, recipe, seed) and cached
+with its per-document correctness, so that a recipe's rows can be compared on the same documents
+and over seeds (docs/transfer.md).
+
+    python bench/content_seeds.py --task sentiment --recipe uniform:keep=13 --seeds 1 2 3
+
+Rows, under ``runs/content-seeds/<task>/``: ``full_zs`` (once), ``ceiling`` and ``floor-<source>``
+(once per seed), and per recipe and seed the Emulator FT and the Plug-in at plug-in strengths
+``--alphas`` (the plugged blocks are ``shipped + alpha * (tuned - shipped)``; 1 is the plain Plug-in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RUNS = ROOT / "runs" / "content-seeds"
+
+
+def parse_recipe(text: str) -> tuple[str, dict, dict]:
+    """``uniform:keep=13,blocks=bottom,lr=3e-5`` -> (method, method options, tuning options)."""
+    method, _, rest = text.partition(":")
+    opts, tune = {}, {}
+    for part in filter(None, rest.split(",")):
+        k, _, v = part.partition("=")
+        target = tune if k in ("blocks", "lr", "adapter", "epochs", "wd", "l2sp", "r") else opts
+        try:
+            target[k] = int(v)
+        except ValueError:
+            try:
+                target[k] = float(v)
+            except ValueError:
+                target[k] = v
+    return method, opts, tune
+
+
+def scores_of(model, tokenizer, task) -> list[float]:
+    from offsite.eval import evaluate
+
+    res = evaluate(model, tokenizer, task, batch_size=32, return_details=True, progress=False)
+    return [float(d["pred"] == d["gold"]) for d in res["details"]]
+
+
+def cached(path: Path, fn):
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    value = fn()
+    value["seconds"] = round(time.perf_counter() - t0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+    acc = {k: sum(v) / len(v) for k, v in value.items() if isinstance(v, list) and v}
+    print(f"{path.relative_to(RUNS)}: " + " ".join(f"{k}={100 * a:.1f}" for k, a in acc.items())
+          + f" ({value['seconds']}s)", flush=True)
+    return value
+
+
+def settings_for(seed: int, tune: dict):
+    from offsite.budget import preset
+    from offsite.adapters import LoraOptions
+
+    s = preset("paper").tune_settings(progress=False)
+    train = replace(s.train, seed=seed, lr=tune.get("lr", s.train.lr), epochs=tune.get("epochs", s.train.epochs),
+                    weight_decay=tune.get("wd", 0.0))
+    s = replace(s, train=train, blocks=tune.get("blocks", "all"), adapter=tune.get("adapter", "full"))
+    if s.adapter == "lora":
+        s = replace(s, lora=LoraOptions(r=int(tune.get("r", 8)), alpha=2 * int(tune.get("r", 8))))
+    return s
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="sentiment")
+    ap.add_argument("--train", help="training JSONL (default: the sentiment split)")
+    ap.add_argument("--eval", help="evaluation JSONL")
+    ap.add_argument("--floor", action="append", default=[], help="public pairs for a floor (task name or file)")
+    ap.add_argument("--recipe", action="append", default=[])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.5])
+    ap.add_argument("--no-ceiling", action="store_true")
+    ap.add_argument("--model", default="smollm2-135m")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from safetensors.torch import save_file
+
+    from offsite import adapters
+    from offsite.bundle import load_emulator, save_emulator
+    from offsite.data.own import load_own_task
+    from offsite.emulator import build_emulator
+    from offsite.models.load import load_model
+    from offsite.plug import plug
+    from offsite.run import public_pairs_of, tune_ceiling
+    from offsite.tune import file_data, task_data, tune_adapter
+
+    torch.set_num_threads(1)
+    if a.train is None:
+        from bench.content_transfer import write_split
+
+        paths = write_split(ROOT / "runs" / "content-transfer" / "data")
+        a.train, a.eval = str(paths["train"]), str(paths["eval"])
+    task = load_own_task(a.eval)
+    data = file_data(a.train)
+    out = RUNS / a.task
+    model, tok = load_model(a.model)
+    layers = (2, 2)
+    cached(out / "full_zs.json", lambda: {"acc": scores_of(model, tok, task)})
+    for seed in a.seeds:
+        if not a.no_ceiling:
+            def ceiling():
+                em, _ = tune_ceiling(model, tok, a.model, layers, data, settings_for(seed, {}), out / "work")
+                return {"acc": scores_of(em.model, tok, task)}
+            cached(out / f"ceiling-s{seed}.json", ceiling)
+        for source in a.floor:
+            name = Path(source).stem
+            def floor():
+                pub = public_pairs_of(task_data(source), len(data.items))
+                em, _ = tune_ceiling(model, tok, a.model, layers, pub, settings_for(seed, {}), out / "work")
+                return {"acc": scores_of(em.model, tok, task)}
+            cached(out / f"floor-{name}-s{seed}.json", floor)
+    for recipe in a.recipe:
+        method, opts, tune = parse_recipe(recipe)
+        emu_dir = out / "emulators" / (f"{method}-" + "-".join(f"{k}{v}" for k, v in sorted(opts.items())))
+        if not (emu_dir / "manifest.json").exists():
+            t0 = time.perf_counter()
+            built = build_emulator(method, model, tok, a.model, layers, **opts)
+            save_emulator(built, emu_dir, overwrite=True)
+            print(f"built {emu_dir.name} in {time.perf_counter() - t0:.0f}s", flush=True)
+            del built
+        manifest = json.loads((emu_dir / "manifest.json").read_text())
+        for seed in a.seeds:
+            def one():
+                emu = load_emulator(emu_dir)
+                settings = settings_for(seed, tune)
+                if tune.get("blocks") == "top":  # experiment: freeze the bottom adapter blocks instead
+                    import offsite.tune as tune_mod
+                    from offsite.models.families import get_blocks
+
+                    def freeze_bottom(e):
+                        blocks, n_bottom = get_blocks(e.model), e.adapter_layers[0]
+                        for pos, src in e.adapter_positions.items():
+                            if src < n_bottom:
+                                for p in blocks[pos].parameters():
+                                    p.requires_grad_(False)
+                    tune_mod.freeze_top = freeze_bottom
+                    settings = replace(settings, blocks="bottom")
+                bundle, result = tune_adapter(emu, data, settings, None)
+                cell = out / recipe.replace(":", "_").replace(",", "_")
+                cell.mkdir(parents=True, exist_ok=True)
+                save_file(bundle.state, str(cell / f"s{seed}.adapter.safetensors"))
+                rec = {"emu_ft": scores_of(emu.model, emu.tokenizer, task), "steps": result.steps,
+                       "best_step": result.best_step}
+                shipped = {k: v.clone() for k, v in adapters.extract(model, {s: s for s in bundle.sources}, "full").items()} \
+                    if bundle.kind == "full" else None
+                for alpha in a.alphas:
+                    if bundle.kind == "full":
+                        st = {k: shipped[k] + alpha * (t - shipped[k]) for k, t in bundle.state.items()}
+                        b = replace(bundle, state=st)
+                    elif alpha == 1.0:
+                        b = bundle
+                    else:
+                        continue
+                    fresh, _ = load_model(a.model)
+                    rec[f"plugin@{alpha:g}"] = scores_of(plug(fresh, b, manifest), tok, task)
+                return rec
+            cached(out / recipe.replace(":", "_").replace(",", "_") / f"s{seed}.json", one)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def collect(task: str = "sentiment") -> dict:
+    """Every cached cell of ``task`` -> a results dict (records with per-seed values) and a table."""
+    from offsite.stats import paired_seeds, transfer_seeds
+
+    out = RUNS / task
+    zs = json.loads((out / "full_zs.json").read_text())["acc"]
+    ceilings = {int(p.stem.split("-s")[1]): json.loads(p.read_text())["acc"] for p in out.glob("ceiling-s*.json")}
+    records, lines = [], []
+    for cell in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "emulators"):
+        runs = {int(p.stem[1:]): json.loads(p.read_text()) for p in cell.glob("s*.json")}
+        seeds = sorted(runs)
+        for key in sorted({k for r in runs.values() for k in r if k.startswith("plugin@")}):
+            have = [s for s in seeds if key in runs[s]]
+            plug = [runs[s][key] for s in have]
+            emu_ft = [runs[s]["emu_ft"] for s in have]
+            diff, se = paired_seeds(plug, zs)
+            rec = {"task": task, "recipe": cell.name, "row": key, "seeds": have,
+                   "plugin": [sum(p) / len(p) for p in plug], "emu_ft": [sum(e) / len(e) for e in emu_ft],
+                   "plugin_minus_full_zs": diff, "stderr": se}
+            line = (f"| `{cell.name}` | {key.split('@')[1]} | {','.join(map(str, have))} | "
+                    + f"{100 * sum(rec['emu_ft']) / len(have):.1f} | "
+                    + " / ".join(f"{100 * v:.1f}" for v in rec["plugin"]) + f" | {100 * diff:+.1f} ± {100 * se:.1f} |")
+            if all(s in ceilings for s in have) and "blocks" not in cell.name and "adapter" not in cell.name:
+                t = transfer_seeds(plug, zs, [ceilings[s] for s in have])
+                rec["transfer"] = {k: t[k] for k in ("value", "stderr", "per_seed", "ceiling_gain",
+                                                     "ceiling_gain_stderr")}
+                line += f" {t['value']:.2f} ± {t['stderr']:.2f} |" if t["value"] is not None else " – |"
+            else:
+                line += " – |"
+            records.append(rec)
+            lines.append(line)
+    ceiling_rows = [ceilings[s] for s in sorted(ceilings)]
+    head = (f"Full ZS {100 * sum(zs) / len(zs):.1f} on {len(zs)} documents; ceiling (all four adapter blocks tuned on "
+            f"the full model) " + " / ".join(f"{100 * sum(c) / len(c):.1f}" for c in ceiling_rows)
+            + f" for seeds {', '.join(map(str, sorted(ceilings)))}" if ceilings else "")
+    if ceilings:
+        d, s = paired_seeds(ceiling_rows, zs)
+        head += f" (ceiling − Full ZS {100 * d:+.1f} ± {100 * s:.1f})"
+    table = (head + "\n\n| recipe | plug-in strength | seeds | Emulator FT | Plug-in per seed | Plug-in − Full ZS "
+             "| transfer |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+    return {"records": records, "table": table,
+            "ceiling": {"seeds": sorted(ceilings), "acc": [sum(c) / len(c) for c in ceiling_rows]},
+            "full_zs": sum(zs) / len(zs)}
