@@ -268,6 +268,9 @@ def test_mail_text_and_threads():
     assert body == "Cheap & fast"
     assert C.thread_key("RE: Fwd: re[2]: Hello  There") == "hello there"
     assert not C.english("\u4f60\u597d \u4f60\u597d") and C.english("plain words")
+    assert not C.english("\x1b$B<R\x1b(B \x1b$B0KElMM\x1b(B")  # ISO-2022-JP read as ASCII
+    # text as it is, not re-encoded (which would turn \u2019 into the six characters "\\u2019")
+    assert C.mail_text(_mail("Price", "the world\u2019s \u00a3250 deal"))[1] == "the world\u2019s \u00a3250 deal"
 
 
 def test_clip():
