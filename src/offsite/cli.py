@@ -1,6 +1,7 @@
 """The ``offsite`` command.
 
     offsite fetch                      fetch the embedded model and data into the cache
+    offsite fetch --content all --out DIR   build the content tasks' files (docs/content.md)
     offsite emulate --model M --method uniform --keep 8 --out DIR      (model owner)
     offsite tune --emulator DIR --task arc_easy --out DIR [--assist URL]   (data owner)
     offsite assist-serve --model M --emulator DIR                      (model owner, in the loop)
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="fetch the embedded model and the offline data into the cache")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", default="arc_easy", help="comma-separated tasks to fetch, or 'all'")
+    p.add_argument("--content", help="comma-separated content tasks, or 'all': build their train, eval and floor "
+                                     "files (docs/content.md) instead of fetching the model and the tasks")
+    p.add_argument("--out", help="where --content writes its files (default: the cache's content/ folder)")
 
     methods = all_methods()
     p = sub.add_parser("emulate", help="model owner: build an emulator bundle")
@@ -200,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_fetch(args) -> None:
+    if args.content:
+        return fetch_content(args.content, args.out)
+    if args.out:
+        raise OffsiteError("--out names where --content writes its files; give --content too")
     from .data.tasks import TASKS, load_task
     from .data.text import public_text
     from .models.load import resolve_model_path
@@ -209,6 +217,28 @@ def cmd_fetch(args) -> None:
     for t in tasks:
         print(f"task {t}: {len(load_task(t, 'train'))} train / {len(load_task(t, 'eval'))} eval documents")
     print(f"public text: {len(public_text('train'))} train / {len(public_text('heldout'))} held-out documents")
+
+
+def fetch_content(names: str, out: str | None) -> None:
+    from .data.cache import cache_dir
+    from pathlib import Path
+
+    from .data.content import build_content_task, content_task, content_tasks
+    from .files import sha256_file
+
+    chosen = content_tasks() if names == "all" else [n for n in names.split(",") if n]
+    for name in chosen:
+        content_task(name)  # an unknown name fails before anything is built
+    folder = Path(out) if out else cache_dir() / "content"
+    for name in chosen:
+        task = content_task(name)
+        print(f"content {name}: {task.what} ({task.source.describe() if task.source else 'generated'})")
+        for part, path in build_content_task(name, folder).items():
+            if path is None:
+                print(f"content {name} {part}: no matched floor ({content_task(name).floor_why})")
+                continue
+            rows = sum(1 for _ in path.open(encoding="utf-8"))
+            print(f"content {name} {part}: {path} ({rows} rows, sha256 {sha256_file(path)[:12]})")
 
 
 def cmd_emulate(args) -> None:

