@@ -40,11 +40,21 @@ def parse_recipe(text: str) -> tuple[str, dict, dict]:
     return method, opts, tune
 
 
-def scores_of(model, tokenizer, task) -> list[float]:
+LIMIT = None  # the first N evaluation documents (--limit)
+CALIB = None  # public inputs (an own task) every model is also scored on, labels unused (--calib)
+CALIB_N = 200
+
+
+def scored(model, tokenizer, task, row: str) -> dict:
+    """``{row: per-document correctness, row + ":lls": per-document log-likelihoods of the choices}``."""
     from offsite.eval import evaluate
 
-    res = evaluate(model, tokenizer, task, batch_size=32, return_details=True, progress=False)
-    return [float(d["pred"] == d["gold"]) for d in res["details"]]
+    res = evaluate(model, tokenizer, task, limit=LIMIT, batch_size=32, return_details=True, progress=False)
+    out = {row: [float(d["pred"] == d["gold"]) for d in res["details"]], row + ":lls": [d["lls"] for d in res["details"]]}
+    if CALIB is not None:
+        cal = evaluate(model, tokenizer, CALIB, limit=CALIB_N, batch_size=32, return_details=True, progress=False)
+        out[row + ":calib"] = [d["lls"] for d in cal["details"]]
+    return out
 
 
 def cached(path: Path, fn):
@@ -57,7 +67,7 @@ def cached(path: Path, fn):
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value))
     tmp.replace(path)
-    acc = {k: sum(v) / len(v) for k, v in value.items() if isinstance(v, list) and v}
+    acc = {k: sum(v) / len(v) for k, v in value.items() if isinstance(v, list) and v and ":" not in k}
     print(f"{path.relative_to(RUNS)}: " + " ".join(f"{k}={100 * a:.1f}" for k, a in acc.items())
           + f" ({value['seconds']}s)", flush=True)
     return value
@@ -87,7 +97,15 @@ def main(argv=None) -> int:
     ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.5])
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--limit", type=int, help="the first N evaluation documents")
+    ap.add_argument("--collect", metavar="DOC", nargs="?", const="",
+                    help="write bench/results/content-seeds-<task>.{json,md} from the cache (and the table in DOC)")
+    ap.add_argument("--calib", help="public inputs every model is also scored on (their labels unused)")
     a = ap.parse_args(argv)
+    global LIMIT, CALIB
+    LIMIT = a.limit
+    if a.collect is not None:
+        return write_collected(a.task, a.collect)
 
     import torch
 
@@ -109,23 +127,33 @@ def main(argv=None) -> int:
         paths = write_split(ROOT / "runs" / "content-transfer" / "data")
         a.train, a.eval = str(paths["train"]), str(paths["eval"])
     task = load_own_task(a.eval)
+    if a.calib:
+        CALIB = load_own_task(a.calib)
     data = file_data(a.train)
     out = RUNS / a.task
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_path.json").write_text(json.dumps({"path": str(Path(a.eval).resolve()), "limit": a.limit}))
     model, tok = load_model(a.model)
     layers = (2, 2)
-    cached(out / "full_zs.json", lambda: {"acc": scores_of(model, tok, task)})
+    cached(out / "full_zs.json", lambda: {"acc": scored(model, tok, task, "acc")["acc"]})
+    cached(out / "full_zs_lls.json", lambda: scored(model, tok, task, "full_zs"))
+    if CALIB is not None and "full_zs:calib" not in json.loads((out / "full_zs_lls.json").read_text()):
+        (out / "full_zs_lls.json").unlink()
+        cached(out / "full_zs_lls.json", lambda: scored(model, tok, task, "full_zs"))
     for seed in a.seeds:
         if not a.no_ceiling:
             def ceiling():
-                em, _ = tune_ceiling(model, tok, a.model, layers, data, settings_for(seed, {}), out / "work")
-                return {"acc": scores_of(em.model, tok, task)}
+                em, _ = tune_ceiling(model, tok, a.model, layers, data, settings_for(seed, {}), out / f"work-ceiling-s{seed}")
+                r = scored(em.model, tok, task, "acc")
+                return {"acc": r["acc"], "lls": r["acc:lls"]}
             cached(out / f"ceiling-s{seed}.json", ceiling)
         for source in a.floor:
             name = Path(source).stem
             def floor():
                 pub = public_pairs_of(task_data(source), len(data.items))
-                em, _ = tune_ceiling(model, tok, a.model, layers, pub, settings_for(seed, {}), out / "work")
-                return {"acc": scores_of(em.model, tok, task)}
+                em, _ = tune_ceiling(model, tok, a.model, layers, pub, settings_for(seed, {}), out / f"work-floor-{name}-s{seed}")
+                r = scored(em.model, tok, task, "acc")
+                return {"acc": r["acc"], "lls": r["acc:lls"]}
             cached(out / f"floor-{name}-s{seed}.json", floor)
     for recipe in a.recipe:
         method, opts, tune = parse_recipe(recipe)
@@ -140,6 +168,7 @@ def main(argv=None) -> int:
         for seed in a.seeds:
             def one():
                 emu = load_emulator(emu_dir)
+                rec = scored(emu.model, emu.tokenizer, task, "emu_zs")
                 settings = settings_for(seed, tune)
                 if tune.get("blocks") == "top":  # experiment: freeze the bottom adapter blocks instead
                     import offsite.tune as tune_mod
@@ -157,8 +186,8 @@ def main(argv=None) -> int:
                 cell = out / recipe.replace(":", "_").replace(",", "_")
                 cell.mkdir(parents=True, exist_ok=True)
                 save_file(bundle.state, str(cell / f"s{seed}.adapter.safetensors"))
-                rec = {"emu_ft": scores_of(emu.model, emu.tokenizer, task), "steps": result.steps,
-                       "best_step": result.best_step}
+                rec.update(scored(emu.model, emu.tokenizer, task, "emu_ft"), steps=result.steps,
+                           best_step=result.best_step)
                 shipped = {k: v.clone() for k, v in adapters.extract(model, {s: s for s in bundle.sources}, "full").items()} \
                     if bundle.kind == "full" else None
                 for alpha in a.alphas:
@@ -170,14 +199,39 @@ def main(argv=None) -> int:
                     else:
                         continue
                     fresh, _ = load_model(a.model)
-                    rec[f"plugin@{alpha:g}"] = scores_of(plug(fresh, b, manifest), tok, task)
+                    rec.update(scored(plug(fresh, b, manifest), tok, task, f"plugin@{alpha:g}"))
                 return rec
             cached(out / recipe.replace(":", "_").replace(",", "_") / f"s{seed}.json", one)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+def _argmax_acc(scores: list[list[float]], gold: list[int]) -> list[float]:
+    return [float(max(range(len(row)), key=row.__getitem__) == g) for row, g in zip(scores, gold)]
+
+
+def _choice_means(lls: list[list[float]]) -> list[float]:
+    return [sum(col) / len(col) for col in zip(*lls)]
+
+
+def derived_rows(run: dict, full: dict, gold: list[int]) -> dict:
+    """Rows computed from stored log-likelihoods, no new model work (docs/transfer.md):
+
+    * ``plugin@1+cal``: the Plug-in's choice scores shifted per label word so that their mean over the
+      owner's public inputs equals Full ZS's (the owner calibrates on public unlabelled text);
+    * ``proxy``: Full ZS's scores plus the emulator's change under the tuned adapter (Emulator FT −
+      Emulator ZS), centred per label word on the public inputs: the adaptation carried as a change
+      of predictions rather than of weights."""
+    out = {}
+    if "plugin@1:calib" in run and "full_zs:calib" in full:
+        ref, mine = _choice_means(full["full_zs:calib"]), _choice_means(run["plugin@1:calib"])
+        out["plugin@1+cal"] = _argmax_acc([[x + r - m for x, r, m in zip(row, ref, mine)]
+                                           for row in run["plugin@1:lls"]], gold)
+    if all(k in run for k in ("emu_zs:lls", "emu_ft:lls", "emu_zs:calib", "emu_ft:calib")):
+        centre = [a - b for a, b in zip(_choice_means(run["emu_ft:calib"]), _choice_means(run["emu_zs:calib"]))]
+        out["proxy"] = _argmax_acc([[f + (t - z) - c for f, t, z, c in zip(fr, tr, zr, centre)]
+                                    for fr, tr, zr in zip(full["full_zs:lls"], run["emu_ft:lls"], run["emu_zs:lls"])], gold)
+    return out
 
 
 def collect(task: str = "sentiment") -> dict:
@@ -186,12 +240,21 @@ def collect(task: str = "sentiment") -> dict:
 
     out = RUNS / task
     zs = json.loads((out / "full_zs.json").read_text())["acc"]
+    full = json.loads((out / "full_zs_lls.json").read_text()) if (out / "full_zs_lls.json").exists() else {}
+    gold = None
+    if full and (out / "eval_path.json").exists():  # the evaluation file the cells were scored on
+        from offsite.data.own import load_own_task
+
+        gold = [d.gold for d in load_own_task(json.loads((out / "eval_path.json").read_text())["path"]).docs][:len(zs)]
     ceilings = {int(p.stem.split("-s")[1]): json.loads(p.read_text())["acc"] for p in out.glob("ceiling-s*.json")}
     records, lines = [], []
     for cell in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "emulators"):
         runs = {int(p.stem[1:]): json.loads(p.read_text()) for p in cell.glob("s*.json")}
+        for r in runs.values():
+            if gold:
+                r.update(derived_rows(r, full, gold))
         seeds = sorted(runs)
-        for key in sorted({k for r in runs.values() for k in r if k.startswith("plugin@")}):
+        for key in sorted({k for r in runs.values() for k in r if (k.startswith("plugin@") or k == "proxy") and ":" not in k}):
             have = [s for s in seeds if key in runs[s]]
             plug = [runs[s][key] for s in have]
             emu_ft = [runs[s]["emu_ft"] for s in have]
@@ -199,7 +262,7 @@ def collect(task: str = "sentiment") -> dict:
             rec = {"task": task, "recipe": cell.name, "row": key, "seeds": have,
                    "plugin": [sum(p) / len(p) for p in plug], "emu_ft": [sum(e) / len(e) for e in emu_ft],
                    "plugin_minus_full_zs": diff, "stderr": se}
-            line = (f"| `{cell.name}` | {key.split('@')[1]} | {','.join(map(str, have))} | "
+            line = (f"| `{cell.name}` | {key.split('@')[1] if '@' in key else key} | {','.join(map(str, have))} | "
                     + f"{100 * sum(rec['emu_ft']) / len(have):.1f} | "
                     + " / ".join(f"{100 * v:.1f}" for v in rec["plugin"]) + f" | {100 * diff:+.1f} ± {100 * se:.1f} |")
             if all(s in ceilings for s in have) and "blocks" not in cell.name and "adapter" not in cell.name:
@@ -223,3 +286,29 @@ def collect(task: str = "sentiment") -> dict:
     return {"records": records, "table": table,
             "ceiling": {"seeds": sorted(ceilings), "acc": [sum(c) / len(c) for c in ceiling_rows]},
             "full_zs": sum(zs) / len(zs)}
+
+
+def write_collected(task: str, doc: str) -> int:
+    from offsite.files import write_json_atomic, write_text_atomic
+    from offsite.report import fill_generated
+    from offsite.results import meta
+
+    res = collect(task)
+    results = ROOT / "bench" / "results"
+    name = f"content-seeds-{task}"
+    write_json_atomic(results / f"{name}.json", {
+        "meta": {**meta(f"python bench/content_seeds.py --task {task} --collect"),
+                 "protocol": "each recipe tuned once per seed (preset paper: 1 epoch, batch 8, lr 1e-4, adapter 2,2); "
+                             "plug-in strength a: shipped + a * (tuned - shipped); intervals: documents' paired "
+                             "standard error on seed means plus the seeds' variance (offsite.stats.paired_seeds)"},
+        "full_zs": res["full_zs"], "ceiling": res["ceiling"], "records": res["records"]})
+    write_text_atomic(results / f"{name}.md", res["table"])
+    print(res["table"])
+    if doc:
+        path = Path(doc)
+        write_text_atomic(path, fill_generated(path.read_text(), name, res["table"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
