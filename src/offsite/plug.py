@@ -13,20 +13,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import adapters
-from .bundle import AdapterBundle, load_adapter, load_emulator_manifest, verify_adapter_fits
-from .errors import BundleError, OffsiteError
+from .bundle import AdapterBundle, check_adapter_scope, load_adapter, load_emulator_manifest, verify_adapter_fits
+from .errors import BundleError, OffsiteError, describe
 from .files import atomic_dir
+from .models.families import get_blocks
+from .safety import check_logits, check_tensor
 
 
 def plug(model, bundle: AdapterBundle, emulator_manifest: dict | None = None):
-    """Check that ``bundle`` fits ``model`` and write it in; returns the plugged model."""
-    verify_adapter_fits(bundle, model, emulator_manifest)
+    """Check that ``bundle`` fits ``model`` and the emulator it names (``emulator_manifest``, or the
+    owner's record of it), write it in, and check the result (every changed weight finite and
+    within its bound, finite logits on a probe input); returns the plugged model."""
+    bounds = verify_adapter_fits(bundle, model, emulator_manifest)
     try:
         plugged = adapters.apply(model, bundle.state, bundle.kind, bundle.lora)
-    except (KeyError, AttributeError, RuntimeError) as exc:
-        raise OffsiteError(f"adapter does not fit the model ({exc})") from exc
+    except (KeyError, AttributeError, RuntimeError, ValueError) as exc:
+        raise BundleError(f"adapter does not fit the model ({describe(exc)})") from exc
     plugged.eval()
+    check_plugged(plugged, dict(enumerate(get_blocks(plugged))), bounds, "the plugged model")
     return plugged
+
+
+def check_plugged(model, blocks: dict, bounds: dict[str, float], what: str) -> None:
+    """After plugging: each weight the adapter changed (``blocks.{index}.{name}``, ``blocks`` by
+    original index) is finite and within its bound, and ``model`` gives finite logits."""
+    for key, bound in bounds.items():
+        _, source, name = key.split(".", 2)
+        check_tensor(key, blocks[int(source)].get_parameter(name).detach(), what, bound)
+    check_logits(model, what)
 
 
 def plug_into_emulator(emu, bundle: AdapterBundle):
@@ -38,21 +52,19 @@ def plug_into_emulator(emu, bundle: AdapterBundle):
     manifest = emu.manifest or {}
     if not manifest.get("digest") or bundle.emulator_digest != manifest["digest"]:
         raise BundleError("adapter was tuned on another emulator (its emulator digest differs from this one's)")
-    if bundle.adapter_init_digest != manifest.get("adapter_init_digest"):
-        raise BundleError("adapter does not start from this emulator's adapter blocks (adapter digest differs)")
     position = {source: pos for pos, source in emu.adapter_positions.items()}
+    bounds = check_adapter_scope(bundle, manifest, {s: get_blocks(emu.model)[p] for s, p in position.items()})
     state = {}
     for key, t in bundle.state.items():
-        try:
-            _, source, name = key.split(".", 2)
-            state[f"blocks.{position[int(source)]}.{name}"] = t
-        except (ValueError, KeyError) as exc:
-            raise BundleError(f"adapter tensor {key} names no adapter block of this emulator") from exc
+        _, source, name = key.split(".", 2)
+        state[f"blocks.{position[int(source)]}.{name}"] = t
     try:
         emu.model = adapters.apply(emu.model, state, bundle.kind, bundle.lora)
-    except (KeyError, AttributeError, RuntimeError) as exc:
-        raise BundleError(f"adapter does not fit the emulator ({' '.join(str(exc).split())[:200]})") from exc
+    except (KeyError, AttributeError, RuntimeError, ValueError) as exc:
+        raise BundleError(f"adapter does not fit the emulator ({describe(exc)})") from exc
     emu.model.eval()
+    blocks = get_blocks(emu.model)
+    check_plugged(emu.model, {s: blocks[p] for s, p in position.items()}, bounds, "the emulator with the adapter")
     return emu
 
 
@@ -69,7 +81,11 @@ def plug_to_dir(model, tokenizer, adapter: AdapterBundle | str | Path, out: str 
         if bundle.kind != "lora":
             raise OffsiteError(f"--peft needs a LoRA adapter; this one is {bundle.kind!r}")
         verify_adapter_fits(bundle, model, manifest)
-        peft_model = adapters.lora_peft_model(model, bundle.state, bundle.lora)
+        try:
+            peft_model = adapters.lora_peft_model(model, bundle.state, bundle.lora)
+        except (KeyError, AttributeError, RuntimeError, ValueError) as exc:
+            raise BundleError(f"adapter does not fit the model ({describe(exc)})") from exc
+        check_logits(peft_model.eval(), "the model with the PEFT adapter")
         with atomic_dir(out, overwrite) as tmp:
             peft_model.save_pretrained(tmp)
         return Path(out)
