@@ -50,7 +50,7 @@ from .emulator import ADAPTER, ORIGINAL, Emulator, Slot, state_digest  # the pac
 from .emulator.core import BLOCK_KINDS
 from .errors import BundleError, OffsiteError, describe
 from .files import atomic_dir, read_json_file, sha256_file, write_json_atomic
-from .safety import check_header_dtypes, check_tensor, first_non_finite, magnitude_bound, read_header
+from .safety import check_header_dtypes, check_logits, check_tensor, first_non_finite, magnitude_bound, read_header
 from .models.families import family_of, get_blocks, num_blocks, set_blocks
 
 FORMAT_VERSION = 2  # 2: every file listed and digested, the manifest digested canonically
@@ -511,6 +511,7 @@ def load_emulator(path: str | Path) -> Emulator:
         raise BundleError(f"{path / EMULATOR_WEIGHTS}: tensor {bad!r} holds NaN or infinite values")
     model.eval()
     model.config.use_cache = False
+    check_logits(model, f"{path}: the emulator")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # the tokenizer files are the peer's: any failure to read them is a refusal
