@@ -183,16 +183,13 @@ def _limit_memory(extra: int = 4 << 30) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (size + extra, size + extra))
 
 
-CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
 def in_child(fn, timeout: float, prep=None, extra_memory: int = 4 << 30) -> dict:
     """Run ``fn()`` in a forked process (after ``prep()``, e.g. dropping root); ``{"status": "ok",
     "value"}``, ``{"status": "project_error" | "other_exception", "type", "message"}`` or
     ``{"status": "hang"}``; with ``rss_mb``, how far the process's peak memory rose above its start.
     A project error's ``one_line`` says whether the line the CLI prints of it (``error: `` and
     :func:`offsite.errors.one_line` of the message) is one line free of control characters."""
-    from offsite.errors import OffsiteError, one_line
+    from offsite.errors import CONTROL_CHARS, OffsiteError, one_line
 
     r, w = os.pipe()
     pid = os.fork()
@@ -207,7 +204,7 @@ def in_child(fn, timeout: float, prep=None, extra_memory: int = 4 << 30) -> dict
         except OffsiteError as exc:
             printed = f"error: {one_line(str(exc))}"
             out = {"status": "project_error", "type": type(exc).__name__, "message": printed[7:307],
-                   "one_line": not CONTROL.search(printed)}
+                   "one_line": not re.search(f"[{CONTROL_CHARS}]", printed)}
         except BaseException as exc:  # noqa: BLE001 - the point is to see every other exception
             out = {"status": "other_exception", "type": type(exc).__name__, "message": str(exc)[:300]}
         out["rss_mb"] = round(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start) / 2 ** 20, 1)

@@ -237,6 +237,10 @@ def test_an_adapter_cannot_reach_a_middle_block(world, tmp_path, capsys):
     cli_fails(capsys, plug_argv(world, ad, tmp_path / "p"), "adapter_layers [3, 2]", "[2, 2]")
     cli_fails(capsys, plug_argv(world, ad, tmp_path / "p", emulator=False), "adapter_layers [3, 2]")
     assert not (tmp_path / "p").exists()
+    from offsite.plug import plug_into_emulator
+
+    with pytest.raises(BundleError, match=r"adapter_layers \[3, 2\]"):  # eval --emulator --adapter
+        plug_into_emulator(load_emulator(world / "emu"), load_adapter(ad))
     # the split kept, block 2 smuggled in as an extra tensor of block 1's name space: no such tensor
     ad2 = copy(world, "lora", tmp_path)
     forge(ad2, lambda s: s.update({"blocks.1.mlp.extra.lora_A.weight": torch.zeros(8, 32)}))
@@ -280,6 +284,9 @@ def test_a_huge_exponent_in_a_free_field_is_one_line(world, tmp_path, capsys):
         refused(load_adapter, ad, "training.forged", "64-bit")
     with pytest.raises(BundleError, match="canonical JSON"):
         manifest_digest({"x": float("inf")})
+    emu = copy(world, "emu", tmp_path)  # a count without an upper bound in the schema: still 64 bits
+    edit_manifest(emu, lambda m: m["base"].update(middle_params=2 ** 64))
+    refused(load_emulator_manifest, emu, "base.middle_params", "64 bits")
 
 
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2", "int64", "bool", "complex64", "float64"])
@@ -321,6 +328,8 @@ def test_one_line_escapes_what_a_peer_wrote(world, tmp_path, capsys):
     edit_manifest(ad, lambda m: m.update({"x\nerror: all fine\x1b[2J\u2028": 1}))
     err = cli_fails(capsys, plug_argv(world, ad, tmp_path / "p"), "unknown field", "\\n", "\\x1b[2J", "\\u2028")
     assert "\x1b" not in err and "\u2028" not in err
+    edit_manifest(ad, lambda m: (m.pop("x\nerror: all fine\x1b[2J\u2028"), m["base"].update(name="tiny\x9b2J")))
+    refused(load_adapter, ad, "base.name", "short string")
     assert one_line("a\r\nb\x00\x9b\u202e") == "a\\r\\nb\\x00\\x9b\\u202e"
     assert describe(RuntimeError("size mismatch for\n  lora_A:\n\tcopying")) == \
         "RuntimeError: size mismatch for lora_A: copying"

@@ -25,8 +25,12 @@ manifest it is checked against a declared schema (types, ranges, a layer map con
 symlinks, FIFOs or devices), JSON strictly and within size and depth limits. The emulator's
 digest and the adapter's starting digest tie an adapter to the emulator and the model it was tuned
 for. (A peer can of course recompute digests: they guard against accidents, mix-ups and edits
-after the fact, and change the bundle's identity; the owner-side checks in :mod:`offsite.plug`
-check shapes against the owner's own model.)
+after the fact, and change the bundle's identity.) What an adapter may change is fixed on the
+owner's side (:func:`check_adapter_scope`): the split, blocks, kind and tensors of the emulator it
+names, from that emulator's manifest or the owner's record of the emulators it wrote
+(:func:`record_emulator`, kept by :func:`save_emulator`); every tensor is checked by
+:mod:`offsite.safety` (dtype from the header, finite, magnitude bound) and sizes a manifest states
+(a LoRA rank) against the weights file's header before anything is allocated.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from . import __version__
 from .adapters import KINDS
 from .emulator import ADAPTER, ORIGINAL, Emulator, Slot, state_digest  # the package: every built-in method's block kinds
 from .emulator.core import BLOCK_KINDS
-from .errors import BundleError, OffsiteError, describe
+from .errors import CONTROL_CHARS, BundleError, OffsiteError, describe
 from .files import atomic_dir, read_json_file, sha256_file, write_json_atomic
 from .safety import check_header_dtypes, check_logits, check_tensor, first_non_finite, magnitude_bound, read_header
 from .models.families import family_of, get_blocks, num_blocks, set_blocks
@@ -65,6 +69,9 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 # manifests: a declared schema, checked before anything is built from a manifest
 
 
+MAX_INT = (1 << 63) - 1  # any number must fit a signed 64-bit integer or be a finite float
+
+
 class _Spec:
     what = "a value"
 
@@ -75,13 +82,14 @@ class _Spec:
 class Int(_Spec):
     def __init__(self, lo: int | None = None, hi: int | None = None):
         self.lo, self.hi = lo, hi
+        self.bound = MAX_INT  # whatever the range: a 64-bit integer
         self.what = ("an integer" + (f" in [{lo}, {hi}]" if lo is not None and hi is not None else
                                      f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""))
 
     def check(self, v, where, fail):
         if not isinstance(v, int) or isinstance(v, bool) or (self.lo is not None and v < self.lo) or \
-                (self.hi is not None and v > self.hi):
-            fail(where, self.what)
+                (self.hi is not None and v > self.hi) or not -self.bound <= v <= self.bound:
+            fail(where, self.what if self.hi is not None else f"{self.what} (within 64 bits)")
 
 
 class Num(_Spec):
@@ -95,7 +103,7 @@ class Num(_Spec):
 
 
 class Str(_Spec):
-    def __init__(self, pattern: str = r"[^\x00-\x1f]{0,1000}", what: str = "a short string"):
+    def __init__(self, pattern: str = f"[^{CONTROL_CHARS}]{{0,1000}}", what: str = "a short string"):
         self.pattern, self.what = re.compile(pattern), what
 
     def check(self, v, where, fail):
@@ -124,9 +132,6 @@ class List(_Spec):
             self.item.check(x, f"{where}[{i}]", fail)
 
 
-MAX_INT = (1 << 63) - 1  # a free-form number must fit a signed 64-bit integer or a finite float
-
-
 class Free(_Spec):
     """Any JSON value whose numbers are bounded: integers within 64 bits, floats finite (the
     parser already refuses NaN, Infinity and 1e999)."""
@@ -150,7 +155,7 @@ class Map(_Spec):
     """An object with free keys (``key`` pattern) and values of one spec (``None``: any JSON with
     bounded numbers, :class:`Free`)."""
 
-    def __init__(self, value: _Spec | None = None, key: str = r"[^\x00-\x1f]{1,255}"):
+    def __init__(self, value: _Spec | None = None, key: str = f"[^{CONTROL_CHARS}]{{1,255}}"):
         self.value, self.key, self.what = value or Free(), re.compile(key), "an object"
 
     def check(self, v, where, fail):
@@ -779,9 +784,11 @@ def recorded_emulator(digest: str) -> dict | None:
         entry = _records(file).get(digest) if digest else None
     except OSError as exc:
         raise OffsiteError(f"cannot read the emulator record {file} ({exc.strerror or describe(exc)})") from exc
-    if not isinstance(entry, dict) or not isinstance(entry.get("base"), dict):
+    if entry is None:
         return None
-    return {"digest": digest, "base": entry["base"], "adapter_init_digest": entry.get("adapter_init_digest")}
+    check_schema(entry, Obj({"base": BASE_SCHEMA, "adapter_init_digest": HEX64, "method": NAME, "path": Str(),
+                             "written": Str()}), f"{file} ({digest[:12]})")
+    return {"digest": digest, "base": entry["base"], "adapter_init_digest": entry["adapter_init_digest"]}
 
 
 def _adapter_sources(base: dict, n: int) -> list[int]:

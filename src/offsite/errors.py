@@ -24,7 +24,8 @@ class BundleError(OffsiteError):
 # C0 and C1 controls (newlines, carriage returns, terminal escapes), DEL, the Unicode line and
 # paragraph separators and the bidirectional overrides: what could split a message into lines of a
 # peer's choosing, or drive the terminal it is printed on.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+CONTROL_CHARS = "\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069"  # a regex class
+_CONTROL = re.compile(f"[{CONTROL_CHARS}]")
 
 
 def one_line(text: str) -> str:
