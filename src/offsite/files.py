@@ -56,8 +56,8 @@ def sha256_file(path: str | Path, limit: int | None = MAX_FILE_BYTES) -> str:
 
 def read_json_file(path: str | Path, limit: int | None = None):
     """Parse a JSON file strictly: a regular file of at most ``limit`` (MAX_JSON_BYTES) bytes, UTF-8,
-    no duplicate keys, no NaN/Infinity and no number out of a float's range (1e999), nested at most MAX_JSON_DEPTH deep; anything else is a
-    one-line OffsiteError."""
+    no duplicate keys, no NaN/Infinity and no number beyond a float's range (1e999), nested at most
+    MAX_JSON_DEPTH deep; anything else is a one-line OffsiteError."""
     limit = MAX_JSON_BYTES if limit is None else limit
     with _open_regular(path, limit) as f:
         raw = f.read(limit + 1)

@@ -23,7 +23,9 @@ from .safety import check_logits, check_tensor
 def plug(model, bundle: AdapterBundle, emulator_manifest: dict | None = None):
     """Check that ``bundle`` fits ``model`` and the emulator it names (``emulator_manifest``, or the
     owner's record of it), write it in, and check the result (every changed weight finite and
-    within its bound, finite logits on a probe input); returns the plugged model."""
+    within its bound, finite logits on a probe input); returns the plugged model. A full or BitFit
+    adapter is written into ``model`` itself, so after a refusal of the result ``model`` holds it:
+    pass a copy where that matters."""
     bounds = verify_adapter_fits(bundle, model, emulator_manifest)
     try:
         plugged = adapters.apply(model, bundle.state, bundle.kind, bundle.lora)
