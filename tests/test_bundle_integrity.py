@@ -268,6 +268,8 @@ def test_huge_finite_weights_are_refused(world, tmp_path, capsys):
     lora = copy(world, "lora", tmp_path)
     forge(lora, lambda s: [t.fill_(15.0) for k, t in s.items() if k.startswith("blocks.0.")])
     cli_fails(capsys, plug_argv(world, lora, tmp_path / "p"), "the plugged model", "blocks.0.")
+    cli_fails(capsys, [*plug_argv(world, lora, tmp_path / "p"), "--peft"], "the PEFT adapter", "blocks.0.")
+    assert main([*plug_argv(world, world / "lora", tmp_path / "peft"), "--peft"]) == 0
     assert not (tmp_path / "p").exists()
 
 

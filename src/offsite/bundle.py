@@ -54,7 +54,8 @@ from .emulator import ADAPTER, ORIGINAL, Emulator, Slot, state_digest  # the pac
 from .emulator.core import BLOCK_KINDS
 from .errors import CONTROL_CHARS, BundleError, OffsiteError, describe
 from .files import atomic_dir, read_json_file, sha256_file, write_json_atomic
-from .safety import check_header_dtypes, check_logits, check_tensor, first_non_finite, magnitude_bound, read_header
+from .safety import (check_header_dtypes, check_logits, check_tensor, dtype_name, first_non_finite, magnitude_bound,
+                     read_header)
 from .models.families import family_of, get_blocks, num_blocks, set_blocks
 
 FORMAT_VERSION = 2  # 2: every file listed and digested, the manifest digested canonically
@@ -460,7 +461,7 @@ def _check_weights_header(shell, file: Path) -> None:
     dtype (float8, integers, ...), is refused before memory is allocated."""
     typed = read_header(file)
     state = shell.state_dict()
-    check_header_dtypes(typed, str(file), {k: _st_dtype(t.dtype) for k, t in state.items()
+    check_header_dtypes(typed, str(file), {k: dtype_name(t.dtype) for k, t in state.items()
                                            if not t.is_floating_point()})
     header = {k: shape for k, (_, shape) in typed.items()}
     expected = {k: tuple(t.shape) for k, t in state.items()}
@@ -472,13 +473,6 @@ def _check_weights_header(shell, file: Path) -> None:
     built = sum(p.numel() for p in shell.parameters()) + sum(b.numel() for b in shell.buffers())
     if built > 2 * stored + (1 << 20):
         raise BundleError(f"{file} holds {stored:,} numbers, the model its config describes {built:,}")
-
-
-def _st_dtype(dtype) -> str:
-    """safetensors' name of a torch dtype (I64, BOOL, ...)."""
-    from safetensors.torch import _TYPES
-
-    return next((name for name, d in _TYPES.items() if d == dtype), str(dtype))
 
 
 def load_emulator(path: str | Path) -> Emulator:

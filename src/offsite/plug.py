@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from . import adapters
 from .bundle import AdapterBundle, check_adapter_scope, load_adapter, load_emulator_manifest, verify_adapter_fits
 from .errors import BundleError, OffsiteError, describe
@@ -43,6 +45,22 @@ def check_plugged(model, blocks: dict, bounds: dict[str, float], what: str) -> N
         _, source, name = key.split(".", 2)
         check_tensor(key, blocks[int(source)].get_parameter(name).detach(), what, bound)
     check_logits(model, what)
+
+
+def check_unmerged(peft_model, bounds: dict[str, float], what: str) -> None:
+    """:func:`check_plugged` for a LoRA adapter kept beside the base weights (PEFT's format): each
+    target's weight as it would be merged, one matrix at a time, then the logits."""
+    from .models.families import stack_prefix
+
+    prefix = stack_prefix(peft_model.get_base_model()) + "."
+    for name, m in peft_model.named_modules():
+        if not hasattr(m, "get_delta_weight") or not hasattr(m, "base_layer"):
+            continue
+        key = "blocks." + name.split(prefix, 1)[-1] + ".weight"
+        with torch.no_grad():
+            merged = m.base_layer.weight + m.get_delta_weight("default")
+        check_tensor(key, merged, what, bounds.get(key))
+    check_logits(peft_model, what)
 
 
 def plug_into_emulator(emu, bundle: AdapterBundle):
@@ -82,12 +100,12 @@ def plug_to_dir(model, tokenizer, adapter: AdapterBundle | str | Path, out: str 
     if peft_format:
         if bundle.kind != "lora":
             raise OffsiteError(f"--peft needs a LoRA adapter; this one is {bundle.kind!r}")
-        verify_adapter_fits(bundle, model, manifest)
+        bounds = verify_adapter_fits(bundle, model, manifest)
         try:
             peft_model = adapters.lora_peft_model(model, bundle.state, bundle.lora)
         except (KeyError, AttributeError, RuntimeError, ValueError) as exc:
             raise BundleError(f"adapter does not fit the model ({describe(exc)})") from exc
-        check_logits(peft_model.eval(), "the model with the PEFT adapter")
+        check_unmerged(peft_model.eval(), bounds, "the model with the PEFT adapter")
         with atomic_dir(out, overwrite) as tmp:
             peft_model.save_pretrained(tmp)
         return Path(out)

@@ -28,6 +28,9 @@ import torch
 from .errors import BundleError, describe
 
 FLOAT_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+# safetensors' names of the other dtypes a model's own buffers may have (an emulator's, checked as built)
+OTHER_DTYPES = {torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                torch.uint8: "U8", torch.bool: "BOOL"}
 MAGNITUDE_FACTOR = 16.0
 MAGNITUDE_FLOOR = 1.0
 PROBE_TOKENS = 16  # the probe input: token ids 0..15 (modulo the vocabulary), one sequence
@@ -45,7 +48,8 @@ def max_abs(t: torch.Tensor) -> float:
 
 
 def dtype_name(dtype) -> str:
-    return FLOAT_DTYPES.get(dtype) or str(dtype).removeprefix("torch.")
+    """safetensors' name of a torch dtype (F32, I64, ...), else torch's."""
+    return FLOAT_DTYPES.get(dtype) or OTHER_DTYPES.get(dtype) or str(dtype).removeprefix("torch.")
 
 
 def check_tensor(name: str, t, source: str, bound: float | None = None) -> None:
