@@ -642,12 +642,14 @@ def adapter_tensors(kind: str, blocks: dict[int, torch.nn.Module], lora: dict | 
 
 
 def check_adapter_scope(bundle: AdapterBundle, emulator: dict, blocks: dict[int, torch.nn.Module],
-                        what: str = "adapter") -> dict[str, float]:
+                        what: str = "adapter", blocks_as_shipped: bool = True) -> dict[str, float]:
     """Refuse, with a one-line reason, an adapter whose split, blocks, kind or tensors are not those
     of the emulator it names (``emulator``: its manifest, or the owner's record of it), or whose
     values exceed the bound of :mod:`offsite.safety`. ``blocks`` maps every adapter block of the
     emulator's split (original index) to the receiver's copy of that block (the full model's, or
-    the emulator's own). Returns the magnitude bound of every parameter the adapter changes
+    the emulator's own). Unless not ``blocks_as_shipped`` (an emulator whose blocks were checked when
+    it was loaded and may since hold another adapter), the blocks must be those the emulator shipped
+    (its adapter digest). Returns the magnitude bound of every parameter the adapter changes
     (``blocks.{index}.{name}``), for the check after plugging."""
     if bundle.emulator_digest != emulator.get("digest"):
         raise BundleError(f"{what} was tuned on another emulator (its emulator digest differs from this one's)")
@@ -665,7 +667,7 @@ def check_adapter_scope(bundle: AdapterBundle, emulator: dict, blocks: dict[int,
         raise BundleError(f"{what} holds block {outside[0]}, which is not an adapter block of the emulator it "
                           f"names (those are {allowed})")
     original = {f"blocks.{s}.{name}": t for s in allowed for name, t in blocks[s].state_dict().items()}
-    if state_digest(original) != emulator["adapter_init_digest"]:
+    if blocks_as_shipped and state_digest(original) != emulator["adapter_init_digest"]:
         raise BundleError(f"{what} was tuned on an emulator of another model "
                           "(its starting weights differ from this model's adapter blocks)")
     expected = adapter_tensors(bundle.kind, {s: blocks[s] for s in bundle.sources}, bundle.lora)
