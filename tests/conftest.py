@@ -26,3 +26,18 @@ def tiny_dir(tmp_path, tokenizer):
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _emulator_record(tmp_path_factory):
+    """The owner's record of the emulators it wrote (offsite.bundle.record_emulator) goes to a
+    temporary file, not the user's cache."""
+    from offsite.bundle import RECORD_ENV
+
+    old = os.environ.get(RECORD_ENV)
+    os.environ[RECORD_ENV] = str(tmp_path_factory.mktemp("record") / "emulators.json")
+    yield
+    if old is None:
+        os.environ.pop(RECORD_ENV, None)
+    else:
+        os.environ[RECORD_ENV] = old

@@ -306,3 +306,45 @@ def test_run_refuses_bad_numbers_before_building_anything(world, tmp_path, capsy
                         (["--epochs", "-1"], "epochs")):
         fails(capsys, ["run", "--model", world / "model", "--out", tmp_path / "r", *extra], word)
     nothing_left(tmp_path, set())
+
+
+def test_unreadable_paths_are_one_line(world, tmp_path, capsys, monkeypatch):
+    """Permission denied on a --data file or a bundle directory (simulated: the tests run as root, for
+    whom nothing is unreadable): one line naming the path, exit 2."""
+    import builtins
+    import io
+    import os
+
+    denied = {str(tmp_path / "train.jsonl"), str(tmp_path / "emu")}
+    shutil.copy(world / "train.jsonl", tmp_path / "train.jsonl")
+    emu = copy_of(world, "emu", tmp_path)
+
+    def deny(fn):
+        def wrapped(path, *a, **k):
+            if os.fspath(path) in denied or os.path.dirname(os.fspath(path)) in denied:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return fn(path, *a, **k)
+        return wrapped
+
+    for mod, name in ((builtins, "open"), (io, "open"), (os, "open"), (os, "listdir"), (os, "scandir")):
+        monkeypatch.setattr(mod, name, deny(getattr(mod, name)))
+    for argv in (tune_argv(world / "emu", tmp_path / "train.jsonl", tmp_path / "ad"),
+                 ["eval", "--model", world / "model", "--data", tmp_path / "train.jsonl"],
+                 tune_argv(emu, world / "train.jsonl", tmp_path / "ad"),
+                 ["plug", "--model", world / "model", "--adapter", emu, "--out", tmp_path / "p"]):
+        err = fails(capsys, argv, "Permission denied")
+        assert str(tmp_path) in err
+    no_leftovers(tmp_path, tmp_path / "ad")
+
+
+def test_run_refused_leaves_no_output_directory(world, tmp_path, capsys, monkeypatch):
+    """A bad method option is refused when the emulator is built: before the run directory exists."""
+    evals = tmp_path.parent / f"{tmp_path.name}-mc.jsonl"
+    evals.write_text("".join(json.dumps({"question": f"{i}?", "choices": ["a", "b"], "answer": 0}) + "\n"
+                             for i in range(4)))
+    monkeypatch.chdir(tmp_path)
+    run = ["run", "--model", world / "model", "--keep", "-3", "--preset", "quick", "--no-probe", "--no-floor",
+           "--no-ceiling", "--data", world / "train.jsonl", "--eval-data", evals]
+    fails(capsys, run, "keep -3")
+    fails(capsys, [*run, "--out", tmp_path / "r"], "keep -3")
+    assert not list(tmp_path.iterdir())

@@ -56,7 +56,7 @@ def trained_params(model: nn.Module, positions: dict[int, int]) -> dict[str, nn.
     return {k: named[n] for k, n in param_names(model, positions).items() if named[n].requires_grad}
 
 
-def _linear_names(block: nn.Module) -> list[str]:
+def linear_names(block: nn.Module) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     return [name for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
@@ -68,7 +68,7 @@ def lora_config(model: nn.Module, positions: list[int], opts: LoraOptions):
 
     prefix = stack_prefix(model)
     blocks = get_blocks(model)
-    targets = [f"{prefix}.{p}.{name}" for p in positions for name in _linear_names(blocks[p])]
+    targets = [f"{prefix}.{p}.{name}" for p in positions for name in linear_names(blocks[p])]
     fan_in_fan_out = model.config.model_type == "gpt2"  # GPT-2 stores Conv1D weights transposed
     return LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=targets,
                       fan_in_fan_out=fan_in_fan_out, bias="none")

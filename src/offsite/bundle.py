@@ -25,8 +25,12 @@ manifest it is checked against a declared schema (types, ranges, a layer map con
 symlinks, FIFOs or devices), JSON strictly and within size and depth limits. The emulator's
 digest and the adapter's starting digest tie an adapter to the emulator and the model it was tuned
 for. (A peer can of course recompute digests: they guard against accidents, mix-ups and edits
-after the fact, and change the bundle's identity; the owner-side checks in :mod:`offsite.plug`
-check shapes against the owner's own model.)
+after the fact, and change the bundle's identity.) What an adapter may change is fixed on the
+owner's side (:func:`check_adapter_scope`): the split, blocks, kind and tensors of the emulator it
+names, from that emulator's manifest or the owner's record of the emulators it wrote
+(:func:`record_emulator`, kept by :func:`save_emulator`); every tensor is checked by
+:mod:`offsite.safety` (dtype from the header, finite, magnitude bound) and sizes a manifest states
+(a LoRA rank) against the weights file's header before anything is allocated.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ from . import __version__
 from .adapters import KINDS
 from .emulator import ADAPTER, ORIGINAL, Emulator, Slot, state_digest  # the package: every built-in method's block kinds
 from .emulator.core import BLOCK_KINDS
-from .errors import BundleError, OffsiteError
+from .errors import CONTROL_CHARS, BundleError, OffsiteError, describe
 from .files import atomic_dir, read_json_file, sha256_file, write_json_atomic
+from .safety import (check_header_dtypes, check_logits, check_tensor, dtype_name, first_non_finite, magnitude_bound,
+                     read_header)
 from .models.families import family_of, get_blocks, num_blocks, set_blocks
 
 FORMAT_VERSION = 2  # 2: every file listed and digested, the manifest digested canonically
@@ -60,13 +66,11 @@ EMULATOR_WEIGHTS = "model.safetensors"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
-def _one_line(exc: BaseException, n: int = 160) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:n]}" if text else type(exc).__name__
-
-
 # ---------------------------------------------------------------------------------------------
 # manifests: a declared schema, checked before anything is built from a manifest
+
+
+MAX_INT = (1 << 63) - 1  # any number must fit a signed 64-bit integer or be a finite float
 
 
 class _Spec:
@@ -79,13 +83,14 @@ class _Spec:
 class Int(_Spec):
     def __init__(self, lo: int | None = None, hi: int | None = None):
         self.lo, self.hi = lo, hi
+        self.bound = MAX_INT  # whatever the range: a 64-bit integer
         self.what = ("an integer" + (f" in [{lo}, {hi}]" if lo is not None and hi is not None else
                                      f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""))
 
     def check(self, v, where, fail):
         if not isinstance(v, int) or isinstance(v, bool) or (self.lo is not None and v < self.lo) or \
-                (self.hi is not None and v > self.hi):
-            fail(where, self.what)
+                (self.hi is not None and v > self.hi) or not -self.bound <= v <= self.bound:
+            fail(where, self.what if self.hi is not None else f"{self.what} (within 64 bits)")
 
 
 class Num(_Spec):
@@ -99,7 +104,7 @@ class Num(_Spec):
 
 
 class Str(_Spec):
-    def __init__(self, pattern: str = r"[^\x00-\x1f]{0,1000}", what: str = "a short string"):
+    def __init__(self, pattern: str = f"[^{CONTROL_CHARS}]{{0,1000}}", what: str = "a short string"):
         self.pattern, self.what = re.compile(pattern), what
 
     def check(self, v, where, fail):
@@ -128,11 +133,31 @@ class List(_Spec):
             self.item.check(x, f"{where}[{i}]", fail)
 
 
-class Map(_Spec):
-    """An object with free keys (``key`` pattern) and values of one spec (``None``: any JSON)."""
+class Free(_Spec):
+    """Any JSON value whose numbers are bounded: integers within 64 bits, floats finite (the
+    parser already refuses NaN, Infinity and 1e999)."""
 
-    def __init__(self, value: _Spec | None = None, key: str = r"[^\x00-\x1f]{1,255}"):
-        self.value, self.key, self.what = value, re.compile(key), "an object"
+    what = "JSON with finite numbers within 64-bit integers"
+
+    def check(self, v, where, fail):
+        stack = [v]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, dict):
+                stack.extend(x.values())
+            elif isinstance(x, list):
+                stack.extend(x)
+            elif isinstance(x, float) and not math.isfinite(x) or \
+                    isinstance(x, int) and not isinstance(x, bool) and not -MAX_INT <= x <= MAX_INT:
+                fail(where, self.what)
+
+
+class Map(_Spec):
+    """An object with free keys (``key`` pattern) and values of one spec (``None``: any JSON with
+    bounded numbers, :class:`Free`)."""
+
+    def __init__(self, value: _Spec | None = None, key: str = f"[^{CONTROL_CHARS}]{{1,255}}"):
+        self.value, self.key, self.what = value or Free(), re.compile(key), "an object"
 
     def check(self, v, where, fail):
         if not isinstance(v, dict):
@@ -140,8 +165,7 @@ class Map(_Spec):
         for k, x in v.items():
             if not self.key.fullmatch(k):
                 fail(f"{where} key {k[:40]!r}", "a plain name")
-            if self.value is not None:
-                self.value.check(x, f"{where}.{k}", fail)
+            self.value.check(x, f"{where}.{k}", fail)
 
 
 class Obj(_Spec):
@@ -239,8 +263,11 @@ def manifest_digest(manifest: dict) -> str:
     """The canonical digest of a manifest: every field but ``digest`` itself, as canonical JSON.
     For an emulator it is its identity, which adapter bundles name."""
     core = {k: v for k, v in manifest.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                                     allow_nan=False).encode()).hexdigest()
+    try:
+        text = json.dumps(core, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as exc:  # a non-finite number, a non-JSON value
+        raise BundleError(f"the manifest has no canonical JSON form ({describe(exc, 80)})") from exc
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _json_safe(obj):
@@ -265,6 +292,13 @@ def _finish_manifest(tmp: Path, manifest: dict) -> dict:
 
 def _read_manifest(path: Path, expected_format: str, schema: _Spec, check) -> dict:
     """A bundle's manifest, validated (schema, layer map, own digest) and its files verified."""
+    try:
+        return _read_manifest_at(path, expected_format, schema, check)
+    except OSError as exc:  # an unreadable bundle directory (EACCES), ...
+        raise BundleError(f"{path} cannot be read ({exc.strerror or describe(exc)})") from exc
+
+
+def _read_manifest_at(path: Path, expected_format: str, schema: _Spec, check) -> dict:
     if not path.exists():
         raise BundleError(f"{path} does not exist")
     if not path.is_dir():
@@ -316,24 +350,14 @@ def _verify_files(path: Path, manifest: dict) -> None:
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A peer's weights file whose header was checked (:func:`read_header`), each tensor finite."""
     try:
         state = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(f"{file} is not a readable safetensors file ({_one_line(exc)})") from exc
-    bad = non_finite(state)
-    if bad:
-        raise BundleError(f"{file}: tensor {bad!r} holds NaN or infinite values; refusing weights that "
-                          "would silently break the model")
-    return state
-
-
-def non_finite(state: dict[str, torch.Tensor]) -> str | None:
-    """The first (sorted) floating-point tensor of ``state`` with a NaN or an infinity, else None."""
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"{file} is not a readable safetensors file ({describe(exc)})") from exc
     for name in sorted(state):
-        t = state[name]
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
+        check_tensor(name, state[name], str(file))
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +366,7 @@ def non_finite(state: dict[str, torch.Tensor]) -> str | None:
 
 def save_emulator(emu: Emulator, path: str | Path, overwrite: bool = False) -> dict:
     """Write an emulator bundle; returns its manifest (with ``digest``)."""
-    bad = non_finite(emu.model.state_dict())
+    bad = first_non_finite(emu.model.state_dict())
     if bad:
         raise OffsiteError(f"the emulator's tensor {bad!r} holds NaN or infinite values (its build diverged); "
                            "nothing was written")
@@ -368,6 +392,7 @@ def save_emulator(emu: Emulator, path: str | Path, overwrite: bool = False) -> d
             },
             "report": emu.report,
         })
+        record_emulator(manifest, path)  # the owner's record, before the bundle appears
     emu.manifest = manifest
     return manifest
 
@@ -400,7 +425,7 @@ def _verified_emulator(path: Path) -> tuple[dict, dict]:
         full = AutoConfig.for_model(**base_config)
         n, family = num_blocks(full), family_of(full).name
     except Exception as exc:  # a peer's config reaches transformers' own validation: any error is a refusal
-        raise BundleError(f"{source} is not a valid {base['model_type']} config ({_one_line(exc)})") from exc
+        raise BundleError(f"{source} is not a valid {base['model_type']} config ({describe(exc)})") from exc
     if n != base["num_layers"] or family != base["family"]:
         raise BundleError(f"{source} describes a {family} model of {n} blocks, the manifest a "
                           f"{base['family']} model of {base['num_layers']}")
@@ -431,16 +456,15 @@ def _emulator_model(config, slots: list[Slot], path: Path):
 
 
 def _check_weights_header(shell, file: Path) -> None:
-    """Compare the shapes of a model built on the meta device with the weights file's header, so
-    that a config or layer map that does not fit the weights is refused before memory is allocated."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), "pt") as f:
-            header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(f"{file} is not a readable safetensors file ({_one_line(exc)})") from exc
-    expected = {k: tuple(t.shape) for k, t in shell.state_dict().items()}
+    """Compare the shapes and dtypes of a model built on the meta device with the weights file's
+    header, so that a config or layer map that does not fit the weights, or a tensor of another
+    dtype (float8, integers, ...), is refused before memory is allocated."""
+    typed = read_header(file)
+    state = shell.state_dict()
+    check_header_dtypes(typed, str(file), {k: dtype_name(t.dtype) for k, t in state.items()
+                                           if not t.is_floating_point()})
+    header = {k: shape for k, (_, shape) in typed.items()}
+    expected = {k: tuple(t.shape) for k, t in state.items()}
     for k, shape in header.items():
         if expected.get(k) != shape:
             raise BundleError(f"{file} does not fit the emulator's layer map and config (tensor {k[:80]!r} "
@@ -466,30 +490,31 @@ def load_emulator(path: str | Path) -> Emulator:
         raise
     except Exception as exc:  # transformers or a method's block factory refusing the peer's config or slot info
         raise BundleError(f"{path}: no emulator can be built from its config and layer map "
-                          f"({_one_line(exc)})") from exc
+                          f"({describe(exc)})") from exc
     _check_weights_header(shell, path / EMULATOR_WEIGHTS)
     try:
         model = _emulator_model(config, slots, path)
     except Exception as exc:
         raise BundleError(f"{path}: no emulator can be built from its config and layer map "
-                          f"({_one_line(exc)})") from exc
+                          f"({describe(exc)})") from exc
     try:
         missing, unexpected = load_model(model, str(path / EMULATOR_WEIGHTS), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise BundleError(f"{path / EMULATOR_WEIGHTS} does not fit the emulator's layer map "
-                          f"({_one_line(exc)})") from exc
+                          f"({describe(exc)})") from exc
     if missing or unexpected:
         raise BundleError(f"{path / EMULATOR_WEIGHTS} does not fit the emulator's layer map "
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    bad = non_finite(model.state_dict())
+    bad = first_non_finite(model.state_dict())
     if bad:
         raise BundleError(f"{path / EMULATOR_WEIGHTS}: tensor {bad!r} holds NaN or infinite values")
     model.eval()
     model.config.use_cache = False
+    check_logits(model, f"{path}: the emulator")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # the tokenizer files are the peer's: any failure to read them is a refusal
-        raise BundleError(f"{path}: its tokenizer files cannot be read ({_one_line(exc)})") from exc
+        raise BundleError(f"{path}: its tokenizer files cannot be read ({describe(exc)})") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     emu = Emulator(model, tokenizer, slots, manifest["method"], manifest["params"], manifest["base"],
@@ -530,7 +555,7 @@ def save_adapter(bundle: AdapterBundle, path: str | Path, overwrite: bool = Fals
     if bundle.kind not in ADAPTER_KINDS:
         raise OffsiteError(f"unknown adapter kind {bundle.kind!r}; choose one of {', '.join(ADAPTER_KINDS)}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in bundle.state.items()}
-    bad = non_finite(state)
+    bad = first_non_finite(state)
     if bad:
         raise OffsiteError(f"the adapter's tensor {bad!r} holds NaN or infinite values (training diverged: "
                            "try a lower --lr); nothing was written")
@@ -555,53 +580,211 @@ def save_adapter(bundle: AdapterBundle, path: str | Path, overwrite: bool = Fals
 
 
 def load_adapter(path: str | Path) -> AdapterBundle:
-    """Read and verify an adapter bundle (schema, digests, tensor names against the manifest)."""
+    """Read and verify an adapter bundle (schema, digests; the weights file's header, its tensor
+    names, dtypes and LoRA ranks against the manifest before any tensor is loaded; every value finite)."""
     path = Path(path)
     manifest = _read_manifest(path, ADAPTER_FORMAT, ADAPTER_SCHEMA, _check_adapter_manifest)
-    state = _load_tensors(path / ADAPTER_WEIGHTS)
-    for key, t in state.items():
-        if not _ADAPTER_KEY.fullmatch(key) or not t.is_floating_point():
-            raise BundleError(f"{path / ADAPTER_WEIGHTS} holds an unexpected tensor {key[:80]!r}")
-        if manifest["kind"] == "lora" and ".lora_A." not in key and ".lora_B." not in key:
-            raise BundleError(f"{path / ADAPTER_WEIGHTS}: {key[:80]!r} is not a LoRA tensor")
-    if sorted({int(k.split(".")[1]) for k in state}) != manifest["sources"]:
-        raise BundleError(f"{path / ADAPTER_WEIGHTS} holds blocks other than the manifest's sources "
-                          f"{manifest['sources']}")
+    file = path / ADAPTER_WEIGHTS
+    _check_adapter_header(read_header(file), manifest, str(file))
+    state = _load_tensors(file)
     return AdapterBundle(kind=manifest["kind"], state=state, emulator_digest=manifest["emulator_digest"],
                          adapter_init_digest=manifest["adapter_init_digest"], base=manifest["base"],
                          lora=manifest["lora"], training=manifest["training"], manifest=manifest)
 
 
-def verify_adapter_fits(bundle: AdapterBundle, model, emulator_manifest: dict | None = None) -> None:
-    """Refuse, with a one-line reason, an adapter that does not fit the owner's full ``model``."""
+def _check_adapter_header(header: dict, manifest: dict, source: str) -> None:
+    """The adapter's tensors as its safetensors header declares them: plain names of the manifest's
+    blocks, floating dtypes, and for LoRA matrices of exactly the manifest's rank ``r`` (so that no
+    size a manifest states is allocated before the file is seen to hold it)."""
+    check_header_dtypes(header, source)
+    r = manifest["lora"]["r"] if manifest["kind"] == "lora" else None
+    for key, (_, shape) in header.items():
+        if not _ADAPTER_KEY.fullmatch(key):
+            raise BundleError(f"{source} holds an unexpected tensor {key[:80]!r}")
+        if r is None:
+            continue
+        side = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
+        if side is None:
+            raise BundleError(f"{source}: {key[:80]!r} is not a LoRA tensor")
+        if len(shape) != 2 or shape[0 if side == "A" else 1] != r:
+            raise BundleError(f"{source}: LoRA tensor {key[:80]!r} has shape {list(shape)[:4]}, not that of rank "
+                              f"{r} (lora.r in the manifest)")
+    if sorted({int(k.split(".")[1]) for k in header}) != manifest["sources"]:
+        raise BundleError(f"{source} holds blocks other than the manifest's sources {manifest['sources'][:8]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# an adapter's scope: what it may change is what the emulator it names shipped as adapter blocks
+
+SCOPE_KEYS = ("model_type", "family", "num_layers", "adapter_layers")
+
+
+def adapter_tensors(kind: str, blocks: dict[int, torch.nn.Module], lora: dict | None) -> dict[str, tuple]:
+    """The tensors an adapter of ``kind`` over ``blocks`` (original index -> block) consists of:
+    ``{key: (shape, the parameter it replaces or adapts)}``. Full: every parameter of the blocks;
+    BitFit: the 1-D ones; LoRA: an A (r x in) and a B (out x r) for every linear map."""
+    from .adapters import linear_names
+
+    out = {}
+    for s, block in sorted(blocks.items()):
+        if kind == "lora":
+            r = lora["r"]
+            for name in linear_names(block):
+                m = block.get_submodule(name)
+                n_in, n_out = (m.in_features, m.out_features) if hasattr(m, "in_features") else tuple(m.weight.shape)
+                out[f"blocks.{s}.{name}.lora_A.weight"] = ((r, n_in), m.weight)
+                out[f"blocks.{s}.{name}.lora_B.weight"] = ((n_out, r), m.weight)
+        else:
+            for name, p in block.named_parameters():
+                if kind == "full" or p.dim() == 1:
+                    out[f"blocks.{s}.{name}"] = (tuple(p.shape), p)
+    return out
+
+
+def check_adapter_scope(bundle: AdapterBundle, emulator: dict, blocks: dict[int, torch.nn.Module],
+                        what: str = "adapter", blocks_as_shipped: bool = True) -> dict[str, float]:
+    """Refuse, with a one-line reason, an adapter whose split, blocks, kind or tensors are not those
+    of the emulator it names (``emulator``: its manifest, or the owner's record of it), or whose
+    values exceed the bound of :mod:`offsite.safety`. ``blocks`` maps every adapter block of the
+    emulator's split (original index) to the receiver's copy of that block (the full model's, or
+    the emulator's own). Unless not ``blocks_as_shipped`` (an emulator whose blocks were checked when
+    it was loaded and may since hold another adapter), the blocks must be those the emulator shipped
+    (its adapter digest). Returns the magnitude bound of every parameter the adapter changes
+    (``blocks.{index}.{name}``), for the check after plugging."""
+    if bundle.emulator_digest != emulator.get("digest"):
+        raise BundleError(f"{what} was tuned on another emulator (its emulator digest differs from this one's)")
+    eb, ab = emulator["base"], bundle.base
+    for k in SCOPE_KEYS:
+        if ab.get(k) != eb.get(k):
+            raise BundleError(f"{what} declares base.{k} {ab.get(k)}, the emulator it names was built with "
+                              f"{eb.get(k)}; an adapter may change only that emulator's adapter blocks")
+    if bundle.adapter_init_digest != emulator.get("adapter_init_digest"):
+        raise BundleError(f"{what} does not start from the adapter blocks of the emulator it names "
+                          "(adapter digest differs)")
+    allowed = _adapter_sources(eb, eb["num_layers"])
+    outside = sorted(set(bundle.sources) - set(allowed))
+    if outside:
+        raise BundleError(f"{what} holds block {outside[0]}, which is not an adapter block of the emulator it "
+                          f"names (those are {allowed})")
+    original = {f"blocks.{s}.{name}": t for s in allowed for name, t in blocks[s].state_dict().items()}
+    if blocks_as_shipped and state_digest(original) != emulator["adapter_init_digest"]:
+        raise BundleError(f"{what} was tuned on an emulator of another model "
+                          "(its starting weights differ from this model's adapter blocks)")
+    expected = adapter_tensors(bundle.kind, {s: blocks[s] for s in bundle.sources}, bundle.lora)
+    extra = sorted(set(bundle.state) - set(expected))
+    if extra:
+        raise BundleError(f"{what} tensor {extra[0][:80]!r} is not part of a {bundle.kind} adapter of blocks "
+                          f"{bundle.sources}")
+    missing = sorted(set(expected) - set(bundle.state))
+    if missing:
+        raise BundleError(f"{what} lacks tensor {missing[0][:80]!r} of a {bundle.kind} adapter of blocks "
+                          f"{bundle.sources}")
+    bounds = {}
+    for key, (shape, ref) in expected.items():
+        t = bundle.state[key]
+        if tuple(t.shape) != shape:
+            raise BundleError(f"{what} tensor {key[:80]} has shape {tuple(t.shape)[:4]}, the model's {shape}")
+        bound = magnitude_bound(ref)
+        check_tensor(key, t, what, bound)
+        target = key.rsplit(".lora_", 1)[0] + ".weight" if bundle.kind == "lora" else key
+        bounds[target] = bound
+    return bounds
+
+
+def verify_adapter_fits(bundle: AdapterBundle, model, emulator_manifest: dict | None = None) -> dict[str, float]:
+    """Refuse, with a one-line reason, an adapter that does not fit the owner's full ``model`` and
+    the emulator it names: ``emulator_manifest``, or without it the owner's record of the emulators
+    it wrote (:func:`recorded_emulator`). Returns :func:`check_adapter_scope`'s bounds."""
     fam = family_of(model)
     base = bundle.base
     if base.get("family") != fam.name or base.get("model_type") != model.config.model_type:
-        raise BundleError(f"adapter was tuned for a {base.get('model_type')} model, "
+        raise BundleError(f"adapter was tuned for a {str(base.get('model_type'))[:40]} model, "
                           f"this model is {model.config.model_type}")
     n = num_blocks(model.config)
     if base.get("num_layers") != n:
         raise BundleError(f"adapter was tuned for a model of {base.get('num_layers')} blocks, this one has {n}")
-    if emulator_manifest is not None and bundle.emulator_digest != emulator_manifest.get("digest"):
-        raise BundleError("adapter was tuned on another emulator (its emulator digest differs from this one's)")
+    emulator = emulator_manifest if emulator_manifest is not None else recorded_emulator(bundle.emulator_digest)
+    if emulator is None:
+        raise BundleError(f"adapter names emulator {bundle.emulator_digest[:12] or '(none)'}, which is in no record "
+                          f"of the emulators written here ({emulator_record_path()}); pass --emulator DIR, the "
+                          "emulator bundle it was tuned on")
+    if emulator["base"].get("num_layers") != n:
+        raise BundleError(f"the emulator was built from a model of {emulator['base'].get('num_layers')} blocks, "
+                          f"this one has {n}")
     blocks = get_blocks(model)
-    sources = bundle.sources
-    if any(s >= n for s in sources):
-        raise BundleError(f"adapter names block {max(sources)}, the model has {n} blocks")
-    original = {}
-    for s in sorted(set(range(n)) & set(_adapter_sources(base, n))):
-        for name, t in blocks[s].state_dict().items():
-            original[f"blocks.{s}.{name}"] = t
-    if state_digest(original) != bundle.adapter_init_digest:
-        raise BundleError("adapter was tuned on an emulator of another model "
-                          "(its starting weights differ from this model's adapter blocks)")
-    if bundle.kind in ("full", "bitfit"):
-        for key, t in bundle.state.items():
-            if key not in original:
-                raise BundleError(f"adapter tensor {key} has no counterpart in the model")
-            if tuple(original[key].shape) != tuple(t.shape):
-                raise BundleError(f"adapter tensor {key} has shape {tuple(t.shape)}, "
-                                  f"the model's has {tuple(original[key].shape)}")
+    return check_adapter_scope(bundle, emulator, {s: blocks[s] for s in _adapter_sources(emulator["base"], n)})
+
+
+# ---------------------------------------------------------------------------------------------
+# the owner's record of the emulators it wrote: what an adapter naming one may change, kept by
+# the owner, so that plug can check an adapter's scope without the emulator bundle
+
+RECORD_ENV = "OFFSITE_EMULATOR_RECORD"
+RECORD_FORMAT = "offsite-emulator-record"
+
+
+def emulator_record_path() -> Path:
+    """``$OFFSITE_EMULATOR_RECORD``, else ``emulators.json`` in offsite's cache directory."""
+    from .data.cache import cache_dir
+
+    return Path(os.environ.get(RECORD_ENV) or cache_dir() / "emulators.json")
+
+
+def _records(file: Path) -> dict:
+    if not file.exists():
+        return {}
+    data = read_json_file(file)
+    if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT or not isinstance(data.get("emulators"), dict):
+        raise OffsiteError(f"{file} is not offsite's record of emulators; move it away (plug then needs --emulator "
+                           "for the emulators it listed)")
+    return data["emulators"]
+
+
+@contextlib.contextmanager
+def _record_lock(file: Path):
+    import fcntl
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file.with_name(file.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def record_emulator(manifest: dict, path: str | Path) -> None:
+    """Add an emulator to the owner's record (atomically, under a lock): its digest, the full
+    model's description and split, and the digest of its adapter blocks."""
+    import datetime
+
+    file = emulator_record_path()
+    try:
+        with _record_lock(file):
+            records = _records(file)
+            records[manifest["digest"]] = {
+                "base": manifest["base"], "adapter_init_digest": manifest["adapter_init_digest"],
+                "method": manifest["method"], "path": str(Path(path).resolve()),
+                "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            write_json_atomic(file, {"format": RECORD_FORMAT, "emulators": records})
+    except OSError as exc:
+        raise OffsiteError(f"cannot record the emulator in {file} ({exc.strerror or describe(exc)}); set "
+                           f"{RECORD_ENV} to a writable file") from exc
+
+
+def recorded_emulator(digest: str) -> dict | None:
+    """The owner's record of the emulator ``digest`` (``digest``, ``base``, ``adapter_init_digest``),
+    or None."""
+    file = emulator_record_path()
+    try:
+        entry = _records(file).get(digest) if digest else None
+    except OSError as exc:
+        raise OffsiteError(f"cannot read the emulator record {file} ({exc.strerror or describe(exc)})") from exc
+    if entry is None:
+        return None
+    check_schema(entry, Obj({"base": BASE_SCHEMA, "adapter_init_digest": HEX64, "method": NAME, "path": Str(),
+                             "written": Str()}), f"{file} ({digest[:12]})")
+    return {"digest": digest, "base": entry["base"], "adapter_init_digest": entry["adapter_init_digest"]}
 
 
 def _adapter_sources(base: dict, n: int) -> list[int]:

@@ -14,7 +14,8 @@
     offsite pema build-memory|train|generate|eval --service URL ...    (data owner, PEMA)
     offsite federate partition|run ...                                 (many data owners, Flower)
 
-Errors in the user's input print one line (``error: ...``) and exit with status 2.
+Errors in the user's input print one line (``error: ...``, control characters escaped, whatever
+text of a peer's the message quotes) and exit with status 2; so does a path that cannot be read.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 
 from .cli_args import (NON_NEGATIVE, POSITIVE, add_dataclass_args, add_template_arg, add_train_args, command_line,
                        method_options, template, tune_settings)
-from .errors import OffsiteError
+from .errors import OffsiteError, one_line
 from .federated.cli import add_parser as add_federate_parser
 from .federated.cli import cmd_federate
 from .pema.cli import add_parsers as add_pema_parsers
@@ -512,7 +513,14 @@ def main(argv: list[str] | None = None) -> int:
             transformers.logging.disable_progress_bar()
         COMMANDS[args.command](args)
     except OffsiteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # a path the user named that cannot be read or written (permissions, a directory for a file...)
+        print(f"error: {one_line(str(exc.filename))}: {one_line(exc.strerror or type(exc).__name__)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

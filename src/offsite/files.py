@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
 import tempfile
 from pathlib import Path
 
-from .errors import OffsiteError
+from .errors import OffsiteError, describe
 
 # Size limits of what a bundle may hold (a peer's file is refused before it is read whole).
 MAX_JSON_BYTES = 64 << 20  # manifest.json, config.json
@@ -55,8 +56,8 @@ def sha256_file(path: str | Path, limit: int | None = MAX_FILE_BYTES) -> str:
 
 def read_json_file(path: str | Path, limit: int | None = None):
     """Parse a JSON file strictly: a regular file of at most ``limit`` (MAX_JSON_BYTES) bytes, UTF-8,
-    no duplicate keys, no NaN/Infinity, nested at most MAX_JSON_DEPTH deep; anything else is a
-    one-line OffsiteError."""
+    no duplicate keys, no NaN/Infinity and no number beyond a float's range (1e999), nested at most
+    MAX_JSON_DEPTH deep; anything else is a one-line OffsiteError."""
     limit = MAX_JSON_BYTES if limit is None else limit
     with _open_regular(path, limit) as f:
         raw = f.read(limit + 1)
@@ -78,15 +79,23 @@ def _no_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: a number JSON allows and a float cannot hold
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def parse_json(raw: bytes | str, source: str):
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                         parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         if isinstance(exc, RecursionError):
             reason = "nested too deeply"
         else:
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else " ".join(str(exc).split())[:120]
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else describe(exc, 120, typed=False)
         raise OffsiteError(f"{source} is not valid JSON ({reason})") from exc
     if json_depth(obj) > MAX_JSON_DEPTH:
         raise OffsiteError(f"{source} is nested more than {MAX_JSON_DEPTH} levels deep")

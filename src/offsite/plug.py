@@ -12,21 +12,55 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from . import adapters
-from .bundle import AdapterBundle, load_adapter, load_emulator_manifest, verify_adapter_fits
-from .errors import BundleError, OffsiteError
+from .bundle import AdapterBundle, check_adapter_scope, load_adapter, load_emulator_manifest, verify_adapter_fits
+from .errors import BundleError, OffsiteError, describe
 from .files import atomic_dir
+from .models.families import get_blocks
+from .safety import check_logits, check_tensor
 
 
 def plug(model, bundle: AdapterBundle, emulator_manifest: dict | None = None):
-    """Check that ``bundle`` fits ``model`` and write it in; returns the plugged model."""
-    verify_adapter_fits(bundle, model, emulator_manifest)
+    """Check that ``bundle`` fits ``model`` and the emulator it names (``emulator_manifest``, or the
+    owner's record of it), write it in, and check the result (every changed weight finite and
+    within its bound, finite logits on a probe input); returns the plugged model. A full or BitFit
+    adapter is written into ``model`` itself, so after a refusal of the result ``model`` holds it:
+    pass a copy where that matters."""
+    bounds = verify_adapter_fits(bundle, model, emulator_manifest)
     try:
         plugged = adapters.apply(model, bundle.state, bundle.kind, bundle.lora)
-    except (KeyError, AttributeError, RuntimeError) as exc:
-        raise OffsiteError(f"adapter does not fit the model ({exc})") from exc
+    except (KeyError, AttributeError, RuntimeError, ValueError) as exc:
+        raise BundleError(f"adapter does not fit the model ({describe(exc)})") from exc
     plugged.eval()
+    check_plugged(plugged, dict(enumerate(get_blocks(plugged))), bounds, "the plugged model")
     return plugged
+
+
+def check_plugged(model, blocks: dict, bounds: dict[str, float], what: str) -> None:
+    """After plugging: each weight the adapter changed (``blocks.{index}.{name}``, ``blocks`` by
+    original index) is finite and within its bound, and ``model`` gives finite logits."""
+    for key, bound in bounds.items():
+        _, source, name = key.split(".", 2)
+        check_tensor(key, blocks[int(source)].get_parameter(name).detach(), what, bound)
+    check_logits(model, what)
+
+
+def check_unmerged(peft_model, bounds: dict[str, float], what: str) -> None:
+    """:func:`check_plugged` for a LoRA adapter kept beside the base weights (PEFT's format): each
+    target's weight as it would be merged, one matrix at a time, then the logits."""
+    from .models.families import stack_prefix
+
+    prefix = stack_prefix(peft_model.get_base_model()) + "."
+    for name, m in peft_model.named_modules():
+        if not hasattr(m, "get_delta_weight") or not hasattr(m, "base_layer"):
+            continue
+        key = "blocks." + name.split(prefix, 1)[-1] + ".weight"
+        with torch.no_grad():
+            merged = m.base_layer.weight + m.get_delta_weight("default")
+        check_tensor(key, merged, what, bounds.get(key))
+    check_logits(peft_model, what)
 
 
 def plug_into_emulator(emu, bundle: AdapterBundle):
@@ -38,21 +72,22 @@ def plug_into_emulator(emu, bundle: AdapterBundle):
     manifest = emu.manifest or {}
     if not manifest.get("digest") or bundle.emulator_digest != manifest["digest"]:
         raise BundleError("adapter was tuned on another emulator (its emulator digest differs from this one's)")
-    if bundle.adapter_init_digest != manifest.get("adapter_init_digest"):
-        raise BundleError("adapter does not start from this emulator's adapter blocks (adapter digest differs)")
     position = {source: pos for pos, source in emu.adapter_positions.items()}
+    # the emulator's blocks were checked against its manifest when it was loaded; they may since hold
+    # another adapter (a federated client plugs each round's global adapter into one emulator)
+    bounds = check_adapter_scope(bundle, manifest, {s: get_blocks(emu.model)[p] for s, p in position.items()},
+                                 blocks_as_shipped=False)
     state = {}
     for key, t in bundle.state.items():
-        try:
-            _, source, name = key.split(".", 2)
-            state[f"blocks.{position[int(source)]}.{name}"] = t
-        except (ValueError, KeyError) as exc:
-            raise BundleError(f"adapter tensor {key} names no adapter block of this emulator") from exc
+        _, source, name = key.split(".", 2)
+        state[f"blocks.{position[int(source)]}.{name}"] = t
     try:
         emu.model = adapters.apply(emu.model, state, bundle.kind, bundle.lora)
-    except (KeyError, AttributeError, RuntimeError) as exc:
-        raise BundleError(f"adapter does not fit the emulator ({' '.join(str(exc).split())[:200]})") from exc
+    except (KeyError, AttributeError, RuntimeError, ValueError) as exc:
+        raise BundleError(f"adapter does not fit the emulator ({describe(exc)})") from exc
     emu.model.eval()
+    blocks = get_blocks(emu.model)
+    check_plugged(emu.model, {s: blocks[p] for s, p in position.items()}, bounds, "the emulator with the adapter")
     return emu
 
 
@@ -71,8 +106,12 @@ def plug_to_dir(model, tokenizer, adapter: AdapterBundle | str | Path, out: str 
     if peft_format:
         if bundle.kind != "lora":
             raise OffsiteError(f"--peft needs a LoRA adapter; this one is {bundle.kind!r}")
-        verify_adapter_fits(bundle, model, manifest)
-        peft_model = adapters.lora_peft_model(model, bundle.state, bundle.lora)
+        bounds = verify_adapter_fits(bundle, model, manifest)
+        try:
+            peft_model = adapters.lora_peft_model(model, bundle.state, bundle.lora)
+        except (KeyError, AttributeError, RuntimeError, ValueError) as exc:
+            raise BundleError(f"adapter does not fit the model ({describe(exc)})") from exc
+        check_unmerged(peft_model.eval(), bounds, "the model with the PEFT adapter")
         with atomic_dir(out, overwrite) as tmp:
             peft_model.save_pretrained(tmp)
         return Path(out)

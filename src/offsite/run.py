@@ -139,7 +139,6 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
             floor_data = public_pairs_of(task_data(floor_source), len(data.items))
         except DataUnavailable as exc:
             raise DataUnavailable(f"{exc} (the floor's public pairs; pass --no-floor to skip the floor)") from None
-    out.mkdir(parents=True, exist_ok=True)
     result = RunResult(meta=meta(command))
     if isinstance(task, OwnTask):
         result.notes.append(f"evaluation data {task.describe()}")
@@ -187,6 +186,7 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         method, model, tokenizer, _name(model_name), adapter_layers, **method_options))
     if probe:
         timed("probing the emulator (adapter gradients on public text)", lambda: attach_probe(model, built, log=log))
+    out.mkdir(parents=True, exist_ok=True)  # only now: a command refused above leaves nothing behind
     emu_dir = out / "emulator"
     emu_manifest = save_emulator(built, emu_dir, overwrite=True)
     del built
