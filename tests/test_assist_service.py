@@ -253,6 +253,23 @@ def test_a_slow_body_is_answered_408_and_its_connection_closed():
         closed_after = time.time() - t0
         assert got.startswith(b"HTTP/1.1 408") and b'{"error":' in got, got[:200]
         assert closed_after < 4, closed_after  # answered at ~1 s and closed, never held for the trickle
+        for opening in (b"", b"POST /echo HTTP/1.1\r\n"):  # silent, or headers trickled: closed without a word
+            t0 = time.time()
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(opening)
+                sock.settimeout(0.25)
+                got = None
+                while time.time() - t0 < 8:
+                    try:
+                        sock.sendall(b"X-Slow: 1\r\n" if opening else b"")
+                        got = sock.recv(4096)
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        got = b""
+                    if not got:
+                        break
+            assert got == b"" and time.time() - t0 < 4, (opening, got, time.time() - t0)
         assert httpx.post(url + "/echo", content=b"abc").json() == {"n": 3}  # still serving
 
 
@@ -319,3 +336,27 @@ def test_each_correction_draws_its_pairs_unpredictably(world):
     with pytest.raises(OffsiteError, match="leaves no choice of pairs"):  # every correction on the same pairs
         AssistServer({"webqs": Assistant(model, emu, AssistOptions(every=1), examples=tokenize_qa(tok, PAIRS, 128))},
                      emu.manifest["digest"])
+
+
+def test_the_model_worker_holds_a_bounded_number_of_requests():
+    import asyncio
+    import threading
+
+    from offsite.service import HTTPError, Worker
+
+    release, seen = threading.Event(), []
+
+    async def go():
+        w = Worker(max_pending=2)
+        first = asyncio.ensure_future(w.run(lambda: (release.wait(5), seen.append(threading.current_thread().name))))
+        second = asyncio.ensure_future(w.run(lambda: seen.append(threading.current_thread().name)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(HTTPError) as e:
+            await w.run(lambda: None)
+        assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
+        release.set()
+        await asyncio.gather(first, second)
+        assert w.pending == 0 and await w.run(lambda: 7) == 7
+
+    asyncio.run(go())
+    assert len(seen) == 2 and len(set(seen)) == 1  # one thread, in order

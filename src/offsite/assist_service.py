@@ -46,7 +46,8 @@ other; both as safetensors, never a pickle. The data owner refuses a service tha
 another emulator (its digest differs from the bundle's) and a correction that does not name its
 tensors or is not finite (:class:`offsite.assist.CorrectedLoss`). The privacy price is the protocol's
 (docs/transfer.md, "The owner in the loop"): the owner sees every adapter the data owner sends.
-Corrections run one at a time on the owner's models.
+Corrections run one at a time on the owner's models, at most 8 held at once (**503** with
+``Retry-After`` past that, refunded; :class:`offsite.service.Worker`).
 """
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime
@@ -61,7 +62,7 @@ import torch
 
 from .assist import RECIPE_EVERY, AssistOptions, Assistant, CorrectedLoss, tensors_from_bytes, tensors_to_bytes
 from .errors import OffsiteError
-from .service import (BODY_TIMEOUT_S, HTTPError, ServerThread, ServiceClient, base_app, client_of, in_thread,
+from .service import (BODY_TIMEOUT_S, HTTPError, ServerThread, ServiceClient, Worker, base_app, client_of,
                       read_body, serve_app)
 
 DEFAULT_PORT = 8708
@@ -202,7 +203,7 @@ def create_app(assistants: dict[str, Assistant], emulator_digest: str, api_key=N
         if a.draw is None:
             a.draw = random.SystemRandom()
     app = base_app("offsite owner-in-the-loop correction service", api_key, max_body_bytes, body_timeout)
-    lock = threading.Lock()
+    worker = Worker()  # corrections run one at a time on the owner's models
     quota = Quota(budget, per_minute)
     first = next(iter(assistants.values()))
     shapes = first.shapes
@@ -226,11 +227,10 @@ def create_app(assistants: dict[str, Assistant], emulator_digest: str, api_key=N
                 "yours": quota.mine(client_of(request))}
 
     def correct(source, state):
-        with lock:
-            try:
-                c = assistants[source].correction(state)
-            except OffsiteError as e:
-                raise HTTPError(400, str(e)) from e
+        try:
+            c = assistants[source].correction(state)
+        except OffsiteError as e:
+            raise HTTPError(400, str(e)) from e
         if not all(torch.isfinite(t).all() for t in c.values()):
             raise HTTPError(422, "the correction at this adapter is not finite; send an adapter nearer the shipped one")
         return c
@@ -247,7 +247,7 @@ def create_app(assistants: dict[str, Assistant], emulator_digest: str, api_key=N
         client = client_of(request)
         quota.take(client)
         try:
-            c = await in_thread(lambda: correct(source, state))
+            c = await worker.run(lambda: correct(source, state))
         except Exception:
             quota.refund(client)
             raise

@@ -6,15 +6,18 @@ correction service (:mod:`offsite.assist_service`).
   one key per client (sent as ``Authorization: Bearer K`` or ``X-API-Key: K``, compared in
   constant time; **401** without it), a request-body limit (**413**, counted while a chunked body
   is read, never buffered past it), a body-time limit (**408** and the connection closed when the
-  body has not arrived :data:`BODY_TIMEOUT_S` seconds after the headers), ``GET /healthz``, and
+  body has not arrived :data:`BODY_TIMEOUT_S` seconds after the headers; a connection that sends
+  no whole request for as long is closed, :func:`guarded_protocol`), ``GET /healthz``, and
   JSON error bodies ``{"error": "<one-line reason>"}`` for every status (the router's 404 and 405,
   422, and unexpected failures: never a plain-text 500), after which the server keeps serving;
 * :class:`HTTPError` (raise it in a handler), :func:`read_body` and :func:`client_of` (who asks:
   the key's digest, else the address; per-client limits key on it);
-* :func:`in_thread`: run the model work off the event loop;
+* :class:`Worker`: the model's work on one thread, one request at a time, at most
+  :data:`MAX_PENDING` held (**503** with ``Retry-After`` past that);
 * :class:`ServerThread`: a service in a background thread (tests, benchmarks);
 * :class:`ServiceClient`: the data owner's side; any failure is one :class:`OffsiteError` line that
-  carries the service's reason; a 429 with ``Retry-After`` (a rate limit) is waited out and retried.
+  carries the service's reason; a 429 or 503 with ``Retry-After`` (a rate limit, a busy model) is
+  waited out and retried.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import time
 
 from .errors import OffsiteError
 
-__all__ = ["BODY_TIMEOUT_S", "HTTPError", "ServerThread", "ServiceClient", "base_app", "client_of", "in_thread",
-           "one_line", "read_body", "serve_app"]
+__all__ = ["BODY_TIMEOUT_S", "HTTPError", "MAX_PENDING", "ServerThread", "ServiceClient", "Worker", "base_app",
+           "client_of", "one_line", "read_body", "serve_app"]
 
 
 class HTTPError(Exception):
@@ -38,7 +41,8 @@ class HTTPError(Exception):
 
 
 #: seconds a request may take to send its whole body (headers received to last byte); a body
-#: trickled slower is answered 408 and its connection closed (docs/protocol.md, "Services")
+#: trickled slower is answered 408 and its connection closed. A connection with no request in
+#: progress and none completed for as long is closed too (:func:`guarded_protocol`)
 BODY_TIMEOUT_S = 30.0
 
 
@@ -158,7 +162,7 @@ def base_app(title: str, api_key, max_body_bytes: int, body_timeout: float = BOD
     if not body_timeout > 0:
         raise OffsiteError(f"the body timeout must be > 0 seconds (got {body_timeout!r})")
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.max_body_bytes = max_body_bytes
+    app.state.max_body_bytes, app.state.body_timeout = max_body_bytes, body_timeout
     app.add_middleware(_Guard, keys=keys, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
 
     def error(status: int, reason: str, headers=None):
@@ -194,10 +198,77 @@ async def read_body(request) -> bytes:
     return await request.body()
 
 
-async def in_thread(fn):
-    import anyio
+#: requests a service holds for its model at once (one running, the rest waiting); more: 503
+MAX_PENDING = 8
 
-    return await anyio.to_thread.run_sync(fn)
+
+class Worker:
+    """The model's one thread: requests run on it one at a time, in arrival order, off the event
+    loop. Past ``max_pending`` requests running or waiting, a request is answered **503** with
+    ``Retry-After`` (the client waits and retries), so that memory held by waiting requests (their
+    bodies, their answers) stays bounded whatever the number of connections."""
+
+    def __init__(self, max_pending: int = MAX_PENDING):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="offsite-model")
+        self.max_pending, self.pending = max_pending, 0
+
+    async def run(self, fn):
+        import asyncio
+
+        if self.pending >= self.max_pending:  # read and written on the event loop only
+            raise HTTPError(503, f"busy: {self.pending} requests ahead of this one; retry shortly",
+                            headers={"Retry-After": "1"})
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+        finally:
+            self.pending -= 1
+
+
+def guarded_protocol(timeout: float):
+    """uvicorn's HTTP protocol, closing a connection that has had no request in progress and has
+    completed none for ``timeout`` seconds: a peer that connects and sends nothing, or trickles its
+    headers, is not held open (uvicorn's own keep-alive timer only starts after a first response)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # uvicorn without httptools parses with h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class Guarded(Base):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._completed = self._seen = 0
+            self._watch = self.loop.call_later(timeout, self._check)
+
+        def on_response_complete(self):
+            self._completed += 1
+            super().on_response_complete()
+
+        def connection_lost(self, exc):
+            self._watch.cancel()
+            super().connection_lost(exc)
+
+        def _check(self):
+            if self.transport.is_closing():
+                return
+            busy = self.cycle is not None and not self.cycle.response_complete  # the guard bounds its body
+            if busy or self._completed != self._seen:
+                self._seen = self._completed
+                self._watch = self.loop.call_later(timeout, self._check)
+            else:
+                self.transport.close()
+
+    return Guarded
+
+
+def _config(app, host: str, port: int, log_level: str):
+    import uvicorn
+
+    timeout = getattr(app.state, "body_timeout", BODY_TIMEOUT_S)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                          http=guarded_protocol(timeout))
 
 
 class ServerThread:
@@ -213,8 +284,7 @@ class ServerThread:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.host, self.port, self.name = host, port, name
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(_config(app, host, port, "warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -245,12 +315,12 @@ def serve_app(app, host: str, port: int, log_level: str = "info") -> None:
     """Run a service application in the foreground until interrupted."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.Server(_config(app, host, port, log_level)).run()
 
 
 def _retry_after(r) -> float | None:
-    """Seconds a 429 asks to wait (its ``Retry-After``), else None."""
-    if r.status_code != 429:
+    """Seconds a 429 or 503 asks to wait (its ``Retry-After``), else None."""
+    if r.status_code not in (429, 503):
         return None
     try:
         return max(0.0, float(r.headers.get("retry-after", "")))
@@ -266,7 +336,9 @@ class ServiceClient:
 
         self.url, self.name, self.max_wait = url.rstrip("/"), name, timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # idle connections are dropped before the server's keep-alive (5 s) closes them under a request
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout,
+                                  limits=httpx.Limits(keepalive_expiry=2.0))
 
     def close(self) -> None:
         self._http.close()

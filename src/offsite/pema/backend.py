@@ -217,8 +217,10 @@ class InProcessBackend(Backend):
     def _device(self):
         return next(self.model.parameters()).device
 
-    def forward(self, sequences, start=None, hidden=True, logprobs=True, max_reply_bytes=None):
-        """(``max_reply_bytes``: refuse a reply larger than this, before any work; the service's cap.)"""
+    def check_forward(self, sequences, start=None, hidden=True, logprobs=True, max_reply_bytes=None):
+        """A :meth:`forward` request's sequences and starts, checked against the limits without any
+        model work (the service checks before it queues a request; ``max_reply_bytes``: refuse a
+        reply larger than this, its cap)."""
         seqs = check_sequences(sequences, self.vocab_size, self.limits)
         starts = _starts(start, seqs)
         rows = sum(len(s) - b for s, b in zip(seqs, starts))
@@ -226,6 +228,10 @@ class InProcessBackend(Backend):
             raise LimitExceeded(f"the reply would carry {rows} rows of log-probabilities > max_logprob_rows "
                                f"{self.limits.max_logprob_rows}; send fewer positions (raise 'start')")
         check_reply(rows, self._rep_size(), self.vocab_size, hidden, logprobs, max_reply_bytes)
+        return seqs, starts
+
+    def forward(self, sequences, start=None, hidden=True, logprobs=True, max_reply_bytes=None):
+        seqs, starts = self.check_forward(sequences, start, hidden, logprobs, max_reply_bytes)
         dev = self._device()
         pad = self._tokenizer.pad_token_id or 0
         results: list[dict] = []
@@ -248,8 +254,8 @@ class InProcessBackend(Backend):
                     results.append(item)
         return results
 
-    def greedy(self, prompts, steps, hidden=True, logprobs=False, max_reply_bytes=None):
-        """(``max_reply_bytes``: as :meth:`forward`'s.)"""
+    def check_greedy(self, prompts, steps, hidden=True, logprobs=False, max_reply_bytes=None):
+        """A :meth:`greedy` request's prompts and steps, checked as :meth:`check_forward` checks."""
         seqs = check_sequences(prompts, self.vocab_size, self.limits, what="prompts")
         if isinstance(steps, int) and not isinstance(steps, bool):
             steps = [steps] * len(seqs)
@@ -266,6 +272,10 @@ class InProcessBackend(Backend):
             raise LimitExceeded(f"the reply would carry {sum(steps)} rows of log-probabilities > "
                                f"max_logprob_rows {self.limits.max_logprob_rows}")
         check_reply(sum(steps), self._rep_size(), self.vocab_size, hidden, logprobs, max_reply_bytes)
+        return seqs, list(steps)
+
+    def greedy(self, prompts, steps, hidden=True, logprobs=False, max_reply_bytes=None):
+        seqs, steps = self.check_greedy(prompts, steps, hidden, logprobs, max_reply_bytes)
         from transformers import DynamicCache
 
         dev = self._device()

@@ -26,7 +26,8 @@ read, never buffered past the limit); a body not whole ``--body-timeout`` second
 gets **408** and its connection closed; malformed ones (bad JSON, JSON nested more than 64 deep,
 wrong types, ids outside the vocabulary, bad ``start``) get **400**; a missing or wrong API key (``--api-key``,
 sent as ``Authorization: Bearer K`` or ``X-API-Key: K``) gets **401**. Every error body is
-``{"error": "<reason>"}`` (404 and 405 included), and the server keeps serving. Requests run one at a time on the model.
+``{"error": "<reason>"}`` (404 and 405 included), and the server keeps serving. Requests run one at a time on the
+model, at most 8 held at once (**503** with ``Retry-After`` past that; :class:`offsite.service.Worker`).
 """
 
 import base64
@@ -37,7 +38,7 @@ import torch
 from offsite.errors import OffsiteError
 from offsite.files import parse_json
 from offsite.pema.backend import InProcessBackend, LimitExceeded
-from offsite.service import BODY_TIMEOUT_S, HTTPError, base_app, in_thread, read_body, serve_app
+from offsite.service import BODY_TIMEOUT_S, HTTPError, Worker, base_app, read_body, serve_app
 from offsite.service import ServerThread as _ServerThread
 
 __all__ = ["create_app", "serve", "ServerThread", "encode_tensor", "decode_tensor"]
@@ -68,6 +69,8 @@ def create_app(backend: InProcessBackend, api_key: str | None = None, body_timeo
 
     app = base_app("offsite PEMA representation service", api_key, backend.limits.max_body_bytes, body_timeout)
     cap = backend.limits.max_reply_bytes
+    worker = Worker()
+    backend.info()  # its facts computed now, not by the first request's check on the event loop
 
     async def body(request: Request):
         try:
@@ -122,8 +125,8 @@ def create_app(backend: InProcessBackend, api_key: str | None = None, body_timeo
         if "sequences" not in obj:
             raise HTTPError(400, "missing 'sequences'")
         hidden, logprobs = flag(obj, "hidden", True), flag(obj, "logprobs", True)
-        res = await in_thread(lambda: run(lambda: backend.forward(obj["sequences"], obj.get("start"), hidden, logprobs,
-                                                                    max_reply_bytes=cap)))
+        seqs, starts = run(lambda: backend.check_forward(obj["sequences"], obj.get("start"), hidden, logprobs, cap))
+        res = await worker.run(lambda: run(lambda: backend.forward(seqs, starts, hidden, logprobs, cap)))
         return {"results": [{k: encode_tensor(v) for k, v in r.items()} for r in res]}
 
     @app.post("/v1/greedy")
@@ -135,8 +138,8 @@ def create_app(backend: InProcessBackend, api_key: str | None = None, body_timeo
         if "prompts" not in obj or "steps" not in obj:
             raise HTTPError(400, "missing 'prompts' or 'steps'")
         hidden, logprobs = flag(obj, "hidden", True), flag(obj, "logprobs", False)
-        res = await in_thread(lambda: run(lambda: backend.greedy(obj["prompts"], obj["steps"], hidden, logprobs,
-                                                                   max_reply_bytes=cap)))
+        prompts, steps = run(lambda: backend.check_greedy(obj["prompts"], obj["steps"], hidden, logprobs, cap))
+        res = await worker.run(lambda: run(lambda: backend.greedy(prompts, steps, hidden, logprobs, cap)))
         return {"results": [{k: (v.tolist() if k == "tokens" else encode_tensor(v)) for k, v in r.items()}
                             for r in res]}
 
