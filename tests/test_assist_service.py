@@ -218,9 +218,13 @@ def test_every_status_answers_one_line_json():
 
 
 def test_a_slow_body_is_answered_408_and_its_connection_closed():
-    import socket
+    """A body trickled a byte every 0.4 s: 408 at the body timeout and the connection closed; a
+    connection that sends nothing, or trickles its headers, closed as soon (bench/soak_services.py's
+    raw client, which reads until the server hangs up)."""
+    import asyncio
     import time
 
+    from bench.soak_services import raw
     from offsite.service import ServerThread, base_app
 
     app = base_app("t", None, 10_000, body_timeout=1.0)
@@ -230,46 +234,14 @@ def test_a_slow_body_is_answered_408_and_its_connection_closed():
         return {"n": len(await request.body())}
 
     with ServerThread(app) as url:
-        host, port = url[len("http://"):].split(":")
-        t0 = time.time()
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
-            got = b""
-            sock.settimeout(0.25)
-            while time.time() - t0 < 8:  # trickle a byte every 0.25 s until the server hangs up
-                try:
-                    sock.sendall(b"x")
-                except OSError:
-                    break
-                try:
-                    chunk = sock.recv(4096)
-                except socket.timeout:
-                    continue
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                got += chunk
-        closed_after = time.time() - t0
-        assert got.startswith(b"HTTP/1.1 408") and b'{"error":' in got, got[:200]
-        assert closed_after < 4, closed_after  # answered at ~1 s and closed, never held for the trickle
-        for opening in (b"", b"POST /echo HTTP/1.1\r\n"):  # silent, or headers trickled: closed without a word
+        port = int(url.rsplit(":", 1)[1])
+        for head, want in ((b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n", 408),
+                           (b"", "closed"), (b"POST /echo HTTP/1.1\r\nX-Slow: ", "closed")):
             t0 = time.time()
-            with socket.create_connection((host, int(port)), timeout=10) as sock:
-                sock.sendall(opening)
-                sock.settimeout(0.25)
-                got = None
-                while time.time() - t0 < 8:
-                    try:
-                        sock.sendall(b"X-Slow: 1\r\n" if opening else b"")
-                        got = sock.recv(4096)
-                    except socket.timeout:
-                        continue
-                    except OSError:
-                        got = b""
-                    if not got:
-                        break
-            assert got == b"" and time.time() - t0 < 4, (opening, got, time.time() - t0)
+            status, got = asyncio.run(raw(port, head, trickle=bool(head), limit=8))
+            assert status == want and time.time() - t0 < 4, (head, status, got[:200], time.time() - t0)
+            if want == 408:
+                assert b'{"error":' in got
         assert httpx.post(url + "/echo", content=b"abc").json() == {"n": 3}  # still serving
 
 
