@@ -73,7 +73,9 @@ class AssistOptions:
     examples: int = field(default=32, metadata={"help": "public pairs per correction (default 32)"})
     pool: int = field(default=0, metadata={"help": "the owner holds the first N pairs of the source and each "
                                                    "correction takes the next --assist-examples of them, cycling "
-                                                   "(0: every correction takes the first --assist-examples)"})
+                                                   "(0: every correction takes the first --assist-examples); "
+                                                   "offsite assist-serve draws them at random instead (0 there: "
+                                                   "8 x --assist-examples)"})
 
     def check(self) -> None:
         if not isinstance(self.every, int) or self.every < 0:

@@ -3,7 +3,7 @@ adapter's gradient (:mod:`offsite.assist`) over HTTP, and the data owner tunes a
 
     # model owner: the full model, the emulator bundle it shipped, its public pairs
     offsite assist-serve --model smollm2-135m --emulator emu/ [--assist-source webqs,squad --assist-examples 32] \
-        [--host 127.0.0.1 --port 8708 --api-key K]
+        [--host 127.0.0.1 --port 8708 --api-key K1 --api-key K2 --budget 32 --per-minute 30 --body-timeout 30]
     # data owner: tune the bottom adapter blocks, asking for a correction every 4 steps
     offsite tune --emulator emu/ --task arc_easy --out adapter/ --tune-blocks bottom \
         --assist http://owner:8708 --assist-every 4 [--assist-source squad --assist-api-key K]

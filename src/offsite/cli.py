@@ -35,6 +35,8 @@ from .pema.cli import cmd_pema, cmd_serve
 from .privacy.cli import add_parser as add_privacy_parser
 from .privacy.cli import cmd_privacy
 from .assist import RECIPE_EVERY, AssistOptions
+from .assist_service import DEFAULT_BUDGET, DEFAULT_PER_MINUTE
+from .service import BODY_TIMEOUT_S
 from .budget import PRESETS
 
 
@@ -100,11 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", help="require this key; repeat it to give each data owner its own "
                                                       "(budgets are per key; default: $OFFSITE_API_KEY if set)")
     p.add_argument("--max-body-mb", type=float, default=256.0, help="request body size (the adapter tensors)")
-    p.add_argument("--budget", type=POSITIVE, default=None, help="corrections per client (API key, else address) "
-                   "in all (default: one tuning run at the default settings, offsite.assist_service.run_corrections)")
-    p.add_argument("--per-minute", type=float, default=None, help="corrections per client per minute (default 30)")
-    p.add_argument("--body-timeout", type=float, default=None, help="seconds a request may take to send its body "
-                   "(default 30; slower: 408, connection closed)")
+    p.add_argument("--budget", type=POSITIVE, default=DEFAULT_BUDGET, help="corrections per client (API key, else "
+                   f"address) in all (default {DEFAULT_BUDGET}: one tuning run at the default settings)")
+    p.add_argument("--per-minute", type=float, default=DEFAULT_PER_MINUTE,
+                   help=f"corrections per client per minute (default {DEFAULT_PER_MINUTE:g})")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, help="seconds a request may take to send "
+                   f"its body (default {BODY_TIMEOUT_S:g}; slower: 408, connection closed)")
 
     p = sub.add_parser("plug", help="model owner: plug an adapter into the full model")
     p.add_argument("--model", default="smollm2-135m")
@@ -305,12 +308,6 @@ def cmd_assist_serve(args) -> None:
         raise OffsiteError("--max-body-mb must be > 0")
     opts = AssistOptions(every=1, **{f.name: getattr(args, "assist_" + f.name) for f in dataclasses.fields(AssistOptions)
                                      if f.name != "every" and hasattr(args, "assist_" + f.name)})
-    from .assist_service import DEFAULT_BUDGET, DEFAULT_PER_MINUTE
-    from .service import BODY_TIMEOUT_S
-
-    args.budget = args.budget or DEFAULT_BUDGET
-    args.per_minute = DEFAULT_PER_MINUTE if args.per_minute is None else args.per_minute
-    args.body_timeout = BODY_TIMEOUT_S if args.body_timeout is None else args.body_timeout
     if not (args.per_minute > 0 and args.body_timeout > 0):
         raise OffsiteError("--per-minute and --body-timeout must be > 0")
     if not opts.pool:  # the service draws each correction's pairs from a pool: never the same, predictable ones
