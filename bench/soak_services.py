@@ -94,7 +94,7 @@ def start(args: list[str], port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def wait_up(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+def wait_up(url: str, proc: subprocess.Popen, seconds: float = 600) -> None:
     import httpx
 
     deadline = time.time() + seconds
