@@ -351,3 +351,30 @@ def test_cli_builds_memory_and_trains_from_a_data_file(tmp_path, capsys):
     assert "cross-entropy" in out and "the model alone" in out
     pema, meta = load_pema(tmp_path / "pema")
     assert pema.rank == 4 and "val_parts" in meta["training"]["history"]["joint"][-1]
+
+
+def test_replies_are_capped_in_bytes_and_the_client_splits_to_fit(tokenizer):
+    """Representations count toward the reply cap as log-probabilities do: refused (413, one line)
+    before any work, from the request's computed reply size; the client splits its calls to fit."""
+    from offsite.pema.backend import reply_bytes
+
+    b = InProcessBackend(tiny_model("llama", 2), tokenizer, name="tiny", micro_batch=4,
+                         limits=Limits(max_batch=8, max_logprob_rows=64, max_reply_bytes=reply_bytes(40, 32, 260, True, False)))
+    seqs = [[1 + i] * 30 for i in range(3)]  # 90 rows of hidden states: more than 40 rows fit
+    with ServerThread(b) as url:
+        r = httpx.post(url + "/v1/forward", json={"sequences": seqs, "logprobs": False})
+        assert r.status_code == 413 and set(r.json()) == {"error"}
+        assert "max_reply_bytes" in r.json()["error"] and "90 positions" in r.json()["error"]
+        r = httpx.post(url + "/v1/greedy", json={"prompts": [[1], [2]], "steps": 21, "hidden": True})
+        assert r.status_code == 413 and "42 positions" in r.json()["error"]
+        r = httpx.post(url + "/v1/forward", json={"sequences": seqs[:1], "logprobs": False})
+        assert r.status_code == 200 and len(r.content) <= reply_bytes(40, 32, 260, True, False) + 200
+        for path in ("/nope", "/v1/info"):
+            r = httpx.post(url + path, json={})
+            assert r.status_code in (404, 405) and set(r.json()) == {"error"}
+        with ServiceBackend(url) as client:
+            got = client.forward(seqs, hidden=True, logprobs=False)
+            greedy = client.greedy([[1], [2]], 21, hidden=True)
+        want = b.forward(seqs, hidden=True, logprobs=False)
+        assert all(torch.equal(x["hidden"], y["hidden"]) for x, y in zip(got, want))
+        assert [g["hidden"].shape[0] for g in greedy] == [21, 21]

@@ -25,7 +25,8 @@ both). What it carries, measured, is mostly the owner's own public pairs: their 
 enters every step, and the owner alone, tuning the same blocks of its full model on those pairs,
 lifts ARC-Easy as much as the whole protocol does (docs/transfer.md, "The floor"). ``pool``: each
 correction takes the next public pairs of a larger set (more of them per tuning, the same cost per
-correction). The price is interaction and privacy: the owner sees every intermediate adapter, and the data
+correction); over HTTP the service draws them at random from the pool instead, so that the data
+owner cannot know which pairs a correction was taken on (docs/transfer.md, "The correction service"). The price is interaction and privacy: the owner sees every intermediate adapter, and the data
 owner receives the full model's gradients on public data at its adapter (docs/transfer.md, "The
 owner in the loop"). Both parties run in one process with ``offsite run --assist-every`` (the
 Python API: :class:`Assistant`); on two machines the owner serves its corrections over HTTP
@@ -44,6 +45,8 @@ from .emulator.core import Emulator
 from .errors import OffsiteError
 from .gradients import adapter_gradients, adapter_written
 
+#: optimizer steps between corrections: the measured recipe (docs/transfer.md), offsite tune's default
+RECIPE_EVERY = 4
 #: the owner's default public pairs: bare questions with short answers (WebQuestions)
 DEFAULT_SOURCE = "webqs"
 #: tasks whose inputs are shaped otherwise, and the public pairs shaped like them: SciQ puts a passage
@@ -70,7 +73,9 @@ class AssistOptions:
     examples: int = field(default=32, metadata={"help": "public pairs per correction (default 32)"})
     pool: int = field(default=0, metadata={"help": "the owner holds the first N pairs of the source and each "
                                                    "correction takes the next --assist-examples of them, cycling "
-                                                   "(0: every correction takes the first --assist-examples)"})
+                                                   "(0: every correction takes the first --assist-examples); "
+                                                   "offsite assist-serve draws them at random instead (0 there: "
+                                                   "8 x --assist-examples)"})
 
     def check(self) -> None:
         if not isinstance(self.every, int) or self.every < 0:
@@ -102,7 +107,7 @@ class Assistant:
     ``examples`` given)."""
 
     def __init__(self, model, emu: Emulator, opts: AssistOptions, micro_batch_size: int = 8,
-                 examples: list[dict] | None = None):
+                 examples: list[dict] | None = None, draw=None):
         from .probe import ProbeOptions, task_probe_examples
 
         opts.check()
@@ -117,6 +122,8 @@ class Assistant:
         shapes = dict(emu.model.named_parameters())
         self.shapes = {k: tuple(shapes[n].shape) for k, n in param_names(emu.model, self.positions).items()}
         self.calls = 0
+        self.draw = draw  # a random.Random: each correction draws its pairs from the pool (the service's)
+        self.last_indices: list[int] = []  # which held pairs the last correction took
 
     def correction(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``c`` (module docstring) for the data owner's current trainable adapter tensors ``state``
@@ -147,11 +154,17 @@ class Assistant:
 
     def next_pairs(self) -> list[dict]:
         """The public pairs of the next correction: every held pair; with a pool, the next
-        ``opts.examples`` of them (the ``i``-th correction starts at pair ``i · examples``, cycling)."""
+        ``opts.examples`` of them (the ``i``-th correction starts at pair ``i · examples``, cycling), or
+        with ``draw`` (a :class:`random.Random`) a fresh draw of that many (kept in pool order)."""
+        n = len(self.held)
         if not self.opts.pool:
-            return self.held
-        i = self.calls * self.opts.examples % len(self.held)
-        return (self.held + self.held)[i:i + self.per_correction]
+            self.last_indices = list(range(n))
+        elif self.draw is not None:
+            self.last_indices = sorted(self.draw.sample(range(n), self.per_correction))
+        else:
+            i = self.calls * self.opts.examples % n
+            self.last_indices = [(i + j) % n for j in range(self.per_correction)]
+        return [self.held[j] for j in self.last_indices]
 
     def loss(self, params: dict[str, torch.nn.Parameter]) -> "CorrectedLoss":
         """The data owner's training loss for the trainable adapter tensors ``params``, asking this
@@ -217,9 +230,9 @@ def tensors_from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:
 
     try:
         return load(bytes(data))
-    except (SafetensorError, ValueError, TypeError) as e:
+    except (SafetensorError, ValueError, TypeError, RuntimeError, KeyError, OverflowError) as e:
         raise OffsiteError(f"{what} is not a safetensors file: {' '.join(str(e).split())[:200]}") from None
 
 
-__all__ = ["DEFAULT_SOURCE", "MATCHED_SOURCE", "AssistOptions", "Assistant", "CorrectedLoss", "matched_source",
+__all__ = ["DEFAULT_SOURCE", "MATCHED_SOURCE", "RECIPE_EVERY", "AssistOptions", "Assistant", "CorrectedLoss", "matched_source",
            "tensors_from_bytes", "tensors_to_bytes"]

@@ -36,7 +36,9 @@ from .pema.cli import add_parsers as add_pema_parsers
 from .pema.cli import cmd_pema, cmd_serve
 from .privacy.cli import add_parser as add_privacy_parser
 from .privacy.cli import cmd_privacy
-from .assist import AssistOptions
+from .assist import RECIPE_EVERY, AssistOptions
+from .assist_service import DEFAULT_BUDGET, DEFAULT_PER_MINUTE
+from .service import BODY_TIMEOUT_S
 from .budget import PRESETS
 
 
@@ -86,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("the model owner in the loop (offsite.assist_service)")
     g.add_argument("--assist", metavar="URL", help="the owner's correction service (offsite assist-serve): ask it "
                                                    "for a correction of the adapter's gradient (docs/transfer.md)")
-    g.add_argument("--assist-every", type=POSITIVE, default=4, help="optimizer steps between corrections (default 4)")
+    g.add_argument("--assist-every", type=POSITIVE, default=RECIPE_EVERY,
+                   help=f"optimizer steps between corrections (default {RECIPE_EVERY})")
     g.add_argument("--assist-source", help="which of the owner's public sources to correct on: the one shaped like "
                                            "your inputs, e.g. squad where a passage comes before the question "
                                            "(default: the service's first)")
@@ -101,8 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, AssistOptions, {"--assist-every"}, prefix="assist_")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8708)
-    p.add_argument("--api-key", help="require this key (default: $OFFSITE_API_KEY if set)")
+    p.add_argument("--api-key", action="append", help="require this key; repeat it to give each data owner its own "
+                                                      "(budgets are per key; default: $OFFSITE_API_KEY if set)")
     p.add_argument("--max-body-mb", type=float, default=256.0, help="request body size (the adapter tensors)")
+    p.add_argument("--budget", type=POSITIVE, default=DEFAULT_BUDGET, help="corrections per client (API key, else "
+                   f"address) in all (default {DEFAULT_BUDGET}: one tuning run at the default settings)")
+    p.add_argument("--per-minute", type=float, default=DEFAULT_PER_MINUTE,
+                   help=f"corrections per client per minute (default {DEFAULT_PER_MINUTE:g})")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, help="seconds a request may take to send "
+                   f"its body (default {BODY_TIMEOUT_S:g}; slower: 408, connection closed)")
 
     p = sub.add_parser("plug", help="model owner: plug an adapter into the full model")
     p.add_argument("--model", default="smollm2-135m")
@@ -323,7 +333,7 @@ def cmd_tune(args) -> None:
 
 def cmd_assist_serve(args) -> None:
     from .assist import Assistant
-    from .assist_service import serve
+    from .assist_service import POOL_FACTOR, serve
     from .bundle import load_emulator
     from .models.load import load_model
     from .tune import task_data
@@ -332,6 +342,10 @@ def cmd_assist_serve(args) -> None:
         raise OffsiteError("--max-body-mb must be > 0")
     opts = AssistOptions(every=1, **{f.name: getattr(args, "assist_" + f.name) for f in dataclasses.fields(AssistOptions)
                                      if f.name != "every" and hasattr(args, "assist_" + f.name)})
+    if not (args.per_minute > 0 and args.body_timeout > 0):
+        raise OffsiteError("--per-minute and --body-timeout must be > 0")
+    if not opts.pool:  # the service draws each correction's pairs from a pool: never the same, predictable ones
+        opts.pool = POOL_FACTOR * opts.examples
     sources = [x for x in opts.source.split(",") if x]
     for source in sources:
         task_data(source)  # fetched and known? (fails here, before the model is loaded)
@@ -339,13 +353,14 @@ def cmd_assist_serve(args) -> None:
     model, _ = load_model(args.model)
     # one model and one emulator copy for every source: corrections run one at a time
     assistants = {source: Assistant(model, emu, dataclasses.replace(opts, source=source)) for source in sources}
-    key = args.api_key or os.environ.get("OFFSITE_API_KEY")
-    pairs = ", ".join(f"{len(a.held)} {s}" + (f" ({a.opts.examples} a correction)" if a.opts.pool else "")
-                      for s, a in assistants.items())
+    keys = args.api_key or [k for k in [os.environ.get("OFFSITE_API_KEY")] if k]
+    pairs = ", ".join(f"{len(a.held)} {s} ({a.per_correction} drawn a correction)" for s, a in assistants.items())
     print(f"serving corrections for {args.emulator} on http://{args.host}:{args.port} (public pairs: {pairs}; "
-          f"API key {'on' if key else 'off'})", flush=True)
-    serve(assistants, emu.manifest["digest"], args.host, args.port, api_key=key,
-          max_body_bytes=int(args.max_body_mb * (1 << 20)), log_level="info" if args.verbose else "warning")
+          f"{len(keys) or 'no'} API key(s); {args.budget} corrections per client, {args.per_minute:g} a minute)",
+          flush=True)
+    serve(assistants, emu.manifest["digest"], args.host, args.port, api_key=keys,
+          max_body_bytes=int(args.max_body_mb * (1 << 20)), budget=args.budget, per_minute=args.per_minute,
+          body_timeout=args.body_timeout, log_level="info" if args.verbose else "warning")
 
 
 def cmd_plug(args) -> None:

@@ -27,6 +27,7 @@ from the mask) and decodes with the KV cache. Results are float32 regardless of 
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 from offsite.errors import OffsiteError
 from offsite.models.families import output_cache
 
-__all__ = ["Backend", "InProcessBackend", "Limits", "LimitExceeded", "check_sequences"]
+__all__ = ["Backend", "InProcessBackend", "Limits", "LimitExceeded", "check_reply", "check_sequences",
+           "reply_bytes", "reply_rows"]
 
 
 class LimitExceeded(OffsiteError):
@@ -54,6 +56,28 @@ class Limits:
     max_new_tokens: int = 256  # greedy steps per prompt
     max_logprob_rows: int = 2048  # positions x sequences whose full-vocabulary log-probs one reply may carry
     max_body_bytes: int = 8 << 20  # request body size (HTTP only)
+    max_reply_bytes: int = 64 << 20  # reply size: the base64 of its float32 tensors (HTTP only, reply_bytes)
+
+
+def reply_bytes(rows: int, hidden_size: int, vocab_size: int, hidden: bool, logprobs: bool) -> int:
+    """The size of a reply's tensor data as the service sends it (base64 of float32: 16/3 bytes a
+    number) for ``rows`` positions, each with its representation and/or its log-probabilities."""
+    width = hidden_size * bool(hidden) + vocab_size * bool(logprobs)
+    return math.ceil(rows * width * 16 / 3)
+
+
+def reply_rows(cap: int, hidden_size: int, vocab_size: int, hidden: bool, logprobs: bool) -> int:
+    """The most positions whose reply fits ``cap`` bytes (:func:`reply_bytes`)."""
+    width = hidden_size * bool(hidden) + vocab_size * bool(logprobs)
+    return 3 * cap // (16 * width) if width else 1 << 30
+
+
+def check_reply(rows: int, hidden_size: int, vocab_size: int, hidden: bool, logprobs: bool, cap: int | None) -> None:
+    """LimitExceeded (413) when the reply would be larger than ``cap`` bytes (None: no cap)."""
+    size = reply_bytes(rows, hidden_size, vocab_size, hidden, logprobs)
+    if cap is not None and size > cap:
+        raise LimitExceeded(f"the reply would be {size} bytes ({rows} positions) > max_reply_bytes {cap}; ask for "
+                            "fewer positions or sequences")
 
 
 def check_sequences(seqs, vocab_size: int, limits: Limits, what: str = "sequences",
@@ -193,13 +217,21 @@ class InProcessBackend(Backend):
     def _device(self):
         return next(self.model.parameters()).device
 
-    def forward(self, sequences, start=None, hidden=True, logprobs=True):
+    def check_forward(self, sequences, start=None, hidden=True, logprobs=True, max_reply_bytes=None):
+        """A :meth:`forward` request's sequences and starts, checked against the limits without any
+        model work (the service checks before it queues a request; ``max_reply_bytes``: refuse a
+        reply larger than this, its cap)."""
         seqs = check_sequences(sequences, self.vocab_size, self.limits)
         starts = _starts(start, seqs)
         rows = sum(len(s) - b for s, b in zip(seqs, starts))
         if logprobs and rows > self.limits.max_logprob_rows:
             raise LimitExceeded(f"the reply would carry {rows} rows of log-probabilities > max_logprob_rows "
                                f"{self.limits.max_logprob_rows}; send fewer positions (raise 'start')")
+        check_reply(rows, self._rep_size(), self.vocab_size, hidden, logprobs, max_reply_bytes)
+        return seqs, starts
+
+    def forward(self, sequences, start=None, hidden=True, logprobs=True, max_reply_bytes=None):
+        seqs, starts = self.check_forward(sequences, start, hidden, logprobs, max_reply_bytes)
         dev = self._device()
         pad = self._tokenizer.pad_token_id or 0
         results: list[dict] = []
@@ -222,7 +254,8 @@ class InProcessBackend(Backend):
                     results.append(item)
         return results
 
-    def greedy(self, prompts, steps, hidden=True, logprobs=False):
+    def check_greedy(self, prompts, steps, hidden=True, logprobs=False, max_reply_bytes=None):
+        """A :meth:`greedy` request's prompts and steps, checked as :meth:`check_forward` checks."""
         seqs = check_sequences(prompts, self.vocab_size, self.limits, what="prompts")
         if isinstance(steps, int) and not isinstance(steps, bool):
             steps = [steps] * len(seqs)
@@ -238,6 +271,11 @@ class InProcessBackend(Backend):
         if logprobs and sum(steps) > self.limits.max_logprob_rows:
             raise LimitExceeded(f"the reply would carry {sum(steps)} rows of log-probabilities > "
                                f"max_logprob_rows {self.limits.max_logprob_rows}")
+        check_reply(sum(steps), self._rep_size(), self.vocab_size, hidden, logprobs, max_reply_bytes)
+        return seqs, list(steps)
+
+    def greedy(self, prompts, steps, hidden=True, logprobs=False, max_reply_bytes=None):
+        seqs, steps = self.check_greedy(prompts, steps, hidden, logprobs, max_reply_bytes)
         from transformers import DynamicCache
 
         dev = self._device()

@@ -17,6 +17,7 @@ import os
 from offsite.cli_args import add_dataclass_args
 from offsite.data.generation import GENERATION_TASKS, task_docs, task_pairs
 from offsite.errors import OffsiteError
+from offsite.service import BODY_TIMEOUT_S
 
 
 def _backend_args(p) -> None:
@@ -53,6 +54,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="greedy steps per prompt")
     p.add_argument("--max-logprob-rows", type=int, default=2048, help="full-vocabulary rows per reply")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="request body size")
+    p.add_argument("--max-reply-mb", type=float, default=64.0, help="reply size (base64 of its float32 tensors)")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
+                   help=f"seconds a request may take to send its body (default {BODY_TIMEOUT_S:g})")
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--share-head", action="store_true",
                    help="also serve the final norm + LM head (PEMA's protocol shares them; off by default)")
@@ -111,17 +115,20 @@ def cmd_serve(args) -> None:
     for name in ("max_batch", "max_seq_len", "max_new_tokens", "max_logprob_rows", "micro_batch"):
         if getattr(args, name) < 1:
             raise OffsiteError(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.max_body_mb > 0:
-        raise OffsiteError("--max-body-mb must be > 0")
+    for name in ("max_body_mb", "max_reply_mb", "body_timeout"):
+        if not getattr(args, name) > 0:
+            raise OffsiteError(f"--{name.replace('_', '-')} must be > 0")
     limits = Limits(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_new_tokens=args.max_new_tokens,
-                    max_logprob_rows=args.max_logprob_rows, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+                    max_logprob_rows=args.max_logprob_rows, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                    max_reply_bytes=int(args.max_reply_mb * (1 << 20)))
     model, tok = load_model(args.model)
     backend = InProcessBackend(model, tok, name=model_display_name(args.model), limits=limits,
                                micro_batch=args.micro_batch, share_head=args.share_head)
     key = args.api_key or os.environ.get("OFFSITE_API_KEY")
     print(f"serving {backend.name} on http://{args.host}:{args.port} (API key {'on' if key else 'off'}, "
           f"head {'shared' if args.share_head else 'not shared'})", flush=True)
-    serve(backend, args.host, args.port, api_key=key, log_level="info" if args.verbose else "warning")
+    serve(backend, args.host, args.port, api_key=key, log_level="info" if args.verbose else "warning",
+          body_timeout=args.body_timeout)
 
 
 def cmd_pema(args) -> None:

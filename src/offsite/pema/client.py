@@ -2,8 +2,8 @@
 
 ``ServiceBackend(url, api_key=...)`` implements :class:`offsite.pema.backend.Backend` over HTTP, so
 memory building, training and decoding take it wherever they take an in-process backend. Requests
-larger than the service's limits are split here (by ``max_batch`` sequences and
-``max_logprob_rows`` rows) — note that a split changes the micro-batches the owner computes, so the
+larger than the service's limits are split here (by ``max_batch`` sequences, ``max_logprob_rows``
+rows and ``max_reply_bytes`` of reply) — note that a split changes the micro-batches the owner computes, so the
 bit-for-bit equality with an in-process backend holds for calls within the limits (the owner's
 ``micro_batch`` decides padding groups either way). Service errors become one-line
 :class:`~offsite.errors.OffsiteError` s carrying the service's reason.
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from offsite.errors import OffsiteError
-from offsite.pema.backend import Backend
+from offsite.pema.backend import Backend, reply_rows
 from offsite.pema.service import decode_tensor
 from offsite.service import ServiceClient
 
@@ -75,19 +75,29 @@ class ServiceBackend(Backend):
     def _limits(self) -> dict:
         return self.info().get("limits", {})
 
+    def _max_rows(self, hidden: bool, logprobs: bool) -> int:
+        """Positions one reply may carry: ``max_logprob_rows`` (with log-probabilities) and the
+        service's reply cap (:func:`offsite.pema.backend.reply_bytes`)."""
+        lim, info = self._limits(), self.info()
+        rows = int(lim.get("max_logprob_rows", 1 << 30)) if logprobs else 1 << 30
+        if "max_reply_bytes" in lim:
+            rows = min(rows, reply_rows(int(lim["max_reply_bytes"]), int(info.get("hidden_size", 0)),
+                                        int(info.get("vocab_size", 0)), hidden, logprobs))
+        return max(1, rows)
+
     def forward(self, sequences, start=None, hidden=True, logprobs=True):
         seqs = [list(s) for s in sequences]
         starts = [0] * len(seqs) if start is None else ([start] * len(seqs) if isinstance(start, int) else list(start))
         if len(starts) != len(seqs):
             raise OffsiteError("'start' must be one integer per sequence")
         lim = self._limits()
-        max_batch, max_rows = int(lim.get("max_batch", 64)), int(lim.get("max_logprob_rows", 1 << 30))
+        max_batch, max_rows = int(lim.get("max_batch", 64)), self._max_rows(hidden, logprobs)
         out, i = [], 0
         while i < len(seqs):
             j, rows = i, 0
             while j < len(seqs) and j - i < max_batch:
                 n = len(seqs[j]) - starts[j]
-                if logprobs and j > i and rows + n > max_rows:
+                if j > i and rows + n > max_rows:
                     break
                 rows += n
                 j += 1
@@ -101,11 +111,15 @@ class ServiceBackend(Backend):
         prompts = [list(p) for p in prompts]
         steps = [steps] * len(prompts) if isinstance(steps, int) else list(steps)
         lim = self._limits()
-        max_batch = int(lim.get("max_batch", 64))
-        out = []
-        for i in range(0, len(prompts), max_batch):
-            body = {"prompts": prompts[i:i + max_batch], "steps": steps[i:i + max_batch], "hidden": hidden,
-                    "logprobs": logprobs}
+        max_batch, max_rows = int(lim.get("max_batch", 64)), self._max_rows(hidden, logprobs)
+        out, i = [], 0
+        while i < len(prompts):
+            j, rows = i, 0
+            while j < len(prompts) and j - i < max_batch and (j == i or rows + steps[j] <= max_rows):
+                rows += steps[j]
+                j += 1
+            body = {"prompts": prompts[i:j], "steps": steps[i:j], "hidden": hidden, "logprobs": logprobs}
+            i = j
             res = self._call("POST", "/v1/greedy", body).json()["results"]
             for r in res:
                 item = {"tokens": torch.tensor(r["tokens"], dtype=torch.long)}

@@ -18,12 +18,16 @@ answers 403 unless the owner starts the service with ``--share-head``; the data 
 receive those two tensors any other way (``SharedHead.to_bytes``).
 
 **Limits and errors.** Requests above ``--max-batch`` sequences, ``--max-seq-len`` tokens,
-``--max-new-tokens`` steps, ``--max-logprob-rows`` full-vocabulary rows per reply or
+``--max-new-tokens`` steps, ``--max-logprob-rows`` full-vocabulary rows per reply,
+``--max-reply-mb`` of reply (the base64 of its float32 representations and log-probabilities,
+computed from the request before any work: :func:`offsite.pema.backend.reply_bytes`) or
 ``--max-body-mb`` of body get **413** with a one-line reason (a chunked body is counted while it is
-read, never buffered past the limit); malformed ones (bad JSON, JSON nested more than 64 deep,
+read, never buffered past the limit); a body not whole ``--body-timeout`` seconds after the headers
+gets **408** and its connection closed; malformed ones (bad JSON, JSON nested more than 64 deep,
 wrong types, ids outside the vocabulary, bad ``start``) get **400**; a missing or wrong API key (``--api-key``,
 sent as ``Authorization: Bearer K`` or ``X-API-Key: K``) gets **401**. Every error body is
-``{"error": "<reason>"}``, and the server keeps serving. Requests run one at a time on the model.
+``{"error": "<reason>"}`` (404 and 405 included), and the server keeps serving. Requests run one at a time on the
+model, at most 8 held at once (**503** with ``Retry-After`` past that; :class:`offsite.service.Worker`).
 """
 
 import base64
@@ -34,7 +38,7 @@ import torch
 from offsite.errors import OffsiteError
 from offsite.files import parse_json
 from offsite.pema.backend import InProcessBackend, LimitExceeded
-from offsite.service import HTTPError, base_app, in_thread, read_body, serve_app
+from offsite.service import BODY_TIMEOUT_S, HTTPError, Worker, base_app, read_body, serve_app
 from offsite.service import ServerThread as _ServerThread
 
 __all__ = ["create_app", "serve", "ServerThread", "encode_tensor", "decode_tensor"]
@@ -58,12 +62,15 @@ def decode_tensor(obj: dict) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.float32).reshape(shape).copy())
 
 
-def create_app(backend: InProcessBackend, api_key: str | None = None):
+def create_app(backend: InProcessBackend, api_key: str | None = None, body_timeout: float = BODY_TIMEOUT_S):
     """The FastAPI application over ``backend`` (its ``limits`` and ``share_head`` apply)."""
     from fastapi import Request
     from fastapi.responses import Response
 
-    app = base_app("offsite PEMA representation service", api_key, backend.limits.max_body_bytes)
+    app = base_app("offsite PEMA representation service", api_key, backend.limits.max_body_bytes, body_timeout)
+    cap = backend.limits.max_reply_bytes
+    worker = Worker()
+    backend.info()  # its facts computed now, not by the first request's check on the event loop
 
     async def body(request: Request):
         try:
@@ -118,8 +125,8 @@ def create_app(backend: InProcessBackend, api_key: str | None = None):
         if "sequences" not in obj:
             raise HTTPError(400, "missing 'sequences'")
         hidden, logprobs = flag(obj, "hidden", True), flag(obj, "logprobs", True)
-        res = await in_thread(lambda: run(lambda: backend.forward(obj["sequences"], obj.get("start"),
-                                                                    hidden, logprobs)))
+        seqs, starts = run(lambda: backend.check_forward(obj["sequences"], obj.get("start"), hidden, logprobs, cap))
+        res = await worker.run(lambda: run(lambda: backend.forward(seqs, starts, hidden, logprobs, cap)))
         return {"results": [{k: encode_tensor(v) for k, v in r.items()} for r in res]}
 
     @app.post("/v1/greedy")
@@ -131,7 +138,8 @@ def create_app(backend: InProcessBackend, api_key: str | None = None):
         if "prompts" not in obj or "steps" not in obj:
             raise HTTPError(400, "missing 'prompts' or 'steps'")
         hidden, logprobs = flag(obj, "hidden", True), flag(obj, "logprobs", False)
-        res = await in_thread(lambda: run(lambda: backend.greedy(obj["prompts"], obj["steps"], hidden, logprobs)))
+        prompts, steps = run(lambda: backend.check_greedy(obj["prompts"], obj["steps"], hidden, logprobs, cap))
+        res = await worker.run(lambda: run(lambda: backend.greedy(prompts, steps, hidden, logprobs, cap)))
         return {"results": [{k: (v.tolist() if k == "tokens" else encode_tensor(v)) for k, v in r.items()}
                             for r in res]}
 
@@ -139,14 +147,14 @@ def create_app(backend: InProcessBackend, api_key: str | None = None):
 
 
 def serve(backend: InProcessBackend, host: str = "127.0.0.1", port: int = 8707, api_key: str | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", body_timeout: float = BODY_TIMEOUT_S) -> None:
     """Run the service in the foreground until interrupted."""
-    serve_app(create_app(backend, api_key), host, port, log_level)
+    serve_app(create_app(backend, api_key, body_timeout), host, port, log_level)
 
 
 class ServerThread(_ServerThread):
     """The service in a background thread (tests, benchmarks): ``with ServerThread(backend) as url:``."""
 
     def __init__(self, backend: InProcessBackend, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str | None = None):
-        super().__init__(create_app(backend, api_key), host, port, name="PEMA service")
+                 api_key: str | None = None, body_timeout: float = BODY_TIMEOUT_S):
+        super().__init__(create_app(backend, api_key, body_timeout), host, port, name="PEMA service")
