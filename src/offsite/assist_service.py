@@ -27,7 +27,8 @@ about the data beyond the adapters it is sent.
 before any work): safetensors whose tensors are exactly the emulator's bottom adapter blocks or all
 of its adapter blocks (every tensor of them, no other name), each of the emulator's shape and of its
 dtype (no cast: an integer, bool, complex or float8 tensor is refused), finite and at most
-:data:`MAX_ABS_FACTOR` times the largest magnitude of the shipped adapter weights.
+:func:`offsite.safety.magnitude_bound` of the largest shipped adapter weight (the bound a bundle's
+adapter is held to).
 
 **What it gives away, and how much.** A correction is ``c = s·g_f − g_e`` on public pairs ``P``; a
 data owner who knew ``P`` would add its own emulator gradient ``g_e(P)`` and read the full model's
@@ -62,6 +63,7 @@ import torch
 
 from .assist import RECIPE_EVERY, AssistOptions, Assistant, CorrectedLoss, tensors_from_bytes, tensors_to_bytes
 from .errors import OffsiteError
+from .safety import check_tensor, dtype_name, magnitude_bound
 from .service import (BODY_TIMEOUT_S, HTTPError, ServerThread, ServiceClient, Worker, base_app, client_of,
                       read_body, serve_app)
 
@@ -69,12 +71,10 @@ DEFAULT_PORT = 8708
 MAX_BODY_BYTES = 256 << 20  # the bottom adapter blocks of a 1B-parameter model are ~100 MB in float32
 #: a sent tensor's values may reach this many times the largest magnitude among the shipped adapter
 #: weights (tuning moves weights by a small fraction of their size; 3e38 is an attack, not a step)
-MAX_ABS_FACTOR = 100.0
 #: the service's pool when the owner names none: this many corrections' worth of pairs
 POOL_FACTOR = 8
 DEFAULT_PER_MINUTE = 30.0  # corrections per client per minute, sustained
 BURST = 4  # ... and at once
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 def run_corrections(every: int = RECIPE_EVERY) -> int:
@@ -123,7 +123,7 @@ def check_adapter_tensors(data: bytes, shapes: dict, dtype: torch.dtype, name_se
                                "emulator?")
         raise OffsiteError(f"the request holds {len(names)} adapter tensors; send every tensor of the bottom adapter "
                            f"blocks ({len(name_sets[0])}) or of all of them ({len(name_sets[-1])}), no fewer")
-    want = _DTYPES.get(dtype, str(dtype))
+    want = dtype_name(dtype)
     for key in sorted(names):
         entry = header[key]
         if entry.get("dtype") != want:
@@ -133,12 +133,7 @@ def check_adapter_tensors(data: bytes, shapes: dict, dtype: torch.dtype, name_se
             raise OffsiteError(f"{key} has shape {entry.get('shape')}, the emulator's adapter {list(shapes[key])}")
     state = tensors_from_bytes(data, "the request body")
     for key, t in state.items():
-        if not torch.isfinite(t).all():
-            raise OffsiteError(f"{key} holds NaN or infinite values")
-        peak = float(t.abs().max()) if t.numel() else 0.0
-        if peak > max_abs:
-            raise OffsiteError(f"{key} holds a value of magnitude {peak:.3g} > {max_abs:.3g} "
-                               f"({MAX_ABS_FACTOR:g} x the shipped adapter's largest weight)")
+        check_tensor(key, t, "the request body", max_abs)
     return state
 
 
@@ -215,7 +210,7 @@ def create_app(assistants: dict[str, Assistant], emulator_digest: str, api_key=N
     from .adapters import param_names
 
     shipped = max(float(named[n].detach().abs().max()) for n in param_names(first.emu.model, first.positions).values())
-    max_abs = MAX_ABS_FACTOR * max(shipped, 1e-6)
+    max_abs = magnitude_bound(shipped)
 
     @app.get("/v1/info")
     def info(request: Request):
