@@ -67,7 +67,7 @@ def cached(path: Path, fn):
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value))
     tmp.replace(path)
-    acc = {k: sum(v) / len(v) for k, v in value.items() if isinstance(v, list) and v and ":" not in k}
+    acc = {k: sum(v) / len(v) for k, v in value.items() if isinstance(v, list) and v and not isinstance(v[0], list)}
     print(f"{path.relative_to(RUNS)}: " + " ".join(f"{k}={100 * a:.1f}" for k, a in acc.items())
           + f" ({value['seconds']}s)", flush=True)
     return value
@@ -281,9 +281,19 @@ def collect(task: str = "sentiment") -> dict:
     if ceilings:
         d, s = paired_seeds(ceiling_rows, zs)
         head += f" (ceiling − Full ZS {100 * d:+.1f} ± {100 * s:.1f})"
+    floors = {}
+    for f in sorted(out.glob("floor-*-s*.json")):
+        name, seed = f.stem[len("floor-"):].rsplit("-s", 1)
+        floors.setdefault(name, {})[int(seed)] = json.loads(f.read_text())["acc"]
+    for name, by_seed in floors.items():
+        rows = [by_seed[s] for s in sorted(by_seed)]
+        d, s_ = paired_seeds(rows, zs)
+        head += (f"; floor on {name} " + " / ".join(f"{100 * sum(r) / len(r):.1f}" for r in rows)
+                 + f" (seeds {', '.join(map(str, sorted(by_seed)))}; − Full ZS {100 * d:+.1f} ± {100 * s_:.1f})")
     table = (head + "\n\n| recipe | plug-in strength | seeds | Emulator FT | Plug-in per seed | Plug-in − Full ZS "
              "| transfer |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
     return {"records": records, "table": table,
+            "floors": {n: {"seeds": sorted(b), "acc": [sum(b[s]) / len(b[s]) for s in sorted(b)]} for n, b in floors.items()},
             "ceiling": {"seeds": sorted(ceilings), "acc": [sum(c) / len(c) for c in ceiling_rows]},
             "full_zs": sum(zs) / len(zs)}
 
@@ -301,7 +311,7 @@ def write_collected(task: str, doc: str) -> int:
                  "protocol": "each recipe tuned once per seed (preset paper: 1 epoch, batch 8, lr 1e-4, adapter 2,2); "
                              "plug-in strength a: shipped + a * (tuned - shipped); intervals: documents' paired "
                              "standard error on seed means plus the seeds' variance (offsite.stats.paired_seeds)"},
-        "full_zs": res["full_zs"], "ceiling": res["ceiling"], "records": res["records"]})
+        "full_zs": res["full_zs"], "ceiling": res["ceiling"], "floors": res["floors"], "records": res["records"]})
     write_text_atomic(results / f"{name}.md", res["table"])
     print(res["table"])
     if doc:
