@@ -429,18 +429,22 @@ def test_deployment_drops_a_node_killed_mid_round(fed_setup):
 
 
 def test_a_data_owner_dying_mid_round_does_not_stop_the_run(fed_setup):
-    """SecAgg+, 3 data owners; owner 2's ClientApp dies in round 2 after one local step. Flower
-    counts it as a failure, SecAgg+ rebuilds its masks from the others' shares, round 2 aggregates
-    owners 0 and 1, and the run finishes."""
+    """SecAgg+, 3 data owners, 2 rounds: owner 1's ClientApp dies in round 1's first SecAgg+ stage
+    (setup, before it shared its keys: flwr 1.42's own workflow would stop the round), owner 2's in
+    round 2 after one local step (its keys are out: the others' shares rebuild its masks). Each
+    round aggregates the other two, and the run finishes."""
     cfg = _cfg(fed_setup, "dying", 3, 2, secagg=True)
-    state = _simulate(cfg, fed_setup, fail={"partition": 2, "round": 2, "after_steps": 1})
+    state = _simulate(cfg, fed_setup, fail=[{"partition": 1, "round": 1, "stage": "setup"},
+                                            {"partition": 2, "round": 2, "after_steps": 1}])
     r1, r2 = state["rounds"]
-    assert r1["clients"] == [0, 1, 2] and r1["failures"] == 0
-    # SecAgg+ counts the dead client once per protocol stage it misses
+    assert r1["clients"] == [0, 2] and r1["failures"] >= 1
     assert r2["clients"] == [0, 1] and r2["failures"] >= 1 and r2["val_loss"] is not None
+    assert r1["dropped"] == r2["dropped"] == []  # an error reply is a failure of that exchange, not a dropout
     assert state["status"] == "done"
-    assert _max_diff(_adapter(fed_setup / "dying" / "adapter"),
-                     _adapter(fed_setup / "dying" / "rounds" / "round-0001")) > 0  # round 2 moved it
+    # the unmasked sums are adapter updates, not mask residue (which is of the order of the clip range)
+    init, first = load_init(fed_setup), _adapter(fed_setup / "dying" / "rounds" / "round-0001")
+    assert 0 < _max_diff(first, init) < 0.05
+    assert 0 < _max_diff(_adapter(fed_setup / "dying" / "adapter"), first) < 0.05
 
 
 def test_owner_plugs_in_the_federated_adapter_and_scores_the_table(tmp_path, tokenizer):

@@ -14,6 +14,12 @@ a client whose emulator or adapter shapes do not match the federation's is refus
 reason and never sampled. Every round's global adapter is written as an adapter bundle
 ``rounds/round-NNNN/`` (atomically, safetensors), with ``federation.json`` (settings, per-round
 history); a server started again with the same settings resumes after the last round written.
+
+A data owner that does not answer an exchange within ``round_timeout`` (or that the SuperLink
+reports unavailable) is dropped for the rest of the run (:class:`CountingGrid`); a round aggregates
+what arrived when that is at least ``cfg.round_minimum()`` updates and fails the run otherwise;
+``federation.json`` ends ``done``, ``failed`` (with ``error``) or ``interrupted`` (:data:`FINAL`,
+:func:`settle_state`). docs/federated.md, "When a data owner dies".
 """
 
 from __future__ import annotations
@@ -55,10 +61,10 @@ class ByteCounter:
 class CountingGrid:
     """A Flower Grid (delegates everything) that counts what goes through ``send_and_receive``,
     bounds every such wait (by the round timeout where the caller gives none: Flower's legacy
-    workflows wait for the training and evaluation replies with no timeout at all), and notes the nodes that did not answer in time or
-    that the SuperLink reports unavailable (no heartbeat): they are ``silent``, and the strategy
-    selects them no more. A reply carrying an error (the ClientApp raised) is a failure of that
-    exchange only; its node stays."""
+    workflows wait for the training and evaluation replies with no timeout at all), and notes the
+    nodes that did not answer in time or that the SuperLink reports unavailable (no heartbeat):
+    they are ``silent``, and the strategy selects them no more. A reply carrying an error (the
+    ClientApp raised) is a failure of that exchange only; its node stays."""
 
     def __init__(self, grid, counter: ByteCounter, timeout: float):
         self._grid, self.counter, self.timeout = grid, counter, timeout
@@ -471,7 +477,7 @@ def run_server(grid, context, cfg: FederationConfig) -> None:
     """The ServerApp's body (both engines)."""
     from flwr.server import ServerConfig
     from flwr.server.compat import LegacyContext
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow import DefaultWorkflow
 
     owner = Owner(cfg)
     owner.done_at_start = owner.done
@@ -492,10 +498,10 @@ def run_server(grid, context, cfg: FederationConfig) -> None:
             max_weight = cfg.secagg_max_weight or float(max(int(p.get("train_examples") or 1)
                                                             for p in accepted.values()))
             owner.state["secagg_max_weight"] = max_weight
-            fit_workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=cfg.secagg_threshold,
-                                              max_weight=max_weight, clipping_range=cfg.secagg_clip,
-                                              quantization_range=cfg.secagg_quantization,
-                                              modulus_range=1 << 32, timeout=cfg.round_timeout)
+            fit_workflow = secaggplus_workflow()(num_shares=1.0, reconstruction_threshold=cfg.secagg_threshold,
+                                                 max_weight=max_weight, clipping_range=cfg.secagg_clip,
+                                                 quantization_range=cfg.secagg_quantization,
+                                                 modulus_range=1 << 32, timeout=cfg.round_timeout)
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
         owner.finish(counter)
     except Exception as exc:
@@ -533,6 +539,29 @@ def settle_state(out: str | Path, status: str, error: BaseException | str = "") 
         state["error"] = one_line(error)
     write_json_atomic(f, state)
     return state
+
+
+def secaggplus_workflow():
+    """Flower's ``SecAggPlusWorkflow``, surviving a data owner lost before it shared its keys.
+
+    In flwr 1.42 a client lost in the *setup* or *share keys* stage (before its key shares reached
+    the others) stops the round: the *unmask* stage still lists it among the dropped clients and asks
+    the others for their share of its secret key, which they never received (each raises a
+    ``KeyError``), and the owner would look for its public key to rebuild masks it never made. No
+    client masked anything with it (a client masks only with those whose shares it received), so
+    after *share keys* it is taken out of the round, as if never sampled; the threshold, and
+    everything else, stays Flower's."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    class Workflow(SecAggPlusWorkflow):
+        def share_keys_stage(self, grid, context, state) -> bool:
+            ok = super().share_keys_stage(grid, context, state)
+            kept = set(state.active_node_ids)  # answered setup and share keys: their shares went out
+            state.sampled_node_ids = kept
+            state.nid_to_neighbours = {n: nb & kept for n, nb in state.nid_to_neighbours.items() if n in kept}
+            return ok
+
+    return Workflow
 
 
 def make_server_app(cfg: FederationConfig | None = None):
