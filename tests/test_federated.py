@@ -4,6 +4,7 @@ partitions, and both engines (simulation with Ray actors, deployment with SuperL
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 
@@ -83,6 +84,83 @@ def test_bad_command_lines_exit_2_with_one_line(tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert "at least 2 clients" in err[2]
     assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()
+    # counts, timeouts and fractions are checked before anything is read, written or started
+    run = ["federate", "run", "--emulator", str(tmp_path / "none"), "--shards", str(tmp_path / "none"),
+           "--out", str(tmp_path / "o"), "--engine", "deployment", "--clients", "3"]
+    for extra, why in ((["--round-timeout", "-1"], "round_timeout"), (["--round-timeout", "0"], "round_timeout"),
+                       (["--round-timeout", "nan"], "round_timeout"), (["--min-clients", "4"], "min_clients"),
+                       (["--no-secagg", "--min-clients", "4"], "min_clients"), (["--min-clients", "1"], "min_clients"),
+                       (["--fraction-fit", "1.5"], "fraction_fit"), (["--fraction-fit", "0"], "fraction_fit"),
+                       (["--fraction-fit", "0.3"], "minimum of 2"), (["--rounds", "0"], "rounds"),
+                       (["--lr", "inf"], "lr"), (["--proximal-mu", "nan"], "proximal_mu")):
+        assert main(run + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and why in err[0], (extra, err)
+    assert main(run[:-4] + ["--cpus-per-client", "0", "--clients", "3"]) == 2  # simulation
+    assert "--cpus-per-client" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_always_ends_in_a_final_status(tmp_path):
+    """federation.json ends "failed" (the reason on one line), "interrupted" (Ctrl-C, SIGTERM) or as
+    the owner left it (a final state is kept); where nothing was started nothing is written."""
+    import signal
+    import time
+
+    from offsite.federated.run import Interrupted, settling
+
+    cfg = FederationConfig(emulator="e", out=str(tmp_path / "fed"), clients=2)
+    (tmp_path / "fed").mkdir()
+    state = tmp_path / "fed" / "federation.json"
+    state.write_text(json.dumps({"status": "running", "rounds": [{"round": 1}]}))
+    with pytest.raises(OffsiteError), settling(cfg):
+        raise OffsiteError("round 2: \x1b[31mno\x1b[0m update\narrived")
+    st = json.loads(state.read_text())
+    assert st["status"] == "failed" and st["error"] == "round 2: no update arrived" and st["rounds"] == [{"round": 1}]
+    state.write_text(json.dumps({"status": "running"}))
+    with pytest.raises(Interrupted), settling(cfg):  # a real SIGTERM to this process
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+    assert json.loads(state.read_text()) == {"status": "interrupted", "error": "stopped by SIGTERM"}
+    assert signal.getsignal(signal.SIGTERM) is not None  # the handler before is back
+    state.write_text(json.dumps({"status": "running"}))
+    with pytest.raises(KeyboardInterrupt), settling(cfg):
+        raise KeyboardInterrupt
+    assert json.loads(state.read_text())["status"] == "interrupted"
+    state.write_text(json.dumps({"status": "done"}))
+    with pytest.raises(RuntimeError), settling(cfg):
+        raise RuntimeError("after the end")
+    assert json.loads(state.read_text()) == {"status": "done"}
+    with pytest.raises(OffsiteError), settling(FederationConfig(emulator="e", out=str(tmp_path / "none"))):
+        raise OffsiteError("refused before anything started")
+    assert not (tmp_path / "none").exists()
+
+
+def test_stopping_a_deployment_ends_every_process_it_started(tmp_path):
+    """Processes.stop ends what was started, what that started in a session of its own (as the
+    SuperLink's SuperExec does), and a process that ignores SIGTERM (after the grace period)."""
+    import sys
+    import time
+
+    import psutil
+
+    from offsite.federated.deploy import Processes
+
+    child = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); "
+             "time.sleep(600)")
+    procs = Processes(tmp_path, {**os.environ, "FLWR_HOME": str(tmp_path / "home")})
+    leader = procs.start("tree", [sys.executable, "-c", child])
+    deadline = time.time() + 30
+    while len(procs.tagged()) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    tree = procs.tagged()
+    assert len(tree) == 2 and any(os.getpgid(p.pid) != leader.pid for p in tree)  # one in a session of its own
+    t0 = time.time()
+    procs.stop(grace=1.0)
+    assert time.time() - t0 < 10
+    assert leader.poll() is not None and procs.tagged() == []
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +233,7 @@ def _simulate(cfg, root, **kw):
 
 def test_simulation_round_trip_and_refusal(plain_run, fed_setup):
     cfg, state = plain_run
-    assert state["status"] == "finished" and len(state["rounds"]) == 2
+    assert state["status"] == "done" and len(state["rounds"]) == 2
     # the owner of another emulator is refused at the handshake, with one line naming why
     assert len(state["refused"]) == 1
     reason = next(iter(state["refused"].values()))
@@ -246,7 +324,7 @@ def test_deployment_engine_on_loopback(plain_run, fed_setup):
 
     cfg = _cfg(fed_setup, "deployed", 2, 2, secagg=True)
     state = run_deployment(cfg, [fed_setup / "shards" / f"client-{i}.jsonl" for i in range(2)], timeout=900)
-    assert state["status"] == "finished" and [r["round"] for r in state["rounds"]] == [1, 2]
+    assert state["status"] == "done" and [r["round"] for r in state["rounds"]] == [1, 2]
     assert all(r["clients"] == [0, 1] and r["val_loss"] is not None for r in state["rounds"])
     assert state["setup_bytes"]["to_clients"] > 0  # the bundle went over Flower
     assert _max_diff(_adapter(fed_setup / "deployed" / "rounds" / "round-0001"),
@@ -255,19 +333,118 @@ def test_deployment_engine_on_loopback(plain_run, fed_setup):
     assert {"superlink.log", "supernode-0.log", "supernode-1.log"} <= logs
 
 
+def _descendants() -> dict:
+    """pid -> (create time, process group, command line) of this process's live descendants."""
+    import psutil
+
+    out = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out[p.pid] = (p.create_time(), os.getpgid(p.pid), " ".join(p.cmdline()))
+        except (psutil.Error, OSError):
+            pass
+    return out
+
+
+def _still_alive(seen: dict) -> list:
+    import psutil
+
+    left = []
+    for pid, (created, _, cmd) in seen.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(cmd[:200])
+        except psutil.Error:
+            pass
+    groups = {g for _, g, _ in seen.values()} - {os.getpgid(0)}
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) in groups and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(p.cmdline())[:200])
+        except (psutil.Error, OSError):
+            pass
+    return left
+
+
+def test_deployment_drops_a_node_killed_mid_round(fed_setup):
+    """SecAgg+, 3 SuperNodes on 127.0.0.1. When SuperNode 2 receives round 1's training message it is
+    killed with SIGKILL, with its process group (its SuperExec and the ClientApp at work: the machine
+    dies). The training exchange waits the round timeout for it, drops it, and SecAgg+ unmasks the
+    sum of owners 0 and 1 (its threshold for 3 is 2); the evaluation goes to them only; the run
+    ends "done", and no process of the deployment is left (the ServerApp included, which the
+    SuperLink's SuperExec starts in a session of its own)."""
+    import signal
+    import threading
+    import time
+
+    from offsite.federated.deploy import run_deployment
+
+    cfg = _cfg(fed_setup, "killed", 3, 1, secagg=True)
+    cfg.round_timeout, cfg.node_timeout = 30, 120
+    result = {}
+
+    def run():
+        try:
+            result["state"] = run_deployment(cfg, [fed_setup / "shards" / f"client-{i}.jsonl" for i in range(3)],
+                                             timeout=600, emulators={i: str(fed_setup / "emu") for i in range(3)})
+        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
+            result["error"] = exc
+        result["end"] = time.monotonic()
+
+    log = fed_setup / "killed" / "deploy" / "supernode-2.log"
+    t0 = time.monotonic()
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    killed, seen = None, {}
+    while runner.is_alive() and killed is None:
+        # SecAgg+'s setup and key-sharing stages come first, then the training (the masked update)
+        if log.is_file() and log.read_text(errors="replace").count("Receiving: train message") >= 3:
+            seen = _descendants()
+            node = [pid for pid, (_, _, cmd) in seen.items() if "flower-supernode" in cmd and "partition-id=2 " in cmd]
+            assert len(node) == 1
+            os.killpg(seen[node[0]][1], signal.SIGKILL)
+            killed = time.monotonic()
+        time.sleep(0.2)
+    runner.join(timeout=600)
+    assert killed is not None, f"SuperNode 2 never got its training message: {result.get('error')}"
+    assert "error" not in result, result["error"]
+    state = result["state"]
+    (r,) = state["rounds"]
+    assert state["status"] == "done"
+    assert r["clients"] == [0, 1] and r["dropped"] == [2] and r["failures"] >= 1
+    assert any("no answer within the round timeout" in why for why in r["failure_reasons"])
+    assert r["val_clients"] == 2 and r["eval_seconds"] < cfg.round_timeout  # not waited for again
+    assert result["end"] - killed < 4 * cfg.round_timeout
+    print(f"kill test: {result['end'] - t0:.1f} s in all, {result['end'] - killed:.1f} s after the kill")
+    # every process of the deployment has ended: those seen while it ran (by pid and start time),
+    # anything in their process groups, anything carrying its FLWR_HOME
+    assert any("flwr-serverapp" in cmd for _, _, cmd in seen.values())
+    assert _still_alive(seen) == []
+    from offsite.federated.deploy import Processes
+
+    home = str((fed_setup / "killed" / "deploy" / "flwr-home").resolve())
+    assert Processes(fed_setup, {"FLWR_HOME": home}).tagged() == []
+
+
 def test_a_data_owner_dying_mid_round_does_not_stop_the_run(fed_setup):
-    """SecAgg+, 3 data owners; owner 2's ClientApp dies in round 2 after one local step. Flower
-    counts it as a failure, SecAgg+ rebuilds its masks from the others' shares, round 2 aggregates
-    owners 0 and 1, and the run finishes."""
+    """SecAgg+, 3 data owners, 2 rounds: owner 1's ClientApp dies in round 1's first SecAgg+ stage
+    (setup, before it shared its keys: flwr 1.42's own workflow would stop the round), owner 2's in
+    round 2 after one local step (its keys are out: the others' shares rebuild its masks). Each
+    round aggregates the other two, and the run finishes."""
     cfg = _cfg(fed_setup, "dying", 3, 2, secagg=True)
-    state = _simulate(cfg, fed_setup, fail={"partition": 2, "round": 2, "after_steps": 1})
+    state = _simulate(cfg, fed_setup, fail=[{"partition": 1, "round": 1, "stage": "setup"},
+                                            {"partition": 2, "round": 2, "after_steps": 1}])
     r1, r2 = state["rounds"]
-    assert r1["clients"] == [0, 1, 2] and r1["failures"] == 0
-    # SecAgg+ counts the dead client once per protocol stage it misses
+    assert r1["clients"] == [0, 2] and r1["failures"] >= 1
     assert r2["clients"] == [0, 1] and r2["failures"] >= 1 and r2["val_loss"] is not None
-    assert state["status"] == "finished"
-    assert _max_diff(_adapter(fed_setup / "dying" / "adapter"),
-                     _adapter(fed_setup / "dying" / "rounds" / "round-0001")) > 0  # round 2 moved it
+    assert r1["dropped"] == r2["dropped"] == []  # an error reply is a failure of that exchange, not a dropout
+    assert state["status"] == "done"
+    # the unmasked sums are adapter updates, not mask residue (which is of the order of the clip range)
+    init, first = load_init(fed_setup), _adapter(fed_setup / "dying" / "rounds" / "round-0001")
+    assert 0 < _max_diff(first, init) < 0.05
+    assert 0 < _max_diff(_adapter(fed_setup / "dying" / "adapter"), first) < 0.05
 
 
 def test_owner_plugs_in_the_federated_adapter_and_scores_the_table(tmp_path, tokenizer):
@@ -300,7 +477,7 @@ def test_owner_plugs_in_the_federated_adapter_and_scores_the_table(tmp_path, tok
     assert {("full_zs", "acc"), ("emu_ft", "acc"), ("plugin", "acc"), ("federated_round", "val_loss"),
             ("federated_round", "bytes_to_clients")} <= rows
     assert all(r["n"] == 5 for r in records if r["metric"] == "acc")
-    assert json.loads((tmp_path / "fed" / "federation.json").read_text())["status"] == "finished"
+    assert json.loads((tmp_path / "fed" / "federation.json").read_text())["status"] == "done"
 
 
 def test_owner_sends_a_correction_at_the_global_adapter_and_clients_apply_it(fed_setup, tmp_path, tokenizer,

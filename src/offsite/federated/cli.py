@@ -3,6 +3,7 @@
     offsite federate partition (--task T | --data FILE) --clients N [--scheme dirichlet --alpha 0.5 --seed 0] --out SHARDS
     offsite federate run --emulator EMU --shards SHARDS --clients N --rounds R --local-steps L --out DIR
                          [--engine simulation|deployment] [--no-secagg] [--proximal-mu MU]
+                         [--round-timeout S --min-clients K]
                          [--model M --task T --eval-limit N | --no-eval]
 
 ``run`` starts the model owner's ServerApp and one ClientApp per shard (``client-<i>.jsonl``), on
@@ -10,6 +11,8 @@ Flower's simulation engine (Ray actors) or its deployment engine (a SuperLink an
 processes on 127.0.0.1), checkpoints every round in ``DIR/rounds/``, writes the final adapter bundle
 ``DIR/adapter`` and ``DIR/federation.json``, then (unless ``--no-eval``) plugs the adapter into the
 full model and prints the table. Run again with the same settings, it resumes after the last round.
+A data owner that does not answer within ``--round-timeout`` is dropped and the round goes on with the
+others, as long as ``--min-clients`` remain (docs/federated.md, "When a data owner dies").
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli_args import POSITIVE, command_line
+from ..cli_args import NON_NEGATIVE, POSITIVE, command_line
 from ..tune import BLOCKS
 from ..errors import OffsiteError
 
@@ -47,7 +50,10 @@ def add_parser(sub) -> None:
     r.add_argument("--clients", type=POSITIVE, required=True)
     r.add_argument("--rounds", type=POSITIVE, default=3)
     r.add_argument("--local-steps", type=POSITIVE, default=8)
-    r.add_argument("--fraction-fit", type=float, default=1.0)
+    r.add_argument("--fraction-fit", type=float, default=1.0, help="share of the data owners selected each round")
+    r.add_argument("--min-clients", type=NON_NEGATIVE, default=0,
+                   help="the fewest data owners a round may aggregate; fewer answering within --round-timeout "
+                        "fails the run (default 0: 2 under SecAgg+, else 1)")
     r.add_argument("--lr", type=float, default=1e-4)
     r.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear",
                    help="the learning rate over rounds (constant within a round)")
@@ -59,7 +65,9 @@ def add_parser(sub) -> None:
     r.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
                    help="Flower's SecAgg+: the owner sees only the sum of the updates (default: on)")
     r.add_argument("--secagg-clip", type=float, default=0.5)
-    r.add_argument("--round-timeout", type=float, default=3600.0)
+    r.add_argument("--round-timeout", type=float, default=3600.0,
+                   help="seconds the owner waits for the data owners' replies to each exchange of a round "
+                        "(training, each SecAgg+ stage, evaluation); who has not answered is dropped")
     r.add_argument("--cpus-per-client", type=float, default=1.0, help="simulation: Ray CPUs per client")
     r.add_argument("--total-cpus", type=POSITIVE, help="simulation: CPUs Ray may use (default: one client at a time)")
     r.add_argument("--model", default=None, help="the full model to plug the adapter into (default: the "
@@ -100,7 +108,8 @@ def config_from_args(args):
     from .core import FederationConfig
 
     cfg = FederationConfig(emulator=str(args.emulator), out=str(args.out), clients=args.clients, rounds=args.rounds,
-                           local_steps=args.local_steps, fraction_fit=args.fraction_fit, lr=args.lr,
+                           local_steps=args.local_steps, fraction_fit=args.fraction_fit, min_clients=args.min_clients,
+                           lr=args.lr,
                            schedule=args.schedule, batch_size=args.batch_size,
                            micro_batch_size=args.micro_batch_size or min(args.batch_size, 8),
                            max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
@@ -121,6 +130,8 @@ def _run(args) -> None:
     from .run import evaluate_federated, run_simulation
 
     cfg = config_from_args(args)
+    if args.engine == "simulation" and not 0 < args.cpus_per_client < float("inf"):
+        raise OffsiteError(f"--cpus-per-client must be a number > 0 (got {args.cpus_per_client:g})")
     try:
         import flwr  # noqa: F401
     except ImportError:
@@ -149,7 +160,8 @@ def _run(args) -> None:
         state = run_deployment(cfg, [shards / f"client-{i}.jsonl" for i in range(cfg.clients)],
                                verbose=getattr(args, "verbose", False))
     for r in state["rounds"]:
-        print(f"round {r['round']}: clients {r.get('clients')}, failures {r.get('failures')}, validation loss "
+        print(f"round {r['round']}: clients {r.get('clients')}, dropped {r.get('dropped') or []}, failures "
+              f"{r.get('failures')}, validation loss "
               f"{_fmt(r.get('val_loss'))}, bytes to/from clients {r.get('bytes_to_clients')}/{r.get('bytes_from_clients')}")
     for n, why in state.get("refused", {}).items():
         print(f"note: {why}")

@@ -74,7 +74,9 @@ def make_client_fn(data_dir: str | None = None, work_root: str | None = None, fa
                    emulators: dict | None = None):
     """The ``client_fn`` of the ClientApp. ``data_dir``/``work_root`` (simulation): shards
     ``client-<partition-id>.jsonl`` and per-client work directories. ``fail`` (benchmarks and tests
-    only): ``{"partition": p, "round": r, "after_steps": k}`` makes that client die mid-round.
+    only): ``{"partition": p, "round": r, "after_steps": k}`` makes that client die mid-round, in its
+    training (a list of such: several; ``{"partition": p, "round": r, "stage": "setup"}``, a SecAgg+
+    stage instead: :func:`make_client_app`).
     ``emulators`` (simulation): ``{partition: bundle dir}`` a client already holds (as node config
     ``emulator`` does in deployment)."""
     from flwr.client import NumPyClient
@@ -208,12 +210,14 @@ def make_client_fn(data_dir: str | None = None, work_root: str | None = None, fa
                 loss_fn = CorrectedLoss(adapters.trained_params(model, emu.adapter_positions), lambda state: c,
                                         every=steps + 1, base=loss_fn)
             on_step = None
-            if fail and int(fail.get("partition", -1)) == self.partition and int(fail.get("round", -1)) == rnd:
-                k = int(fail.get("after_steps", 1))
+            death = next((f for f in _failures(fail) if "stage" not in f and int(f.get("partition", -1)) == self.partition
+                          and int(f.get("round", -1)) == rnd), None)
+            if death:
+                k, fail_hard = int(death.get("after_steps", 1)), death.get("hard")
 
                 def on_step(record):
                     if record["step"] >= k:
-                        if fail.get("hard"):
+                        if fail_hard:
                             os._exit(9)  # the process dies, as a killed data owner's would
                         raise RuntimeError(f"client {self.partition} killed in round {rnd} after {k} steps")
             torch.manual_seed(cfg.seed)
@@ -296,10 +300,37 @@ def validation_loss(model, examples: list[dict], micro_batch_size: int, pad_id) 
 
 
 def make_client_app(data_dir: str | None = None, work_root: str | None = None, secagg: bool = True,
-                    fail: dict | None = None, emulators: dict | None = None):
-    """The data owners' ClientApp (with Flower's ``secaggplus_mod`` when ``secagg``; it only acts on
-    rounds the server runs under SecAgg+)."""
+                    fail: dict | list | None = None, emulators: dict | None = None):
+    """The data owners' ClientApp, with Flower's ``secaggplus_mod`` when ``secagg`` (the server must
+    then run SecAgg+: the mod refuses a plain training message). ``fail`` (tests and benchmarks):
+    see :func:`make_client_fn`; an entry with ``"stage": S`` makes client ``partition`` raise when
+    SecAgg+'s stage ``S`` (``setup``, ``share_keys``, ``collect_masked_vectors``, ``unmask``) of
+    round ``round`` reaches it."""
     from flwr.client import ClientApp
     from flwr.client.mod import secaggplus_mod
 
-    return ClientApp(client_fn=make_client_fn(data_dir, work_root, fail, emulators), mods=[secaggplus_mod] if secagg else [])
+    mods = [secaggplus_mod] if secagg else []
+    stages = [f for f in _failures(fail) if "stage" in f]
+    if stages:
+        mods = [_failing_stage(stages)] + mods
+    return ClientApp(client_fn=make_client_fn(data_dir, work_root, fail, emulators), mods=mods)
+
+
+def _failures(fail) -> list[dict]:
+    return [fail] if isinstance(fail, dict) else list(fail or [])
+
+
+def _failing_stage(stages: list[dict]):
+    """A ClientApp mod raising where ``stages`` say (a client dying in a SecAgg+ stage)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    def mod(msg, context, call_next):
+        record = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+        stage = record.get(Key.STAGE) if record is not None else None
+        for f in stages:
+            if (stage == f["stage"] and msg.metadata.group_id == str(f["round"])
+                    and int(context.node_config.get("partition-id", -1)) == int(f["partition"])):
+                raise RuntimeError(f"client {f['partition']} killed in round {f['round']}, SecAgg+ stage {stage}")
+        return call_next(msg, context)
+
+    return mod

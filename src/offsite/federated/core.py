@@ -24,6 +24,9 @@ class FederationConfig:
     rounds: int = 3
     local_steps: int = 8  # optimizer steps each selected client makes per round
     fraction_fit: float = 1.0  # share of the accepted clients selected each round
+    # the fewest data owners whose updates a round may aggregate: a round where fewer answer within
+    # round_timeout fails the run; 0: 2 under SecAgg+ (its least), else 1
+    min_clients: int = 0
     lr: float = 1e-4
     schedule: str = "linear"  # over rounds: the round's lr (constant within a round)
     batch_size: int = 8
@@ -39,8 +42,11 @@ class FederationConfig:
     secagg_max_weight: float = 0.0
     secagg_quantization: int = 1 << 26  # SecAgg+ quantization range (modulus 2**32: up to 64 clients)
     secagg_threshold: float = 0.5  # share of the key shares needed to unmask (dropout tolerance)
-    round_timeout: float = 3600.0  # seconds a round (and each SecAgg+ stage) waits for replies
-    node_timeout: float = 300.0  # seconds the ServerApp waits for `clients` nodes to connect
+    # seconds the owner waits for the data owners' replies to one exchange of a round (the training, or
+    # each of SecAgg+'s four stages; the evaluation); who has not answered by then is dropped
+    round_timeout: float = 3600.0
+    # seconds the owner waits for `clients` nodes to connect, then for each handshake exchange's replies
+    node_timeout: float = 300.0
     ship_emulator: bool = True  # send the bundle to clients that do not hold it (else they must)
     tune_blocks: str = "all"  # "bottom": the clients train only the bottom adapter blocks
     # the owner in the loop (offsite.assist): with each round's adapter the owner sends a correction of
@@ -55,25 +61,44 @@ class FederationConfig:
         def bad(msg):
             raise OffsiteError(f"bad federation config: {msg}")
 
-        if self.clients < 1:
-            bad(f"clients must be >= 1 (got {self.clients})")
-        if self.rounds < 1 or self.local_steps < 1:
-            bad(f"rounds and local_steps must be >= 1 (got {self.rounds}, {self.local_steps})")
+        import math
+
+        for name in ("clients", "rounds", "local_steps", "batch_size", "micro_batch_size", "max_length",
+                     "assist_examples", "secagg_quantization"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(f"{name} must be an integer >= 1 (got {v!r})")
+        for name in ("fraction_fit", "lr", "val_fraction", "proximal_mu", "secagg_clip", "secagg_max_weight",
+                     "secagg_threshold", "round_timeout", "node_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(f"{name} must be a finite number (got {v!r})")
+        if self.secagg and self.clients < 2:
+            bad("secure aggregation needs at least 2 clients (pass --no-secagg for one)")
+        if not self.round_timeout > 0 or not self.node_timeout > 0:
+            bad(f"round_timeout and node_timeout must be > 0 seconds (got {self.round_timeout:g}, {self.node_timeout:g})")
         if not 0 < self.fraction_fit <= 1:
             bad(f"fraction_fit must be in (0, 1] (got {self.fraction_fit})")
+        if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) or self.min_clients < 0:
+            bad(f"min_clients must be an integer >= 0 (0: automatic; got {self.min_clients!r})")
+        if self.min_clients > self.clients:
+            bad(f"min_clients ({self.min_clients}) must be <= clients ({self.clients})")
+        if self.secagg and self.min_clients == 1:
+            bad("min_clients must be >= 2 under secure aggregation (SecAgg+ needs two updates to hide one)")
+        if self.round_minimum() > self.round_size(self.clients):
+            bad(f"fraction_fit {self.fraction_fit:g} of {self.clients} clients selects {self.round_size(self.clients)} "
+                f"a round, fewer than the minimum of {self.round_minimum()}")
         if not self.lr > 0:
             bad(f"lr must be > 0 (got {self.lr})")
         if self.schedule not in ("linear", "constant", "cosine"):
             bad(f"schedule must be linear, cosine or constant (got {self.schedule!r})")
-        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+        if self.batch_size % self.micro_batch_size:
             bad(f"batch_size must be a positive multiple of micro_batch_size (got {self.batch_size}, "
                 f"{self.micro_batch_size})")
         if not 0 < self.val_fraction < 1:
             bad(f"val_fraction must be in (0, 1) (got {self.val_fraction}): the rounds' validation loss needs it")
         if self.proximal_mu < 0:
             bad(f"proximal_mu must be >= 0 (got {self.proximal_mu})")
-        if self.secagg and self.clients < 2:
-            bad("secure aggregation needs at least 2 clients (pass --no-secagg for one)")
         if self.secagg and self.clients * self.secagg_quantization > (1 << 32):
             bad(f"{self.clients} clients x quantization range {self.secagg_quantization} overflow SecAgg+'s "
                 "modulus 2**32; lower --secagg-quantization")
@@ -87,8 +112,20 @@ class FederationConfig:
             bad(f"tune_blocks must be one of {', '.join(BLOCKS)} (got {self.tune_blocks!r})")
         if self.assist and not self.model:
             bad("the owner's correction (assist) needs the full model (--model)")
-        if self.assist_examples < 1:
-            bad(f"assist_examples must be >= 1 (got {self.assist_examples})")
+
+    def round_size(self, accepted: int) -> int:
+        """How many of ``accepted`` data owners a round selects (``fraction_fit`` of them, at least one)."""
+        return max(1, round(self.fraction_fit * accepted))
+
+    def round_minimum(self) -> int:
+        """The fewest updates a round may aggregate (``min_clients``; 0: 2 under SecAgg+, else 1)."""
+        return self.min_clients or (2 if self.secagg else 1)
+
+    def secagg_needed(self, sampled: int) -> int:
+        """SecAgg+'s reconstruction threshold for ``sampled`` clients (every client holds a share of
+        every other's keys, Flower's ``num_shares=1.0``): the live clients a round needs to unmask the
+        sum, as ``SecAggPlusWorkflow`` computes it from ``reconstruction_threshold``."""
+        return max(2, round(self.secagg_threshold * sampled))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,8 +139,8 @@ class FederationConfig:
         return cls(**obj)
 
     def fingerprint(self) -> dict:
-        """The settings a resumed run must share with the stopped one (not rounds, timeouts, paths)."""
-        skip = {"rounds", "round_timeout", "node_timeout", "out", "ship_emulator"}
+        """The settings a resumed run must share with the stopped one (not rounds, timeouts, the minimum, paths)."""
+        skip = {"rounds", "round_timeout", "node_timeout", "min_clients", "out", "ship_emulator"}
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def round_lr(self, rnd: int) -> float:

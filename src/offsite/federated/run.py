@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OffsiteError
 from .core import FederationConfig
-from .server import FINAL_DIR, STATE_FILE
+from .server import FINAL_DIR, STATE_FILE, settle_state
 
 log = logging.getLogger("offsite.federated")
 
@@ -17,6 +20,36 @@ log = logging.getLogger("offsite.federated")
 def _quiet_flower(verbose: bool) -> None:
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C (``KeyboardInterrupt``) is."""
+
+
+@contextmanager
+def settling(cfg: FederationConfig):
+    """The body of a run (either engine): SIGTERM raises :class:`Interrupted` there (main thread
+    only), and however the body ends (returns, fails, Ctrl-C, SIGTERM) ``federation.json`` is left in
+    a final state (:func:`offsite.federated.server.settle_state`): ``done`` as the owner wrote it, or
+    ``interrupted``, or ``failed`` with the reason on one line."""
+    def on_term(signum, frame):
+        raise Interrupted("stopped by SIGTERM")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        settle_state(cfg.out, "interrupted", str(exc) or "stopped by Ctrl-C (SIGINT)")
+        raise
+    except BaseException as exc:
+        settle_state(cfg.out, "failed", exc)
+        raise
+    else:
+        settle_state(cfg.out, "failed", "the run ended without a final status")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_simulation(cfg: FederationConfig, shards: str | Path, *, cpus_per_client: float = 1.0,
@@ -45,11 +78,12 @@ def run_simulation(cfg: FederationConfig, shards: str | Path, *, cpus_per_client
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                "init_args": {"num_cpus": total, "include_dashboard": False, "logging_level": "error",
                              "log_to_driver": verbose}}
-    flwr_run_simulation(server_app=make_server_app(cfg),
-                        client_app=make_client_app(str(shards.resolve()), str((Path(cfg.out) / "clients").resolve()),
-                                                   secagg=cfg.secagg, fail=fail, emulators=emulators),
-                        num_supernodes=cfg.clients, backend_config=backend, verbose_logging=verbose)
-    return finished_state(cfg)
+    with settling(cfg):
+        flwr_run_simulation(server_app=make_server_app(cfg),
+                            client_app=make_client_app(str(shards.resolve()), str((Path(cfg.out) / "clients").resolve()),
+                                                       secagg=cfg.secagg, fail=fail, emulators=emulators),
+                            num_supernodes=cfg.clients, backend_config=backend, verbose_logging=verbose)
+        return finished_state(cfg)
 
 
 def finished_state(cfg: FederationConfig) -> dict:
@@ -59,7 +93,7 @@ def finished_state(cfg: FederationConfig) -> dict:
     if not f.is_file():
         raise OffsiteError(f"the federation wrote no {f}: the ServerApp did not start (see the log above)")
     state = read_json_file(f)
-    if state.get("status") != "finished":
+    if state.get("status") != "done":
         why = state.get("error") or f"status {state.get('status')!r}"
         raise OffsiteError(f"the federation did not finish: {why}")
     return state

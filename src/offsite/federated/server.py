@@ -14,6 +14,12 @@ a client whose emulator or adapter shapes do not match the federation's is refus
 reason and never sampled. Every round's global adapter is written as an adapter bundle
 ``rounds/round-NNNN/`` (atomically, safetensors), with ``federation.json`` (settings, per-round
 history); a server started again with the same settings resumes after the last round written.
+
+A data owner that does not answer an exchange within ``round_timeout`` (or that the SuperLink
+reports unavailable) is dropped for the rest of the run (:class:`CountingGrid`); a round aggregates
+what arrived when that is at least ``cfg.round_minimum()`` updates and fails the run otherwise;
+``federation.json`` ends ``done``, ``failed`` (with ``error``) or ``interrupted`` (:data:`FINAL`,
+:func:`settle_state`). docs/federated.md, "When a data owner dies".
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ log = logging.getLogger("offsite.federated")
 STATE_FILE = "federation.json"
 ROUNDS_DIR = "rounds"
 FINAL_DIR = "adapter"
+# federation.json's status: "running" while the owner works, then one of these (a failure's reason,
+# one line, is its "error")
+FINAL = ("done", "failed", "interrupted")
 
 
 class ByteCounter:
@@ -50,19 +59,34 @@ class ByteCounter:
 
 
 class CountingGrid:
-    """A Flower Grid that counts what goes through ``send_and_receive`` (delegates everything)."""
+    """A Flower Grid (delegates everything) that counts what goes through ``send_and_receive``,
+    bounds every such wait (by the round timeout where the caller gives none: Flower's legacy
+    workflows wait for the training and evaluation replies with no timeout at all), and notes the
+    nodes that did not answer in time or that the SuperLink reports unavailable (no heartbeat):
+    they are ``silent``, and the strategy selects them no more. A reply carrying an error (the
+    ClientApp raised) is a failure of that exchange only; its node stays."""
 
-    def __init__(self, grid, counter: ByteCounter):
-        self._grid, self._counter = grid, counter
+    def __init__(self, grid, counter: ByteCounter, timeout: float):
+        self._grid, self.counter, self.timeout = grid, counter, timeout
+        self.silent: set[int] = set()
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages, *, timeout=None):
+        from flwr.common.constant import ErrorCode
+
         messages = list(messages)
-        self._counter.count(messages, True)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self._counter.count(replies, False)
+        self.counter.count(messages, True)
+        wait = self.timeout if timeout is None else timeout
+        replies = list(self._grid.send_and_receive(messages, timeout=wait))
+        self.counter.count(replies, False)
+        answered = {r.metadata.src_node_id for r in replies
+                    if not (r.has_error() and r.error.code == ErrorCode.NODE_UNAVAILABLE)}
+        gone = {m.metadata.dst_node_id for m in messages} - answered
+        if gone:
+            log.warning("%d node(s) did not answer within %g s; dropped", len(gone), wait)
+        self.silent |= gone
         return replies
 
 
@@ -101,9 +125,10 @@ class Owner:
         fresh = {"config": self.cfg.to_json(), "fingerprint": self.cfg.fingerprint(),
                  "emulator_digest": self.manifest["digest"], "clients": {}, "refused": {}, "rounds": [],
                  "setup_bytes": {}, "status": "running"}
-        if not f.is_file():
+        state = read_json_file(f) if f.is_file() else {}
+        self._disk_status = state.get("status")
+        if not state.get("rounds"):  # nothing to resume (or a run that failed before its first round)
             return fresh
-        state = read_json_file(f)
         saved = state.get("fingerprint", {})
         diff = [k for k, v in self.cfg.fingerprint().items() if saved.get(k) != v]
         if diff or state.get("emulator_digest") != self.manifest["digest"]:
@@ -117,12 +142,20 @@ class Owner:
         state["rounds"] = rounds
         state["config"] = self.cfg.to_json()
         state["status"] = "running"
+        state.pop("error", None)
         return state
 
     def save_state(self) -> None:
-        from ..files import write_json_atomic
+        """Write federation.json (atomically), unless the run was settled from outside meanwhile
+        (:func:`settle_state`: interrupted, or timed out): then stop here."""
+        from ..files import read_json_file, write_json_atomic
 
-        write_json_atomic(self.out / STATE_FILE, self.state)
+        f = self.out / STATE_FILE
+        disk = read_json_file(f).get("status") if f.is_file() else None
+        if disk != self._disk_status and disk in FINAL:
+            raise OffsiteError(f"the run was stopped from outside ({disk})")
+        write_json_atomic(f, self.state)
+        self._disk_status = self.state["status"]
 
     def _load_round(self, rnd: int) -> list[np.ndarray]:
         from ..bundle import load_adapter
@@ -162,7 +195,7 @@ class Owner:
         save_adapter(self.bundle(self.global_arrays, {"federated_rounds": self.done, "config": self.cfg.to_json(),
                                                       "history": self.state["rounds"]}),
                      self.out / FINAL_DIR, overwrite=True)
-        self.state["status"] = "finished" if self.done >= self.cfg.rounds else "stopped"
+        self.state["status"] = "done"
         self.save_state()
 
     def correction(self) -> bytes:
@@ -199,29 +232,46 @@ def _round_name(rnd: int) -> str:
 # the strategy
 
 
-def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter):
+def make_strategy(owner: Owner, accepted: dict[int, dict], grid: CountingGrid):
     from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server.criterion import Criterion
     from flwr.server.strategy import FedProx
 
     cfg = owner.cfg
+    counter = grid.counter
+    need = cfg.round_minimum()
 
-    class Accepted(Criterion):
+    class Live(Criterion):
+        """Handshaken, and not dropped (every exchange so far answered within the round timeout)."""
+
         def select(self, client) -> bool:
-            return client.node_id in accepted
+            return client.node_id in accepted and client.node_id not in grid.silent
+
+    def names(node_ids) -> list:
+        return sorted(accepted[n].get("partition", n) for n in node_ids)
+
+    def sample_live(client_manager, size: int | None = None):
+        """``size`` (default: all) of the live clients, sampled by Flower's client manager; never
+        waits for more nodes to connect (``sample`` would, up to a day)."""
+        live = [c for c in client_manager.all().values() if Live().select(c)]
+        size = len(live) if size is None else min(size, len(live))
+        return (client_manager.sample(num_clients=size, min_num_clients=size, criterion=Live()) if size else []), live
 
     class OffsiteFedProx(FedProx):
         """Flower's FedProx (FedAvg at mu 0) over adapter *updates*: rounds numbered after the
-        checkpointed ones, only handshaken clients sampled, results ordered by partition (so the
-        float sums do not depend on arrival order), every round checkpointed."""
+        checkpointed ones, only handshaken clients that were never dropped sampled, a round with
+        fewer than ``cfg.round_minimum()`` updates failing the run, results ordered by partition
+        (so the float sums do not depend on arrival order), every round checkpointed."""
 
         def __init__(self):
-            n = len(accepted)
             super().__init__(fraction_fit=cfg.fraction_fit, fraction_evaluate=1.0,
-                             min_fit_clients=max(1, round(cfg.fraction_fit * n)), min_evaluate_clients=1,
-                             min_available_clients=n, accept_failures=True, proximal_mu=cfg.proximal_mu,
+                             min_fit_clients=need, min_evaluate_clients=1, min_available_clients=need,
+                             accept_failures=True, proximal_mu=cfg.proximal_mu,
                              initial_parameters=ndarrays_to_parameters(owner.global_arrays))
-            self.t0, self.correction_s = {}, {}
+            self.t0, self.correction_s, self.selected = {}, {}, {}
+
+        def _dropped(self, rnd: int) -> list:
+            return [n for n in self.selected.get(rnd, []) if n in grid.silent]
 
         def _round(self, server_round: int) -> int:
             return owner.done_at_start + server_round
@@ -237,8 +287,12 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter)
             counter.phase = f"round-{rnd}"
             self.t0[rnd] = time.perf_counter()
             n = len(accepted)
-            size = max(1, round(cfg.fraction_fit * n))
-            clients = client_manager.sample(num_clients=size, min_num_clients=size, criterion=Accepted())
+            clients, live = sample_live(client_manager, cfg.round_size(n))
+            if len(clients) < need:
+                gone = names(set(accepted) - {c.node_id for c in live})
+                raise OffsiteError(f"round {rnd}: {len(live)} of {n} data owners left (dropped: "
+                                   f"{', '.join(map(str, gone)) or 'none'}), fewer than the minimum of {need}")
+            self.selected[rnd] = [c.node_id for c in clients]
             log.info("round %d: %d of %d data owners selected", rnd, len(clients), n)
             config = self._config(rnd)
             if cfg.assist:  # the same correction for every selected client: it is the global adapter's
@@ -249,6 +303,12 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter)
 
         def aggregate_fit(self, server_round, results, failures):
             rnd = self._round(server_round)
+            dropped = self._dropped(rnd)
+            lost = [f"data owner {p}: no answer within the round timeout ({cfg.round_timeout:g} s)" for p in names(dropped)]
+            if len(results) < need:
+                raise OffsiteError(f"round {rnd}: {len(results)} of {len(self.selected.get(rnd, []))} data owners "
+                                   f"returned an update, fewer than the minimum of {need}"
+                                   + "".join(f"; {r}" for r in (lost + [_failure_reason(f) for f in failures])[:3]))
             ok, refused = [], []
             for proxy, res in results:
                 m = res.metrics
@@ -265,8 +325,9 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter)
             ok.sort(key=lambda x: x[0])
             reasons = [_failure_reason(f) for f in failures]
             record = {"round": rnd, "lr": cfg.round_lr(rnd), "clients": [p for p, _ in ok],
-                      "examples": [int(r.num_examples) for _, r in ok],
-                      "failures": len(failures) + len(refused), "failure_reasons": (reasons + refused)[:8],
+                      "examples": [int(r.num_examples) for _, r in ok], "dropped": names(dropped),
+                      "failures": len(failures) + len(refused) + len(dropped),
+                      "failure_reasons": (lost + reasons + refused)[:8],
                       "train_loss": _wmean([(r.metrics.get("train_loss"), r.num_examples) for _, r in ok]),
                       "client_seconds": [round(float(r.metrics.get("seconds", 0.0)), 2) for _, r in ok],
                       "secagg": cfg.secagg}
@@ -291,12 +352,16 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter)
 
         def configure_evaluate(self, server_round, parameters, client_manager):
             rnd = self._round(server_round)
-            if owner.done < rnd:  # the fit stage halted (e.g. SecAgg+ lost too many clients)
-                owner.checkpoint(rnd, owner.global_arrays, {"round": rnd, "clients": [], "failures": None,
-                                                            "note": "the round produced no aggregate"})
+            if owner.done < rnd:  # the round's training stopped before aggregate_fit
+                dropped = names(self._dropped(rnd))
+                why = (f"secure aggregation stopped: fewer than the {cfg.secagg_needed(len(self.selected.get(rnd, [])))} "
+                       "data owners SecAgg+ needs to unmask the sum answered one of its stages within the round "
+                       f"timeout ({cfg.round_timeout:g} s)" if cfg.secagg else "no data owner was selected")
+                raise OffsiteError(f"round {rnd}: {why}" + (f"; dropped: {', '.join(map(str, dropped))}" if dropped else ""))
             counter.phase = f"eval-{rnd}"
             self.t_eval = time.perf_counter()
-            clients = client_manager.sample(num_clients=len(accepted), min_num_clients=1, criterion=Accepted())
+            clients, _ = sample_live(client_manager)
+            self.eval_selected = [c.node_id for c in clients]
             params = ndarrays_to_parameters(owner.global_arrays)
             return [(c, EvaluateIns(params, self._config(rnd))) for c in clients]
 
@@ -308,6 +373,8 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], counter: ByteCounter)
             rec["val_loss"] = loss
             rec["val_tokens"] = int(sum(n for _, n in pairs))
             rec["val_clients"] = len(pairs)
+            gone = names(n for n in self.eval_selected if n in grid.silent)
+            rec["dropped"] = sorted(set(rec.get("dropped", [])) | set(gone))
             rec["eval_seconds"] = round(time.perf_counter() - self.t_eval, 2)
             rec["eval_bytes_to_clients"] = counter.sent.get(counter.phase, 0)
             rec["eval_bytes_from_clients"] = counter.received.get(counter.phase, 0)
@@ -326,10 +393,10 @@ def _wmean(pairs):
 
 def _failure_reason(f) -> str:
     if isinstance(f, BaseException):
-        return " ".join(str(f).split())[:200] or type(f).__name__
+        return one_line(f, 200)
     _, res = f if isinstance(f, tuple) else (None, f)
     status = getattr(res, "status", None)
-    return " ".join(str(getattr(status, "message", res)).split())[:200]
+    return one_line(getattr(status, "message", res), 200)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,10 +426,10 @@ def handshake(grid, owner: Owner, counter: ByteCounter) -> dict[int, dict]:
         msgs = [Message(content=getpropertiesins_to_recorddict(GetPropertiesIns(config)), dst_node_id=n,
                         message_type=MessageTypeLegacy.GET_PROPERTIES) for n in node_ids]
         out = {}
-        for reply in grid.send_and_receive(msgs, timeout=cfg.round_timeout):
+        for reply in grid.send_and_receive(msgs, timeout=cfg.node_timeout):
             n = reply.metadata.src_node_id
             if reply.has_error():
-                out[n] = {"error": " ".join(str(reply.error.reason).split())[:300]}
+                out[n] = {"error": one_line(reply.error.reason)}
             else:
                 out[n] = dict(recorddict_to_getpropertiesres(reply.content).properties)
         for n in node_ids:
@@ -410,19 +477,19 @@ def run_server(grid, context, cfg: FederationConfig) -> None:
     """The ServerApp's body (both engines)."""
     from flwr.server import ServerConfig
     from flwr.server.compat import LegacyContext
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow import DefaultWorkflow
 
     owner = Owner(cfg)
     owner.done_at_start = owner.done
     counter = ByteCounter()
-    grid = CountingGrid(grid, counter)
+    grid = CountingGrid(grid, counter, cfg.round_timeout)
     try:
         if owner.done >= cfg.rounds:
             log.info("all %d rounds are checkpointed in %s; nothing to do", cfg.rounds, cfg.out)
             owner.finish(counter)
             return
         accepted = handshake(grid, owner, counter)
-        strategy = make_strategy(owner, accepted, counter)
+        strategy = make_strategy(owner, accepted, grid)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds - owner.done,
                                                                     round_timeout=cfg.round_timeout),
                                strategy=strategy)
@@ -431,17 +498,70 @@ def run_server(grid, context, cfg: FederationConfig) -> None:
             max_weight = cfg.secagg_max_weight or float(max(int(p.get("train_examples") or 1)
                                                             for p in accepted.values()))
             owner.state["secagg_max_weight"] = max_weight
-            fit_workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=cfg.secagg_threshold,
-                                              max_weight=max_weight, clipping_range=cfg.secagg_clip,
-                                              quantization_range=cfg.secagg_quantization,
-                                              modulus_range=1 << 32, timeout=cfg.round_timeout)
+            fit_workflow = secaggplus_workflow()(num_shares=1.0, reconstruction_threshold=cfg.secagg_threshold,
+                                                 max_weight=max_weight, clipping_range=cfg.secagg_clip,
+                                                 quantization_range=cfg.secagg_quantization,
+                                                 modulus_range=1 << 32, timeout=cfg.round_timeout)
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
         owner.finish(counter)
     except Exception as exc:
         owner.state["status"] = "failed"
-        owner.state["error"] = " ".join(str(exc).split())[:300] or type(exc).__name__
+        owner.state["error"] = one_line(exc)
         owner.save_state()
         raise
+
+
+def one_line(exc: BaseException | str, n: int = 300) -> str:
+    """A failure's reason on one line (at most ``n`` characters, terminal colour codes removed)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc))
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:n] or type(exc).__name__
+
+
+def settle_state(out: str | Path, status: str, error: BaseException | str = "") -> dict:
+    """Leave ``<out>/federation.json`` in a final state: where the run did not write one (it was
+    interrupted, killed, timed out, or failed before the owner could), write ``status`` and the
+    one-line ``error`` (atomically). A final state already there is kept; nothing is written where
+    ``out`` does not exist (nothing was started)."""
+    from ..files import read_json_file, write_json_atomic
+
+    assert status in FINAL
+    f = Path(out) / STATE_FILE
+    try:
+        state = read_json_file(f) if f.is_file() else {}
+    except OffsiteError:
+        state = {}
+    if state.get("status") in FINAL or not Path(out).is_dir():
+        return state
+    state["status"] = status
+    if error:
+        state["error"] = one_line(error)
+    write_json_atomic(f, state)
+    return state
+
+
+def secaggplus_workflow():
+    """Flower's ``SecAggPlusWorkflow``, surviving a data owner lost before it shared its keys.
+
+    In flwr 1.42 a client lost in the *setup* or *share keys* stage (before its key shares reached
+    the others) stops the round: the *unmask* stage still lists it among the dropped clients and asks
+    the others for their share of its secret key, which they never received (each raises a
+    ``KeyError``), and the owner would look for its public key to rebuild masks it never made. No
+    client masked anything with it (a client masks only with those whose shares it received), so
+    after *share keys* it is taken out of the round, as if never sampled; the threshold, and
+    everything else, stays Flower's."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    class Workflow(SecAggPlusWorkflow):
+        def share_keys_stage(self, grid, context, state) -> bool:
+            ok = super().share_keys_stage(grid, context, state)
+            kept = set(state.active_node_ids)  # answered setup and share keys: their shares went out
+            state.sampled_node_ids = kept
+            state.nid_to_neighbours = {n: nb & kept for n, nb in state.nid_to_neighbours.items() if n in kept}
+            return ok
+
+    return Workflow
 
 
 def make_server_app(cfg: FederationConfig | None = None):
