@@ -29,7 +29,7 @@ def parse_recipe(text: str) -> tuple[str, dict, dict]:
     opts, tune = {}, {}
     for part in filter(None, rest.split(",")):
         k, _, v = part.partition("=")
-        target = tune if k in ("blocks", "lr", "adapter", "epochs", "wd", "l2sp", "r") else opts
+        target = tune if k in ("blocks", "lr", "adapter", "epochs", "wd", "l2sp", "r", "bridge") else opts
         try:
             target[k] = int(v)
         except ValueError:
@@ -71,6 +71,53 @@ def cached(path: Path, fn):
     print(f"{path.relative_to(RUNS)}: " + " ".join(f"{k}={100 * a:.1f}" for k, a in acc.items())
           + f" ({value['seconds']}s)", flush=True)
     return value
+
+
+def fit_bridge(model, emu, tok, n_docs: int = 48, block: int = 256, ridge: float = 1e-2):
+    """Experiment: a linear map from the emulator's residual stream after its last middle block to the
+    full model's after its last middle block, least squares on public text (the shipped adapter in both)."""
+    import torch
+
+    from offsite.data.text import public_text
+    from offsite.models.families import get_blocks
+
+    docs = public_text("train")[:n_docs]
+    ids = [tok(d, return_tensors="pt").input_ids[:, :block] for d in docs]
+    n_bottom = emu.adapter_layers[0]
+    last_full = len(get_blocks(model)) - emu.adapter_layers[1] - 1
+    last_emu = len(get_blocks(emu.model)) - emu.adapter_layers[1] - 1
+    xs, ys = [], []
+
+    def grab(store):
+        def hook(_m, _i, out):
+            store.append((out[0] if isinstance(out, tuple) else out).detach().reshape(-1, model.config.hidden_size))
+        return hook
+    h1 = get_blocks(emu.model)[last_emu].register_forward_hook(grab(xs))
+    h2 = get_blocks(model)[last_full].register_forward_hook(grab(ys))
+    with torch.no_grad():
+        for x in ids:
+            emu.model(x)
+            model(x)
+    h1.remove(), h2.remove()
+    X, Y = torch.cat(xs).double(), torch.cat(ys).double()
+    X1 = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    A = X1.T @ X1
+    A += ridge * torch.diag(A.diagonal().mean().repeat(len(A)))
+    W = torch.linalg.solve(A, X1.T @ Y)
+    before = ((X - Y).norm() / Y.norm()).item()
+    after = ((X1 @ W - Y).norm() / Y.norm()).item()
+    print(f"bridge fitted on {len(X)} tokens: relative error {before:.3f} -> {after:.3f}", flush=True)
+    return W.float(), last_emu
+
+
+def attach_bridge(emu, W, pos):
+    from offsite.models.families import get_blocks
+
+    def hook(_m, _i, out):
+        h = out[0] if isinstance(out, tuple) else out
+        mapped = h @ W[:-1] + W[-1]
+        return (mapped,) + tuple(out[1:]) if isinstance(out, tuple) else mapped
+    return get_blocks(emu.model)[pos].register_forward_hook(hook)
 
 
 def settings_for(seed: int, tune: dict):
@@ -168,6 +215,9 @@ def main(argv=None) -> int:
         for seed in a.seeds:
             def one():
                 emu = load_emulator(emu_dir)
+                if tune.get("bridge"):
+                    W, pos = fit_bridge(model, emu, tok)
+                    attach_bridge(emu, W, pos)
                 rec = scored(emu.model, emu.tokenizer, task, "emu_zs")
                 settings = settings_for(seed, tune)
                 if tune.get("blocks") == "top":  # experiment: freeze the bottom adapter blocks instead
@@ -265,11 +315,13 @@ def collect(task: str = "sentiment") -> dict:
             line = (f"| `{cell.name}` | {key.split('@')[1] if '@' in key else key} | {','.join(map(str, have))} | "
                     + f"{100 * sum(rec['emu_ft']) / len(have):.1f} | "
                     + " / ".join(f"{100 * v:.1f}" for v in rec["plugin"]) + f" | {100 * diff:+.1f} ± {100 * se:.1f} |")
-            if all(s in ceilings for s in have) and "blocks" not in cell.name and "adapter" not in cell.name:
-                t = transfer_seeds(plug, zs, [ceilings[s] for s in have])
-                rec["transfer"] = {k: t[k] for k in ("value", "stderr", "per_seed", "ceiling_gain",
-                                                     "ceiling_gain_stderr")}
-                line += f" {t['value']:.2f} ± {t['stderr']:.2f} |" if t["value"] is not None else " – |"
+            paired_c = [s for s in have if s in ceilings]  # transfer over the seeds that have a ceiling
+            if paired_c and "blocks" not in cell.name and "adapter" not in cell.name:
+                t = transfer_seeds([runs[s][key] for s in paired_c], zs, [ceilings[s] for s in paired_c])
+                rec["transfer"] = {"seeds": paired_c, **{k: t[k] for k in ("value", "stderr", "per_seed", "ceiling_gain",
+                                                                           "ceiling_gain_stderr")}}
+                line += (f" {t['value']:.2f} ± {t['stderr']:.2f}" + (f" (seeds {','.join(map(str, paired_c))})"
+                         if paired_c != have else "") + " |") if t["value"] is not None else " – |"
             else:
                 line += " – |"
             records.append(rec)
