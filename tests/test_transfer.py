@@ -243,6 +243,15 @@ def test_run_floor_row_and_transfer_beyond_it(tok, tmp_path, monkeypatch):
     assert "| Floor (adapter tuned on the full model on public pairs) |" in table
     assert "| transfer beyond the floor (Plug-in − Floor) / (Ceiling − Floor) | 1.00 ± 0.00 |" in table
     assert any("80 public webqs pairs" in n for n in res.notes)
+    assert not any(n.startswith("WARNING") for n in res.notes)  # the Plug-in gains: no harm to warn of
+    # a harmful Plug-in: the warning leads the notes of the table and of results.json
+    monkeypatch.setattr(run_mod, "harm_note", lambda scores, task: f"the Plug-in is worse on {task}")
+    res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "harm", settings=_settings(),
+              eval_limit=None, text_docs=0, probe=False, ceiling=False, floor=False, train_data=own,
+              log=lambda *a: None)
+    assert res.notes[0] == "WARNING: the Plug-in is worse on arc_easy"
+    assert "* WARNING: the Plug-in is worse on arc_easy" in (tmp_path / "harm" / "table.md").read_text()
+    assert json.loads((tmp_path / "harm" / "results.json").read_text())["notes"][0].startswith("WARNING")
     # the floor's source: shaped like the task's inputs, never the task itself
     with pytest.raises(OffsiteError, match="the floor's public pairs .* are the task being tuned"):
         run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "r2", floor_source="arc_easy",
