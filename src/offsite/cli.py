@@ -231,9 +231,9 @@ def cmd_fetch(args) -> None:
 
 
 def fetch_content(names: str, out: str | None) -> None:
-    from .data.cache import cache_dir
     from pathlib import Path
 
+    from .data.cache import cache_dir
     from .data.content import build_content_task, content_task, content_tasks
     from .files import sha256_file
 
