@@ -207,7 +207,15 @@ def main(argv=None) -> int:
         emu_dir = out / "emulators" / (f"{method}-" + "-".join(f"{k}{v}" for k, v in sorted(opts.items())))
         if not (emu_dir / "manifest.json").exists():
             t0 = time.perf_counter()
-            built = build_emulator(method, model, tok, a.model, layers, **opts)
+            if "drop" in opts:  # experiment: layer drop of the named middle blocks (``drop=5-14-23``)
+                from offsite.emulator.core import keep_blocks
+                from offsite.models.families import num_blocks
+
+                dropped = {int(x) for x in str(opts["drop"]).split("-")}
+                kept = [i for i in range(layers[0], num_blocks(model.config) - layers[1]) if i not in dropped]
+                built = keep_blocks(model, tok, a.model, layers, kept, "uniform", {"keep": len(kept)})
+            else:
+                built = build_emulator(method, model, tok, a.model, layers, **opts)
             save_emulator(built, emu_dir, overwrite=True)
             print(f"built {emu_dir.name} in {time.perf_counter() - t0:.0f}s", flush=True)
             del built
