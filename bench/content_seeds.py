@@ -182,11 +182,11 @@ def main(argv=None) -> int:
     (out / "eval_path.json").write_text(json.dumps({"path": str(Path(a.eval).resolve()), "limit": a.limit}))
     model, tok = load_model(a.model)
     layers = (2, 2)
-    cached(out / "full_zs.json", lambda: {"acc": scored(model, tok, task, "acc")["acc"]})
-    cached(out / "full_zs_lls.json", lambda: scored(model, tok, task, "full_zs"))
-    if CALIB is not None and "full_zs:calib" not in json.loads((out / "full_zs_lls.json").read_text()):
-        (out / "full_zs_lls.json").unlink()
-        cached(out / "full_zs_lls.json", lambda: scored(model, tok, task, "full_zs"))
+    if CALIB is not None and (out / "full_zs_lls.json").exists() \
+            and "full_zs:calib" not in json.loads((out / "full_zs_lls.json").read_text()):
+        (out / "full_zs_lls.json").unlink()  # scored before --calib: score again with the public inputs
+    full = cached(out / "full_zs_lls.json", lambda: scored(model, tok, task, "full_zs"))
+    cached(out / "full_zs.json", lambda: {"acc": full["full_zs"]})  # Full ZS scored once, kept in both files
     for seed in a.seeds:
         if not a.no_ceiling:
             def ceiling():
