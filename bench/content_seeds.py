@@ -23,13 +23,16 @@ sys.path.insert(0, str(ROOT))
 RUNS = ROOT / "runs" / "content-seeds"
 
 
+TUNE_KEYS = ("blocks", "lr", "adapter", "epochs", "wd", "l2sp", "r", "bridge", "repair")
+
+
 def parse_recipe(text: str) -> tuple[str, dict, dict]:
     """``uniform:keep=13,blocks=bottom,lr=3e-5`` -> (method, method options, tuning options)."""
     method, _, rest = text.partition(":")
     opts, tune = {}, {}
     for part in filter(None, rest.split(",")):
         k, _, v = part.partition("=")
-        target = tune if k in ("blocks", "lr", "adapter", "epochs", "wd", "l2sp", "r", "bridge") else opts
+        target = tune if k in TUNE_KEYS else opts
         try:
             target[k] = int(v)
         except ValueError:
@@ -120,6 +123,82 @@ def attach_bridge(emu, W, pos):
     return get_blocks(emu.model)[pos].register_forward_hook(hook)
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the hidden state it needs is captured."""
+
+
+def _capture_input(block, store: dict):
+    def pre(_m, args, kwargs):
+        store["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+    return block.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def repair_adapter(model, emu, tok, steps: int, block: int = 128, batch: int = 8, lr: float = 1e-4, seed: int = 0):
+    """Experiment (``repair=N``): the model owner tunes the emulator's *bottom* adapter blocks for N steps
+    so that the hidden state entering the top adapter blocks matches the full model's on public text
+    (normalised MSE, the first position left out). Returns the repaired bottom blocks' tensors; the data
+    owner then starts from them, and the Plug-in adds only the data owner's change (tuned − repaired)
+    to the original blocks."""
+    import torch
+
+    from offsite import adapters
+    from offsite.data.text import public_text
+    from offsite.data.tokenize import IGNORE, tokenize_text
+    from offsite.models.families import get_blocks
+    from offsite.train import TrainConfig, train
+
+    n_top = emu.adapter_layers[1]
+    top_e = get_blocks(emu.model)[len(get_blocks(emu.model)) - n_top]
+    top_f = get_blocks(model)[len(get_blocks(model)) - n_top]
+    examples = tokenize_text(tok, public_text("train"), block)
+    val = tokenize_text(tok, public_text("heldout")[:8], block)[:16]
+    bottom = {pos: src for pos, src in emu.adapter_positions.items() if src < emu.adapter_layers[0]}
+    for p in emu.model.parameters():
+        p.requires_grad_(False)
+    names = adapters.param_names(emu.model, bottom)
+    named = dict(emu.model.named_parameters())
+    trainable = [(n, named[n]) for n in names.values()]
+    for _, p in trainable:
+        p.requires_grad_(True)
+
+    def hidden(m, top, batch_):
+        store = {}
+        h = _capture_input(top, store)
+        try:
+            m(input_ids=batch_["input_ids"], attention_mask=batch_["attention_mask"], use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        return store["h"]
+
+    def loss_fn(m, batch_):
+        with torch.no_grad():
+            target = hidden(model, top_f, batch_).float()
+        got = hidden(m, top_e, batch_).float()
+        keep = batch_["labels"][:, 1:] != IGNORE
+        t, g = target[:, 1:][keep], got[:, 1:][keep]
+        scale = t.pow(2).mean(-1, keepdim=True).clamp_min(1e-6)
+        return ((g - t).pow(2) / scale).mean(-1).sum(), int(keep.sum())
+
+    cfg = TrainConfig(lr=lr, max_steps=steps, batch_size=batch, micro_batch_size=batch, seed=seed,
+                      eval_every=max(1, steps // 4), checkpoint_every=None, max_length=block)
+    before = None
+    with torch.no_grad():
+        b = {"input_ids": torch.tensor([val[0]["input_ids"]]), "labels": torch.tensor([val[0]["labels"]]),
+             "attention_mask": torch.ones(1, len(val[0]["input_ids"]), dtype=torch.long)}
+        before = loss_fn(emu.model, b)
+    result = train(emu.model, trainable, examples, val, cfg, loss_fn=loss_fn, pad_id=tok.pad_token_id or 0)
+    with torch.no_grad():
+        after = loss_fn(emu.model, b)
+    print(f"repair: {steps} steps, top-input NMSE on a held-out block {before[0].item() / before[1]:.3f} -> "
+          f"{after[0].item() / after[1]:.3f} (best val {result.best_val_loss:.3f})", flush=True)
+    for p in emu.model.parameters():
+        p.requires_grad_(False)
+    return adapters.extract(emu.model, bottom, "full")
+
+
 def settings_for(seed: int, tune: dict):
     from offsite.budget import preset
     from offsite.adapters import LoraOptions
@@ -165,6 +244,7 @@ def main(argv=None) -> int:
     from offsite.models.load import load_model
     from offsite.plug import plug
     from offsite.run import public_pairs_of, tune_ceiling
+    from offsite.models.families import get_blocks as get_blocks_
     from offsite.tune import file_data, task_data, tune_adapter
 
     torch.set_num_threads(1)
@@ -226,7 +306,26 @@ def main(argv=None) -> int:
                 if tune.get("bridge"):
                     W, pos = fit_bridge(model, emu, tok)
                     attach_bridge(emu, W, pos)
+                start = None
+                if tune.get("repair"):  # experiment: the owner repairs the bottom blocks first (repair_adapter)
+                    from safetensors.torch import load_file
+
+                    from offsite.models.load import load_model as _load
+
+                    path = out / "repairs" / f"{emu_dir.name}-repair{tune['repair']}.safetensors"
+                    path.parent.mkdir(exist_ok=True)
+                    if not path.exists():
+                        save_file(repair_adapter(model, emu, tok, int(tune["repair"])), str(path))
+                        emu = load_emulator(emu_dir)
+                    start = load_file(str(path))
+                    by_src = {s: p for p, s in emu.adapter_positions.items()}
+                    blocks = get_blocks_(emu.model)
+                    with torch.no_grad():
+                        for k, t in start.items():
+                            _, src, name = k.split(".", 2)
+                            blocks[by_src[int(src)]].get_parameter(name).copy_(t)
                 rec = scored(emu.model, emu.tokenizer, task, "emu_zs")
+                rec["middle_share"] = manifest["shapes"]["middle_params"] / manifest["shapes"]["original_middle_params"]
                 settings = settings_for(seed, tune)
                 if tune.get("blocks") == "top":  # experiment: freeze the bottom adapter blocks instead
                     import offsite.tune as tune_mod
@@ -250,7 +349,8 @@ def main(argv=None) -> int:
                     if bundle.kind == "full" else None
                 for alpha in a.alphas:
                     if bundle.kind == "full":
-                        st = {k: shipped[k] + alpha * (t - shipped[k]) for k, t in bundle.state.items()}
+                        base = {**shipped, **(start or {})}  # the data owner's starting point
+                        st = {k: shipped[k] + alpha * (t - base[k]) for k, t in bundle.state.items()}
                         b = replace(bundle, state=st)
                     elif alpha == 1.0:
                         b = bundle
@@ -278,18 +378,34 @@ def derived_rows(run: dict, full: dict, gold: list[int]) -> dict:
     * ``plugin@1+cal``: the Plug-in's choice scores shifted per label word so that their mean over the
       owner's public inputs equals Full ZS's (the owner calibrates on public unlabelled text);
     * ``proxy``: Full ZS's scores plus the emulator's change under the tuned adapter (Emulator FT −
-      Emulator ZS), centred per label word on the public inputs: the adaptation carried as a change
-      of predictions rather than of weights."""
+      Emulator ZS), centred per label word on the public inputs (uncentred where the task has none): the
+      adaptation carried as a change of predictions rather than of weights, as in proxy-tuning; the
+      owner serves the full model beside the emulator with and without the adapter."""
     out = {}
     if "plugin@1:calib" in run and "full_zs:calib" in full:
         ref, mine = _choice_means(full["full_zs:calib"]), _choice_means(run["plugin@1:calib"])
         out["plugin@1+cal"] = _argmax_acc([[x + r - m for x, r, m in zip(row, ref, mine)]
                                            for row in run["plugin@1:lls"]], gold)
+    if all(k in run for k in ("emu_zs:lls", "emu_ft:lls")) and "emu_zs:calib" not in run:
+        # no public inputs of the task's kind to centre on (a task of the data owner's own labels): uncentred
+        out["proxy"] = _argmax_acc([[f + t - z for f, t, z in zip(fr, tr, zr)]
+                                    for fr, tr, zr in zip(full["full_zs:lls"], run["emu_ft:lls"], run["emu_zs:lls"])], gold)
     if all(k in run for k in ("emu_zs:lls", "emu_ft:lls", "emu_zs:calib", "emu_ft:calib")):
         centre = [a - b for a, b in zip(_choice_means(run["emu_ft:calib"]), _choice_means(run["emu_zs:calib"]))]
         out["proxy"] = _argmax_acc([[f + (t - z) - c for f, t, z, c in zip(fr, tr, zr, centre)]
                                     for fr, tr, zr in zip(full["full_zs:lls"], run["emu_ft:lls"], run["emu_zs:lls"])], gold)
     return out
+
+
+def middle_share(out: Path, cell: str) -> float | None:
+    """The share of the middle's parameters an older cell's emulator kept (from its manifest)."""
+    method, _, rest = cell.partition("_")
+    opts = dict(p.split("=", 1) for p in rest.split("_") if "=" in p and p.split("=")[0] not in TUNE_KEYS)
+    path = out / "emulators" / (f"{method}-" + "-".join(f"{k}{v}" for k, v in sorted(opts.items()))) / "manifest.json"
+    if not path.exists():
+        return None
+    shapes = json.loads(path.read_text())["shapes"]
+    return shapes["middle_params"] / shapes["original_middle_params"]
 
 
 def collect(task: str = "sentiment") -> dict:
@@ -312,17 +428,20 @@ def collect(task: str = "sentiment") -> dict:
             if gold:
                 r.update(derived_rows(r, full, gold))
         seeds = sorted(runs)
+        share = next((r["middle_share"] for r in runs.values() if "middle_share" in r), None) or middle_share(out, cell.name)
         for key in sorted({k for r in runs.values() for k in r if (k.startswith("plugin@") or k == "proxy") and ":" not in k}):
             have = [s for s in seeds if key in runs[s]]
             plug = [runs[s][key] for s in have]
             emu_ft = [runs[s]["emu_ft"] for s in have]
             diff, se = paired_seeds(plug, zs)
-            rec = {"task": task, "recipe": cell.name, "row": key, "seeds": have,
+            rec = {"task": task, "recipe": cell.name, "row": key, "seeds": have, "middle_share": share,
                    "plugin": [sum(p) / len(p) for p in plug], "emu_ft": [sum(e) / len(e) for e in emu_ft],
                    "plugin_minus_full_zs": diff, "stderr": se}
-            line = (f"| `{cell.name}` | {key.split('@')[1] if '@' in key else key} | {','.join(map(str, have))} | "
+            gap = sum(rec["plugin"]) / len(have) - sum(rec["emu_ft"]) / len(have)
+            line = (f"| `{cell.name}` | {f'{100 * share:.0f} %' if share else '?'} | "
+                    f"{key.split('@')[1] if '@' in key else key} | {','.join(map(str, have))} | "
                     + f"{100 * sum(rec['emu_ft']) / len(have):.1f} | "
-                    + " / ".join(f"{100 * v:.1f}" for v in rec["plugin"]) + f" | {100 * diff:+.1f} ± {100 * se:.1f} |")
+                    + " / ".join(f"{100 * v:.1f}" for v in rec["plugin"]) + f" | {100 * gap:+.1f} | {100 * diff:+.1f} ± {100 * se:.1f} |")
             paired_c = [s for s in have if s in ceilings]  # transfer over the seeds that have a ceiling
             if paired_c and "blocks" not in cell.name and "adapter" not in cell.name:
                 t = transfer_seeds([runs[s][key] for s in paired_c], zs, [ceilings[s] for s in paired_c])
@@ -350,12 +469,41 @@ def collect(task: str = "sentiment") -> dict:
         d, s_ = paired_seeds(rows, zs)
         head += (f"; floor on {name} " + " / ".join(f"{100 * sum(r) / len(r):.1f}" for r in rows)
                  + f" (seeds {', '.join(map(str, sorted(by_seed)))}; − Full ZS {100 * d:+.1f} ± {100 * s_:.1f})")
-    table = (head + "\n\n| recipe | plug-in strength | seeds | Emulator FT | Plug-in per seed | Plug-in − Full ZS "
-             "| transfer |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+    table = (head + "\n\n| recipe | middle kept | row | seeds | Emulator FT | Plug-in per seed | gap | "
+             "Plug-in − Full ZS | transfer |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
     return {"records": records, "table": table,
             "floors": {n: {"seeds": sorted(b), "acc": [sum(b[s]) / len(b[s]) for s in sorted(b)]} for n, b in floors.items()},
             "ceiling": {"seeds": sorted(ceilings), "acc": [sum(c) / len(c) for c in ceiling_rows]},
             "full_zs": sum(zs) / len(zs)}
+
+
+def plot_frontier(records: list[dict], path: Path, task: str) -> None:
+    """Transfer against the share of the middle kept, one marker per recipe cell (seed mean, error bar:
+    the interval of ``transfer_seeds``); the plain Plug-in and the proxy row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for row, colour, label in (("plugin@1", "C0", "Plug-in"), ("proxy", "C1", "proxy (logit arithmetic)")):
+        pts = [(r["middle_share"], r["transfer"]["value"], r["transfer"]["stderr"], len(r["seeds"])) for r in records
+               if r["row"] == row and r.get("middle_share") and r.get("transfer", {}).get("value") is not None]
+        for i, (x, y, e, n) in enumerate(sorted(pts)):
+            ax.errorbar(100 * x, y, yerr=e, fmt="o" if n > 1 else "x", color=colour, capsize=3,
+                        label=label if i == 0 else None)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axhline(0.8, color="green", lw=0.8, ls="--", label="target 0.8")
+    ax.set_xlabel("share of the middle's parameters kept (%)")
+    ax.set_ylabel("transfer (Plug-in − Full ZS) / (ceiling − Full ZS)")
+    ax.set_title(f"{task}: what crosses, by emulator size (o: ≥ 2 seeds, x: 1)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def write_collected(task: str, doc: str) -> int:
@@ -373,6 +521,7 @@ def write_collected(task: str, doc: str) -> int:
                              "standard error on seed means plus the seeds' variance (offsite.stats.paired_seeds)"},
         "full_zs": res["full_zs"], "ceiling": res["ceiling"], "floors": res["floors"], "records": res["records"]})
     write_text_atomic(results / f"{name}.md", res["table"])
+    plot_frontier(res["records"], ROOT / "docs" / "img" / f"{name}.png", task)
     print(res["table"])
     if doc:
         path = Path(doc)
