@@ -1,4 +1,4 @@
-"""Owner-assisted tuning: the model owner corrects the adapter's gradient while the data owner tunes.
+"""The owner's correction (the owner-in-the-loop protocol): the model owner corrects the adapter's gradient while the data owner tunes.
 
 On our embedded model an emulator of half the middle or less points the adapter's gradient nearly
 orthogonally to where the full model points it, so an adapter tuned on the emulator alone carries

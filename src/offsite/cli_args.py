@@ -205,7 +205,7 @@ def add_train_args(p, presets: dict | None = None) -> None:
                         "--adapter lora --help")
     g.add_argument("--tune-blocks", choices=list(BLOCKS), default="all",
                    help="which adapter blocks train: all (default, the papers') or bottom (the top ones stay the "
-                        "original blocks; the owner-assisted recipe, docs/transfer.md)")
+                        "original blocks; the recipe of the owner's correction, docs/transfer.md)")
     add_choice_options(p, "--adapter", "adapter", {"lora": LoraOptions}, prefix="lora_",
                        about={"lora": "LoRA matrices on the adapter blocks' linear maps"})
     hints = typing.get_type_hints(TrainConfig)
