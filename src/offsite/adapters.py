@@ -13,7 +13,7 @@ so the owner can apply it to the full model without knowing the emulator's stack
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -26,9 +26,11 @@ KINDS = ("full", "lora", "bitfit")
 
 @dataclass
 class LoraOptions:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    # the flags of `--adapter lora` (offsite.cli_args.add_train_args)
+    r: int = field(default=8, metadata={"help": "LoRA rank (default 8)", "min": 1})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha: the update is scaled by alpha / r (default 16)",
+                                             "min": 1})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path (default 0)"})
 
     def check(self) -> None:
         """Raise OffsiteError for options peft would refuse (or take silently) later."""

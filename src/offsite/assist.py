@@ -1,4 +1,4 @@
-"""Owner-assisted tuning: the model owner corrects the adapter's gradient while the data owner tunes.
+"""The owner's correction (the owner-in-the-loop protocol): the model owner corrects the adapter's gradient while the data owner tunes.
 
 On our embedded model an emulator of half the middle or less points the adapter's gradient nearly
 orthogonally to where the full model points it, so an adapter tuned on the emulator alone carries
@@ -28,7 +28,7 @@ correction takes the next public pairs of a larger set (more of them per tuning,
 correction); over HTTP the service draws them at random from the pool instead, so that the data
 owner cannot know which pairs a correction was taken on (docs/transfer.md, "The correction service"). The price is interaction and privacy: the owner sees every intermediate adapter, and the data
 owner receives the full model's gradients on public data at its adapter (docs/transfer.md, "The
-owner in the loop"). Both parties run in one process with ``offsite run --assist-every`` (the
+owner in the loop"). Both parties run in one process with ``offsite run --assist-every [N]`` (the
 Python API: :class:`Assistant`); on two machines the owner serves its corrections over HTTP
 (``offsite assist-serve``, :mod:`offsite.assist_service`) and the data owner tunes with ``offsite
 tune --assist URL``. Tensors cross only as safetensors (:func:`tensors_to_bytes`).
@@ -45,7 +45,10 @@ from .emulator.core import Emulator
 from .errors import OffsiteError
 from .gradients import adapter_gradients, adapter_written
 
-#: optimizer steps between corrections: the measured recipe (docs/transfer.md), offsite tune's default
+#: the owner's correction period: optimizer steps between two of the owner's corrections, the
+#: measured recipe (docs/transfer.md). The one definition: ``offsite tune --assist URL``, ``offsite run
+#: --assist-every`` (no value), ``offsite assist-serve``'s budget, the Makefile and the docs read it
+#: (tests/test_assist.py checks that no second literal appears in the package)
 RECIPE_EVERY = 4
 #: the owner's default public pairs: bare questions with short answers (WebQuestions)
 DEFAULT_SOURCE = "webqs"
@@ -64,9 +67,12 @@ def matched_source(task: str) -> str:
 
 @dataclass
 class AssistOptions:
-    every: int = field(default=0, metadata={"help": "the model owner corrects the adapter's gradient every N "
-                                                    "optimizer steps (docs/transfer.md; 0: never, the papers' "
-                                                    "protocol; 4 is the measured recipe, with --tune-blocks bottom)"})
+    #: the correction period; 0: no correction (the papers' protocol), so ``AssistOptions()`` is off
+    every: int = field(default=0, metadata={
+        "help": f"the owner's correction every N optimizer steps (docs/transfer.md); the flag alone: every "
+                f"{RECIPE_EVERY}, the measured recipe, with --tune-blocks bottom; left out (or 0): none, the "
+                "papers' protocol",
+        "argparse": {"nargs": "?", "const": RECIPE_EVERY, "metavar": "N"}})
     source: str = field(default=DEFAULT_SOURCE, metadata={"help": "public QA pairs the owner takes the gradients on: a "
                                                            "built-in task's training pairs (default webqs) or squad "
                                                            "(SQuAD passages with questions)"})

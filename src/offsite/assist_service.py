@@ -4,9 +4,10 @@ adapter's gradient (:mod:`offsite.assist`) over HTTP, and the data owner tunes a
     # model owner: the full model, the emulator bundle it shipped, its public pairs
     offsite assist-serve --model smollm2-135m --emulator emu/ [--assist-source webqs,squad --assist-examples 32] \
         [--host 127.0.0.1 --port 8708 --api-key K1 --api-key K2 --budget 32 --per-minute 30 --body-timeout 30]
-    # data owner: tune the bottom adapter blocks, asking for a correction every 4 steps
+    # data owner: tune the bottom adapter blocks, asking for the owner's correction every RECIPE_EVERY
+    # steps (offsite.assist; --assist-every N: every N)
     offsite tune --emulator emu/ --task arc_easy --out adapter/ --tune-blocks bottom \
-        --assist http://owner:8708 --assist-every 4 [--assist-source squad --assist-api-key K]
+        --assist http://owner:8708 [--assist-source squad --assist-api-key K]
 
 Endpoints (the guard of :mod:`offsite.service`: API key, body size and time limits, JSON error bodies)::
 
@@ -80,7 +81,8 @@ BURST = 4  # ... and at once
 def run_corrections(every: int = RECIPE_EVERY) -> int:
     """Corrections one tuning run asks for at the default settings: one at the start and one every
     ``every`` optimizer steps of one epoch of the default budget's training examples
-    (:class:`offsite.budget.Budget`: 1000 examples, batch 8, one epoch: 125 steps; every 4: 32)."""
+    (:class:`offsite.budget.Budget`: 1000 examples, batch 8, one epoch: 125 steps; at the owner's
+    correction period, :data:`offsite.assist.RECIPE_EVERY`, 32)."""
     from .budget import Budget
 
     b = Budget()

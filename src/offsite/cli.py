@@ -27,8 +27,8 @@ import logging
 import os
 import sys
 
-from .cli_args import (NON_NEGATIVE, POSITIVE, add_dataclass_args, add_template_arg, add_train_args, command_line,
-                       method_options, template, tune_settings)
+from .cli_args import (NON_NEGATIVE, POSITIVE, Parser, add_dataclass_args, add_method_args, add_template_arg,
+                       add_train_args, command_line, method_options, template, tune_settings)
 from .errors import OffsiteError, one_line
 from .federated.cli import add_parser as add_federate_parser
 from .federated.cli import cmd_federate
@@ -42,17 +42,8 @@ from .service import BODY_TIMEOUT_S
 from .budget import PRESETS
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (``error: offsite tune: argument ...``) and exit 2."""
-
-    def error(self, message: str):
-        raise OffsiteError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .emulator import all_methods
-
-    parser = _Parser(prog="offsite", description="Offsite-tuning of large language models.")
+    parser = Parser(prog="offsite", description="Offsite-tuning of large language models.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -63,18 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "files (docs/content.md) instead of fetching the model and the tasks")
     p.add_argument("--out", help="where --content writes its files (default: the cache's content/ folder)")
 
-    methods = all_methods()
     p = sub.add_parser("emulate", help="model owner: build an emulator bundle")
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or Hub id")
-    p.add_argument("--method", default="uniform", choices=sorted(methods))
+    add_method_args(p)
     p.add_argument("--adapter-layers", default="2,2", help="BOTTOM,TOP adapter blocks (default 2,2)")
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the transfer probe on public text and write it into the manifest (default: on)")
-    seen: set[str] = set()
-    for m in methods.values():
-        add_dataclass_args(p.add_argument_group(f"{m.name} options ({m.help})"), m.options_cls, seen)
 
     p = sub.add_parser("tune", help="data owner: tune the adapter on an emulator")
     p.add_argument("--emulator", required=True, help="emulator bundle directory")
@@ -85,19 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_template_arg(p)
     p.add_argument("--out", required=True, help="adapter bundle directory to create")
     p.add_argument("--overwrite", action="store_true")
-    g = p.add_argument_group("the model owner in the loop (offsite.assist_service)")
+    g = p.add_argument_group("the owner's correction (owner in the loop, offsite.assist_service)")
     g.add_argument("--assist", metavar="URL", help="the owner's correction service (offsite assist-serve): ask it "
                                                    "for a correction of the adapter's gradient (docs/transfer.md)")
-    g.add_argument("--assist-every", type=POSITIVE, default=RECIPE_EVERY,
-                   help=f"optimizer steps between corrections (default {RECIPE_EVERY})")
+    g.add_argument("--assist-every", type=POSITIVE, default=RECIPE_EVERY, metavar="N",
+                   help=f"optimizer steps between the owner's corrections (default {RECIPE_EVERY})")
     g.add_argument("--assist-source", help="which of the owner's public sources to correct on: the one shaped like "
                                            "your inputs, e.g. squad where a passage comes before the question "
                                            "(default: the service's first)")
     g.add_argument("--assist-api-key", help="the service's API key (default: $OFFSITE_API_KEY if set)")
     add_train_args(p)
 
-    p = sub.add_parser("assist-serve", help="model owner: serve corrections of the adapter's gradient to a data "
-                                            "owner tuning on the emulator (offsite tune --assist URL); "
+    p = sub.add_parser("assist-serve", help="model owner: serve the owner's correction of the adapter's gradient "
+                                            "to a data owner tuning on the emulator (offsite tune --assist URL); "
                                             "--assist-source a,b offers several public sources")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--emulator", required=True, help="the emulator bundle shipped to the data owner")
@@ -168,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="tune on this file instead (prompt/completion, text, multiple choice or "
                                   "generation: docs/own-task.md)")
     add_template_arg(p)
-    p.add_argument("--method", default="uniform", choices=sorted(methods))
-    p.add_argument("--adapter-layers", default="2,2")
+    add_method_args(p, "how the model owner builds the emulator")
+    p.add_argument("--adapter-layers", default="2,2", help="BOTTOM,TOP adapter blocks (default 2,2)")
     p.add_argument("--preset", default="demo", choices=list(PRESETS),
                    help="the budget (offsite.budget): quick: minutes; demo: ~35 min on 2 CPU cores; paper: "
                         "bench/paper.py's (1,000 examples and documents); gpu: the paper's recipe, every document")
@@ -192,11 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size-eval", type=POSITIVE, default=32)
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-<task>-<method>)")
     p.add_argument("--overwrite", action="store_true")
-    seen = set()
-    for m in methods.values():
-        add_dataclass_args(p.add_argument_group(f"{m.name} options"), m.options_cls, seen)
-    add_dataclass_args(p.add_argument_group("the model owner in the loop (offsite.assist)"), AssistOptions, seen,
-                       prefix="assist_")
+    add_dataclass_args(p.add_argument_group("the owner's correction (owner in the loop, offsite.assist)"),
+                       AssistOptions, set(), prefix="assist_")
     add_train_args(p, PRESETS)
 
     p = sub.add_parser("report", help="the papers' table (markdown, JSON) and plots from results files")
@@ -340,7 +324,8 @@ def cmd_assist_serve(args) -> None:
 
     if not args.max_body_mb > 0:
         raise OffsiteError("--max-body-mb must be > 0")
-    opts = AssistOptions(every=1, **{f.name: getattr(args, "assist_" + f.name) for f in dataclasses.fields(AssistOptions)
+    # the period is the data owner's (tune --assist-every): the service answers each request it gets
+    opts = AssistOptions(every=RECIPE_EVERY, **{f.name: getattr(args, "assist_" + f.name) for f in dataclasses.fields(AssistOptions)
                                      if f.name != "every" and hasattr(args, "assist_" + f.name)})
     if not (args.per_minute > 0 and args.body_timeout > 0):
         raise OffsiteError("--per-minute and --body-timeout must be > 0")

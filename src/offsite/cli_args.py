@@ -11,7 +11,8 @@ import shlex
 import sys
 import typing
 
-from .adapters import LoraOptions
+from .adapters import KINDS, LoraOptions
+from .errors import OffsiteError
 from .train import TrainConfig, resolve_precision
 from .tune import BLOCKS, TuneSettings
 
@@ -39,27 +40,136 @@ def int_at_least(lo: int):
 POSITIVE, NON_NEGATIVE = int_at_least(1), int_at_least(0)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``error: offsite tune: argument ...``, exit 2 in
+    :func:`offsite.cli.main`) and options that belong to one value of a choice (:func:`add_choice_options`):
+    refused with any other value, shown by ``--help`` only with theirs (``offsite emulate --method kd --help``)."""
+
+    def error(self, message: str):
+        raise OffsiteError(f"{self.prog}: {message}")
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # what --help looks at
+        ns, extras = super().parse_known_args(self._argv, namespace)
+        for choice in getattr(self, "_choices", ()):
+            choice.check(ns)
+        return ns, extras
+
+    def format_help(self) -> str:
+        for choice in getattr(self, "_choices", ()):
+            choice.show(_typed_value(getattr(self, "_argv", []), choice.flag))
+        return super().format_help()
+
+
+def _typed_value(argv: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` on ``argv`` (``--method kd`` or ``--method=kd``; the last one wins), if any."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a[len(flag) + 1:]
+    return value
+
+
+def option_flag(f: dataclasses.Field, prefix: str = "") -> str:
+    """A dataclass field's flag: ``keep`` -> ``--keep`` (``from_`` -> ``--from``; ``metadata["flag"]`` overrides)."""
+    return f.metadata.get("flag") or "--" + (prefix + f.name).replace("_", "-").rstrip("-")
+
+
+def _add_field(parser, f: dataclasses.Field, typ, prefix: str, hidden: bool) -> argparse.Action:
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    base = args[0] if args else typ
+    kw = {"dest": prefix + f.name, "default": argparse.SUPPRESS,
+          "help": argparse.SUPPRESS if hidden else f.metadata.get("help", "")}
+    if base is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        kw["type"] = int_at_least(f.metadata["min"]) if "min" in f.metadata else base
+    kw.update(f.metadata.get("argparse", {}))
+    return parser.add_argument(option_flag(f, prefix), **kw)
+
+
 def add_dataclass_args(parser, cls, seen: set[str], prefix: str = "") -> None:
-    """One ``--option`` per dataclass field (``keep`` -> ``--keep``), typed from the annotation."""
+    """One ``--option`` per dataclass field (``keep`` -> ``--keep``), typed from the annotation; a flag
+    already in ``seen`` is skipped. An option left out is absent from the parsed arguments, so the
+    dataclass's default applies (one definition). ``metadata["argparse"]``: further keywords
+    (``nargs``, ``const``)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = f.metadata.get("flag") or "--" + (prefix + f.name).replace("_", "-").rstrip("-")
-        if flag in seen:
+        if option_flag(f, prefix) not in seen:
+            seen.add(option_flag(f, prefix))
+            _add_field(parser, f, hints[f.name], prefix, hidden=False)
+
+
+class _Choice:
+    """The options of each value of one choice flag (:func:`add_choice_options`)."""
+
+    def __init__(self, flag: str, dest: str, noun: str, group, titles: dict[str, str]):
+        self.flag, self.dest, self.noun, self.group, self.titles = flag, dest, noun, group, titles
+        self.owners: dict[str, list[str]] = {}  # dest -> the values it is an option of
+        self.helps: dict[str, dict[str, str]] = {}  # dest -> value -> help
+        self.actions: dict[str, argparse.Action] = {}  # dest -> action
+
+    def check(self, ns) -> None:
+        value = getattr(ns, self.dest, None)
+        for dest, owners in self.owners.items():
+            if hasattr(ns, dest) and value not in owners:
+                flag = self.actions[dest].option_strings[0]
+                raise OffsiteError(f"{flag} is an option of {self.noun} {', '.join(owners)}, not {value}")
+
+    def show(self, value: str | None) -> None:
+        for dest, action in self.actions.items():
+            action.help = self.helps[dest][value] if value in self.owners[dest] else argparse.SUPPRESS
+        self.group.title = self.titles.get(value, "")
+
+
+def add_choice_options(parser, flag: str, noun: str, classes: dict, prefix: str = "", about: dict | None = None):
+    """The options of each value of the choice ``flag`` (``--method``: each method's options
+    dataclass, ``classes = {value: cls}``), one flag per field (:func:`add_dataclass_args`). Each is
+    accepted only with its value (``offsite emulate --method uniform --kd-steps 5``: ``--kd-steps is
+    an option of method kd, not uniform``) and listed by ``--help`` only with it (``--method kd
+    --help``). ``parser`` must be a :class:`Parser` (``offsite``'s sub-parsers are)."""
+    dest = next(a.dest for a in parser._actions if flag in a.option_strings)
+    about = about or {}
+    titles = {v: f"{noun} {v} options" + (f" ({about[v]})" if about.get(v) else "") for v in classes}
+    choice = _Choice(flag, dest, noun, parser.add_argument_group(""), titles)
+    for value, cls in classes.items():
+        if cls is None:
             continue
-        seen.add(flag)
-        typ = hints[f.name]
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        base = args[0] if args else typ
-        kw = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
-        if base is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = base
-        parser.add_argument(flag, **kw)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            name = prefix + f.name
+            if name not in choice.actions:  # a field of several values' (keep) is one flag
+                choice.actions[name] = _add_field(choice.group, f, hints[f.name], prefix, hidden=True)
+            choice.owners.setdefault(name, []).append(value)
+            choice.helps.setdefault(name, {})[value] = f.metadata.get("help") or " "
+    parser.__dict__.setdefault("_choices", []).append(choice)
+    return choice
 
 
 def method_options(args, method) -> dict:
+    """The options of ``method`` given on the command line (the others keep its dataclass's defaults)."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(method.options_cls) if hasattr(args, f.name)}
+
+
+def lora_options(args) -> dict:
+    """``--adapter lora``'s options given on the command line (the others keep :class:`LoraOptions`'s defaults)."""
+    return {f.name: getattr(args, "lora_" + f.name) for f in dataclasses.fields(LoraOptions)
+            if hasattr(args, "lora_" + f.name)}
+
+
+def add_method_args(p, what: str = "emulator method") -> None:
+    """``--method`` and every registered method's options (:mod:`offsite.emulator.registry`: each
+    method's options dataclass, the one definition), each accepted only with its method and listed
+    by ``--method M --help``."""
+    from .emulator import all_methods
+
+    methods = all_methods()
+    p.add_argument("--method", default="uniform", choices=sorted(methods),
+                   help=f"{what} (default uniform); its options: --method M --help")
+    add_choice_options(p, "--method", "method", {m.name: m.options_cls for m in methods.values()},
+                       about={m.name: m.help for m in methods.values()})
 
 
 def _shown(value, cli: dict) -> str:
@@ -90,13 +200,14 @@ def add_train_args(p, presets: dict | None = None) -> None:
     ``cli`` metadata (help, bounds and choices written once, there). A flag left out keeps the base
     configuration's value (:func:`tune_settings`)."""
     g = p.add_argument_group("training")
-    g.add_argument("--adapter", default="full", choices=["full", "lora", "bitfit"],
-                   help="what to train in the adapter blocks (default: full, as in the paper)")
+    g.add_argument("--adapter", default="full", choices=list(KINDS),
+                   help="what to train in the adapter blocks (default: full, as in the paper); lora's options: "
+                        "--adapter lora --help")
     g.add_argument("--tune-blocks", choices=list(BLOCKS), default="all",
                    help="which adapter blocks train: all (default, the papers') or bottom (the top ones stay the "
-                        "original blocks; the owner-assisted recipe, docs/transfer.md)")
-    g.add_argument("--lora-r", type=POSITIVE, default=8)
-    g.add_argument("--lora-alpha", type=POSITIVE, default=16)
+                        "original blocks; the recipe of the owner's correction, docs/transfer.md)")
+    add_choice_options(p, "--adapter", "adapter", {"lora": LoraOptions}, prefix="lora_",
+                       about={"lora": "LoRA matrices on the adapter blocks' linear maps"})
     hints = typing.get_type_hints(TrainConfig)
     defaults = train_flag_defaults(presets)
     for f in dataclasses.fields(TrainConfig):
@@ -137,7 +248,7 @@ def tune_settings(args, base=None):
     if getattr(args, "precision", None):
         changes["mixed_precision"] = resolve_precision(args.precision)
     cfg = dataclasses.replace(cfg, **changes)
-    settings = TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg,
+    settings = TuneSettings(adapter=args.adapter, lora=LoraOptions(**lora_options(args)), train=cfg,
                             blocks=args.tune_blocks)
     settings.check()  # before any data, model or emulator is loaded
     return settings

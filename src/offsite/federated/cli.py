@@ -73,7 +73,7 @@ def add_parser(sub) -> None:
     r.add_argument("--model", default=None, help="the full model to plug the adapter into (default: the "
                                                  "emulator's base, e.g. smollm2-135m)")
     r.add_argument("--tune-blocks", choices=list(BLOCKS), default="all",
-                   help="which adapter blocks the data owners train (bottom: the owner-assisted recipe)")
+                   help="which adapter blocks the data owners train (bottom: the recipe of the owner's correction)")
     r.add_argument("--assist", action="store_true",
                    help="the model owner sends a correction of the adapter's gradient with each round's adapter, "
                         "computed at it through the full model (--model) on public QA pairs (docs/transfer.md)")
