@@ -12,6 +12,7 @@ import sys
 import typing
 
 from .adapters import LoraOptions
+from .errors import OffsiteError
 from .train import TrainConfig, resolve_precision
 from .tune import BLOCKS, TuneSettings
 
@@ -116,6 +117,36 @@ def add_train_args(p, presets: dict | None = None) -> None:
                         "fp32) or auto (bf16 where the hardware runs it natively, ~2x faster on such CPUs)")
 
 
+def add_dp_args(p) -> None:
+    """``--dp-epsilon E [--dp-delta D] [--dp-clip C] [--dp-accountant rdp|prv]``: the data owner's
+    tuning with DP-SGD (:mod:`offsite.dp`)."""
+    g = p.add_argument_group("differential privacy of the data owner's examples (DP-SGD with Opacus, offsite.dp)")
+    g.add_argument("--dp-epsilon", type=float, metavar="E",
+                   help="tune with DP-SGD so that the adapter is (E, delta)-differentially private with respect to "
+                        "each training example (Poisson sampling, per-example clipping, Gaussian noise; default: "
+                        "no DP)")
+    g.add_argument("--dp-delta", type=float, metavar="D", help="delta (default: 1/(10 n) for n training examples)")
+    g.add_argument("--dp-clip", type=float, metavar="C", help="per-example gradient norm bound (default 1.0)")
+    g.add_argument("--dp-accountant", choices=["rdp", "prv"],
+                   help="Opacus's accountant for the noise level and the epsilon spent (default rdp)")
+
+
+def dp_options(args):
+    """The ``--dp-*`` flags as :class:`offsite.dp.DPOptions`, or None without ``--dp-epsilon``."""
+    from .dp import DPOptions
+
+    eps = getattr(args, "dp_epsilon", None)
+    rest = {k: getattr(args, "dp_" + k, None) for k in ("delta", "clip", "accountant")}
+    if eps is None:
+        given = [f"--dp-{k}" for k, v in rest.items() if v is not None]
+        if given:
+            raise OffsiteError(f"{given[0]} needs --dp-epsilon")
+        return None
+    opts = DPOptions(epsilon=eps, **{k: v for k, v in rest.items() if v is not None})
+    opts.check()
+    return opts
+
+
 def add_template_arg(p) -> None:
     p.add_argument("--template", help="prompt template of multiple-choice or generation files, filled with each "
                                       "row's fields, e.g. 'Question: {question}\\nAnswer:' (the default for "
@@ -138,6 +169,6 @@ def tune_settings(args, base=None):
         changes["mixed_precision"] = resolve_precision(args.precision)
     cfg = dataclasses.replace(cfg, **changes)
     settings = TuneSettings(adapter=args.adapter, lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha), train=cfg,
-                            blocks=args.tune_blocks)
+                            blocks=args.tune_blocks, dp=dp_options(args))
     settings.check()  # before any data, model or emulator is loaded
     return settings
