@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p.add_argument_group("the model owner in the loop (offsite.assist)"), AssistOptions, seen,
                        prefix="assist_")
     add_train_args(p, PRESETS)
-    add_dp_args(p)  # the data owner's tuning (and the ceiling and floor rows, the same recipe) under DP-SGD
+    add_dp_args(p)  # every tuning of the run (the data owner's; ceiling, floor, Full FT: the same recipe) under DP-SGD
 
     p = sub.add_parser("report", help="the papers' table (markdown, JSON) and plots from results files")
     p.add_argument("results", nargs="+", help="results JSON files (bench/results/*.json, <run>/results.json)")
