@@ -43,6 +43,14 @@ mean of per-micro-batch means, it is not biased by how tokens happen to fall int
 A custom ``loss_fn(model, batch) -> (loss_sum, n_tokens)`` must return a *sum* over the same target
 tokens (extra terms, e.g. distillation's 30 x normalised MSE, scaled as a per-token sum) and the
 number of those tokens, which is checked against the count made in advance.
+
+Differential privacy
+--------------------
+With ``dp`` (an :class:`offsite.dp.DPPlan`) the same loop runs DP-SGD through Opacus instead:
+each step's examples are a Poisson draw (rate ``batch_size / n``, seeded by the seed and the step),
+each example's loss is its own token mean, its gradient is clipped per example and Gaussian noise
+is added before AdamW steps (:mod:`offsite.dp`). The token-weighted normalisation above does not
+apply there: every example weighs the same.
 """
 
 from __future__ import annotations
@@ -229,7 +237,6 @@ class TrainResult:
     best_val_loss: float | None = None
     best_step: int | None = None
     dp: dict | None = None  # differentially private training: the mechanism and the (epsilon, delta) spent
-
 
 
 def count_targets(example: dict) -> int:
