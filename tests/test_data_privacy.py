@@ -115,3 +115,13 @@ def test_data_side_end_to_end(tiny_dir, tmp_path, capsys):
     assert "TPR at 1% FPR" in capsys.readouterr().out
     assert main(common + ["--json", d("out2.json"), "--heldout", d("train.jsonl")]) == 2  # members as non-members
     assert "also training rows" in capsys.readouterr().err
+
+
+def test_cli_data_side_needs_its_inputs(tmp_path, capsys):
+    from offsite.cli import main
+
+    assert main(["privacy"]) == 2 and "--emulator DIR is required" in capsys.readouterr().err
+    assert main(["privacy", "--side", "data", "--emulator", str(tmp_path), "--data", "x.jsonl"]) == 2
+    assert "needs --tuned-adapter" in capsys.readouterr().err
+    assert main(["privacy", "--side", "data", "--plant-canaries", str(tmp_path / "o.jsonl")]) == 2
+    assert "needs --data" in capsys.readouterr().err
