@@ -67,8 +67,8 @@ def test_help_without_a_method_lists_no_method_options(command, capsys):
 
 
 def test_run_help_shows_under_40_flags(capsys):
-    flags = FLAG.findall(_help(["run", "--help"], capsys))
-    assert len(flags) < 40, flags
+    flags = set(FLAG.findall(_help(["run", "--help"], capsys)))  # a flag named again in a wrapped help line counts once
+    assert len(flags) < 40, sorted(flags)
 
 
 def test_lora_options_belong_to_the_lora_adapter(capsys):

@@ -203,13 +203,22 @@ EMULATOR_SCHEMA = Obj({
     "shapes": Obj({"emulator_params": Int(0), "middle_params": Int(0), "original_middle_params": Opt(Int(0))}),
     "report": Map(), "digest": HEX64,
 })
+# differentially private tuning (offsite.dp): the mechanism and the (epsilon, delta) spent
+DP_SCHEMA = Obj({
+    "mechanism": Str(), "library": Str(), "unit": Str("example", "example"), "sampling": Str("poisson", "poisson"),
+    "accountant": Str("rdp|prv", "rdp or prv"), "epsilon": Num(0.0, 1e9), "target_epsilon": Num(0.0, 1e9),
+    "delta": Num(0.0, 1.0), "delta_rule": Str(r"given|1/\(10n\)", "given or 1/(10n)"),
+    "noise_multiplier": Num(0.0, 1e9), "sample_rate": Num(0.0, 1.0 + 1e-12), "steps": Int(0), "clip": Num(0.0, 1e9),
+    "examples": Int(1),
+})
 ADAPTER_SCHEMA = Obj({
     "format": Str(), "version": Int(), "offsite_version": Str(), "kind": Str("full|lora|bitfit", "full, lora or bitfit"),
     "emulator_digest": Str(r"([0-9a-f]{64})?", "a SHA-256 hex digest or empty"), "adapter_init_digest": HEX64,
     "base": BASE_SCHEMA, "sources": List(Int(0, MAX_LAYERS), 1, MAX_LAYERS),
     "lora": Opt(Obj({"r": Int(1, 1 << 16), "alpha": Int(1, 1 << 16), "dropout": Num(0.0, 1.0)})),
     "training": Map(), "files": FILES_SCHEMA, "digest": HEX64,
-})
+    "dp": Opt(DP_SCHEMA),
+}, optional=("dp",))
 
 
 def check_schema(manifest, schema: _Spec, source: str) -> None:
@@ -544,6 +553,7 @@ class AdapterBundle:
     lora: dict | None = None  # {"r", "alpha", "dropout"} for kind == "lora"
     training: dict = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
+    dp: dict | None = None  # differentially private tuning: offsite.dp.DPPlan.record (manifest "dp")
 
     @property
     def sources(self) -> list[int]:
@@ -574,6 +584,7 @@ def save_adapter(bundle: AdapterBundle, path: str | Path, overwrite: bool = Fals
             "sources": sorted({int(k.split(".")[1]) for k in state}),
             "lora": bundle.lora,
             "training": bundle.training,
+            **({"dp": bundle.dp} if bundle.dp is not None else {}),
         })
     bundle.manifest = manifest
     return manifest
@@ -589,7 +600,8 @@ def load_adapter(path: str | Path) -> AdapterBundle:
     state = _load_tensors(file)
     return AdapterBundle(kind=manifest["kind"], state=state, emulator_digest=manifest["emulator_digest"],
                          adapter_init_digest=manifest["adapter_init_digest"], base=manifest["base"],
-                         lora=manifest["lora"], training=manifest["training"], manifest=manifest)
+                         lora=manifest["lora"], training=manifest["training"], manifest=manifest,
+                         dp=manifest.get("dp"))
 
 
 def _check_adapter_header(header: dict, manifest: dict, source: str) -> None:

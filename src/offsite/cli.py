@@ -27,8 +27,9 @@ import logging
 import os
 import sys
 
-from .cli_args import (NON_NEGATIVE, POSITIVE, Parser, add_dataclass_args, add_method_args, add_template_arg,
-                       add_train_args, command_line, method_options, template, tune_settings)
+from .cli_args import (NON_NEGATIVE, POSITIVE, Parser, add_dataclass_args, add_dp_args, add_method_args,
+                       add_template_arg, add_train_args, command_line, method_options, template, tune_settings)
+from .dp import dp_summary
 from .errors import OffsiteError, one_line
 from .federated.cli import add_parser as add_federate_parser
 from .federated.cli import cmd_federate
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(default: the service's first)")
     g.add_argument("--assist-api-key", help="the service's API key (default: $OFFSITE_API_KEY if set)")
     add_train_args(p)
+    add_dp_args(p)
 
     p = sub.add_parser("assist-serve", help="model owner: serve the owner's correction of the adapter's gradient "
                                             "to a data owner tuning on the emulator (offsite tune --assist URL); "
@@ -181,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     add_dataclass_args(p.add_argument_group("the owner's correction (owner in the loop, offsite.assist)"),
                        AssistOptions, set(), prefix="assist_")
-    add_train_args(p, PRESETS)
+    add_train_args(p, PRESETS, brief=True)  # --checkpoint-every, --evals-per-epoch: in `offsite tune --help`
+    add_dp_args(p, brief=True)  # every tuning of the run (the data owner's; ceiling, floor, Full FT: the same recipe) under DP-SGD
 
     p = sub.add_parser("report", help="the papers' table (markdown, JSON) and plots from results files")
     p.add_argument("results", nargs="+", help="results JSON files (bench/results/*.json, <run>/results.json)")
@@ -297,6 +300,9 @@ def cmd_tune(args) -> None:
     if args.task and args.template is not None:
         raise OffsiteError("--template applies to --data files, not to a built-in --task")
     settings = tune_settings(args)
+    if settings.dp is not None and args.assist:
+        raise OffsiteError("--dp-epsilon cannot be combined with --assist: the owner's correction would add its "
+                           "gradient outside DP-SGD's clipped, noised sum")
     data = task_data(args.task) if args.task else file_data(args.data, template(args))
     check_plan(data, settings)
     emu = load_emulator(args.emulator)
@@ -311,6 +317,10 @@ def cmd_tune(args) -> None:
     bundle = tune_to_dir(emu, data, settings, args.out, overwrite=args.overwrite, assist=assist)
     t = bundle.training
     asked = f", {t['assist']['corrections']} corrections from the owner" if "assist" in t else ""
+    if bundle.dp is not None:
+        print(f"wrote {args.out}: {bundle.kind} adapter for blocks {bundle.sources}, {t['steps']} steps; "
+              + dp_summary(bundle.dp))
+        return
     print(f"wrote {args.out}: {bundle.kind} adapter for blocks {bundle.sources}, {t['steps']} steps, "
           f"best validation loss {t['best_val_loss']}{asked}")
 
@@ -365,6 +375,8 @@ def cmd_plug(args) -> None:
             raise OffsiteError(f"--check-limit must be >= 1 (got {args.check_limit})")
         task = resolve_task(args.check_data)  # read the file before any model work
     bundle = load_adapter(args.adapter)  # check what the peer sent before any heavy work
+    print(dp_summary(bundle.dp) if bundle.dp is not None else
+          "differential privacy: none (the adapter's manifest states no DP guarantee for the data owner's examples)")
     model, tokenizer = load_model(args.model)
     if args.check_data:
         from .harm import check_data

@@ -195,10 +195,11 @@ def train_flag_defaults(presets: dict | None = None) -> dict[str, str]:
     return out
 
 
-def add_train_args(p, presets: dict | None = None) -> None:
+def add_train_args(p, presets: dict | None = None, brief: bool = False) -> None:
     """The training flags: the adapter's kind, and one flag per ``TrainConfig`` field that declares
     ``cli`` metadata (help, bounds and choices written once, there). A flag left out keeps the base
-    configuration's value (:func:`tune_settings`)."""
+    configuration's value (:func:`tune_settings`). ``brief``: fields marked ``advanced`` are accepted
+    but left out of the help (``offsite tune --help`` lists them)."""
     g = p.add_argument_group("training")
     g.add_argument("--adapter", default="full", choices=list(KINDS),
                    help="what to train in the adapter blocks (default: full, as in the paper); lora's options: "
@@ -214,7 +215,8 @@ def add_train_args(p, presets: dict | None = None) -> None:
         cli = f.metadata.get("cli")
         if cli is None:
             continue
-        kw = {"dest": f.name, "help": f"{cli['help']} (default: {defaults[f.name]})"}
+        kw = {"dest": f.name, "help": argparse.SUPPRESS if brief and cli.get("advanced")
+              else f"{cli['help']} (default: {defaults[f.name]})"}
         if "choices" in cli:
             kw["choices"] = list(cli["choices"])
         else:
@@ -225,6 +227,38 @@ def add_train_args(p, presets: dict | None = None) -> None:
     g.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="fp32 (default), bf16 (bfloat16 autocast in forward/backward; weights and optimizer stay "
                         "fp32) or auto (bf16 where the hardware runs it natively, ~2x faster on such CPUs)")
+
+
+def add_dp_args(p, brief: bool = False) -> None:
+    """``--dp-epsilon E [--dp-delta D] [--dp-clip C] [--dp-accountant rdp|prv]``: the data owner's
+    tuning with DP-SGD (:mod:`offsite.dp`). ``brief``: the three refinements are accepted but left out
+    of the help (``offsite run``, whose help lists only the main flags; ``offsite tune --help`` has them)."""
+    g = p.add_argument_group("differential privacy of the data owner's examples (DP-SGD with Opacus, offsite.dp)")
+    g.add_argument("--dp-epsilon", type=float, metavar="E",
+                   help="tune with DP-SGD so that the adapter is (E, delta)-differentially private with respect to "
+                        "each training example (Poisson sampling, per-example clipping, Gaussian noise; default: "
+                        "no DP)" + ("; --dp-delta, --dp-clip, --dp-accountant as in `offsite tune --help`" if brief else ""))
+    hide = (lambda text: argparse.SUPPRESS) if brief else (lambda text: text)
+    g.add_argument("--dp-delta", type=float, metavar="D", help=hide("delta (default: 1/(10 n) for n training examples)"))
+    g.add_argument("--dp-clip", type=float, metavar="C", help=hide("per-example gradient norm bound (default 1.0)"))
+    g.add_argument("--dp-accountant", choices=["rdp", "prv"],
+                   help=hide("Opacus's accountant for the noise level and the epsilon spent (default rdp)"))
+
+
+def dp_options(args):
+    """The ``--dp-*`` flags as :class:`offsite.dp.DPOptions`, or None without ``--dp-epsilon``."""
+    from .dp import DPOptions
+
+    eps = getattr(args, "dp_epsilon", None)
+    rest = {k: getattr(args, "dp_" + k, None) for k in ("delta", "clip", "accountant")}
+    if eps is None:
+        given = [f"--dp-{k}" for k, v in rest.items() if v is not None]
+        if given:
+            raise OffsiteError(f"{given[0]} needs --dp-epsilon")
+        return None
+    opts = DPOptions(epsilon=eps, **{k: v for k, v in rest.items() if v is not None})
+    opts.check()
+    return opts
 
 
 def add_template_arg(p) -> None:
@@ -249,6 +283,6 @@ def tune_settings(args, base=None):
         changes["mixed_precision"] = resolve_precision(args.precision)
     cfg = dataclasses.replace(cfg, **changes)
     settings = TuneSettings(adapter=args.adapter, lora=LoraOptions(**lora_options(args)), train=cfg,
-                            blocks=args.tune_blocks)
+                            blocks=args.tune_blocks, dp=dp_options(args))
     settings.check()  # before any data, model or emulator is loaded
     return settings

@@ -165,6 +165,10 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         result.notes.append("floor skipped (--no-floor)")
     if settings.blocks != "all":
         result.notes.append(f"the data owner tunes only the {settings.blocks} adapter blocks (the ceiling too)")
+    if settings.dp is not None:  # --dp-* (offsite.dp): one recipe for every tuning of the run
+        result.notes.append(f"differentially private tuning (DP-SGD, target epsilon {settings.dp.epsilon:g}): the data "
+                            "owner's adapter, and the ceiling, floor and Full FT rows with the same recipe; the spent "
+                            "(epsilon, delta) is in <run>/adapter/manifest.json")
     if assist.on:
         result.notes.append(f"owner in the loop: the model owner corrected the adapter's gradient every {assist.every} "
                             f"steps on {assist.examples} public {assist.source} pairs"

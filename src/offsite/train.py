@@ -43,6 +43,14 @@ mean of per-micro-batch means, it is not biased by how tokens happen to fall int
 A custom ``loss_fn(model, batch) -> (loss_sum, n_tokens)`` must return a *sum* over the same target
 tokens (extra terms, e.g. distillation's 30 x normalised MSE, scaled as a per-token sum) and the
 number of those tokens, which is checked against the count made in advance.
+
+Differential privacy
+--------------------
+With ``dp`` (an :class:`offsite.dp.DPPlan`) the same loop runs DP-SGD through Opacus instead:
+each step's examples are a Poisson draw (rate ``batch_size / n``, seeded by the seed and the step),
+each example's loss is its own token mean, its gradient is clipped per example and Gaussian noise
+is added before AdamW steps (:mod:`offsite.dp`). The token-weighted normalisation above does not
+apply there: every example weighs the same.
 """
 
 from __future__ import annotations
@@ -112,9 +120,9 @@ class TrainConfig:
         "help": "optimizer steps between validations, which pick the kept adapter", "min": 1,
         "none": "--evals-per-epoch times per epoch"}})
     evals_per_epoch: int = field(default=4, metadata={"cli": {
-        "help": "validations per epoch when --eval-every is not given", "min": 1}})
+        "help": "validations per epoch when --eval-every is not given", "min": 1, "advanced": True}})
     checkpoint_every: int | None = field(default=50, metadata={"cli": {
-        "help": "optimizer steps between checkpoints", "min": 1, "none": "never"}})
+        "help": "optimizer steps between checkpoints", "min": 1, "none": "never", "advanced": True}})
     # longer examples keep their LAST max_length tokens
     max_length: int = field(default=1024, metadata={"cli": {"help": "tokens per example (a longer one keeps its "
                                                                     "last ones)", "min": 2}})
@@ -228,6 +236,7 @@ class TrainResult:
     seconds: float = 0.0  # training wall time (summed over resumed runs)
     best_val_loss: float | None = None
     best_step: int | None = None
+    dp: dict | None = None  # differentially private training: the mechanism and the (epsilon, delta) spent
 
 
 def count_targets(example: dict) -> int:
@@ -285,6 +294,7 @@ def train(
     on_step: Callable[[dict], None] | None = None,
     val_loss_fn: Callable | None = None,
     run_info: dict | None = None,
+    dp=None,
 ) -> TrainResult:
     """Train ``trainable`` (default: the parameters with ``requires_grad``) of ``model`` in place.
 
@@ -303,6 +313,9 @@ def train(
       default the model's ``pad_token_id``, else its ``eos_token_id``, else 0.
     * ``on_step(record)``: called on every process after each optimizer step (after validation and
       checkpointing) with the history record; an exception raised there stops training.
+    * ``dp``: a :class:`offsite.dp.DPPlan`: DP-SGD with Opacus instead (Poisson batches of expected
+      size ``cfg.batch_size``, per-example clipping and noise; see :mod:`offsite.dp`). The plain LM
+      loss only, one process, float32; ``cfg.max_grad_norm`` is replaced by the per-example clip.
 
     Returns a :class:`TrainResult`; with validation and ``cfg.restore_best`` the model is left
     holding the best state, otherwise the final one.
@@ -312,6 +325,7 @@ def train(
         raise OffsiteError("the training set has no examples; check the data source and its filters")
     train_examples = _checked(train_examples, cfg.max_length, "training")
     val_examples = _checked(val_examples, cfg.max_length, "validation") if val_examples else []
+    custom_loss = loss_fn is not None
     loss_fn = loss_fn or causal_lm_loss
     val_loss_fn = val_loss_fn or loss_fn
 
@@ -324,6 +338,8 @@ def train(
     device = accelerator.device
     if pad_id is None:
         pad_id = _default_pad_id(model)
+    if dp is not None:
+        _check_dp(dp, cfg, custom_loss, world, len(train_examples))
 
     # -- what trains: freeze the rest, remember each trainable parameter by its name in the model
     names, model_names = _resolve_trainable(model, trainable)
@@ -342,8 +358,17 @@ def train(
     eval_every = validation_interval(cfg, steps_per_epoch)
     scheduler = _scheduler(cfg.schedule, optimizer, warmup, total_steps)
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if dp is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        step_optimizer = optimizer
+    else:  # Opacus wraps the model (per-example gradients) and AdamW (clip, noise); checkpoints keep AdamW's state
+        from .dp import PerExample
+
+        model = accelerator.prepare(model)
     params = _params(accelerator.unwrap_model(model), model_names)  # the prepared model's own tensors
+    if dp is not None:
+        per_example = PerExample(model, optimizer, dp)
+        model, step_optimizer = per_example.model, per_example.optimizer
     # accelerate's backward divides by its own accumulation steps; we accumulate ourselves
     loss_mult = 1.0 if str(accelerator.distributed_type).endswith("DEEPSPEED") else accelerator.gradient_accumulation_steps
 
@@ -359,6 +384,8 @@ def train(
         fingerprint["config"]["mixed_precision"] = cfg.mixed_precision
     if run_info is not None:
         fingerprint["run"] = run_info
+    if dp is not None:
+        fingerprint["dp"] = dp.fingerprint()
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
                 else nullcontext())
     ckpt_root = Path(out_dir) / "checkpoint" if out_dir is not None else None
@@ -386,38 +413,24 @@ def train(
         if epoch != epoch_of_perm:
             perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
             epoch_of_perm = epoch
-        batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        n_targets = sum(targets[j] for j in batch)
-        n_tokens = sum(lengths[j] for j in batch)
-        scale = world / max(n_targets, 1) * loss_mult
-        share = batch[rank::world]
-        chunks = [share[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size] for k in range(accum)]
+        if dp is not None:
+            from .dp import poisson_batch
 
-        local_sum = torch.zeros((), device=device, dtype=torch.float32)
-        for k, chunk in enumerate(chunks):
-            weight = 1.0
-            if not chunk:  # short last batch: this process has nothing left for this micro-step
-                if world == 1:
-                    continue
-                chunk, weight = batch[:1], 0.0  # keep DDP's collectives in step, contribute nothing
-            examples = [train_examples[j] for j in chunk]
-            sync = k == accum - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                with autocast:
-                    loss_sum, got = loss_fn(model, collate(examples, pad_id, device))
-                _check_count(got, sum(targets[j] for j in chunk))
-                accelerator.backward(loss_sum * (scale * weight))
-            local_sum += loss_sum.detach().float() * weight
-
-        if cfg.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        train_loss = (accelerator.reduce(local_sum, reduction="sum") / max(n_targets, 1)).item()
+            batch = poisson_batch(n_train, dp.sample_rate, cfg.seed, step)
+            n_tokens = sum(lengths[j] for j in batch)
+            train_loss = _dp_backward(model, step_optimizer, batch, train_examples, targets, cfg.micro_batch_size,
+                                      accelerator, pad_id, device)
+        else:
+            batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            n_tokens = sum(lengths[j] for j in batch)
+            train_loss = _backward(model, loss_fn, batch, train_examples, targets, cfg, accum, accelerator,
+                                   autocast, pad_id, device, params, loss_mult)
         if not math.isfinite(train_loss):  # stop before the step: the weights are still the good ones
             _diverged(step + 1, f"the training loss is {train_loss}", ckpt_root, bar)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        step_optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_optimizer.zero_grad(set_to_none=True)
         step += 1
         bad = _non_finite_param(names, params)
         if bad is not None:
@@ -427,6 +440,8 @@ def train(
         run_tokens += n_tokens
         record = {"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss, "val_loss": None,
                   "lr": lr, "tokens_per_s": n_tokens / dt if dt > 0 else None}
+        if dp is not None:
+            record["examples"] = len(batch)
 
         if val_examples and (step % eval_every == 0 or step == total_steps):
             val_loss = _validate(model, val_examples, val_loss_fn, cfg.micro_batch_size, accelerator, pad_id)
@@ -461,8 +476,76 @@ def train(
     if best_state is None:
         best_state = _snapshot(names, params)
     accelerator.wait_for_everyone()
+    if dp is not None:
+        per_example.close()  # no hooks, no per-example gradients: the model is the caller's again
     return TrainResult(best_state=best_state, history=history, steps=step, tokens_seen=state["tokens_seen"],
-                       seconds=seconds, best_val_loss=state["best_val_loss"], best_step=state["best_step"])
+                       seconds=seconds, best_val_loss=state["best_val_loss"], best_step=state["best_step"],
+                       dp=dp.record(step) if dp is not None else None)
+
+
+def _backward(model, loss_fn, batch, train_examples, targets, cfg, accum, accelerator, autocast, pad_id, device,
+              params, loss_mult) -> float:
+    """Forward and backward of one global batch (this process's share of it, in micro-batches);
+    the gradients clipped to ``cfg.max_grad_norm``. Returns the batch's token-mean training loss."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_targets = sum(targets[j] for j in batch)
+    scale = world / max(n_targets, 1) * loss_mult
+    share = batch[rank::world]
+    chunks = [share[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size] for k in range(accum)]
+    local_sum = torch.zeros((), device=device, dtype=torch.float32)
+    for k, chunk in enumerate(chunks):
+        weight = 1.0
+        if not chunk:  # short last batch: this process has nothing left for this micro-step
+            if world == 1:
+                continue
+            chunk, weight = batch[:1], 0.0  # keep DDP's collectives in step, contribute nothing
+        examples = [train_examples[j] for j in chunk]
+        sync = k == accum - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            with autocast:
+                loss_sum, got = loss_fn(model, collate(examples, pad_id, device))
+            _check_count(got, sum(targets[j] for j in chunk))
+            accelerator.backward(loss_sum * (scale * weight))
+        local_sum += loss_sum.detach().float() * weight
+
+    if cfg.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+    return (accelerator.reduce(local_sum, reduction="sum") / max(n_targets, 1)).item()
+
+
+def _dp_backward(model, dp_optimizer, batch, train_examples, targets, micro_batch_size, accelerator, pad_id,
+                 device) -> float:
+    """Forward and backward of one Poisson batch for DP-SGD: per-example gradients of each
+    example's mean token loss, micro-batch by micro-batch, clipped into Opacus's running sum (the
+    optimizer's step adds the noise). Returns the batch's mean per-example loss (for the local log)."""
+    from .dp import accumulate, empty_batch, per_example_lm_loss
+
+    chunks = [batch[k:k + micro_batch_size] for k in range(0, len(batch), micro_batch_size)]
+    total = 0.0
+    for k, chunk in enumerate(chunks):
+        if k:
+            accumulate(dp_optimizer)  # clip the previous micro-batch's per-example gradients, free them
+        losses, got = per_example_lm_loss(model, collate([train_examples[j] for j in chunk], pad_id, device))
+        _check_count(got, sum(targets[j] for j in chunk))
+        accelerator.backward(losses.sum())
+        total += float(losses.detach().sum())
+    if not chunks:
+        empty_batch(dp_optimizer)
+    return total / max(len(batch), 1)
+
+
+def _check_dp(dp, cfg: TrainConfig, custom_loss: bool, world: int, n_train: int) -> None:
+    """One line for what differentially private training cannot honour."""
+    if custom_loss:
+        raise OffsiteError("differentially private training takes the plain LM loss (Opacus clips each example's "
+                           "gradient of it); a custom loss (the owner's correction, distillation) cannot be combined")
+    if world > 1:
+        raise OffsiteError("differentially private training runs on one process; run it without accelerate launch")
+    if cfg.mixed_precision != "no":
+        raise OffsiteError("differentially private training runs in float32; leave out --precision bf16")
+    if dp.examples != n_train or dp.steps != planned_steps(cfg, n_train):
+        raise OffsiteError(f"the DP plan was made for {dp.examples} examples and {dp.steps} steps, this run has "
+                           f"{n_train} and {planned_steps(cfg, n_train)}")
 
 
 @torch.no_grad()

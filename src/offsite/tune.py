@@ -20,6 +20,7 @@ from pathlib import Path
 from . import adapters
 from .bundle import AdapterBundle, save_adapter
 from .data.tokenize import tokenize_qa, tokenize_text
+from .dp import DPOptions, make_plan
 from .emulator.core import Emulator, state_digest
 from .errors import OffsiteError
 from .files import check_new_path
@@ -104,7 +105,9 @@ def tokenize(tokenizer, data: TrainingData, max_length: int) -> list[dict]:
     return tokenize_text(tokenizer, data.items, max_length)
 
 
-BLOCKS = ("all", "bottom")  # which adapter blocks the data owner trains
+BLOCKS = ("all", "bottom")
+# what a DP-tuned adapter's manifest says of its training (the rest would leak beyond the guarantee)
+DP_TRAINING_KEYS = ("data", "data_kind", "examples", "config", "steps", "blocks")  # which adapter blocks the data owner trains
 
 
 @dataclass
@@ -116,6 +119,8 @@ class TuneSettings:
     # "bottom": only the bottom adapter blocks train; the top ones stay the original blocks (the
     # owner-assisted recipe, offsite.assist)
     blocks: str = "all"
+    # differentially private tuning (offsite.dp): DP-SGD with Opacus; None: plain AdamW
+    dp: DPOptions | None = None
 
     def check(self) -> None:
         if self.adapter not in adapters.KINDS:
@@ -127,13 +132,33 @@ class TuneSettings:
         if not 0.0 <= self.val_fraction < 1.0:
             raise OffsiteError(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
         self.train.check()
+        if self.dp is not None:
+            self.dp.check()
+            if self.train.mixed_precision != "no":
+                raise OffsiteError("differentially private tuning (--dp-epsilon) runs in float32; leave out "
+                                   "--precision bf16")
+
+    def split(self, items: list) -> tuple[list, list]:
+        """(training, validation) items: with DP every item trains (the kept adapter is the last one,
+        not one chosen by a non-private validation on held-out private examples)."""
+        if self.dp is not None:
+            return list(items), []
+        return split_validation(items, self.val_fraction, self.train.seed)
+
+    def dp_plan(self, n_train: int):
+        """The DP mechanism for ``n_train`` training examples (:func:`offsite.dp.make_plan`), or None."""
+        if self.dp is None:
+            return None
+        return make_plan(self.dp, n_train, self.train.batch_size, planned_steps(self.train, n_train))
 
 
 def check_plan(data: TrainingData, settings: TuneSettings) -> None:
     """Check the settings and that they make at least one optimizer step on ``data`` (before any
     model is loaded; :func:`offsite.train.train` checks again on the tokenized examples)."""
     settings.check()
-    planned_steps(settings.train, len(split_validation(data.items, settings.val_fraction, settings.train.seed)[0]))
+    n_train = len(settings.split(data.items)[0])
+    planned_steps(settings.train, n_train)
+    settings.dp_plan(n_train)  # a budget no noise level reaches fails here
 
 
 def _train(model, tokenizer, data: TrainingData, settings: TuneSettings, work_dir: Path | None,
@@ -142,13 +167,14 @@ def _train(model, tokenizer, data: TrainingData, settings: TuneSettings, work_di
     ``run_info``: what else a checkpoint must match to resume (the correction's options)."""
     from .train import causal_lm_loss
 
-    train_items, val_items = split_validation(data.items, settings.val_fraction, settings.train.seed)
+    train_items, val_items = settings.split(data.items)
     train_ex = tokenize(tokenizer, TrainingData(data.kind, train_items, data.source), settings.train.max_length)
     val_ex = tokenize(tokenizer, TrainingData(data.kind, val_items, data.source), settings.train.max_length) \
         if val_items else None
     return train(model, None, train_ex, val_ex, settings.train, out_dir=work_dir,
                  pad_id=tokenizer.pad_token_id, accelerator=accelerator, loss_fn=loss, val_loss_fn=causal_lm_loss,
-                 on_step=loss.on_step if loss is not None else None, run_info=run_info)
+                 on_step=loss.on_step if loss is not None else None, run_info=run_info,
+                 dp=settings.dp_plan(len(train_ex)))
 
 
 def freeze_top(emu: Emulator) -> None:
@@ -176,6 +202,9 @@ def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
         freeze_top(emu)
     loss = None
     if assist is not None and assist.opts.on:
+        if settings.dp is not None:
+            raise OffsiteError("differentially private tuning (--dp-epsilon) cannot take the owner's correction "
+                               "(--assist): it would add the owner's gradient outside the clipped, noised sum")
         if settings.adapter != "full":
             raise OffsiteError(f"the owner's correction applies to full adapter blocks; tune with --adapter full "
                                f"(got {settings.adapter})")
@@ -196,8 +225,12 @@ def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
     }
     if loss is not None:  # the owner took part: say how (the history's train_loss includes its linear term)
         training["assist"] = {**assist.opts.record(), "corrections": loss.calls}
+    if result.dp is not None:  # losses, token counts and timings are statistics of the private data: not sent
+        training = {k: v for k, v in training.items() if k in DP_TRAINING_KEYS}
+        training["config"] = {**training["config"], "dp": asdict(settings.dp)}
     lora = asdict(settings.lora) if settings.adapter == "lora" else None
     bundle = adapter_bundle(emu, settings.adapter, state, lora, training, init_digest)
+    bundle.dp = result.dp
     return bundle, result
 
 

@@ -1,9 +1,15 @@
 """``offsite privacy --model M --emulator DIR [--task T --budgets 0,1M,5M]`` (model owner): the
-recovery attack and the weight exposure of an emulator (:func:`offsite.privacy.run.run_privacy`)."""
+recovery attack and the weight exposure of an emulator (:func:`offsite.privacy.run.run_privacy`).
+
+``offsite privacy --side data --model M --emulator DIR --tuned-adapter DIR --data TRAIN --heldout FILE
+--json OUT [--canaries REC]`` (the data owner's side): membership inference and canary exposure
+against a tuned adapter (:mod:`offsite.privacy.membership`, :mod:`offsite.privacy.canary`);
+``offsite privacy --side data --data TRAIN --plant-canaries OUT.jsonl`` plants the canaries first."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -13,6 +19,7 @@ from ..budget import PRESETS
 from .attack import AttackConfig
 from .report import format_markdown
 from .run import DEFAULT_BUDGETS, parse_budgets, run_privacy
+from ..errors import OffsiteError
 
 
 def add_parser(sub) -> None:
@@ -20,7 +27,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("privacy", help="model owner: measure an emulator's privacy by a recovery attack "
                                        "and by weight exposure")
     p.add_argument("--model", default="smollm2-135m", help="the full model the emulator was built from")
-    p.add_argument("--emulator", required=True, help="emulator bundle directory")
+    p.add_argument("--side", choices=["model", "data"], default="model",
+                   help="model: the model owner's side (recovery attack, weight exposure; default); data: the data "
+                        "owner's side (membership inference and canary exposure against a tuned adapter)")
+    p.add_argument("--emulator", help="emulator bundle directory (required)")
     p.add_argument("--task", default="arc_easy", help="task(s) to attack, comma-separated")
     p.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS),
                    help="attack budgets in public-text tokens, e.g. 0,1M,5M (0, = Emulator FT, is always run)")
@@ -36,9 +46,27 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     add_dataclass_args(p.add_argument_group("attack"), AttackConfig, set(), prefix="attack_")
     add_train_args(p, PRESETS)
+    g = p.add_argument_group("the data owner's side (--side data; docs/privacy.md)")
+    g.add_argument("--tuned-adapter", metavar="DIR", help="the tuned adapter bundle under attack")
+    g.add_argument("--data", help="the data owner's training file (its trained rows are the members)")
+    g.add_argument("--heldout", help="a held-out file from the same distribution (the non-members)")
+    g.add_argument("--limit", type=int, help="at most N members and N non-members (the first ones; default: all)")
+    g.add_argument("--json", help="write the results to this JSON file")
+    g.add_argument("--canaries", help="the canary record (<file>.canaries.json) of a training file with canaries: "
+                                      "measure their exposure in the plugged model")
+    g.add_argument("--canary-samples", type=int, default=1000,
+                   help="candidate numbers sampled per canary to estimate its rank (default 1000)")
+    g.add_argument("--plant-canaries", metavar="OUT", help="with --data: write OUT (the file with canaries at 1, 4 "
+                   "and 16 repetitions) and OUT.canaries.json, and stop")
+    g.add_argument("--min-k", type=float, default=0.2, help="k of the min-k%% attack (default 0.2)")
+    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the intervals (default 1000)")
 
 
 def cmd_privacy(args) -> None:
+    if args.side == "data":
+        return cmd_privacy_data(args)
+    if not args.emulator:
+        raise OffsiteError("offsite privacy: --emulator DIR is required")
     attack = AttackConfig(**{f.name: getattr(args, "attack_" + f.name) for f in dataclasses.fields(AttackConfig)
                              if hasattr(args, "attack_" + f.name)})
     attack.check()
@@ -55,3 +83,95 @@ def cmd_privacy(args) -> None:
         train_limit=args.train_limit)
     print(format_markdown(records))
     print(f"results: {out}/privacy.json, section: {out}/privacy.md, plot: {out}/privacy.png")
+
+
+def cmd_privacy_data(args) -> None:
+    """Membership inference (and canary exposure) against a tuned adapter: see the module docstring."""
+    import copy
+
+    from ..bundle import load_adapter, load_emulator
+    from ..files import check_new_file, write_json_atomic
+    from ..models.load import load_model, model_display_name
+    from ..plug import plug, plug_into_emulator
+    from ..tune import TrainingData, TuneSettings, file_data, split_validation, tokenize
+    from .canary import by_repetition, exposure, load_canaries, plant
+    from .membership import membership
+
+    if args.plant_canaries:
+        if not args.data:
+            raise OffsiteError("--plant-canaries needs --data, the training file to plant them in")
+        rec = plant(args.data, args.plant_canaries)
+        print(f"wrote {args.plant_canaries}: {rec['rows']} rows ({rec['original_rows']} + "
+              f"{rec['rows'] - rec['original_rows']} canary rows: {len(rec['canaries'])} secrets at "
+              f"{sorted({c['reps'] for c in rec['canaries']})} repetitions) and {args.plant_canaries}.canaries.json")
+        return
+    missing = [f for f in ("emulator", "tuned_adapter", "data", "heldout", "json") if not getattr(args, f)]
+    if missing:
+        raise OffsiteError(f"offsite privacy --side data needs --{missing[0].replace('_', '-')}")
+    if args.limit is not None and args.limit < 2:
+        raise OffsiteError(f"--limit must be >= 2 (got {args.limit})")
+    if not 0 < args.min_k <= 1 or args.bootstrap < 0 or args.canary_samples < 1:
+        raise OffsiteError("--min-k must be in (0, 1], --bootstrap >= 0 and --canary-samples >= 1")
+    check_new_file(args.json)
+    record = load_canaries(args.canaries) if args.canaries else None
+    bundle = load_adapter(args.tuned_adapter)
+    train = bundle.training.get("config", {})
+    # the members are the rows the adapter trained on: without DP, tuning held out a validation share
+    # (offsite.tune.split_validation with the run's seed), which is neither member nor clean non-member
+    data = file_data(args.data)
+    trained = list(data.items) if bundle.dp is not None else \
+        split_validation(data.items, TuneSettings().val_fraction, int(train.get("seed", 42)))[0]
+    held = file_data(args.heldout)
+    if held.kind != data.kind:
+        raise OffsiteError(f"{args.heldout} holds {held.kind} records, {args.data} {data.kind}: non-members must come "
+                           "from the same distribution as the members")
+    canary_texts = {c["prefix"] for c in record["canaries"]} if record else set()
+    trained = [x for x in trained  # the canaries are measured apart, by their exposure
+               if not (x[0] if data.kind == "qa" else x).startswith(tuple(canary_texts) or ("\0",))]
+    overlap = set(map(str, trained)) & set(map(str, held.items))
+    if overlap:
+        raise OffsiteError(f"{len(overlap)} rows of {args.heldout} are also training rows of {args.data}; "
+                           "non-members must not have been trained on")
+    members, nonmembers = trained[:args.limit], held.items[:args.limit]
+    emu = load_emulator(args.emulator)
+    max_length = int(train.get("max_length", 1024))
+    tok = emu.tokenizer
+    ex_m = tokenize(tok, TrainingData(data.kind, members, args.data), max_length)
+    ex_n = tokenize(tok, TrainingData(held.kind, nonmembers, args.heldout), max_length)
+    full, _ = load_model(args.model)
+    plugged = plug(copy.deepcopy(full), bundle, emu.manifest)
+    shipped = copy.deepcopy(emu.model)
+    tuned_emu = plug_into_emulator(emu, bundle).model
+    results = membership({"plugged": (plugged, full), "emulator": (tuned_emu, shipped), "before": (full, None)},
+                         ex_m, ex_n, pad_id=tok.pad_token_id or 0, k=args.min_k, bootstrap=args.bootstrap)
+    out = {"format": "offsite-data-privacy", "command": "offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+           "model": model_display_name(args.model), "emulator": args.emulator, "adapter": args.tuned_adapter,
+           "dp": bundle.dp, "members": len(ex_m), "nonmembers": len(ex_n), "data": args.data,
+           "heldout": args.heldout, "min_k": args.min_k, "bootstrap": args.bootstrap, "membership": results}
+    if record is not None:
+        rows = {"plugged": exposure(plugged, tok, record, args.canary_samples),
+                "before": exposure(full, tok, record, args.canary_samples)}
+        out["canaries"] = {"record": args.canaries, "samples": args.canary_samples,
+                           "by_repetition": {k: by_repetition(v) for k, v in rows.items()}, "canaries": rows}
+    write_json_atomic(args.json, out)
+    print(format_data_side(out))
+    print(f"results: {args.json}")
+
+
+def format_data_side(out: dict) -> str:
+    """A short table of the data-side results."""
+    lines = [f"membership inference: {out['members']} members, {out['nonmembers']} non-members"
+             + (f"; adapter tuned with DP (epsilon {out['dp']['epsilon']:.3g}, delta {out['dp']['delta']:.2g})"
+                if out.get("dp") else "; adapter tuned without DP"),
+             "| target | attack | ROC AUC (95% CI) | TPR at 1% FPR (95% CI) |", "|---|---|---|---|"]
+    for target, r in out["membership"].items():
+        for attack, m in r["attacks"].items():
+            a, t = m["auc"], m["tpr_at_0.01_fpr"]
+            lines.append(f"| {target} | {attack} | {a['value']:.3f} ({a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}) | "
+                         f"{t['value']:.3f} ({t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}) |")
+    if "canaries" in out:
+        for target, reps in out["canaries"]["by_repetition"].items():
+            lines.append(f"canary exposure ({target}): " + ", ".join(
+                f"{r} repetition(s): {v['mean_bits']:.2f} bits" for r, v in reps.items())
+                + f" (at most {math.log2(out['canaries']['samples'] + 1):.1f} bits with this sample)")
+    return "\n".join(lines)
