@@ -47,10 +47,10 @@ CALIB_N = 200
 
 def scored(model, tokenizer, task, row: str) -> dict:
     """``{row: per-document correctness, row + ":lls": per-document log-likelihoods of the choices}``."""
-    from offsite.eval import evaluate
+    from offsite.eval import document_scores, evaluate
 
     res = evaluate(model, tokenizer, task, limit=LIMIT, batch_size=32, return_details=True, progress=False)
-    out = {row: [float(d["pred"] == d["gold"]) for d in res["details"]], row + ":lls": [d["lls"] for d in res["details"]]}
+    out = {row: document_scores(res["details"]), row + ":lls": [d["lls"] for d in res["details"]]}
     if CALIB is not None:
         cal = evaluate(model, tokenizer, CALIB, limit=CALIB_N, batch_size=32, return_details=True, progress=False)
         out[row + ":calib"] = [d["lls"] for d in cal["details"]]
@@ -121,7 +121,7 @@ def attach_bridge(emu, W, pos):
 
 
 def settings_for(seed: int, tune: dict):
-    from offsite.budget import preset
+    from offsite.experiment.budget import preset
     from offsite.adapters import LoraOptions
 
     s = preset("paper").tune_settings(progress=False)
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     from offsite.emulator import build_emulator
     from offsite.models.load import load_model
     from offsite.plug import plug
-    from offsite.run import public_pairs_of, tune_ceiling
+    from offsite.experiment.cell import public_pairs_of, tune_ceiling
     from offsite.tune import file_data, task_data, tune_adapter
 
     torch.set_num_threads(1)
@@ -294,7 +294,7 @@ def derived_rows(run: dict, full: dict, gold: list[int]) -> dict:
 
 def collect(task: str = "sentiment") -> dict:
     """Every cached cell of ``task`` -> a results dict (records with per-seed values) and a table."""
-    from offsite.stats import paired_seeds, transfer_seeds
+    from offsite.experiment.stats import paired_seeds, transfer_seeds
 
     out = RUNS / task
     zs = json.loads((out / "full_zs.json").read_text())["acc"]
@@ -360,8 +360,8 @@ def collect(task: str = "sentiment") -> dict:
 
 def write_collected(task: str, doc: str) -> int:
     from offsite.files import write_json_atomic, write_text_atomic
-    from offsite.report import fill_generated
-    from offsite.results import meta
+    from offsite.experiment.report import fill_generated
+    from offsite.experiment.results import meta
 
     res = collect(task)
     results = ROOT / "bench" / "results"
@@ -370,7 +370,7 @@ def write_collected(task: str, doc: str) -> int:
         "meta": {**meta(f"python bench/content_seeds.py --task {task} --collect"),
                  "protocol": "each recipe tuned once per seed (preset paper: 1 epoch, batch 8, lr 1e-4, adapter 2,2); "
                              "plug-in strength a: shipped + a * (tuned - shipped); intervals: documents' paired "
-                             "standard error on seed means plus the seeds' variance (offsite.stats.paired_seeds)"},
+                             "standard error on seed means plus the seeds' variance (offsite.experiment.stats.paired_seeds)"},
         "full_zs": res["full_zs"], "ceiling": res["ceiling"], "floors": res["floors"], "records": res["records"]})
     write_text_atomic(results / f"{name}.md", res["table"])
     print(res["table"])

@@ -39,7 +39,7 @@ cache after changing a method's code: it is keyed by the setting, not by the cod
 Plug-in rows of multiple-choice tasks also keep their per-document predictions there
 (``details/``), which ``bench/paired.py`` compares without scoring again.
 
-**Budget** (docs/protocol.md, "Budget"; :class:`offsite.budget.Budget`, the type ``offsite run``'s
+**Budget** (docs/protocol.md, "Budget"; :class:`offsite.experiment.budget.Budget`, the type ``offsite run``'s
 presets are made of: the default is its ``paper`` preset, ``--preset`` starts from another one and
 the budget flags change it), the same for every method, seed and documents:
 
@@ -59,17 +59,16 @@ Larger budgets (``--eval-limit all --train-limit all --epochs 5`` on a GPU) writ
 results file: the file's name carries any budget that differs from the default, and a results file
 refuses cells of another budget.
 
-The core is :func:`run_benchmark`, which takes :class:`~offsite.benchmark.Hooks` (model loader,
+The core is :func:`run_benchmark`, which takes :class:`~offsite.experiment.benchmark.Hooks` (model loader,
 training data, evaluation) so tests run it on tiny models in seconds; the ceiling and Full FT rows
-train through ``offsite run``'s functions (:func:`offsite.run.tune_ceiling`,
-:func:`offsite.run.tune_full_ft`). What the other benchmark scripts share with it (settings, cell
-keys, the cache, results files) is :mod:`offsite.benchmark`.
+run through ``offsite run``'s one row sequence (:func:`offsite.experiment.cell.run_cell`, with
+:func:`paper_lab` saying where a cell's models and bundles come from). What the other benchmark scripts share with it (settings, cell
+keys, the cache, results files) is :mod:`offsite.experiment.benchmark`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shlex
 import sys
@@ -78,23 +77,22 @@ from dataclasses import replace
 from pathlib import Path
 
 from offsite.assist import matched_source
-from offsite.benchmark import (METHOD_ROWS, Bench, Hooks, cell_key, chosen_settings, load_same_budget,
-                               merge_results, parse_settings_override, record_cell)
-from offsite.budget import PRESETS, Budget
-from offsite.bundle import load_adapter, load_emulator, load_emulator_manifest
+from offsite.bundle import load_emulator, load_emulator_manifest
 from offsite.emulator import all_methods
 from offsite.errors import OffsiteError
 from offsite.eval import METRIC
-from offsite.files import write_json_atomic
+from offsite.experiment.benchmark import (METHOD_ROWS, Bench, Hooks, cell_key, chosen_settings, load_same_budget,
+                                          merge_results, parse_settings_override, record_cell)
+from offsite.experiment.budget import PRESETS, Budget
+from offsite.experiment.cell import Lab, Row, RowCache, public_pairs_of, run_cell
+from offsite.experiment.report import (build_report, load_results, readme_table, report_files, report_markdown,
+                                       setting_key, slug)
+from offsite.experiment.results import meta, write_results
+from offsite.experiment.run import row_records, transfer_record
+from offsite.experiment.stats import above_noise, transfer
 from offsite.models.load import model_display_name
-from offsite.plug import plug, plug_into_emulator
 from offsite.probe import probe as probe_emulator
 from offsite.probe import probe_records
-from offsite.report import build_report, load_results, readme_table, report_files, report_markdown, setting_key, slug
-from offsite.results import meta, write_results
-from offsite.run import public_pairs_of, row_records, transfer_record, tune_ceiling, tune_full_ft
-from offsite.stats import above_noise, transfer
-from offsite.tune import tune_to_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TASKS = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq", "text")
@@ -200,29 +198,6 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
 
     broken: set = set()
 
-    def full_model_cell(task, setting, row):
-        """The metrics of this setting's adapter layout tuned on the full model, for ``row``
-        "ceiling" on ``task``'s training data, or "floor" on as many public pairs of
-        ``matched_source(task)``: tuned and scored once per layout, task (and source) and budget,
-        then shared by every method with that layout."""
-        layout = {"adapter_layers": list(setting["adapter_layers"])}
-        source = matched_source(task) if row == "floor" else None
-        path = b.floor_path(layout, task, source) if source else b.ceiling_path(layout, task)
-        if path.exists():
-            return json.loads(path.read_text())
-        model, tok = b.base()
-        data = public_pairs_of(b.data(source), len(b.data(task).items)) if source else b.data(task)
-        log(f"[paper] {row}: tuning the adapter {setting_key(layout)} on the full model on {len(data.items)} "
-            f"{f'public {source} pairs' if source else 'examples'} ({task})")
-        full_middle, trained = tune_ceiling(model, tok, b.display, layout["adapter_layers"], data,
-                                            b.settings(task), path.with_suffix(".work"))
-        metrics, dt = b.evaluate(full_middle.model, tok, task, entry=(row, source, layout))
-        cell = {"metrics": metrics, "seconds": round(dt, 2), "train_seconds": round(trained.seconds, 2),
-                "train_examples": len(data.items), "train_steps": trained.steps,
-                **({"floor_source": source} if source else {})}
-        write_json_atomic(path, cell)
-        return cell
-
     def probe_cell(method, setting, emu_dir, extra):
         """The transfer probe (adapter-gradient cosine on public text) of a cached emulator: from its
         manifest when it was probed at build time, else computed now against the full model."""
@@ -239,58 +214,30 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
         write_results(results_path, meta_block, records)
         log(f"[paper] {method} {setting_key(setting)} · probe: grad_cos {figures['grad_cos']['all']:.3f}")
 
+    def cell_rows(task, method, setting, rows, emu_dir=None, method_extra=None):
+        """The rows of one cell not in the results file yet, through offsite's one row sequence
+        (offsite.experiment.cell.run_cell); the ceiling and floor of an adapter layout are kept in
+        the cache and shared by every method with that layout."""
+        def on_row(row, r):
+            extra = {"eval_limit": budget.eval_limit, **(method_extra if row in METHOD_ROWS else {}), **r.extra}
+            save(row, task, method, setting, r.metrics[task], r.seconds, extra)
+
+        rows = [r for r in rows if not is_done(task, method, setting, r)]
+        if rows:
+            run_cell(paper_lab(b, task, method, setting, emu_dir), rows, SharedRows(b, task, setting), on_row)
+
     def method_cells(task, method, setting):
-        eval_extra = {"eval_limit": budget.eval_limit}
         emu_dir = b.ensure_emulator(method, setting)
         shapes = load_emulator_manifest(emu_dir).get("shapes", {})
-        extra = {**eval_extra, "middle_params": shapes.get("middle_params"),
+        extra = {"middle_params": shapes.get("middle_params"),
                  "original_middle_params": shapes.get("original_middle_params"),
                  "build_seconds": b.build_seconds(emu_dir)}
         if probe and not is_done("text", method, setting, "probe"):
-            probe_cell(method, setting, emu_dir, {k: v for k, v in extra.items() if k != "eval_limit"})
-        for row in ("ceiling", "floor"):
-            if row in rows_of(task) and not is_done(task, method, setting, row):
-                cell = full_model_cell(task, setting, row)
-                save(row, task, method, setting, cell["metrics"], cell["seconds"],
-                     {**eval_extra, **{k: cell[k] for k in ("train_seconds", "train_examples", "train_steps",
-                                                            "floor_source") if k in cell}})
-        if not is_done(task, method, setting, "emu_zs"):
-            emu = load_emulator(emu_dir)
-            metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
-            save("emu_zs", task, method, setting, metrics, dt, extra)
-            del emu
-        adapter_dir = b.adapter_dir(method, setting, task)
-        tuned = None
-        if not (adapter_dir / "manifest.json").exists():
-            data = b.data(task)
-            tuned = load_emulator(emu_dir)
-            log(f"[paper] tuning the adapter: {task} · {method} {setting_key(setting)} "
-                f"({len(data.items)} examples)")
-            tune_to_dir(tuned, data, b.settings(task), adapter_dir, overwrite=True)
-        bundle = load_adapter(adapter_dir)
-        ft_extra = {**extra, "train_seconds": bundle.training.get("seconds"),
-                    "train_examples": bundle.training.get("examples"),
-                    "train_steps": bundle.training.get("steps")}
-        if not is_done(task, method, setting, "emu_ft"):
-            emu = tuned if tuned is not None else plug_into_emulator(load_emulator(emu_dir), bundle)
-            metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
-            save("emu_ft", task, method, setting, metrics, dt, ft_extra)
-            del emu
-        tuned = None
-        if not is_done(task, method, setting, "plugin"):
-            model, tok = b.base()
-            plugged = plug(copy.deepcopy(model), bundle, load_emulator_manifest(emu_dir))
-            metrics, dt = b.evaluate(plugged, tok, task, entry=("plugin", method, setting))
-            save("plugin", task, method, setting, metrics, dt, ft_extra)
-            del plugged
+            probe_cell(method, setting, emu_dir, extra)
+        cell_rows(task, method, setting, rows_of(task), emu_dir, extra)
 
     for task in tasks:
-        eval_extra = {"eval_limit": budget.eval_limit}
-        if not is_done(task, None, None, "full_zs"):
-            model, tok = b.base()
-            metrics, dt = b.evaluate(model, tok, task, entry=("full_zs", None, None))
-            save("full_zs", task, None, None, metrics, dt, eval_extra)
-
+        cell_rows(task, None, None, ["full_zs"])
         for method, setting in plan:
             if (method, setting_key(setting)) in broken or (
                     all(is_done(task, method, setting, r) for r in rows_of(task))
@@ -302,23 +249,65 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
                 broken.add((method, setting_key(setting)))
                 failures.append(f"{method} {setting_key(setting)} ({task}): {exc}")
                 log(f"[paper] skipping {failures[-1]}")
-
-        if full_ft and not is_done(task, None, None, "full_ft"):
-            model, tok = b.base()
-            data = b.data(task)
-            ft = copy.deepcopy(model)
-            log(f"[paper] Full FT: {task} ({len(data.items)} examples)")
-            work = b.cache / "full_ft" / budget.digest() / f"{task}.work"
-            result = tune_full_ft(ft, tok, data, b.settings(task), budget.full_ft_lr, work)
-            metrics, dt = b.evaluate(ft, tok, task)
-            save("full_ft", task, None, None, metrics, dt,
-                 {**eval_extra, "train_seconds": round(result.seconds, 2), "train_examples": len(data.items),
-                  "train_steps": result.steps})
-            del ft
+        if full_ft:
+            cell_rows(task, None, None, ["full_ft"])
     if ceiling:
         records = with_transfer(records, plan, tasks, b)
         write_results(results_path, meta_block, records)
     return {"meta": meta_block, "records": records, "failures": failures}
+
+
+def paper_lab(b: Bench, task: str, method: str | None, setting: dict | None, emu_dir: Path | None) -> Lab:
+    """Where a benchmark cell's rows come from: the Bench's full model (copied, never modified),
+    training data, settings and cache (emulator and adapter bundles); scored by its hooks, which
+    keep the per-document predictions of the rows transfer compares (``Bench.details_path``)."""
+    layout = {"adapter_layers": list(setting["adapter_layers"])} if setting else None
+    source = matched_source(task)
+    entries = {"full_zs": ("full_zs", None, None), "plugin": ("plugin", method, setting),
+               "ceiling": ("ceiling", None, layout), "floor": ("floor", source, layout)}
+
+    def score(model, tok, row):
+        metrics, _ = b.evaluate(model, tok, task, entry=entries.get(row))
+        return {task: metrics}, {}
+
+    def work(row):
+        if row in ("ceiling", "floor"):
+            return SharedRows(b, task, setting).path(row).with_suffix(".work")
+        return b.cache / "full_ft" / b.budget.digest() / f"{task}.work"
+
+    return Lab(display=b.display, adapter_layers=tuple(layout["adapter_layers"]) if layout else None, base=b.base,
+               score=score, data=lambda: b.data(task), settings=b.settings(task), full_ft_lr=b.budget.full_ft_lr,
+               work=work, emulator_dir=emu_dir, adapter_dir=b.adapter_dir(method, setting, task) if method else None,
+               floor_data=lambda: (public_pairs_of(b.data(source), len(b.data(task).items)), source),
+               log=lambda msg: b.log(f"[paper] {task} · {method or 'full model'} · {msg}"))
+
+
+class SharedRows(RowCache):
+    """The ceiling and floor of an adapter layout on a task, tuned and scored once per layout, task
+    (and public source) and budget, then shared by every method with that layout: the files
+    ``Bench.ceiling_path`` / ``Bench.floor_path`` (their format unchanged)."""
+
+    KEEP = ("train_seconds", "train_examples", "train_steps", "floor_source")
+
+    def __init__(self, b: Bench, task: str, setting: dict | None):
+        super().__init__(None)
+        self.b, self.task = b, task
+        self.layout = {"adapter_layers": list(setting["adapter_layers"])} if setting else None
+
+    def path(self, row: str) -> Path | None:
+        if self.layout is None or row not in ("ceiling", "floor"):
+            return None
+        if row == "ceiling":
+            return self.b.ceiling_path(self.layout, self.task)
+        return self.b.floor_path(self.layout, self.task, matched_source(self.task))
+
+    def encode(self, row: str, result: Row) -> dict:
+        return {"metrics": result.metrics[self.task], "seconds": round(result.seconds, 2),
+                **{k: result.extra[k] for k in self.KEEP if k in result.extra}}
+
+    def decode(self, row: str, data: dict) -> Row:
+        return Row({self.task: data["metrics"]}, data["seconds"], {k: data[k] for k in self.KEEP if k in data},
+                   cached=True)
 
 
 #: the Plug-in's derived records: (the row the gain is measured from, the metric)
@@ -395,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="all", help="comma-separated registered methods, or 'all' (default)")
     p.add_argument("--settings", help='JSON replacing methods\' declared settings, e.g. '
                                       '\'{"uniform": [{"adapter_layers": [2, 2], "keep": 4}]}\'')
-    g = p.add_argument_group("budget (offsite.budget: a preset, then the flags given change it)")
+    g = p.add_argument_group("budget (offsite.experiment.budget: a preset, then the flags given change it)")
     g.add_argument("--preset", default="paper", choices=list(PRESETS),
                    help="the budget to start from, as `offsite run --preset` (default: paper)")
     # flags left out keep the preset's value (SUPPRESS: absent from the namespace)

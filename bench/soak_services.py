@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    from offsite.results import meta
+    from offsite.experiment.results import meta
 
     info = meta(" ".join(["python", "bench/soak_services.py", *(argv if argv is not None else sys.argv[1:])]))
     with tempfile.TemporaryDirectory() as d:

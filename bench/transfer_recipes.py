@@ -82,7 +82,7 @@ from pathlib import Path
 import torch
 
 from offsite.assist import DEFAULT_SOURCE, MATCHED_SOURCE
-from offsite.report import fill_generated as fill
+from offsite.experiment.report import fill_generated as fill
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
@@ -394,7 +394,7 @@ def repair(model, emu, spec: str, lr: float, epochs: float) -> None:
 def floor_state(model, tok, spec: str, settings, only_bottom: bool, layers) -> dict[str, torch.Tensor]:
     """The adapter tuned on the full ``model`` on the first ``N`` pairs of ``SOURCE`` (``spec`` =
     ``SOURCE:N``), as the floor is; bundle keys."""
-    from offsite.run import ceiling_emulator
+    from offsite.experiment.cell import ceiling_emulator
     from offsite.tune import TrainingData, task_data
 
     src, n = spec.split(":")
@@ -560,7 +560,7 @@ def cmd_diagnose(a) -> None:
 
 def write_diagnosis(out: dict, command: str) -> None:
     """``bench/results/transfer-diagnose.json``: one record (``row: "diagnose"``) per cosine."""
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
 
     base = {"model": MODEL, "task": out["task"], "method": out["recipe"], "setting": {"adapter_layers": [2, 2]},
             "row": "diagnose"}
@@ -620,7 +620,7 @@ def collect_records(recs: list[dict], limit: int) -> list[dict]:
     probes, and transfer against the ceiling of the same layout, tuning and task; per recipe
     measured on several tasks, transfer over them (``task: "avg<k>"``, numerator and denominator
     averaged over the tasks)."""
-    from offsite.stats import above_noise, transfer
+    from offsite.experiment.stats import above_noise, transfer
 
     out, pooled = [], {}
     for r in recs:
@@ -721,7 +721,7 @@ def matched_records(out: list[dict], pooled: dict) -> list[dict]:
 def cmd_collect(a) -> None:
     import re
 
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
 
     out = collect_records([json.loads(line) for line in open(RECORDS)], a.limit)
 

@@ -162,7 +162,7 @@ def test_assisted_tuning_asks_the_owner_every_n_steps_and_records_it(tok):
 def test_run_with_the_owner_in_the_loop_records_the_recipe(tok, tmp_path, monkeypatch):
     from test_transfer import _qa_world
 
-    from offsite.run import run
+    from offsite.experiment.run import run
 
     _qa_world(monkeypatch, tok)
     settings = _settings("bottom", steps=8)

@@ -113,7 +113,7 @@ def test_collect_computes_transfer_per_ceiling_and_keeps_recipes_without_records
 
 
 def test_collect_averages_transfer_over_tasks_and_tabulates_them():
-    from offsite.stats import transfer
+    from offsite.experiment.stats import transfer
 
     zs, ceil, plug = {"a": [0, 0, 1, 0] * 10, "b": [0, 1, 0, 0] * 10}, {"a": [1, 1, 1, 0] * 10, "b": [1, 1, 1, 0] * 10}, \
         {"a": [1, 0, 1, 0] * 10, "b": [1, 1, 0, 0] * 10}
@@ -141,7 +141,7 @@ def test_fill_replaces_only_between_its_markers():
 def test_matched_source_takes_each_task_from_its_own_run():
     """``+correction=matched``: SciQ from the run with SQuAD pairs, other tasks from the WebQuestions
     run; its average pools exactly those runs' predictions."""
-    from offsite.stats import transfer
+    from offsite.experiment.stats import transfer
 
     zs, ceil = [0, 0, 1, 0] * 10, [1, 1, 1, 0] * 10
     web, squad = [1, 0, 1, 0] * 10, [1, 1, 1, 0] * 10
@@ -296,7 +296,7 @@ def test_start_from_the_floor_ships_the_adapter_tuned_on_the_full_model(tokenize
     public pairs (the floor's tuning); its top blocks and the full model stay as they were."""
     import offsite.tune as tune_mod
     from offsite.emulator import build_emulator
-    from offsite.run import ceiling_emulator
+    from offsite.experiment.cell import ceiling_emulator
     from offsite.train import TrainConfig
     from offsite.tune import TrainingData, TuneSettings
 

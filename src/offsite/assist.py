@@ -52,7 +52,7 @@ DEFAULT_SOURCE = "webqs"
 #: tasks whose inputs are shaped otherwise, and the public pairs shaped like them: SciQ puts a passage
 #: before the question, as SQuAD does. The owner's pairs must share the data owner's input format
 #: (docs/transfer.md, "SciQ": SciQ keeps 0.84 of the ceiling's gain with SQuAD pairs, 0.35 with
-#: WebQuestions), and so must the floor's (:func:`offsite.run.run`).
+#: WebQuestions), and so must the floor's (:func:`offsite.experiment.run.run`).
 MATCHED_SOURCE = {"sciq": "squad"}
 
 
