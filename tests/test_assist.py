@@ -124,6 +124,42 @@ def test_corrected_loss_adds_the_correction_to_the_gradient(tok):
         bad(model, batch)
 
 
+def test_the_training_bar_shows_the_lm_loss_not_the_corrections_linear_term(tok, monkeypatch):
+    """The correction's linear term can make the total negative; the bar and the history's
+    ``lm_loss`` show the LM loss, ``train_loss`` keeps the total."""
+    from offsite.train import train
+
+    model = tiny_model("llama", 4, seed=4)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = {k: dict(model.named_parameters())[n] for k, n in adapters.param_names(model, {0: 0}).items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    c = {k: -100.0 * torch.ones(p.shape) for k, p in params.items()}  # a big term: the total goes negative
+    shown = []
+
+    class Bar:
+        def __init__(self, *a, **k):
+            pass
+
+        def set_postfix(self, post, refresh=False):
+            shown.append(float(post["loss"]))
+
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("tqdm.tqdm", Bar)
+    cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=2, micro_batch_size=2, checkpoint_every=None, progress=True)
+    result = train(model, list(params.items()), _public(tok), None, cfg,
+                   loss_fn=CorrectedLoss(params, lambda state: c, every=100), pad_id=tok.pad_token_id)
+    lm = [h["lm_loss"] for h in result.history]
+    assert all(x > 0 for x in lm) and result.history[-1]["train_loss"] < 0
+    assert shown == pytest.approx(lm, abs=1e-4)
+
+
 def _settings(blocks="all", steps=6):
     return TuneSettings(blocks=blocks, train=TrainConfig(lr=1e-2, max_steps=steps, batch_size=4, micro_batch_size=4,
                                                          checkpoint_every=None, progress=False))

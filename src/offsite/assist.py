@@ -208,8 +208,15 @@ class CorrectedLoss:
         if self.c is None:
             self.refresh()
         loss_sum, n = (self.base or causal_lm_loss)(model, batch)
+        self._shown = loss_sum.detach()
         linear = sum((self.c[k] * (p - self.at[k])).sum() for k, p in self.params.items())
         return loss_sum + n * linear, n
+
+    def shown_sum(self) -> torch.Tensor:
+        """The LM part (``base``'s) of the last call's sum: what the training bar shows as the loss;
+        the linear term, whose value is arbitrary (its gradient is what matters), can make the total
+        negative (:mod:`offsite.train`)."""
+        return self._shown
 
     def on_step(self, record: dict) -> None:
         if record["step"] % self.every == 0:

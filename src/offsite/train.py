@@ -42,7 +42,10 @@ mean of per-micro-batch means, it is not biased by how tokens happen to fall int
 
 A custom ``loss_fn(model, batch) -> (loss_sum, n_tokens)`` must return a *sum* over the same target
 tokens (extra terms, e.g. distillation's 30 x normalised MSE, scaled as a per-token sum) and the
-number of those tokens, which is checked against the count made in advance.
+number of those tokens, which is checked against the count made in advance. A ``loss_fn`` whose
+sum holds more than the LM loss (the owner's correction, :class:`offsite.assist.CorrectedLoss`) may
+have a ``shown_sum()`` method, the LM part of its last call's sum: the progress bar shows that
+(``loss``) and the history keeps it as ``lm_loss`` beside the total ``train_loss``.
 """
 
 from __future__ import annotations
@@ -313,6 +316,7 @@ def train(
     train_examples = _checked(train_examples, cfg.max_length, "training")
     val_examples = _checked(val_examples, cfg.max_length, "validation") if val_examples else []
     loss_fn = loss_fn or causal_lm_loss
+    shown_sum = getattr(loss_fn, "shown_sum", None)  # the LM part of a loss with more terms (module docstring)
     val_loss_fn = val_loss_fn or loss_fn
 
     if accelerator is None:
@@ -394,6 +398,7 @@ def train(
         chunks = [share[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size] for k in range(accum)]
 
         local_sum = torch.zeros((), device=device, dtype=torch.float32)
+        local_shown = torch.zeros((), device=device, dtype=torch.float32)
         for k, chunk in enumerate(chunks):
             weight = 1.0
             if not chunk:  # short last batch: this process has nothing left for this micro-step
@@ -408,6 +413,8 @@ def train(
                 _check_count(got, sum(targets[j] for j in chunk))
                 accelerator.backward(loss_sum * (scale * weight))
             local_sum += loss_sum.detach().float() * weight
+            if shown_sum is not None:
+                local_shown += shown_sum().detach().float().to(device) * weight
 
         if cfg.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -427,6 +434,8 @@ def train(
         run_tokens += n_tokens
         record = {"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss, "val_loss": None,
                   "lr": lr, "tokens_per_s": n_tokens / dt if dt > 0 else None}
+        if shown_sum is not None:
+            record["lm_loss"] = (accelerator.reduce(local_shown, reduction="sum") / max(n_targets, 1)).item()
 
         if val_examples and (step % eval_every == 0 or step == total_steps):
             val_loss = _validate(model, val_examples, val_loss_fn, cfg.micro_batch_size, accelerator, pad_id)
@@ -438,7 +447,7 @@ def train(
 
         if bar is not None:
             elapsed = time.perf_counter() - run_start
-            post = {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{run_tokens / max(elapsed, 1e-9):.0f}"}
+            post = {"loss": f"{record.get('lm_loss', train_loss):.4f}", "lr": f"{lr:.2e}", "tok/s": f"{run_tokens / max(elapsed, 1e-9):.0f}"}
             if record["val_loss"] is not None:
                 post["val"] = f"{record['val_loss']:.4f}"
             bar.set_postfix(post, refresh=False)
