@@ -18,6 +18,9 @@
    the floor** = (Plug-in − floor) / (ceiling − floor), reported where the ceiling is at least two
    standard errors above the floor.
 
+The rows run through :func:`offsite.experiment.cell.run_cell` (their order is its ``ROW_ORDER``,
+the same for ``bench/paper.py``); with ``cache=DIR`` a row this cell already computed there is read.
+
 The emulator's transfer probe (:mod:`offsite.probe`, data-free) is measured when it is built and
 written into its manifest and the results (``row: "probe"``).
 
@@ -47,7 +50,7 @@ from ..models.load import load_model, model_display_name
 from ..probe import attach_probe, probe_records
 from ..tune import TrainingData, TuneSettings, task_data
 from .budget import Budget, preset as named_preset
-from .cell import Lab, RowCache, public_pairs_of, row_key, run_cell
+from .cell import ROW_ORDER, Lab, RowCache, public_pairs_of, row_key, run_cell
 from .report import block_markdown, build_report
 from .results import meta, metric_records, write_results
 
@@ -232,7 +235,8 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
               fresh_full=lambda: load_model(model_name), consume_base=True,
               assistant=(lambda: Assistant(full[0], load_emulator(emu_dir), assist)) if assist.on else None,
               log=lambda msg: log(f"[offsite] {msg}"))
-    rows = ("emu_zs", "emu_ft", "full_zs") + ("ceiling",) * ceiling + ("floor",) * floor + ("plugin",) + ("full_ft",) * full_ft
+    skipped = {row for row, on in (("ceiling", ceiling), ("floor", floor), ("full_ft", full_ft)) if not on}
+    rows = [row for row in ROW_ORDER if row not in skipped]
     cell = {"model": _name(model_name), "task": name if not isinstance(task, OwnTask) else [name, task.digest],
             "eval": {"eval_limit": eval_limit, "text_docs": text_docs},
             "emulator": {"method": method, "digest": emu_manifest.get("digest")},
