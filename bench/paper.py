@@ -116,145 +116,168 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
                   hooks: Hooks | None = None, progress: bool = True, plan_only: bool = False,
                   ceiling: bool = True, probe: bool = True, floor: bool = True, log=print) -> dict:
     """Run every missing cell; returns the results file's content. See the module docstring."""
-
-    hooks = hooks or Hooks()
-    b = Bench(model_name, budget, cache, hooks, batch_size, progress, log)
+    b = Bench(model_name, budget, cache, hooks or Hooks(), batch_size, progress, log)
     results_path = Path(results_path) if results_path else default_results_path(b.display, budget)
+    tasks = list(tasks)
+    if not tasks:
+        raise OffsiteError("no tasks to run")
+    plan, failures = plan_settings(b, methods, settings_override or {})
+    bench = PaperRun(b, tasks, plan, failures, results_path, full_ft=full_ft, ceiling=ceiling, probe=probe,
+                     floor=floor)
+    missing = bench.missing()
+    log(f"[paper] {len(bench.todo()) - len(missing)} of {len(bench.todo())} cells done; results: {results_path}")
+    if plan_only:
+        for task, m, s, row in missing:
+            log(f"[paper] to do: {task} {m or 'full model'} {s or ''} {row}")
+        return {"meta": {}, "records": bench.records, "missing": missing, "failures": failures}
+    if not missing:
+        return bench.finished()
+    return bench.run(command)
+
+
+def plan_settings(b: Bench, methods, override: dict) -> tuple[list, list[str]]:
+    """The (method, setting) pairs to run and the methods skipped (their settings fail)."""
     registry = all_methods()
     names = list(registry) if methods is None else list(methods)
     unknown = [m for m in names if m not in registry]
     if unknown:
         raise OffsiteError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(registry))}")
-    for over in (settings_override or {}):
+    for over in override:
         if over not in registry:
             raise OffsiteError(f"--settings names an unknown method {over!r}")
-    tasks = list(tasks)
-    if not tasks:
-        raise OffsiteError("no tasks to run")
-
-    plan = []  # (method, setting)
-    failures: list[str] = []  # a method that fails (OffsiteError) is skipped; the others go on
+    plan, failures = [], []  # a method that fails (OffsiteError) is skipped; the others go on
     for name in names:
         try:
-            settings = chosen_settings(registry[name], (settings_override or {}).get(name),
-                                       lambda: b.base()[0].config)
+            settings = chosen_settings(registry[name], override.get(name), lambda: b.base()[0].config)
         except OffsiteError as exc:
             failures.append(f"{name}: its benchmark settings: {exc}")
-            log(f"[paper] skipping {failures[-1]}")
+            b.log(f"[paper] skipping {failures[-1]}")
             continue
         plan += [(name, s) for s in settings]
+    return plan, failures
 
-    # the results file: earlier cells are kept, the budget must match
-    records, runs = [], []
-    if results_path.exists():
-        old = load_same_budget(results_path, budget.identity(), "now")
-        records = old["records"]
-        runs = list(old["meta"].get("runs") or [])
-    done = {record_cell(r) for r in records}
 
-    method_rows = METHOD_ROWS + (("ceiling",) if ceiling else ())
+class PaperRun:
+    """One call of the benchmark: its plan, its results file (earlier cells kept, the budget must
+    match) and the cells left, each row run through :func:`offsite.experiment.cell.run_cell`."""
 
-    def rows_of(task):  # the method rows of a task: the floor where its training data is not public already
-        return method_rows + (("floor",) if floor and task != "text" else ())
+    def __init__(self, b: Bench, tasks: list, plan: list, failures: list, results_path: Path, *, full_ft: bool,
+                 ceiling: bool, probe: bool, floor: bool):
+        self.b, self.tasks, self.plan, self.failures, self.path = b, tasks, plan, failures, results_path
+        self.full_ft, self.ceiling, self.probe, self.floor = full_ft, ceiling, probe, floor
+        self.records, self.runs, self.old_meta = [], [], {}
+        if results_path.exists():
+            old = load_same_budget(results_path, b.budget.identity(), "now")
+            self.records, self.old_meta = old["records"], old["meta"]
+            self.runs = list(old["meta"].get("runs") or [])
+        self.done = {record_cell(r) for r in self.records}
+        self.broken: set = set()
+        self.meta_block: dict = {}
 
-    todo = [("text", m, s, "probe") for m, s in plan] if probe else []
-    for task in tasks:
-        todo.append((task, None, None, "full_zs"))
-        todo += [(task, m, s, row) for m, s in plan for row in rows_of(task)]
-        if full_ft:
-            todo.append((task, None, None, "full_ft"))
-    missing = [c for c in todo if cell_key(b.display, c[0], c[1], c[2], c[3]) not in done]
-    log(f"[paper] {len(todo) - len(missing)} of {len(todo)} cells done; results: {results_path}")
-    if plan_only:
-        for task, m, s, row in missing:
-            log(f"[paper] to do: {task} {m or 'full model'} {s or ''} {row}")
-        return {"meta": {}, "records": records, "missing": missing, "failures": failures}
-    if not missing:
-        if ceiling and records:
-            updated = with_transfer(records, plan, tasks, b)
-            if updated != records:
-                records = updated
-                write_results(results_path, old["meta"], records)
-        return {"meta": {"budget": budget.identity(), "runs": runs}, "records": records, "failures": failures}
+    def rows_of(self, task: str) -> tuple:
+        """The method rows of a task: the floor where its training data is not public already."""
+        return (METHOD_ROWS + (("ceiling",) if self.ceiling else ())
+                + (("floor",) if self.floor and task != "text" else ()))
 
-    this_run = meta(command)
-    runs.append({k: this_run[k] for k in ("command", "git_commit", "machine", "date")})
-    meta_block = {**this_run, "budget": budget.identity(), "runs": runs}
-    results_path.parent.mkdir(parents=True, exist_ok=True)
+    def todo(self) -> list[tuple]:
+        todo = [("text", m, s, "probe") for m, s in self.plan] if self.probe else []
+        for task in self.tasks:
+            todo.append((task, None, None, "full_zs"))
+            todo += [(task, m, s, row) for m, s in self.plan for row in self.rows_of(task)]
+            if self.full_ft:
+                todo.append((task, None, None, "full_ft"))
+        return todo
 
-    def save(row, task, method, setting, metrics, seconds, extra):
-        base = {"model": b.display, "method": method, "setting": setting}
-        new = row_records(row, {task: metrics}, base, seconds, extra)
-        records.extend(new)
-        done.add(cell_key(b.display, task, method, setting, row))
-        write_results(results_path, meta_block, records)
+    def missing(self) -> list[tuple]:
+        return [c for c in self.todo() if not self.is_done(*c)]
+
+    def is_done(self, task, method, setting, row) -> bool:
+        return cell_key(self.b.display, task, method, setting, row) in self.done
+
+    def finished(self) -> dict:
+        """Nothing to run: the transfer records brought up to date with the cached predictions."""
+        if self.ceiling and self.records:
+            updated = with_transfer(self.records, self.plan, self.tasks, self.b)
+            if updated != self.records:
+                self.records = updated
+                write_results(self.path, self.old_meta, self.records)
+        return {"meta": {"budget": self.b.budget.identity(), "runs": self.runs}, "records": self.records,
+                "failures": self.failures}
+
+    def run(self, command: str) -> dict:
+        this_run = meta(command)
+        self.runs.append({k: this_run[k] for k in ("command", "git_commit", "machine", "date")})
+        self.meta_block = {**this_run, "budget": self.b.budget.identity(), "runs": self.runs}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for task in self.tasks:
+            self.cell_rows(task, None, None, ["full_zs"])
+            for method, setting in self.plan:
+                if (method, setting_key(setting)) in self.broken or (
+                        all(self.is_done(task, method, setting, r) for r in self.rows_of(task))
+                        and (not self.probe or self.is_done("text", method, setting, "probe"))):
+                    continue
+                try:
+                    self.method_cells(task, method, setting)
+                except OffsiteError as exc:
+                    self.broken.add((method, setting_key(setting)))
+                    self.failures.append(f"{method} {setting_key(setting)} ({task}): {exc}")
+                    self.b.log(f"[paper] skipping {self.failures[-1]}")
+            if self.full_ft:
+                self.cell_rows(task, None, None, ["full_ft"])
+        if self.ceiling:
+            self.records = with_transfer(self.records, self.plan, self.tasks, self.b)
+            write_results(self.path, self.meta_block, self.records)
+        return {"meta": self.meta_block, "records": self.records, "failures": self.failures}
+
+    def add(self, new: list[dict], task, method, setting, row) -> None:
+        self.records.extend(new)
+        self.done.add(cell_key(self.b.display, task, method, setting, row))
+        write_results(self.path, self.meta_block, self.records)
+
+    def save(self, row, task, method, setting, metrics, seconds, extra) -> None:
+        new = row_records(row, {task: metrics}, {"model": self.b.display, "method": method, "setting": setting},
+                          seconds, extra)
+        self.add(new, task, method, setting, row)
         headline = next((r for r in new if r["metric"] in ("acc", "exact_match", "ppl")), new[0] if new else None)
         if headline:
-            log(f"[paper] {task} · {method or 'full model'} {setting_key(setting) if setting else ''} · {row}: "
-                f"{headline['metric']} {headline['value']:.4f} ({seconds:.0f}s)")
+            self.b.log(f"[paper] {task} · {method or 'full model'} {setting_key(setting) if setting else ''} · {row}: "
+                       f"{headline['metric']} {headline['value']:.4f} ({seconds:.0f}s)")
 
-    def is_done(task, method, setting, row):
-        return cell_key(b.display, task, method, setting, row) in done
-
-    broken: set = set()
-
-    def probe_cell(method, setting, emu_dir, extra):
+    def probe_cell(self, method, setting, emu_dir, extra) -> None:
         """The transfer probe (adapter-gradient cosine on public text) of a cached emulator: from its
         manifest when it was probed at build time, else computed now against the full model."""
         figures = (load_emulator_manifest(emu_dir).get("report") or {}).get("probe")
         t0 = time.perf_counter()
         if figures is None:
-            model, _ = b.base()
-            log(f"[paper] probing {method} {setting_key(setting)}")
+            model, _ = self.b.base()
+            self.b.log(f"[paper] probing {method} {setting_key(setting)}")
             figures = probe_emulator(model, load_emulator(emu_dir))
-        base = {"model": b.display, "method": method, "setting": setting, "task": "text", **extra,
+        base = {"model": self.b.display, "method": method, "setting": setting, "task": "text", **extra,
                 "seconds": round(time.perf_counter() - t0, 2)}
-        records.extend(probe_records(figures, base))
-        done.add(cell_key(b.display, "text", method, setting, "probe"))
-        write_results(results_path, meta_block, records)
-        log(f"[paper] {method} {setting_key(setting)} · probe: grad_cos {figures['grad_cos']['all']:.3f}")
+        self.add(probe_records(figures, base), "text", method, setting, "probe")
+        self.b.log(f"[paper] {method} {setting_key(setting)} · probe: grad_cos {figures['grad_cos']['all']:.3f}")
 
-    def cell_rows(task, method, setting, rows, emu_dir=None, method_extra=None):
+    def cell_rows(self, task, method, setting, rows, emu_dir=None, method_extra=None) -> None:
         """The rows of one cell not in the results file yet, through offsite's one row sequence
         (offsite.experiment.cell.run_cell); the ceiling and floor of an adapter layout are kept in
         the cache and shared by every method with that layout."""
         def on_row(row, r):
-            extra = {"eval_limit": budget.eval_limit, **(method_extra if row in METHOD_ROWS else {}), **r.extra}
-            save(row, task, method, setting, r.metrics[task], r.seconds, extra)
+            extra = {"eval_limit": self.b.budget.eval_limit, **(method_extra if row in METHOD_ROWS else {}), **r.extra}
+            self.save(row, task, method, setting, r.metrics[task], r.seconds, extra)
 
-        rows = [r for r in rows if not is_done(task, method, setting, r)]
+        rows = [r for r in rows if not self.is_done(task, method, setting, r)]
         if rows:
-            run_cell(paper_lab(b, task, method, setting, emu_dir), rows, SharedRows(b, task, setting), on_row)
+            run_cell(paper_lab(self.b, task, method, setting, emu_dir), rows, SharedRows(self.b, task, setting), on_row)
 
-    def method_cells(task, method, setting):
-        emu_dir = b.ensure_emulator(method, setting)
+    def method_cells(self, task, method, setting) -> None:
+        emu_dir = self.b.ensure_emulator(method, setting)
         shapes = load_emulator_manifest(emu_dir).get("shapes", {})
         extra = {"middle_params": shapes.get("middle_params"),
                  "original_middle_params": shapes.get("original_middle_params"),
-                 "build_seconds": b.build_seconds(emu_dir)}
-        if probe and not is_done("text", method, setting, "probe"):
-            probe_cell(method, setting, emu_dir, extra)
-        cell_rows(task, method, setting, rows_of(task), emu_dir, extra)
-
-    for task in tasks:
-        cell_rows(task, None, None, ["full_zs"])
-        for method, setting in plan:
-            if (method, setting_key(setting)) in broken or (
-                    all(is_done(task, method, setting, r) for r in rows_of(task))
-                    and (not probe or is_done("text", method, setting, "probe"))):
-                continue
-            try:
-                method_cells(task, method, setting)
-            except OffsiteError as exc:
-                broken.add((method, setting_key(setting)))
-                failures.append(f"{method} {setting_key(setting)} ({task}): {exc}")
-                log(f"[paper] skipping {failures[-1]}")
-        if full_ft:
-            cell_rows(task, None, None, ["full_ft"])
-    if ceiling:
-        records = with_transfer(records, plan, tasks, b)
-        write_results(results_path, meta_block, records)
-    return {"meta": meta_block, "records": records, "failures": failures}
+                 "build_seconds": self.b.build_seconds(emu_dir)}
+        if self.probe and not self.is_done("text", method, setting, "probe"):
+            self.probe_cell(method, setting, emu_dir, extra)
+        self.cell_rows(task, method, setting, self.rows_of(task), emu_dir, extra)
 
 
 def paper_lab(b: Bench, task: str, method: str | None, setting: dict | None, emu_dir: Path | None) -> Lab:

@@ -75,6 +75,7 @@ import torch
 
 from offsite.assist import DEFAULT_SOURCE, MATCHED_SOURCE, AssistOptions
 from offsite.experiment.report import fill_generated as fill
+from offsite.experiment.stats import above_noise, transfer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
@@ -425,65 +426,88 @@ def recipe_key(r: dict) -> str:
     return name + (MORE_DOCS.format(n=run_docs(r)) if run_docs(r) > DEFAULT_LIMIT else "")
 
 
+def _ceiling_of(recs: list[dict], r: dict, task: str) -> dict | None:
+    """The line of ``r``'s ceiling: every middle block kept, the same layout, tuning and documents."""
+    layers = list(r["layers"])
+    n_mid = N_LAYERS - sum(layers)
+    return next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
+                 and not any(c.get(k) for k in ("cv", "repair", "train_task", "start_floor"))
+                 and c.get("tune") == r.get("tune") and c.get("epochs", 1) == r.get("epochs", 1)
+                 and f"plugin_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
+
+
+def _full_zs_of(recs: list[dict], r: dict, task: str) -> dict | None:
+    """The line that scored Full ZS on ``r``'s documents: the untouched full model, whatever the
+    layout (any "every block kept" run with ``--zs``)."""
+    return next((c for c in recs if c["kind"] == f"uniform:keep={N_LAYERS - sum(c['layers'])}"
+                 and f"emu_zs_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
+
+
+def _floor_of(recs: list[dict], r: dict, ceil: dict, task: str) -> dict | None:
+    """The line of ``r``'s floor: the same blocks tuned on the full model on the owner's public pairs
+    (the correction's or the shipped floor's source), no task data, on at least as many documents."""
+    source = r["cv"][0] if r.get("cv") else r["start_floor"][0].split(":")[0] if r.get("start_floor") else None
+    return next((c for c in recs if source and c["kind"] == ceil["kind"] and c.get("train_task") == source
+                 and c.get("tune") == r.get("tune") and list(c["layers"]) == list(r["layers"])
+                 and c.get("epochs", 1) == r.get("epochs", 1)
+                 and not c.get("cv") and not c.get("start_floor") and run_task(c) == task
+                 and run_docs(c) >= run_docs(r)), None)
+
+
+def _line_rows(r: dict, base: dict, task: str, limit: int, is_ceiling: bool, is_zs: bool) -> list[dict]:
+    """A line's own records: held-out perplexity, probes, and its rows' accuracies."""
+    out = []
+    if "ppl" in r:
+        out.append({**base, "task": "text", "row": "emu_zs", "metric": "ppl", "value": r["ppl"], "n": 4})
+    for name in (k for k in r if k.startswith("probe_")):
+        out.append({**base, "task": name[len("probe_"):], "row": "probe", "metric": "grad_cos",
+                    "value": r[name]["all"], "groups": r[name]})
+    n_docs = run_docs(r) or limit  # a task may have fewer
+    for row in ("emu_zs", "emu_ft", "plugin"):
+        if f"{row}_{task}" in r:
+            out.append({**base, "row": "ceiling" if is_ceiling and row == "plugin" else row, "metric": "acc",
+                        "value": r[f"{row}_{task}"], "n": n_docs})
+    if is_zs:
+        out.append({**base, "method": None, "row": "full_zs", "metric": "acc", "value": r[f"emu_zs_{task}"],
+                    "n": n_docs})
+    return out
+
+
+def _ratio_fields(t: dict, gains: bool = True) -> dict:
+    """A transfer's fields in a record; ``value``/``stderr`` ``None`` where the ceiling's gain is within
+    noise (a ratio over noise means nothing)."""
+    noise = not above_noise(t)
+    out = {"value": None if noise else t["value"], "stderr": None if noise else t["stderr"], "n": t["n"],
+           "ceiling_gain": t["ceiling_gain"], "ceiling_gain_stderr": t["ceiling_gain_stderr"]}
+    return {**out, "plugin_gain": t["plugin_gain"], "plugin_gain_stderr": t["plugin_gain_stderr"]} if gains else out
+
+
 def collect_records(recs: list[dict], limit: int) -> list[dict]:
     """Results-file records from the records lines: per line its task's rows, its perplexity and
     probes, and transfer against the ceiling of the same layout, tuning and task; per recipe
     measured on several tasks, transfer over them (``task: "avg<k>"``, numerator and denominator
     averaged over the tasks)."""
-    from offsite.experiment.stats import above_noise, transfer
-
     out, pooled = [], {}
     for r in recs:
         task, layers = run_task(r), list(r["layers"])
-        n_mid = N_LAYERS - sum(layers)
-        ceil = next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
-                     and not any(c.get(k) for k in ("cv", "repair", "train_task", "start_floor"))
-                     and c.get("tune") == r.get("tune") and c.get("epochs", 1) == r.get("epochs", 1)
-                     and f"plugin_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
-        # Full ZS is the untouched full model, whatever the layout: any "every block kept" run scored it
-        zs = next((c for c in recs if c["kind"] == f"uniform:keep={N_LAYERS - sum(c['layers'])}"
-                   and f"emu_zs_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
+        ceil, zs = _ceiling_of(recs, r, task), _full_zs_of(recs, r, task)
         base = {"model": MODEL, "task": task, "method": recipe_key(r), "setting": {"adapter_layers": layers},
                 "middle_fraction": round(r["frac"], 4), "command": r.get("command")}
         if r.get("train_limit"):
             base["train_limit"] = r["train_limit"]
-        if "ppl" in r:
-            out.append({**base, "task": "text", "row": "emu_zs", "metric": "ppl", "value": r["ppl"], "n": 4})
-        for name in (k for k in r if k.startswith("probe_")):
-            out.append({**base, "task": name[len("probe_"):], "row": "probe", "metric": "grad_cos",
-                        "value": r[name]["all"], "groups": r[name]})
-        n_docs = len(r.get(f"plugin_pred_{task}") or r.get(f"emu_zs_pred_{task}") or []) or limit  # a task may have fewer
-        for row in ("emu_zs", "emu_ft", "plugin"):
-            if f"{row}_{task}" in r:
-                out.append({**base, "row": "ceiling" if r is ceil and row == "plugin" else row, "metric": "acc",
-                            "value": r[f"{row}_{task}"], "n": n_docs})
-        if zs is r:
-            out.append({**base, "method": None, "row": "full_zs", "metric": "acc", "value": r[f"emu_zs_{task}"],
-                        "n": n_docs})
-        if ceil is not None and zs is not None and r is not ceil and f"plugin_pred_{task}" in r:
-            preds = (r[f"plugin_pred_{task}"], zs[f"emu_zs_pred_{task}"], ceil[f"plugin_pred_{task}"])
-            t = transfer(*([p] for p in preds))
-            noise = not above_noise(t)  # a ratio over noise means nothing
-            out.append({**base, "row": "plugin", "metric": "transfer", "value": None if noise else t["value"],
-                        "stderr": None if noise else t["stderr"], "n": t["n"], "ceiling_gain": t["ceiling_gain"],
-                        "ceiling_gain_stderr": t["ceiling_gain_stderr"], "plugin_gain": t["plugin_gain"],
-                        "plugin_gain_stderr": t["plugin_gain_stderr"]})
-            pooled.setdefault((base["method"], tuple(layers)), {})[task] = (preds, base)
-            # the floor: the same bottom blocks tuned on the full model on the owner's public pairs, no task data
-            source = r["cv"][0] if r.get("cv") else r["start_floor"][0].split(":")[0] if r.get("start_floor") else None
-            floor = next((c for c in recs if source and c["kind"] == ceil["kind"] and c.get("train_task") == source
-                          and c.get("tune") == r.get("tune") and list(c["layers"]) == layers
-                          and c.get("epochs", 1) == r.get("epochs", 1)
-                          and not c.get("cv") and not c.get("start_floor") and run_task(c) == task
-                          and run_docs(c) >= run_docs(r)), None)
-            if floor is not None and not noise:  # documents are first-N: a floor on more is cut to these
-                fp = floor[f"plugin_pred_{task}"][:run_docs(r)]
-                f = transfer([preds[0]], [fp], [preds[2]])
-                near = not above_noise(f)  # the ceiling within noise of the floor: nothing beyond it to carry
-                out.append({**base, "row": "plugin", "metric": "transfer_beyond_floor",
-                            "value": None if near else f["value"], "stderr": None if near else f["stderr"],
-                            "n": f["n"], "ceiling_gain": f["ceiling_gain"], "ceiling_gain_stderr": f["ceiling_gain_stderr"],
-                            "floor": sum(fp) / len(fp), "floor_command": floor.get("command")})
+        out += _line_rows(r, base, task, limit, r is ceil, zs is r)
+        if ceil is None or zs is None or r is ceil or f"plugin_pred_{task}" not in r:
+            continue
+        preds = (r[f"plugin_pred_{task}"], zs[f"emu_zs_pred_{task}"], ceil[f"plugin_pred_{task}"])
+        t = transfer(*([p] for p in preds))
+        out.append({**base, "row": "plugin", "metric": "transfer", **_ratio_fields(t)})
+        pooled.setdefault((base["method"], tuple(layers)), {})[task] = (preds, base)
+        floor = _floor_of(recs, r, ceil, task)
+        if floor is not None and above_noise(t):  # documents are first-N: a floor on more is cut to these
+            fp = floor[f"plugin_pred_{task}"][:run_docs(r)]
+            out.append({**base, "row": "plugin", "metric": "transfer_beyond_floor",
+                        **_ratio_fields(transfer([preds[0]], [fp], [preds[2]]), gains=False),
+                        "floor": sum(fp) / len(fp), "floor_command": floor.get("command")})
     out += matched_records(out, pooled)
     for (method, layers), per_task in pooled.items():
         if len(per_task) > 1:
