@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import tqdm
 
 from conftest import make_tokenizer, tiny_model
 from offsite import adapters
@@ -138,20 +139,11 @@ def test_the_training_bar_shows_the_lm_loss_not_the_corrections_linear_term(tok,
     c = {k: -100.0 * torch.ones(p.shape) for k, p in params.items()}  # a big term: the total goes negative
     shown = []
 
-    class Bar:
-        def __init__(self, *a, **k):
-            pass
+    def record(bar, post=None, refresh=True, **kw):  # the bar's postfix, as the engine sets it
+        shown.append(float(post["loss"]))
 
-        def set_postfix(self, post, refresh=False):
-            shown.append(float(post["loss"]))
-
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr("tqdm.tqdm", Bar)
+    # patched on the class, which every module's ``tqdm`` name points at (and restored after)
+    monkeypatch.setattr(tqdm.tqdm, "set_postfix", record)
     cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=2, micro_batch_size=2, checkpoint_every=None, progress=True)
     result = train(model, list(params.items()), _public(tok), None, cfg,
                    loss_fn=CorrectedLoss(params, lambda state: c, every=100), pad_id=tok.pad_token_id)
