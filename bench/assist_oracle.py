@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         args.keep = 2 if args.model == "tiny" else 13  # half of the middle: 8 - 4 = 4 -> 2; 30 - 4 = 26 -> 13
     t0 = time.time()
     entry = run(args)
-    from offsite.results import meta
+    from offsite.experiment.results import meta
 
     entry.update(meta=meta(" ".join(["python", "bench/assist_oracle.py", *(argv if argv is not None else sys.argv[1:])])),
                  seconds=round(time.time() - t0, 1))

@@ -50,10 +50,10 @@ CALIB_N = 200
 
 def scored(model, tokenizer, task, row: str) -> dict:
     """``{row: per-document correctness, row + ":lls": per-document log-likelihoods of the choices}``."""
-    from offsite.eval import evaluate
+    from offsite.eval import document_scores, evaluate
 
     res = evaluate(model, tokenizer, task, limit=LIMIT, batch_size=32, return_details=True, progress=False)
-    out = {row: [float(d["pred"] == d["gold"]) for d in res["details"]], row + ":lls": [d["lls"] for d in res["details"]]}
+    out = {row: document_scores(res["details"]), row + ":lls": [d["lls"] for d in res["details"]]}
     if CALIB is not None:
         cal = evaluate(model, tokenizer, CALIB, limit=CALIB_N, batch_size=32, return_details=True, progress=False)
         out[row + ":calib"] = [d["lls"] for d in cal["details"]]
@@ -200,7 +200,7 @@ def repair_adapter(model, emu, tok, steps: int, block: int = 128, batch: int = 8
 
 
 def settings_for(seed: int, tune: dict):
-    from offsite.budget import preset
+    from offsite.experiment.budget import preset
     from offsite.adapters import LoraOptions
 
     s = preset("paper").tune_settings(progress=False)
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     from offsite.emulator import build_emulator
     from offsite.models.load import load_model
     from offsite.plug import plug
-    from offsite.run import public_pairs_of, tune_ceiling
+    from offsite.experiment.cell import public_pairs_of, tune_ceiling
     from offsite.models.families import get_blocks as get_blocks_
     from offsite.tune import file_data, task_data, tune_adapter
 
@@ -410,7 +410,7 @@ def middle_share(out: Path, cell: str) -> float | None:
 
 def collect(task: str = "sentiment") -> dict:
     """Every cached cell of ``task`` -> a results dict (records with per-seed values) and a table."""
-    from offsite.stats import paired_seeds, transfer_seeds
+    from offsite.experiment.stats import paired_seeds, transfer_seeds
 
     out = RUNS / task
     zs = json.loads((out / "full_zs.json").read_text())["acc"]
@@ -518,8 +518,8 @@ def plot_frontier(records: list[dict], path: Path, task: str) -> None:
 
 def write_collected(task: str, doc: str) -> int:
     from offsite.files import write_json_atomic, write_text_atomic
-    from offsite.report import fill_generated
-    from offsite.results import meta
+    from offsite.experiment.report import fill_generated
+    from offsite.experiment.results import meta
 
     res = collect(task)
     results = ROOT / "bench" / "results"
@@ -528,7 +528,7 @@ def write_collected(task: str, doc: str) -> int:
         "meta": {**meta(f"python bench/content_seeds.py --task {task} --collect"),
                  "protocol": "each recipe tuned once per seed (preset paper: 1 epoch, batch 8, lr 1e-4, adapter 2,2); "
                              "plug-in strength a: shipped + a * (tuned - shipped); intervals: documents' paired "
-                             "standard error on seed means plus the seeds' variance (offsite.stats.paired_seeds)"},
+                             "standard error on seed means plus the seeds' variance (offsite.experiment.stats.paired_seeds)"},
         "full_zs": res["full_zs"], "ceiling": res["ceiling"], "floors": res["floors"], "records": res["records"]})
     write_text_atomic(results / f"{name}.md", res["table"])
     plot_frontier(res["records"], ROOT / "docs" / "img" / f"{name}.png", task)

@@ -121,7 +121,7 @@ def cmd_collect(a) -> int:
     write_text_atomic(RESULTS / "content-transfer.md", table)
     print(table + f"wrote {RESULTS / 'content-transfer.json'} and .md")
     if a.doc:
-        from offsite.report import fill_generated
+        from offsite.experiment.report import fill_generated
 
         doc = Path(a.doc)
         write_text_atomic(doc, fill_generated(doc.read_text(), "content-transfer", table))

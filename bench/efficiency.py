@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from offsite.benchmark import alternating_runs, peak_rss_mb
+from offsite.experiment.benchmark import alternating_runs, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,7 +103,7 @@ def main() -> None:
         print(json.dumps(measure(args._child, args.model, args.emulator_dir, args.batch, args.seq, args.steps)))
         return
 
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
 
     command = "python bench/efficiency.py " + " ".join(sys.argv[1:])
     res = {}

@@ -40,7 +40,7 @@ def median_rate(rates: list, cycle: int = 1) -> float:
 
 
 def child(method: str, model_name: str, setting: dict, cache: str) -> dict:
-    from offsite.benchmark import peak_rss_mb, resolved_options, setting_dir, write_build_info
+    from offsite.experiment.benchmark import peak_rss_mb, resolved_options, setting_dir, write_build_info
 
     from offsite.bundle import save_emulator
     from offsite.emulator import build_emulator, get_method
@@ -108,13 +108,13 @@ def main() -> None:
         print(json.dumps(child(args._child, args.model, json.loads(args._setting), args.cache)))
         return
 
-    from offsite.benchmark import method_settings, normalise_setting
+    from offsite.experiment.benchmark import method_settings, normalise_setting
 
     from offsite.emulator import get_method
     from transformers import AutoConfig
 
     from offsite.models.load import model_display_name, resolve_model_path
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
 
     command = "python bench/emulator_cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from offsite.data.tasks import load_task
 from offsite.eval.lm_eval_bridge import run_lm_eval
 from offsite.eval.mc import score_mc
-from offsite.results import meta as results_meta, write_results
+from offsite.experiment.results import meta as results_meta, write_results
 
 
 def _load(name: str):

@@ -81,7 +81,7 @@ def main() -> None:
     from offsite.files import read_json_file
     from offsite.federated.core import FederationConfig
     from offsite.federated.partition import make_shards, write_shards
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
 
     work, out = Path(args.work), Path(args.out)
     if args.fresh:
@@ -149,7 +149,7 @@ def main() -> None:
     from offsite.federated.run import round_records, run_simulation
     from offsite.models.load import load_model
     from offsite.plug import plug
-    from offsite.run import evaluate_row, row_records
+    from offsite.experiment.run import evaluate_row, row_records
     from offsite.train import TrainConfig
     from offsite.tune import TrainingData, TuneSettings, file_data, tune_adapter
 
@@ -253,7 +253,7 @@ def main() -> None:
 def summarize(doc: dict, out: Path) -> None:
     """Derived numbers: the federated Plug-in against pooled and the owners alone (paired standard
     errors over the same documents), bytes per round against the full model, and the plot."""
-    from offsite.stats import paired
+    from offsite.eval.paired import paired
 
     st = doc["stages"]
     acc = {r["run"] or "full_zs": r for r in doc["records"] if r.get("metric") == "acc" and r["row"] in ("plugin", "full_zs")}

@@ -924,7 +924,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fuzz-bundles.json"))
     args = ap.parse_args(argv)
 
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
 
     info = meta(" ".join(["python bench/fuzz_bundles.py", *(argv if argv is not None else sys.argv[1:])]))
     info["platform"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"

@@ -35,11 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-from offsite.benchmark import (Bench, Budget, Hooks, cell_key, chosen_settings, entry_details, entry_name,
+from offsite.experiment.benchmark import (Bench, Budget, Hooks, cell_key, chosen_settings, entry_details, entry_name,
                                parse_settings_override, record_cell)
 from offsite.errors import OffsiteError
-from offsite.report import setting_key
-from offsite.stats import paired  # noqa: F401  (one definition, re-exported for the tests)
+from offsite.experiment.report import setting_key
+from offsite.eval.paired import paired
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
             print(markdown(records), end="")
             return 0
         from offsite.emulator import all_methods
-        from offsite.results import meta, write_results
+        from offsite.experiment.results import meta, write_results
 
         tables, budgets = [], []
         for path in args.results:

@@ -39,7 +39,7 @@ cache after changing a method's code: it is keyed by the setting, not by the cod
 Plug-in rows of multiple-choice tasks also keep their per-document predictions there
 (``details/``), which ``bench/paired.py`` compares without scoring again.
 
-**Budget** (docs/protocol.md, "Budget"; :class:`offsite.budget.Budget`, the type ``offsite run``'s
+**Budget** (docs/protocol.md, "Budget"; :class:`offsite.experiment.budget.Budget`, the type ``offsite run``'s
 presets are made of: the default is its ``paper`` preset, ``--preset`` starts from another one and
 the budget flags change it), the same for every method, seed and documents:
 
@@ -59,17 +59,16 @@ Larger budgets (``--eval-limit all --train-limit all --epochs 5`` on a GPU) writ
 results file: the file's name carries any budget that differs from the default, and a results file
 refuses cells of another budget.
 
-The core is :func:`run_benchmark`, which takes :class:`~offsite.benchmark.Hooks` (model loader,
+The core is :func:`run_benchmark`, which takes :class:`~offsite.experiment.benchmark.Hooks` (model loader,
 training data, evaluation) so tests run it on tiny models in seconds; the ceiling and Full FT rows
-train through ``offsite run``'s functions (:func:`offsite.run.tune_ceiling`,
-:func:`offsite.run.tune_full_ft`). What the other benchmark scripts share with it (settings, cell
-keys, the cache, results files) is :mod:`offsite.benchmark`.
+run through ``offsite run``'s one row sequence (:func:`offsite.experiment.cell.run_cell`, with
+:func:`paper_lab` saying where a cell's models and bundles come from). What the other benchmark scripts share with it (settings, cell
+keys, the cache, results files) is :mod:`offsite.experiment.benchmark`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shlex
 import sys
@@ -78,23 +77,22 @@ from dataclasses import replace
 from pathlib import Path
 
 from offsite.assist import matched_source
-from offsite.benchmark import (METHOD_ROWS, Bench, Hooks, cell_key, chosen_settings, load_same_budget,
-                               merge_results, parse_settings_override, record_cell)
-from offsite.budget import PRESETS, Budget
-from offsite.bundle import load_adapter, load_emulator, load_emulator_manifest
+from offsite.bundle import load_emulator, load_emulator_manifest
 from offsite.emulator import all_methods
 from offsite.errors import OffsiteError
 from offsite.eval import METRIC
-from offsite.files import write_json_atomic
+from offsite.experiment.benchmark import (METHOD_ROWS, Bench, Hooks, cell_key, chosen_settings, load_same_budget,
+                                          merge_results, parse_settings_override, record_cell)
+from offsite.experiment.budget import PRESETS, Budget
+from offsite.experiment.cell import Lab, Row, RowCache, public_pairs_of, run_cell
+from offsite.experiment.report import (build_report, load_results, readme_table, report_files, report_markdown,
+                                       setting_key, slug)
+from offsite.experiment.results import meta, write_results
+from offsite.experiment.run import row_records, transfer_record
+from offsite.experiment.stats import above_noise, transfer
 from offsite.models.load import model_display_name
-from offsite.plug import plug, plug_into_emulator
 from offsite.probe import probe as probe_emulator
 from offsite.probe import probe_records
-from offsite.report import build_report, load_results, readme_table, report_files, report_markdown, setting_key, slug
-from offsite.results import meta, write_results
-from offsite.run import public_pairs_of, row_records, transfer_record, tune_ceiling, tune_full_ft
-from offsite.stats import above_noise, transfer
-from offsite.tune import tune_to_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TASKS = ("openbookqa", "piqa", "arc_easy", "arc_challenge", "hellaswag", "sciq", "text")
@@ -118,207 +116,221 @@ def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods
                   hooks: Hooks | None = None, progress: bool = True, plan_only: bool = False,
                   ceiling: bool = True, probe: bool = True, floor: bool = True, log=print) -> dict:
     """Run every missing cell; returns the results file's content. See the module docstring."""
-
-    hooks = hooks or Hooks()
-    b = Bench(model_name, budget, cache, hooks, batch_size, progress, log)
+    b = Bench(model_name, budget, cache, hooks or Hooks(), batch_size, progress, log)
     results_path = Path(results_path) if results_path else default_results_path(b.display, budget)
+    tasks = list(tasks)
+    if not tasks:
+        raise OffsiteError("no tasks to run")
+    plan, failures = plan_settings(b, methods, settings_override or {})
+    bench = PaperRun(b, tasks, plan, failures, results_path, full_ft=full_ft, ceiling=ceiling, probe=probe,
+                     floor=floor)
+    missing = bench.missing()
+    log(f"[paper] {len(bench.todo()) - len(missing)} of {len(bench.todo())} cells done; results: {results_path}")
+    if plan_only:
+        for task, m, s, row in missing:
+            log(f"[paper] to do: {task} {m or 'full model'} {s or ''} {row}")
+        return {"meta": {}, "records": bench.records, "missing": missing, "failures": failures}
+    if not missing:
+        return bench.finished()
+    return bench.run(command)
+
+
+def plan_settings(b: Bench, methods, override: dict) -> tuple[list, list[str]]:
+    """The (method, setting) pairs to run and the methods skipped (their settings fail)."""
     registry = all_methods()
     names = list(registry) if methods is None else list(methods)
     unknown = [m for m in names if m not in registry]
     if unknown:
         raise OffsiteError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(registry))}")
-    for over in (settings_override or {}):
+    for over in override:
         if over not in registry:
             raise OffsiteError(f"--settings names an unknown method {over!r}")
-    tasks = list(tasks)
-    if not tasks:
-        raise OffsiteError("no tasks to run")
-
-    plan = []  # (method, setting)
-    failures: list[str] = []  # a method that fails (OffsiteError) is skipped; the others go on
+    plan, failures = [], []  # a method that fails (OffsiteError) is skipped; the others go on
     for name in names:
         try:
-            settings = chosen_settings(registry[name], (settings_override or {}).get(name),
-                                       lambda: b.base()[0].config)
+            settings = chosen_settings(registry[name], override.get(name), lambda: b.base()[0].config)
         except OffsiteError as exc:
             failures.append(f"{name}: its benchmark settings: {exc}")
-            log(f"[paper] skipping {failures[-1]}")
+            b.log(f"[paper] skipping {failures[-1]}")
             continue
         plan += [(name, s) for s in settings]
+    return plan, failures
 
-    # the results file: earlier cells are kept, the budget must match
-    records, runs = [], []
-    if results_path.exists():
-        old = load_same_budget(results_path, budget.identity(), "now")
-        records = old["records"]
-        runs = list(old["meta"].get("runs") or [])
-    done = {record_cell(r) for r in records}
 
-    method_rows = METHOD_ROWS + (("ceiling",) if ceiling else ())
+class PaperRun:
+    """One call of the benchmark: its plan, its results file (earlier cells kept, the budget must
+    match) and the cells left, each row run through :func:`offsite.experiment.cell.run_cell`."""
 
-    def rows_of(task):  # the method rows of a task: the floor where its training data is not public already
-        return method_rows + (("floor",) if floor and task != "text" else ())
+    def __init__(self, b: Bench, tasks: list, plan: list, failures: list, results_path: Path, *, full_ft: bool,
+                 ceiling: bool, probe: bool, floor: bool):
+        self.b, self.tasks, self.plan, self.failures, self.path = b, tasks, plan, failures, results_path
+        self.full_ft, self.ceiling, self.probe, self.floor = full_ft, ceiling, probe, floor
+        self.records, self.runs, self.old_meta = [], [], {}
+        if results_path.exists():
+            old = load_same_budget(results_path, b.budget.identity(), "now")
+            self.records, self.old_meta = old["records"], old["meta"]
+            self.runs = list(old["meta"].get("runs") or [])
+        self.done = {record_cell(r) for r in self.records}
+        self.broken: set = set()
+        self.meta_block: dict = {}
 
-    todo = [("text", m, s, "probe") for m, s in plan] if probe else []
-    for task in tasks:
-        todo.append((task, None, None, "full_zs"))
-        todo += [(task, m, s, row) for m, s in plan for row in rows_of(task)]
-        if full_ft:
-            todo.append((task, None, None, "full_ft"))
-    missing = [c for c in todo if cell_key(b.display, c[0], c[1], c[2], c[3]) not in done]
-    log(f"[paper] {len(todo) - len(missing)} of {len(todo)} cells done; results: {results_path}")
-    if plan_only:
-        for task, m, s, row in missing:
-            log(f"[paper] to do: {task} {m or 'full model'} {s or ''} {row}")
-        return {"meta": {}, "records": records, "missing": missing, "failures": failures}
-    if not missing:
-        if ceiling and records:
-            updated = with_transfer(records, plan, tasks, b)
-            if updated != records:
-                records = updated
-                write_results(results_path, old["meta"], records)
-        return {"meta": {"budget": budget.identity(), "runs": runs}, "records": records, "failures": failures}
+    def rows_of(self, task: str) -> tuple:
+        """The method rows of a task: the floor where its training data is not public already."""
+        return (METHOD_ROWS + (("ceiling",) if self.ceiling else ())
+                + (("floor",) if self.floor and task != "text" else ()))
 
-    this_run = meta(command)
-    runs.append({k: this_run[k] for k in ("command", "git_commit", "machine", "date")})
-    meta_block = {**this_run, "budget": budget.identity(), "runs": runs}
-    results_path.parent.mkdir(parents=True, exist_ok=True)
+    def todo(self) -> list[tuple]:
+        todo = [("text", m, s, "probe") for m, s in self.plan] if self.probe else []
+        for task in self.tasks:
+            todo.append((task, None, None, "full_zs"))
+            todo += [(task, m, s, row) for m, s in self.plan for row in self.rows_of(task)]
+            if self.full_ft:
+                todo.append((task, None, None, "full_ft"))
+        return todo
 
-    def save(row, task, method, setting, metrics, seconds, extra):
-        base = {"model": b.display, "method": method, "setting": setting}
-        new = row_records(row, {task: metrics}, base, seconds, extra)
-        records.extend(new)
-        done.add(cell_key(b.display, task, method, setting, row))
-        write_results(results_path, meta_block, records)
+    def missing(self) -> list[tuple]:
+        return [c for c in self.todo() if not self.is_done(*c)]
+
+    def is_done(self, task, method, setting, row) -> bool:
+        return cell_key(self.b.display, task, method, setting, row) in self.done
+
+    def finished(self) -> dict:
+        """Nothing to run: the transfer records brought up to date with the cached predictions."""
+        if self.ceiling and self.records:
+            updated = with_transfer(self.records, self.plan, self.tasks, self.b)
+            if updated != self.records:
+                self.records = updated
+                write_results(self.path, self.old_meta, self.records)
+        return {"meta": {"budget": self.b.budget.identity(), "runs": self.runs}, "records": self.records,
+                "failures": self.failures}
+
+    def run(self, command: str) -> dict:
+        this_run = meta(command)
+        self.runs.append({k: this_run[k] for k in ("command", "git_commit", "machine", "date")})
+        self.meta_block = {**this_run, "budget": self.b.budget.identity(), "runs": self.runs}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for task in self.tasks:
+            self.cell_rows(task, None, None, ["full_zs"])
+            for method, setting in self.plan:
+                if (method, setting_key(setting)) in self.broken or (
+                        all(self.is_done(task, method, setting, r) for r in self.rows_of(task))
+                        and (not self.probe or self.is_done("text", method, setting, "probe"))):
+                    continue
+                try:
+                    self.method_cells(task, method, setting)
+                except OffsiteError as exc:
+                    self.broken.add((method, setting_key(setting)))
+                    self.failures.append(f"{method} {setting_key(setting)} ({task}): {exc}")
+                    self.b.log(f"[paper] skipping {self.failures[-1]}")
+            if self.full_ft:
+                self.cell_rows(task, None, None, ["full_ft"])
+        if self.ceiling:
+            self.records = with_transfer(self.records, self.plan, self.tasks, self.b)
+            write_results(self.path, self.meta_block, self.records)
+        return {"meta": self.meta_block, "records": self.records, "failures": self.failures}
+
+    def add(self, new: list[dict], task, method, setting, row) -> None:
+        self.records.extend(new)
+        self.done.add(cell_key(self.b.display, task, method, setting, row))
+        write_results(self.path, self.meta_block, self.records)
+
+    def save(self, row, task, method, setting, metrics, seconds, extra) -> None:
+        new = row_records(row, {task: metrics}, {"model": self.b.display, "method": method, "setting": setting},
+                          seconds, extra)
+        self.add(new, task, method, setting, row)
         headline = next((r for r in new if r["metric"] in ("acc", "exact_match", "ppl")), new[0] if new else None)
         if headline:
-            log(f"[paper] {task} · {method or 'full model'} {setting_key(setting) if setting else ''} · {row}: "
-                f"{headline['metric']} {headline['value']:.4f} ({seconds:.0f}s)")
+            self.b.log(f"[paper] {task} · {method or 'full model'} {setting_key(setting) if setting else ''} · {row}: "
+                       f"{headline['metric']} {headline['value']:.4f} ({seconds:.0f}s)")
 
-    def is_done(task, method, setting, row):
-        return cell_key(b.display, task, method, setting, row) in done
-
-    broken: set = set()
-
-    def full_model_cell(task, setting, row):
-        """The metrics of this setting's adapter layout tuned on the full model, for ``row``
-        "ceiling" on ``task``'s training data, or "floor" on as many public pairs of
-        ``matched_source(task)``: tuned and scored once per layout, task (and source) and budget,
-        then shared by every method with that layout."""
-        layout = {"adapter_layers": list(setting["adapter_layers"])}
-        source = matched_source(task) if row == "floor" else None
-        path = b.floor_path(layout, task, source) if source else b.ceiling_path(layout, task)
-        if path.exists():
-            return json.loads(path.read_text())
-        model, tok = b.base()
-        data = public_pairs_of(b.data(source), len(b.data(task).items)) if source else b.data(task)
-        log(f"[paper] {row}: tuning the adapter {setting_key(layout)} on the full model on {len(data.items)} "
-            f"{f'public {source} pairs' if source else 'examples'} ({task})")
-        full_middle, trained = tune_ceiling(model, tok, b.display, layout["adapter_layers"], data,
-                                            b.settings(task), path.with_suffix(".work"))
-        metrics, dt = b.evaluate(full_middle.model, tok, task, entry=(row, source, layout))
-        cell = {"metrics": metrics, "seconds": round(dt, 2), "train_seconds": round(trained.seconds, 2),
-                "train_examples": len(data.items), "train_steps": trained.steps,
-                **({"floor_source": source} if source else {})}
-        write_json_atomic(path, cell)
-        return cell
-
-    def probe_cell(method, setting, emu_dir, extra):
+    def probe_cell(self, method, setting, emu_dir, extra) -> None:
         """The transfer probe (adapter-gradient cosine on public text) of a cached emulator: from its
         manifest when it was probed at build time, else computed now against the full model."""
         figures = (load_emulator_manifest(emu_dir).get("report") or {}).get("probe")
         t0 = time.perf_counter()
         if figures is None:
-            model, _ = b.base()
-            log(f"[paper] probing {method} {setting_key(setting)}")
+            model, _ = self.b.base()
+            self.b.log(f"[paper] probing {method} {setting_key(setting)}")
             figures = probe_emulator(model, load_emulator(emu_dir))
-        base = {"model": b.display, "method": method, "setting": setting, "task": "text", **extra,
+        base = {"model": self.b.display, "method": method, "setting": setting, "task": "text", **extra,
                 "seconds": round(time.perf_counter() - t0, 2)}
-        records.extend(probe_records(figures, base))
-        done.add(cell_key(b.display, "text", method, setting, "probe"))
-        write_results(results_path, meta_block, records)
-        log(f"[paper] {method} {setting_key(setting)} · probe: grad_cos {figures['grad_cos']['all']:.3f}")
+        self.add(probe_records(figures, base), "text", method, setting, "probe")
+        self.b.log(f"[paper] {method} {setting_key(setting)} · probe: grad_cos {figures['grad_cos']['all']:.3f}")
 
-    def method_cells(task, method, setting):
-        eval_extra = {"eval_limit": budget.eval_limit}
-        emu_dir = b.ensure_emulator(method, setting)
+    def cell_rows(self, task, method, setting, rows, emu_dir=None, method_extra=None) -> None:
+        """The rows of one cell not in the results file yet, through offsite's one row sequence
+        (offsite.experiment.cell.run_cell); the ceiling and floor of an adapter layout are kept in
+        the cache and shared by every method with that layout."""
+        def on_row(row, r):
+            extra = {"eval_limit": self.b.budget.eval_limit, **(method_extra if row in METHOD_ROWS else {}), **r.extra}
+            self.save(row, task, method, setting, r.metrics[task], r.seconds, extra)
+
+        rows = [r for r in rows if not self.is_done(task, method, setting, r)]
+        if rows:
+            run_cell(paper_lab(self.b, task, method, setting, emu_dir), rows, SharedRows(self.b, task, setting), on_row)
+
+    def method_cells(self, task, method, setting) -> None:
+        emu_dir = self.b.ensure_emulator(method, setting)
         shapes = load_emulator_manifest(emu_dir).get("shapes", {})
-        extra = {**eval_extra, "middle_params": shapes.get("middle_params"),
+        extra = {"middle_params": shapes.get("middle_params"),
                  "original_middle_params": shapes.get("original_middle_params"),
-                 "build_seconds": b.build_seconds(emu_dir)}
-        if probe and not is_done("text", method, setting, "probe"):
-            probe_cell(method, setting, emu_dir, {k: v for k, v in extra.items() if k != "eval_limit"})
-        for row in ("ceiling", "floor"):
-            if row in rows_of(task) and not is_done(task, method, setting, row):
-                cell = full_model_cell(task, setting, row)
-                save(row, task, method, setting, cell["metrics"], cell["seconds"],
-                     {**eval_extra, **{k: cell[k] for k in ("train_seconds", "train_examples", "train_steps",
-                                                            "floor_source") if k in cell}})
-        if not is_done(task, method, setting, "emu_zs"):
-            emu = load_emulator(emu_dir)
-            metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
-            save("emu_zs", task, method, setting, metrics, dt, extra)
-            del emu
-        adapter_dir = b.adapter_dir(method, setting, task)
-        tuned = None
-        if not (adapter_dir / "manifest.json").exists():
-            data = b.data(task)
-            tuned = load_emulator(emu_dir)
-            log(f"[paper] tuning the adapter: {task} · {method} {setting_key(setting)} "
-                f"({len(data.items)} examples)")
-            tune_to_dir(tuned, data, b.settings(task), adapter_dir, overwrite=True)
-        bundle = load_adapter(adapter_dir)
-        ft_extra = {**extra, "train_seconds": bundle.training.get("seconds"),
-                    "train_examples": bundle.training.get("examples"),
-                    "train_steps": bundle.training.get("steps")}
-        if not is_done(task, method, setting, "emu_ft"):
-            emu = tuned if tuned is not None else plug_into_emulator(load_emulator(emu_dir), bundle)
-            metrics, dt = b.evaluate(emu.model, emu.tokenizer, task)
-            save("emu_ft", task, method, setting, metrics, dt, ft_extra)
-            del emu
-        tuned = None
-        if not is_done(task, method, setting, "plugin"):
-            model, tok = b.base()
-            plugged = plug(copy.deepcopy(model), bundle, load_emulator_manifest(emu_dir))
-            metrics, dt = b.evaluate(plugged, tok, task, entry=("plugin", method, setting))
-            save("plugin", task, method, setting, metrics, dt, ft_extra)
-            del plugged
+                 "build_seconds": self.b.build_seconds(emu_dir)}
+        if self.probe and not self.is_done("text", method, setting, "probe"):
+            self.probe_cell(method, setting, emu_dir, extra)
+        self.cell_rows(task, method, setting, self.rows_of(task), emu_dir, extra)
 
-    for task in tasks:
-        eval_extra = {"eval_limit": budget.eval_limit}
-        if not is_done(task, None, None, "full_zs"):
-            model, tok = b.base()
-            metrics, dt = b.evaluate(model, tok, task, entry=("full_zs", None, None))
-            save("full_zs", task, None, None, metrics, dt, eval_extra)
 
-        for method, setting in plan:
-            if (method, setting_key(setting)) in broken or (
-                    all(is_done(task, method, setting, r) for r in rows_of(task))
-                    and (not probe or is_done("text", method, setting, "probe"))):
-                continue
-            try:
-                method_cells(task, method, setting)
-            except OffsiteError as exc:
-                broken.add((method, setting_key(setting)))
-                failures.append(f"{method} {setting_key(setting)} ({task}): {exc}")
-                log(f"[paper] skipping {failures[-1]}")
+def paper_lab(b: Bench, task: str, method: str | None, setting: dict | None, emu_dir: Path | None) -> Lab:
+    """Where a benchmark cell's rows come from: the Bench's full model (copied, never modified),
+    training data, settings and cache (emulator and adapter bundles); scored by its hooks, which
+    keep the per-document predictions of the rows transfer compares (``Bench.details_path``)."""
+    layout = {"adapter_layers": list(setting["adapter_layers"])} if setting else None
+    source = matched_source(task)
+    entries = {"full_zs": ("full_zs", None, None), "plugin": ("plugin", method, setting),
+               "ceiling": ("ceiling", None, layout), "floor": ("floor", source, layout)}
 
-        if full_ft and not is_done(task, None, None, "full_ft"):
-            model, tok = b.base()
-            data = b.data(task)
-            ft = copy.deepcopy(model)
-            log(f"[paper] Full FT: {task} ({len(data.items)} examples)")
-            work = b.cache / "full_ft" / budget.digest() / f"{task}.work"
-            result = tune_full_ft(ft, tok, data, b.settings(task), budget.full_ft_lr, work)
-            metrics, dt = b.evaluate(ft, tok, task)
-            save("full_ft", task, None, None, metrics, dt,
-                 {**eval_extra, "train_seconds": round(result.seconds, 2), "train_examples": len(data.items),
-                  "train_steps": result.steps})
-            del ft
-    if ceiling:
-        records = with_transfer(records, plan, tasks, b)
-        write_results(results_path, meta_block, records)
-    return {"meta": meta_block, "records": records, "failures": failures}
+    def score(model, tok, row):
+        metrics, _ = b.evaluate(model, tok, task, entry=entries.get(row))
+        return {task: metrics}, {}
+
+    def work(row):
+        if row in ("ceiling", "floor"):
+            return SharedRows(b, task, setting).path(row).with_suffix(".work")
+        return b.cache / "full_ft" / b.budget.digest() / f"{task}.work"
+
+    return Lab(display=b.display, adapter_layers=tuple(layout["adapter_layers"]) if layout else None, base=b.base,
+               score=score, data=lambda: b.data(task), settings=b.settings(task), full_ft_lr=b.budget.full_ft_lr,
+               work=work, emulator_dir=emu_dir, adapter_dir=b.adapter_dir(method, setting, task) if method else None,
+               floor_data=lambda: (public_pairs_of(b.data(source), len(b.data(task).items)), source),
+               log=lambda msg: b.log(f"[paper] {task} · {method or 'full model'} · {msg}"))
+
+
+class SharedRows(RowCache):
+    """The ceiling and floor of an adapter layout on a task, tuned and scored once per layout, task
+    (and public source) and budget, then shared by every method with that layout: the files
+    ``Bench.ceiling_path`` / ``Bench.floor_path`` (their format unchanged)."""
+
+    KEEP = ("train_seconds", "train_examples", "train_steps", "floor_source")
+
+    def __init__(self, b: Bench, task: str, setting: dict | None):
+        super().__init__(None)
+        self.b, self.task = b, task
+        self.layout = {"adapter_layers": list(setting["adapter_layers"])} if setting else None
+
+    def path(self, row: str) -> Path | None:
+        if self.layout is None or row not in ("ceiling", "floor"):
+            return None
+        if row == "ceiling":
+            return self.b.ceiling_path(self.layout, self.task)
+        return self.b.floor_path(self.layout, self.task, matched_source(self.task))
+
+    def encode(self, row: str, result: Row) -> dict:
+        return {"metrics": result.metrics[self.task], "seconds": round(result.seconds, 2),
+                **{k: result.extra[k] for k in self.KEEP if k in result.extra}}
+
+    def decode(self, row: str, data: dict) -> Row:
+        return Row({self.task: data["metrics"]}, data["seconds"], {k: data[k] for k in self.KEEP if k in data},
+                   cached=True)
 
 
 #: the Plug-in's derived records: (the row the gain is measured from, the metric)
@@ -395,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="all", help="comma-separated registered methods, or 'all' (default)")
     p.add_argument("--settings", help='JSON replacing methods\' declared settings, e.g. '
                                       '\'{"uniform": [{"adapter_layers": [2, 2], "keep": 4}]}\'')
-    g = p.add_argument_group("budget (offsite.budget: a preset, then the flags given change it)")
+    g = p.add_argument_group("budget (offsite.experiment.budget: a preset, then the flags given change it)")
     g.add_argument("--preset", default="paper", choices=list(PRESETS),
                    help="the budget to start from, as `offsite run --preset` (default: paper)")
     # flags left out keep the preset's value (SUPPRESS: absent from the namespace)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from offsite.benchmark import peak_rss_mb, status_mb
+from offsite.experiment.benchmark import peak_rss_mb, status_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,8 +127,8 @@ def _run_child(args_list: list[str]) -> dict:
 def merge(paths: list[str], out: str) -> None:
     """Join per-task results files into one; ``meta.runs`` keeps each run's own meta (its command)."""
     from offsite.errors import OffsiteError
-    from offsite.report import load_results
-    from offsite.results import meta, write_results
+    from offsite.experiment.report import load_results
+    from offsite.experiment.results import meta, write_results
 
     runs, records, seen = [], [], set()
     for path in paths:
@@ -210,7 +210,7 @@ def main() -> None:
             if args.merge:
                 merge(args.merge, args.out)
             else:
-                from offsite.report import load_results
+                from offsite.experiment.report import load_results
 
                 print(table(load_results(args.table)["records"]), end="")
         except (OffsiteError, OSError, ValueError, KeyError) as e:
@@ -232,7 +232,7 @@ def main() -> None:
     from offsite.pema.decode import GUOptions, score_generation, score_webqs_pema
     from offsite.pema.memory import build_memory
     from offsite.pema.train import PemaConfig, load_pema
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
     from offsite.tune import split_validation
 
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from offsite.benchmark import alternating_runs, peak_rss_mb
+from offsite.experiment.benchmark import alternating_runs, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def main() -> None:
         print(json.dumps(measure(args._child, args.emulator_dir, args.batch, args.seq, args.steps, args.threads)))
         return
 
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
     from offsite.train import bf16_native
 
     command = "python bench/precision.py " + " ".join(sys.argv[1:])

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge-only", action="store_true", help="merge the existing runs, run nothing")
     args = ap.parse_args(argv)
 
-    from offsite.benchmark import method_settings, setting_dir
+    from offsite.experiment.benchmark import method_settings, setting_dir
     from transformers import AutoConfig
 
     from offsite.emulator import get_method
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from offsite.models.load import model_display_name, resolve_model_path
     from offsite.privacy import format_markdown, plot_privacy
     from offsite.privacy.report import emulator_key
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
 
     tag = f"e{args.eval_limit}-t{args.train_limit}"
     out = Path(args.out or ROOT / "runs" / f"privacy-{tag}")

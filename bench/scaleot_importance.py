@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from offsite.eval.ppl import perplexity
     from offsite.models import load_model
     from offsite.models.load import model_display_name
-    from offsite.results import meta, metric_records, write_results
+    from offsite.experiment.results import meta, metric_records, write_results
 
     model, tokenizer = load_model(args.model)
     display = model_display_name(args.model)

@@ -165,6 +165,48 @@ def one_line_error(body: bytes) -> bool:
     return isinstance(obj, dict) and set(obj) == {"error"} and isinstance(obj["error"], str) and "\n" not in obj["error"]
 
 
+async def _raw_request(port: int, service: str, kind: str, key: str):
+    """The requests an HTTP client cannot send: silence, a body that trickles in, one over the cap."""
+    if kind == "silent":
+        return await raw(port, b"", False, BODY_TIMEOUT + 8)
+    path = "/v1/correction" if service == "assist" else "/v1/forward"
+    length = 1000 if kind == "slow_body" else int(MAX_BODY_MB * (1 << 20)) * 4
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
+            + (f"X-API-Key: {key}\r\n" if service == "assist" else "") + "\r\n").encode()
+    status, got = await raw(port, head, kind == "slow_body", BODY_TIMEOUT + 8)
+    return status, got.partition(b"\r\n\r\n")[2]
+
+
+async def _assist_request(http, url: str, kind: str, key: str, bodies: dict):
+    hdr = {"X-API-Key": key}
+    if kind == "info":
+        return await http.get(url + "/v1/info", headers=hdr)
+    if kind == "wrong_path":
+        return await http.get(url + "/v1/nothing", headers=hdr)
+    if kind == "wrong_method":
+        return await http.get(url + "/v1/correction", headers=hdr)
+    return await http.post(url + "/v1/correction", content=bodies["not_safetensors" if kind == "no_key" else kind],
+                           headers={} if kind == "no_key" else hdr)
+
+
+async def _pema_request(http, url: str, kind: str, rng: random.Random):
+    # drawn for every kind, in this order, so that a seed gives the same requests as before
+    seqs = [[rng.randrange(256) for _ in range(rng.randint(2, 20))] for _ in range(rng.randint(1, 4))]
+    steps = rng.randint(1, 8)
+    if kind == "bad_json":
+        return await http.post(url + "/v1/forward", content=b'{"sequences": [[1, 2]')
+    if kind == "wrong_path":
+        return await http.post(url + "/v2/forward", json={})
+    if kind == "wrong_method":
+        return await http.delete(url + "/v1/forward")
+    path, body = {"forward": ("/v1/forward", {"sequences": seqs}),
+                  "greedy": ("/v1/greedy", {"prompts": seqs, "steps": steps}),
+                  "bad_types": ("/v1/forward", {"sequences": [["a", 1.5]]}),
+                  "too_many": ("/v1/forward", {"sequences": [[1]] * 9}),
+                  "reply_over_cap": ("/v1/forward", {"sequences": [[1] * 400] * 8, "logprobs": False})}[kind]
+    return await http.post(url + path, json=body)
+
+
 async def soak(args, ports: dict, bodies: dict) -> tuple[list[dict], float]:
     import httpx
 
@@ -185,49 +227,16 @@ async def soak(args, ports: dict, bodies: dict) -> tuple[list[dict], float]:
         async def one(service, kind, key):
             if time.monotonic() > t_end:
                 return
-            port = ports[service]
-            url = f"http://127.0.0.1:{port}"
-            hdr = {"X-API-Key": key} if service == "assist" else {}
+            url = f"http://127.0.0.1:{ports[service]}"
             async with sem:
                 t0 = time.monotonic()
                 status, body = None, b""
                 try:
-                    if kind == "silent":
-                        status, body = await raw(port, b"", False, BODY_TIMEOUT + 8)
-                    elif kind in ("slow_body", "oversized"):
-                        path = "/v1/correction" if service == "assist" else "/v1/forward"
-                        length = 1000 if kind == "slow_body" else int(MAX_BODY_MB * (1 << 20)) * 4
-                        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
-                                + (f"X-API-Key: {key}\r\n" if service == "assist" else "") + "\r\n").encode()
-                        status, got = await raw(port, head, kind == "slow_body", BODY_TIMEOUT + 8)
-                        body = got.partition(b"\r\n\r\n")[2]
+                    if kind in ("silent", "slow_body", "oversized"):
+                        status, body = await _raw_request(ports[service], service, kind, key)
                     else:
-                        if service == "assist":
-                            if kind == "info":
-                                r = await http.get(url + "/v1/info", headers=hdr)
-                            elif kind == "wrong_path":
-                                r = await http.get(url + "/v1/nothing", headers=hdr)
-                            elif kind == "wrong_method":
-                                r = await http.get(url + "/v1/correction", headers=hdr)
-                            else:
-                                r = await http.post(url + "/v1/correction", content=bodies["not_safetensors" if
-                                                    kind == "no_key" else kind], headers={} if kind == "no_key" else hdr)
-                        else:
-                            seqs = [[rng.randrange(256) for _ in range(rng.randint(2, 20))] for _ in range(rng.randint(1, 4))]
-                            req = {"forward": ("/v1/forward", {"sequences": seqs}),
-                                   "greedy": ("/v1/greedy", {"prompts": seqs, "steps": rng.randint(1, 8)}),
-                                   "bad_types": ("/v1/forward", {"sequences": [["a", 1.5]]}),
-                                   "too_many": ("/v1/forward", {"sequences": [[1]] * 9}),
-                                   "reply_over_cap": ("/v1/forward", {"sequences": [[1] * 400] * 8, "logprobs": False}),
-                                   }.get(kind)
-                            if kind == "bad_json":
-                                r = await http.post(url + "/v1/forward", content=b'{"sequences": [[1, 2]')
-                            elif kind == "wrong_path":
-                                r = await http.post(url + "/v2/forward", json={})
-                            elif kind == "wrong_method":
-                                r = await http.delete(url + "/v1/forward")
-                            else:
-                                r = await http.post(url + req[0], json=req[1])
+                        r = await (_assist_request(http, url, kind, key, bodies) if service == "assist"
+                                   else _pema_request(http, url, kind, rng))
                         status, body = r.status_code, r.content
                 except (httpx.HTTPError, OSError) as e:
                     body = f"{type(e).__name__}".encode()
@@ -275,7 +284,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    from offsite.results import meta
+    from offsite.experiment.results import meta
 
     info = meta(" ".join(["python", "bench/soak_services.py", *(argv if argv is not None else sys.argv[1:])]))
     with tempfile.TemporaryDirectory() as d:

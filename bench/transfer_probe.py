@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from offsite.emulator import build_emulator
     from offsite.models.load import load_model, model_display_name
     from offsite.probe import ProbeOptions, probe, probe_examples, probe_records, probe_summary, task_probe_examples
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")

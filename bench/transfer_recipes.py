@@ -3,8 +3,7 @@ full model? One task, one recipe per call; the experiments behind docs/transfer.
 
     python bench/transfer_recipes.py run uniform:keep=13                       # ~7 min on 2 CPU cores
     python bench/transfer_recipes.py run uniform:keep=26 --zs                  # the ceiling (and Full ZS)
-    python bench/transfer_recipes.py run prune:width=511:skip=0:w=rel          # every block slimmed + LS refit
-    python bench/transfer_recipes.py run uniform:keep=13 --correction webqs    # static gradient correction
+    python bench/transfer_recipes.py run uniform:keep=13 --correction webqs --correction-every 4   # owner in the loop
     python bench/transfer_recipes.py run uniform:keep=13 --repair webqs:512:kl # repaired adapter, delta plug-in
     python bench/transfer_recipes.py diagnose uniform:keep=13                  # where the emulator's gradient goes wrong
     python bench/transfer_recipes.py collect --plot docs/img/transfer-probe.png --frontier docs/img/transfer-frontier.png \
@@ -14,21 +13,13 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
 
 * ``uniform:keep=K`` — the registered layer-drop method (``K = 26`` of the 26 middle blocks is the
   ceiling: the adapter tuned on the full model).
-* ``prune:width=W[:nseq=N][:qa=Q][:skip=0|1][:w=none|rel][:attn=0|1][:ridge=R]`` — an experimental
-  emulator (not a registered method): every middle block keeps its attention, its MLP keeps ``W`` of
-  its channels (activation x weight norm), and block by block, on the emulator's *own* hidden states,
-  the attention output projection and the MLP down projection are refitted by ridge least squares so
-  that the block's output matches the full model's (errors do not accumulate). Calibration: ``N``
-  sequences of 256 tokens of the public training text plus ``Q`` public WebQuestions pairs; ``w=rel``
-  weighs each token by the inverse norm of its full-model output (the huge first-position
-  activations otherwise dominate the fit); ``skip=1`` leaves the first position out.
-* ``--correction SOURCES`` — a static control variate: ``c = g_full − g_emulator``, the difference of
-  the adapter's mean-token gradients at the shipped adapter on public QA data (``SOURCES``: task
-  names whose *first* ``--correction-n`` training examples are pooled), added to every training
-  gradient of the data owner (the linear term ``<c, θ>`` in its loss). ``--correction-every K``
-  recomputes ``c`` at the data owner's current adapter every ``K`` steps (an interactive protocol:
-  the owner sees each intermediate adapter); ``--correction-norm`` scales ``g_full`` to
-  ``g_emulator``'s norm first, tensor by tensor.
+* ``--correction SOURCE --correction-every K`` — the model owner in the loop (:mod:`offsite.assist`,
+  as ``offsite run --assist-every K``): every ``K`` steps the owner computes ``c = s·g_full −
+  g_emulator`` (``g_full`` scaled to ``g_emulator``'s norm, tensor by tensor) on ``--correction-n``
+  public pairs of ``SOURCE`` at the data owner's current adapter, added to the data owner's gradient;
+  ``--correction-pool N``: each correction takes the next ``--correction-n`` of the first ``N``
+  pairs, cycling. (The ``prune`` emulator and this script's own, static or unscaled or multi-source
+  correction were removed on 2026-12-07; docs/transfer.md keeps their numbers, marked historical.)
 * ``--train-task SOURCE`` — a floor: the same tuning on another task's training split (``webqs``:
   the owner's kind of public pairs), scored on ``--task``; named ``+data=SOURCE``. How much of the
   ceiling's gain comes without the data owner's data (its transfer: against the ceiling tuned on
@@ -74,6 +65,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import shlex
 import sys
 import time
@@ -81,8 +73,9 @@ from pathlib import Path
 
 import torch
 
-from offsite.assist import DEFAULT_SOURCE, MATCHED_SOURCE
-from offsite.report import fill_generated as fill
+from offsite.assist import DEFAULT_SOURCE, MATCHED_SOURCE, AssistOptions
+from offsite.experiment.report import fill_generated as fill
+from offsite.experiment.stats import above_noise, transfer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
@@ -103,108 +96,7 @@ def _opts(kind: str) -> tuple[str, dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# the experimental emulator: every block slimmed, output projections refitted sequentially
-
-
-def _calibration(tok, n_seq: int, block: int, qa: int, mb: int = 8) -> list[dict]:
-    from offsite.data.text import public_text
-    from offsite.data.tokenize import tokenize_text
-    from offsite.train import collate
-    from offsite.tune import task_data
-
-    ex = tokenize_text(tok, public_text("train"), block)[:n_seq]
-    if qa:  # public QA pairs (WebQuestions) packed into blocks beside the text
-        items = task_data("webqs").items[-qa:]
-        ex += tokenize_text(tok, ["\n\n".join(q + a for q, a in items)], block)
-    return [collate(ex[i:i + mb], pad_id=0) for i in range(0, len(ex), mb)]
-
-
-def _ridge(X: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
-    A = X.T @ X
-    A += ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype)
-    return torch.linalg.solve(A, X.T @ Y)
-
-
-def build_prune(model, tok, layers, width=511, n_seq=48, block_size=256, ridge=1e-2, refit_attn=True,
-                skip_first=True, weight="none", qa=0, batches=None, log=print, refit_mlp=True):
-    """The ``prune`` emulator; ``batches`` (collated, default the public calibration data) are what
-    the refits see."""
-    from offsite.emulator import Slot, assemble
-    from offsite.emulator.core import split_layers
-    from offsite.emulator.gradot.compress import _linear_from, _set_module, layout_of, shrink_mlp
-    from offsite.emulator.lowrank import dense_weight
-    from offsite.models.families import get_blocks, num_blocks
-
-    _, mid, _ = split_layers(num_blocks(model.config), layers)
-    blocks = get_blocks(model)
-    lay = layout_of(model, blocks[mid[0]])
-    batches = batches if batches is not None else _calibration(tok, n_seq, block_size, qa)
-    # the full model: every middle block's input and output, its MLP's output, the call arguments
-    kw, h_in, h_out, m_out = [], {l: [] for l in mid}, {l: [] for l in mid}, {l: [] for l in mid}
-    hooks = [blocks[mid[0]].register_forward_pre_hook(
-        lambda m, a, k: kw.append((a[1:], {n: v for n, v in k.items() if n != "hidden_states"})), with_kwargs=True)]
-    for l in mid:
-        hooks += [
-            blocks[l].register_forward_pre_hook(
-                lambda m, a, k, l=l: h_in[l].append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True),
-            blocks[l].register_forward_hook(lambda m, a, o, l=l: h_out[l].append(_first(o).detach())),
-            blocks[l].get_submodule(lay.mlp_out).register_forward_hook(
-                lambda m, a, o, l=l: m_out[l].append(o.detach()))]
-    with torch.no_grad():
-        for b in batches:
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-    for h in hooks:
-        h.remove()
-    r_full = {l: [y - o for y, o in zip(h_out[l], m_out[l])] for l in mid}  # after attention
-    mask = torch.ones_like(h_in[mid[0]][0][..., 0], dtype=torch.bool)
-    if skip_first:
-        mask[:, 0] = False
-
-    def rows(ts, ref=None):
-        X = torch.cat([t[mask] for t in ts]).double()
-        if weight == "rel" and ref is not None:
-            norms = torch.cat([t[mask] for t in ref]).double().norm(dim=1, keepdim=True)
-            X = X / norms.clamp_min(1e-6) * norms.mean()
-        return X
-
-    def run(blk, xs, taps):
-        got = {name: [] for name in taps}
-        hs = [blk.get_submodule(path).register_forward_hook(
-            lambda m, a, o, name=name: got[name].append((a[0].detach(), o.detach()))) for name, path in taps.items()]
-        with torch.no_grad():
-            ys = [_first(blk(x, *kw[i][0], **kw[i][1])) for i, x in enumerate(xs)]
-        for h in hs:
-            h.remove()
-        return ys, got
-
-    def refit(blk, path, X, T):
-        m = blk.get_submodule(path)
-        W = _ridge(X, T, ridge).T.float()
-        _set_module(blk, path, _linear_from(m, W, m.bias.detach() if getattr(m, "bias", None) is not None else None))
-
-    x_hat, middle = [h.clone() for h in h_in[mid[0]]], []
-    o_path = lay.attention[-1]
-    for l in mid:
-        blk = copy.deepcopy(blocks[l])
-        if refit_attn:  # x_hat + o_proj(context) should be the full model's post-attention state
-            _, got = run(blk, x_hat, {"o": o_path})
-            refit(blk, o_path, rows([c for c, _ in got["o"]], r_full[l]),
-                  rows([r - x for r, x in zip(r_full[l], x_hat)], r_full[l]))
-        ys, got = run(blk, x_hat, {"down": lay.mlp_out})
-        act = [a for a, _ in got["down"]]
-        r_hat = [y - o for y, (_, o) in zip(ys, got["down"])]
-        A = rows(act, h_out[l])
-        score = A.norm(dim=0).float() * dense_weight(blk.get_submodule(lay.mlp_out)).detach().norm(dim=0)
-        keep = torch.sort(torch.argsort(score, descending=True)[:width]).values
-        shrink_mlp(blk, lay, keep)
-        if refit_mlp:
-            refit(blk, lay.mlp_out, A[:, keep], rows([h - r for h, r in zip(h_out[l], r_hat)], h_out[l]))
-        x_hat, _ = run(blk, x_hat, {})
-        err = sum(((a - b)[:, 1:] ** 2).sum() for a, b in zip(x_hat, h_out[l])) / sum(
-            (b[:, 1:] ** 2).sum() for b in h_out[l])
-        log(f"block {l}: relative squared error after position 0: {err.item():.4f}")
-        middle.append((Slot("pruned", l, {"mlp_width": width}), blk))
-    return assemble(model, tok, MODEL, layers, middle, "prune", {"width": width})
+# the recipe's emulator
 
 
 def build(kind: str, model, tok, layers, at: tuple[str, dict] | None = None):
@@ -229,10 +121,6 @@ def build(kind: str, model, tok, layers, at: tuple[str, dict] | None = None):
         base, o = _opts(kind)
         if base == "uniform":
             return build_emulator("uniform", model, tok, MODEL, layers, keep=int(o["keep"]))
-        if base == "prune":
-            return build_prune(model, tok, layers, width=int(o.get("width", 511)), n_seq=int(o.get("nseq", 48)),
-                               ridge=float(o.get("ridge", 1e-2)), refit_attn=o.get("attn", "1") == "1",
-                               skip_first=o.get("skip", "1") == "1", weight=o.get("w", "none"), qa=int(o.get("qa", 0)))
         if base in all_methods():
             cls = all_methods()[base].options_cls
             hints = typing.get_type_hints(cls)
@@ -247,8 +135,8 @@ def build(kind: str, model, tok, layers, at: tuple[str, dict] | None = None):
             emu = build_emulator(base, model, tok, MODEL, layers, **{k: types[k](v) for k, v in o.items()})
             save_emulator(emu, cached)
             return emu
-        raise SystemExit(f"error: unknown emulator {kind!r} (uniform:keep=K, prune:width=W..., or a registered "
-                         "method with its options)")
+        raise SystemExit(f"error: unknown emulator {kind!r} (uniform:keep=K or a registered method with its "
+                         "options; prune:... was removed on 2026-12-07)")
 
 
 def middle_fraction(emu, model, layers) -> float:
@@ -263,96 +151,19 @@ def middle_fraction(emu, model, layers) -> float:
 # owner-side treatments
 
 
-def adapter_names(emu) -> dict[str, str]:
-    """The emulator's adapter parameters: bundle key -> name in the emulator's model."""
-    from offsite.adapters import param_names
+def tune(model, emu, data, settings, assist: AssistOptions | None = None, only_bottom: bool = False):
+    """The data owner's tuning, as ``offsite.tune`` does it; ``assist``: with the model owner in the
+    loop (:mod:`offsite.assist`, the one implementation of the correction), the owner holding the
+    full ``model`` and its own copy of the emulator as shipped. ``only_bottom``: the top adapter
+    blocks stay frozen. Returns the adapter bundle."""
+    from dataclasses import replace
 
-    return param_names(emu.model, emu.adapter_positions)
+    from offsite.assist import Assistant
+    from offsite.tune import tune_adapter
 
-
-def correction(emu, refresh) -> dict[str, torch.Tensor]:
-    """``g_full − g_emulator`` at the shipped adapter (``refresh`` of :func:`refresher`), keyed by
-    emulator names."""
-    params = dict(emu.model.named_parameters())
-    names = list(adapter_names(emu).values())
-    for e in names:
-        params[e].requires_grad_(True)
-    try:
-        return refresh(params)
-    finally:
-        for e in names:
-            params[e].requires_grad_(False)
-
-
-def tune(model, emu, data, settings, corr=None, refresh=None, only_bottom=False):
-    """The data owner's tuning (as ``offsite.tune``), with the linear term ``<c, θ>`` when ``corr``;
-    ``refresh(params)`` (with ``corr``), called every ``refresh.every`` steps, recomputes ``c`` at
-    the current adapter. ``only_bottom``: the top adapter blocks stay frozen."""
-    from offsite import adapters
-    from offsite.train import causal_lm_loss, train
-    from offsite.tune import TrainingData, adapter_bundle, freeze_top, split_validation, tokenize, tune_adapter
-
-    if corr is None and not only_bottom:
-        return tune_adapter(emu, data, settings)[0]
-    positions = emu.adapter_positions
-    m = adapters.prepare(emu.model, positions, settings.adapter, settings.lora)
-    if only_bottom:
-        freeze_top(emu)
-    params = dict(m.named_parameters())
-    corr = corr if corr is not None else {}
-
-    def loss_fn(model_, batch):
-        loss_sum, n_tokens = causal_lm_loss(model_, batch)
-        linear = sum((corr[k] * params[k]).sum() for k in corr)
-        return loss_sum + n_tokens * linear, n_tokens  # the engine divides by the tokens: gradient + c
-
-    def on_step(record):
-        if refresh is not None and record["step"] % refresh.every == 0:
-            corr.update(refresh(params))
-
-    tr, va = split_validation(data.items, settings.val_fraction, settings.train.seed)
-    tok, L = emu.tokenizer, settings.train.max_length
-    train(m, None, tokenize(tok, TrainingData(data.kind, tr, data.source), L),
-          tokenize(tok, TrainingData(data.kind, va, data.source), L), settings.train, out_dir=None,
-          loss_fn=loss_fn, val_loss_fn=causal_lm_loss, pad_id=tok.pad_token_id, on_step=on_step)
-    state = adapters.extract(m, positions, settings.adapter)
-    for p in emu.model.parameters():
-        p.requires_grad_(False)
-    emu.model.eval()
-    return adapter_bundle(emu, settings.adapter, state)
-
-
-def refresher(model, emu, sources, n, every, norm=False, pool=0):
-    """A ``refresh`` for :func:`tune`: ``g_full − g_emulator`` (mean-token gradients over the first
-    ``n`` training examples of every source, pooled) at the adapter in ``params``; every ``every``
-    steps during tuning it is the data owner's current adapter (an interactive protocol: the owner
-    sees every intermediate adapter). ``norm``: ``g_full`` is first scaled, tensor by tensor, to
-    ``g_emulator``'s norm, so that ``c`` corrects the direction and not the scale. ``pool`` > ``n``:
-    the owner holds the first ``pool`` pairs of each source and the ``i``-th correction takes the
-    next ``n`` of them (``[i·n, (i+1)·n)``, cycling), so that over a tuning it averages over many
-    more pairs than one correction costs."""
-    from offsite.gradients import adapter_gradients, adapter_written
-    from offsite.probe import ProbeOptions, task_probe_examples
-
-    names, pad = adapter_names(emu), emu.tokenizer.pad_token_id or 0
-    positions, identity = emu.adapter_positions, {src: src for src in emu.adapter_positions.values()}
-    held = {s: task_probe_examples(emu.tokenizer, s, ProbeOptions(task_examples=max(n, pool))) for s in sources}
-    calls = []
-
-    def refresh(params):
-        i = len(calls) * n
-        calls.append(i)
-        examples = [e for ex in held.values() for e in (ex + ex)[i % len(ex):i % len(ex) + n]]
-        live = [k for k, e in names.items() if params[e].requires_grad]  # --tune bottom: the bottom blocks
-        ge = adapter_gradients(emu.model, positions, examples, 8, pad, live)  # at the data owner's adapter
-        with adapter_written(model, identity, {k: params[names[k]].detach() for k in live}):
-            gf = adapter_gradients(model, identity, examples, 8, pad, live)
-        if norm:
-            gf = {k: gf[k] * (ge[k].norm() / gf[k].norm().clamp_min(1e-30)) for k in live}
-        return {names[k]: gf[k] - ge[k] for k in live}
-
-    refresh.every = every
-    return refresh
+    owner = Assistant(model, copy.deepcopy(emu), assist) if assist is not None and assist.on else None
+    settings = replace(settings, blocks="bottom" if only_bottom else "all")
+    return tune_adapter(emu, data, settings, assist=owner)[0]
 
 
 def repair(model, emu, spec: str, lr: float, epochs: float) -> None:
@@ -394,7 +205,7 @@ def repair(model, emu, spec: str, lr: float, epochs: float) -> None:
 def floor_state(model, tok, spec: str, settings, only_bottom: bool, layers) -> dict[str, torch.Tensor]:
     """The adapter tuned on the full ``model`` on the first ``N`` pairs of ``SOURCE`` (``spec`` =
     ``SOURCE:N``), as the floor is; bundle keys."""
-    from offsite.run import ceiling_emulator
+    from offsite.experiment.cell import ceiling_emulator
     from offsite.tune import TrainingData, task_data
 
     src, n = spec.split(":")
@@ -414,15 +225,27 @@ def start_from_floor(model, emu, spec: str, settings, only_bottom: bool, layers)
             params[names[key]].copy_(t)
 
 
+def correction_options(source: str, every: int, n: int, pool: int) -> AssistOptions | None:
+    """``--correction SOURCE --correction-every K``: the owner in the loop (:mod:`offsite.assist`), or
+    ``None`` without ``--correction``; a static or multi-source correction is refused in one line."""
+    if not source:
+        return None
+    if "," in source or every < 1:
+        raise SystemExit("error: --correction takes one source and --correction-every >= 1 (static and "
+                         "multi-source corrections were removed on 2026-12-07)")
+    return AssistOptions(every=every, source=source, examples=n, pool=pool if pool > n else 0)
+
+
 def cmd_run(a) -> None:
     from offsite import adapters
-    from offsite.eval import evaluate
+    from offsite.eval import correct, evaluate
     from offsite.models.load import load_model
     from offsite.probe import ProbeOptions, probe, probe_examples, task_probe_examples
     from offsite.train import TrainConfig
     from offsite.tune import TrainingData, TuneSettings, task_data
 
     layers = tuple(int(x) for x in a.layers.split(","))
+    assist = correction_options(a.correction, a.correction_every, a.correction_n, a.correction_pool)
     if a.build_at_floor and not a.start_floor:
         raise SystemExit("error: --build-at-floor builds the emulator around the --start-floor adapter: pass both")
     model, tok = load_model(MODEL)
@@ -452,9 +275,8 @@ def cmd_run(a) -> None:
         return _append(rec)
     task = a.task
     if a.zs or a.zs_only:
-        r = evaluate(emu.model, tok, task, limit=a.limit, progress=False, return_details=True)
-        rec[f"emu_zs_{task}"] = r["acc"]
-        rec[f"emu_zs_pred_{task}"] = [int(d["pred"] == d["gold"]) for d in r["details"]]
+        c = correct(emu.model, tok, task, limit=a.limit, progress=False)
+        rec[f"emu_zs_{task}"], rec[f"emu_zs_pred_{task}"] = sum(c) / len(c), [int(x) for x in c]
     if a.zs_only:
         return _append(rec)
     if at is not None:  # the emulator was built around the floor's adapter and ships it
@@ -470,20 +292,11 @@ def cmd_run(a) -> None:
         repair(model, emu, a.repair, a.lr, 1)
         rec["repair"] = [a.repair, 1, time.time() - t1]
     theta_r = {k: v.clone() for k, v in emu.adapter_state().items()}
-    corr = refresh = None
-    if a.correction:
-        refresh = refresher(model, emu, a.correction.split(","), a.correction_n, a.correction_every,
-                            a.correction_norm, a.correction_pool)
-        corr = correction(emu, refresh)
-        rec["cv"] = [a.correction, a.correction_n, 1.0]
-        if a.correction_norm:
-            rec["cv_norm"] = True
-        if a.correction_pool > a.correction_n:
-            rec["cv_pool"] = a.correction_pool
-        if a.correction_every:
-            rec["cv"].append(a.correction_every)
-        else:
-            refresh = None
+    if assist is not None:
+        rec["cv"] = [assist.source, assist.examples, 1.0, assist.every]
+        rec["cv_norm"] = True  # offsite.assist always scales g_full to the emulator's norm
+        if assist.pool:
+            rec["cv_pool"] = assist.pool
     t1 = time.time()
     data = task_data(a.train_task or task)
     if a.train_task:  # a floor: the same tuning without the task's data
@@ -493,21 +306,19 @@ def cmd_run(a) -> None:
         rec["train_limit"] = a.train_limit
     if a.epochs != 1:
         rec["epochs"] = a.epochs
-    bundle = tune(model, emu, data, settings, corr, refresh, only_bottom=a.tune == "bottom")
+    bundle = tune(model, emu, data, settings, assist, only_bottom=a.tune == "bottom")
     rec[f"tune_s_{task}"] = time.time() - t1
     rec[f"emu_ft_{task}"] = evaluate(emu.model, tok, task, limit=a.limit, progress=False)["acc"]
     state = {k: theta0[k] + (v - theta_r[k]) for k, v in bundle.state.items()} if a.repair else bundle.state
     plugged = adapters.apply(copy.deepcopy(model), state, bundle.kind, bundle.lora).eval()
-    r = evaluate(plugged, tok, task, limit=a.limit, progress=False, return_details=True)
-    rec[f"plugin_{task}"] = r["acc"]
-    rec[f"plugin_pred_{task}"] = [int(d["pred"] == d["gold"]) for d in r["details"]]
+    c = correct(plugged, tok, task, limit=a.limit, progress=False)
+    rec[f"plugin_{task}"], rec[f"plugin_pred_{task}"] = sum(c) / len(c), [int(x) for x in c]
     if a.plug_bottom:  # only the bottom adapter blocks' change goes into the full model
         bottom_only = {k: (theta0[k] if int(k.split(".")[1]) >= N_LAYERS - layers[1] else v)
                        for k, v in state.items()}
         plugged = adapters.apply(copy.deepcopy(model), bottom_only, bundle.kind, bundle.lora).eval()
-        r = evaluate(plugged, tok, task, limit=a.limit, progress=False, return_details=True)
-        rec[f"plugin_bottom_{task}"] = r["acc"]
-        rec[f"plugin_bottom_pred_{task}"] = [int(d["pred"] == d["gold"]) for d in r["details"]]
+        c = correct(plugged, tok, task, limit=a.limit, progress=False)
+        rec[f"plugin_bottom_{task}"], rec[f"plugin_bottom_pred_{task}"] = sum(c) / len(c), [int(x) for x in c]
     rec["total_s"] = time.time() - t0
     _append(rec)
     print(f"{a.recipe}: middle {rec['frac']:.3f}, ppl {rec['ppl']:.1f}, Emulator FT {rec[f'emu_ft_{task}']:.3f}, "
@@ -560,7 +371,7 @@ def cmd_diagnose(a) -> None:
 
 def write_diagnosis(out: dict, command: str) -> None:
     """``bench/results/transfer-diagnose.json``: one record (``row: "diagnose"``) per cosine."""
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
 
     base = {"model": MODEL, "task": out["task"], "method": out["recipe"], "setting": {"adapter_layers": [2, 2]},
             "row": "diagnose"}
@@ -615,65 +426,88 @@ def recipe_key(r: dict) -> str:
     return name + (MORE_DOCS.format(n=run_docs(r)) if run_docs(r) > DEFAULT_LIMIT else "")
 
 
+def _ceiling_of(recs: list[dict], r: dict, task: str) -> dict | None:
+    """The line of ``r``'s ceiling: every middle block kept, the same layout, tuning and documents."""
+    layers = list(r["layers"])
+    n_mid = N_LAYERS - sum(layers)
+    return next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
+                 and not any(c.get(k) for k in ("cv", "repair", "train_task", "start_floor"))
+                 and c.get("tune") == r.get("tune") and c.get("epochs", 1) == r.get("epochs", 1)
+                 and f"plugin_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
+
+
+def _full_zs_of(recs: list[dict], r: dict, task: str) -> dict | None:
+    """The line that scored Full ZS on ``r``'s documents: the untouched full model, whatever the
+    layout (any "every block kept" run with ``--zs``)."""
+    return next((c for c in recs if c["kind"] == f"uniform:keep={N_LAYERS - sum(c['layers'])}"
+                 and f"emu_zs_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
+
+
+def _floor_of(recs: list[dict], r: dict, ceil: dict, task: str) -> dict | None:
+    """The line of ``r``'s floor: the same blocks tuned on the full model on the owner's public pairs
+    (the correction's or the shipped floor's source), no task data, on at least as many documents."""
+    source = r["cv"][0] if r.get("cv") else r["start_floor"][0].split(":")[0] if r.get("start_floor") else None
+    return next((c for c in recs if source and c["kind"] == ceil["kind"] and c.get("train_task") == source
+                 and c.get("tune") == r.get("tune") and list(c["layers"]) == list(r["layers"])
+                 and c.get("epochs", 1) == r.get("epochs", 1)
+                 and not c.get("cv") and not c.get("start_floor") and run_task(c) == task
+                 and run_docs(c) >= run_docs(r)), None)
+
+
+def _line_rows(r: dict, base: dict, task: str, limit: int, is_ceiling: bool, is_zs: bool) -> list[dict]:
+    """A line's own records: held-out perplexity, probes, and its rows' accuracies."""
+    out = []
+    if "ppl" in r:
+        out.append({**base, "task": "text", "row": "emu_zs", "metric": "ppl", "value": r["ppl"], "n": 4})
+    for name in (k for k in r if k.startswith("probe_")):
+        out.append({**base, "task": name[len("probe_"):], "row": "probe", "metric": "grad_cos",
+                    "value": r[name]["all"], "groups": r[name]})
+    n_docs = run_docs(r) or limit  # a task may have fewer
+    for row in ("emu_zs", "emu_ft", "plugin"):
+        if f"{row}_{task}" in r:
+            out.append({**base, "row": "ceiling" if is_ceiling and row == "plugin" else row, "metric": "acc",
+                        "value": r[f"{row}_{task}"], "n": n_docs})
+    if is_zs:
+        out.append({**base, "method": None, "row": "full_zs", "metric": "acc", "value": r[f"emu_zs_{task}"],
+                    "n": n_docs})
+    return out
+
+
+def _ratio_fields(t: dict, gains: bool = True) -> dict:
+    """A transfer's fields in a record; ``value``/``stderr`` ``None`` where the ceiling's gain is within
+    noise (a ratio over noise means nothing)."""
+    noise = not above_noise(t)
+    out = {"value": None if noise else t["value"], "stderr": None if noise else t["stderr"], "n": t["n"],
+           "ceiling_gain": t["ceiling_gain"], "ceiling_gain_stderr": t["ceiling_gain_stderr"]}
+    return {**out, "plugin_gain": t["plugin_gain"], "plugin_gain_stderr": t["plugin_gain_stderr"]} if gains else out
+
+
 def collect_records(recs: list[dict], limit: int) -> list[dict]:
     """Results-file records from the records lines: per line its task's rows, its perplexity and
     probes, and transfer against the ceiling of the same layout, tuning and task; per recipe
     measured on several tasks, transfer over them (``task: "avg<k>"``, numerator and denominator
     averaged over the tasks)."""
-    from offsite.stats import above_noise, transfer
-
     out, pooled = [], {}
     for r in recs:
         task, layers = run_task(r), list(r["layers"])
-        n_mid = N_LAYERS - sum(layers)
-        ceil = next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
-                     and not any(c.get(k) for k in ("cv", "repair", "train_task", "start_floor"))
-                     and c.get("tune") == r.get("tune") and c.get("epochs", 1) == r.get("epochs", 1)
-                     and f"plugin_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
-        # Full ZS is the untouched full model, whatever the layout: any "every block kept" run scored it
-        zs = next((c for c in recs if c["kind"] == f"uniform:keep={N_LAYERS - sum(c['layers'])}"
-                   and f"emu_zs_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
+        ceil, zs = _ceiling_of(recs, r, task), _full_zs_of(recs, r, task)
         base = {"model": MODEL, "task": task, "method": recipe_key(r), "setting": {"adapter_layers": layers},
                 "middle_fraction": round(r["frac"], 4), "command": r.get("command")}
         if r.get("train_limit"):
             base["train_limit"] = r["train_limit"]
-        if "ppl" in r:
-            out.append({**base, "task": "text", "row": "emu_zs", "metric": "ppl", "value": r["ppl"], "n": 4})
-        for name in (k for k in r if k.startswith("probe_")):
-            out.append({**base, "task": name[len("probe_"):], "row": "probe", "metric": "grad_cos",
-                        "value": r[name]["all"], "groups": r[name]})
-        n_docs = len(r.get(f"plugin_pred_{task}") or r.get(f"emu_zs_pred_{task}") or []) or limit  # a task may have fewer
-        for row in ("emu_zs", "emu_ft", "plugin"):
-            if f"{row}_{task}" in r:
-                out.append({**base, "row": "ceiling" if r is ceil and row == "plugin" else row, "metric": "acc",
-                            "value": r[f"{row}_{task}"], "n": n_docs})
-        if zs is r:
-            out.append({**base, "method": None, "row": "full_zs", "metric": "acc", "value": r[f"emu_zs_{task}"],
-                        "n": n_docs})
-        if ceil is not None and zs is not None and r is not ceil and f"plugin_pred_{task}" in r:
-            preds = (r[f"plugin_pred_{task}"], zs[f"emu_zs_pred_{task}"], ceil[f"plugin_pred_{task}"])
-            t = transfer(*([p] for p in preds))
-            noise = not above_noise(t)  # a ratio over noise means nothing
-            out.append({**base, "row": "plugin", "metric": "transfer", "value": None if noise else t["value"],
-                        "stderr": None if noise else t["stderr"], "n": t["n"], "ceiling_gain": t["ceiling_gain"],
-                        "ceiling_gain_stderr": t["ceiling_gain_stderr"], "plugin_gain": t["plugin_gain"],
-                        "plugin_gain_stderr": t["plugin_gain_stderr"]})
-            pooled.setdefault((base["method"], tuple(layers)), {})[task] = (preds, base)
-            # the floor: the same bottom blocks tuned on the full model on the owner's public pairs, no task data
-            source = r["cv"][0] if r.get("cv") else r["start_floor"][0].split(":")[0] if r.get("start_floor") else None
-            floor = next((c for c in recs if source and c["kind"] == ceil["kind"] and c.get("train_task") == source
-                          and c.get("tune") == r.get("tune") and list(c["layers"]) == layers
-                          and c.get("epochs", 1) == r.get("epochs", 1)
-                          and not c.get("cv") and not c.get("start_floor") and run_task(c) == task
-                          and run_docs(c) >= run_docs(r)), None)
-            if floor is not None and not noise:  # documents are first-N: a floor on more is cut to these
-                fp = floor[f"plugin_pred_{task}"][:run_docs(r)]
-                f = transfer([preds[0]], [fp], [preds[2]])
-                near = not above_noise(f)  # the ceiling within noise of the floor: nothing beyond it to carry
-                out.append({**base, "row": "plugin", "metric": "transfer_beyond_floor",
-                            "value": None if near else f["value"], "stderr": None if near else f["stderr"],
-                            "n": f["n"], "ceiling_gain": f["ceiling_gain"], "ceiling_gain_stderr": f["ceiling_gain_stderr"],
-                            "floor": sum(fp) / len(fp), "floor_command": floor.get("command")})
+        out += _line_rows(r, base, task, limit, r is ceil, zs is r)
+        if ceil is None or zs is None or r is ceil or f"plugin_pred_{task}" not in r:
+            continue
+        preds = (r[f"plugin_pred_{task}"], zs[f"emu_zs_pred_{task}"], ceil[f"plugin_pred_{task}"])
+        t = transfer(*([p] for p in preds))
+        out.append({**base, "row": "plugin", "metric": "transfer", **_ratio_fields(t)})
+        pooled.setdefault((base["method"], tuple(layers)), {})[task] = (preds, base)
+        floor = _floor_of(recs, r, ceil, task)
+        if floor is not None and above_noise(t):  # documents are first-N: a floor on more is cut to these
+            fp = floor[f"plugin_pred_{task}"][:run_docs(r)]
+            out.append({**base, "row": "plugin", "metric": "transfer_beyond_floor",
+                        **_ratio_fields(transfer([preds[0]], [fp], [preds[2]]), gains=False),
+                        "floor": sum(fp) / len(fp), "floor_command": floor.get("command")})
     out += matched_records(out, pooled)
     for (method, layers), per_task in pooled.items():
         if len(per_task) > 1:
@@ -719,9 +553,8 @@ def matched_records(out: list[dict], pooled: dict) -> list[dict]:
 
 
 def cmd_collect(a) -> None:
-    import re
 
-    from offsite.results import meta, write_results
+    from offsite.experiment.results import meta, write_results
 
     out = collect_records([json.loads(line) for line in open(RECORDS)], a.limit)
 
@@ -927,6 +760,30 @@ def privacy_utility(records: list[dict], task: str, path: Path) -> None:
     plt.close(fig)
 
 
+#: what the tables say of a recipe that can no longer be run
+HISTORICAL = "historical (produced by code removed on 2026-12-07)"
+
+
+def historical(method: str) -> bool:
+    """Whether a recipe was produced by code removed on 2026-12-07: the ``prune`` emulator, or this
+    script's own correction where offsite.assist cannot run it (static: no ``every``; unscaled: not
+    norm-matched; pooled over several sources)."""
+    cv = re.search(r"\+correction=(\S+)", method)
+    return method.startswith("prune:") or bool(cv and (" every " not in method or "(norm-matched)" not in method
+                                                        or "," in cv.group(1)))
+
+
+def recipe_name(method: str) -> str:
+    """A recipe's name in a table: code-formatted, with a dagger where it is :data:`HISTORICAL`."""
+    return f"`{method}`" + (" †" if historical(method) else "")
+
+
+def historical_note(methods) -> list[str]:
+    """The line under a table that shows a :data:`HISTORICAL` recipe (none otherwise)."""
+    return ["", f"† {HISTORICAL}: the `prune` emulator and this script's static, unscaled or multi-source "
+            "correction; the numbers stay as the record of what was measured."] if any(map(historical, methods)) else []
+
+
 def recipe_cells(records: list[dict], task: str) -> dict[tuple, dict]:
     """The records of each recipe ``(method, adapter layers)`` measured on ``task``, in the order
     first measured, keyed by what they hold: ``ppl``, ``probe_<source>``, ``emu_zs``, ``emu_ft``,
@@ -972,10 +829,10 @@ def markdown(records: list[dict], task: str) -> str:
         ptext = f"{c['probe_text']['value']:.2f}" if "probe_text" in c else "–"
         top = c.get("ceiling") or c.get("plugin")
         gap = f"{100 * (top['value'] - c['emu_ft']['value']):+.1f}" if top and "emu_ft" in c else "–"
-        lines.append(f"| `{k[0]}` | {k[1][0]},{k[1][1]} | {100 * c['frac']:.0f} % | {ppl} | {ptext} | "
+        lines.append(f"| {recipe_name(k[0])} | {k[1][0]},{k[1][1]} | {100 * c['frac']:.0f} % | {ppl} | {ptext} | "
                      f"{probe_task} | {pct(c, 'emu_ft')} | {plug} | {gap} | {tr} | "
                      f"{_transfer_cell(c.get('transfer_beyond_floor'))} |")
-    return "\n".join(head + [""] + lines)
+    return "\n".join(head + [""] + lines + historical_note(k[0] for k in cells))
 
 
 def task_rows(records: list[dict], avg: dict) -> dict[str, tuple]:
@@ -1022,8 +879,8 @@ def tasks_markdown(records: list[dict]) -> str:
     lines = []
     for avg in shown_averages(records):
         layers = avg["setting"]["adapter_layers"]
-        lines += [f"`{avg['method']}` (adapter {layers[0]},{layers[1]}, {100 * avg['middle_fraction']:.0f} % of the "
-                  "middle kept; ceiling: the same tuning on the full model):", "",
+        lines += [f"{recipe_name(avg['method'])} (adapter {layers[0]},{layers[1]}, {100 * avg['middle_fraction']:.0f} % of "
+                  "the middle kept; ceiling: the same tuning on the full model):", "",
                   "| task | Full ZS | ceiling | Emulator FT | Plug-in | gap | transfer |", "|---|---|---|---|---|---|---|"]
         rows = task_rows(records, avg)
         for task, (*vals, t) in rows.items():
@@ -1035,7 +892,7 @@ def tasks_markdown(records: list[dict]) -> str:
         lines.append(f"| **average of {len(rows)}** | " + " | ".join(f"{100 * v:.1f}" for v in mean)
                      + f" | {100 * (mean[3] - mean[2]):+.1f} | **{avg['value']:.2f} ± {avg['stderr']:.2f}** |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + historical_note(a["method"] for a in shown_averages(records))[1:])
 
 
 #: the bar of the transfer issue: transfer on the average and on these tasks, and the least gap
@@ -1080,13 +937,14 @@ def methods_markdown(records: list[dict], n_tasks: int = 6) -> str:
                            for s in ("text", "webqs"))
         clears = (avg["value"] >= BAR["transfer"] and gap >= BAR["gap"]
                   and all(t is not None and t["value"] is not None and t["value"] >= BAR["transfer"] for t in per))
-        lines.append(f"| `{avg['method']}` | {100 * avg['middle_fraction']:.0f} % | "
+        lines.append(f"| {recipe_name(avg['method'])} | {100 * avg['middle_fraction']:.0f} % | "
                      + " | ".join(f"{100 * v:.1f}" for v in mean) + f" | {gap:+.1f} | "
                      f"**{avg['value']:.2f} ± {avg['stderr']:.2f}** | "
                      + " | ".join(_transfer_cell(t) for t in per) + " | "
                      + " | ".join(_transfer_cell(t) for t in floors)
                      + f" | {probe} | {'yes' if clears else 'no'} |")
-    return "\n".join(lines)
+    shown = [a["method"] for a in shown_averages(records) if len(a["tasks"]) == n_tasks]
+    return "\n".join(lines + historical_note(shown))
 
 
 def main(argv=None) -> int:
@@ -1103,19 +961,18 @@ def main(argv=None) -> int:
     r.add_argument("--zs", action="store_true", help="also score the emulator untouched (Full ZS for keep=all)")
     r.add_argument("--zs-only", action="store_true", help="score the untouched emulator and stop")
     r.add_argument("--probe-only", action="store_true", help="measure the perplexity and the probes and stop")
-    r.add_argument("--correction", default="")
+    r.add_argument("--correction", default="", help="the owner corrects the adapter's gradient on this public "
+                   "source's pairs (offsite.assist, scaled to the emulator's norm); needs --correction-every")
     r.add_argument("--correction-n", type=int, default=128, help="public QA pairs per source the owner's correction averages over")
     r.add_argument("--epochs", type=float, default=1.0, help="the data owner's epochs (default 1, the budget's)")
     r.add_argument("--train-limit", type=int, default=0, help="tune on the first N training examples (0: all)")
     r.add_argument("--train-task", help="tune on this task's training split instead of --task's (a floor: what the "
                                         "tuning gives --task without its data; e.g. webqs, the owner's public pairs)")
     r.add_argument("--correction-every", type=int, default=0,
-                   help="recompute the correction at the current adapter every N steps (0: never)")
+                   help="the owner's correction at the current adapter every N steps (with --correction)")
     r.add_argument("--correction-pool", type=int, default=0,
                    help="the owner's pool of public pairs per source: each correction takes the next --correction-n "
                         "of its first N, cycling (0: always the first --correction-n)")
-    r.add_argument("--correction-norm", action="store_true",
-                   help="scale g_full to g_emulator's norm (per tensor) before c = g_full - g_emulator")
     r.add_argument("--repair", default="")
     r.add_argument("--start-floor", default="", metavar="SOURCE:N",
                    help="ship the adapter tuned on the full model on the first N pairs of SOURCE (the floor's) "

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import tqdm
 
 from conftest import make_tokenizer, tiny_model
 from offsite import adapters
@@ -124,6 +125,33 @@ def test_corrected_loss_adds_the_correction_to_the_gradient(tok):
         bad(model, batch)
 
 
+def test_the_training_bar_shows_the_lm_loss_not_the_corrections_linear_term(tok, monkeypatch):
+    """The correction's linear term can make the total negative; the bar and the history's
+    ``lm_loss`` show the LM loss, ``train_loss`` keeps the total."""
+    from offsite.train import train
+
+    model = tiny_model("llama", 4, seed=4)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = {k: dict(model.named_parameters())[n] for k, n in adapters.param_names(model, {0: 0}).items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    c = {k: -100.0 * torch.ones(p.shape) for k, p in params.items()}  # a big term: the total goes negative
+    shown = []
+
+    def record(bar, post=None, refresh=True, **kw):  # the bar's postfix, as the engine sets it
+        shown.append(float(post["loss"]))
+
+    # patched on the class, which every module's ``tqdm`` name points at (and restored after)
+    monkeypatch.setattr(tqdm.tqdm, "set_postfix", record)
+    cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=2, micro_batch_size=2, checkpoint_every=None, progress=True)
+    result = train(model, list(params.items()), _public(tok), None, cfg,
+                   loss_fn=CorrectedLoss(params, lambda state: c, every=100), pad_id=tok.pad_token_id)
+    lm = [h["lm_loss"] for h in result.history]
+    assert all(x > 0 for x in lm) and result.history[-1]["train_loss"] < 0
+    assert shown == pytest.approx(lm, abs=1e-4)
+
+
 def _settings(blocks="all", steps=6):
     return TuneSettings(blocks=blocks, train=TrainConfig(lr=1e-2, max_steps=steps, batch_size=4, micro_batch_size=4,
                                                          checkpoint_every=None, progress=False))
@@ -162,7 +190,7 @@ def test_assisted_tuning_asks_the_owner_every_n_steps_and_records_it(tok):
 def test_run_with_the_owner_in_the_loop_records_the_recipe(tok, tmp_path, monkeypatch):
     from test_transfer import _qa_world
 
-    from offsite.run import run
+    from offsite.experiment.run import run
 
     _qa_world(monkeypatch, tok)
     settings = _settings("bottom", steps=8)

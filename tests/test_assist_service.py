@@ -287,6 +287,20 @@ def test_the_rate_limit_refills_with_time():
     assert run_corrections(4) == 32 and run_corrections(1) == 125  # 1000 examples, batch 8, one epoch
 
 
+def test_run_corrections_counts_the_default_budgets_run():
+    """The service's default allowance is one run of the default budget (the protocol module cannot
+    import the experiment's Budget, so the figures it uses are checked against it here)."""
+    import math
+
+    from offsite.assist import RECIPE_EVERY
+    from offsite.assist_service import DEFAULT_BUDGET, RUN_EXAMPLES
+    from offsite.experiment.budget import Budget
+
+    b = Budget()
+    assert RUN_EXAMPLES == b.train_limit
+    assert DEFAULT_BUDGET == math.ceil(math.ceil(b.train_limit * b.epochs / b.batch_size) / RECIPE_EVERY)
+
+
 def test_each_correction_draws_its_pairs_unpredictably(world):
     from offsite.models.load import load_model
 

@@ -297,7 +297,7 @@ def test_bad_training_options(world, tmp_path, capsys, extra, words):
 
 
 def test_run_refuses_bad_numbers_before_building_anything(world, tmp_path, capsys, monkeypatch):
-    import offsite.run as run_module
+    import offsite.experiment.run as run_module
 
     monkeypatch.setattr(run_module, "build_emulator", lambda *a, **k: pytest.fail("built an emulator"))
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""One budget type for `offsite run` and bench/paper.py (offsite.budget): the presets, the identity
+"""One budget type for `offsite run` and bench/paper.py (offsite.experiment.budget): the presets, the identity
 that keys results files and caches, and the benchmark's flags on top of a preset."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import paper
-from offsite.budget import NOT_IDENTITY, PRESETS, Budget, preset
+from offsite.experiment.budget import NOT_IDENTITY, PRESETS, Budget, preset
 from offsite.errors import OffsiteError
 from offsite.train import TrainConfig
 
@@ -56,7 +56,7 @@ def test_presets_train_as_before():
 
 
 def test_training_data_is_the_first_train_limit_examples(monkeypatch):
-    from offsite import budget as budget_mod
+    from offsite.experiment import budget as budget_mod
     from offsite.tune import TrainingData
 
     items = [(f"q{i}", f" a{i}") for i in range(10)]

@@ -13,7 +13,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from offsite.data.tasks import Doc
 from offsite.errors import OffsiteError
-from offsite.eval import METRIC, evaluate
+from offsite.eval import METRIC, correct, document_scores, evaluate
 from offsite.eval import loglik
 from offsite.eval.gen import score_webqs, webqs_choices
 from offsite.eval.loglik import encode_pair, loglikelihood, mean_stderr
@@ -183,7 +183,8 @@ def test_left_truncation_matches_lm_eval(tok):
 def test_score_mc_metrics(tok):
     m = _llama(len(tok))
     res = score_mc(m, tok, DOCS, progress=False, return_details=True)
-    acc = [float(d["pred"] == d["gold"]) for d in res["details"]]
+    acc = document_scores(res["details"])
+    assert acc == [float(d["pred"] == d["gold"]) for d in res["details"]]
     assert res["n"] == 5 and res["acc"] == pytest.approx(np.mean(acc))
     p = res["acc"]
     assert res["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 4))
@@ -261,6 +262,19 @@ def test_evaluate_dispatch(tok):
     assert "ppl" in evaluate(m, tok, "text", docs=["The cat sat on the mat."], progress=False)
     with pytest.raises(OffsiteError, match="known tasks"):
         evaluate(m, tok, "race", docs=DOCS)
+
+
+def test_correct_is_the_per_document_correctness_of_evaluate(tok):
+    """offsite.eval.correct: 1.0/0.0 per document, a multiple-choice prediction against its gold
+    choice (a generation document: its exact match); a task without per-document correctness is
+    refused in one line."""
+    m = _llama(len(tok))
+    got = correct(m, tok, "arc_easy", docs=DOCS, limit=4, progress=False)
+    res = evaluate(m, tok, "arc_easy", docs=DOCS, limit=4, progress=False)
+    assert len(got) == 4 and set(got) <= {0.0, 1.0} and sum(got) / 4 == pytest.approx(res["acc"])
+    assert document_scores([{"exact_match": 1.0, "f1": 0.5}, {"pred": 2, "gold": 1}]) == [1.0, 0.0]
+    with pytest.raises(OffsiteError, match="gives no per-document correctness"):
+        correct(m, tok, "text", docs=["The cat sat on the mat."], progress=False)
 
 
 @pytest.mark.slow

@@ -455,7 +455,7 @@ def test_owner_plugs_in_the_federated_adapter_and_scores_the_table(tmp_path, tok
     from offsite.bundle import save_emulator
     from offsite.data.own import resolve_task
     from offsite.emulator import build_emulator
-    from offsite.federated.run import evaluate_federated
+    from offsite.experiment.federated import evaluate_federated
     from offsite.federated.server import ByteCounter, Owner
 
     model = tiny_model("llama", 6, seed=0)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_paper_bench import BUDGET, DOCS, Counting, paper
 
 from bench import paired
-from offsite.benchmark import Bench
+from offsite.experiment.benchmark import Bench
 from offsite.errors import OffsiteError
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_tokenizer, tiny_model
 
 from bench import paper
-from offsite import benchmark
+from offsite.experiment import benchmark
 from offsite.emulator import registry as emulator_mod  # the package import registers the built-in methods
 from offsite.data.tasks import Doc
 from offsite.emulator import Method, keep_blocks, split_layers
@@ -327,7 +327,7 @@ def test_ceiling_transfer_and_probe_cells(tmp_path, monkeypatch):
     assert len(trains) == n_trains and len(again) == len(recs)
 
     # the report shows the ceiling row and the transfer line
-    from offsite.report import build_report, report_markdown
+    from offsite.experiment.report import build_report, report_markdown
 
     md = report_markdown(build_report([("r.json", {"meta": {}, "records": again})]))
     assert "Ceiling" in md and "transfer" in md and "| Floor (adapter tuned on the full model on public pairs) |" in md

@@ -24,8 +24,8 @@ from offsite.emulator import Slot, assemble, build_emulator, register_block_kind
 from offsite.emulator.lowrank import LowRankLinear
 from offsite.errors import OffsiteError
 from offsite.models import get_blocks
-from offsite.privacy import (AttackConfig, attack_parameters, format_markdown, gap_closed, parse_budgets,
-                             plot_privacy, privacy_records, recover, weight_exposure)
+from offsite.experiment.privacy import gap_closed, parse_budgets, privacy_records
+from offsite.privacy import AttackConfig, attack_parameters, format_markdown, plot_privacy, recover, weight_exposure
 from offsite.privacy.attack import lm_train
 from offsite.train import TrainConfig
 from offsite.tune import TrainingData, TuneSettings, tune_adapter
@@ -286,7 +286,7 @@ def test_privacy_records_attack_first_then_owner(tokenizer, tmp_path, tiny_dir, 
     calls = []
     real_load, real_recover = offsite.models.load.load_model, attack_mod.recover
     monkeypatch.setattr(offsite.models.load, "load_model", lambda *a, **k: (calls.append("model"), real_load(*a, **k))[1])
-    import offsite.privacy.run as run_mod
+    import offsite.experiment.privacy as run_mod
 
     monkeypatch.setattr(run_mod, "recover", lambda *a, **k: (calls.append("attack"), real_recover(*a, **k))[1])
     details = {}

@@ -9,7 +9,7 @@ import pytest
 
 from offsite.cli import main
 from offsite.errors import OffsiteError
-from offsite.report import build_report, load_results, readme_table, report_files, report_markdown
+from offsite.experiment.report import build_report, load_results, readme_table, report_files, report_markdown
 
 SETTING = {"adapter_layers": [2, 2], "keep": 8}
 # (row, task) -> (value, stderr) for the method block

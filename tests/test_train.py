@@ -395,7 +395,7 @@ def test_training_flags_are_generated_from_train_config():
 
     from offsite.cli import build_parser
     from offsite.cli_args import tune_settings
-    from offsite.budget import PRESETS
+    from offsite.experiment.budget import PRESETS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices

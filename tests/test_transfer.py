@@ -14,7 +14,8 @@ from offsite.emulator import build_emulator
 from offsite.errors import OffsiteError
 from offsite.models.families import get_blocks
 from offsite.probe import ProbeOptions, attach_probe, probe, probe_records
-from offsite.stats import paired, paired_seeds, transfer, transfer_seeds
+from offsite.eval.paired import paired
+from offsite.experiment.stats import paired_seeds, transfer, transfer_seeds
 from offsite.data.tokenize import tokenize_text
 from offsite.train import causal_lm_loss, collate
 
@@ -168,7 +169,7 @@ def _qa_world(monkeypatch, tok, n_layers=6):
     scores below ' x' untuned (Full ZS 0), so the ceiling has a gain to transfer."""
     import offsite.data.text as text
     import offsite.eval as ev
-    import offsite.run as run_mod
+    import offsite.experiment.run as run_mod
     from offsite.data.tasks import Doc
     from offsite.tune import TrainingData
 
@@ -192,7 +193,7 @@ def _settings():
 
 
 def test_run_ceiling_equals_plugin_for_the_full_middle_and_transfer_is_one(tok, tmp_path, monkeypatch):
-    from offsite.run import run
+    from offsite.experiment.run import run
 
     _qa_world(monkeypatch, tok)
     res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "r", settings=_settings(),
@@ -214,12 +215,40 @@ def test_run_ceiling_equals_plugin_for_the_full_middle_and_transfer_is_one(tok, 
     assert json.loads((tmp_path / "r" / "emulator" / "manifest.json").read_text())["report"]["probe"]
 
 
+def test_run_reads_rows_from_its_cache_and_writes_every_note_to_results(tok, tmp_path, monkeypatch):
+    """``run(..., cache=DIR)``: a second run of the same cell reads every row from the cache (no
+    training, the same numbers); results.json's notes are the lines table.md prints."""
+    import offsite.experiment.cell as cell_mod
+    from offsite.experiment.run import run
+
+    _qa_world(monkeypatch, tok)
+    trained = []
+    for name in ("tune_adapter", "tune_to_dir"):
+        real = getattr(cell_mod, name)
+        monkeypatch.setattr(cell_mod, name, lambda *a, _real=real, _name=name, **k: (trained.append(_name), _real(*a, **k))[1])
+    kw = dict(settings=_settings(), eval_limit=None, text_docs=0, probe=False, floor=False,
+              cache=tmp_path / "rows", log=lambda *a: None)
+    first = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 1}, tmp_path / "a", **kw)
+    assert trained == ["tune_to_dir", "tune_adapter"]  # the adapter on the emulator, then the ceiling
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "rows").iterdir()) == [
+        "ceiling", "emu_ft", "emu_zs", "full_zs", "plugin"]
+    second = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 1}, tmp_path / "b", **kw)
+    assert trained == ["tune_to_dir", "tune_adapter"]  # nothing trained again
+    values = lambda res: [(r["row"], r["metric"], r["value"]) for r in res.records]  # noqa: E731
+    assert values(second) == values(first) and second.notes == first.notes
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    table = (tmp_path / "b" / "table.md").read_text()
+    assert saved["notes"] == [line[2:] for line in table.splitlines() if line.startswith("* ")]
+    assert any(n.startswith("transfer") for n in saved["notes"]) or any(
+        r["metric"] == "transfer" for r in saved["records"])
+
+
 def test_run_floor_row_and_transfer_beyond_it(tok, tmp_path, monkeypatch):
     """The floor: the same adapter tuned on the full model on as many of the owner's public pairs.
     Here they teach the other answer, so the floor stays at Full ZS and the full middle's Plug-in
     carries all of what only the task's data teaches (transfer beyond the floor 1)."""
-    import offsite.run as run_mod
-    from offsite.run import run
+    import offsite.experiment.run as run_mod
+    from offsite.experiment.run import run
     from offsite.tune import TrainingData
 
     _qa_world(monkeypatch, tok)
@@ -263,7 +292,7 @@ def test_run_floor_row_and_transfer_beyond_it(tok, tmp_path, monkeypatch):
 
 
 def test_transfer_beyond_the_floor_by_hand():
-    from offsite.run import transfer_record
+    from offsite.experiment.run import transfer_record
 
     scores = {"plugin": {"t": [1, 1, 0, 0, 1, 1, 1, 1]}, "floor": {"t": [0, 0, 0, 0, 1, 1, 1, 1]},
               "ceiling": {"t": [1] * 8}, "full_zs": {"t": [0] * 8}}
@@ -278,7 +307,7 @@ def test_transfer_beyond_the_floor_by_hand():
 
 
 def test_run_without_ceiling_writes_no_transfer(tok, tmp_path, monkeypatch):
-    from offsite.run import run
+    from offsite.experiment.run import run
 
     _qa_world(monkeypatch, tok)
     res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 1}, tmp_path / "r", settings=_settings(),

@@ -1,5 +1,6 @@
-"""bench/transfer_recipes.py's experimental emulator on a tiny model: the sequential least-squares
-refit reproduces an unpruned block exactly and cuts the error of a pruned one."""
+"""bench/transfer_recipes.py: collecting its records into transfer (per ceiling, over tasks, beyond
+the floor), the tables it writes into docs/transfer.md, and the owner-side treatments it runs through
+offsite's own code (the floor's adapter shipped, the emulator built around it, the correction)."""
 
 
 import pytest
@@ -8,59 +9,6 @@ import torch
 from conftest import tiny_model
 
 from bench import transfer_recipes as recipes
-
-
-
-def _batches(n=4, length=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 250, (n, length), generator=g)
-    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
-
-
-def _middle_output(model, emu, batches):
-    """The last middle block's output of the full model and of the emulator on the same input."""
-    from offsite.models.families import get_blocks
-
-    def last_middle(m, pos):
-        got = []
-        h = get_blocks(m)[pos].register_forward_hook(lambda mod, a, o: got.append(o[0] if isinstance(o, tuple) else o))
-        with torch.no_grad():
-            m(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
-        h.remove()
-        return got[0]
-
-    n_emu = len(emu.slots)
-    return last_middle(model, 4), last_middle(emu.model, n_emu - 2)
-
-
-def _rel(a, b):
-    return float(((a - b) ** 2).sum() / (b ** 2).sum())
-
-
-def test_refit_of_an_unpruned_middle_is_the_model(tokenizer):
-    model = tiny_model("llama", 6)
-    b = _batches()
-    emu = recipes.build_prune(model, tokenizer, (1, 1), width=64, ridge=1e-9, skip_first=False, batches=b,
-                              log=lambda *_: None)
-    full, got = _middle_output(model, emu, b)
-    assert _rel(got, full) < 1e-6
-    assert abs(recipes.middle_fraction(emu, model, (1, 1)) - 1.0) < 1e-9
-
-
-def test_refit_cuts_the_error_of_a_pruned_middle(tokenizer):
-    model = tiny_model("llama", 6)
-    with torch.no_grad():  # a random init's MLPs barely move the residual stream: give them weight
-        for name, p in model.named_parameters():
-            if ".mlp." in name:
-                p.mul_(6.0)
-    b = _batches(n=8, length=32)
-    quiet = dict(width=16, skip_first=False, batches=b, log=lambda *_: None)
-    refit = recipes.build_prune(model, tokenizer, (1, 1), **quiet)
-    plain = recipes.build_prune(model, tokenizer, (1, 1), refit_attn=False, refit_mlp=False, **quiet)
-    assert recipes.middle_fraction(refit, model, (1, 1)) < 0.6  # attention whole, a quarter of the MLP
-    full, got = _middle_output(model, refit, b)
-    _, got_plain = _middle_output(model, plain, b)
-    assert _rel(got, full) < 0.75 * _rel(got_plain, full)  # measured: 0.34 against 0.56
 
 
 def _record(kind, plugin=None, zs=None, task="arc_easy", **extra):
@@ -113,7 +61,7 @@ def test_collect_computes_transfer_per_ceiling_and_keeps_recipes_without_records
 
 
 def test_collect_averages_transfer_over_tasks_and_tabulates_them():
-    from offsite.stats import transfer
+    from offsite.experiment.stats import transfer
 
     zs, ceil, plug = {"a": [0, 0, 1, 0] * 10, "b": [0, 1, 0, 0] * 10}, {"a": [1, 1, 1, 0] * 10, "b": [1, 1, 1, 0] * 10}, \
         {"a": [1, 0, 1, 0] * 10, "b": [1, 1, 0, 0] * 10}
@@ -141,7 +89,7 @@ def test_fill_replaces_only_between_its_markers():
 def test_matched_source_takes_each_task_from_its_own_run():
     """``+correction=matched``: SciQ from the run with SQuAD pairs, other tasks from the WebQuestions
     run; its average pools exactly those runs' predictions."""
-    from offsite.stats import transfer
+    from offsite.experiment.stats import transfer
 
     zs, ceil = [0, 0, 1, 0] * 10, [1, 1, 1, 0] * 10
     web, squad = [1, 0, 1, 0] * 10, [1, 1, 1, 0] * 10
@@ -296,7 +244,7 @@ def test_start_from_the_floor_ships_the_adapter_tuned_on_the_full_model(tokenize
     public pairs (the floor's tuning); its top blocks and the full model stay as they were."""
     import offsite.tune as tune_mod
     from offsite.emulator import build_emulator
-    from offsite.run import ceiling_emulator
+    from offsite.experiment.cell import ceiling_emulator
     from offsite.train import TrainConfig
     from offsite.tune import TrainingData, TuneSettings
 
@@ -365,3 +313,33 @@ def test_more_epochs_is_its_own_recipe_against_a_ceiling_and_floor_of_as_many():
     assert t[("uniform:keep=26 +tune=bottom +epochs=3 +data=webqs", "transfer")] == 0.5
     assert {r["method"] for r in out if r["row"] == "ceiling"} == {"uniform:keep=26 +tune=bottom",
                                                                    "uniform:keep=26 +tune=bottom +epochs=3"}
+
+
+def test_the_correction_runs_through_offsite_assist(tokenizer, monkeypatch):
+    """``--correction SOURCE --correction-every K``: the data owner's tuning with the owner in the loop
+    is offsite.assist's (one implementation of the correction); the full model and the shipped
+    emulator the owner holds stay as they were, and the bundle records the corrections."""
+    import offsite.tune as tune_mod
+    from offsite.assist import AssistOptions
+    from offsite.emulator import build_emulator
+    from offsite.train import TrainConfig
+    from offsite.tune import TrainingData, TuneSettings
+
+    pairs = TrainingData("qa", [(f"Question {i}: which fruit?\nAnswer:", " y") for i in range(16)], "webqs")
+    monkeypatch.setattr(tune_mod, "task_data", lambda src: pairs)
+    model = tiny_model("llama", 6, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    emu = build_emulator("uniform", model, tokenizer, "tiny", (2, 1), keep=1)
+    settings = TuneSettings(train=TrainConfig(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=4,
+                                              checkpoint_every=None, progress=False))
+    data = TrainingData("qa", [(f"Question {i}: what colour?\nAnswer:", " red") for i in range(12)], "task")
+    bundle = recipes.tune(model, emu, data, settings, AssistOptions(every=1, source="webqs", examples=4),
+                          only_bottom=True)
+    assert bundle.training["assist"]["every"] == 1 and bundle.training["assist"]["corrections"] >= 2
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for source, every in (("webqs,squad", 4), ("webqs", 0)):
+        with pytest.raises(SystemExit, match="one source and --correction-every"):
+            recipes.correction_options(source, every, 32, 0)
+    assert recipes.correction_options("", 0, 32, 0) is None
+    assert recipes.correction_options("squad", 2, 32, 2048) == AssistOptions(every=2, source="squad", examples=32,
+                                                                              pool=2048)

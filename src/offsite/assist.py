@@ -55,7 +55,7 @@ DEFAULT_SOURCE = "webqs"
 #: tasks whose inputs are shaped otherwise, and the public pairs shaped like them: SciQ puts a passage
 #: before the question, as SQuAD does. The owner's pairs must share the data owner's input format
 #: (docs/transfer.md, "SciQ": SciQ keeps 0.84 of the ceiling's gain with SQuAD pairs, 0.35 with
-#: WebQuestions), and so must the floor's (:func:`offsite.run.run`).
+#: WebQuestions), and so must the floor's (:func:`offsite.experiment.run.run`).
 MATCHED_SOURCE = {"sciq": "squad"}
 
 
@@ -214,8 +214,15 @@ class CorrectedLoss:
         if self.c is None:
             self.refresh()
         loss_sum, n = (self.base or causal_lm_loss)(model, batch)
+        self._shown = loss_sum.detach()
         linear = sum((self.c[k] * (p - self.at[k])).sum() for k, p in self.params.items())
         return loss_sum + n * linear, n
+
+    def shown_sum(self) -> torch.Tensor:
+        """The LM part (``base``'s) of the last call's sum: what the training bar shows as the loss;
+        the linear term, whose value is arbitrary (its gradient is what matters), can make the total
+        negative (:mod:`offsite.train`)."""
+        return self._shown
 
     def on_step(self, record: dict) -> None:
         if record["step"] % self.every == 0:

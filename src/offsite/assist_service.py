@@ -78,21 +78,24 @@ DEFAULT_PER_MINUTE = 30.0  # corrections per client per minute, sustained
 BURST = 4  # ... and at once
 
 
-def run_corrections(every: int = RECIPE_EVERY) -> int:
-    """Corrections one tuning run asks for at the default settings: one at the start and one every
-    ``every`` optimizer steps of one epoch of the default budget's training examples
-    (:class:`offsite.budget.Budget`: 1000 examples, batch 8, one epoch: 125 steps; at the owner's
-    correction period, :data:`offsite.assist.RECIPE_EVERY`, 32)."""
-    from .budget import Budget
+#: the training examples of one tuning run at the default settings (the default budget's
+#: ``train_limit``, :class:`offsite.experiment.budget.Budget`; a test keeps the two equal)
+RUN_EXAMPLES = 1000
 
-    b = Budget()
-    return math.ceil(math.ceil(b.train_limit * b.epochs / b.batch_size) / every)
+
+def run_corrections(every: int = RECIPE_EVERY, examples: int = RUN_EXAMPLES) -> int:
+    """Corrections one tuning run asks for at the default settings: one at the start and one every
+    ``every`` optimizer steps of one epoch (:class:`~offsite.train.TrainConfig`'s epochs and batch)
+    of ``examples`` training examples (1000 examples, batch 8, one epoch: 125 steps; every 4: 32)."""
+    from .train import TrainConfig
+
+    return math.ceil(math.ceil(examples * TrainConfig.epochs / TrainConfig.batch_size) / every)
 
 
 DEFAULT_BUDGET = run_corrections()
 
 __all__ = ["AssistServer", "DEFAULT_BUDGET", "RemoteAssistant", "check_adapter_tensors", "create_app",
-           "run_corrections", "serve"]
+           "RUN_EXAMPLES", "run_corrections", "serve"]
 
 
 def _header(data: bytes) -> dict:

@@ -40,7 +40,7 @@ from .privacy.cli import cmd_privacy
 from .assist import RECIPE_EVERY, AssistOptions
 from .assist_service import DEFAULT_BUDGET, DEFAULT_PER_MINUTE
 from .service import BODY_TIMEOUT_S
-from .budget import PRESETS
+from .experiment.budget import PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(p, "how the model owner builds the emulator")
     p.add_argument("--adapter-layers", default="2,2", help="BOTTOM,TOP adapter blocks (default 2,2)")
     p.add_argument("--preset", default="demo", choices=list(PRESETS),
-                   help="the budget (offsite.budget): quick: minutes; demo: ~35 min on 2 CPU cores; paper: "
+                   help="the budget (offsite.experiment.budget): quick: minutes; demo: ~35 min on 2 CPU cores; paper: "
                         "bench/paper.py's (1,000 examples and documents); gpu: the paper's recipe, every document")
     p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=None,
                    help="also fine-tune the full model (the FT row); default: on for the gpu preset")
@@ -270,7 +270,7 @@ def cmd_probe(args) -> None:
     from .files import check_new_file, write_json_atomic
     from .models.load import load_model, model_display_name
     from .probe import ProbeOptions, probe, probe_examples, probe_records, probe_summary, task_probe_examples
-    from .results import meta
+    from .experiment.results import meta
 
     opts = ProbeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ProbeOptions)
                            if hasattr(args, f.name)})
@@ -461,7 +461,7 @@ def cmd_run(args) -> None:
     from .data.tasks import TASKS
     from .emulator import get_method
     from .models.load import model_display_name
-    from .run import format_table, run
+    from .experiment.run import format_table, run
     from .tune import file_data
 
     method = get_method(args.method)
@@ -496,7 +496,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import parse_exclude, report_files, report_markdown
+    from .experiment.report import parse_exclude, report_files, report_markdown
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     report, written = report_files(args.results, args.out, tasks=tasks, plots=args.plots,

@@ -14,7 +14,7 @@ Two checks say so before anyone relies on the adapter:
 from __future__ import annotations
 
 from .errors import OffsiteError
-from .stats import paired
+from .eval.paired import paired
 
 
 def harm_note(scores: dict, task: str) -> str | None:
@@ -35,14 +35,13 @@ def check_data(before, after, tokenizer, task, limit: int | None = None, batch_s
     ``task`` (a file of the owner's, :func:`offsite.data.own.resolve_task`): ``{"n", "full_zs",
     "plugin", "diff", "stderr", "harm"}``, ``harm`` the :func:`harm_note` or ``None``."""
     from .data.own import task_name
-    from .eval import evaluate, metric_of
+    from .eval import correct, metric_of
 
     if metric_of(task) != "acc":
         raise OffsiteError("--check-data takes a multiple-choice file ({question|context, choices, answer} rows)")
     rows = {}
     for row, model in (("full_zs", before), ("plugin", after)):
-        res = evaluate(model, tokenizer, task, limit=limit, batch_size=batch_size, return_details=True)
-        rows[row] = [float(d["pred"] == d["gold"]) for d in res["details"]]
+        rows[row] = correct(model, tokenizer, task, limit=limit, batch_size=batch_size)
     diff, se = paired(rows["plugin"], rows["full_zs"])
     n = len(rows["plugin"])
     return {"n": n, "full_zs": sum(rows["full_zs"]) / n, "plugin": sum(rows["plugin"]) / n, "diff": diff,

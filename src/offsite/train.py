@@ -42,7 +42,10 @@ mean of per-micro-batch means, it is not biased by how tokens happen to fall int
 
 A custom ``loss_fn(model, batch) -> (loss_sum, n_tokens)`` must return a *sum* over the same target
 tokens (extra terms, e.g. distillation's 30 x normalised MSE, scaled as a per-token sum) and the
-number of those tokens, which is checked against the count made in advance.
+number of those tokens, which is checked against the count made in advance. A ``loss_fn`` whose
+sum holds more than the LM loss (the owner's correction, :class:`offsite.assist.CorrectedLoss`) may
+have a ``shown_sum()`` method, the LM part of its last call's sum: the progress bar shows that
+(``loss``) and the history keeps it as ``lm_loss`` beside the total ``train_loss``.
 
 Differential privacy
 --------------------
@@ -327,6 +330,7 @@ def train(
     val_examples = _checked(val_examples, cfg.max_length, "validation") if val_examples else []
     custom_loss = loss_fn is not None
     loss_fn = loss_fn or causal_lm_loss
+    shown_sum = getattr(loss_fn, "shown_sum", None)  # the LM part of a loss with more terms (module docstring)
     val_loss_fn = val_loss_fn or loss_fn
 
     if accelerator is None:
@@ -420,11 +424,12 @@ def train(
             n_tokens = sum(lengths[j] for j in batch)
             train_loss = _dp_backward(model, step_optimizer, batch, train_examples, targets, cfg.micro_batch_size,
                                       accelerator, pad_id, device)
+            lm_loss = None
         else:
             batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             n_tokens = sum(lengths[j] for j in batch)
-            train_loss = _backward(model, loss_fn, batch, train_examples, targets, cfg, accum, accelerator,
-                                   autocast, pad_id, device, params, loss_mult)
+            train_loss, lm_loss = _backward(model, loss_fn, batch, train_examples, targets, cfg, accum, accelerator,
+                                            autocast, pad_id, device, params, loss_mult, shown_sum)
         if not math.isfinite(train_loss):  # stop before the step: the weights are still the good ones
             _diverged(step + 1, f"the training loss is {train_loss}", ckpt_root, bar)
         lr = scheduler.get_last_lr()[0]
@@ -442,6 +447,8 @@ def train(
                   "lr": lr, "tokens_per_s": n_tokens / dt if dt > 0 else None}
         if dp is not None:
             record["examples"] = len(batch)
+        if lm_loss is not None:
+            record["lm_loss"] = lm_loss
 
         if val_examples and (step % eval_every == 0 or step == total_steps):
             val_loss = _validate(model, val_examples, val_loss_fn, cfg.micro_batch_size, accelerator, pad_id)
@@ -453,7 +460,7 @@ def train(
 
         if bar is not None:
             elapsed = time.perf_counter() - run_start
-            post = {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{run_tokens / max(elapsed, 1e-9):.0f}"}
+            post = {"loss": f"{record.get('lm_loss', train_loss):.4f}", "lr": f"{lr:.2e}", "tok/s": f"{run_tokens / max(elapsed, 1e-9):.0f}"}
             if record["val_loss"] is not None:
                 post["val"] = f"{record['val_loss']:.4f}"
             bar.set_postfix(post, refresh=False)
@@ -484,15 +491,17 @@ def train(
 
 
 def _backward(model, loss_fn, batch, train_examples, targets, cfg, accum, accelerator, autocast, pad_id, device,
-              params, loss_mult) -> float:
+              params, loss_mult, shown_sum=None) -> tuple[float, float | None]:
     """Forward and backward of one global batch (this process's share of it, in micro-batches);
-    the gradients clipped to ``cfg.max_grad_norm``. Returns the batch's token-mean training loss."""
+    the gradients clipped to ``cfg.max_grad_norm``. Returns the batch's token-mean training loss and,
+    with ``shown_sum`` (the loss's LM part, module docstring), the token-mean LM loss (else None)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     n_targets = sum(targets[j] for j in batch)
     scale = world / max(n_targets, 1) * loss_mult
     share = batch[rank::world]
     chunks = [share[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size] for k in range(accum)]
     local_sum = torch.zeros((), device=device, dtype=torch.float32)
+    local_shown = torch.zeros((), device=device, dtype=torch.float32)
     for k, chunk in enumerate(chunks):
         weight = 1.0
         if not chunk:  # short last batch: this process has nothing left for this micro-step
@@ -507,10 +516,14 @@ def _backward(model, loss_fn, batch, train_examples, targets, cfg, accum, accele
             _check_count(got, sum(targets[j] for j in chunk))
             accelerator.backward(loss_sum * (scale * weight))
         local_sum += loss_sum.detach().float() * weight
+        if shown_sum is not None:
+            local_shown += shown_sum().detach().float().to(device) * weight
 
     if cfg.max_grad_norm is not None:
         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-    return (accelerator.reduce(local_sum, reduction="sum") / max(n_targets, 1)).item()
+    mean = (accelerator.reduce(local_sum, reduction="sum") / max(n_targets, 1)).item()
+    shown = (accelerator.reduce(local_shown, reduction="sum") / max(n_targets, 1)).item() if shown_sum is not None else None
+    return mean, shown
 
 
 def _dp_backward(model, dp_optimizer, batch, train_examples, targets, micro_batch_size, accelerator, pad_id,

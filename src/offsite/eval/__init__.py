@@ -20,7 +20,7 @@ from offsite.eval.loglik import loglikelihood
 from offsite.eval.mc import score_mc
 from offsite.eval.ppl import perplexity
 
-__all__ = ["evaluate", "metric_of", "METRIC", "EVAL_TASKS", "score_mc", "score_webqs", "score_generation",
+__all__ = ["correct", "document_scores", "evaluate", "metric_of", "METRIC", "EVAL_TASKS", "score_mc", "score_webqs", "score_generation",
            "perplexity", "loglikelihood"]
 
 METRIC: dict[str, str] = {**{t: "acc" for t in TASKS if t != "webqs"}, "webqs": "exact_match",
@@ -72,3 +72,22 @@ def evaluate(model, tokenizer, task, docs: Sequence | None = None, limit: int | 
                            max_length=max_length)
     return score_mc(model, tokenizer, docs, batch_size=batch_size, progress=progress,
                     max_length=max_length, return_details=return_details)
+
+
+def document_scores(details: Sequence[dict]) -> list[float]:
+    """Per-document correctness from :func:`evaluate`'s ``details`` (``return_details=True``), 1.0 or
+    0.0: a multiple-choice document's prediction against its gold choice, a generation document's
+    exact match. The one definition the paired statistics, the harm check and transfer read."""
+    return [float(d["exact_match"]) if "exact_match" in d else float(d["pred"] == d["gold"]) for d in details]
+
+
+def correct(model, tokenizer, task, limit: int | None = None, batch_size: int = 32, progress: bool = True,
+            docs: Sequence | None = None) -> list[float]:
+    """Per-document correctness (:func:`document_scores`) of ``model`` on ``task``: a multiple-choice
+    task or a data owner's own generation task, scored as :func:`evaluate` scores it."""
+    res = evaluate(model, tokenizer, task, docs=docs, limit=limit, batch_size=batch_size, progress=progress,
+                   return_details=True)
+    if "details" not in res:
+        raise OffsiteError(f"{task} gives no per-document correctness (a multiple-choice task or an own "
+                           "generation task does)")
+    return document_scores(res["details"])

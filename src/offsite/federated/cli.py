@@ -126,8 +126,9 @@ def _run(args) -> None:
     from ..bundle import load_emulator_manifest
     from ..files import check_parent
     from ..data.own import resolve_task, task_name
-    from ..results import write_results
-    from .run import evaluate_federated, run_simulation
+    from ..experiment.results import write_results
+    from ..experiment.federated import evaluate_federated
+    from .run import run_simulation
 
     cfg = config_from_args(args)
     if args.engine == "simulation" and not 0 < args.cpus_per_client < float("inf"):
@@ -168,8 +169,8 @@ def _run(args) -> None:
     print(f"adapter: {out / 'adapter'}")
     if not args.evaluate:
         return
-    from ..results import meta
-    from ..run import format_table
+    from ..experiment.results import meta
+    from ..experiment.run import format_table
 
     model = _model(args)
     records, notes = evaluate_federated(model, cfg, task, args.eval_limit, 0, command=command_line(args))

@@ -1,4 +1,5 @@
-"""Start a federation (simulation or deployment engine), then plug the adapter in and evaluate it."""
+"""Start a federation (simulation or deployment engine); the rows scored after it are in
+:mod:`offsite.experiment.federated`."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import logging
 import os
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OffsiteError
 from .core import FederationConfig
-from .server import FINAL_DIR, STATE_FILE, settle_state
+from .server import STATE_FILE, settle_state
 
 log = logging.getLogger("offsite.federated")
 
@@ -97,48 +97,6 @@ def finished_state(cfg: FederationConfig) -> dict:
         why = state.get("error") or f"status {state.get('status')!r}"
         raise OffsiteError(f"the federation did not finish: {why}")
     return state
-
-
-def evaluate_federated(model_name: str, cfg: FederationConfig, task, eval_limit: int | None, text_docs: int | None,
-                       batch_size: int = 32, command: str = "", emulator_row: bool = True) -> tuple[list, list]:
-    """The owner's last step: plug the final adapter into the full model and score the table's rows
-    (Full ZS, Emulator FT with the federated adapter, Plug-in). Returns (records, notes)."""
-    from ..bundle import load_adapter, load_emulator
-    from ..files import read_json_file
-    from ..models.load import load_model, model_display_name
-    from ..plug import plug, plug_into_emulator
-    from ..run import evaluate_row, row_records
-
-    state = read_json_file(Path(cfg.out) / STATE_FILE)
-    bundle = load_adapter(Path(cfg.out) / FINAL_DIR)
-    emu = load_emulator(cfg.emulator)
-    manifest = emu.manifest
-    base = {"model": model_display_name(model_name), "method": manifest.get("method"),
-            "setting": {"adapter_layers": list(emu.adapter_layers), **emu.params,
-                        "federated": federated_setting(cfg, state)},
-            "middle_params": emu.middle_params()}
-    records = []
-    if emulator_row:
-        plug_into_emulator(emu, bundle)
-        t0 = time.perf_counter()
-        res = evaluate_row(emu.model, emu.tokenizer, task, eval_limit, text_docs, batch_size)
-        records += row_records("emu_ft", res, base, time.perf_counter() - t0, {})
-    del emu
-    model, tokenizer = load_model(model_name)
-    t0 = time.perf_counter()
-    res = evaluate_row(model, tokenizer, task, eval_limit, text_docs, batch_size)
-    records += row_records("full_zs", res, base, time.perf_counter() - t0, {})
-    plugged = plug(model, bundle, manifest)
-    t0 = time.perf_counter()
-    res = evaluate_row(plugged, tokenizer, task, eval_limit, text_docs, batch_size)
-    records += row_records("plugin", res, base, time.perf_counter() - t0, {})
-    records += round_records(state, base)
-    notes = [f"federated: {cfg.clients} data owners, {cfg.rounds} rounds of {cfg.local_steps} local steps, "
-             f"{'SecAgg+' if cfg.secagg else 'no secure aggregation'}"
-             + (f", FedProx mu {cfg.proximal_mu:g}" if cfg.proximal_mu else ", FedAvg"),
-             f"evaluated on the first {eval_limit} documents of the evaluation split" if eval_limit
-             else "evaluated on every evaluation document"]
-    return records, notes
 
 
 def federated_setting(cfg: FederationConfig, state: dict) -> dict:

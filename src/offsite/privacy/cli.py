@@ -1,5 +1,5 @@
 """``offsite privacy --model M --emulator DIR [--task T --budgets 0,1M,5M]`` (model owner): the
-recovery attack and the weight exposure of an emulator (:func:`offsite.privacy.run.run_privacy`).
+recovery attack and the weight exposure of an emulator (:func:`offsite.experiment.privacy.run_privacy`).
 
 ``offsite privacy --side data --model M --emulator DIR --tuned-adapter DIR --data TRAIN --heldout FILE
 --json OUT [--canaries REC]`` (the data owner's side): membership inference and canary exposure
@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 from ..cli_args import add_dataclass_args, add_train_args, tune_settings
-from ..budget import PRESETS
+from ..experiment.budget import PRESETS
 from .attack import AttackConfig
 from .report import format_markdown
-from .run import DEFAULT_BUDGETS, parse_budgets, run_privacy
+from ..experiment.privacy import DEFAULT_BUDGETS, parse_budgets, run_privacy
 from ..errors import OffsiteError
 
 

@@ -1,6 +1,6 @@
 """The privacy section of a report: :func:`format_markdown` (per emulator, the attack curve next to
 Emulator FT and Plug-in, and the weight exposure) and :func:`plot_privacy` (accuracy against the
-attack budget), from the records :func:`offsite.privacy.run.privacy_records` writes."""
+attack budget), from the records :func:`offsite.experiment.privacy.privacy_records` writes."""
 
 from __future__ import annotations
 

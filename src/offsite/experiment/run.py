@@ -8,7 +8,7 @@
 5. the ceiling (on by default) tunes the same adapter with the same data, settings and seed on the
    full model itself: what a perfect emulator would give. Only a run that holds both assets can
    compute it. From it, **transfer** = (Plug-in − Full ZS) / (ceiling − Full ZS) with its paired
-   standard error (:mod:`offsite.stats`), the share of the adaptation the emulator carried;
+   standard error (:mod:`offsite.experiment.stats`), the share of the adaptation the emulator carried;
 6. the floor (on by default) tunes the same adapter, settings and seed on the full model on as many
    of the model owner's *public* pairs, shaped like the task's inputs
    (:func:`offsite.assist.matched_source`, or the owner's correction source when it is in the loop):
@@ -17,6 +17,9 @@
    a Plug-in at the floor has carried nothing of the data owner's own. From it, **transfer beyond
    the floor** = (Plug-in − floor) / (ceiling − floor), reported where the ceiling is at least two
    standard errors above the floor.
+
+The rows run through :func:`offsite.experiment.cell.run_cell` (their order is its ``ROW_ORDER``,
+the same for ``bench/paper.py``); with ``cache=DIR`` a row this cell already computed there is read.
 
 The emulator's transfer probe (:mod:`offsite.probe`, data-free) is measured when it is built and
 written into its manifest and the results (``row: "probe"``).
@@ -30,25 +33,26 @@ split unless ``train_data`` is given.
 
 from __future__ import annotations
 
-import shutil
+import hashlib
+import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .assist import AssistOptions, Assistant, matched_source
-from .budget import PRESETS, Budget, preset as named_preset
-from .bundle import load_adapter, load_emulator, save_emulator
-from .data.own import OwnTask, resolve_task, task_name
-from .emulator import Emulator, build_emulator
-from .errors import DataUnavailable, OffsiteError
-from .files import check_parent, write_text_atomic
-from .harm import harm_note
-from .models.load import load_model
-from .plug import plug
-from .probe import attach_probe, probe_records
-from .report import ROW_TITLES, ROWS, block_markdown, build_report
+from ..assist import AssistOptions, Assistant, matched_source
+from ..bundle import load_emulator, save_emulator
+from ..data.own import OwnTask, resolve_task, task_name
+from ..emulator import build_emulator, parse_adapter_layers
+from ..errors import DataUnavailable, OffsiteError
+from ..files import check_parent, write_text_atomic
+from ..harm import harm_note
+from ..models.load import load_model, model_display_name
+from ..probe import attach_probe, probe_records
+from ..tune import TrainingData, TuneSettings, task_data
+from .budget import Budget, preset as named_preset
+from .cell import ROW_ORDER, Lab, RowCache, public_pairs_of, row_key, run_cell
+from .report import block_markdown, build_report
 from .results import meta, metric_records, write_results
-from .tune import TrainingData, TuneSettings, finetune_full, task_data, tune_adapter, tune_to_dir
 
 @dataclass
 class RunResult:
@@ -62,14 +66,13 @@ def evaluate_row(model, tokenizer, task, eval_limit, text_docs, batch_size: int,
     """The task's metrics and held-out text perplexity of one model, keyed by task name. With
     ``scores`` (a dict), the per-document correctness of a multiple-choice task (or exact match of
     an own generation task) is stored in ``scores[<task name>]``."""
-    from .eval import evaluate, metric_of
+    from ..eval import document_scores, evaluate, metric_of
 
     own_gen = isinstance(task, OwnTask) and task.kind == "gen"
     details = scores is not None and (metric_of(task) == "acc" or own_gen)
     res = evaluate(model, tokenizer, task, limit=eval_limit, batch_size=batch_size, return_details=details)
     if details:
-        scores[task_name(task)] = [d["exact_match"] if own_gen else float(d["pred"] == d["gold"])
-                                   for d in res.pop("details")]
+        scores[task_name(task)] = document_scores(res.pop("details"))
     out = {task_name(task): res}
     if text_docs != 0:
         out["text"] = evaluate(model, tokenizer, "text", limit=text_docs, batch_size=batch_size)
@@ -88,13 +91,16 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         ceiling: bool = True, probe: bool = True, floor: bool = True, floor_source: str | None = None,
         eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
         batch_size: int = 32, overwrite: bool = False, command: str = "", log=print,
-        train_data: TrainingData | None = None, assist: AssistOptions | None = None) -> RunResult:
+        train_data: TrainingData | None = None, assist: AssistOptions | None = None,
+        cache: str | Path | None = None) -> RunResult:
     """Both parties on one machine; ``task`` is a built-in task name, a task file of one's own or an
     :class:`~offsite.data.own.OwnTask` (evaluated on its rows); ``train_data`` is what the adapter is
     tuned on (default: the first ``train_limit`` examples of a built-in task's train split, per the
-    budget; an own task file needs it). ``preset``: a :data:`~offsite.budget.PRESETS` name or a
-    :class:`~offsite.budget.Budget`. ``assist``: the
-    model owner corrects the adapter's gradient during tuning (:mod:`offsite.assist`)."""
+    budget; an own task file needs it). ``preset``: a :data:`~offsite.experiment.budget.PRESETS` name or a
+    :class:`~offsite.experiment.budget.Budget`. ``assist``: the
+    model owner corrects the adapter's gradient during tuning (:mod:`offsite.assist`). ``cache``: a
+    folder of computed rows (:class:`~offsite.experiment.cell.RowCache`): a row this cell already
+    computed there is read, not computed again."""
     budget = preset if isinstance(preset, Budget) else named_preset(preset)
     eval_limit = budget.eval_limit if eval_limit == "preset" else eval_limit
     text_docs = budget.text_docs if text_docs == "preset" else text_docs
@@ -154,6 +160,9 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
         subset = f"first {eval_limit} documents of the evaluation split" if eval_limit else "every evaluation document"
     text = "skipped" if text_docs == 0 else f"{text_docs} documents" if text_docs else "all documents"
     result.notes.append(f"evaluated on {subset}; held-out text: {text}")
+    if isinstance(task, OwnTask) and text_docs != 0:
+        log(f"[offsite] every row also scores held-out text perplexity ({text}) beside {name}: minutes per row "
+            "on a CPU; --text-docs 0 skips it (docs/own-task.md)")
     if not full_ft:
         result.notes.append("Full FT skipped (pass --full-ft to run it)")
     if not ceiling:
@@ -202,60 +211,57 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
             "build_seconds": round(build_s, 2)}
     if probe:
         result.records.extend(probe_records(emu_manifest["report"]["probe"], {**base, "task": "text"}))
-    scores: dict[str, dict] = {}  # row -> {task: per-document correctness}, for transfer
+    base["middle_params"] = emu_manifest["shapes"]["middle_params"]
+    _save(result, out)
 
-    def add(row, results, seconds, extra=None):
-        result.records.extend(row_records(row, results, base, seconds, extra or {}))
+    # 2.-5. the rows (offsite.experiment.cell): the data owner's, then the owner's
+    full = [model, tokenizer]  # the full model: the Plug-in is written into it, then it is dropped
+    del model
+    scores: dict[str, dict] = {}  # row -> {task: per-document correctness}, for transfer and harm
+
+    def score(m, tok, row):
+        correct: dict = {}
+        return evaluate_row(m, tok, task, eval_limit, text_docs, batch_size, correct), correct
+
+    def on_row(row, r):
+        scores[row] = r.correct
+        result.records.extend(row_records(row, r.metrics, base, r.seconds, r.extra))
         _save(result, out)
+        if row == "plugin":
+            full.clear()
+            _after_plugin(result, scores, name, base, ceiling, floor, floor_source, log)
+            _save(result, out)
 
-    # 2. data owner
-    emu = load_emulator(emu_dir)
-    middle = emu.middle_params()
-    base["middle_params"] = middle
-    res, dt = timed("Emulator ZS", lambda: evaluate_row(emu.model, emu.tokenizer, task, eval_limit, text_docs, batch_size))
-    add("emu_zs", res, dt)
-    adapter_dir = out / "adapter"
-    # the owner's side of the assisted protocol: the full model and its own copy of the emulator
-    assistant = Assistant(model, load_emulator(emu_dir), assist) if assist.on else None
-    _, dt = timed("tuning the adapter on the emulator" + (" (owner in the loop)" if assistant else ""),
-                  lambda: tune_to_dir(emu, data, settings, adapter_dir, overwrite=True, assist=assistant))
-    assistant = None
-    res, dt2 = timed("Emulator FT", lambda: evaluate_row(emu.model, emu.tokenizer, task, eval_limit, text_docs, batch_size))
-    add("emu_ft", res, dt2, {"train_seconds": round(dt, 2)})
-    emu.model = None  # free the data owner's copy before the owner's work
+    lab = Lab(display=_name(model_name), adapter_layers=_pair(adapter_layers), base=lambda: tuple(full), score=score,
+              data=lambda: data, settings=settings, full_ft_lr=budget.full_ft_lr, work=lambda row: out / f"{row}.work",
+              emulator_dir=emu_dir, adapter_dir=out / "adapter",
+              floor_data=(lambda: (floor_data, floor_source)) if floor else None,
+              fresh_full=lambda: load_model(model_name), consume_base=True,
+              assistant=(lambda: Assistant(full[0], load_emulator(emu_dir), assist)) if assist.on else None,
+              log=lambda msg: log(f"[offsite] {msg}"))
+    skipped = {row for row, on in (("ceiling", ceiling), ("floor", floor), ("full_ft", full_ft)) if not on}
+    rows = [row for row in ROW_ORDER if row not in skipped]
+    cell = {"model": _name(model_name), "task": name if not isinstance(task, OwnTask) else [name, task.digest],
+            "eval": {"eval_limit": eval_limit, "text_docs": text_docs},
+            "emulator": {"method": method, "digest": emu_manifest.get("digest")},
+            "layout": {"adapter_layers": list(_pair(adapter_layers)), "blocks": settings.blocks},
+            "training": {"budget": budget.identity(), "settings": repr(settings), "data": _data_digest(data)},
+            "recipe": assist.record() if assist.on else None,
+            "floor": [floor_source, _data_digest(floor_data)] if floor else None}
+    run_cell(lab, rows, RowCache(cache, lambda row: row_key(row, cell)) if cache else None, on_row)
+    _save(result, out)
+    write_text_atomic(out / "table.md", format_table(result.records, name) + "\n\n" + "\n".join(
+        f"* {n}" for n in result.notes) + "\n")
+    return result
 
-    # 3. owner: Full ZS, then plug in
-    res, dt = timed("Full ZS", lambda: evaluate_row(model, tokenizer, task, eval_limit, text_docs, batch_size,
-                                                    scores.setdefault("full_zs", {})))
-    add("full_zs", res, dt)
-    # 4. the ceiling: the same adapter, data, settings and seed tuned on the full model (before the
-    #    plug-in, which writes into the model)
-    if ceiling:
-        (full_middle, _), dt = timed("ceiling: tuning the adapter on the full model", lambda: tune_ceiling(
-            model, tokenizer, _name(model_name), adapter_layers, data, settings, out / "ceiling.work"))
-        res, dt2 = timed("ceiling", lambda: evaluate_row(full_middle.model, tokenizer, task, eval_limit, text_docs,
-                                                         batch_size, scores.setdefault("ceiling", {})))
-        add("ceiling", res, dt2, {"train_seconds": round(dt, 2)})
-        full_middle = None
-    if floor:
-        (owner_alone, _), dt = timed(f"floor: tuning the adapter on the full model on public {floor_source} pairs",
-                                     lambda: tune_ceiling(model, tokenizer, _name(model_name), adapter_layers,
-                                                          floor_data, settings, out / "floor.work"))
-        res, dt2 = timed("floor", lambda: evaluate_row(owner_alone.model, tokenizer, task, eval_limit, text_docs,
-                                                       batch_size, scores.setdefault("floor", {})))
-        add("floor", res, dt2, {"train_seconds": round(dt, 2), "train_examples": len(floor_data.items),
-                                "floor_source": floor_source})
-        owner_alone = None
-    plugged = plug(model, load_adapter(adapter_dir), emu_manifest)
-    res, dt = timed("Plug-in", lambda: evaluate_row(plugged, tokenizer, task, eval_limit, text_docs, batch_size,
-                                                    scores.setdefault("plugin", {})))
-    add("plugin", res, dt)
-    plugged = None
+
+def _after_plugin(result: RunResult, scores: dict, name: str, base: dict, ceiling: bool, floor: bool,
+                  floor_source: str | None, log) -> None:
+    """Once the Plug-in is scored: the harm warning, and transfer (and beyond the floor) or why not."""
     harm = harm_note(scores, name)
     if harm:
         log(f"[offsite] WARNING: {harm}")
         result.notes.insert(0, f"WARNING: {harm}")
-        _save(result, out)
     if ceiling:
         rec = transfer_record(scores, name, base)
         if name not in scores["full_zs"]:
@@ -266,7 +272,6 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
                                 "errors (nothing to transfer)")
         else:
             result.records.append(rec)
-            _save(result, out)
     if ceiling and floor and name in scores["floor"]:
         rec = transfer_record(scores, name, base, floor=True)
         if rec is None:
@@ -275,57 +280,11 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
                                 f"{floor_source} pairs teach too)")
         else:
             result.records.append(rec)
-            _save(result, out)
-    model = None
-
-    # 5. Full FT baseline through the same training loop
-    if full_ft:
-        ft_model, _ = load_model(model_name)
-        _, dt = timed("Full FT training", lambda: tune_full_ft(ft_model, tokenizer, data, settings,
-                                                               budget.full_ft_lr, out / "full_ft.work"))
-        res, dt2 = timed("Full FT", lambda: evaluate_row(ft_model, tokenizer, task, eval_limit, text_docs, batch_size))
-        add("full_ft", res, dt2, {"train_seconds": round(dt, 2)})
-    write_text_atomic(out / "table.md", format_table(result.records, name) + "\n\n" + "\n".join(
-        f"* {n}" for n in result.notes) + "\n")
-    return result
 
 
-def ceiling_emulator(model, tokenizer, name: str, adapter_layers) -> Emulator:
-    """The ceiling's "emulator": the full middle, every original block (tuning the adapter on it is
-    tuning the adapter on the full model, through the same code path as on any emulator)."""
-    from .emulator import split_layers
-    from .models.families import num_blocks
-
-    layers = _pair(adapter_layers)
-    middle = split_layers(num_blocks(model.config), layers)[1]
-    return build_emulator("uniform", model, tokenizer, name, layers, keep=len(middle))
-
-
-def tune_ceiling(model, tokenizer, name: str, adapter_layers, data: TrainingData, settings: TuneSettings,
-                 work: Path):
-    """The ceiling row's training (and the floor's, on public pairs): the adapter tuned with
-    ``settings`` on ``data`` on the full middle of ``model`` (which is not modified: the returned
-    emulator holds copies of the adapter blocks). Checkpoints go to ``work``, removed once done.
-    Returns (that emulator, the training result)."""
-    full_middle = ceiling_emulator(model, tokenizer, name, adapter_layers)
-    _, trained = tune_adapter(full_middle, data, settings, work)
-    shutil.rmtree(work, ignore_errors=True)
-    return full_middle, trained
-
-
-def tune_full_ft(model, tokenizer, data: TrainingData, settings: TuneSettings, lr: float, work: Path):
-    """The Full FT row's training: every block of ``model`` fine-tuned in place with ``settings`` at
-    the learning rate ``lr`` (the budget's ``full_ft_lr``). Checkpoints go to ``work``, removed once
-    done. Returns the training result."""
-    result = finetune_full(model, tokenizer, data, replace(settings, train=replace(settings.train, lr=lr)), work)
-    shutil.rmtree(work, ignore_errors=True)
-    return result
-
-
-def public_pairs_of(public: TrainingData, n: int) -> TrainingData:
-    """The floor's training data: the first ``n`` of the owner's ``public`` pairs (all of them where
-    it has fewer), as many as the data owner tunes on."""
-    return TrainingData(public.kind, public.items[:n], source=public.source)
+def _data_digest(data: TrainingData) -> str:
+    """What identifies training data in a row's cache key: its source, kind and examples."""
+    return hashlib.sha256(json.dumps([data.source, data.kind, data.items], default=str).encode()).hexdigest()[:16]
 
 
 def transfer_record(scores: dict, task: str, base: dict, floor: bool = False) -> dict | None:
@@ -350,14 +309,10 @@ def transfer_record(scores: dict, task: str, base: dict, floor: bool = False) ->
 
 
 def _name(model_name: str) -> str:
-    from .models.load import model_display_name
-
     return model_display_name(model_name)
 
 
 def _pair(adapter_layers):
-    from .emulator import parse_adapter_layers
-
     return parse_adapter_layers(adapter_layers)
 
 
@@ -366,10 +321,10 @@ def _save(result: RunResult, out: Path) -> None:
 
 
 def format_table(records: list[dict], task: str) -> str:
-    """The papers' table of one run (the task and held-out text), rendered by :mod:`offsite.report`."""
+    """The papers' table of one run (the task and held-out text), rendered by :mod:`offsite.experiment.report`."""
     rep = build_report([("run", {"records": records})], tasks=[task, "text"])
     return "\n\n".join(block_markdown(b) for b in rep["blocks"])
 
 
-__all__ = ["PRESETS", "ROWS", "ROW_TITLES", "Budget", "RunResult", "ceiling_emulator", "format_table",
-           "public_pairs_of", "run", "transfer_record", "tune_ceiling", "tune_full_ft"]
+__all__ = ["RunResult", "evaluate_row", "format_table", "row_records",
+           "run", "transfer_record"]

@@ -1,6 +1,6 @@
 """What the benchmark scripts in ``bench/`` share, as one importable module.
 
-* :class:`~offsite.budget.Budget` (defined in :mod:`offsite.budget`, shared with ``offsite run``): what
+* :class:`~offsite.experiment.budget.Budget` (defined in :mod:`offsite.experiment.budget`, shared with ``offsite run``): what
   one benchmark cell may spend (its identity keys the results file and the cache);
 * :class:`Hooks` and :class:`Bench`: the model loader, training data and evaluation a benchmark
   uses (replaceable in tests), and its cache of emulators, adapters and per-document predictions;
@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Callable
 
 from .budget import Budget
-from .bundle import save_emulator
-from .emulator import build_emulator as _build_emulator
-from .emulator import get_method, parse_adapter_layers
-from .errors import OffsiteError
-from .eval import evaluate
-from .files import write_json_atomic
-from .models.load import load_model, model_display_name
+from ..bundle import save_emulator
+from ..emulator import build_emulator as _build_emulator
+from ..emulator import get_method, parse_adapter_layers
+from ..errors import OffsiteError
+from ..eval import document_scores, evaluate
+from ..files import write_json_atomic
+from ..models.load import load_model, model_display_name
 from .report import load_results, setting_key, setting_label, slug
 from .results import write_results
 
@@ -296,7 +296,7 @@ def entry_name(entry) -> str:
 def entry_details(task: str, entry, acc: float, details: list[dict], seconds: float) -> dict:
     """The cached per-document record bench/paired.py compares: document ids and 0/1 correctness."""
     return {"task": task, "entry": entry_name(entry), "acc": acc, "n": len(details),
-            "ids": [d["id"] for d in details], "correct": [int(d["pred"] == d["gold"]) for d in details],
+            "ids": [d["id"] for d in details], "correct": [int(x) for x in document_scores(details)],
             "seconds": round(seconds, 1)}
 
 

@@ -21,9 +21,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
-from .errors import OffsiteError
-from .train import TrainConfig
-from .tune import TrainingData, TuneSettings, task_data
+from ..errors import OffsiteError
+from ..train import TrainConfig
+from ..tune import TrainingData, TuneSettings, task_data
 
 FULL_FT_LR = 2e-5  # fine-tuning every block (the Full FT row): the paper's ft_all.sh
 
@@ -100,7 +100,7 @@ class Budget:
         (an own task file: all of its rows); for ``text`` the first ``text_train_limit`` public-text
         training documents."""
         if task == "text":
-            from .data.text import public_text
+            from ..data.text import public_text
 
             return TrainingData("text", list(public_text("train"))[:self.text_train_limit], source="text")
         data = task_data(task)

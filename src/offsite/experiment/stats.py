@@ -1,8 +1,7 @@
 """Paired statistics over per-document scores: differences of two rows and the transfer ratio.
 
 Every row of the table is scored on the same documents, so a difference between two rows is best
-estimated document by document: the paired standard error is much smaller than the unpaired one
-when the two models agree on most documents.
+estimated document by document (:func:`offsite.eval.paired.paired`, the paired standard error).
 
 **Transfer** is the share of the adapter's possible gain that survives the emulator::
 
@@ -30,30 +29,9 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["above_noise", "paired", "paired_seeds", "transfer", "transfer_seeds"]
+from ..eval.paired import check_paired as _check, mean as _mean, paired, variance as _var
 
-
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-def _var(xs: Sequence[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = _mean(xs)
-    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-
-
-def _check(*rows: Sequence[float]) -> None:
-    if not rows[0] or any(len(r) != len(rows[0]) for r in rows):
-        raise ValueError("paired samples must be non-empty and of equal length (the same documents)")
-
-
-def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Mean and paired standard error of ``a − b`` (same documents, same order)."""
-    _check(a, b)
-    d = [x - y for x, y in zip(a, b)]
-    return _mean(d), math.sqrt(_var(d) / len(d))
+__all__ = ["above_noise", "paired_seeds", "transfer", "transfer_seeds"]
 
 
 def above_noise(t: dict) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .. import __version__
 
 
 def machine() -> str:
@@ -69,6 +69,6 @@ def metric_records(metrics: dict, base: dict, prefix: str = "", **after) -> list
 
 
 def write_results(path: str | Path, meta_block: dict, records: list[dict], **extra) -> None:
-    from .files import write_json_atomic
+    from ..files import write_json_atomic
 
     write_json_atomic(path, {"meta": meta_block, **extra, "records": records})

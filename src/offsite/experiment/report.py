@@ -26,7 +26,7 @@ ignored and counted in the notes.
   perplexities (negative: the plug-in is better).
 * **Transfer.** (Plug-in − Full ZS) / (ceiling − Full ZS), the share of the adapter's possible gain
   that the emulator carried, printed as recorded (its paired standard error comes from per-document
-  scores, :mod:`offsite.stats`; a task whose ceiling gains under two standard errors has none). The
+  scores, :mod:`offsite.experiment.stats`; a task whose ceiling gains under two standard errors has none). The
   average's transfer is the record of task ``avg<k>`` (``k`` tasks) where one was written.
   **Transfer beyond the floor**, (Plug-in − floor) / (ceiling − floor), likewise: the share of what
   only the task's data teaches (the floor: the adapter tuned on the full model on the owner's public
@@ -48,7 +48,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import OffsiteError
+from ..errors import OffsiteError
 
 ROWS = ("full_zs", "emu_zs", "emu_ft", "plugin", "ceiling", "floor", "full_ft")
 ROW_TITLES = {"full_zs": "Full ZS", "emu_zs": "Emulator ZS", "emu_ft": "Emulator FT",
@@ -72,7 +72,7 @@ def human(n: int) -> str:
 def headline_metric(task: str, available: set[str] | None = None) -> str:
     """The metric the papers report for ``task``."""
     try:
-        from .eval import METRIC
+        from ..eval import METRIC
     except Exception:  # noqa: BLE001 - the report must work without the evaluation stack
         METRIC = {}
     if task in METRIC:
@@ -645,7 +645,7 @@ def plot_privacy_utility(model: str, s: dict, path: Path) -> Path | None:
 
 def write_report(report: dict, out: str | Path, plots: bool = True) -> list[Path]:
     """Write report.md, report.json and (with ``plots``) the PNGs into ``out``; returns the paths."""
-    from .files import write_json_atomic
+    from ..files import write_json_atomic
 
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -33,10 +33,10 @@ from pathlib import Path
 from ..bundle import load_emulator_manifest
 from ..errors import OffsiteError
 from ..files import write_json_atomic
-from ..results import meta, metric_records
-from ..budget import preset as named_preset
-from .attack import AttackConfig, recover
-from .report import EXPOSURE_METRICS, ROW, format_markdown, plot_privacy
+from .results import meta, metric_records
+from .budget import preset as named_preset
+from ..privacy.attack import AttackConfig, recover
+from ..privacy.report import EXPOSURE_METRICS, ROW, format_markdown, plot_privacy
 
 DEFAULT_BUDGETS = (0, 1_000_000, 5_000_000)
 
@@ -84,7 +84,7 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
     """Recovery attack at every budget + weight exposure + Plug-in, as results records (see module doc).
 
     ``settings`` (:class:`offsite.tune.TuneSettings`) are the data owner's tuning settings; by
-    default the ``preset``'s (:data:`offsite.budget.PRESETS`), as ``offsite run`` uses them —
+    default the ``preset``'s (:data:`offsite.experiment.budget.PRESETS`), as ``offsite run`` uses them —
     ``bench/paper.py`` passes its own so the attacker tunes exactly like its data owner. ``setting``
     overrides the records' ``setting`` (default: adapter layers + the bundle's method parameters).
     ``model``: the owner's full model if already loaded (not modified). ``details``, if given, is
@@ -180,7 +180,7 @@ def privacy_records(model_name: str, emulator_dir: str | Path, task: str, budget
 
 
 def weight_exposure_of(model, emu):
-    from .exposure import weight_exposure
+    from ..privacy.exposure import weight_exposure
 
     return weight_exposure(model, emu)
 
