@@ -184,7 +184,6 @@ def repair_adapter(model, emu, tok, steps: int, block: int = 128, batch: int = 8
 
     cfg = TrainConfig(lr=lr, max_steps=steps, batch_size=batch, micro_batch_size=batch, seed=seed,
                       eval_every=max(1, steps // 4), checkpoint_every=None, max_length=block)
-    before = None
     with torch.no_grad():
         b = {"input_ids": torch.tensor([val[0]["input_ids"]]), "labels": torch.tensor([val[0]["labels"]]),
              "attention_mask": torch.ones(1, len(val[0]["input_ids"]), dtype=torch.long)}
@@ -309,8 +308,6 @@ def main(argv=None) -> int:
                 start = None
                 if tune.get("repair"):  # experiment: the owner repairs the bottom blocks first (repair_adapter)
                     from safetensors.torch import load_file
-
-                    from offsite.models.load import load_model as _load
 
                     path = out / "repairs" / f"{emu_dir.name}-repair{tune['repair']}.safetensors"
                     path.parent.mkdir(exist_ok=True)
