@@ -198,6 +198,11 @@ def repair_adapter(model, emu, tok, steps: int, block: int = 128, batch: int = 8
     return adapters.extract(emu.model, bottom, "full")
 
 
+def emulator_dir(out: Path, method: str, opts: dict) -> Path:
+    """Where a task's cache keeps the emulator of ``method`` with ``opts`` (``uniform-keep13``)."""
+    return out / "emulators" / (f"{method}-" + "-".join(f"{k}{v}" for k, v in sorted(opts.items())))
+
+
 def settings_for(seed: int, tune: dict):
     from offsite.experiment.budget import preset
     from offsite.adapters import LoraOptions
@@ -243,7 +248,6 @@ def main(argv=None) -> int:
     from offsite.models.load import load_model
     from offsite.plug import plug
     from offsite.experiment.cell import public_pairs_of, tune_ceiling
-    from offsite.models.families import get_blocks as get_blocks_
     from offsite.tune import file_data, task_data, tune_adapter
 
     torch.set_num_threads(1)
@@ -283,7 +287,7 @@ def main(argv=None) -> int:
             cached(out / f"floor-{name}-s{seed}.json", floor)
     for recipe in a.recipe:
         method, opts, tune = parse_recipe(recipe)
-        emu_dir = out / "emulators" / (f"{method}-" + "-".join(f"{k}{v}" for k, v in sorted(opts.items())))
+        emu_dir = emulator_dir(out, method, opts)
         if not (emu_dir / "manifest.json").exists():
             t0 = time.perf_counter()
             if "drop" in opts:  # experiment: layer drop of the named middle blocks (``drop=5-14-23``)
@@ -315,12 +319,9 @@ def main(argv=None) -> int:
                         save_file(repair_adapter(model, emu, tok, int(tune["repair"])), str(path))
                         emu = load_emulator(emu_dir)
                     start = load_file(str(path))
-                    by_src = {s: p for p, s in emu.adapter_positions.items()}
-                    blocks = get_blocks_(emu.model)
-                    with torch.no_grad():
-                        for k, t in start.items():
-                            _, src, name = k.split(".", 2)
-                            blocks[by_src[int(src)]].get_parameter(name).copy_(t)
+                    position = {src: pos for pos, src in emu.adapter_positions.items()}
+                    adapters.apply(emu.model, {f"blocks.{position[int(k.split('.')[1])]}.{k.split('.', 2)[2]}": t
+                                               for k, t in start.items()}, "full")
                 rec = scored(emu.model, emu.tokenizer, task, "emu_zs")
                 rec["middle_share"] = manifest["shapes"]["middle_params"] / manifest["shapes"]["original_middle_params"]
                 settings = settings_for(seed, tune)
@@ -398,7 +399,7 @@ def middle_share(out: Path, cell: str) -> float | None:
     """The share of the middle's parameters an older cell's emulator kept (from its manifest)."""
     method, _, rest = cell.partition("_")
     opts = dict(p.split("=", 1) for p in rest.split("_") if "=" in p and p.split("=")[0] not in TUNE_KEYS)
-    path = out / "emulators" / (f"{method}-" + "-".join(f"{k}{v}" for k, v in sorted(opts.items()))) / "manifest.json"
+    path = emulator_dir(out, method, opts) / "manifest.json"
     if not path.exists():
         return None
     shapes = json.loads(path.read_text())["shapes"]

@@ -95,13 +95,19 @@ def test_assistant_refuses_tensors_that_are_not_the_emulators_adapter(tok):
         AssistOptions(every=-1).check()
 
 
-def test_corrected_loss_adds_the_correction_to_the_gradient(tok):
+def _block0_trainable():
+    """A tiny llama model with only its block 0 trainable, and those tensors by bundle key."""
     model = tiny_model("llama", 4, seed=4)
     for p in model.parameters():
         p.requires_grad_(False)
     params = {k: dict(model.named_parameters())[n] for k, n in adapters.param_names(model, {0: 0}).items()}
     for p in params.values():
         p.requires_grad_(True)
+    return model, params
+
+
+def test_corrected_loss_adds_the_correction_to_the_gradient(tok):
+    model, params = _block0_trainable()
     c = {k: torch.randn(p.shape) for k, p in params.items()}
     seen = []
     loss = CorrectedLoss(params, lambda state: (seen.append(state), c)[1], every=2)
@@ -130,12 +136,7 @@ def test_the_training_bar_shows_the_lm_loss_not_the_corrections_linear_term(tok,
     ``lm_loss`` show the LM loss, ``train_loss`` keeps the total."""
     from offsite.train import train
 
-    model = tiny_model("llama", 4, seed=4)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = {k: dict(model.named_parameters())[n] for k, n in adapters.param_names(model, {0: 0}).items()}
-    for p in params.values():
-        p.requires_grad_(True)
+    model, params = _block0_trainable()
     c = {k: -100.0 * torch.ones(p.shape) for k, p in params.items()}  # a big term: the total goes negative
     shown = []
 
