@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict, replace
 import json
 
 import pytest
@@ -191,12 +192,15 @@ def test_assisted_tuning_asks_the_owner_every_n_steps_and_records_it(tok):
 def test_run_with_the_owner_in_the_loop_records_the_recipe(tok, tmp_path, monkeypatch):
     from test_transfer import _qa_world
 
+    from offsite.experiment.recipe import Recipe
     from offsite.experiment.run import run
 
     _qa_world(monkeypatch, tok)
-    settings = _settings("bottom", steps=8)
-    res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 1}, tmp_path / "r", settings=settings,
-              eval_limit=None, text_docs=0, probe=False, log=lambda *a: None, assist=AssistOptions(every=4))
+    tuning = {**asdict(_settings("bottom", steps=8).train), "blocks": "bottom"}
+    recipe = Recipe(options={"keep": 1}, adapter_layers=(2, 1), tuning=tuning, assist={"every": 4})
+    res = run("tiny", "arc_easy", recipe, tmp_path / "r", eval_limit=None, text_docs=0, probe=False,
+              log=lambda *a: None)
+    assert Recipe.load(tmp_path / "r" / "recipe.toml") == recipe  # the run's recipe, written back
     rows = {r["row"] for r in res.records}
     assert {"emu_ft", "plugin", "ceiling", "full_zs"} <= rows
     setting = res.records[0]["setting"]
@@ -206,8 +210,8 @@ def test_run_with_the_owner_in_the_loop_records_the_recipe(tok, tmp_path, monkey
     manifest = json.loads((tmp_path / "r" / "adapter" / "manifest.json").read_text())
     assert manifest["training"]["assist"]["corrections"] == 2
     with pytest.raises(OffsiteError, match="are the task being tuned"):
-        run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 1}, tmp_path / "r2", settings=settings,
-            assist=AssistOptions(every=4, source="arc_easy"), log=lambda *a: None)
+        run("tiny", "arc_easy", replace(recipe, assist={"every": 4, "source": "arc_easy"}), tmp_path / "r2",
+            log=lambda *a: None)
 
 
 def test_a_checkpoint_resumes_only_under_the_same_correction(tok, tmp_path):

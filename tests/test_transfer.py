@@ -184,19 +184,22 @@ def _qa_world(monkeypatch, tok, n_layers=6):
     return docs
 
 
-def _settings():
-    from offsite.train import TrainConfig
-    from offsite.tune import TuneSettings
+def _recipe(keep: int, **kw):
+    """A recipe of layer drop to ``keep`` middle blocks, (2, 1) adapter blocks, tuned 30 steps at lr 2e-2."""
+    from dataclasses import asdict
 
-    return TuneSettings(train=TrainConfig(lr=2e-2, max_steps=30, batch_size=8, micro_batch_size=8,
-                                          checkpoint_every=None, progress=False))
+    from offsite.experiment.recipe import Recipe
+    from offsite.train import TrainConfig
+
+    cfg = TrainConfig(lr=2e-2, max_steps=30, batch_size=8, micro_batch_size=8, checkpoint_every=None, progress=False)
+    return Recipe(options={"keep": keep}, adapter_layers=(2, 1), tuning=asdict(cfg), **kw)
 
 
 def test_run_ceiling_equals_plugin_for_the_full_middle_and_transfer_is_one(tok, tmp_path, monkeypatch):
     from offsite.experiment.run import run
 
     _qa_world(monkeypatch, tok)
-    res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "r", settings=_settings(),
+    res = run("tiny", "arc_easy", _recipe(3), tmp_path / "r",
               eval_limit=None, text_docs=0, log=lambda *a: None)
     acc = {r["row"]: r["value"] for r in res.records if r["metric"] == "acc"}
     assert acc["ceiling"] == acc["plugin"]
@@ -226,13 +229,13 @@ def test_run_reads_rows_from_its_cache_and_writes_every_note_to_results(tok, tmp
     for name in ("tune_adapter", "tune_to_dir"):
         real = getattr(cell_mod, name)
         monkeypatch.setattr(cell_mod, name, lambda *a, _real=real, _name=name, **k: (trained.append(_name), _real(*a, **k))[1])
-    kw = dict(settings=_settings(), eval_limit=None, text_docs=0, probe=False, floor=False,
+    kw = dict(eval_limit=None, text_docs=0, probe=False, floor=False,
               cache=tmp_path / "rows", log=lambda *a: None)
-    first = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 1}, tmp_path / "a", **kw)
+    first = run("tiny", "arc_easy", _recipe(1), tmp_path / "a", **kw)
     assert trained == ["tune_to_dir", "tune_adapter"]  # the adapter on the emulator, then the ceiling
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "rows").iterdir()) == [
         "ceiling", "emu_ft", "emu_zs", "full_zs", "plugin"]
-    second = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 1}, tmp_path / "b", **kw)
+    second = run("tiny", "arc_easy", _recipe(1), tmp_path / "b", **kw)
     assert trained == ["tune_to_dir", "tune_adapter"]  # nothing trained again
     values = lambda res: [(r["row"], r["metric"], r["value"]) for r in res.records]  # noqa: E731
     assert values(second) == values(first) and second.notes == first.notes
@@ -260,7 +263,7 @@ def test_run_floor_row_and_transfer_beyond_it(tok, tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_mod, "task_data", public)
     own = TrainingData("qa", [(f"Question {i}: which fruit?\nAnswer:", " y") for i in range(80)], source="mine")
-    res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "r", settings=_settings(),
+    res = run("tiny", "arc_easy", _recipe(3), tmp_path / "r",
               eval_limit=None, text_docs=0, probe=False, train_data=own, log=lambda *a: None)
     assert asked == ["webqs"]  # arc_easy's inputs are bare questions: WebQuestions pairs
     acc = {r["row"]: r for r in res.records if r["metric"] == "acc"}
@@ -275,7 +278,7 @@ def test_run_floor_row_and_transfer_beyond_it(tok, tmp_path, monkeypatch):
     assert not any(n.startswith("WARNING") for n in res.notes)  # the Plug-in gains: no harm to warn of
     # a harmful Plug-in: the warning leads the notes of the table and of results.json
     monkeypatch.setattr(run_mod, "harm_note", lambda scores, task: f"the Plug-in is worse on {task}")
-    res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "harm", settings=_settings(),
+    res = run("tiny", "arc_easy", _recipe(3), tmp_path / "harm",
               eval_limit=None, text_docs=0, probe=False, ceiling=False, floor=False, train_data=own,
               log=lambda *a: None)
     assert res.notes[0] == "WARNING: the Plug-in is worse on arc_easy"
@@ -283,10 +286,10 @@ def test_run_floor_row_and_transfer_beyond_it(tok, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "harm" / "results.json").read_text())["notes"][0].startswith("WARNING")
     # the floor's source: shaped like the task's inputs, never the task itself
     with pytest.raises(OffsiteError, match="the floor's public pairs .* are the task being tuned"):
-        run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "r2", floor_source="arc_easy",
+        run("tiny", "arc_easy", _recipe(3, floor_source="arc_easy"), tmp_path / "r2",
             log=lambda *a: None)
     with pytest.raises(OffsiteError, match="--no-floor"):
-        run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 3}, tmp_path / "r3", floor=False, floor_source="squad",
+        run("tiny", "arc_easy", _recipe(3, floor_source="squad"), tmp_path / "r3", floor=False,
             log=lambda *a: None)
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
@@ -310,7 +313,7 @@ def test_run_without_ceiling_writes_no_transfer(tok, tmp_path, monkeypatch):
     from offsite.experiment.run import run
 
     _qa_world(monkeypatch, tok)
-    res = run("tiny", "arc_easy", "uniform", (2, 1), {"keep": 1}, tmp_path / "r", settings=_settings(),
+    res = run("tiny", "arc_easy", _recipe(1), tmp_path / "r",
               eval_limit=None, text_docs=0, ceiling=False, probe=False, log=lambda *a: None)
     rows = {r["row"] for r in res.records}
     assert "ceiling" not in rows and "probe" not in rows

@@ -28,7 +28,9 @@ import os
 import sys
 
 from .cli_args import (NON_NEGATIVE, POSITIVE, Parser, add_dataclass_args, add_dp_args, add_method_args,
-                       add_template_arg, add_train_args, command_line, method_options, template, tune_settings)
+                       add_template_arg, add_train_args, command_line, dp_of, method_options, template,
+                       tune_settings, tuning_of)
+from .emulator import parse_adapter_layers
 from .dp import dp_summary
 from .errors import OffsiteError, one_line
 from .federated.cli import add_parser as add_federate_parser
@@ -148,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p.add_argument_group("probe options"), ProbeOptions, set())
 
     p = sub.add_parser("run", help="play both parties on one machine and print the papers' table")
+    p.add_argument("recipe", nargs="?", metavar="RECIPE",
+                   help="a recipe file (.toml or .json: offsite.experiment.recipe; every run writes its own as "
+                        "<out>/recipe.toml) instead of the recipe's flags (method and options, adapter layers and "
+                        "tuning, owner in the loop, DP, floor source)")
     p.add_argument("--model", default="smollm2-135m")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--task", help="built-in task: tune on its train split, score its eval split "
@@ -454,45 +460,61 @@ def _eval_with_harness(model, tokenizer, task: str, limit, batch_size: int, incl
     return run_harness_task(model, tokenizer, task, limit=limit, batch_size=batch_size, include_path=include_path)
 
 
+def run_recipe(args):
+    """``offsite run``'s recipe (:class:`offsite.experiment.recipe.Recipe`): the file named on the
+    command line, or the recipe flags (method and options, adapter layout and tuning, owner in the
+    loop, DP, floor source); not both."""
+    from .emulator import get_method
+    from .experiment.recipe import Recipe
+
+    assist = {f.name: getattr(args, "assist_" + f.name) for f in dataclasses.fields(AssistOptions)
+              if hasattr(args, "assist_" + f.name)}
+    flags = Recipe(method=args.method, options=method_options(args, get_method(args.method)),
+                   adapter_layers=parse_adapter_layers(args.adapter_layers), floor_source=args.floor_source,
+                   tuning=tuning_of(args), assist=assist, dp=dp_of(args))
+    if args.recipe is None:
+        flags.check()
+        return flags
+    given = [k for k, v in flags.to_dict().items() if Recipe().to_dict().get(k) != v]
+    if given:
+        raise OffsiteError(f"the recipe's {given[0]} is given both by {args.recipe} and on the command line; "
+                           "write it into the file, or leave the file out and give the flags")
+    return Recipe.load(args.recipe)
+
+
 def cmd_run(args) -> None:
     from pathlib import Path
 
     from .data.own import resolve_task, task_name
     from .data.tasks import TASKS
-    from .emulator import get_method
     from .models.load import model_display_name
     from .experiment.run import format_table, run
     from .tune import file_data
 
-    method = get_method(args.method)
     if args.eval_data and not args.data:
         raise OffsiteError("--eval-data needs --data, the examples to tune on (never the rows it is scored on)")
     if args.data and not args.eval_data and not args.task:
         raise OffsiteError("--data needs --eval-data (your evaluation file) or --task (a built-in task) to score on")
     if args.task in TASKS and args.template is not None and not args.data:
         raise OffsiteError("--template applies to --data and --eval-data files, not to a built-in --task")
+    recipe = run_recipe(args)
     spec = args.eval_data or args.task or "arc_easy"
     task = resolve_task(spec, None if spec in TASKS else template(args))  # a file is read (and checked) here
     train_data = file_data(args.data, template(args)) if args.data else None
     name = task_name(task)
-    out = args.out or f"runs/{model_display_name(args.model)}-{Path(name).name.replace(':', '-')}-{args.method}"
-    settings = tune_settings(args, base=PRESETS[args.preset].train_config())
-    result = run(args.model, task, args.method, args.adapter_layers, method_options(args, method), out,
-                 preset=args.preset, settings=settings, full_ft=args.full_ft, ceiling=args.ceiling,
-                 probe=args.probe, floor=args.floor, floor_source=args.floor_source,
+    out = args.out or f"runs/{model_display_name(args.model)}-{Path(name).name.replace(':', '-')}-{recipe.method}"
+    result = run(args.model, task, recipe, out, preset=args.preset, full_ft=args.full_ft, ceiling=args.ceiling,
+                 probe=args.probe, floor=args.floor,
                  eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
                  text_docs=args.text_docs if args.text_docs is not None else "preset",
                  batch_size=args.batch_size_eval, overwrite=args.overwrite, train_data=train_data,
-                 command=command_line(args), assist=AssistOptions(**{
-                     f.name: getattr(args, "assist_" + f.name) for f in dataclasses.fields(AssistOptions)
-                     if hasattr(args, "assist_" + f.name)}))
+                 command=command_line(args))
     print()
-    print(f"{model_display_name(args.model)} · {name} · {args.method} {args.adapter_layers} "
-          f"{method_options(args, method) or ''}".rstrip())
+    print(f"{model_display_name(args.model)} · {name} · {recipe.label()}")
     print(format_table(result.records, name))
     for note in result.notes:
         print(f"note: {note}")
-    print(f"results: {out}/results.json, table: {out}/table.md")
+    print(f"results: {out}/results.json, table: {out}/table.md, recipe: {out}/recipe.toml")
 
 
 def cmd_report(args) -> None:

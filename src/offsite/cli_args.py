@@ -13,7 +13,7 @@ import typing
 
 from .adapters import KINDS, LoraOptions
 from .errors import OffsiteError
-from .train import TrainConfig, resolve_precision
+from .train import TrainConfig
 from .tune import BLOCKS, TuneSettings
 
 
@@ -273,16 +273,28 @@ def template(args) -> str | None:
     return None if t is None else t.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def tune_settings(args, base=None):
-    cfg = base or TrainConfig()
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-               if f.metadata.get("cli") is not None and getattr(args, f.name, None) is not None}
-    if "batch_size" in changes and "micro_batch_size" not in changes:
-        changes["micro_batch_size"] = min(changes["batch_size"], cfg.micro_batch_size)
+def tuning_of(args) -> dict:
+    """The training flags given on the command line as a recipe's [tuning] (:mod:`offsite.experiment.recipe`):
+    only what was given, so that the rest keeps the base configuration's (the preset's) values."""
+    tuning = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if f.metadata.get("cli") is not None and getattr(args, f.name, None) is not None}
     if getattr(args, "precision", None):
-        changes["mixed_precision"] = resolve_precision(args.precision)
-    cfg = dataclasses.replace(cfg, **changes)
-    settings = TuneSettings(adapter=args.adapter, lora=LoraOptions(**lora_options(args)), train=cfg,
-                            blocks=args.tune_blocks, dp=dp_options(args))
+        tuning["precision"] = args.precision
+    if args.adapter != "full":
+        tuning["adapter"] = args.adapter
+    if args.tune_blocks != "all":
+        tuning["blocks"] = args.tune_blocks
+    tuning.update({"lora_" + k: v for k, v in lora_options(args).items()})
+    return tuning
+
+
+def dp_of(args) -> dict:
+    """The ``--dp-*`` flags as a recipe's [dp] (checked: :func:`dp_options`), empty without ``--dp-epsilon``."""
+    opts = dp_options(args)
+    return {} if opts is None else {k: v for k, v in dataclasses.asdict(opts).items() if v is not None}
+
+
+def tune_settings(args, base=None):
+    settings = TuneSettings.from_tuning(tuning_of(args), dp_of(args), base)
     settings.check()  # before any data, model or emulator is loaded
     return settings

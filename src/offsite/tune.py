@@ -145,6 +145,31 @@ class TuneSettings:
             return list(items), []
         return split_validation(items, self.val_fraction, self.train.seed)
 
+    @classmethod
+    def from_tuning(cls, tuning: dict, dp: dict | None = None, base: TrainConfig | None = None) -> TuneSettings:
+        """Settings from a recipe's ``[tuning]`` and ``[dp]`` (:mod:`offsite.experiment.recipe`; the
+        command line's training flags as the same dict) over ``base`` (default: TrainConfig's
+        defaults): the one place flags and recipe files become settings. ``tuning`` holds TrainConfig
+        fields, ``adapter``, ``blocks``, ``precision`` and LoRA's options as ``lora_<field>``; a batch
+        size given without a micro-batch size caps the micro-batch at it."""
+        import dataclasses
+
+        from .train import resolve_precision
+
+        cfg = base or TrainConfig()
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        changes = {k: v for k, v in tuning.items() if k in train_fields}
+        if "batch_size" in changes and "micro_batch_size" not in changes:
+            changes["micro_batch_size"] = min(changes["batch_size"], cfg.micro_batch_size)
+        if tuning.get("precision"):
+            changes["mixed_precision"] = resolve_precision(tuning["precision"])
+        lora = adapters.LoraOptions(**{k[len("lora_"):]: v for k, v in tuning.items() if k.startswith("lora_")})
+        dp_opts = DPOptions(**dp) if dp else None
+        if dp_opts is not None:
+            dp_opts.check()
+        return cls(adapter=tuning.get("adapter", "full"), lora=lora, train=dataclasses.replace(cfg, **changes),
+                   blocks=tuning.get("blocks", "all"), dp=dp_opts)
+
     def dp_plan(self, n_train: int):
         """The DP mechanism for ``n_train`` training examples (:func:`offsite.dp.make_plan`), or None."""
         if self.dp is None:

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..assist import AssistOptions, Assistant, matched_source
+from ..assist import Assistant, matched_source
 from ..bundle import load_emulator, save_emulator
 from ..data.own import OwnTask, resolve_task, task_name
 from ..emulator import build_emulator, parse_adapter_layers
@@ -50,6 +50,7 @@ from ..models.load import load_model, model_display_name
 from ..probe import attach_probe, probe_records
 from ..tune import TrainingData, TuneSettings, task_data
 from .budget import Budget, preset as named_preset
+from .recipe import Recipe
 from .cell import ROW_ORDER, Lab, RowCache, public_pairs_of, row_key, run_cell
 from .report import block_markdown, build_report
 from .results import meta, metric_records, write_results
@@ -86,32 +87,34 @@ def row_records(row: str, results: dict[str, dict], base: dict, seconds: float, 
                                       seconds=round(seconds, 2), **extra)]
 
 
-def run(model_name: str, task, method: str, adapter_layers, method_options: dict, out: str | Path,
-        preset: str | Budget = "demo", settings: TuneSettings | None = None, full_ft: bool | None = None,
-        ceiling: bool = True, probe: bool = True, floor: bool = True, floor_source: str | None = None,
+def run(model_name: str, task, recipe: Recipe, out: str | Path, preset: str | Budget = "demo",
+        full_ft: bool | None = None, ceiling: bool = True, probe: bool = True, floor: bool = True,
         eval_limit: int | None | str = "preset", text_docs: int | None | str = "preset",
         batch_size: int = 32, overwrite: bool = False, command: str = "", log=print,
-        train_data: TrainingData | None = None, assist: AssistOptions | None = None,
-        cache: str | Path | None = None) -> RunResult:
+        train_data: TrainingData | None = None, cache: str | Path | None = None) -> RunResult:
     """Both parties on one machine; ``task`` is a built-in task name, a task file of one's own or an
-    :class:`~offsite.data.own.OwnTask` (evaluated on its rows); ``train_data`` is what the adapter is
-    tuned on (default: the first ``train_limit`` examples of a built-in task's train split, per the
-    budget; an own task file needs it). ``preset``: a :data:`~offsite.experiment.budget.PRESETS` name or a
-    :class:`~offsite.experiment.budget.Budget`. ``assist``: the
-    model owner corrects the adapter's gradient during tuning (:mod:`offsite.assist`). ``cache``: a
-    folder of computed rows (:class:`~offsite.experiment.cell.RowCache`): a row this cell already
-    computed there is read, not computed again."""
+    :class:`~offsite.data.own.OwnTask` (evaluated on its rows); ``recipe`` (:class:`~offsite.experiment.recipe.Recipe`)
+    is what the parties choose: the emulator's method and options, the adapter's layout, the data
+    owner's tuning over the budget's (seed included), the owner in the loop, the floor's source.
+    ``train_data`` is what the adapter is tuned on (default: the first ``train_limit`` examples of a
+    built-in task's train split, per the budget; an own task file needs it). ``preset``: a
+    :data:`~offsite.experiment.budget.PRESETS` name or a :class:`~offsite.experiment.budget.Budget`.
+    ``cache``: a folder of computed rows (:class:`~offsite.experiment.cell.RowCache`): a row this
+    cell already computed there is read, not computed again. The recipe is written to
+    ``out/recipe.toml`` (``offsite run out/recipe.toml`` runs it again)."""
     budget = preset if isinstance(preset, Budget) else named_preset(preset)
     eval_limit = budget.eval_limit if eval_limit == "preset" else eval_limit
     text_docs = budget.text_docs if text_docs == "preset" else text_docs
     full_ft = budget.full_ft if full_ft is None else full_ft
-    settings = settings or budget.tune_settings()
+    recipe.check()
+    method, adapter_layers, method_options = recipe.method, recipe.adapter_layers, dict(recipe.options)
+    settings = recipe.tune_settings(budget.train_config())
+    floor_source = recipe.floor_source
     for name, v, lo in (("eval_limit", eval_limit, 1), ("text_docs", text_docs, 0), ("batch_size", batch_size, 1)):
         if v is not None and (not isinstance(v, int) or v < lo):
             raise OffsiteError(f"{name} must be an integer >= {lo} (got {v!r})")
     settings.check()
-    assist = assist or AssistOptions()
-    assist.check()
+    assist = recipe.assist_options()
     if assist.on and settings.adapter != "full":
         raise OffsiteError(f"the owner's correction (--assist-every) applies to full adapter blocks, not {settings.adapter}")
     out = Path(out)
@@ -145,7 +148,7 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
             floor_data = public_pairs_of(task_data(floor_source), len(data.items))
         except DataUnavailable as exc:
             raise DataUnavailable(f"{exc} (the floor's public pairs; pass --no-floor to skip the floor)") from None
-    result = RunResult(meta=meta(command))
+    result = RunResult(meta={**meta(command), "recipe": recipe.to_dict()})
     if isinstance(task, OwnTask):
         result.notes.append(f"evaluation data {task.describe()}")
         result.meta["eval_data"] = {"task": name, "path": task.source, "sha256": task.digest,
@@ -200,14 +203,15 @@ def run(model_name: str, task, method: str, adapter_layers, method_options: dict
     if probe:
         timed("probing the emulator (adapter gradients on public text)", lambda: attach_probe(model, built, log=log))
     out.mkdir(parents=True, exist_ok=True)  # only now: a command refused above leaves nothing behind
+    write_text_atomic(out / "recipe.toml", recipe.to_toml())
     emu_dir = out / "emulator"
     emu_manifest = save_emulator(built, emu_dir, overwrite=True)
     del built
-    recipe = {"blocks": settings.blocks} if settings.blocks != "all" else {}
+    owner = {"blocks": settings.blocks} if settings.blocks != "all" else {}
     if assist.on:
-        recipe["assist"] = assist.record()
+        owner["assist"] = assist.record()
     base = {"model": _name(model_name), "method": method,
-            "setting": {"adapter_layers": list(_pair(adapter_layers)), **method_options, **recipe},
+            "setting": {"adapter_layers": list(_pair(adapter_layers)), **method_options, **owner},
             "build_seconds": round(build_s, 2)}
     if probe:
         result.records.extend(probe_records(emu_manifest["report"]["probe"], {**base, "task": "text"}))
