@@ -48,22 +48,26 @@ ROW_LABELS = {"emu_zs": "Emulator ZS", "emu_ft": "Emulator FT", "full_zs": "Full
 class Row:
     """One computed row: ``metrics`` per task name (the task, and ``text`` where scored beside it),
     the seconds its scoring took, its training figures (``extra``: ``train_seconds``,
-    ``train_examples``, ``train_steps``, the floor's ``floor_source``) and the per-document
-    correctness per task where the scoring gives it (``correct``, for transfer and the harm check)."""
+    ``train_examples``, ``train_steps``, the floor's ``floor_source``), the per-document
+    correctness per task where the scoring gives it (``correct``, for transfer and the harm check)
+    and, where the scoring keeps them, each document's log-likelihood of every choice (``choices``,
+    for rows computed from scores: the content benchmark's proxy)."""
 
     metrics: dict[str, dict]
     seconds: float
     extra: dict = field(default_factory=dict)
     correct: dict[str, list[float]] = field(default_factory=dict)
     cached: bool = False
+    choices: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"metrics": self.metrics, "seconds": round(self.seconds, 2), "extra": self.extra,
-                "correct": self.correct}
+                "correct": self.correct, **({"choices": self.choices} if self.choices else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> Row:
-        return cls(data["metrics"], data["seconds"], data.get("extra") or {}, data.get("correct") or {}, cached=True)
+        return cls(data["metrics"], data["seconds"], data.get("extra") or {}, data.get("correct") or {}, cached=True,
+                   choices=data.get("choices") or {})
 
 
 @dataclass
@@ -74,7 +78,8 @@ class Lab:
     task)``; ``data()`` the data owner's training data; ``floor_data()`` the owner's public pairs and
     their source; ``work(row)`` a checkpoint folder, removed once a row's training is done;
     ``fresh_full()`` a full model for Full FT (default: a copy of ``base()``'s). ``assistant()``: the
-    owner's side of the assisted protocol for the adapter's tuning, or ``None``."""
+    owner's side of the assisted protocol for the adapter's tuning, or ``None``. ``score`` may also
+    give a third element, each document's choice log-likelihoods per task (:attr:`Row.choices`)."""
 
     display: str
     adapter_layers: tuple
@@ -158,6 +163,24 @@ _DEPENDS = {"full_zs": ("eval",), "emu_zs": ("eval", "emulator"), "ceiling": ("e
             "full_ft": ("eval", "training")}
 
 
+def data_digest(data: TrainingData) -> str:
+    """What identifies training data in a row's cache key: its source, kind and examples."""
+    return hashlib.sha256(json.dumps([data.source, data.kind, data.items], default=str).encode()).hexdigest()[:16]
+
+
+def describe_cell(model: str, task, evaluation: dict, emulator: dict | None, adapter_layers, settings: TuneSettings,
+                  budget: str, data: TrainingData, assist: dict | None, floor: tuple | None) -> dict:
+    """A cell's description for :func:`row_key`: the model's name, the task (a name, or [name, sha256]
+    of an own file), what the rows are scored on (``evaluation``), the emulator (method, options and
+    its manifest's digest), the adapter's layout, the training (``budget``'s identity, the settings
+    and the data's digest), the owner's correction (``assist``: its record, or None) and the floor's
+    (source, public pairs) or None."""
+    return {"model": model, "task": task, "eval": evaluation, "emulator": emulator,
+            "layout": {"adapter_layers": list(adapter_layers), "blocks": settings.blocks},
+            "training": {"budget": budget, "settings": repr(settings), "data": data_digest(data)},
+            "recipe": assist, "floor": [floor[0], data_digest(floor[1])] if floor else None}
+
+
 def row_key(row: str, cell: dict) -> dict:
     """The part of a cell's description ``cell`` that ``row``'s result depends on: ``cell`` holds
     ``model`` and ``task`` and the groups ``eval`` (documents scored), ``emulator`` (method and
@@ -193,10 +216,10 @@ def run_cell(lab: Lab, rows, cache: RowCache | None = None, on_row: Callable | N
 def _scored(lab: Lab, model, tokenizer, row: str, extra: dict | None = None) -> Row:
     lab.log(f"{ROW_LABELS[row]} ...")
     t0 = time.perf_counter()
-    metrics, correct = lab.score(model, tokenizer, row)
+    metrics, correct, *choices = lab.score(model, tokenizer, row)
     seconds = time.perf_counter() - t0
     lab.log(f"{ROW_LABELS[row]}: {seconds:.1f}s")
-    return Row(metrics, seconds, extra or {}, correct or {})
+    return Row(metrics, seconds, extra or {}, correct or {}, choices=choices[0] if choices else {})
 
 
 def _training(bundle_or_result) -> dict:
@@ -301,5 +324,6 @@ def _gone():
 _COMPUTE = {"emu_zs": _emu_zs, "emu_ft": _emu_ft, "full_zs": _full_zs, "ceiling": lambda lab: _full_model_row(lab, "ceiling"),
             "floor": lambda lab: _full_model_row(lab, "floor"), "plugin": _plugin, "full_ft": _full_ft}
 
-__all__ = ["Lab", "ROW_ORDER", "Row", "RowCache", "ceiling_emulator", "public_pairs_of", "row_key", "run_cell",
+__all__ = ["Lab", "ROW_ORDER", "Row", "RowCache", "ceiling_emulator", "data_digest", "describe_cell", "public_pairs_of",
+           "row_key", "run_cell",
            "tune_ceiling", "tune_full_ft"]

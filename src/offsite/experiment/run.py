@@ -33,8 +33,6 @@ split unless ``train_data`` is given.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +46,10 @@ from ..files import check_parent, write_text_atomic
 from ..harm import harm_note
 from ..models.load import load_model, model_display_name
 from ..probe import attach_probe, probe_records
-from ..tune import TrainingData, TuneSettings, task_data
+from ..tune import TrainingData, task_data
 from .budget import Budget, preset as named_preset
 from .recipe import Recipe
-from .cell import ROW_ORDER, Lab, RowCache, public_pairs_of, row_key, run_cell
+from .cell import ROW_ORDER, Lab, RowCache, describe_cell, public_pairs_of, row_key, run_cell
 from .report import block_markdown, build_report
 from .results import meta, metric_records, write_results
 
@@ -245,13 +243,11 @@ def run(model_name: str, task, recipe: Recipe, out: str | Path, preset: str | Bu
               log=lambda msg: log(f"[offsite] {msg}"))
     skipped = {row for row, on in (("ceiling", ceiling), ("floor", floor), ("full_ft", full_ft)) if not on}
     rows = [row for row in ROW_ORDER if row not in skipped]
-    cell = {"model": _name(model_name), "task": name if not isinstance(task, OwnTask) else [name, task.digest],
-            "eval": {"eval_limit": eval_limit, "text_docs": text_docs},
-            "emulator": {"method": method, "digest": emu_manifest.get("digest")},
-            "layout": {"adapter_layers": list(_pair(adapter_layers)), "blocks": settings.blocks},
-            "training": {"budget": budget.identity(), "settings": repr(settings), "data": _data_digest(data)},
-            "recipe": assist.record() if assist.on else None,
-            "floor": [floor_source, _data_digest(floor_data)] if floor else None}
+    cell = describe_cell(_name(model_name), name if not isinstance(task, OwnTask) else [name, task.digest],
+                         {"eval_limit": eval_limit, "text_docs": text_docs},
+                         {"method": method, "digest": emu_manifest.get("digest")}, _pair(adapter_layers), settings,
+                         budget.identity(), data, assist.record() if assist.on else None,
+                         (floor_source, floor_data) if floor else None)
     run_cell(lab, rows, RowCache(cache, lambda row: row_key(row, cell)) if cache else None, on_row)
     _save(result, out)
     write_text_atomic(out / "table.md", format_table(result.records, name) + "\n\n" + "\n".join(
@@ -284,11 +280,6 @@ def _after_plugin(result: RunResult, scores: dict, name: str, base: dict, ceilin
                                 f"{floor_source} pairs teach too)")
         else:
             result.records.append(rec)
-
-
-def _data_digest(data: TrainingData) -> str:
-    """What identifies training data in a row's cache key: its source, kind and examples."""
-    return hashlib.sha256(json.dumps([data.source, data.kind, data.items], default=str).encode()).hexdigest()[:16]
 
 
 def transfer_record(scores: dict, task: str, base: dict, floor: bool = False) -> dict | None:
