@@ -2,9 +2,9 @@
 data owner's own task, through ``offsite run`` (docs/transfer.md, "Content the public pairs
 cannot teach").
 
-    python bench/content_transfer.py run "--method uniform --keep 13"        # ~40 min on one CPU core
-    python bench/content_transfer.py run "--method uniform --keep 8 --tune-blocks bottom" "--method gradmatch --keep 13"
-    python bench/content_transfer.py collect --doc docs/transfer.md           # results file and tables
+    python bench/content_transfer.py run                             # the grid (GRID), ~40 min a recipe on one CPU core
+    python bench/content_transfer.py run my-recipe.toml other.json   # recipe files (offsite.experiment.recipe)
+    python bench/content_transfer.py collect --doc docs/transfer.md  # results file and tables
 
 On ARC-Easy and SciQ nearly all of the adapter's gain is the question-and-answer format, which the
 model owner's public pairs teach as well (the floor), so transfer there cannot tell an emulator that
@@ -20,14 +20,20 @@ halved, so no film has reviews on both sides; from each half 500 reviews of each
 (pandas ``sample``, seed 1 for training and 2 for evaluation) and shuffled. 1,000 training rows (the
 benchmark's budget: ``offsite run --preset paper``), 1,000 evaluation rows, both balanced.
 
-``run`` calls ``offsite run --data rt_train.jsonl --eval-data rt_eval.jsonl --preset paper`` with each
-recipe's arguments (one string per recipe) into ``runs/content-transfer/<recipe>``, skipping a recipe
-whose run finished (its ``table.md`` is there; ``--overwrite`` reruns it; an unfinished one starts
-again); every run scores Full ZS, Emulator ZS/FT, Plug-in, the ceiling and the floor, and reports
-transfer and transfer beyond the floor. ``collect`` gathers the finished runs into
-``bench/results/content-transfer.json`` (each run's records, tagged with its recipe and command,
-under one ``meta``) and ``bench/results/content-transfer.md`` (a row per recipe; ``--doc`` also
-refreshes the table in docs/transfer.md).
+A recipe is an :class:`offsite.experiment.recipe.Recipe`: a ``.toml`` or ``.json`` file named on
+the command line, or, with none named, each entry of :data:`GRID` (the recipes measured). ``run``
+runs each as ``offsite run --data rt_train.jsonl --eval-data rt_eval.jsonl --preset paper`` does
+(:func:`offsite.experiment.run.run`) into ``runs/content-transfer/<name>``, the name its
+:meth:`~offsite.experiment.recipe.Recipe.label` slugged (:func:`run_name`), skipping a recipe whose run
+finished (its ``table.md`` is there; ``--overwrite`` reruns it; an unfinished one starts again);
+every run scores Full ZS, Emulator ZS/FT, Plug-in, the ceiling and the floor, reports transfer and
+transfer beyond the floor, and writes its recipe (``recipe.toml``, and ``meta.recipe`` in its
+results). ``collect`` gathers the finished runs into ``bench/results/content-transfer.json`` (each
+run's records, tagged with its run's name, its command and, where its results carry it, its recipe
+as ``recipe_spec``; under one ``meta``) and ``bench/results/content-transfer.md`` (a row per run;
+``--doc`` also refreshes the table in docs/transfer.md). The runs measured first (2026-12-07) were
+named from ``offsite run``'s flags (``uniform-keep-13-tune-blocks-bottom``); their records keep those
+names and commands, and a run whose results have no ``meta.recipe`` is still collected.
 """
 
 from __future__ import annotations
@@ -40,11 +46,21 @@ import sys
 from pathlib import Path
 
 from offsite.errors import OffsiteError
+from offsite.experiment.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "runs" / "content-transfer"
 TASK = "sentiment"  # the content task (offsite.data.content)
+#: the recipes measured (bench/results/content-transfer.json): ``run`` with no recipe file runs them
+GRID = [
+    {"method": "uniform", "options": {"keep": 13}},
+    {"method": "uniform", "options": {"keep": 8}},
+    {"method": "gradmatch", "options": {"keep": 13}},
+    {"method": "uniform", "options": {"keep": 13}, "tuning": {"blocks": "bottom"}},
+    {"method": "uniform", "options": {"keep": 8}, "tuning": {"blocks": "bottom"}},
+    {"method": "uniform", "options": {"keep": 8}, "tuning": {"blocks": "bottom"}, "assist": {"every": 2, "pool": 1500}},
+]
 
 
 def write_split(folder: Path) -> dict[str, Path]:
@@ -55,28 +71,35 @@ def write_split(folder: Path) -> dict[str, Path]:
     return build_content_task(TASK, folder)
 
 
-def recipe_name(recipe: str) -> str:
-    """``--method uniform --keep 13 --tune-blocks bottom`` -> ``uniform-keep-13-tune-blocks-bottom``."""
-    name = re.sub(r"[^a-z0-9.]+", "-", re.sub(r"--method\s+", "", recipe.lower())).strip("-")
-    if not name:
-        raise OffsiteError(f"recipe {recipe!r}: give offsite run's arguments, e.g. '--method uniform --keep 13'")
-    return name
+def run_name(recipe: Recipe) -> str:
+    """A run's folder: the recipe's label slugged (``uniform keep=13 blocks=bottom`` ->
+    ``uniform-keep-13-blocks-bottom``)."""
+    return re.sub(r"[^a-z0-9.]+", "-", recipe.label().lower()).strip("-")
+
+
+def recipes_of(files: list[str]) -> list[Recipe]:
+    """The recipe files named (checked before any run starts), or with none the :data:`GRID`."""
+    if not files:
+        return [Recipe.from_dict(entry, f"GRID[{i}]") for i, entry in enumerate(GRID)]
+    return [Recipe.load(path) for path in files]
 
 
 def cmd_run(a) -> int:
-    from offsite.cli import main as offsite
+    from offsite.experiment.run import run
+    from offsite.tune import file_data
 
+    recipes = recipes_of(a.recipes)
     paths = write_split(RUNS / "data")
-    for recipe in a.recipes:
-        out = RUNS / recipe_name(recipe)
+    command = "python bench/content_transfer.py " + " ".join(shlex.quote(x) for x in a.argv)
+    for recipe in recipes:
+        out = RUNS / run_name(recipe)
         if (out / "table.md").exists() and not a.overwrite:  # offsite run writes it last
             print(f"{out.name}: done already (--overwrite reruns it)")
             continue
-        argv = ["run", "--model", a.model, "--data", str(paths["train"]), "--eval-data", str(paths["eval"]),
-                "--preset", "paper", "--out", str(out), "--overwrite", *shlex.split(recipe)]
-        print("offsite " + " ".join(shlex.quote(x) for x in argv), flush=True)
-        if offsite(argv) != 0:
-            return 2
+        print(f"{out.name}: {recipe.label()}", flush=True)
+        run(a.model, str(paths["eval"]), recipe, out, preset="paper", overwrite=True,
+            train_data=file_data(str(paths["train"])), command=command)
+        print((out / "table.md").read_text(), flush=True)
     return 0
 
 
@@ -91,7 +114,7 @@ def cmd_collect(a) -> int:
     for left in sorted({p.parent for p in RUNS.glob("*/results.json")} - set(runs)):
         print(f"{left.name}: not finished, left out")
     if not runs:
-        raise OffsiteError(f"no runs under {RUNS}: run `python bench/content_transfer.py run RECIPE` first")
+        raise OffsiteError(f"no runs under {RUNS}: run `python bench/content_transfer.py run` first")
     from offsite.data.content import CONTENT_TASKS, content_paths
     from offsite.files import sha256_file
 
@@ -102,7 +125,10 @@ def cmd_collect(a) -> int:
         res = json.loads((run / "results.json").read_text())
         if res["meta"]["eval_data"]["sha256"][:12] != data["eval"]:
             raise OffsiteError(f"{run.name}: scored on another evaluation file than {paths['eval']}")
-        records += [dict(r, recipe=run.name, command=res["meta"]["command"]) for r in res["records"]]
+        tags = {"recipe": run.name, "command": res["meta"]["command"]}
+        if "recipe" in res["meta"]:  # every run since recipes became data (offsite.experiment.recipe)
+            tags["recipe_spec"] = res["meta"]["recipe"]
+        records += [dict(r, **tags) for r in res["records"]]
         cells = [_acc(res["records"], row) for row in ("full_zs", "emu_ft", "plugin", "ceiling", "floor")]
         t, tb = _acc(res["records"], "plugin", "transfer"), _acc(res["records"], "plugin", "transfer_beyond_floor")
         mid = cells[1]["setting"]  # emu_ft and plugin: in every finished run
@@ -133,12 +159,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="one offsite run per recipe (resumable: finished recipes are skipped)")
-    r.add_argument("recipes", nargs="+", help="offsite run's arguments for the emulator and the tuning, one string each")
+    r.add_argument("recipes", nargs="*", metavar="RECIPE",
+                   help="recipe files (.toml or .json: offsite.experiment.recipe); none: the grid (GRID)")
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--overwrite", action="store_true", help="rerun recipes that finished")
     c = sub.add_parser("collect", help="the runs into bench/results/content-transfer.{json,md}")
     c.add_argument("--doc", help="also refresh the table between this file's 'content-transfer' markers")
     a = ap.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return cmd_run(a) if a.cmd == "run" else cmd_collect(a)
     except OffsiteError as exc:

@@ -5,16 +5,24 @@ full model? One task, one recipe per call; the experiments behind docs/transfer.
     python bench/transfer_recipes.py run uniform:keep=26 --zs                  # the ceiling (and Full ZS)
     python bench/transfer_recipes.py run uniform:keep=13 --correction webqs --correction-every 4   # owner in the loop
     python bench/transfer_recipes.py run uniform:keep=13 --repair webqs:512:kl # repaired adapter, delta plug-in
+    python bench/transfer_recipes.py run my-recipe.toml --task sciq            # a recipe file (offsite.experiment.recipe)
     python bench/transfer_recipes.py diagnose uniform:keep=13                  # where the emulator's gradient goes wrong
     python bench/transfer_recipes.py collect --plot docs/img/transfer-probe.png --frontier docs/img/transfer-frontier.png \
         --privacy-utility docs/img/privacy-utility-transfer.png --doc docs/transfer.md   # also <task>-recipes, methods
 
-A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
+A **recipe** is an :class:`offsite.experiment.recipe.Recipe` (method and options, adapter layout,
+tuning, the owner in the loop), as ``offsite run`` takes it: a recipe file (``.toml``/``.json``), or,
+as every run of the records file was named, the emulator's historical name ``KIND:opt=value:...``
+with the flags ``--layers``, ``--adapter``, ``--lr``, ``--epochs``, ``--tune`` and ``--correction*``,
+read into a Recipe in one place (:func:`historical_recipe`); a run takes everything from the Recipe
+and writes the historical names back into its line (:func:`recipe_record`), the recipe beside them
+(``recipe``; a tuning setting with no historical name, e.g. ``lr``, is named ``+lr=...``). The
+recipe's tuning goes over :data:`BASE`. Treatments that are no part of a recipe stay flags:
 
 * ``uniform:keep=K`` — the registered layer-drop method (``K = 26`` of the 26 middle blocks is the
   ceiling: the adapter tuned on the full model).
-* ``--correction SOURCE --correction-every K`` — the model owner in the loop (:mod:`offsite.assist`,
-  as ``offsite run --assist-every K``): every ``K`` steps the owner computes ``c = s·g_full −
+* ``--correction SOURCE --correction-every K`` (a recipe's ``[assist]``) — the model owner in the
+  loop (:mod:`offsite.assist`, as ``offsite run --assist-every K``): every ``K`` steps the owner computes ``c = s·g_full −
   g_emulator`` (``g_full`` scaled to ``g_emulator``'s norm, tensor by tensor) on ``--correction-n``
   public pairs of ``SOURCE`` at the data owner's current adapter, added to the data owner's gradient;
   ``--correction-pool N``: each correction takes the next ``--correction-n`` of the first ``N``
@@ -37,10 +45,10 @@ A **recipe** is an emulator (``KIND:opt=value:...``) and optionally a treatment:
   model's next-token distribution on every token), ships that adapter, and plugs in only the data
   owner's change: ``θ0 + (θ_tuned − θ_repaired)``.
 
-Each ``run`` tunes the adapter (adapter 2,2 ``full`` unless ``--layers``/``--adapter``) on the task's
+Each ``run`` tunes the adapter (adapter 2,2 ``full`` unless the recipe says otherwise) on the task's
 training split (its first ``--train-limit`` examples where given, as ``bench/paper.py``'s budget;
-one epoch unless ``--epochs``, batch 8, lr 1e-4, linear schedule, one validation at the end, as the
-``quick``/``demo`` presets did before validation ran several times an epoch), scores Emulator FT and
+:data:`BASE` under the recipe's tuning: one epoch, batch 8, lr 1e-4, linear schedule, one validation
+at the end, as the ``quick``/``demo`` presets did before validation ran several times an epoch), scores Emulator FT and
 Plug-in on the first ``--limit`` evaluation documents, measures the held-out perplexity (4
 documents) and the probes (``--probe``: ``text`` for public text, a task name for its first 48
 training examples, e.g. ``webqs`` for public QA pairs the owner has; ``--probe-only`` stops there),
@@ -74,8 +82,11 @@ from pathlib import Path
 import torch
 
 from offsite.assist import DEFAULT_SOURCE, MATCHED_SOURCE, AssistOptions
+from offsite.errors import OffsiteError
+from offsite.experiment.recipe import Recipe
 from offsite.experiment.report import fill_generated as fill
 from offsite.experiment.stats import above_noise, transfer
+from offsite.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
@@ -91,52 +102,152 @@ def _first(o):
 
 
 def _opts(kind: str) -> tuple[str, dict]:
+    """A historical emulator name ``KIND:opt=value:...`` as its parts (strings); read only by
+    :func:`historical_recipe` and by collect, which names recipes so."""
     base, *rest = kind.split(":")
     return base, dict(x.split("=", 1) for x in rest)
+
+
+# --------------------------------------------------------------------------------------------
+# the recipe (offsite.experiment.recipe.Recipe)
+
+#: the tuning every run starts from, a recipe's [tuning] on top (as a budget's under ``offsite run``):
+#: one epoch, batch 8, lr 1e-4, linear schedule, no warm-up or checkpoints, one validation at the end
+BASE = TrainConfig(lr=1e-4, epochs=1.0, batch_size=8, micro_batch_size=8, schedule="linear", warmup_ratio=0.0,
+                   checkpoint_every=None, evals_per_epoch=1)
+#: the historical recipe flags of ``run`` and their defaults (argparse's too): what a Recipe says
+FLAGS = {"layers": "2,2", "adapter": "full", "lr": BASE.lr, "epochs": BASE.epochs, "tune": "all",
+         "correction": "", "correction_every": 0, "correction_n": 128, "correction_pool": 0}
+
+
+def _option(value: str, kind) -> object:
+    """A method option written as text in a historical name, as its field's type (a float written as
+    an integer stays one, so that the name the recipe prints back is the name it was read from)."""
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise SystemExit(f"error: {value!r} is not true or false")
+        return value.lower() == "true"
+    if kind is float and value.lstrip("-").isdigit():
+        return int(value)
+    return kind(value)
+
+
+def historical_recipe(emulator: str, layers: str = FLAGS["layers"], adapter: str = FLAGS["adapter"],
+                      lr: float = FLAGS["lr"], epochs: float = FLAGS["epochs"], tune: str = FLAGS["tune"],
+                      correction: str = FLAGS["correction"], correction_every: int = FLAGS["correction_every"],
+                      correction_n: int = FLAGS["correction_n"], correction_pool: int = FLAGS["correction_pool"]) -> Recipe:
+    """The one reader of the historical names (those of the records file and docs/transfer.md): the
+    emulator ``KIND:opt=value:...`` and the flags ``--layers``/``--adapter``/``--lr``/``--epochs``/
+    ``--tune``/``--correction*``, as the :class:`Recipe` they describe. Everything after takes the
+    Recipe; :func:`kind_of` and :func:`recipe_record` write the historical names back."""
+    import dataclasses
+    import typing
+
+    from offsite.emulator import all_methods
+
+    method, raw = _opts(emulator)
+    if method not in all_methods():
+        raise SystemExit(f"error: unknown emulator {emulator!r} (uniform:keep=K or a registered method with its "
+                         "options; prune:... was removed on 2026-12-07)")
+    cls = all_methods()[method].options_cls
+    hints = typing.get_type_hints(cls)
+    types = {f.name: next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+             for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(types))
+    if unknown:
+        raise SystemExit(f"error: {method} has no option(s) {', '.join(unknown)}")
+    if correction and ("," in correction or correction_every < 1):
+        raise SystemExit("error: --correction takes one source and --correction-every >= 1 (static and "
+                         "multi-source corrections were removed on 2026-12-07)")
+    tuning = {k: v for k, v, default in (("adapter", adapter, "full"), ("blocks", tune, "all"), ("lr", lr, BASE.lr),
+                                         ("epochs", epochs, BASE.epochs)) if v != default}
+    assist = {"every": correction_every, "source": correction, "examples": correction_n,
+              **({"pool": correction_pool} if correction_pool > correction_n else {})} if correction else {}
+    return Recipe.from_dict({"method": method, "options": {k: _option(v, types[k]) for k, v in raw.items()},
+                             "adapter_layers": layers, "tuning": tuning, "assist": assist}, emulator)
+
+
+def recipe_of(a) -> Recipe:
+    """``run``'s and ``diagnose``'s recipe: a recipe file (``.toml``/``.json``, without the
+    historical flags), or the historical name with its flags (:func:`historical_recipe`)."""
+    given = {k: getattr(a, k) for k in FLAGS if getattr(a, k, FLAGS[k]) != FLAGS[k]}
+    if Path(a.recipe).suffix.lower() in (".toml", ".json"):
+        if given:
+            raise SystemExit(f"error: --{next(iter(given)).replace('_', '-')} is the recipe's: write it into "
+                             f"{a.recipe}, or name the emulator instead of the file")
+        recipe = Recipe.load(a.recipe)
+        if recipe.floor_source is not None:
+            raise SystemExit(f"error: {a.recipe}: floor_source is offsite run's floor row; this script's floor "
+                             "is a run of its own (--train-task SOURCE)")
+        return recipe
+    return historical_recipe(a.recipe, **given)
+
+
+def kind_of(recipe: Recipe) -> str:
+    """The recipe's emulator as the records file names it: ``KIND:opt=value:...``."""
+    return ":".join([recipe.method] + [f"{k}={v}" for k, v in recipe.options.items()])
+
+
+def recipe_record(recipe: Recipe, tuned: bool = True) -> dict:
+    """A records line's recipe keys, named as the records file always named them (``kind``,
+    ``layers``; where they apply ``tune``, and on a line that tuned, ``epochs``, ``cv``, ``cv_norm``
+    and ``cv_pool``), and the recipe itself (``recipe``: what else it tunes is named apart by
+    :func:`tuning_named`)."""
+    settings, assist = recipe.tune_settings(BASE), recipe.assist_options()
+    rec = {"kind": kind_of(recipe), "layers": list(recipe.adapter_layers), "recipe": recipe.to_dict()}
+    if settings.blocks != "all":
+        rec["tune"] = settings.blocks
+    if not tuned:  # a probe-only or zero-shot line: the emulator and the blocks, as ever
+        return rec
+    if settings.train.epochs != BASE.epochs:
+        rec["epochs"] = settings.train.epochs
+    if assist.on:
+        rec["cv"] = [assist.source, assist.examples, 1.0, assist.every]
+        rec["cv_norm"] = True  # offsite.assist always scales g_full to the emulator's norm
+        if assist.pool:
+            rec["cv_pool"] = assist.pool
+    return rec
+
+
+def tuning_named(r: dict) -> str:
+    """What a records line's recipe tunes beyond the historical names (``+lr=3e-05``, ``+dp.epsilon=8``):
+    part of its name, and of what its ceiling and floor must share; empty for the lines written before
+    lines carried their recipe."""
+    recipe = r.get("recipe") or {}
+    parts = [f"{k}={v}" for k, v in recipe.get("tuning", {}).items() if k not in ("blocks", "epochs")]
+    return "".join(f" +{p}" for p in parts + [f"dp.{k}={v}" for k, v in recipe.get("dp", {}).items()])
 
 
 # --------------------------------------------------------------------------------------------
 # the recipe's emulator
 
 
-def build(kind: str, model, tok, layers, at: tuple[str, dict] | None = None):
-    """The recipe's emulator. A registered method other than ``uniform`` (``METHOD:option=value:...``,
-    e.g. ``gradmatch:keep=13:gm_steps=300``) is built once and kept as a bundle under
-    ``runs/transfer-recipes/emulators/`` (its build cost is in the bundle's manifest). ``at`` =
-    ``(SPEC, state)``: built with the adapter ``state`` (bundle keys; the floor's of ``--start-floor
-    SPEC``) in ``model``'s adapter blocks, so a method that distils around the shipped adapter
-    (``gradmatch``) does so around that one, and the emulator ships it."""
-    import typing
-    import dataclasses
+def build(recipe: Recipe, model, tok, at: tuple[str, dict] | None = None):
+    """The recipe's emulator. A registered method other than ``uniform`` is built once and kept as a
+    bundle under ``runs/transfer-recipes/emulators/`` (named after :func:`kind_of`; its build cost is
+    in the bundle's manifest). ``at`` = ``(SPEC, state)``: built with the adapter ``state`` (bundle
+    keys; the floor's of ``--start-floor SPEC``) in ``model``'s adapter blocks, so a method that
+    distils around the shipped adapter (``gradmatch``) does so around that one, and the emulator
+    ships it."""
     from contextlib import nullcontext
 
     from offsite.bundle import load_emulator, save_emulator
-    from offsite.emulator import all_methods, build_emulator
+    from offsite.emulator import build_emulator
     from offsite.gradients import adapter_written
 
+    layers = tuple(recipe.adapter_layers)
     # the full model holds the original block i at position i
     within = adapter_written(model, {i: i for i in range(N_LAYERS)}, at[1]) if at else nullcontext()
     suffix = f"_floor-{at[0].replace(':', '-')}" if at else ""
     with within:
-        base, o = _opts(kind)
-        if base == "uniform":
-            return build_emulator("uniform", model, tok, MODEL, layers, keep=int(o["keep"]))
-        if base in all_methods():
-            cls = all_methods()[base].options_cls
-            hints = typing.get_type_hints(cls)
-            types = {f.name: next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
-                     for f in dataclasses.fields(cls)}
-            unknown = sorted(set(o) - set(types))
-            if unknown:
-                raise SystemExit(f"error: {base} has no option(s) {', '.join(unknown)}")
-            cached = EMULATORS / f"{kind.replace(':', '_').replace('=', '-')}_{layers[0]}-{layers[1]}{suffix}"
-            if (cached / "manifest.json").exists():
-                return load_emulator(cached)
-            emu = build_emulator(base, model, tok, MODEL, layers, **{k: types[k](v) for k, v in o.items()})
-            save_emulator(emu, cached)
-            return emu
-        raise SystemExit(f"error: unknown emulator {kind!r} (uniform:keep=K or a registered method with its "
-                         "options; prune:... was removed on 2026-12-07)")
+        if recipe.method == "uniform":
+            return build_emulator("uniform", model, tok, MODEL, layers, **recipe.options)
+        cached = EMULATORS / f"{kind_of(recipe).replace(':', '_').replace('=', '-')}_{layers[0]}-{layers[1]}{suffix}"
+        if (cached / "manifest.json").exists():
+            return load_emulator(cached)
+        emu = build_emulator(recipe.method, model, tok, MODEL, layers, **recipe.options)
+        save_emulator(emu, cached)
+        return emu
 
 
 def middle_fraction(emu, model, layers) -> float:
@@ -151,18 +262,15 @@ def middle_fraction(emu, model, layers) -> float:
 # owner-side treatments
 
 
-def tune(model, emu, data, settings, assist: AssistOptions | None = None, only_bottom: bool = False):
-    """The data owner's tuning, as ``offsite.tune`` does it; ``assist``: with the model owner in the
-    loop (:mod:`offsite.assist`, the one implementation of the correction), the owner holding the
-    full ``model`` and its own copy of the emulator as shipped. ``only_bottom``: the top adapter
-    blocks stay frozen. Returns the adapter bundle."""
-    from dataclasses import replace
-
+def tune(model, emu, data, settings, assist: AssistOptions | None = None):
+    """The data owner's tuning, as ``offsite.tune`` does it (``settings``: the recipe's, its blocks
+    included); ``assist``: with the model owner in the loop (:mod:`offsite.assist`, the one
+    implementation of the correction), the owner holding the full ``model`` and its own copy of the
+    emulator as shipped. Returns the adapter bundle."""
     from offsite.assist import Assistant
     from offsite.tune import tune_adapter
 
     owner = Assistant(model, copy.deepcopy(emu), assist) if assist is not None and assist.on else None
-    settings = replace(settings, blocks="bottom" if only_bottom else "all")
     return tune_adapter(emu, data, settings, assist=owner)[0]
 
 
@@ -202,101 +310,112 @@ def repair(model, emu, spec: str, lr: float, epochs: float) -> None:
 # commands
 
 
-def floor_state(model, tok, spec: str, settings, only_bottom: bool, layers) -> dict[str, torch.Tensor]:
+def floor_state(model, tok, spec: str, settings, layers) -> dict[str, torch.Tensor]:
     """The adapter tuned on the full ``model`` on the first ``N`` pairs of ``SOURCE`` (``spec`` =
-    ``SOURCE:N``), as the floor is; bundle keys."""
+    ``SOURCE:N``), as the floor is (``settings``: the recipe's, its blocks included); bundle keys."""
     from offsite.experiment.cell import ceiling_emulator
     from offsite.tune import TrainingData, task_data
 
     src, n = spec.split(":")
     d = task_data(src)
-    full = ceiling_emulator(model, tok, MODEL, layers)
-    return tune(model, full, TrainingData(d.kind, d.items[:int(n)], src), settings, only_bottom=only_bottom).state
+    full = ceiling_emulator(model, tok, MODEL, tuple(layers))
+    return tune(model, full, TrainingData(d.kind, d.items[:int(n)], src), settings).state
 
 
-def start_from_floor(model, emu, spec: str, settings, only_bottom: bool, layers) -> None:
+def start_from_floor(model, emu, spec: str, settings, layers) -> None:
     """``--start-floor``: the adapter blocks of ``emu`` become the floor's (:func:`floor_state`)."""
     from offsite.adapters import param_names
 
-    state = floor_state(model, emu.tokenizer, spec, settings, only_bottom, layers)
+    state = floor_state(model, emu.tokenizer, spec, settings, layers)
     names, params = param_names(emu.model, emu.adapter_positions), dict(emu.model.named_parameters())
     with torch.no_grad():
         for key, t in state.items():  # bundle keys, the same in the emulator and the full model
             params[names[key]].copy_(t)
 
 
-def correction_options(source: str, every: int, n: int, pool: int) -> AssistOptions | None:
-    """``--correction SOURCE --correction-every K``: the owner in the loop (:mod:`offsite.assist`), or
-    ``None`` without ``--correction``; a static or multi-source correction is refused in one line."""
-    if not source:
-        return None
-    if "," in source or every < 1:
-        raise SystemExit("error: --correction takes one source and --correction-every >= 1 (static and "
-                         "multi-source corrections were removed on 2026-12-07)")
-    return AssistOptions(every=every, source=source, examples=n, pool=pool if pool > n else 0)
+def _command() -> str:
+    return "python bench/transfer_recipes.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
 
 
 def cmd_run(a) -> None:
-    from offsite import adapters
-    from offsite.eval import correct, evaluate
+    """One recipe on ``--task``: its emulator measured (perplexity, probes), then tuned and plugged
+    in; one records line (:func:`_append`)."""
     from offsite.models.load import load_model
-    from offsite.probe import ProbeOptions, probe, probe_examples, task_probe_examples
-    from offsite.train import TrainConfig
-    from offsite.tune import TrainingData, TuneSettings, task_data
 
-    layers = tuple(int(x) for x in a.layers.split(","))
-    assist = correction_options(a.correction, a.correction_every, a.correction_n, a.correction_pool)
+    recipe = recipe_of(a)
     if a.build_at_floor and not a.start_floor:
         raise SystemExit("error: --build-at-floor builds the emulator around the --start-floor adapter: pass both")
     model, tok = load_model(MODEL)
-    cfg = TrainConfig(lr=a.lr, epochs=a.epochs, batch_size=8, micro_batch_size=8, schedule="linear", warmup_ratio=0.0,
-                      checkpoint_every=None, evals_per_epoch=1)
-    settings = TuneSettings(adapter=a.adapter, train=cfg)
+    settings = recipe.tune_settings(BASE)
     at = None
     if a.build_at_floor:
         t1 = time.time()
-        at = (a.start_floor, floor_state(model, tok, a.start_floor, settings, a.tune == "bottom", layers))
-        floor_s = time.time() - t1
+        at = (a.start_floor, floor_state(model, tok, a.start_floor, settings, recipe.adapter_layers))
+        at_s = time.time() - t1
     t0 = time.time()
-    emu = build(a.recipe, model, tok, layers, at)
-    rec = {"kind": a.recipe, "layers": layers, "frac": middle_fraction(emu, model, layers),
-           "build_s": time.time() - t0, "command": "python bench/transfer_recipes.py " + " ".join(
-               shlex.quote(x) for x in sys.argv[1:])}
+    emu = build(recipe, model, tok, at)
+    rec = {**recipe_record(recipe, tuned=False), "frac": middle_fraction(emu, model, recipe.adapter_layers),
+           "build_s": time.time() - t0, "command": _command()}
+    measure_emulator(rec, model, emu, tok, a.probe)
+    if a.probe_only:
+        return _append(rec)
+    if a.zs or a.zs_only:
+        _score(rec, "emu_zs", emu.model, tok, a.task, a.limit)
+    if a.zs_only:
+        return _append(rec)
+    if at is not None:  # the emulator was built around the floor's adapter and ships it
+        rec["start_floor"], rec["built_at_floor"] = [a.start_floor, at_s], True
+    rec.update(recipe_record(recipe))
+    tune_and_plug(rec, model, emu, a, recipe, settings)
+    rec["total_s"] = time.time() - t0
+    _append(rec)
+    print(f"{kind_of(recipe)}: middle {rec['frac']:.3f}, ppl {rec['ppl']:.1f}, Emulator FT "
+          f"{rec[f'emu_ft_{a.task}']:.3f}, Plug-in {rec[f'plugin_{a.task}']:.3f}")
+
+
+def measure_emulator(rec: dict, model, emu, tok, probes: str) -> None:
+    """The emulator's held-out perplexity (4 documents) and its probes (``text`` or a task's name,
+    comma-separated), into ``rec``."""
+    from offsite.eval import evaluate
+    from offsite.probe import ProbeOptions, probe, probe_examples, task_probe_examples
+
     rec["ppl"] = evaluate(emu.model, tok, "text", limit=4, progress=False)["ppl"]
     opts = ProbeOptions()
-    for src in filter(None, a.probe.split(",")):
+    for src in filter(None, probes.split(",")):
         ex = probe_examples(tok, opts) if src == "text" else task_probe_examples(tok, src, opts)
         f = probe(model, emu, ex, opts)
         rec[f"probe_{src}"] = {k: round(v, 3) for k, v in f["grad_cos"].items() if k in ("all", "bottom", "top")}
         rec[f"ratio_{src}"] = round(f["grad_norm_ratio"]["all"], 2)
-    if a.tune == "bottom":
-        rec["tune"] = "bottom"
-    if a.probe_only:
-        return _append(rec)
-    task = a.task
-    if a.zs or a.zs_only:
-        c = correct(emu.model, tok, task, limit=a.limit, progress=False)
-        rec[f"emu_zs_{task}"], rec[f"emu_zs_pred_{task}"] = sum(c) / len(c), [int(x) for x in c]
-    if a.zs_only:
-        return _append(rec)
-    if at is not None:  # the emulator was built around the floor's adapter and ships it
-        rec["start_floor"] = [a.start_floor, floor_s]
-        rec["built_at_floor"] = True
-    elif a.start_floor:
+
+
+def _score(rec: dict, row: str, model, tok, task: str, limit: int) -> None:
+    """``row``'s accuracy on the first ``limit`` documents of ``task`` and its per-document predictions."""
+    from offsite.eval import correct
+
+    c = correct(model, tok, task, limit=limit, progress=False)
+    rec[f"{row}_{task}"], rec[f"{row}_pred_{task}"] = sum(c) / len(c), [int(x) for x in c]
+
+
+def tune_and_plug(rec: dict, model, emu, a, recipe: Recipe, settings) -> None:
+    """The owner-side treatments before tuning (``--start-floor``, ``--repair``), the data owner's
+    tuning on the emulator (on ``--train-task``'s data where given; the owner in the loop where the
+    recipe says so), Emulator FT, and the Plug-in (only the bottom blocks' change too, with
+    ``--plug-bottom``), into ``rec``."""
+    from offsite import adapters
+    from offsite.eval import evaluate
+    from offsite.tune import TrainingData, task_data
+
+    task, layers = a.task, recipe.adapter_layers
+    if a.start_floor and not rec.get("built_at_floor"):
         t1 = time.time()
-        start_from_floor(model, emu, a.start_floor, settings, a.tune == "bottom", layers)
+        start_from_floor(model, emu, a.start_floor, settings, layers)
         rec["start_floor"] = [a.start_floor, time.time() - t1]
     theta0 = {k: v.clone() for k, v in emu.adapter_state().items()}
     if a.repair:
         t1 = time.time()
-        repair(model, emu, a.repair, a.lr, 1)
+        repair(model, emu, a.repair, settings.train.lr, 1)
         rec["repair"] = [a.repair, 1, time.time() - t1]
     theta_r = {k: v.clone() for k, v in emu.adapter_state().items()}
-    if assist is not None:
-        rec["cv"] = [assist.source, assist.examples, 1.0, assist.every]
-        rec["cv_norm"] = True  # offsite.assist always scales g_full to the emulator's norm
-        if assist.pool:
-            rec["cv_pool"] = assist.pool
     t1 = time.time()
     data = task_data(a.train_task or task)
     if a.train_task:  # a floor: the same tuning without the task's data
@@ -304,25 +423,15 @@ def cmd_run(a) -> None:
     if a.train_limit:  # the first N training examples, as bench/paper.py's --train-limit
         data = TrainingData(data.kind, data.items[:a.train_limit], data.source)
         rec["train_limit"] = a.train_limit
-    if a.epochs != 1:
-        rec["epochs"] = a.epochs
-    bundle = tune(model, emu, data, settings, assist, only_bottom=a.tune == "bottom")
+    bundle = tune(model, emu, data, settings, recipe.assist_options())
     rec[f"tune_s_{task}"] = time.time() - t1
-    rec[f"emu_ft_{task}"] = evaluate(emu.model, tok, task, limit=a.limit, progress=False)["acc"]
+    rec[f"emu_ft_{task}"] = evaluate(emu.model, emu.tokenizer, task, limit=a.limit, progress=False)["acc"]
     state = {k: theta0[k] + (v - theta_r[k]) for k, v in bundle.state.items()} if a.repair else bundle.state
-    plugged = adapters.apply(copy.deepcopy(model), state, bundle.kind, bundle.lora).eval()
-    c = correct(plugged, tok, task, limit=a.limit, progress=False)
-    rec[f"plugin_{task}"], rec[f"plugin_pred_{task}"] = sum(c) / len(c), [int(x) for x in c]
+    plug = lambda s: adapters.apply(copy.deepcopy(model), s, bundle.kind, bundle.lora).eval()  # noqa: E731
+    _score(rec, "plugin", plug(state), emu.tokenizer, task, a.limit)
     if a.plug_bottom:  # only the bottom adapter blocks' change goes into the full model
-        bottom_only = {k: (theta0[k] if int(k.split(".")[1]) >= N_LAYERS - layers[1] else v)
-                       for k, v in state.items()}
-        plugged = adapters.apply(copy.deepcopy(model), bottom_only, bundle.kind, bundle.lora).eval()
-        c = correct(plugged, tok, task, limit=a.limit, progress=False)
-        rec[f"plugin_bottom_{task}"], rec[f"plugin_bottom_pred_{task}"] = sum(c) / len(c), [int(x) for x in c]
-    rec["total_s"] = time.time() - t0
-    _append(rec)
-    print(f"{a.recipe}: middle {rec['frac']:.3f}, ppl {rec['ppl']:.1f}, Emulator FT {rec[f'emu_ft_{task}']:.3f}, "
-          f"Plug-in {rec[f'plugin_{task}']:.3f}")
+        bottom_only = {k: (theta0[k] if int(k.split(".")[1]) >= N_LAYERS - layers[1] else v) for k, v in state.items()}
+        _score(rec, "plugin_bottom", plug(bottom_only), emu.tokenizer, task, a.limit)
 
 
 def _append(rec: dict) -> None:
@@ -332,15 +441,16 @@ def _append(rec: dict) -> None:
 
 
 def cmd_diagnose(a) -> None:
-    """How the emulator's task gradient differs from the full model's, and which corrections fix it."""
+    """How the recipe's emulator's task gradient differs from the full model's, and which corrections fix it."""
     from offsite.models.load import load_model
     from offsite.gradients import adapter_gradients
     from offsite.probe import ProbeOptions, task_probe_examples
     from offsite.data.tokenize import tokenize_text
     from offsite.data.text import public_text
 
+    recipe = recipe_of(a)
     model, tok = load_model(MODEL)
-    emu = build(a.recipe, model, tok, (2, 2))
+    emu = build(recipe, model, tok)
     pad, positions = tok.pad_token_id or 0, emu.adapter_positions
 
     def g(m, pos, ex):  # the adapter's gradient, flattened in the bundle's key order
@@ -353,7 +463,7 @@ def cmd_diagnose(a) -> None:
     task = task_probe_examples(tok, a.task, ProbeOptions(task_examples=96))
     (e1, m1), (e2, m2) = both(task[:48]), both(task[48:])
     et, mt = both(tokenize_text(tok, public_text("train"), 256)[1000:1016])
-    out = {"recipe": a.recipe, "task": a.task,
+    out = {"recipe": kind_of(recipe), "task": a.task,
            "cos(E, M) on task examples": cos(e1, m1),
            "cos(M on set 1, M on set 2): the task gradient's consistency": cos(m1, m2),
            "cos(E-M on set 1, E-M on set 2): the emulator's bias is systematic": cos(e1 - m1, e2 - m2),
@@ -366,14 +476,14 @@ def cmd_diagnose(a) -> None:
         out[f"cos(E - (E-M) on {s}, M)"] = cos(e1 - (es - ms), m1)
     for k, v in out.items():
         print(f"{k}: {v if isinstance(v, str) else round(v, 3)}")
-    write_diagnosis(out, "python bench/transfer_recipes.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+    write_diagnosis(out, _command(), recipe.adapter_layers)
 
 
-def write_diagnosis(out: dict, command: str) -> None:
+def write_diagnosis(out: dict, command: str, layers=(2, 2)) -> None:
     """``bench/results/transfer-diagnose.json``: one record (``row: "diagnose"``) per cosine."""
     from offsite.experiment.results import meta, write_results
 
-    base = {"model": MODEL, "task": out["task"], "method": out["recipe"], "setting": {"adapter_layers": [2, 2]},
+    base = {"model": MODEL, "task": out["task"], "method": out["recipe"], "setting": {"adapter_layers": list(layers)},
             "row": "diagnose"}
     write_results(DIAGNOSIS, meta(command), [{**base, "metric": k, "value": v} for k, v in out.items()
                                              if k not in ("recipe", "task")])
@@ -414,6 +524,7 @@ def recipe_key(r: dict) -> str:
     than ``DEFAULT_LIMIT`` documents says how many (its Full ZS and ceiling are scored on the same)."""
     name = r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "")
     name += f" +epochs={r['epochs']:g}" if r.get("epochs", 1) != 1 else ""
+    name += tuning_named(r)
     name += f" +correction={r['cv'][0]}" if r.get("cv") else ""
     name += f" n={r['cv'][1]}" if r.get("cv") and r["cv"][1] != 128 else ""
     name += f" +start=floor({r['start_floor'][0]})" if r.get("start_floor") else ""
@@ -426,14 +537,19 @@ def recipe_key(r: dict) -> str:
     return name + (MORE_DOCS.format(n=run_docs(r)) if run_docs(r) > DEFAULT_LIMIT else "")
 
 
+def _same_tuning(c: dict, r: dict) -> bool:
+    """Whether two records lines tuned the same blocks the same way (epochs, the recipe's other tuning)."""
+    return (c.get("tune") == r.get("tune") and c.get("epochs", 1) == r.get("epochs", 1)
+            and tuning_named(c) == tuning_named(r))
+
+
 def _ceiling_of(recs: list[dict], r: dict, task: str) -> dict | None:
     """The line of ``r``'s ceiling: every middle block kept, the same layout, tuning and documents."""
     layers = list(r["layers"])
     n_mid = N_LAYERS - sum(layers)
     return next((c for c in recs if c["kind"] == f"uniform:keep={n_mid}" and list(c["layers"]) == layers
                  and not any(c.get(k) for k in ("cv", "repair", "train_task", "start_floor"))
-                 and c.get("tune") == r.get("tune") and c.get("epochs", 1) == r.get("epochs", 1)
-                 and f"plugin_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
+                 and _same_tuning(c, r) and f"plugin_pred_{task}" in c and run_docs(c) == run_docs(r)), None)
 
 
 def _full_zs_of(recs: list[dict], r: dict, task: str) -> dict | None:
@@ -448,8 +564,7 @@ def _floor_of(recs: list[dict], r: dict, ceil: dict, task: str) -> dict | None:
     (the correction's or the shipped floor's source), no task data, on at least as many documents."""
     source = r["cv"][0] if r.get("cv") else r["start_floor"][0].split(":")[0] if r.get("start_floor") else None
     return next((c for c in recs if source and c["kind"] == ceil["kind"] and c.get("train_task") == source
-                 and c.get("tune") == r.get("tune") and list(c["layers"]) == list(r["layers"])
-                 and c.get("epochs", 1) == r.get("epochs", 1)
+                 and _same_tuning(c, r) and list(c["layers"]) == list(r["layers"])
                  and not c.get("cv") and not c.get("start_floor") and run_task(c) == task
                  and run_docs(c) >= run_docs(r)), None)
 
@@ -950,27 +1065,30 @@ def methods_markdown(records: list[dict], n_tasks: int = 6) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    recipe_help = ("a recipe file (.toml or .json: offsite.experiment.recipe), or the emulator's historical name "
+                   "KIND:opt=value:... with the recipe flags below (historical_recipe)")
     r = sub.add_parser("run")
-    r.add_argument("recipe")
+    r.add_argument("recipe", help=recipe_help)
     r.add_argument("--task", default="arc_easy")
-    r.add_argument("--layers", default="2,2")
-    r.add_argument("--adapter", default="full")
-    r.add_argument("--lr", type=float, default=1e-4)
+    h = r.add_argument_group("the recipe's, with a historical name (a recipe file says them itself)")
+    h.add_argument("--layers", default=FLAGS["layers"])
+    h.add_argument("--adapter", default=FLAGS["adapter"])
+    h.add_argument("--lr", type=float, default=FLAGS["lr"])
     r.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
     r.add_argument("--probe", default="text,arc_easy")
     r.add_argument("--zs", action="store_true", help="also score the emulator untouched (Full ZS for keep=all)")
     r.add_argument("--zs-only", action="store_true", help="score the untouched emulator and stop")
     r.add_argument("--probe-only", action="store_true", help="measure the perplexity and the probes and stop")
-    r.add_argument("--correction", default="", help="the owner corrects the adapter's gradient on this public "
+    h.add_argument("--correction", default=FLAGS["correction"], help="the owner corrects the adapter's gradient on this public "
                    "source's pairs (offsite.assist, scaled to the emulator's norm); needs --correction-every")
-    r.add_argument("--correction-n", type=int, default=128, help="public QA pairs per source the owner's correction averages over")
-    r.add_argument("--epochs", type=float, default=1.0, help="the data owner's epochs (default 1, the budget's)")
+    h.add_argument("--correction-n", type=int, default=FLAGS["correction_n"], help="public QA pairs per source the owner's correction averages over")
+    h.add_argument("--epochs", type=float, default=FLAGS["epochs"], help="the data owner's epochs (default 1, the budget's)")
     r.add_argument("--train-limit", type=int, default=0, help="tune on the first N training examples (0: all)")
     r.add_argument("--train-task", help="tune on this task's training split instead of --task's (a floor: what the "
                                         "tuning gives --task without its data; e.g. webqs, the owner's public pairs)")
-    r.add_argument("--correction-every", type=int, default=0,
+    h.add_argument("--correction-every", type=int, default=FLAGS["correction_every"],
                    help="the owner's correction at the current adapter every N steps (with --correction)")
-    r.add_argument("--correction-pool", type=int, default=0,
+    h.add_argument("--correction-pool", type=int, default=FLAGS["correction_pool"],
                    help="the owner's pool of public pairs per source: each correction takes the next --correction-n "
                         "of its first N, cycling (0: always the first --correction-n)")
     r.add_argument("--repair", default="")
@@ -980,12 +1098,12 @@ def main(argv=None) -> int:
     r.add_argument("--build-at-floor", action="store_true",
                    help="with --start-floor: build the emulator with the floor's adapter in the full model (a method "
                         "that distils around the shipped adapter, gradmatch, matches the gradients there)")
-    r.add_argument("--tune", choices=("all", "bottom"), default="all",
+    h.add_argument("--tune", choices=("all", "bottom"), default=FLAGS["tune"],
                    help="which adapter blocks the data owner trains (bottom: the top ones stay the original)")
     r.add_argument("--plug-bottom", action="store_true",
                    help="also score the full model with only the bottom adapter blocks' change plugged in")
     d = sub.add_parser("diagnose")
-    d.add_argument("recipe")
+    d.add_argument("recipe", help=recipe_help)
     d.add_argument("--task", default="arc_easy")
     d.add_argument("--sources", default="webqs,sciq,openbookqa,piqa,arc_challenge")
     c = sub.add_parser("collect")
@@ -998,7 +1116,11 @@ def main(argv=None) -> int:
     c.add_argument("--privacy-utility", help="also draw Emulator FT against transfer (privacy against utility) into this PNG")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    {"run": cmd_run, "diagnose": cmd_diagnose, "collect": cmd_collect}[a.cmd](a)
+    try:
+        {"run": cmd_run, "diagnose": cmd_diagnose, "collect": cmd_collect}[a.cmd](a)
+    except OffsiteError as exc:  # a recipe file refused (offsite.experiment.recipe), in one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
