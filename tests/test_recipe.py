@@ -104,3 +104,16 @@ def test_a_run_reproduces_from_the_recipe_it_wrote(tmp_path):
         saved = json.loads((tmp_path / run / "results.json").read_text())
         return saved["meta"]["recipe"], [(r["row"], r["metric"], r["value"]) for r in saved["records"]]
     assert rows("a") == rows("b")
+
+
+def test_every_recipe_shown_in_the_docs_reads():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shown = [(p.name, m.group(1)) for p in sorted((root / "docs").glob("*.md"))
+             for m in re.finditer(r"```toml\n(.*?)```", p.read_text(), re.S)]
+    assert shown, "docs/protocol.md shows a recipe file"
+    for page, text in shown:
+        Recipe.from_dict(tomllib.loads(text), page)
