@@ -8,7 +8,7 @@ distillation; for GradOT the statistics pass and the compression. ScaleOT's stag
 and serves every (alpha, beta), so the table also gives the cost of a sweep of ``--sweep`` sizes:
 one stage 1 plus a stage 2 per size, against one ``kd`` run per size.
 
-    python bench/emulator_cost.py [--methods kd,scaleot,gradot] [--sweep 4] [--settings JSON]
+    python bench/emulator_cost.py [--methods kd,scaleot,gradot] [--sweep 4] [--recipes GRID.toml]
 
 writes bench/results/emulator-cost.json (docs/results-format.md, row ``build``). The bundles it
 builds are stored in the paper benchmark's cache (``runs/paper-cache``) when that cell is missing
@@ -98,9 +98,9 @@ def main() -> None:
     ap.add_argument("--sweep", type=int, default=4, help="sizes in the sweep-cost comparison (default 4)")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "paper-cache"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "emulator-cost.json"))
-    ap.add_argument("--settings", default="{}",
-                    help='JSON {method: {option: value}} over a method\'s benchmark setting, e.g. '
-                         '\'{"scaleot": {"stage1_steps": 50, "rl_every": 1}}\'')
+    ap.add_argument("--recipes", nargs="+", metavar="FILE",
+                    help="grid files of recipes (as bench/paper.py's): a method's first recipe there replaces "
+                         "its benchmark recipe")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_setting", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -108,7 +108,7 @@ def main() -> None:
         print(json.dumps(child(args._child, args.model, json.loads(args._setting), args.cache)))
         return
 
-    from offsite.experiment.benchmark import method_settings, normalise_setting
+    from offsite.experiment.benchmark import chosen_recipes, load_grids
 
     from offsite.emulator import get_method
     from transformers import AutoConfig
@@ -117,18 +117,18 @@ def main() -> None:
     from offsite.experiment.results import meta, write_results
 
     command = "python bench/emulator_cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    from offsite.errors import OffsiteError
+
     try:
-        overrides = json.loads(args.settings)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: --settings is not valid JSON ({exc})") from None
-    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
-        raise SystemExit("error: --settings must be a JSON object {method: {option: value}}")
+        given = load_grids(args.recipes)
+    except OffsiteError as exc:
+        raise SystemExit(f"error: {exc}") from None
     display = model_display_name(args.model)
     records, res = [], {}
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         method = get_method(name)
-        setting = method_settings(method, lambda: AutoConfig.from_pretrained(resolve_model_path(args.model)))[0]
-        setting = normalise_setting(method, {**setting, **overrides.get(name, {})})
+        setting = chosen_recipes(method, given, lambda: AutoConfig.from_pretrained(
+            resolve_model_path(args.model)))[0].setting()
         print(f"[cost] {name} {setting}", flush=True)
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--cache", args.cache,
                               "--_child", name, "--_setting", json.dumps(setting)],

@@ -264,6 +264,13 @@ def _set(obj, path, value):
     return obj
 
 
+def _delete(obj, path) -> None:
+    parent = obj
+    for k in path[:-1]:
+        parent = parent[k]
+    del parent[path[-1]]
+
+
 def _dump(obj) -> bytes:
     text = json.dumps(obj)
     return text.replace(json.dumps(DEEP), "[" * 100_000 + "]" * 100_000).encode()
@@ -286,10 +293,7 @@ def corrupt_json(rng: random.Random, f: Path, is_manifest: bool) -> str:
     elif op == "delete":
         keyed = [p for p, _ in nodes if p]
         path = rng.choice(keyed)
-        parent = obj
-        for k in path[:-1]:
-            parent = parent[k]
-        del parent[path[-1]]
+        _delete(obj, path)
         what = f"delete {'.'.join(map(str, path))[:60]}"
     elif op == "add":
         dicts = [(p, v) for p, v in nodes if isinstance(v, dict)]
@@ -531,27 +535,33 @@ def _block_tensors(world: dict, block: int, kind: str, like: dict, rng: random.R
     return out
 
 
-def attack_scope(rng: random.Random, d: Path, kind: str, world: dict) -> str:
+def _scope_split(rng: random.Random, f: Path, m: dict, state: dict, kind: str, world: dict) -> tuple[dict, str]:
+    """The adapter re-cut to another (bottom, top) split: blocks kept, missing ones made up, the
+    manifest's layout and init digest to match."""
     from offsite.emulator.core import state_digest
     from offsite.models.families import get_blocks
 
+    bottom, top = rng.choice(SPLITS)
+    n = 6
+    new = list(range(bottom)) + list(range(n - top, n))
+    state = {k: v for k, v in state.items() if int(k.split(".")[1]) in new}
+    for b in new:
+        if not any(k.startswith(f"blocks.{b}.") for k in state):
+            state.update(_block_tensors(world, b, kind, _state(f), rng))
+    m["base"]["adapter_layers"] = [bottom, top]
+    blocks = get_blocks(world["model"])
+    m["adapter_init_digest"] = state_digest({f"blocks.{b}.{k}": t for b in new
+                                             for k, t in blocks[b].state_dict().items()})
+    return state, f"split {bottom},{top}"
+
+
+def attack_scope(rng: random.Random, d: Path, kind: str, world: dict) -> str:
     f, m = d / "adapter.safetensors", _manifest(d)
     state = _state(f)
-    blocks = get_blocks(world["model"])
     op = rng.choice(["split", "split", "split", "rename", "extra_block", "extra_name", "buffer", "digest",
                      "kind", "base"])
     if op == "split":
-        bottom, top = rng.choice(SPLITS)
-        n = 6
-        new = list(range(bottom)) + list(range(n - top, n))
-        state = {k: v for k, v in state.items() if int(k.split(".")[1]) in new}
-        for b in new:
-            if not any(k.startswith(f"blocks.{b}.") for k in state):
-                state.update(_block_tensors(world, b, kind, _state(f), rng))
-        m["base"]["adapter_layers"] = [bottom, top]
-        m["adapter_init_digest"] = state_digest({f"blocks.{b}.{k}": t for b in new
-                                                 for k, t in blocks[b].state_dict().items()})
-        what = f"split {bottom},{top}"
+        state, what = _scope_split(rng, f, m, state, kind, world)
     elif op == "rename":
         src, dst = rng.choice(ADAPTER_BLOCKS), rng.choice([2, 3])
         state = {(f"blocks.{dst}." + k.split(".", 2)[2] if int(k.split(".")[1]) == src else k): v

@@ -13,7 +13,7 @@ over the tasks' average (the mean of the per-task differences; its error combine
 paired errors). Each pair is written later entry minus earlier one, in the order Full ZS, then the
 methods as given.
 
-    python bench/paired.py [--tasks openbookqa,...] [--methods kd,uniform,scaleot] [--settings JSON]
+    python bench/paired.py [--tasks openbookqa,...] [--methods kd,uniform,scaleot] [--recipes GRID.toml]
                            [--results bench/results/paper-smollm2.json [SEED2.json ...]]
                            [--out bench/results/paired-smollm2.json] [--tune] [--score-only | --combine-only | --table]
 
@@ -35,8 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from offsite.experiment.benchmark import (Bench, Budget, Hooks, cell_key, chosen_settings, entry_details, entry_name,
-                               parse_settings_override, record_cell)
+from offsite.experiment.benchmark import (Bench, Budget, Hooks, cell_key, chosen_recipes, entry_details, entry_name,
+                                          load_grids, record_cell)
 from offsite.errors import OffsiteError
 from offsite.experiment.report import setting_key
 from offsite.eval.paired import paired
@@ -242,7 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default="kd,uniform,scaleot")
-    p.add_argument("--settings", help="JSON {method: [setting, ...]} replacing the methods' benchmark settings")
+    p.add_argument("--recipes", nargs="+", metavar="FILE",
+                   help="grid files of recipes (as bench/paper.py's) replacing the benchmark recipes of the methods they name")
     p.add_argument("--no-full-zs", action="store_true", help="leave the Full ZS entry out")
     p.add_argument("--results", nargs="+", default=[str(RESULTS_DIR / "paper-smollm2.json")],
                    help="the paper benchmark's results file (its budget is used; accuracies are checked); "
@@ -287,14 +288,14 @@ def main(argv=None) -> int:
         benches = [Bench(args.model, x, args.cache, Hooks(), args.batch_size_eval, True, print)
                    for x in budgets]
         b = benches[0]
-        override = parse_settings_override(args.settings)
+        given = load_grids(args.recipes)
         registry = all_methods()
         entries = [] if args.no_full_zs else [FULL]
         for name in [m for m in args.methods.split(",") if m]:
             if name not in registry:
                 raise OffsiteError(f"unknown method {name!r}; known: {', '.join(registry)}")
-            settings = chosen_settings(registry[name], override.get(name), lambda: b.base()[0].config)
-            entries += [("plugin", name, s) for s in settings]
+            recipes = chosen_recipes(registry[name], given, lambda: b.base()[0].config)
+            entries += [("plugin", name, r.setting()) for r in recipes]
         tasks = [t for t in args.tasks.split(",") if t]
         bad = [t for t in tasks if t not in TASKS]
         if bad:

@@ -7,10 +7,20 @@
     python bench/paper.py --merge runs/other.json          # add another run's cells (same budget)
 
 For each task, Full ZS and Full FT are computed once and shared by every method (records with
-``method`` null); for each method and each of its settings (``Method.bench_settings``, default
-adapter 2,2 with the method's default options; ``uniform``/``kd`` declare keep=8 so every method's
-emulator can be matched to the same size) the rows Emulator ZS, Emulator FT and Plug-in. A method
-registered later (``offsite.emulator.register``) joins without any change here.
+``method`` null); for each method and each of its recipes (:class:`offsite.experiment.recipe.Recipe`:
+its ``Method.bench_settings`` as recipes, default adapter 2,2 with the method's default options;
+``uniform``/``kd`` declare keep=8 so every method's emulator can be matched to the same size) the
+rows Emulator ZS, Emulator FT and Plug-in. A method registered later (``offsite.emulator.register``)
+joins without any change here. ``--recipes GRID.toml`` replaces the recipes of the methods it names::
+
+    [[recipe]]
+    method = "kd"
+    adapter_layers = [2, 2]
+    [recipe.options]
+    keep = 8
+    kd_steps = 30
+
+A grid's recipe names the method, its options and the adapter layout; the training is the budget's.
 
 Each method setting also gets (``--no-ceiling`` / ``--no-floor`` / ``--no-probe`` skip them):
 
@@ -30,8 +40,10 @@ Each method setting also gets (``--no-ceiling`` / ``--no-floor`` / ``--no-probe`
 * the **probe**: the adapter-gradient cosine between the emulator and the full model on held-out
   public text (``row: "probe"``, task ``text``; from the bundle's manifest when it carries one).
 
-**Resumable.** A *cell* is (model, task, method, setting, row). Finished cells are kept in the
-results file, written atomically after every cell, and skipped on the next run; a killed run
+**Resumable.** A *cell* is (model, task, method, setting, row), the setting being its recipe's
+(:meth:`~offsite.experiment.recipe.Recipe.setting`: the adapter layout and the method's options).
+Finished cells are kept in the results file, written atomically after every cell, and skipped on
+the next run; a killed run
 resumes where it stopped. Emulator bundles are cached under ``--cache`` (default
 ``runs/paper-cache/``, git-ignored) per method and setting, adapter bundles per budget, method,
 setting and task; adapter and Full FT training checkpoint into the cache and resume too. Delete the
@@ -73,7 +85,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from offsite.assist import matched_source
@@ -81,9 +93,10 @@ from offsite.bundle import load_emulator, load_emulator_manifest
 from offsite.emulator import all_methods
 from offsite.errors import OffsiteError
 from offsite.eval import METRIC
-from offsite.experiment.benchmark import (METHOD_ROWS, Bench, Hooks, cell_key, chosen_settings, load_same_budget,
-                                          merge_results, parse_settings_override, record_cell)
+from offsite.experiment.benchmark import (METHOD_ROWS, Bench, Hooks, cell_key, chosen_recipes, load_grids,
+                                          load_same_budget, merge_results, record_cell)
 from offsite.experiment.budget import PRESETS, Budget
+from offsite.experiment.recipe import Recipe
 from offsite.experiment.cell import Lab, Row, RowCache, public_pairs_of, run_cell
 from offsite.experiment.report import (build_report, load_results, readme_table, report_files, report_markdown,
                                        setting_key, slug)
@@ -112,122 +125,92 @@ def default_results_path(display: str, budget: Budget) -> Path:
 
 def run_benchmark(model_name: str = "smollm2-135m", tasks=DEFAULT_TASKS, methods=None,
                   budget: Budget = Budget(), full_ft: bool = True, results_path=None, cache=DEFAULT_CACHE,
-                  settings_override: dict | None = None, batch_size: int = 32, command: str = "",
+                  recipes: list[Recipe] | None = None, batch_size: int = 32, command: str = "",
                   hooks: Hooks | None = None, progress: bool = True, plan_only: bool = False,
                   ceiling: bool = True, probe: bool = True, floor: bool = True, log=print) -> dict:
-    """Run every missing cell; returns the results file's content. See the module docstring."""
+    """Run every missing cell; returns the results file's content. See the module docstring.
+    ``recipes``: the grid's recipes (``--recipes``), replacing the benchmark recipes of the methods
+    they name."""
     b = Bench(model_name, budget, cache, hooks or Hooks(), batch_size, progress, log)
     results_path = Path(results_path) if results_path else default_results_path(b.display, budget)
     tasks = list(tasks)
     if not tasks:
         raise OffsiteError("no tasks to run")
-    plan, failures = plan_settings(b, methods, settings_override or {})
-    bench = PaperRun(b, tasks, plan, failures, results_path, full_ft=full_ft, ceiling=ceiling, probe=probe,
-                     floor=floor)
+    grid, failures = plan_recipes(b, methods, recipes or [])
+    bench = PaperRun(b, tasks, grid, failures, ResultsFile(b, results_path),
+                     Rows(full_ft=full_ft, ceiling=ceiling, probe=probe, floor=floor))
     missing = bench.missing()
     log(f"[paper] {len(bench.todo()) - len(missing)} of {len(bench.todo())} cells done; results: {results_path}")
     if plan_only:
         for task, m, s, row in missing:
             log(f"[paper] to do: {task} {m or 'full model'} {s or ''} {row}")
-        return {"meta": {}, "records": bench.records, "missing": missing, "failures": failures}
+        return {"meta": {}, "records": bench.results.records, "missing": missing, "failures": failures}
     if not missing:
         return bench.finished()
     return bench.run(command)
 
 
-def plan_settings(b: Bench, methods, override: dict) -> tuple[list, list[str]]:
-    """The (method, setting) pairs to run and the methods skipped (their settings fail)."""
+def plan_recipes(b: Bench, methods, given: list[Recipe]) -> tuple[list[Recipe], list[str]]:
+    """The grid to run (each method's recipes in ``given``, else its benchmark recipes) and the
+    methods skipped (their recipes fail)."""
     registry = all_methods()
     names = list(registry) if methods is None else list(methods)
     unknown = [m for m in names if m not in registry]
     if unknown:
         raise OffsiteError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(registry))}")
-    for over in override:
-        if over not in registry:
-            raise OffsiteError(f"--settings names an unknown method {over!r}")
-    plan, failures = [], []  # a method that fails (OffsiteError) is skipped; the others go on
+    grid, failures = [], []  # a method that fails (OffsiteError) is skipped; the others go on
     for name in names:
         try:
-            settings = chosen_settings(registry[name], override.get(name), lambda: b.base()[0].config)
+            grid += chosen_recipes(registry[name], given, lambda: b.base()[0].config)
         except OffsiteError as exc:
             failures.append(f"{name}: its benchmark settings: {exc}")
             b.log(f"[paper] skipping {failures[-1]}")
-            continue
-        plan += [(name, s) for s in settings]
-    return plan, failures
+    return grid, failures
 
 
-class PaperRun:
-    """One call of the benchmark: its plan, its results file (earlier cells kept, the budget must
-    match) and the cells left, each row run through :func:`offsite.experiment.cell.run_cell`."""
+@dataclass(frozen=True)
+class Rows:
+    """The optional rows of a run (``--no-full-ft``, ``--no-ceiling``, ``--no-probe``, ``--no-floor``)."""
 
-    def __init__(self, b: Bench, tasks: list, plan: list, failures: list, results_path: Path, *, full_ft: bool,
-                 ceiling: bool, probe: bool, floor: bool):
-        self.b, self.tasks, self.plan, self.failures, self.path = b, tasks, plan, failures, results_path
-        self.full_ft, self.ceiling, self.probe, self.floor = full_ft, ceiling, probe, floor
-        self.records, self.runs, self.old_meta = [], [], {}
-        if results_path.exists():
-            old = load_same_budget(results_path, b.budget.identity(), "now")
-            self.records, self.old_meta = old["records"], old["meta"]
-            self.runs = list(old["meta"].get("runs") or [])
-        self.done = {record_cell(r) for r in self.records}
-        self.broken: set = set()
-        self.meta_block: dict = {}
+    full_ft: bool = True
+    ceiling: bool = True
+    probe: bool = True
+    floor: bool = True
 
-    def rows_of(self, task: str) -> tuple:
+    def of(self, task: str) -> tuple:
         """The method rows of a task: the floor where its training data is not public already."""
         return (METHOD_ROWS + (("ceiling",) if self.ceiling else ())
                 + (("floor",) if self.floor and task != "text" else ()))
 
-    def todo(self) -> list[tuple]:
-        todo = [("text", m, s, "probe") for m, s in self.plan] if self.probe else []
-        for task in self.tasks:
-            todo.append((task, None, None, "full_zs"))
-            todo += [(task, m, s, row) for m, s in self.plan for row in self.rows_of(task)]
-            if self.full_ft:
-                todo.append((task, None, None, "full_ft"))
-        return todo
 
-    def missing(self) -> list[tuple]:
-        return [c for c in self.todo() if not self.is_done(*c)]
+class ResultsFile:
+    """The benchmark's results file: the cells of earlier runs kept (the budget must match), the file
+    written again, atomically, after every new cell."""
+
+    def __init__(self, b: Bench, path: Path):
+        self.b, self.path = b, path
+        self.records, self.runs, self.old_meta = [], [], {}
+        if path.exists():
+            old = load_same_budget(path, b.budget.identity(), "now")
+            self.records, self.old_meta = old["records"], old["meta"]
+            self.runs = list(old["meta"].get("runs") or [])
+        self.done = {record_cell(r) for r in self.records}
+        self.meta_block: dict = {}
 
     def is_done(self, task, method, setting, row) -> bool:
         return cell_key(self.b.display, task, method, setting, row) in self.done
 
-    def finished(self) -> dict:
-        """Nothing to run: the transfer records brought up to date with the cached predictions."""
-        if self.ceiling and self.records:
-            updated = with_transfer(self.records, self.plan, self.tasks, self.b)
-            if updated != self.records:
-                self.records = updated
-                write_results(self.path, self.old_meta, self.records)
-        return {"meta": {"budget": self.b.budget.identity(), "runs": self.runs}, "records": self.records,
-                "failures": self.failures}
-
-    def run(self, command: str) -> dict:
+    def start(self, command: str) -> dict:
+        """This run's meta block: its command, commit and machine added to the file's runs."""
         this_run = meta(command)
         self.runs.append({k: this_run[k] for k in ("command", "git_commit", "machine", "date")})
         self.meta_block = {**this_run, "budget": self.b.budget.identity(), "runs": self.runs}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for task in self.tasks:
-            self.cell_rows(task, None, None, ["full_zs"])
-            for method, setting in self.plan:
-                if (method, setting_key(setting)) in self.broken or (
-                        all(self.is_done(task, method, setting, r) for r in self.rows_of(task))
-                        and (not self.probe or self.is_done("text", method, setting, "probe"))):
-                    continue
-                try:
-                    self.method_cells(task, method, setting)
-                except OffsiteError as exc:
-                    self.broken.add((method, setting_key(setting)))
-                    self.failures.append(f"{method} {setting_key(setting)} ({task}): {exc}")
-                    self.b.log(f"[paper] skipping {self.failures[-1]}")
-            if self.full_ft:
-                self.cell_rows(task, None, None, ["full_ft"])
-        if self.ceiling:
-            self.records = with_transfer(self.records, self.plan, self.tasks, self.b)
-            write_results(self.path, self.meta_block, self.records)
-        return {"meta": self.meta_block, "records": self.records, "failures": self.failures}
+        return self.meta_block
+
+    def replace(self, records: list[dict], meta_block: dict) -> None:
+        self.records = records
+        write_results(self.path, meta_block, records)
 
     def add(self, new: list[dict], task, method, setting, row) -> None:
         self.records.extend(new)
@@ -243,6 +226,84 @@ class PaperRun:
             self.b.log(f"[paper] {task} · {method or 'full model'} {setting_key(setting) if setting else ''} · {row}: "
                        f"{headline['metric']} {headline['value']:.4f} ({seconds:.0f}s)")
 
+
+class PaperRun:
+    """One call of the benchmark: its grid, its results file and the cells left, run task by task
+    (a method setting that fails is skipped, the others go on)."""
+
+    def __init__(self, b: Bench, tasks: list, grid: list[Recipe], failures: list, results: ResultsFile, rows: Rows):
+        self.b, self.tasks, self.failures, self.results, self.rows = b, tasks, failures, results, rows
+        self.plan = [(r.method, r.setting()) for r in grid]  # a cell's setting is its recipe's
+        self.cells = Cells(b, results, rows.probe)
+        self.broken: set = set()
+
+    def todo(self) -> list[tuple]:
+        todo = [("text", m, s, "probe") for m, s in self.plan] if self.rows.probe else []
+        for task in self.tasks:
+            todo.append((task, None, None, "full_zs"))
+            todo += [(task, m, s, row) for m, s in self.plan for row in self.rows.of(task)]
+            if self.rows.full_ft:
+                todo.append((task, None, None, "full_ft"))
+        return todo
+
+    def missing(self) -> list[tuple]:
+        return [c for c in self.todo() if not self.results.is_done(*c)]
+
+    def finished(self) -> dict:
+        """Nothing to run: the transfer records brought up to date with the cached predictions."""
+        if self.rows.ceiling and self.results.records:
+            updated = with_transfer(self.results.records, self.plan, self.tasks, self.b)
+            if updated != self.results.records:
+                self.results.replace(updated, self.results.old_meta)
+        return {"meta": {"budget": self.b.budget.identity(), "runs": self.results.runs},
+                "records": self.results.records, "failures": self.failures}
+
+    def run(self, command: str) -> dict:
+        meta_block = self.results.start(command)
+        for task in self.tasks:
+            self.cells.rows(task, None, None, ["full_zs"])
+            for method, setting in self.plan:
+                if not self.complete(task, method, setting):
+                    self.method_cells(task, method, setting)
+            if self.rows.full_ft:
+                self.cells.rows(task, None, None, ["full_ft"])
+        if self.rows.ceiling:
+            self.results.replace(with_transfer(self.results.records, self.plan, self.tasks, self.b), meta_block)
+        return {"meta": meta_block, "records": self.results.records, "failures": self.failures}
+
+    def complete(self, task, method, setting) -> bool:
+        """Nothing left of (method, setting) on ``task``, or it failed earlier in this run."""
+        done = self.results.is_done
+        return (method, setting_key(setting)) in self.broken or (
+            all(done(task, method, setting, r) for r in self.rows.of(task))
+            and (not self.rows.probe or done("text", method, setting, "probe")))
+
+    def method_cells(self, task, method, setting) -> None:
+        try:
+            self.cells.method(task, method, setting, self.rows.of(task))
+        except OffsiteError as exc:
+            self.broken.add((method, setting_key(setting)))
+            self.failures.append(f"{method} {setting_key(setting)} ({task}): {exc}")
+            self.b.log(f"[paper] skipping {self.failures[-1]}")
+
+
+class Cells:
+    """The rows of one cell run and recorded: a method setting's emulator (cached), its probe and
+    its rows on a task, or the full model's rows."""
+
+    def __init__(self, b: Bench, results: ResultsFile, probe: bool):
+        self.b, self.results, self.probe = b, results, probe
+
+    def method(self, task, method, setting, rows) -> None:
+        emu_dir = self.b.ensure_emulator(method, setting)
+        shapes = load_emulator_manifest(emu_dir).get("shapes", {})
+        extra = {"middle_params": shapes.get("middle_params"),
+                 "original_middle_params": shapes.get("original_middle_params"),
+                 "build_seconds": self.b.build_seconds(emu_dir)}
+        if self.probe and not self.results.is_done("text", method, setting, "probe"):
+            self.probe_cell(method, setting, emu_dir, extra)
+        self.rows(task, method, setting, rows, emu_dir, extra)
+
     def probe_cell(self, method, setting, emu_dir, extra) -> None:
         """The transfer probe (adapter-gradient cosine on public text) of a cached emulator: from its
         manifest when it was probed at build time, else computed now against the full model."""
@@ -254,30 +315,20 @@ class PaperRun:
             figures = probe_emulator(model, load_emulator(emu_dir))
         base = {"model": self.b.display, "method": method, "setting": setting, "task": "text", **extra,
                 "seconds": round(time.perf_counter() - t0, 2)}
-        self.add(probe_records(figures, base), "text", method, setting, "probe")
+        self.results.add(probe_records(figures, base), "text", method, setting, "probe")
         self.b.log(f"[paper] {method} {setting_key(setting)} · probe: grad_cos {figures['grad_cos']['all']:.3f}")
 
-    def cell_rows(self, task, method, setting, rows, emu_dir=None, method_extra=None) -> None:
+    def rows(self, task, method, setting, rows, emu_dir=None, method_extra=None) -> None:
         """The rows of one cell not in the results file yet, through offsite's one row sequence
         (offsite.experiment.cell.run_cell); the ceiling and floor of an adapter layout are kept in
         the cache and shared by every method with that layout."""
         def on_row(row, r):
             extra = {"eval_limit": self.b.budget.eval_limit, **(method_extra if row in METHOD_ROWS else {}), **r.extra}
-            self.save(row, task, method, setting, r.metrics[task], r.seconds, extra)
+            self.results.save(row, task, method, setting, r.metrics[task], r.seconds, extra)
 
-        rows = [r for r in rows if not self.is_done(task, method, setting, r)]
+        rows = [r for r in rows if not self.results.is_done(task, method, setting, r)]
         if rows:
             run_cell(paper_lab(self.b, task, method, setting, emu_dir), rows, SharedRows(self.b, task, setting), on_row)
-
-    def method_cells(self, task, method, setting) -> None:
-        emu_dir = self.b.ensure_emulator(method, setting)
-        shapes = load_emulator_manifest(emu_dir).get("shapes", {})
-        extra = {"middle_params": shapes.get("middle_params"),
-                 "original_middle_params": shapes.get("original_middle_params"),
-                 "build_seconds": self.b.build_seconds(emu_dir)}
-        if self.probe and not self.is_done("text", method, setting, "probe"):
-            self.probe_cell(method, setting, emu_dir, extra)
-        self.cell_rows(task, method, setting, self.rows_of(task), emu_dir, extra)
 
 
 def paper_lab(b: Bench, task: str, method: str | None, setting: dict | None, emu_dir: Path | None) -> Lab:
@@ -405,8 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help=f"comma-separated tasks, or 'all' ({','.join(ALL_TASKS)}); default: {','.join(DEFAULT_TASKS)}")
     p.add_argument("--methods", default="all", help="comma-separated registered methods, or 'all' (default)")
-    p.add_argument("--settings", help='JSON replacing methods\' declared settings, e.g. '
-                                      '\'{"uniform": [{"adapter_layers": [2, 2], "keep": 4}]}\'')
+    p.add_argument("--recipes", nargs="+", metavar="FILE",
+                   help="grid files of recipes (TOML [[recipe]] tables or a JSON list; offsite.experiment.recipe) "
+                        "replacing the benchmark recipes of the methods they name; a recipe names the method, its "
+                        "options and adapter_layers (the training is the budget's)")
     g = p.add_argument_group("budget (offsite.experiment.budget: a preset, then the flags given change it)")
     g.add_argument("--preset", default="paper", choices=list(PRESETS),
                    help="the budget to start from, as `offsite run --preset` (default: paper)")
@@ -474,10 +527,10 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         if bad and hooks is None:
             raise OffsiteError(f"unknown task(s) {', '.join(bad)}; known: {', '.join(ALL_TASKS)}")
         methods = None if args.methods == "all" else [m for m in args.methods.split(",") if m]
-        override = parse_settings_override(args.settings)
+        recipes = load_grids(args.recipes)
         command = "python bench/paper.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         out = run_benchmark(args.model, tasks, methods, budget, full_ft=args.full_ft, results_path=path,
-                      cache=args.cache, settings_override=override, batch_size=args.batch_size_eval,
+                      cache=args.cache, recipes=recipes, batch_size=args.batch_size_eval,
                       command=command.strip(), hooks=hooks, plan_only=args.plan, ceiling=args.ceiling, floor=args.floor,
                       probe=args.probe)
         if not args.plan:

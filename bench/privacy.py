@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge-only", action="store_true", help="merge the existing runs, run nothing")
     args = ap.parse_args(argv)
 
-    from offsite.experiment.benchmark import method_settings, setting_dir
+    from offsite.experiment.benchmark import method_recipes, setting_dir
     from transformers import AutoConfig
 
     from offsite.emulator import get_method
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     display = model_display_name(args.model)
     runs = []
     for name in [m for m in args.methods.split(",") if m]:
-        setting = method_settings(get_method(name), lambda: AutoConfig.from_pretrained(
-            resolve_model_path(args.model)))[0]
+        setting = method_recipes(get_method(name), lambda: AutoConfig.from_pretrained(
+            resolve_model_path(args.model)))[0].setting()
         emu = Path(args.cache) / display / "emulators" / name / setting_dir(setting)
         done = out / (f"{name}-{args.suffix}" if args.suffix else name) / "privacy.json"
         if not done.exists() and not args.merge_only:

@@ -9,14 +9,14 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_paper_bench import BUDGET, DOCS, Counting, paper
+from test_paper_bench import BUDGET, DOCS, UNIFORM, Counting, paper
 
 from bench import paired
 from offsite.experiment.benchmark import Bench
 from offsite.errors import OffsiteError
 
 
-SETTING = {"adapter_layers": [1, 1], "keep": 2}
+SETTING = {"adapter_layers": [1, 1], "keep": 2}  # the record setting of UNIFORM[0]
 
 
 def test_paired_mean_and_error():
@@ -33,7 +33,7 @@ def test_paired_mean_and_error():
 def test_rescored_plugin_matches_the_table_and_a_retuned_adapter_reproduces_it(tmp_path):
     c = Counting()
     paper.run_benchmark("tiny", ["arc_easy"], ["uniform"], results_path=tmp_path / "res.json",
-                        cache=tmp_path / "cache", settings_override={"uniform": [SETTING]}, hooks=c.hooks(),
+                        cache=tmp_path / "cache", recipes=UNIFORM, hooks=c.hooks(),
                         progress=False, log=lambda *_: None, command="test", budget=BUDGET, full_ft=False)
     table = json.loads((tmp_path / "res.json").read_text())["records"]
     b = Bench("tiny", BUDGET, tmp_path / "cache", c.hooks(), 32, False, lambda *_: None)
@@ -73,7 +73,7 @@ def test_rescored_plugin_matches_the_table_and_a_retuned_adapter_reproduces_it(t
 def test_the_benchmark_keeps_the_documents_so_nothing_is_scored_again(tmp_path, monkeypatch):
     c = Counting(details=True)
     paper.run_benchmark("tiny", ["arc_easy", "text"], ["uniform"], results_path=tmp_path / "res.json",
-                        cache=tmp_path / "cache", settings_override={"uniform": [SETTING]}, hooks=c.hooks(),
+                        cache=tmp_path / "cache", recipes=UNIFORM, hooks=c.hooks(),
                         progress=False, log=lambda *_: None, command="test", budget=BUDGET, full_ft=False)
     table = json.loads((tmp_path / "res.json").read_text())["records"]
     assert not any("details" in r for r in table)
@@ -108,7 +108,7 @@ def test_runs_of_two_seeds_are_compared_per_seed_and_pooled(tmp_path, capsys):
         c = Counting(details=True)
         files.append(tmp_path / f"res{seed}.json")
         paper.run_benchmark("tiny", ["arc_easy"], ["uniform"], results_path=files[-1], cache=tmp_path / "cache",
-                            settings_override={"uniform": [SETTING]}, hooks=c.hooks(), progress=False,
+                            recipes=UNIFORM, hooks=c.hooks(), progress=False,
                             log=lambda *_: None, command="test", budget=budget, full_ft=False)
         b = Bench("tiny", budget, tmp_path / "cache", c.hooks(), 32, False, lambda *_: None)
         runs.append((b, json.loads(files[-1].read_text())["records"]))
@@ -128,7 +128,8 @@ def test_runs_of_two_seeds_are_compared_per_seed_and_pooled(tmp_path, capsys):
 
     # through the command line; runs of other budgets are refused with one line
     out = tmp_path / "paired.json"
-    common = ["--tasks", "arc_easy", "--methods", "uniform", "--settings", json.dumps({"uniform": [SETTING]}),
+    (tmp_path / "grid.json").write_text(json.dumps([UNIFORM[0].to_dict()]))
+    common = ["--tasks", "arc_easy", "--methods", "uniform", "--recipes", str(tmp_path / "grid.json"),
               "--cache", str(tmp_path / "cache"), "--combine-only", "--model", "tiny"]
     assert paired.main(common + ["--results", *map(str, files), "--out", str(out)]) == 0
     written = json.loads(out.read_text())

@@ -16,6 +16,7 @@ from offsite.emulator import registry as emulator_mod  # the package import regi
 from offsite.data.tasks import Doc
 from offsite.emulator import Method, keep_blocks, split_layers
 from offsite.errors import OffsiteError
+from offsite.experiment.recipe import Recipe
 from offsite.tune import TrainingData
 
 
@@ -32,7 +33,7 @@ TRAIN = {
 }
 BUDGET = benchmark.Budget(eval_limit=4, train_limit=8, text_train_limit=2, text_block=64, max_length=128,
                       lr=1e-3, full_ft_lr=1e-3, batch_size=4, micro_batch_size=4)
-UNIFORM = {"uniform": [{"adapter_layers": [1, 1], "keep": 2}]}
+UNIFORM = [Recipe(method="uniform", options={"keep": 2}, adapter_layers=(1, 1))]
 
 
 class Counting:
@@ -77,14 +78,14 @@ def builds(monkeypatch):
     return calls
 
 
-def run(tmp_path, counter, methods=("uniform",), settings=UNIFORM, **kw):
+def run(tmp_path, counter, methods=("uniform",), recipes=UNIFORM, **kw):
     kw.setdefault("budget", BUDGET)
     kw.setdefault("ceiling", False)  # tested on their own below
     kw.setdefault("floor", False)
     kw.setdefault("probe", False)
     return paper.run_benchmark("tiny", ["arc_easy", "text"], list(methods) if methods else None,
                                results_path=tmp_path / "res.json", cache=tmp_path / "cache",
-                               settings_override=settings, hooks=counter.hooks(), progress=False,
+                               recipes=recipes, hooks=counter.hooks(), progress=False,
                                log=lambda *_: None, command="test", **kw)
 
 
@@ -141,7 +142,7 @@ def test_a_new_budget_is_refused_for_the_same_file(tmp_path):
 def test_task_subsets_run_apart_merge_into_one_file_that_a_rerun_finds_complete(tmp_path):
     def run_tasks(tasks, name, **kw):
         return paper.run_benchmark("tiny", tasks, ["uniform"], budget=kw.pop("budget", BUDGET),
-                                   results_path=tmp_path / name, cache=tmp_path / "cache", settings_override=UNIFORM,
+                                   results_path=tmp_path / name, cache=tmp_path / "cache", recipes=UNIFORM,
                                    hooks=Counting().hooks(), progress=False, log=lambda *_: None,
                                    command=f"test {name}", full_ft=False, ceiling=False, floor=False, probe=False, **kw)
 
@@ -160,7 +161,7 @@ def test_task_subsets_run_apart_merge_into_one_file_that_a_rerun_finds_complete(
     # a rerun over both tasks finds nothing left to do
     c = Counting()
     paper.run_benchmark("tiny", ["arc_easy", "text"], ["uniform"], budget=BUDGET, results_path=tmp_path / "a.json",
-                        cache=tmp_path / "cache", settings_override=UNIFORM, hooks=c.hooks(), progress=False,
+                        cache=tmp_path / "cache", recipes=UNIFORM, hooks=c.hooks(), progress=False,
                         log=lambda *_: None, command="rerun", full_ft=False, ceiling=False, floor=False, probe=False)
     assert (c.loads, c.evals) == (0, [])
     # into a new file; another budget is refused and nothing is written
@@ -213,15 +214,42 @@ def test_a_failing_method_is_skipped_and_the_others_go_on(tmp_path, monkeypatch)
     assert ("text", "uniform", "plugin") in got and not any(m == "broken" for _, m, _ in got)
 
 
-def test_method_settings_defaults_and_checks():
+def test_method_recipes_defaults_and_checks(monkeypatch):
     uniform = emulator_mod.get_method("uniform")
-    assert benchmark.method_settings(uniform, lambda: None) == [{"adapter_layers": [2, 2], "keep": 8}]
+    [r] = benchmark.method_recipes(uniform, lambda: None)
+    assert r == Recipe(method="uniform", options={"keep": 8}) and r.setting() == {"adapter_layers": [2, 2], "keep": 8}
     plain = Method("plain", "", DummyOptions, _dummy_build)
-    assert benchmark.method_settings(plain, lambda: None) == [{"adapter_layers": [2, 2]}]
+    assert [r.setting() for r in benchmark.method_recipes(plain, lambda: None)] == [{"adapter_layers": [2, 2]}]
     calls = Method("calls", "", DummyOptions, _dummy_build, bench_settings=lambda cfg: [{"adapter_layers": "3,1"}])
-    assert benchmark.method_settings(calls, lambda: "cfg") == [{"adapter_layers": [3, 1]}]
-    with pytest.raises(OffsiteError, match="has no option"):
-        benchmark.normalise_setting(uniform, {"kep": 3})
+    monkeypatch.setitem(emulator_mod.METHODS, "calls", calls)
+    assert benchmark.method_recipes(calls, lambda: "cfg") == [Recipe(method="calls", adapter_layers=(3, 1))]
+    bad = Method("bad", "", DummyOptions, _dummy_build, bench_settings=[{"adapter_layers": [2, 2], "kep": 3}])
+    monkeypatch.setitem(emulator_mod.METHODS, "bad", bad)
+    with pytest.raises(OffsiteError, match="option 'kep' is not one of bad's"):
+        benchmark.method_recipes(bad, lambda: None)
+    # a grid's recipes for a method replace its benchmark recipes; the other methods keep theirs
+    kd = emulator_mod.get_method("kd")
+    assert benchmark.chosen_recipes(uniform, UNIFORM, lambda: None) == UNIFORM
+    assert benchmark.chosen_recipes(kd, UNIFORM, lambda: None) == [Recipe(method="kd", options={"keep": 8})]
+
+
+def test_grid_files_toml_json_and_one_recipe(tmp_path):
+    (tmp_path / "g.toml").write_text('[[recipe]]\nmethod = "uniform"\nadapter_layers = [1, 1]\n'
+                                     '[recipe.options]\nkeep = 2\n\n[[recipe]]\nmethod = "kd"\n')
+    (tmp_path / "g.json").write_text(json.dumps([{"method": "uniform", "adapter_layers": [1, 1], "options": {"keep": 2}}]))
+    (tmp_path / "one.toml").write_text(UNIFORM[0].to_toml())
+    grid = benchmark.load_grids([tmp_path / "g.toml", tmp_path / "g.json", tmp_path / "one.toml"])
+    assert grid == [UNIFORM[0], Recipe(method="kd"), UNIFORM[0], UNIFORM[0]]
+    assert benchmark.load_grids(None) == []
+    (tmp_path / "tuned.toml").write_text('[[recipe]]\nmethod = "uniform"\n[recipe.tuning]\nseed = 3\n')
+    with pytest.raises(OffsiteError, match="tuning come from the budget"):
+        benchmark.load_grids([tmp_path / "tuned.toml"])
+    (tmp_path / "typo.toml").write_text('[[recipe]]\nmethod = "uniform"\n[recipe.options]\nkep = 2\n')
+    with pytest.raises(OffsiteError, match="typo.toml, recipe 1: option 'kep'"):
+        benchmark.load_grids([tmp_path / "typo.toml"])
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(OffsiteError, match="non-empty list of recipes"):
+        benchmark.load_grids([tmp_path / "empty.json"])
 
 
 def test_results_file_names_carry_a_non_default_budget():
@@ -234,7 +262,9 @@ def test_results_file_names_carry_a_non_default_budget():
 
 def test_cli_plan_and_readme_table(tmp_path, capsys):
     hooks = Counting().hooks()
-    args = ["--model", "tiny", "--tasks", "arc_easy", "--methods", "uniform", "--settings", json.dumps(UNIFORM),
+    (tmp_path / "grid.toml").write_text('[[recipe]]\nmethod = "uniform"\nadapter_layers = [1, 1]\n'
+                                        '[recipe.options]\nkeep = 2\n')
+    args = ["--model", "tiny", "--tasks", "arc_easy", "--methods", "uniform", "--recipes", str(tmp_path / "grid.toml"),
             "--eval-limit", "4", "--train-limit", "8", "--text-train-limit", "2", "--batch-size", "4",
             "--lr", "1e-3", "--full-ft-lr", "1e-3", "--results", str(tmp_path / "r.json"),
             "--cache", str(tmp_path / "c"), "--no-ceiling", "--no-floor", "--no-probe"]
@@ -294,10 +324,10 @@ def test_ceiling_transfer_and_probe_cells(tmp_path, monkeypatch):
                             return_details=True))
     budget = benchmark.Budget(eval_limit=None, train_limit=80, epochs=3, lr=2e-2, batch_size=8, micro_batch_size=8,
                           max_length=64)
-    settings = {"uniform": [{"adapter_layers": [2, 1], "keep": 3}]}
+    recipes = [Recipe(method="uniform", options={"keep": 3}, adapter_layers=(2, 1))]
     go = lambda: paper.run_benchmark("tiny", ["arc_easy", "sciq"], ["uniform"], budget,  # noqa: E731
                                      full_ft=False, results_path=tmp_path / "r.json", cache=tmp_path / "c",
-                                     settings_override=settings, hooks=hooks, progress=False,
+                                     recipes=recipes, hooks=hooks, progress=False,
                                      log=lambda *_: None, command="test")
     go()
     recs = json.loads((tmp_path / "r.json").read_text())["records"]

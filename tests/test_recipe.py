@@ -10,7 +10,7 @@ import pytest
 from offsite.cli import build_parser, main, run_recipe
 from offsite.cli_args import tune_settings
 from offsite.errors import OffsiteError
-from offsite.experiment.recipe import Recipe
+from offsite.experiment.recipe import Recipe, load_grid
 from offsite.train import TrainConfig
 
 FULL = {"method": "uniform", "adapter_layers": [2, 1], "floor_source": "squad", "options": {"keep": 13},
@@ -71,6 +71,22 @@ def test_a_bad_recipe_file_is_refused(tmp_path, capsys):
         assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
         assert words in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_recipes_record_setting_and_a_grid_of_recipes(tmp_path):
+    # the setting that keys a cell in results files: layout and options, then blocks and assist
+    # where they are not the defaults
+    assert Recipe(options={"keep": 8}).setting() == {"adapter_layers": [2, 2], "keep": 8}
+    owner = Recipe(adapter_layers=(2, 1), tuning={"blocks": "bottom", "seed": 3}, assist={"every": 4}).setting()
+    assert owner["blocks"] == "bottom" and owner["assist"]["every"] == 4 and "seed" not in owner
+    (tmp_path / "g.toml").write_text('[[recipe]]\nmethod = "kd"\n[recipe.options]\nkeep = 8\n\n'
+                                     '[[recipe]]\nadapter_layers = [1, 1]\n')
+    assert load_grid(tmp_path / "g.toml") == [Recipe(method="kd", options={"keep": 8}), Recipe(adapter_layers=(1, 1))]
+    (tmp_path / "one.json").write_text(json.dumps(Recipe(options={"keep": 4}).to_dict()))
+    assert load_grid(tmp_path / "one.json") == [Recipe(options={"keep": 4})]
+    (tmp_path / "bad.json").write_text(json.dumps({"recipe": [{"method": "nope"}]}))
+    with pytest.raises(OffsiteError, match="bad.json, recipe 1: unknown method 'nope'"):
+        load_grid(tmp_path / "bad.json")
 
 
 def test_a_recipe_file_and_recipe_flags_do_not_mix(tmp_path, capsys):

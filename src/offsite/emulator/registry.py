@@ -21,10 +21,11 @@ class Method:
     ``build(model, tokenizer, name, adapter_layers, options) -> Emulator`` where ``name`` is the
     model's display name and ``options`` an instance of ``options_cls``.
 
-    ``bench_settings`` (optional) are the settings ``bench/paper.py`` runs by default: a list of
-    dicts ``{"adapter_layers": [bottom, top], <option>: value, ...}``, or a callable taking the full
-    model's config and returning such a list. Without it the benchmark runs adapter 2,2 with the
-    method's default options.
+    ``bench_settings`` (optional) are what ``bench/paper.py`` runs by default: a list of dicts
+    ``{"adapter_layers": [bottom, top], <option>: value, ...}``, or a callable taking the full
+    model's config and returning such a list, each read as a recipe of this method
+    (:func:`offsite.experiment.benchmark.method_recipes`). Without it the benchmark runs adapter 2,2
+    with the method's default options.
     """
 
     name: str

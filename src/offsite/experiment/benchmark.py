@@ -4,7 +4,9 @@
   one benchmark cell may spend (its identity keys the results file and the cache);
 * :class:`Hooks` and :class:`Bench`: the model loader, training data and evaluation a benchmark
   uses (replaceable in tests), and its cache of emulators, adapters and per-document predictions;
-* method settings: :func:`method_settings`, :func:`chosen_settings`, :func:`parse_settings_override`;
+* a grid's recipes (:class:`~offsite.experiment.recipe.Recipe`): :func:`method_recipes` (a method's
+  defaults), :func:`chosen_recipes`, :func:`load_grids` (``--recipes FILE``); a cell's ``setting``
+  is its recipe's (:meth:`~offsite.experiment.recipe.Recipe.setting`);
 * cell keys and results files: :func:`cell_key`, :func:`record_cell`, :func:`load_same_budget`,
   :func:`merge_results`;
 * measuring: :func:`peak_rss_mb`, :func:`status_mb` and :func:`alternating_runs` (configurations
@@ -29,9 +31,10 @@ from pathlib import Path
 from typing import Callable
 
 from .budget import Budget
+from .recipe import Recipe, load_grid
 from ..bundle import save_emulator
 from ..emulator import build_emulator as _build_emulator
-from ..emulator import get_method, parse_adapter_layers
+from ..emulator import get_method
 from ..errors import OffsiteError
 from ..eval import document_scores, evaluate
 from ..files import write_json_atomic
@@ -40,7 +43,6 @@ from .report import load_results, setting_key, setting_label, slug
 from .results import write_results
 
 METHOD_ROWS = ("emu_zs", "emu_ft", "plugin")
-DEFAULT_SETTING = {"adapter_layers": [2, 2]}
 
 
 # --- the real world, replaceable in tests -------------------------------------------------------
@@ -72,41 +74,44 @@ class Hooks:
 # --- method settings, cells and results files --------------------------------------------------
 
 
-def method_settings(method, config_fn: Callable[[], object]) -> list[dict]:
-    """A method's benchmark settings, checked: each a dict with ``adapter_layers`` and options."""
+def method_recipes(method, config_fn: Callable[[], object]) -> list[Recipe]:
+    """A method's benchmark recipes: one per ``Method.bench_settings`` entry (its adapter layout and
+    options; a callable is given the full model's config from ``config_fn``), else adapter 2,2 with
+    the method's default options."""
     declared = method.bench_settings
     if declared is None:
-        declared = [DEFAULT_SETTING]
-    elif callable(declared):
+        return [Recipe(method=method.name)]
+    if callable(declared):
         declared = declared(config_fn())
-    return [normalise_setting(method, s) for s in declared]
+    where = f"method {method.name}'s benchmark setting"
+    for s in declared:
+        if not isinstance(s, dict):
+            raise OffsiteError(f"{where} must be a dict, got {s!r}")
+    return [Recipe.from_dict({"method": method.name, "adapter_layers": s.get("adapter_layers", (2, 2)),
+                              "options": {k: v for k, v in s.items() if k != "adapter_layers"}}, where)
+            for s in declared]
 
 
-def chosen_settings(method, override, config_fn: Callable[[], object]) -> list[dict]:
-    """``--settings``' entry for ``method`` (one setting or a list), else its benchmark settings."""
-    if override:
-        return [normalise_setting(method, s) for s in (override if isinstance(override, list) else [override])]
-    return method_settings(method, config_fn)
+def chosen_recipes(method, given: list[Recipe], config_fn: Callable[[], object]) -> list[Recipe]:
+    """The recipes of ``given`` (a grid's, ``--recipes``) for ``method``, else its benchmark
+    recipes; each checked by building its options (a bad option or value fails here)."""
+    recipes = [r for r in given if r.method == method.name] or method_recipes(method, config_fn)
+    for r in recipes:
+        method.options(**r.options)
+    return recipes
 
 
-def parse_settings_override(text: str | None) -> dict:
-    """``--settings``: a JSON object {method: setting or [setting, ...]} ({} when not given)."""
-    try:
-        override = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise OffsiteError(f"--settings is not valid JSON ({exc})") from None
-    if not isinstance(override, dict):
-        raise OffsiteError("--settings must be a JSON object {method: [setting, ...]}")
-    return override
-
-
-def normalise_setting(method, setting: dict) -> dict:
-    if not isinstance(setting, dict):
-        raise OffsiteError(f"method {method.name}: a benchmark setting must be a dict, got {setting!r}")
-    out = dict(setting)
-    out["adapter_layers"] = list(parse_adapter_layers(out.get("adapter_layers", DEFAULT_SETTING["adapter_layers"])))
-    method.options(**{k: v for k, v in out.items() if k != "adapter_layers"})  # unknown options fail here
-    return out
+def load_grids(paths) -> list[Recipe]:
+    """``--recipes FILE ...``: the recipes of these grid files (:func:`offsite.experiment.recipe.load_grid`),
+    in order. A benchmark's training is its budget's, so a recipe here names the method, its options
+    and the adapter layout only: [tuning], [assist], [dp] and floor_source are refused."""
+    recipes = [r for p in paths or () for r in load_grid(p)]
+    for r in recipes:
+        extra = [k for k in ("floor_source", "tuning", "assist", "dp") if getattr(r, k)]
+        if extra:
+            raise OffsiteError(f"recipe {r.label()!r}: a benchmark grid's recipe names the method, its options "
+                               f"and adapter_layers; {', '.join(extra)} come from the budget (its flags)")
+    return recipes
 
 
 def setting_dir(setting: dict) -> str:

@@ -79,18 +79,7 @@ class Recipe:
     @classmethod
     def load(cls, path) -> Recipe:
         """A recipe file: ``.toml`` or ``.json``."""
-        path = Path(path)
-        if path.suffix.lower() not in (".toml", ".json"):
-            raise OffsiteError(f"{path}: a recipe file is .toml or .json")
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise OffsiteError(f"{path}: no such recipe file") from None
-        try:
-            data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, ValueError) as exc:
-            raise OffsiteError(f"{path}: not a readable recipe ({exc})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(_read(path), str(path))
 
     # -- checking -------------------------------------------------------------------------------
 
@@ -142,6 +131,18 @@ class Recipe:
     def with_seed(self, seed: int) -> Recipe:
         return dataclasses.replace(self, tuning={**self.tuning, "seed": seed})
 
+    def setting(self) -> dict:
+        """The ``setting`` of this recipe's result records, which keys a cell in results files and
+        in ``bench/``'s caches: the adapter layout and the method's options, then the data owner's
+        blocks and the owner in the loop where they are not the defaults."""
+        out = {"adapter_layers": list(self.adapter_layers), **self.options}
+        if self.tuning.get("blocks", "all") != "all":
+            out["blocks"] = self.tuning["blocks"]
+        assist = self.assist_options()
+        if assist.on:
+            out["assist"] = assist.record()
+        return out
+
     # -- writing --------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
@@ -173,6 +174,46 @@ class Recipe:
         if self.floor_source:
             parts.append(f"floor={self.floor_source}")
         return " ".join(parts)
+
+
+def load_grid(path) -> list[Recipe]:
+    """A grid of recipes from one file: a TOML file of ``[[recipe]]`` tables, a JSON list of recipe
+    tables (or ``{"recipe": [...]}``), or a single recipe file (a grid of one)::
+
+        [[recipe]]
+        method = "uniform"
+        [recipe.options]
+        keep = 8
+
+        [[recipe]]
+        method = "kd"
+        [recipe.options]
+        keep = 8
+        kd_steps = 30
+    """
+    data = _read(path)
+    if isinstance(data, dict) and "recipe" in data:
+        data = data["recipe"]
+    elif isinstance(data, dict):
+        return [Recipe.from_dict(data, str(path))]
+    if not isinstance(data, list) or not data:
+        raise OffsiteError(f"{path}: a grid is a non-empty list of recipes ([[recipe]] tables in TOML)")
+    return [Recipe.from_dict(d, f"{path}, recipe {i + 1}") for i, d in enumerate(data)]
+
+
+def _read(path):
+    """The parsed content of a ``.toml`` or ``.json`` recipe file."""
+    path = Path(path)
+    if path.suffix.lower() not in (".toml", ".json"):
+        raise OffsiteError(f"{path}: a recipe file is .toml or .json")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise OffsiteError(f"{path}: no such recipe file") from None
+    try:
+        return tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise OffsiteError(f"{path}: not a readable recipe ({exc})") from None
 
 
 def tuning_keys() -> set[str]:
@@ -226,4 +267,4 @@ def _short(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-__all__ = ["Recipe", "tuning_keys"]
+__all__ = ["Recipe", "load_grid", "tuning_keys"]

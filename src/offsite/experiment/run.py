@@ -205,11 +205,7 @@ def run(model_name: str, task, recipe: Recipe, out: str | Path, preset: str | Bu
     emu_dir = out / "emulator"
     emu_manifest = save_emulator(built, emu_dir, overwrite=True)
     del built
-    owner = {"blocks": settings.blocks} if settings.blocks != "all" else {}
-    if assist.on:
-        owner["assist"] = assist.record()
-    base = {"model": _name(model_name), "method": method,
-            "setting": {"adapter_layers": list(_pair(adapter_layers)), **method_options, **owner},
+    base = {"model": _name(model_name), "method": method, "setting": recipe.setting(),
             "build_seconds": round(build_s, 2)}
     if probe:
         result.records.extend(probe_records(emu_manifest["report"]["probe"], {**base, "task": "text"}))
