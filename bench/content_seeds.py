@@ -61,10 +61,11 @@ class Task:
     sources: list  # the floors' sources as given (task names or files)
     calib: object = None
     model: list = field(default_factory=list)  # [model, tokenizer] once loaded
+    root: Path | None = None  # where its cells live (default RUNS; emulators stay under RUNS, shared)
 
     @property
     def out(self) -> Path:
-        return RUNS / self.name
+        return (self.root or RUNS) / self.name
 
     def base(self):
         if not self.model:
@@ -74,20 +75,23 @@ class Task:
         return tuple(self.model)
 
 
-def load_task(name: str, limit: int | None, floors: list[str], calib: str | None) -> Task:
+def load_task(name: str, limit: int | None, floors: list[str], calib: str | None, train: str | None = None,
+              root: Path | None = None) -> Task:
     """The task's files (built if missing) and its floors: ``floors`` names public sources (a built-in
-    task or a file); by default the generic WebQuestions pairs and the task's matched file."""
+    task or a file); by default the generic WebQuestions pairs and the task's matched file. ``train``:
+    another training file (the task's with canaries planted, bench/data_privacy.py); ``root``: where
+    the cells live."""
     from offsite.data.content import build_content_task
     from offsite.data.own import load_own_task
     from offsite.experiment.cell import public_pairs_of
     from offsite.tune import file_data, task_data
 
     paths = build_content_task(name, RUNS / "data")
-    data = file_data(str(paths["train"]))
+    data = file_data(train or str(paths["train"]))
     sources = floors or ["webqs"] + ([str(paths["floor"])] if paths.get("floor") else [])
     return Task(name, load_own_task(str(paths["eval"])), data,
                 {Path(s).stem: public_pairs_of(task_data(s), len(data.items)) for s in sources}, limit, sources,
-                load_own_task(calib) if calib else None)
+                load_own_task(calib) if calib else None, root=root)
 
 
 def score(task: Task):
@@ -156,8 +160,12 @@ def cell_of(task: Task, recipe, floor: str | None = None):
     return lab, RowCache(task.out / "rows", lambda row: row_key(row, cell))
 
 
-def run_grid(task: Task, recipes: list, seeds: list[int]) -> None:
-    """Every (recipe, seed) cell's rows, the floors' included; each row computed once (the cache)."""
+#: the rows of a cell the grid runs (the floors apart, one per source)
+CELL_ROWS = ("full_zs", "ceiling", "emu_zs", "emu_ft", "plugin")
+
+
+def run_grid(task: Task, recipes: list, seeds: list[int], rows=CELL_ROWS, floors: bool = True) -> None:
+    """Every (recipe, seed) cell's ``rows`` and (with ``floors``) its floors; each row computed once (the cache)."""
     from offsite.experiment.cell import run_cell
     from offsite.files import write_json_atomic
 
@@ -168,8 +176,8 @@ def run_grid(task: Task, recipes: list, seeds: list[int]) -> None:
             recipe = recipe.with_seed(seed)
             ensure_emulator(task, recipe)
             lab, cache = cell_of(task, recipe)
-            run_cell(lab, ["full_zs", "ceiling", "emu_zs", "emu_ft", "plugin"], cache)
-            for floor in task.floors:
+            run_cell(lab, list(rows), cache)
+            for floor in task.floors if floors else ():
                 floor_lab, floor_cache = cell_of(task, recipe, floor)
                 run_cell(floor_lab, ["floor"], floor_cache)
             index = task.out / "cells.json"

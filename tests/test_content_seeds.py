@@ -70,3 +70,32 @@ def test_collect_gives_a_record_per_recipe_and_row_with_its_seeds(grid, tmp_path
 def test_collect_refuses_a_task_with_nothing_run(grid):
     with pytest.raises(SystemExit, match="nothing measured"):
         cs.collect(grid)
+
+
+def test_data_privacy_grid_measures_each_epsilon_and_collects(grid, tmp_path, monkeypatch):
+    """bench/data_privacy.py on a tiny model: the non-private cell and a DP one, their attacks, the table."""
+    from bench import data_privacy as dpb
+    from offsite.privacy.canary import canary_record_path, plant
+
+    def context_rows(n, start):  # the content tasks' multiple-choice form, which canaries go into
+        return [{"context": r["question"], "choices": r["choices"], "answer": r["answer"]} for r in mc_rows(n, start)]
+    planted, heldout = tmp_path / "train_c.jsonl", tmp_path / "held.jsonl"
+    write_jsonl(tmp_path / "train_ctx.jsonl", context_rows(16, 0))
+    plant(tmp_path / "train_ctx.jsonl", planted, per_rep=1)
+    write_jsonl(heldout, context_rows(10, 500))
+    grid.data, grid.root = file_data(str(planted)), tmp_path / "dp"
+    monkeypatch.setattr(dpb, "RUNS", tmp_path / "dp")
+    monkeypatch.setattr(dpb, "prepare", lambda name: (grid, planted, canary_record_path(planted), heldout))
+    monkeypatch.setattr(dpb, "RECIPE", {"method": "uniform", "options": {"keep": 1}, "adapter_layers": [2, 1]})
+    dpb.run_task("quiz", [float("inf"), 8.0], 1)
+    rows = sorted(p.name.split("-")[0] for p in (grid.out / "rows").iterdir())
+    # the DP cell adds its own Emulator FT and Plug-in; Emulator ZS, Full ZS, ceiling and floor are shared
+    assert rows == ["ceiling", "emu_ft", "emu_ft", "emu_zs", "floor", "full_zs", "plugin", "plugin"]
+    res = dpb.task_results("quiz")
+    assert [r["epsilon"] for r in res["rows"]] == [float("inf"), 8.0]
+    assert res["rows"][0]["dp"] is None and res["rows"][1]["dp"]["epsilon"] <= 8.0
+    auc = res["rows"][1]["membership"]["emulator"]["loss_ref"]["auc"]
+    assert 0 <= auc["ci95"][0] <= auc["value"] <= auc["ci95"][1] <= 1
+    assert set(res["rows"][0]["canaries"]["plugged"]) == {"1", "4", "16"}
+    text = dpb.table([res])
+    assert text.count("| quiz |") == 2 and "| ∞ |" in text and "beyond the floor from" in text
