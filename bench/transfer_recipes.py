@@ -1,492 +1,70 @@
-"""Transfer recipes: does the adapter tuned on this emulator (with an owner-side treatment) help the
-full model? One task, one recipe per call; the experiments behind docs/transfer.md.
+"""Transfer recipes, the historical records: ``collect`` turns bench/results/transfer-recipes.records.jsonl
+into the results file, the generated tables of docs/transfer.md and its plots.
 
-    python bench/transfer_recipes.py run uniform:keep=13                       # ~7 min on 2 CPU cores
-    python bench/transfer_recipes.py run uniform:keep=26 --zs                  # the ceiling (and Full ZS)
-    python bench/transfer_recipes.py run uniform:keep=13 --correction webqs --correction-every 4   # owner in the loop
-    python bench/transfer_recipes.py run uniform:keep=13 --repair webqs:512:kl # repaired adapter, delta plug-in
-    python bench/transfer_recipes.py run my-recipe.toml --task sciq            # a recipe file (offsite.experiment.recipe)
-    python bench/transfer_recipes.py diagnose uniform:keep=13                  # where the emulator's gradient goes wrong
     python bench/transfer_recipes.py collect --plot docs/img/transfer-probe.png --frontier docs/img/transfer-frontier.png \
         --privacy-utility docs/img/privacy-utility-transfer.png --doc docs/transfer.md   # also <task>-recipes, methods
 
-A **recipe** is an :class:`offsite.experiment.recipe.Recipe` (method and options, adapter layout,
-tuning, the owner in the loop), as ``offsite run`` takes it: a recipe file (``.toml``/``.json``), or,
-as every run of the records file was named, the emulator's historical name ``KIND:opt=value:...``
-with the flags ``--layers``, ``--adapter``, ``--lr``, ``--epochs``, ``--tune`` and ``--correction*``,
-read into a Recipe in one place (:func:`historical_recipe`); a run takes everything from the Recipe
-and writes the historical names back into its line (:func:`recipe_record`), the recipe beside them
-(``recipe``; a tuning setting with no historical name, e.g. ``lr``, is named ``+lr=...``). The
-recipe's tuning goes over :data:`BASE`. Treatments that are no part of a recipe stay flags:
+This script now only collects the historical records; it measures nothing. Its measuring commands
+were removed on 2026-12-07: ``run`` (one recipe per call, an emulator with an owner-side treatment,
+tuned, plugged in and scored by a row sequence of its own, with the treatments only it ran:
+``--repair``, ``--start-floor``, ``--build-at-floor``, ``--train-task``, ``--plug-bottom``) and
+``diagnose`` (the emulator's task gradient against the full model's, into
+bench/results/transfer-diagnose.json). The last commit that has them is 4cdca7b:
 
-* ``uniform:keep=K`` — the registered layer-drop method (``K = 26`` of the 26 middle blocks is the
-  ceiling: the adapter tuned on the full model).
-* ``--correction SOURCE --correction-every K`` (a recipe's ``[assist]``) — the model owner in the
-  loop (:mod:`offsite.assist`, as ``offsite run --assist-every K``): every ``K`` steps the owner computes ``c = s·g_full −
-  g_emulator`` (``g_full`` scaled to ``g_emulator``'s norm, tensor by tensor) on ``--correction-n``
-  public pairs of ``SOURCE`` at the data owner's current adapter, added to the data owner's gradient;
-  ``--correction-pool N``: each correction takes the next ``--correction-n`` of the first ``N``
-  pairs, cycling. (The ``prune`` emulator and this script's own, static or unscaled or multi-source
-  correction were removed on 2026-12-07; docs/transfer.md keeps their numbers, marked historical.)
-* ``--train-task SOURCE`` — a floor: the same tuning on another task's training split (``webqs``:
-  the owner's kind of public pairs), scored on ``--task``; named ``+data=SOURCE``. How much of the
-  ceiling's gain comes without the data owner's data (its transfer: against the ceiling tuned on
-  the task).
-* ``--start-floor SOURCE:N`` — the owner first tunes the adapter (the blocks ``--tune`` trains) on its
-  *full* model on the first ``N`` training pairs of ``SOURCE`` (the floor's tuning: what public pairs
-  teach) and ships that adapter; the data owner tunes on the emulator from there, and the whole
-  adapter is plugged in. Named ``+start=floor(SOURCE:N)``. Asks whether the emulator can carry what
-  lies beyond the floor once the owner has handled the format. ``--build-at-floor`` also builds the
-  emulator with that adapter in the full model (``gradmatch`` then matches the adapter's gradient
-  where the data owner starts; cached apart, the bundle named ``..._floor-SOURCE-N``); named
-  ``... (emulator built there)``.
-* ``--repair SOURCE:N:lm|kl`` — the owner first tunes the adapter on the emulator with ``N`` public QA
-  pairs (the *last* ``N`` of ``SOURCE``'s training split; LM loss on the answers, or KL to the full
-  model's next-token distribution on every token), ships that adapter, and plugs in only the data
-  owner's change: ``θ0 + (θ_tuned − θ_repaired)``.
+    git show 4cdca7be61499d834143b33ca0fba890d265fb46:bench/transfer_recipes.py
 
-Each ``run`` tunes the adapter (adapter 2,2 ``full`` unless the recipe says otherwise) on the task's
-training split (its first ``--train-limit`` examples where given, as ``bench/paper.py``'s budget;
-:data:`BASE` under the recipe's tuning: one epoch, batch 8, lr 1e-4, linear schedule, one validation
-at the end, as the ``quick``/``demo`` presets did before validation ran several times an epoch), scores Emulator FT and
-Plug-in on the first ``--limit`` evaluation documents, measures the held-out perplexity (4
-documents) and the probes (``--probe``: ``text`` for public text, a task name for its first 48
-training examples, e.g. ``webqs`` for public QA pairs the owner has; ``--probe-only`` stops there),
-and appends one JSON line with per-document predictions to ``bench/results/transfer-recipes.records.jsonl``.
+and every records line names the command that made it. New measurements go through
+bench/content_seeds.py: a grid of recipes, each an :class:`offsite.experiment.recipe.Recipe`, whose
+rows run through :func:`offsite.experiment.cell.run_cell`, the one row sequence ``offsite run`` and
+every benchmark share.
+
+Each line of the records file is one historical run on one task: the emulator's name ``kind``
+(``KIND:opt=value:...``), the adapter ``layers``, ``frac`` (the share of the middle kept) and the
+``command``; where they applied, the tuned blocks ``tune`` (``bottom``), ``epochs``, the owner in
+the loop ``cv`` = ``[source, examples, weight, every]`` (with ``cv_norm`` and ``cv_pool``), a floor's
+``train_task`` (tuned on another task's training split), ``start_floor`` and ``built_at_floor`` (the
+floor's adapter shipped), ``repair`` and ``train_limit``; the held-out perplexity ``ppl`` and the
+probes ``probe_<source>``; and per row (``emu_zs``, ``emu_ft``, ``plugin``) its accuracy
+``<row>_<task>`` and per-document predictions ``<row>_pred_<task>``.
+
 ``collect`` turns those lines into the results file: per recipe and task ``emu_ft``/``plugin``
 accuracies, the probes, and transfer with its paired standard error against the ceiling of the same
-layout, ``--tune`` and task, and Full ZS; for a recipe measured on several tasks also transfer over
-them (``task: "avg<k>"``, the tasks' gains averaged before the ratio) and a table per task, and a
-table of every recipe measured on six tasks with its averages and whether it clears the transfer
-issue's bar (``methods``). A run scored on more than the default 500 documents (``--limit 1000``,
-the benchmark's budget) is its own recipe, named ``... [first 1000 docs]``, compared with the Full
-ZS and ceiling scored on as many. Recipes of the results file that have no line in the records file
-(the records of earlier runs were not kept) stay as they are.
-
-``--tune bottom`` trains only the bottom adapter blocks (the top ones stay the original blocks on
-the emulator and in the full model); its ceiling is ``uniform:keep=26 --tune bottom``.
+layout, ``tune`` and task (``uniform:keep=26``: every middle block kept), and Full ZS; for a recipe
+measured on several tasks also transfer over them (``task: "avg<k>"``, the tasks' gains averaged
+before the ratio) and a table per task, and a table of every recipe measured on six tasks with its
+averages and whether it clears the transfer issue's bar (``methods``). A run scored on more than
+the default 500 documents (``--limit 1000``, the benchmark's budget) is its own recipe, named
+``... [first 1000 docs]``, compared with the Full ZS and ceiling scored on as many. Recipes of the
+results file that have no line in the records file (the records of earlier runs were not kept)
+stay as they are.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import re
-import shlex
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from offsite.assist import DEFAULT_SOURCE, MATCHED_SOURCE, AssistOptions
-from offsite.errors import OffsiteError
-from offsite.experiment.recipe import Recipe
+from offsite.assist import DEFAULT_SOURCE, MATCHED_SOURCE
 from offsite.experiment.report import fill_generated as fill
 from offsite.experiment.stats import above_noise, transfer
-from offsite.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "transfer-recipes.json"
 RECORDS = RESULTS.with_suffix(".records.jsonl")  # per-document predictions: kept, so collect can redo transfer
-DIAGNOSIS = ROOT / "bench" / "results" / "transfer-diagnose.json"
-EMULATORS = ROOT / "runs" / "transfer-recipes" / "emulators"
 MODEL = "smollm2-135m"
 N_LAYERS = 30  # its blocks: adapter + middle
-
-
-def _first(o):
-    return o[0] if isinstance(o, tuple) else o
+#: where the removed measuring code (``run``, ``diagnose``) can still be read
+REMOVED = "git show 4cdca7be61499d834143b33ca0fba890d265fb46:bench/transfer_recipes.py"
 
 
 def _opts(kind: str) -> tuple[str, dict]:
-    """A historical emulator name ``KIND:opt=value:...`` as its parts (strings); read only by
-    :func:`historical_recipe` and by collect, which names recipes so."""
+    """A historical emulator name ``KIND:opt=value:...`` as its parts (strings)."""
     base, *rest = kind.split(":")
     return base, dict(x.split("=", 1) for x in rest)
-
-
-# --------------------------------------------------------------------------------------------
-# the recipe (offsite.experiment.recipe.Recipe)
-
-#: the tuning every run starts from, a recipe's [tuning] on top (as a budget's under ``offsite run``):
-#: one epoch, batch 8, lr 1e-4, linear schedule, no warm-up or checkpoints, one validation at the end
-BASE = TrainConfig(lr=1e-4, epochs=1.0, batch_size=8, micro_batch_size=8, schedule="linear", warmup_ratio=0.0,
-                   checkpoint_every=None, evals_per_epoch=1)
-#: the historical recipe flags of ``run`` and their defaults (argparse's too): what a Recipe says
-FLAGS = {"layers": "2,2", "adapter": "full", "lr": BASE.lr, "epochs": BASE.epochs, "tune": "all",
-         "correction": "", "correction_every": 0, "correction_n": 128, "correction_pool": 0}
-
-
-def _option(value: str, kind) -> object:
-    """A method option written as text in a historical name, as its field's type (a float written as
-    an integer stays one, so that the name the recipe prints back is the name it was read from)."""
-    if kind is bool:
-        if value.lower() not in ("true", "false"):
-            raise SystemExit(f"error: {value!r} is not true or false")
-        return value.lower() == "true"
-    if kind is float and value.lstrip("-").isdigit():
-        return int(value)
-    return kind(value)
-
-
-def historical_recipe(emulator: str, layers: str = FLAGS["layers"], adapter: str = FLAGS["adapter"],
-                      lr: float = FLAGS["lr"], epochs: float = FLAGS["epochs"], tune: str = FLAGS["tune"],
-                      correction: str = FLAGS["correction"], correction_every: int = FLAGS["correction_every"],
-                      correction_n: int = FLAGS["correction_n"], correction_pool: int = FLAGS["correction_pool"]) -> Recipe:
-    """The one reader of the historical names (those of the records file and docs/transfer.md): the
-    emulator ``KIND:opt=value:...`` and the flags ``--layers``/``--adapter``/``--lr``/``--epochs``/
-    ``--tune``/``--correction*``, as the :class:`Recipe` they describe. Everything after takes the
-    Recipe; :func:`kind_of` and :func:`recipe_record` write the historical names back."""
-    import dataclasses
-    import typing
-
-    from offsite.emulator import all_methods
-
-    method, raw = _opts(emulator)
-    if method not in all_methods():
-        raise SystemExit(f"error: unknown emulator {emulator!r} (uniform:keep=K or a registered method with its "
-                         "options; prune:... was removed on 2026-12-07)")
-    cls = all_methods()[method].options_cls
-    hints = typing.get_type_hints(cls)
-    types = {f.name: next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
-             for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(types))
-    if unknown:
-        raise SystemExit(f"error: {method} has no option(s) {', '.join(unknown)}")
-    if correction and ("," in correction or correction_every < 1):
-        raise SystemExit("error: --correction takes one source and --correction-every >= 1 (static and "
-                         "multi-source corrections were removed on 2026-12-07)")
-    tuning = {k: v for k, v, default in (("adapter", adapter, "full"), ("blocks", tune, "all"), ("lr", lr, BASE.lr),
-                                         ("epochs", epochs, BASE.epochs)) if v != default}
-    assist = {"every": correction_every, "source": correction, "examples": correction_n,
-              **({"pool": correction_pool} if correction_pool > correction_n else {})} if correction else {}
-    return Recipe.from_dict({"method": method, "options": {k: _option(v, types[k]) for k, v in raw.items()},
-                             "adapter_layers": layers, "tuning": tuning, "assist": assist}, emulator)
-
-
-def recipe_of(a) -> Recipe:
-    """``run``'s and ``diagnose``'s recipe: a recipe file (``.toml``/``.json``, without the
-    historical flags), or the historical name with its flags (:func:`historical_recipe`)."""
-    given = {k: getattr(a, k) for k in FLAGS if getattr(a, k, FLAGS[k]) != FLAGS[k]}
-    if Path(a.recipe).suffix.lower() in (".toml", ".json"):
-        if given:
-            raise SystemExit(f"error: --{next(iter(given)).replace('_', '-')} is the recipe's: write it into "
-                             f"{a.recipe}, or name the emulator instead of the file")
-        recipe = Recipe.load(a.recipe)
-        if recipe.floor_source is not None:
-            raise SystemExit(f"error: {a.recipe}: floor_source is offsite run's floor row; this script's floor "
-                             "is a run of its own (--train-task SOURCE)")
-        return recipe
-    return historical_recipe(a.recipe, **given)
-
-
-def kind_of(recipe: Recipe) -> str:
-    """The recipe's emulator as the records file names it: ``KIND:opt=value:...``."""
-    return ":".join([recipe.method] + [f"{k}={v}" for k, v in recipe.options.items()])
-
-
-def recipe_record(recipe: Recipe, tuned: bool = True) -> dict:
-    """A records line's recipe keys, named as the records file always named them (``kind``,
-    ``layers``; where they apply ``tune``, and on a line that tuned, ``epochs``, ``cv``, ``cv_norm``
-    and ``cv_pool``), and the recipe itself (``recipe``: what else it tunes is named apart by
-    :func:`tuning_named`)."""
-    settings, assist = recipe.tune_settings(BASE), recipe.assist_options()
-    rec = {"kind": kind_of(recipe), "layers": list(recipe.adapter_layers), "recipe": recipe.to_dict()}
-    if settings.blocks != "all":
-        rec["tune"] = settings.blocks
-    if not tuned:  # a probe-only or zero-shot line: the emulator and the blocks, as ever
-        return rec
-    if settings.train.epochs != BASE.epochs:
-        rec["epochs"] = settings.train.epochs
-    if assist.on:
-        rec["cv"] = [assist.source, assist.examples, 1.0, assist.every]
-        rec["cv_norm"] = True  # offsite.assist always scales g_full to the emulator's norm
-        if assist.pool:
-            rec["cv_pool"] = assist.pool
-    return rec
-
-
-def tuning_named(r: dict) -> str:
-    """What a records line's recipe tunes beyond the historical names (``+lr=3e-05``, ``+dp.epsilon=8``):
-    part of its name, and of what its ceiling and floor must share; empty for the lines written before
-    lines carried their recipe."""
-    recipe = r.get("recipe") or {}
-    parts = [f"{k}={v}" for k, v in recipe.get("tuning", {}).items() if k not in ("blocks", "epochs")]
-    return "".join(f" +{p}" for p in parts + [f"dp.{k}={v}" for k, v in recipe.get("dp", {}).items()])
-
-
-# --------------------------------------------------------------------------------------------
-# the recipe's emulator
-
-
-def build(recipe: Recipe, model, tok, at: tuple[str, dict] | None = None):
-    """The recipe's emulator. A registered method other than ``uniform`` is built once and kept as a
-    bundle under ``runs/transfer-recipes/emulators/`` (named after :func:`kind_of`; its build cost is
-    in the bundle's manifest). ``at`` = ``(SPEC, state)``: built with the adapter ``state`` (bundle
-    keys; the floor's of ``--start-floor SPEC``) in ``model``'s adapter blocks, so a method that
-    distils around the shipped adapter (``gradmatch``) does so around that one, and the emulator
-    ships it."""
-    from contextlib import nullcontext
-
-    from offsite.bundle import load_emulator, save_emulator
-    from offsite.emulator import build_emulator
-    from offsite.gradients import adapter_written
-
-    layers = tuple(recipe.adapter_layers)
-    # the full model holds the original block i at position i
-    within = adapter_written(model, {i: i for i in range(N_LAYERS)}, at[1]) if at else nullcontext()
-    suffix = f"_floor-{at[0].replace(':', '-')}" if at else ""
-    with within:
-        if recipe.method == "uniform":
-            return build_emulator("uniform", model, tok, MODEL, layers, **recipe.options)
-        cached = EMULATORS / f"{kind_of(recipe).replace(':', '_').replace('=', '-')}_{layers[0]}-{layers[1]}{suffix}"
-        if (cached / "manifest.json").exists():
-            return load_emulator(cached)
-        emu = build_emulator(recipe.method, model, tok, MODEL, layers, **recipe.options)
-        save_emulator(emu, cached)
-        return emu
-
-
-def middle_fraction(emu, model, layers) -> float:
-    from offsite.emulator.core import split_layers
-    from offsite.models.families import get_blocks, num_blocks
-
-    _, mid, _ = split_layers(num_blocks(model.config), layers)
-    return emu.middle_params() / sum(p.numel() for i in mid for p in get_blocks(model)[i].parameters())
-
-
-# --------------------------------------------------------------------------------------------
-# owner-side treatments
-
-
-def tune(model, emu, data, settings, assist: AssistOptions | None = None):
-    """The data owner's tuning, as ``offsite.tune`` does it (``settings``: the recipe's, its blocks
-    included); ``assist``: with the model owner in the loop (:mod:`offsite.assist`, the one
-    implementation of the correction), the owner holding the full ``model`` and its own copy of the
-    emulator as shipped. Returns the adapter bundle."""
-    from offsite.assist import Assistant
-    from offsite.tune import tune_adapter
-
-    owner = Assistant(model, copy.deepcopy(emu), assist) if assist is not None and assist.on else None
-    return tune_adapter(emu, data, settings, assist=owner)[0]
-
-
-def repair(model, emu, spec: str, lr: float, epochs: float) -> None:
-    """The owner tunes the shipped adapter on the emulator with public QA pairs (in place)."""
-    import torch.nn.functional as F
-
-    from offsite import adapters
-    from offsite.train import TrainConfig, train
-    from offsite.tune import TrainingData, task_data, tokenize
-
-    src, n, loss = spec.split(":")
-    d = task_data(src)
-    ex = tokenize(emu.tokenizer, TrainingData(d.kind, d.items[-int(n):], src), 1024)
-    m = adapters.prepare(emu.model, emu.adapter_positions, "full", None)
-    loss_fn = None
-    if loss == "kl":  # every next token, against the full model's distribution
-        ex = [{"input_ids": e["input_ids"], "labels": list(e["input_ids"])} for e in ex]
-
-        def loss_fn(model_, batch):
-            keep = batch["labels"][:, 1:] != -100
-            with torch.no_grad():
-                t = F.log_softmax(model(input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"]).logits.float(), -1)
-            s = F.log_softmax(model_(input_ids=batch["input_ids"],
-                                     attention_mask=batch["attention_mask"]).logits.float(), -1)
-            return (t.exp() * (t - s)).sum(-1)[:, :-1][keep].sum(), int(keep.sum())
-    cfg = TrainConfig(lr=lr, epochs=epochs, batch_size=8, micro_batch_size=8, schedule="linear",
-                      warmup_ratio=0.0, checkpoint_every=None, restore_best=False)
-    train(m, None, ex, None, cfg, out_dir=None, loss_fn=loss_fn, pad_id=emu.tokenizer.pad_token_id)
-    for p in emu.model.parameters():
-        p.requires_grad_(False)
-    emu.model.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# commands
-
-
-def floor_state(model, tok, spec: str, settings, layers) -> dict[str, torch.Tensor]:
-    """The adapter tuned on the full ``model`` on the first ``N`` pairs of ``SOURCE`` (``spec`` =
-    ``SOURCE:N``), as the floor is (``settings``: the recipe's, its blocks included); bundle keys."""
-    from offsite.experiment.cell import ceiling_emulator
-    from offsite.tune import TrainingData, task_data
-
-    src, n = spec.split(":")
-    d = task_data(src)
-    full = ceiling_emulator(model, tok, MODEL, tuple(layers))
-    return tune(model, full, TrainingData(d.kind, d.items[:int(n)], src), settings).state
-
-
-def start_from_floor(model, emu, spec: str, settings, layers) -> None:
-    """``--start-floor``: the adapter blocks of ``emu`` become the floor's (:func:`floor_state`)."""
-    from offsite.adapters import param_names
-
-    state = floor_state(model, emu.tokenizer, spec, settings, layers)
-    names, params = param_names(emu.model, emu.adapter_positions), dict(emu.model.named_parameters())
-    with torch.no_grad():
-        for key, t in state.items():  # bundle keys, the same in the emulator and the full model
-            params[names[key]].copy_(t)
-
-
-def _command() -> str:
-    return "python bench/transfer_recipes.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-
-
-def cmd_run(a) -> None:
-    """One recipe on ``--task``: its emulator measured (perplexity, probes), then tuned and plugged
-    in; one records line (:func:`_append`)."""
-    from offsite.models.load import load_model
-
-    recipe = recipe_of(a)
-    if a.build_at_floor and not a.start_floor:
-        raise SystemExit("error: --build-at-floor builds the emulator around the --start-floor adapter: pass both")
-    model, tok = load_model(MODEL)
-    settings = recipe.tune_settings(BASE)
-    at = None
-    if a.build_at_floor:
-        t1 = time.time()
-        at = (a.start_floor, floor_state(model, tok, a.start_floor, settings, recipe.adapter_layers))
-        at_s = time.time() - t1
-    t0 = time.time()
-    emu = build(recipe, model, tok, at)
-    rec = {**recipe_record(recipe, tuned=False), "frac": middle_fraction(emu, model, recipe.adapter_layers),
-           "build_s": time.time() - t0, "command": _command()}
-    measure_emulator(rec, model, emu, tok, a.probe)
-    if a.probe_only:
-        return _append(rec)
-    if a.zs or a.zs_only:
-        _score(rec, "emu_zs", emu.model, tok, a.task, a.limit)
-    if a.zs_only:
-        return _append(rec)
-    if at is not None:  # the emulator was built around the floor's adapter and ships it
-        rec["start_floor"], rec["built_at_floor"] = [a.start_floor, at_s], True
-    rec.update(recipe_record(recipe))
-    tune_and_plug(rec, model, emu, a, recipe, settings)
-    rec["total_s"] = time.time() - t0
-    _append(rec)
-    print(f"{kind_of(recipe)}: middle {rec['frac']:.3f}, ppl {rec['ppl']:.1f}, Emulator FT "
-          f"{rec[f'emu_ft_{a.task}']:.3f}, Plug-in {rec[f'plugin_{a.task}']:.3f}")
-
-
-def measure_emulator(rec: dict, model, emu, tok, probes: str) -> None:
-    """The emulator's held-out perplexity (4 documents) and its probes (``text`` or a task's name,
-    comma-separated), into ``rec``."""
-    from offsite.eval import evaluate
-    from offsite.probe import ProbeOptions, probe, probe_examples, task_probe_examples
-
-    rec["ppl"] = evaluate(emu.model, tok, "text", limit=4, progress=False)["ppl"]
-    opts = ProbeOptions()
-    for src in filter(None, probes.split(",")):
-        ex = probe_examples(tok, opts) if src == "text" else task_probe_examples(tok, src, opts)
-        f = probe(model, emu, ex, opts)
-        rec[f"probe_{src}"] = {k: round(v, 3) for k, v in f["grad_cos"].items() if k in ("all", "bottom", "top")}
-        rec[f"ratio_{src}"] = round(f["grad_norm_ratio"]["all"], 2)
-
-
-def _score(rec: dict, row: str, model, tok, task: str, limit: int) -> None:
-    """``row``'s accuracy on the first ``limit`` documents of ``task`` and its per-document predictions."""
-    from offsite.eval import correct
-
-    c = correct(model, tok, task, limit=limit, progress=False)
-    rec[f"{row}_{task}"], rec[f"{row}_pred_{task}"] = sum(c) / len(c), [int(x) for x in c]
-
-
-def tune_and_plug(rec: dict, model, emu, a, recipe: Recipe, settings) -> None:
-    """The owner-side treatments before tuning (``--start-floor``, ``--repair``), the data owner's
-    tuning on the emulator (on ``--train-task``'s data where given; the owner in the loop where the
-    recipe says so), Emulator FT, and the Plug-in (only the bottom blocks' change too, with
-    ``--plug-bottom``), into ``rec``."""
-    from offsite import adapters
-    from offsite.eval import evaluate
-    from offsite.tune import TrainingData, task_data
-
-    task, layers = a.task, recipe.adapter_layers
-    if a.start_floor and not rec.get("built_at_floor"):
-        t1 = time.time()
-        start_from_floor(model, emu, a.start_floor, settings, layers)
-        rec["start_floor"] = [a.start_floor, time.time() - t1]
-    theta0 = {k: v.clone() for k, v in emu.adapter_state().items()}
-    if a.repair:
-        t1 = time.time()
-        repair(model, emu, a.repair, settings.train.lr, 1)
-        rec["repair"] = [a.repair, 1, time.time() - t1]
-    theta_r = {k: v.clone() for k, v in emu.adapter_state().items()}
-    t1 = time.time()
-    data = task_data(a.train_task or task)
-    if a.train_task:  # a floor: the same tuning without the task's data
-        rec["train_task"] = a.train_task
-    if a.train_limit:  # the first N training examples, as bench/paper.py's --train-limit
-        data = TrainingData(data.kind, data.items[:a.train_limit], data.source)
-        rec["train_limit"] = a.train_limit
-    bundle = tune(model, emu, data, settings, recipe.assist_options())
-    rec[f"tune_s_{task}"] = time.time() - t1
-    rec[f"emu_ft_{task}"] = evaluate(emu.model, emu.tokenizer, task, limit=a.limit, progress=False)["acc"]
-    state = {k: theta0[k] + (v - theta_r[k]) for k, v in bundle.state.items()} if a.repair else bundle.state
-    plug = lambda s: adapters.apply(copy.deepcopy(model), s, bundle.kind, bundle.lora).eval()  # noqa: E731
-    _score(rec, "plugin", plug(state), emu.tokenizer, task, a.limit)
-    if a.plug_bottom:  # only the bottom adapter blocks' change goes into the full model
-        bottom_only = {k: (theta0[k] if int(k.split(".")[1]) >= N_LAYERS - layers[1] else v) for k, v in state.items()}
-        _score(rec, "plugin_bottom", plug(bottom_only), emu.tokenizer, task, a.limit)
-
-
-def _append(rec: dict) -> None:
-    RECORDS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RECORDS, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def cmd_diagnose(a) -> None:
-    """How the recipe's emulator's task gradient differs from the full model's, and which corrections fix it."""
-    from offsite.models.load import load_model
-    from offsite.gradients import adapter_gradients
-    from offsite.probe import ProbeOptions, task_probe_examples
-    from offsite.data.tokenize import tokenize_text
-    from offsite.data.text import public_text
-
-    recipe = recipe_of(a)
-    model, tok = load_model(MODEL)
-    emu = build(recipe, model, tok)
-    pad, positions = tok.pad_token_id or 0, emu.adapter_positions
-
-    def g(m, pos, ex):  # the adapter's gradient, flattened in the bundle's key order
-        return torch.cat([t.flatten() for t in adapter_gradients(m, pos, ex, 4, pad).values()]).double()
-
-    def both(ex):
-        return g(emu.model, positions, ex), g(model, {s: s for s in positions.values()}, ex)
-
-    cos = lambda x, y: float(x @ y / (x.norm() * y.norm()))  # noqa: E731
-    task = task_probe_examples(tok, a.task, ProbeOptions(task_examples=96))
-    (e1, m1), (e2, m2) = both(task[:48]), both(task[48:])
-    et, mt = both(tokenize_text(tok, public_text("train"), 256)[1000:1016])
-    out = {"recipe": kind_of(recipe), "task": a.task,
-           "cos(E, M) on task examples": cos(e1, m1),
-           "cos(M on set 1, M on set 2): the task gradient's consistency": cos(m1, m2),
-           "cos(E-M on set 1, E-M on set 2): the emulator's bias is systematic": cos(e1 - m1, e2 - m2),
-           "cos(E-M on task, E-M on public text)": cos(e1 - m1, et - mt),
-           "cos(E - (E-M) on public text, M)": cos(e1 - (et - mt), m1),
-           "cos(E - (E-M) on other task examples, M): an oracle correction": cos(e1 - (e2 - m2), m1)}
-    for s in filter(None, a.sources.split(",")):
-        ex = task_probe_examples(tok, s, ProbeOptions(task_examples=64))
-        es, ms = both(ex)
-        out[f"cos(E - (E-M) on {s}, M)"] = cos(e1 - (es - ms), m1)
-    for k, v in out.items():
-        print(f"{k}: {v if isinstance(v, str) else round(v, 3)}")
-    write_diagnosis(out, _command(), recipe.adapter_layers)
-
-
-def write_diagnosis(out: dict, command: str, layers=(2, 2)) -> None:
-    """``bench/results/transfer-diagnose.json``: one record (``row: "diagnose"``) per cosine."""
-    from offsite.experiment.results import meta, write_results
-
-    base = {"model": MODEL, "task": out["task"], "method": out["recipe"], "setting": {"adapter_layers": list(layers)},
-            "row": "diagnose"}
-    write_results(DIAGNOSIS, meta(command), [{**base, "metric": k, "value": v} for k, v in out.items()
-                                             if k not in ("recipe", "task")])
 
 
 def run_task(r: dict) -> str:
@@ -524,7 +102,6 @@ def recipe_key(r: dict) -> str:
     than ``DEFAULT_LIMIT`` documents says how many (its Full ZS and ceiling are scored on the same)."""
     name = r["kind"] + (" +tune=bottom" if r.get("tune") == "bottom" else "")
     name += f" +epochs={r['epochs']:g}" if r.get("epochs", 1) != 1 else ""
-    name += tuning_named(r)
     name += f" +correction={r['cv'][0]}" if r.get("cv") else ""
     name += f" n={r['cv'][1]}" if r.get("cv") and r["cv"][1] != 128 else ""
     name += f" +start=floor({r['start_floor'][0]})" if r.get("start_floor") else ""
@@ -538,9 +115,8 @@ def recipe_key(r: dict) -> str:
 
 
 def _same_tuning(c: dict, r: dict) -> bool:
-    """Whether two records lines tuned the same blocks the same way (epochs, the recipe's other tuning)."""
-    return (c.get("tune") == r.get("tune") and c.get("epochs", 1) == r.get("epochs", 1)
-            and tuning_named(c) == tuning_named(r))
+    """Whether two records lines tuned the same blocks for as many epochs."""
+    return c.get("tune") == r.get("tune") and c.get("epochs", 1) == r.get("epochs", 1)
 
 
 def _ceiling_of(recs: list[dict], r: dict, task: str) -> dict | None:
@@ -1063,49 +639,13 @@ def methods_markdown(records: list[dict], n_tasks: int = 6) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["run"], ["diagnose"]):
+        print(f"error: {argv[0]} was removed on 2026-12-07 ({REMOVED}); measure recipes with "
+              "bench/content_seeds.py", file=sys.stderr)
+        return 2
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    recipe_help = ("a recipe file (.toml or .json: offsite.experiment.recipe), or the emulator's historical name "
-                   "KIND:opt=value:... with the recipe flags below (historical_recipe)")
-    r = sub.add_parser("run")
-    r.add_argument("recipe", help=recipe_help)
-    r.add_argument("--task", default="arc_easy")
-    h = r.add_argument_group("the recipe's, with a historical name (a recipe file says them itself)")
-    h.add_argument("--layers", default=FLAGS["layers"])
-    h.add_argument("--adapter", default=FLAGS["adapter"])
-    h.add_argument("--lr", type=float, default=FLAGS["lr"])
-    r.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
-    r.add_argument("--probe", default="text,arc_easy")
-    r.add_argument("--zs", action="store_true", help="also score the emulator untouched (Full ZS for keep=all)")
-    r.add_argument("--zs-only", action="store_true", help="score the untouched emulator and stop")
-    r.add_argument("--probe-only", action="store_true", help="measure the perplexity and the probes and stop")
-    h.add_argument("--correction", default=FLAGS["correction"], help="the owner corrects the adapter's gradient on this public "
-                   "source's pairs (offsite.assist, scaled to the emulator's norm); needs --correction-every")
-    h.add_argument("--correction-n", type=int, default=FLAGS["correction_n"], help="public QA pairs per source the owner's correction averages over")
-    h.add_argument("--epochs", type=float, default=FLAGS["epochs"], help="the data owner's epochs (default 1, the budget's)")
-    r.add_argument("--train-limit", type=int, default=0, help="tune on the first N training examples (0: all)")
-    r.add_argument("--train-task", help="tune on this task's training split instead of --task's (a floor: what the "
-                                        "tuning gives --task without its data; e.g. webqs, the owner's public pairs)")
-    h.add_argument("--correction-every", type=int, default=FLAGS["correction_every"],
-                   help="the owner's correction at the current adapter every N steps (with --correction)")
-    h.add_argument("--correction-pool", type=int, default=FLAGS["correction_pool"],
-                   help="the owner's pool of public pairs per source: each correction takes the next --correction-n "
-                        "of its first N, cycling (0: always the first --correction-n)")
-    r.add_argument("--repair", default="")
-    r.add_argument("--start-floor", default="", metavar="SOURCE:N",
-                   help="ship the adapter tuned on the full model on the first N pairs of SOURCE (the floor's) "
-                        "and tune on the emulator from there")
-    r.add_argument("--build-at-floor", action="store_true",
-                   help="with --start-floor: build the emulator with the floor's adapter in the full model (a method "
-                        "that distils around the shipped adapter, gradmatch, matches the gradients there)")
-    h.add_argument("--tune", choices=("all", "bottom"), default=FLAGS["tune"],
-                   help="which adapter blocks the data owner trains (bottom: the top ones stay the original)")
-    r.add_argument("--plug-bottom", action="store_true",
-                   help="also score the full model with only the bottom adapter blocks' change plugged in")
-    d = sub.add_parser("diagnose")
-    d.add_argument("recipe", help=recipe_help)
-    d.add_argument("--task", default="arc_easy")
-    d.add_argument("--sources", default="webqs,sciq,openbookqa,piqa,arc_challenge")
     c = sub.add_parser("collect")
     c.add_argument("--task", default="arc_easy")
     c.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
@@ -1114,13 +654,7 @@ def main(argv=None) -> int:
     c.add_argument("--doc", help="also refresh the generated tables of this markdown file (docs/transfer.md): "
                                  "the recipes on --task, a '<task>-recipes' block per other task, the tasks")
     c.add_argument("--privacy-utility", help="also draw Emulator FT against transfer (privacy against utility) into this PNG")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    try:
-        {"run": cmd_run, "diagnose": cmd_diagnose, "collect": cmd_collect}[a.cmd](a)
-    except OffsiteError as exc:  # a recipe file refused (offsite.experiment.recipe), in one line
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cmd_collect(ap.parse_args(argv))
     return 0
 
 

@@ -1,12 +1,8 @@
-"""bench/transfer_recipes.py: collecting its records into transfer (per ceiling, over tasks, beyond
-the floor), the tables it writes into docs/transfer.md, and the owner-side treatments it runs through
-offsite's own code (the floor's adapter shipped, the emulator built around it, the correction)."""
-
+"""bench/transfer_recipes.py, which now only collects the historical records: transfer (per
+ceiling, over tasks, beyond the floor), the tables it writes into docs/transfer.md, the records file
+itself collecting into what docs/transfer.md shows, and the removed measuring commands refused."""
 
 import pytest
-import torch
-
-from conftest import tiny_model
 
 from bench import transfer_recipes as recipes
 
@@ -239,64 +235,6 @@ def test_collect_keeps_old_records_a_new_line_does_not_remeasure(tmp_path, monke
     assert [r["value"] for r in out if r["row"] == "probe"] == [-0.015]
 
 
-def test_start_from_the_floor_ships_the_adapter_tuned_on_the_full_model(tokenizer, monkeypatch):
-    """``--start-floor``: the emulator's bottom adapter blocks become those tuned on the full model on
-    public pairs (the floor's tuning); its top blocks and the full model stay as they were."""
-    import offsite.tune as tune_mod
-    from offsite.emulator import build_emulator
-    from offsite.experiment.cell import ceiling_emulator
-    from offsite.train import TrainConfig
-    from offsite.tune import TrainingData, TuneSettings
-
-    pairs = TrainingData("qa", [(f"Question {i}: which fruit?\nAnswer:", " y") for i in range(16)], "webqs")
-    monkeypatch.setattr(tune_mod, "task_data", lambda src: pairs)
-    model = tiny_model("llama", 6, seed=1)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    emu = build_emulator("uniform", model, tokenizer, "tiny", (2, 1), keep=1)
-    shipped = {k: v.clone() for k, v in emu.adapter_state().items()}
-    settings = TuneSettings(blocks="bottom", train=TrainConfig(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=4,
-                                                               checkpoint_every=None, progress=False))
-    recipes.start_from_floor(model, emu, "webqs:8", settings, (2, 1))
-    full = ceiling_emulator(model, tokenizer, "tiny", (2, 1))
-    floor = recipes.tune(model, full, TrainingData("qa", pairs.items[:8], "webqs"), settings).state
-    now = emu.adapter_state()
-    assert all(torch.equal(now[k], floor[k]) for k in floor)  # the floor's bottom blocks, deterministic
-    assert any(not torch.equal(now[k], shipped[k]) for k in floor)
-    top = [k for k in now if k.startswith("blocks.5.")]
-    assert top and all(torch.equal(now[k], shipped[k]) for k in top)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-def test_build_at_the_floor_distils_around_the_shipped_adapter_and_ships_it(tokenizer, tmp_path, monkeypatch):
-    """``--build-at-floor``: the emulator is built with the floor's adapter in the full model (so
-    ``gradmatch`` matches gradients there), ships that adapter, is cached apart from the one built
-    around the original adapter, and leaves the full model as it was."""
-    import offsite.emulator.gradmatch as gradmatch
-
-    pairs = [(f"Question {i}: which fruit?\nAnswer:", " pear") for i in range(12)]
-    monkeypatch.setattr(gradmatch, "source_pairs", lambda src: list(pairs))
-    monkeypatch.setattr(recipes, "EMULATORS", tmp_path)
-    model = tiny_model("llama", 6, seed=1)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    floor = {f"blocks.{i}.{n}": p.detach() + 0.05 * torch.randn(p.shape, generator=g)
-             for i in (0, 1) for n, p in model.model.layers[i].named_parameters()}
-    recipe = recipes.historical_recipe("gradmatch:keep=1:gm_steps=2:gm_batch_size=2:gm_examples=8:gm_val_examples=2",
-                                       layers="2,1")
-    emu = recipes.build(recipe, model, tokenizer, at=("webqs:8", floor))
-    shipped = emu.adapter_state()
-    assert all(torch.allclose(shipped[k], floor[k]) for k in floor)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    plain = recipes.build(recipe, model, tokenizer)
-    assert not torch.allclose(plain.adapter_state()["blocks.0.self_attn.q_proj.weight"],
-                              floor["blocks.0.self_attn.q_proj.weight"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "gradmatch_keep-1_gm_steps-2_gm_batch_size-2_gm_examples-8_gm_val_examples-2_2-1",
-        "gradmatch_keep-1_gm_steps-2_gm_batch_size-2_gm_examples-8_gm_val_examples-2_2-1_floor-webqs-8"]
-    again = recipes.build(recipe, model, tokenizer, at=("webqs:8", floor))  # from its cache
-    assert all(torch.equal(again.adapter_state()[k], shipped[k]) for k in floor)
-
-
 def test_more_epochs_is_its_own_recipe_against_a_ceiling_and_floor_of_as_many():
     """``--epochs``: a run of three epochs is named so and compared only with the ceiling and the
     floor tuned for as many epochs."""
@@ -316,108 +254,47 @@ def test_more_epochs_is_its_own_recipe_against_a_ceiling_and_floor_of_as_many():
                                                                    "uniform:keep=26 +tune=bottom +epochs=3"}
 
 
-def test_the_correction_runs_through_offsite_assist(tokenizer, monkeypatch):
-    """``--correction SOURCE --correction-every K``: the data owner's tuning with the owner in the loop
-    is offsite.assist's (one implementation of the correction); the full model and the shipped
-    emulator the owner holds stay as they were, and the bundle records the corrections."""
-    import offsite.tune as tune_mod
-    from offsite.assist import AssistOptions
-    from offsite.emulator import build_emulator
-    from offsite.train import TrainConfig
-    from offsite.tune import TrainingData, TuneSettings
+def test_the_records_file_still_collects_into_the_docs_tables(tmp_path, monkeypatch):
+    """The historical records collect into the committed results and exactly the tables
+    docs/transfer.md shows (no run adds lines any more: what is there must keep regenerating)."""
+    import argparse
+    import json
 
-    pairs = TrainingData("qa", [(f"Question {i}: which fruit?\nAnswer:", " y") for i in range(16)], "webqs")
-    monkeypatch.setattr(tune_mod, "task_data", lambda src: pairs)
-    model = tiny_model("llama", 6, seed=1)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    emu = build_emulator("uniform", model, tokenizer, "tiny", (2, 1), keep=1)
-    settings = TuneSettings(blocks="bottom", train=TrainConfig(lr=1e-2, epochs=1, batch_size=4, micro_batch_size=4,
-                                                               checkpoint_every=None, progress=False))
-    data = TrainingData("qa", [(f"Question {i}: what colour?\nAnswer:", " red") for i in range(12)], "task")
-    bundle = recipes.tune(model, emu, data, settings, AssistOptions(every=1, source="webqs", examples=4))
-    assert bundle.training["assist"]["every"] == 1 and bundle.training["assist"]["corrections"] >= 2
-    assert bundle.training["blocks"] == "bottom"
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    # the historical flags become the recipe's [assist]; a static or multi-source correction is refused
-    for source, every in (("webqs,squad", 4), ("webqs", 0)):
-        with pytest.raises(SystemExit, match="one source and --correction-every"):
-            recipes.historical_recipe("uniform:keep=8", correction=source, correction_every=every)
-    assert not recipes.historical_recipe("uniform:keep=8", correction_every=4).assist_options().on
-    recipe = recipes.historical_recipe("uniform:keep=8", correction="squad", correction_every=2, correction_n=32,
-                                       correction_pool=2048)
-    assert recipe.assist_options() == AssistOptions(every=2, source="squad", examples=32, pool=2048)
+    committed_results = json.loads(recipes.RESULTS.read_text())["records"]
+    results = tmp_path / "transfer-recipes.json"
+    results.write_bytes(recipes.RESULTS.read_bytes())
+    monkeypatch.setattr(recipes, "RESULTS", results)
+    doc = tmp_path / "transfer.md"
+    committed = (recipes.ROOT / "docs" / "transfer.md").read_text()
+    doc.write_text(committed.replace("| **average of 6** |", "| stale |"))  # a table to put back
+    recipes.cmd_collect(argparse.Namespace(task="arc_easy", limit=recipes.DEFAULT_LIMIT, plot=None, frontier=None,
+                                           privacy_utility=None, doc=str(doc)))
+    assert doc.read_text() == committed
+    # the same records (their order follows set iteration, so it varies with the hash seed)
+    key = lambda records: sorted(json.dumps(r, sort_keys=True) for r in records)  # noqa: E731
+    assert key(json.loads(results.read_text())["records"]) == key(committed_results)
 
 
-def _run_args(argv):
-    """``run``'s arguments as the script's parser reads them (nothing run)."""
-    import unittest.mock as mock
-
-    got = {}
-    with mock.patch.object(recipes, "cmd_run", lambda a: got.setdefault("a", a)), \
-            mock.patch.object(recipes.torch, "set_num_threads", lambda n: None):
-        assert recipes.main(["run", *argv]) == 0
-    return got["a"]
-
-
-@pytest.mark.parametrize("argv, keys", [
-    (["uniform:keep=26", "--zs"], {"kind": "uniform:keep=26", "layers": [2, 2]}),
-    (["gradmatch:keep=13:gm_output_weight=10", "--plug-bottom"],
-     {"kind": "gradmatch:keep=13:gm_output_weight=10", "layers": [2, 2]}),
-    (["scaleot:alpha=0.692308:beta=1.0", "--tune", "bottom", "--correction", "webqs", "--correction-every", "4",
-      "--correction-n", "32", "--train-limit", "1000"],
-     {"kind": "scaleot:alpha=0.692308:beta=1.0", "layers": [2, 2], "tune": "bottom", "cv": ["webqs", 32, 1.0, 4],
-      "cv_norm": True}),
-    (["uniform:keep=8", "--tune", "bottom", "--correction", "squad", "--correction-every", "2", "--correction-n", "32",
-      "--correction-pool", "2048", "--epochs", "3", "--layers", "2,1"],
-     {"kind": "uniform:keep=8", "layers": [2, 1], "tune": "bottom", "epochs": 3.0, "cv": ["squad", 32, 1.0, 2],
-      "cv_norm": True, "cv_pool": 2048}),
-])
-def test_historical_names_read_into_a_recipe_and_back(argv, keys):
-    """A run named the historical way becomes a Recipe in one place (historical_recipe), and its
-    records line keeps the keys every earlier line has (so that collect names and pairs it as before)."""
-    recipe = recipes.recipe_of(_run_args(argv))
-    rec = recipes.recipe_record(recipe)
-    assert {k: v for k, v in rec.items() if k != "recipe"} == keys
-    assert rec["recipe"] == recipe.to_dict() and recipes.tuning_named(rec) == ""
-    assert recipes.kind_of(recipe) == argv[0]  # a float option written as an integer prints back as written
-    if "cv" in keys:  # a probe-only or zero-shot line names the emulator and its blocks only
-        assert "cv" not in recipes.recipe_record(recipe, tuned=False)
-
-
-def test_a_recipe_file_is_a_run_of_its_own_name(tmp_path):
-    """``run RECIPE.toml``: the same Recipe as the historical name with its flags; tuning the names
-    cannot say (``lr``) is named apart, and such a line's ceiling is one tuned the same way."""
-    from offsite.experiment.recipe import Recipe
-
-    path = tmp_path / "r.toml"
-    path.write_text(Recipe(options={"keep": 8}, tuning={"blocks": "bottom"},
-                           assist={"every": 4, "source": "webqs", "examples": 32}).to_toml())
-    historical = ["uniform:keep=8", "--tune", "bottom", "--correction", "webqs", "--correction-every", "4",
-                  "--correction-n", "32"]
-    assert recipes.recipe_of(_run_args([str(path)])) == recipes.recipe_of(_run_args(historical))
-    with pytest.raises(SystemExit, match="--tune is the recipe's"):
-        recipes.recipe_of(_run_args([str(path), "--tune", "bottom"]))
-    path.write_text(Recipe(options={"keep": 8}, floor_source="squad").to_toml())
-    with pytest.raises(SystemExit, match="floor_source"):
-        recipes.recipe_of(_run_args([str(path)]))
-    zs, ceil, ceil_lr, plug = [0, 0, 1, 0] * 10, [1, 1, 1, 0] * 10, [1, 1, 1, 1] * 10, [1, 0, 1, 0] * 10
-    lr = {"tuning": {"lr": 3e-5}}
-
-    def line(keep, plugin, tuning=None, **extra):
-        rec = recipes.recipe_record(Recipe(options={"keep": keep}, **(tuning or {})))
-        return {**rec, **_record(rec["kind"], plugin=plugin, **extra)}
-    lines = [line(26, ceil, zs=zs), line(26, ceil_lr, lr), line(8, plug, lr)]
-    out = recipes.collect_records(lines, limit=40)
-    t = {r["method"]: r["value"] for r in out if r["metric"] == "transfer"}
-    # against the ceiling at lr 3e-5: (0.5 - 0.25) / (1 - 0.25), not the one at the default lr (0.5)
-    assert t == {"uniform:keep=8 +lr=3e-05": pytest.approx(1 / 3)}
-    assert {r["method"] for r in out if r["row"] == "ceiling"} == {"uniform:keep=26", "uniform:keep=26 +lr=3e-05"}
-
-
-def test_a_bad_recipe_file_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(recipes.torch, "set_num_threads", lambda n: None)
-    path = tmp_path / "r.toml"
-    path.write_text('method = "uniform"\n[options]\nkd_steps = 5\n')
-    assert recipes.main(["run", str(path)]) == 2
+@pytest.mark.parametrize("command", ["run", "diagnose"])
+def test_the_removed_commands_say_where_their_code_is(command, capsys):
+    assert recipes.main([command, "uniform:keep=13"]) == 2
     err = capsys.readouterr().err
-    assert "belongs to kd" in err and len(err.strip().splitlines()) == 1
+    assert "removed on 2026-12-07" in err and recipes.REMOVED in err and "bench/content_seeds.py" in err
+    assert recipes.REMOVED in recipes.__doc__ and "run_cell" in recipes.__doc__
+
+
+def test_main_collects_with_its_flags(tmp_path, monkeypatch):
+    import json
+
+    results, records = tmp_path / "r.json", tmp_path / "r.records.jsonl"
+    monkeypatch.setattr(recipes, "RESULTS", results)
+    monkeypatch.setattr(recipes, "RECORDS", records)
+    lines = [_record("uniform:keep=26", plugin=[1, 1, 1, 0] * 10, zs=[0, 0, 1, 0] * 10, task="sciq"),
+             _record("uniform:keep=8", plugin=[1, 0, 1, 0] * 10, task="sciq")]
+    records.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert recipes.main(["collect", "--task", "sciq", "--limit", "40"]) == 0
+    out = json.loads(results.read_text())
+    assert out["meta"]["command"] == "python bench/transfer_recipes.py collect"
+    assert "first 40 evaluation documents" in out["notes"][0]
+    [t] = [r for r in out["records"] if r["metric"] == "transfer"]
+    assert (t["method"], t["task"], t["value"]) == ("uniform:keep=8", "sciq", 0.5)
