@@ -38,8 +38,17 @@ What DP tuning changes besides: every example trains (no validation split: choos
 adapter by the loss on held-out private examples would be a non-private use of them; the final
 adapter is kept), and the adapter bundle's ``training`` record carries no losses, token counts or
 timings (they are statistics of the private data that the guarantee does not cover). It runs on
-one process in float32, with the plain LM loss: the owner's gradient correction (``--assist``),
-``accelerate launch`` with several processes and bf16 are refused with one line. LoRA and BitFit
+one process in float32, with the plain LM loss: ``accelerate launch`` with several processes, bf16
+and other custom losses (distillation, FedProx) are refused with one line.
+
+**The owner in the loop** (``--assist``, :mod:`offsite.assist`): the owner's correction ``c`` is
+computed from the current adapter (already released to the owner: it is one of the iterates the
+accountant covers) and the owner's public pairs, never from the private examples. It is added to
+the gradient *after* Opacus has clipped the per-example gradients, added the noise and averaged
+(:meth:`PerExample.add_after_noise`, Opacus's ``step_hook``), so it never passes through the
+per-example clip and the step is post-processing of the noisy gradient: the (epsilon, delta) the
+accountant reports is unchanged, for the final adapter and for every intermediate adapter the
+owner sees. The manifest's ``dp`` entry says so (``after_noise``). LoRA and BitFit
 adapters work (their trainable parameters are ``nn.Linear`` weights and 1-D biases/norms).
 """
 
@@ -98,10 +107,12 @@ class DPPlan:
         """What a checkpoint must match to resume."""
         return asdict(self)
 
-    def record(self, steps_done: int) -> dict:
-        """The manifest's ``dp`` entry: the mechanism and the (epsilon, delta) spent in ``steps_done`` steps."""
+    def record(self, steps_done: int, after_noise: str | None = None) -> dict:
+        """The manifest's ``dp`` entry: the mechanism and the (epsilon, delta) spent in ``steps_done`` steps;
+        ``after_noise``: what was added to the noisy gradient (post-processing: the owner's correction)."""
         import opacus
 
+        extra = {"after_noise": after_noise} if after_noise else {}
         return {
             "mechanism": "DP-SGD (Opacus GradSampleModule + DPOptimizer)",
             "library": f"opacus {opacus.__version__}",
@@ -109,6 +120,7 @@ class DPPlan:
             "epsilon": spent_epsilon(self, steps_done), "target_epsilon": self.target_epsilon,
             "delta": self.delta, "delta_rule": self.delta_rule, "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate, "steps": steps_done, "clip": self.clip, "examples": self.examples,
+            **extra,
         }
 
 
@@ -118,7 +130,7 @@ def dp_summary(record: dict) -> str:
             f"(target epsilon {record['target_epsilon']:g}, {record['accountant'].upper()} accountant, "
             f"{record['library']}): {record['steps']} steps of DP-SGD, Poisson sampling rate {record['sample_rate']:.4g} "
             f"of {record['examples']} examples, noise multiplier {record['noise_multiplier']:.4g}, clip "
-            f"{record['clip']:g}")
+            f"{record['clip']:g}" + (f"; {record['after_noise']}" if record.get("after_noise") else ""))
 
 
 def default_delta(n: int) -> float:
@@ -246,6 +258,16 @@ class PerExample:
         expected = max(1, round(plan.sample_rate * plan.examples))
         self.optimizer = _Optimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip,
                                     expected_batch_size=expected, loss_reduction="sum")
+
+    def add_after_noise(self, terms) -> None:
+        """Add ``terms()`` (``(parameter, tensor)`` pairs) to the gradient at every step after Opacus's
+        clip, noise and averaging, before AdamW steps (Opacus's ``step_hook``): what is added this way
+        never passes through the per-example clip, and must not depend on the private examples."""
+        def hook(opt):
+            for p, t in terms():
+                p.grad.add_(t.to(p.grad.device, p.grad.dtype))
+
+        self.optimizer.attach_step_hook(hook)
 
     def _batch(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
