@@ -214,6 +214,26 @@ def test_run_with_the_owner_in_the_loop_records_the_recipe(tok, tmp_path, monkey
             log=lambda *a: None)
 
 
+def test_run_with_the_owner_in_the_loop_under_dp(tok, tmp_path, monkeypatch):
+    """A recipe with [assist] and [dp]: the data owner's adapter is DP-SGD-tuned with the owner's
+    correction added after the noise (offsite.dp), and its manifest says so."""
+    from test_transfer import _qa_world
+
+    from offsite.experiment.recipe import Recipe
+    from offsite.experiment.run import run
+
+    _qa_world(monkeypatch, tok)
+    tuning = {**asdict(_settings("bottom", steps=4).train), "blocks": "bottom"}
+    recipe = Recipe(options={"keep": 1}, adapter_layers=(2, 1), tuning=tuning, assist={"every": 2},
+                    dp={"epsilon": 8.0})
+    res = run("tiny", "arc_easy", recipe, tmp_path / "r", eval_limit=4, text_docs=0, probe=False, ceiling=False,
+              floor=False, log=lambda *a: None)
+    assert any("owner in the loop" in n for n in res.notes) and any("differentially private" in n for n in res.notes)
+    manifest = json.loads((tmp_path / "r" / "adapter" / "manifest.json").read_text())
+    assert manifest["training"]["assist"]["corrections"] == 2 and manifest["dp"]["steps"] == 4
+    assert "after clipping and noise" in manifest["dp"]["after_noise"] and 0 < manifest["dp"]["epsilon"] <= 8
+
+
 def test_a_checkpoint_resumes_only_under_the_same_correction(tok, tmp_path):
     model = tiny_model("llama", 6)
     emu = build_emulator("uniform", model, tok, "tiny", (2, 1), keep=1)

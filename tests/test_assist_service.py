@@ -121,6 +121,20 @@ def test_offsite_tune_with_assist(world, tmp_path, capsys):
     assert not (tmp_path / "lora").exists()
 
 
+def test_offsite_tune_with_assist_and_dp(world, tmp_path, capsys):
+    """DP-SGD with the owner in the loop over HTTP: the correction comes in, the guarantee goes out."""
+    owner = _owner(world, every=1)
+    with AssistServer({"webqs": owner}, load_emulator(world / "emu").manifest["digest"]) as url:
+        assert main(["tune", "--emulator", str(world / "emu"), "--data", str(world / "train.jsonl"),
+                     "--out", str(tmp_path / "ad"), "--tune-blocks", "bottom", "--assist", url, "--assist-every", "2",
+                     "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--dp-epsilon", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "2 corrections from the owner" in out and "-DP per training example" in out and "after clipping" in out
+    bundle = load_adapter(tmp_path / "ad")
+    assert owner.calls == 2 and bundle.dp["steps"] == 4 and 0 < bundle.dp["epsilon"] <= 8
+    assert "after_noise" in bundle.dp and bundle.training["assist"]["corrections"] == 2
+
+
 def test_the_data_owner_picks_one_of_the_owners_sources(world):
     """An owner offering two public sources: the data owner's choice decides which pairs correct it."""
     from offsite.models.load import load_model

@@ -204,16 +204,69 @@ def test_dp_tuning_of_lora_and_bitfit(kind, tokenizer, tmp_path):
     assert load_adapter(tmp_path / "ad").dp["steps"] == 3 if save_adapter(bundle, tmp_path / "ad") else False
 
 
+def test_the_owners_correction_is_added_after_clip_and_noise():
+    """A huge correction and a tiny clip, no noise, SGD(lr=1): the parameters move by minus the
+    clipped per-example mean and minus the whole correction: the per-example clip never saw it."""
+    clip, c = 1e-3, 5.0
+    model = _no_dropout(tiny_model("llama", 4)).train()
+    ps = _adapter(model)
+    start = [p.detach().clone() for p in ps]
+    pe = PerExample(model, torch.optim.SGD(ps, lr=1.0), _plan(sigma=0.0, clip=clip, q=0.8, n=5))
+    pe.add_after_noise(lambda: [(p, torch.full_like(p, c)) for p in ps])
+    losses, _ = per_example_lm_loss(pe.model, collate(EXAMPLES, 0))
+    losses.sum().backward()
+    pe.optimizer.step()
+    pe.close()
+    moved = [p.detach() - p0 for p, p0 in zip(ps, start)]
+    lm_part = torch.sqrt(sum(((m + c) ** 2).sum() for m in moved))  # what is left once c is taken out
+    assert float(lm_part) <= 5 * clip / 4 + 1e-6 and float(lm_part) > 0  # at most 5 clipped examples over 4
+    for m in moved:
+        torch.testing.assert_close(m, torch.full_like(m, -c), rtol=0, atol=clip)
+
+
+class _ConstantOwner:
+    """The owner's side of the assisted protocol with a fixed correction (``value`` everywhere)."""
+
+    def __init__(self, every=2, value=0.05):
+        from offsite.assist import AssistOptions
+
+        self.opts, self.value, self.asked = AssistOptions(every=every), value, 0
+
+    def loss(self, params):
+        from offsite.assist import CorrectedLoss
+
+        def correction(state):
+            self.asked += 1
+            return {k: torch.full_like(v, self.value) for k, v in state.items()}
+
+        return CorrectedLoss(params, correction, self.opts.every)
+
+
+def test_dp_with_the_owner_in_the_loop_spends_the_same_epsilon(tokenizer, tmp_path):
+    """DP-SGD with the owner's correction: the same (epsilon, delta) as without it (post-processing),
+    recorded as added after the noise; the correction changes the adapter (same seed, same noise)."""
+    def tuned(owner):
+        emu = build_emulator("uniform", tiny_model("llama", 6), tokenizer, "tiny", "2,2", keep=1)
+        s = _settings(eps=4.0)
+        s.blocks = "bottom"
+        bundle, _ = tune_adapter(emu, TrainingData("qa", PAIRS, "pairs"), s, assist=owner)
+        return bundle
+
+    alone, owner = tuned(None), _ConstantOwner(every=2)
+    helped = tuned(owner)
+    assert owner.asked == 2  # steps 1 and 3 of 3
+    assert helped.training["assist"]["corrections"] == 2
+    assert {k: v for k, v in helped.dp.items() if k != "after_noise"} == alone.dp
+    assert "after_noise" not in alone.dp and "post-processing" in helped.dp["after_noise"]
+    assert any(not torch.equal(alone.state[k], helped.state[k]) for k in alone.state)
+    manifest = save_adapter(helped, tmp_path / "ad")
+    check_schema(manifest, ADAPTER_SCHEMA, "m")
+    assert load_adapter(tmp_path / "ad").dp["after_noise"] == helped.dp["after_noise"]
+
+
 def test_dp_refuses_what_it_cannot_honour(tokenizer):
-    from offsite.assist import AssistOptions
+    from offsite.assist import CorrectedLoss
 
-    emu = build_emulator("uniform", tiny_model("llama", 6), tokenizer, "tiny", "2,2", keep=1)
-
-    class Owner:
-        opts = AssistOptions(every=1)
-
-    with pytest.raises(OffsiteError, match="owner's correction"):
-        tune_adapter(emu, TrainingData("qa", PAIRS, "pairs"), _settings(), assist=Owner())
     s = _settings()
     s.train.mixed_precision = "bf16"
     with pytest.raises(OffsiteError, match="float32"):
@@ -222,6 +275,10 @@ def test_dp_refuses_what_it_cannot_honour(tokenizer):
     with pytest.raises(OffsiteError, match="plain LM loss"):
         train(model, None, EXAMPLES, None, TrainConfig(max_steps=1, progress=False),
               loss_fn=lambda m, b: (torch.zeros(()), 0), dp=_plan(n=5, steps=1))
+    fedprox_and_owner = CorrectedLoss({}, lambda state: state, 1, base=lambda m, b: (torch.zeros(()), 0))
+    with pytest.raises(OffsiteError, match="another loss term"):
+        train(model, None, EXAMPLES, None, TrainConfig(max_steps=1, progress=False), loss_fn=fedprox_and_owner,
+              dp=_plan(n=5, steps=1))
 
 
 def test_manifest_dp_entry_is_checked(tokenizer, tmp_path):
@@ -255,5 +312,3 @@ def test_cli_tune_and_plug_print_the_guarantee(tiny_dir, tmp_path, capsys):
     assert "differential privacy: (" in capsys.readouterr().out
     assert main(tune + ["--out", str(tmp_path / "ad2"), "--dp-delta", "1e-5"]) == 2
     assert "--dp-delta needs --dp-epsilon" in capsys.readouterr().err
-    assert main(tune + ["--out", str(tmp_path / "ad3"), "--dp-epsilon", "5", "--assist", "http://127.0.0.1:1"]) == 2
-    assert "--assist" in capsys.readouterr().err

@@ -92,7 +92,8 @@ def test_bad_command_lines_exit_2_with_one_line(tmp_path, capsys):
                        (["--no-secagg", "--min-clients", "4"], "min_clients"), (["--min-clients", "1"], "min_clients"),
                        (["--fraction-fit", "1.5"], "fraction_fit"), (["--fraction-fit", "0"], "fraction_fit"),
                        (["--fraction-fit", "0.3"], "minimum of 2"), (["--rounds", "0"], "rounds"),
-                       (["--lr", "inf"], "lr"), (["--proximal-mu", "nan"], "proximal_mu")):
+                       (["--lr", "inf"], "lr"), (["--proximal-mu", "nan"], "proximal_mu"),
+                       (["--dp-delta", "1e-3"], "--dp-delta needs --dp-epsilon"), (["--dp-epsilon", "-1"], "--dp-epsilon")):
         assert main(run + extra) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and why in err[0], (extra, err)
@@ -533,3 +534,55 @@ def test_owner_sends_a_correction_at_the_global_adapter_and_clients_apply_it(fed
     assert max(float(np.abs(plain[k] - corrected[k]).max()) for k in owner.trained) > 0
     with pytest.raises(OffsiteError, match="not a safetensors file"):
         update({**conf, "correction": b"not a tensor file"})
+
+
+# ---------------------------------------------------------------------------------------------
+# user-level differential privacy (DP-FedAvg with Flower's DP wrappers)
+
+
+def test_federated_dp_plan_is_opacus_accountant_over_rounds():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from offsite.bundle import DP_SCHEMA, check_schema
+    from offsite.dp import dp_summary, spent_epsilon
+
+    cfg = FederationConfig(emulator="e", out="o", clients=8, rounds=20, fraction_fit=0.5, dp_epsilon=4.0, dp_clip=0.1)
+    cfg.check()
+    plan = cfg.dp_plan()
+    assert (plan.unit, plan.sampling, plan.examples, plan.steps) == ("data owner", "fixed-size", 8, 20)
+    assert plan.sample_rate == pytest.approx(0.5) and plan.delta == pytest.approx(1 / 80) and plan.clip == 0.1
+    assert plan.noise_multiplier == pytest.approx(get_noise_multiplier(target_epsilon=4.0, target_delta=1 / 80,
+                                                                       sample_rate=0.5, steps=20, accountant="rdp"))
+    rec = plan.record(20)
+    check_schema({"dp": rec}, type(DP_SCHEMA)({"dp": DP_SCHEMA}), "m")
+    assert rec["epsilon"] == pytest.approx(spent_epsilon(plan, 20)) and rec["epsilon"] <= 4.0 + 1e-9
+    assert "per data owner" in dp_summary(rec) and "20 rounds of DP-FedAvg" in dp_summary(rec)
+    assert FederationConfig(emulator="e", out="o", clients=4, dp_epsilon=1.0).dp_plan().sampling == "every owner"
+    assert FederationConfig(emulator="e", out="o", clients=4).dp_plan() is None
+    # the noise was chosen for these rounds: a resumed run must keep them
+    assert "rounds" in cfg.fingerprint() and "rounds" not in FederationConfig(emulator="e", out="o").fingerprint()
+
+
+def test_dp_federation_with_secagg_clips_each_update_and_noises_the_sum(fed_setup):
+    """2 data owners, SecAgg+, 2 rounds, DP-FedAvg at epsilon 8 with a tiny clip: the SecAgg+ sum
+    the owner unmasks is the mean of updates clipped on the clients (its norm within the clip), Flower's
+    noise is added to it, no per-owner statistics travel, and the adapter's manifest holds the guarantee."""
+    from offsite.bundle import load_adapter
+
+    clip = 1e-3
+    cfg = _cfg(fed_setup, "dp", 2, 2, secagg=True)
+    cfg.dp_epsilon, cfg.dp_clip = 8.0, clip
+    state = _simulate(cfg, fed_setup)
+    plan = cfg.dp_plan()
+    for r in state["rounds"]:
+        assert r["clients"] == [0, 1] and r["examples"] == [1, 1] and r["secagg"]
+        assert 0 < r["update_norm"] <= clip * 1.01  # the clients clipped (an unclipped round moves ~100x more)
+        assert r["dp_noise_std"] == pytest.approx(plan.noise_multiplier * clip / 2)
+        assert r["train_loss"] is None and r.get("val_loss") is None  # no loss left an owner
+    dp = load_adapter(fed_setup / "dp" / "adapter").dp
+    assert dp == state["dp"] and dp["unit"] == "data owner" and dp["steps"] == 2 and dp["examples"] == 2
+    assert 0 < dp["epsilon"] <= 8.0 and dp["delta"] == pytest.approx(1 / 20) and dp["clip"] == clip
+    assert dp["noise_multiplier"] == pytest.approx(plan.noise_multiplier) and dp["sample_rate"] == 1.0
+    assert load_adapter(fed_setup / "dp" / "rounds" / "round-0001").dp["steps"] == 1
+    noise = _max_diff(_adapter(fed_setup / "dp" / "adapter"), load_init(fed_setup))
+    assert noise > clip  # the noise (std ~ sigma x clip / 2 per coordinate) moved it beyond the clipped mean

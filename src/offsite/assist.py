@@ -16,7 +16,9 @@ data owner's data, because it holds both models and public data of a similar kin
    emulator's scale, minus the emulator's own gradient;
 4. the data owner adds ``c`` to its gradient at every step until the next correction (its loss
    gets the linear term ``<c, θ>``), so on the public data its step is the full model's; what its
-   private data adds on top stays the emulator's.
+   private data adds on top stays the emulator's. Under DP-SGD (``--dp-epsilon``) ``c`` is added
+   to the noisy gradient after the per-example clip and the noise instead (post-processing,
+   :mod:`offsite.dp`; :meth:`CorrectedLoss.added_gradient`).
 
 Scaling ``g_f`` to the emulator's norm matters: unscaled, the correction's size follows the full
 model's much smaller gradients and the emulator's own term dominates (measured in docs/transfer.md:
@@ -217,6 +219,22 @@ class CorrectedLoss:
         self._shown = loss_sum.detach()
         linear = sum((self.c[k] * (p - self.at[k])).sum() for k, p in self.params.items())
         return loss_sum + n * linear, n
+
+    #: what :meth:`added_gradient` adds under DP-SGD, as the manifest's ``dp`` entry records it
+    after_noise = ("the owner's correction (its public pairs, at the current adapter) added to the noisy "
+                   "gradient after clipping and noise: post-processing")
+
+    def added_gradient(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """``(parameter, c)`` pairs for DP-SGD (:meth:`offsite.dp.PerExample.add_after_noise`), which trains
+        on the plain per-example LM loss and adds ``c`` to the noisy gradient instead of the linear
+        term to the loss (whose gradient Opacus would clip with each example's); a stale ``c`` is
+        asked for again first, at the current adapter, as :meth:`__call__` does."""
+        if self.base is not None:
+            raise OffsiteError("differentially private training adds the owner's correction to the plain LM "
+                               "loss's noisy gradient; it cannot be combined with another loss term")
+        if self.c is None:
+            self.refresh()
+        return [(p, self.c[k]) for k, p in self.params.items()]
 
     def shown_sum(self) -> torch.Tensor:
         """The LM part (``base``'s) of the last call's sum: what the training bar shows as the loss;

@@ -205,12 +205,13 @@ EMULATOR_SCHEMA = Obj({
 })
 # differentially private tuning (offsite.dp): the mechanism and the (epsilon, delta) spent
 DP_SCHEMA = Obj({
-    "mechanism": Str(), "library": Str(), "unit": Str("example", "example"), "sampling": Str("poisson", "poisson"),
+    "mechanism": Str(), "library": Str(), "unit": Str("example|data owner", "example or data owner"),
+    "sampling": Str("poisson|fixed-size|every owner", "poisson, fixed-size or every owner"),
     "accountant": Str("rdp|prv", "rdp or prv"), "epsilon": Num(0.0, 1e9), "target_epsilon": Num(0.0, 1e9),
     "delta": Num(0.0, 1.0), "delta_rule": Str(r"given|1/\(10n\)", "given or 1/(10n)"),
     "noise_multiplier": Num(0.0, 1e9), "sample_rate": Num(0.0, 1.0 + 1e-12), "steps": Int(0), "clip": Num(0.0, 1e9),
-    "examples": Int(1),
-})
+    "examples": Int(1), "after_noise": Str(),
+}, optional=("after_noise",))
 ADAPTER_SCHEMA = Obj({
     "format": Str(), "version": Int(), "offsite_version": Str(), "kind": Str("full|lora|bitfit", "full, lora or bitfit"),
     "emulator_digest": Str(r"([0-9a-f]{64})?", "a SHA-256 hex digest or empty"), "adapter_init_digest": HEX64,

@@ -306,9 +306,6 @@ def cmd_tune(args) -> None:
     if args.task and args.template is not None:
         raise OffsiteError("--template applies to --data files, not to a built-in --task")
     settings = tune_settings(args)
-    if settings.dp is not None and args.assist:
-        raise OffsiteError("--dp-epsilon cannot be combined with --assist: the owner's correction would add its "
-                           "gradient outside DP-SGD's clipped, noised sum")
     data = task_data(args.task) if args.task else file_data(args.data, template(args))
     check_plan(data, settings)
     emu = load_emulator(args.emulator)
@@ -324,7 +321,7 @@ def cmd_tune(args) -> None:
     t = bundle.training
     asked = f", {t['assist']['corrections']} corrections from the owner" if "assist" in t else ""
     if bundle.dp is not None:
-        print(f"wrote {args.out}: {bundle.kind} adapter for blocks {bundle.sources}, {t['steps']} steps; "
+        print(f"wrote {args.out}: {bundle.kind} adapter for blocks {bundle.sources}, {t['steps']} steps{asked}; "
               + dp_summary(bundle.dp))
         return
     print(f"wrote {args.out}: {bundle.kind} adapter for blocks {bundle.sources}, {t['steps']} steps, "

@@ -38,8 +38,17 @@ What DP tuning changes besides: every example trains (no validation split: choos
 adapter by the loss on held-out private examples would be a non-private use of them; the final
 adapter is kept), and the adapter bundle's ``training`` record carries no losses, token counts or
 timings (they are statistics of the private data that the guarantee does not cover). It runs on
-one process in float32, with the plain LM loss: the owner's gradient correction (``--assist``),
-``accelerate launch`` with several processes and bf16 are refused with one line. LoRA and BitFit
+one process in float32, with the plain LM loss: ``accelerate launch`` with several processes, bf16
+and other custom losses (distillation, FedProx) are refused with one line.
+
+**The owner in the loop** (``--assist``, :mod:`offsite.assist`): the owner's correction ``c`` is
+computed from the current adapter (already released to the owner: it is one of the iterates the
+accountant covers) and the owner's public pairs, never from the private examples. It is added to
+the gradient *after* Opacus has clipped the per-example gradients, added the noise and averaged
+(:meth:`PerExample.add_after_noise`, Opacus's ``step_hook``), so it never passes through the
+per-example clip and the step is post-processing of the noisy gradient: the (epsilon, delta) the
+accountant reports is unchanged, for the final adapter and for every intermediate adapter the
+owner sees. The manifest's ``dp`` entry says so (``after_noise``). LoRA and BitFit
 adapters work (their trainable parameters are ``nn.Linear`` weights and 1-D biases/norms).
 """
 
@@ -91,34 +100,72 @@ class DPPlan:
     accountant: str
     sample_rate: float
     noise_multiplier: float
-    steps: int  # planned optimizer steps
-    examples: int  # n
+    steps: int  # planned optimizer steps (federated: rounds)
+    examples: int  # n (federated: data owners)
+    # what one unit of privacy is, how each step draws them and what runs: DP-SGD on one data owner's
+    # examples (the defaults), or user-level DP-FedAvg over the data owners (federated_plan)
+    unit: str = "example"
+    sampling: str = "poisson"
+    mechanism: str = "DP-SGD (Opacus GradSampleModule + DPOptimizer)"
 
     def fingerprint(self) -> dict:
-        """What a checkpoint must match to resume."""
-        return asdict(self)
+        """What a checkpoint must match to resume (the unit, sampling and mechanism only where they
+        are not DP-SGD's, so that checkpoints written before they existed still resume)."""
+        d = asdict(self)
+        for f in ("unit", "sampling", "mechanism"):
+            if d[f] == DPPlan.__dataclass_fields__[f].default:
+                del d[f]
+        return d
 
-    def record(self, steps_done: int) -> dict:
-        """The manifest's ``dp`` entry: the mechanism and the (epsilon, delta) spent in ``steps_done`` steps."""
+    def record(self, steps_done: int, after_noise: str | None = None) -> dict:
+        """The manifest's ``dp`` entry: the mechanism and the (epsilon, delta) spent in ``steps_done`` steps;
+        ``after_noise``: what was added to the noisy gradient (post-processing: the owner's correction)."""
         import opacus
 
+        extra = {"after_noise": after_noise} if after_noise else {}
         return {
-            "mechanism": "DP-SGD (Opacus GradSampleModule + DPOptimizer)",
-            "library": f"opacus {opacus.__version__}",
-            "unit": "example", "sampling": "poisson", "accountant": self.accountant,
+            "mechanism": self.mechanism, "library": f"opacus {opacus.__version__}",
+            "unit": self.unit, "sampling": self.sampling, "accountant": self.accountant,
             "epsilon": spent_epsilon(self, steps_done), "target_epsilon": self.target_epsilon,
             "delta": self.delta, "delta_rule": self.delta_rule, "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate, "steps": steps_done, "clip": self.clip, "examples": self.examples,
+            **extra,
         }
 
 
 def dp_summary(record: dict) -> str:
-    """One line for a manifest's ``dp`` entry (what ``offsite tune`` and ``offsite plug`` print)."""
-    return (f"differential privacy: ({record['epsilon']:.3g}, {record['delta']:.3g})-DP per training example "
+    """One line for a manifest's ``dp`` entry (what ``offsite tune``, ``offsite federate run`` and
+    ``offsite plug`` print)."""
+    if record.get("unit") == OWNER_UNIT:
+        what, steps, units = "data owner (all its examples together)", "rounds of DP-FedAvg", "data owners"
+    else:
+        what, steps, units = "training example", "steps of DP-SGD", "examples"
+    return (f"differential privacy: ({record['epsilon']:.3g}, {record['delta']:.3g})-DP per {what} "
             f"(target epsilon {record['target_epsilon']:g}, {record['accountant'].upper()} accountant, "
-            f"{record['library']}): {record['steps']} steps of DP-SGD, Poisson sampling rate {record['sample_rate']:.4g} "
-            f"of {record['examples']} examples, noise multiplier {record['noise_multiplier']:.4g}, clip "
-            f"{record['clip']:g}")
+            f"{record['library']}): {record['steps']} {steps}, {record['sampling']} sampling rate "
+            f"{record['sample_rate']:.4g} of {record['examples']} {units}, noise multiplier "
+            f"{record['noise_multiplier']:.4g}, clip {record['clip']:g}" + (f"; {record['after_noise']}" if record.get("after_noise") else ""))
+
+
+#: the unit of privacy of the federation's DP-FedAvg (the manifest's ``dp.unit``)
+OWNER_UNIT = "data owner"
+FEDAVG_MECHANISM = ("DP-FedAvg with client-side fixed clipping (Flower's fixedclipping_mod and "
+                    "DifferentialPrivacyClientSideFixedClipping; Gaussian noise on the aggregate)")
+
+
+def federated_plan(opts: DPOptions, owners: int, per_round: int, rounds: int) -> DPPlan:
+    """User-level DP-FedAvg over ``owners`` data owners, ``per_round`` of them a round, ``rounds``
+    rounds: the noise multiplier from Opacus's accountant with sampling rate ``per_round / owners``
+    and one step per round (:func:`make_plan`; delta defaults to ``1 / (10 owners)``). Each selected
+    owner's update is clipped to ``opts.clip``; the noise on the sum has standard deviation
+    ``noise_multiplier x clip``. Flower selects a fixed number of owners a round, not a Poisson
+    draw: with all of them each round (rate 1) the accounting is exact, below that it is the
+    Poisson analysis applied to fixed-size sampling, as DP-FedAvg is usually accounted."""
+    import dataclasses
+
+    plan = make_plan(opts, owners, per_round, rounds)
+    return dataclasses.replace(plan, unit=OWNER_UNIT, mechanism=FEDAVG_MECHANISM,
+                               sampling="every owner" if per_round >= owners else "fixed-size")
 
 
 def default_delta(n: int) -> float:
@@ -246,6 +293,16 @@ class PerExample:
         expected = max(1, round(plan.sample_rate * plan.examples))
         self.optimizer = _Optimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip,
                                     expected_batch_size=expected, loss_reduction="sum")
+
+    def add_after_noise(self, terms) -> None:
+        """Add ``terms()`` (``(parameter, tensor)`` pairs) to the gradient at every step after Opacus's
+        clip, noise and averaging, before AdamW steps (Opacus's ``step_hook``): what is added this way
+        never passes through the per-example clip, and must not depend on the private examples."""
+        def hook(opt):
+            for p, t in terms():
+                p.grad.add_(t.to(p.grad.device, p.grad.dtype))
+
+        self.optimizer.attach_step_hook(hook)
 
     def _batch(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -53,7 +53,9 @@ With ``dp`` (an :class:`offsite.dp.DPPlan`) the same loop runs DP-SGD through Op
 each step's examples are a Poisson draw (rate ``batch_size / n``, seeded by the seed and the step),
 each example's loss is its own token mean, its gradient is clipped per example and Gaussian noise
 is added before AdamW steps (:mod:`offsite.dp`). The token-weighted normalisation above does not
-apply there: every example weighs the same.
+apply there: every example weighs the same. The one custom loss it takes is the owner's correction
+(:class:`offsite.assist.CorrectedLoss`), whose ``c`` is added to the noisy gradient rather than to
+the loss (post-processing; :meth:`offsite.dp.PerExample.add_after_noise`).
 """
 
 from __future__ import annotations
@@ -318,7 +320,8 @@ def train(
       checkpointing) with the history record; an exception raised there stops training.
     * ``dp``: a :class:`offsite.dp.DPPlan`: DP-SGD with Opacus instead (Poisson batches of expected
       size ``cfg.batch_size``, per-example clipping and noise; see :mod:`offsite.dp`). The plain LM
-      loss only, one process, float32; ``cfg.max_grad_norm`` is replaced by the per-example clip.
+      loss only (a ``loss_fn`` with ``added_gradient``, the owner's correction, adds that to the
+      noisy gradient), one process, float32; ``cfg.max_grad_norm`` is replaced by the per-example clip.
 
     Returns a :class:`TrainResult`; with validation and ``cfg.restore_best`` the model is left
     holding the best state, otherwise the final one.
@@ -343,7 +346,7 @@ def train(
     if pad_id is None:
         pad_id = _default_pad_id(model)
     if dp is not None:
-        _check_dp(dp, cfg, custom_loss, world, len(train_examples))
+        _check_dp(dp, cfg, custom_loss, world, len(train_examples), loss_fn)
 
     # -- what trains: freeze the rest, remember each trainable parameter by its name in the model
     names, model_names = _resolve_trainable(model, trainable)
@@ -373,6 +376,8 @@ def train(
     if dp is not None:
         per_example = PerExample(model, optimizer, dp)
         model, step_optimizer = per_example.model, per_example.optimizer
+        if custom_loss:  # the owner's correction: added to the noisy gradient (post-processing, offsite.dp)
+            per_example.add_after_noise(loss_fn.added_gradient)
     # accelerate's backward divides by its own accumulation steps; we accumulate ourselves
     loss_mult = 1.0 if str(accelerator.distributed_type).endswith("DEEPSPEED") else accelerator.gradient_accumulation_steps
 
@@ -487,7 +492,8 @@ def train(
         per_example.close()  # no hooks, no per-example gradients: the model is the caller's again
     return TrainResult(best_state=best_state, history=history, steps=step, tokens_seen=state["tokens_seen"],
                        seconds=seconds, best_val_loss=state["best_val_loss"], best_step=state["best_step"],
-                       dp=dp.record(step) if dp is not None else None)
+                       dp=dp.record(step, getattr(loss_fn, "after_noise", None) if custom_loss else None)
+                       if dp is not None else None)
 
 
 def _backward(model, loss_fn, batch, train_examples, targets, cfg, accum, accelerator, autocast, pad_id, device,
@@ -547,11 +553,15 @@ def _dp_backward(model, dp_optimizer, batch, train_examples, targets, micro_batc
     return total / max(len(batch), 1)
 
 
-def _check_dp(dp, cfg: TrainConfig, custom_loss: bool, world: int, n_train: int) -> None:
+def _check_dp(dp, cfg: TrainConfig, custom_loss: bool, world: int, n_train: int, loss_fn=None) -> None:
     """One line for what differentially private training cannot honour."""
-    if custom_loss:
+    if custom_loss and not callable(getattr(loss_fn, "added_gradient", None)):
         raise OffsiteError("differentially private training takes the plain LM loss (Opacus clips each example's "
-                           "gradient of it); a custom loss (the owner's correction, distillation) cannot be combined")
+                           "gradient of it); a custom loss (distillation, FedProx) cannot be combined (the owner's "
+                           "correction can: it is added after the noise)")
+    if custom_loss and getattr(loss_fn, "base", None) is not None:
+        raise OffsiteError("differentially private training adds the owner's correction to the plain LM loss's "
+                           "noisy gradient; it cannot be combined with another loss term")
     if world > 1:
         raise OffsiteError("differentially private training runs on one process; run it without accelerate launch")
     if cfg.mixed_precision != "no":

@@ -107,7 +107,8 @@ def tokenize(tokenizer, data: TrainingData, max_length: int) -> list[dict]:
 
 BLOCKS = ("all", "bottom")
 # what a DP-tuned adapter's manifest says of its training (the rest would leak beyond the guarantee)
-DP_TRAINING_KEYS = ("data", "data_kind", "examples", "config", "steps", "blocks")  # which adapter blocks the data owner trains
+# (``blocks``: which adapter blocks the data owner trains; ``assist``: the owner's correction's options and count)
+DP_TRAINING_KEYS = ("data", "data_kind", "examples", "config", "steps", "blocks", "assist")
 
 
 @dataclass
@@ -227,9 +228,6 @@ def tune_adapter(emu: Emulator, data: TrainingData, settings: TuneSettings,
         freeze_top(emu)
     loss = None
     if assist is not None and assist.opts.on:
-        if settings.dp is not None:
-            raise OffsiteError("differentially private tuning (--dp-epsilon) cannot take the owner's correction "
-                               "(--assist): it would add the owner's gradient outside the clipped, noised sum")
         if settings.adapter != "full":
             raise OffsiteError(f"the owner's correction applies to full adapter blocks; tune with --adapter full "
                                f"(got {settings.adapter})")

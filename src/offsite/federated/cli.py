@@ -3,7 +3,7 @@
     offsite federate partition (--task T | --data FILE) --clients N [--scheme dirichlet --alpha 0.5 --seed 0] --out SHARDS
     offsite federate run --emulator EMU --shards SHARDS --clients N --rounds R --local-steps L --out DIR
                          [--engine simulation|deployment] [--no-secagg] [--proximal-mu MU]
-                         [--round-timeout S --min-clients K]
+                         [--round-timeout S --min-clients K] [--dp-epsilon E --dp-delta D --dp-clip C]
                          [--model M --task T --eval-limit N | --no-eval]
 
 ``run`` starts the model owner's ServerApp and one ClientApp per shard (``client-<i>.jsonl``), on
@@ -79,6 +79,14 @@ def add_parser(sub) -> None:
                         "computed at it through the full model (--model) on public QA pairs (docs/transfer.md)")
     r.add_argument("--assist-source", default="webqs", help="the public task the owner's correction uses (default webqs)")
     r.add_argument("--assist-examples", type=POSITIVE, default=32, help="its first N training pairs (default 32)")
+    g = r.add_argument_group("differential privacy of each data owner (user-level DP-FedAvg with Flower's DP "
+                             "wrappers; offsite.dp.federated_plan)")
+    g.add_argument("--dp-epsilon", type=float, metavar="E",
+                   help="each data owner's clipped update, Gaussian noise on the aggregate, the noise chosen by "
+                        "Opacus's accountant so that the adapter is (E, delta)-DP per data owner over the rounds")
+    g.add_argument("--dp-delta", type=float, metavar="D", help="delta (default: 1/(10 N) for N data owners)")
+    g.add_argument("--dp-clip", type=float, metavar="C", help="the L2 bound of each owner's adapter update (default 1.0)")
+    g.add_argument("--dp-accountant", choices=["rdp", "prv"], help="Opacus's accountant (default rdp)")
     r.add_argument("--task", default="arc_easy", help="task to score the table on")
     r.add_argument("--eval-limit", type=POSITIVE, default=500)
     r.add_argument("--no-eval", dest="evaluate", action="store_false")
@@ -105,7 +113,12 @@ def _partition(args) -> None:
 
 
 def config_from_args(args):
+    from ..cli_args import dp_options
     from .core import FederationConfig
+
+    dp = dp_options(args)  # --dp-delta/--dp-clip/--dp-accountant without --dp-epsilon: refused there
+    dp_fields = {} if dp is None else {"dp_epsilon": float(dp.epsilon), "dp_delta": float(dp.delta or 0.0),
+                                       "dp_clip": float(dp.clip), "dp_accountant": dp.accountant}
 
     cfg = FederationConfig(emulator=str(args.emulator), out=str(args.out), clients=args.clients, rounds=args.rounds,
                            local_steps=args.local_steps, fraction_fit=args.fraction_fit, min_clients=args.min_clients,
@@ -115,7 +128,7 @@ def config_from_args(args):
                            max_length=args.max_length, seed=args.seed, proximal_mu=args.proximal_mu,
                            secagg=args.secagg, secagg_clip=args.secagg_clip, round_timeout=args.round_timeout,
                            tune_blocks=args.tune_blocks, assist=args.assist, model=_model(args) if args.assist else "",
-                           assist_source=args.assist_source, assist_examples=args.assist_examples)
+                           assist_source=args.assist_source, assist_examples=args.assist_examples, **dp_fields)
     cfg.check()
     return cfg
 
@@ -167,6 +180,10 @@ def _run(args) -> None:
     for n, why in state.get("refused", {}).items():
         print(f"note: {why}")
     print(f"adapter: {out / 'adapter'}")
+    if state.get("dp"):
+        from ..dp import dp_summary
+
+        print(dp_summary(state["dp"]))
     if not args.evaluate:
         return
     from ..experiment.results import meta

@@ -14,7 +14,10 @@ Messages it answers (Flower's legacy message types, which SecAgg+'s ``secaggplus
   ``tune_blocks: bottom`` trains only the bottom adapter blocks; a ``correction``, safetensors bytes
   from the owner, adds its linear term to the loss as :class:`offsite.assist.CorrectedLoss` does)
   and returns the **update** ``w_local - w_global`` weighted by its training examples. A fit whose
-  ``emulator_digest`` is not its emulator's is refused with a one-line reason.
+  ``emulator_digest`` is not its emulator's is refused with a one-line reason. In a round of
+  DP-FedAvg (``--dp-epsilon``: the config carries Flower's clipping norm) the update is clipped to
+  that norm by Flower's ``fixedclipping_mod`` (:func:`dp_clipping_mod`), weighs 1, and no loss or
+  timing goes with it.
 * ``evaluate``: the global adapter's loss on the client's held-out part (a fixed 10 % of its data),
   weighted by target tokens.
 
@@ -227,11 +230,15 @@ def make_client_fn(data_dir: str | None = None, work_root: str | None = None, fa
                 p.requires_grad_(False)
             emu.model.eval()
             _, new = state_to_arrays(adapters.extract(emu.model, emu.adapter_positions, "full"))
+            metrics = {"partition": self.partition, "emulator_digest": emu.manifest["digest"],
+                       "adapter_digest": keys_digest(keys, new), "steps": result.steps}
+            if _dp_round(config):
+                # DP-FedAvg: the new adapter (dp_clipping_mod clips its update and sends the update),
+                # weight 1, and no statistic of the data beside it (losses, timings) that the noise would not cover
+                return new, 1, metrics
             delta = [n - np.asarray(g, dtype=np.float32) for n, g in zip(new, parameters)]
             last = result.history[-1] if result.history else {}
-            metrics = {"partition": self.partition, "emulator_digest": emu.manifest["digest"],
-                       "adapter_digest": keys_digest(keys, new), "steps": result.steps,
-                       "train_loss": float(last.get("train_loss") or 0.0), "seconds": time.perf_counter() - t0}
+            metrics.update(train_loss=float(last.get("train_loss") or 0.0), seconds=time.perf_counter() - t0)
             if result.best_val_loss is not None:
                 metrics["local_val_loss"] = float(result.best_val_loss)
             return delta, len(train_ex), metrics
@@ -248,6 +255,48 @@ def make_client_fn(data_dir: str | None = None, work_root: str | None = None, fa
         return OffsiteClient(context).to_client()
 
     return client_fn
+
+
+def _dp_round(config) -> bool:
+    """Whether the owner runs DP-FedAvg this round: Flower's DP wrapper put the clipping norm in the config."""
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    return KEY_CLIPPING_NORM in config
+
+
+def dp_clipping_mod(msg, ctxt, call_next):
+    """Flower's ``fixedclipping_mod`` for a round of DP-FedAvg (the owner's
+    ``DifferentialPrivacyClientSideFixedClipping`` sent the clipping norm), else nothing.
+
+    ``fixedclipping_mod`` clips the difference between what the client returns and the adapter it
+    received, so under DP the client returns its new adapter; this mod then sends the clipped
+    *update* (new minus received), which SecAgg+ encodes finely (:mod:`offsite.federated.server`).
+    It sits inside ``secaggplus_mod`` (which calls it in SecAgg+'s masking stage, with the fit
+    instructions): the update is clipped before it is masked."""
+    from flwr.app.message_type import MessageType
+    from flwr.client.mod import fixedclipping_mod
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    if not _dp_round(fit_ins.config):
+        return call_next(msg, ctxt)
+    received = parameters_to_ndarrays(fit_ins.parameters)
+    out = fixedclipping_mod(msg, ctxt, call_next)
+    if out.has_error():
+        return out
+    fit_res = compat.recorddict_to_fitres(out.content, keep_input=True)
+    clipped = parameters_to_ndarrays(fit_res.parameters)
+    update = [w.astype(np.float64) - g.astype(np.float64) for w, g in zip(clipped, received)]
+    # float32 rounding of received + clipped update can leave the difference a hair above the clip
+    clip, norm = float(fit_ins.config[KEY_CLIPPING_NORM]), float(np.sqrt(sum((u ** 2).sum() for u in update)))
+    scale = min(1.0, clip / norm * (1 - 1e-6)) if norm > 0 else 1.0
+    fit_res.parameters = ndarrays_to_parameters([(u * scale).astype(np.float32) for u in update])
+    out.content = compat.fitres_to_recorddict(fit_res, keep_input=True)
+    return out
 
 
 def _lower_priority() -> None:
@@ -309,7 +358,7 @@ def make_client_app(data_dir: str | None = None, work_root: str | None = None, s
     from flwr.client import ClientApp
     from flwr.client.mod import secaggplus_mod
 
-    mods = [secaggplus_mod] if secagg else []
+    mods = ([secaggplus_mod] if secagg else []) + [dp_clipping_mod]  # clip (DP rounds only), then mask
     stages = [f for f in _failures(fail) if "stage" in f]
     if stages:
         mods = [_failing_stage(stages)] + mods

@@ -56,6 +56,13 @@ class FederationConfig:
     model: str = ""
     assist_source: str = "webqs"
     assist_examples: int = 32
+    # user-level differential privacy (DP-FedAvg, offsite.dp.federated_plan): each selected data
+    # owner's update clipped to dp_clip on its side, Gaussian noise on the aggregate; the noise
+    # multiplier spends at most dp_epsilon over the rounds; 0: none. dp_delta 0: 1 / (10 clients)
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
+    dp_clip: float = 1.0
+    dp_accountant: str = "rdp"
 
     def check(self) -> None:
         def bad(msg):
@@ -112,6 +119,35 @@ class FederationConfig:
             bad(f"tune_blocks must be one of {', '.join(BLOCKS)} (got {self.tune_blocks!r})")
         if self.assist and not self.model:
             bad("the owner's correction (assist) needs the full model (--model)")
+        for name in ("dp_epsilon", "dp_delta", "dp_clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(f"{name} must be a finite number >= 0 (got {v!r})")
+        if not self.dp_epsilon and self.dp_delta:
+            bad("dp_delta needs dp_epsilon (--dp-delta needs --dp-epsilon)")
+        self.dp_plan()  # a budget no noise level reaches in these rounds fails here
+
+    def dp_options(self):
+        """The data owners' DP as :class:`offsite.dp.DPOptions` (None without dp_epsilon)."""
+        from ..dp import DPOptions
+
+        if not self.dp_epsilon:
+            return None
+        return DPOptions(epsilon=float(self.dp_epsilon), delta=float(self.dp_delta) or None, clip=float(self.dp_clip),
+                         accountant=self.dp_accountant)
+
+    def dp_plan(self):
+        """User-level DP-FedAvg's plan (:func:`offsite.dp.federated_plan`: one step a round, rate
+        round size / clients), or None."""
+        from ..dp import federated_plan
+
+        opts = self.dp_options()
+        if opts is None:
+            return None
+        try:
+            return federated_plan(opts, self.clients, self.round_size(self.clients), self.rounds)
+        except OffsiteError as exc:
+            raise OffsiteError(f"bad federation config: {str(exc).replace('train fewer steps', 'run fewer rounds')}") from None
 
     def round_size(self, accepted: int) -> int:
         """How many of ``accepted`` data owners a round selects (``fraction_fit`` of them, at least one)."""
@@ -141,6 +177,8 @@ class FederationConfig:
     def fingerprint(self) -> dict:
         """The settings a resumed run must share with the stopped one (not rounds, timeouts, the minimum, paths)."""
         skip = {"rounds", "round_timeout", "node_timeout", "min_clients", "out", "ship_emulator"}
+        if self.dp_epsilon:  # the noise multiplier was chosen for these rounds
+            skip.discard("rounds")
         return {k: v for k, v in self.to_json().items() if k not in skip}
 
     def round_lr(self, rnd: int) -> float:

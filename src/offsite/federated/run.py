@@ -102,7 +102,8 @@ def finished_state(cfg: FederationConfig) -> dict:
 def federated_setting(cfg: FederationConfig, state: dict) -> dict:
     return {"clients": cfg.clients, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
             "secagg": cfg.secagg, "proximal_mu": cfg.proximal_mu, "lr": cfg.lr, "batch_size": cfg.batch_size,
-            "fraction_fit": cfg.fraction_fit, "seed": cfg.seed}
+            "fraction_fit": cfg.fraction_fit, "seed": cfg.seed,
+            **({"dp_epsilon": cfg.dp_epsilon} if cfg.dp_epsilon else {})}
 
 
 def round_records(state: dict, base: dict) -> list[dict]:

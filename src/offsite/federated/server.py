@@ -112,6 +112,7 @@ class Owner:
         # the tensors the clients train (bottom blocks only, or every adapter block)
         self.trained = [k for k in self.keys if cfg.tune_blocks == "all" or int(k.split(".")[1]) < n_bottom]
         self._assistant = None
+        self.dp = cfg.dp_plan()  # user-level DP-FedAvg (offsite.dp.federated_plan), or None
         del emu
         self.state = self._load_state()
         self.done = len(self.state["rounds"])
@@ -168,21 +169,22 @@ class Owner:
             raise OffsiteError(f"round checkpoint {rnd} holds other adapter tensors than the emulator's")
         return arrays
 
-    def bundle(self, arrays, training: dict):
+    def bundle(self, arrays, training: dict, rounds: int):
+        """The adapter after ``rounds`` rounds, with its DP guarantee (the ``dp`` entry, spent in those rounds)."""
         from ..bundle import AdapterBundle
         from .core import arrays_to_state
 
         return AdapterBundle(kind="full", state=arrays_to_state(self.keys, arrays),
                              emulator_digest=self.manifest["digest"],
                              adapter_init_digest=self.manifest["adapter_init_digest"], base=self.base,
-                             training=training)
+                             training=training, dp=self.dp.record(rounds) if self.dp is not None else None)
 
     def checkpoint(self, rnd: int, arrays, record: dict) -> None:
         """Write round ``rnd``'s global adapter (a bundle, atomically), then the history naming it."""
         from ..bundle import save_adapter
 
         self.out.mkdir(parents=True, exist_ok=True)
-        save_adapter(self.bundle(arrays, {"federated_round": rnd, "config": self.cfg.to_json()}),
+        save_adapter(self.bundle(arrays, {"federated_round": rnd, "config": self.cfg.to_json()}, rnd),
                      self.out / ROUNDS_DIR / _round_name(rnd), overwrite=True)
         self.global_arrays = arrays
         self.state["rounds"] = [r for r in self.state["rounds"] if r["round"] < rnd] + [record]
@@ -193,8 +195,10 @@ class Owner:
         from ..bundle import save_adapter
 
         save_adapter(self.bundle(self.global_arrays, {"federated_rounds": self.done, "config": self.cfg.to_json(),
-                                                      "history": self.state["rounds"]}),
+                                                      "history": self.state["rounds"]}, self.done),
                      self.out / FINAL_DIR, overwrite=True)
+        if self.dp is not None:
+            self.state["dp"] = self.dp.record(self.done)
         self.state["status"] = "done"
         self.save_state()
 
@@ -292,6 +296,10 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], grid: CountingGrid):
                 gone = names(set(accepted) - {c.node_id for c in live})
                 raise OffsiteError(f"round {rnd}: {len(live)} of {n} data owners left (dropped: "
                                    f"{', '.join(map(str, gone)) or 'none'}), fewer than the minimum of {need}")
+            if owner.dp is not None and owner.dp.sample_rate < 1 and len(live) < cfg.clients:
+                raise OffsiteError(f"round {rnd}: {len(live)} of {cfg.clients} data owners left; with --dp-epsilon and "
+                                   f"--fraction-fit below 1 the others' sampling rate would exceed the accountant's "
+                                   f"{owner.dp.sample_rate:g}")
             self.selected[rnd] = [c.node_id for c in clients]
             log.info("round %d: %d of %d data owners selected", rnd, len(clients), n)
             config = self._config(rnd)
@@ -302,6 +310,20 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], grid: CountingGrid):
             return [(c, FitIns(parameters, config)) for c in clients]
 
         def aggregate_fit(self, server_round, results, failures):
+            new, record, _ = self.aggregate(server_round, results, failures)
+            return self.commit(server_round, new, record)
+
+        def commit(self, server_round, new, record):
+            """Checkpoint round ``server_round``'s adapter ``new`` (arrays) with its history ``record``."""
+            rnd = self._round(server_round)
+            record["fit_seconds"] = round(time.perf_counter() - self.t0.get(rnd, time.perf_counter()), 2)
+            record["bytes_to_clients"] = counter.sent.get(counter.phase, 0)
+            record["bytes_from_clients"] = counter.received.get(counter.phase, 0)
+            owner.checkpoint(rnd, new, record)
+            return ndarrays_to_parameters(new), {}
+
+        def aggregate(self, server_round, results, failures):
+            """The round's new adapter (arrays), its history record and how many updates it sums."""
             rnd = self._round(server_round)
             dropped = self._dropped(rnd)
             lost = [f"data owner {p}: no answer within the round timeout ({cfg.round_timeout:g} s)" for p in names(dropped)]
@@ -338,17 +360,13 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], grid: CountingGrid):
                     delta = parameters_to_ndarrays(ok[0][1].parameters)
                 else:
                     delta = fedavg([parameters_to_ndarrays(r.parameters) for _, r in ok],
-                                   [float(r.num_examples) for _, r in ok])
+                                   [1.0 if owner.dp is not None else float(r.num_examples) for _, r in ok])
                 new = add(owner.global_arrays, [d.astype(np.float32) for d in delta])
                 record["update_norm"] = float(np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in delta)))
             else:
                 log.warning("round %d: no update arrived; the adapter stays as it was", rnd)
                 new = owner.global_arrays
-            record["fit_seconds"] = round(time.perf_counter() - self.t0.get(rnd, time.perf_counter()), 2)
-            record["bytes_to_clients"] = counter.sent.get(counter.phase, 0)
-            record["bytes_from_clients"] = counter.received.get(counter.phase, 0)
-            owner.checkpoint(rnd, new, record)
-            return ndarrays_to_parameters(new), {}
+            return new, record, len(ok)
 
         def configure_evaluate(self, server_round, parameters, client_manager):
             rnd = self._round(server_round)
@@ -358,6 +376,8 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], grid: CountingGrid):
                        "data owners SecAgg+ needs to unmask the sum answered one of its stages within the round "
                        f"timeout ({cfg.round_timeout:g} s)" if cfg.secagg else "no data owner was selected")
                 raise OffsiteError(f"round {rnd}: {why}" + (f"; dropped: {', '.join(map(str, dropped))}" if dropped else ""))
+            if owner.dp is not None:  # each owner's validation loss is a statistic of its data the guarantee does not cover
+                return []
             counter.phase = f"eval-{rnd}"
             self.t_eval = time.perf_counter()
             clients, _ = sample_live(client_manager)
@@ -382,7 +402,36 @@ def make_strategy(owner: Owner, accepted: dict[int, dict], grid: CountingGrid):
             log.info("round %d: validation loss of the aggregated adapter %.4f", rnd, loss or float("nan"))
             return loss, {}
 
-    return OffsiteFedProx()
+    strategy = OffsiteFedProx()
+    return strategy if owner.dp is None else dp_strategy(strategy, owner.dp)
+
+
+def dp_strategy(inner, plan):
+    """``inner`` wrapped in Flower's ``DifferentialPrivacyClientSideFixedClipping``: its
+    ``configure_fit`` asks the clients to clip their updates to ``plan.clip`` (their
+    ``fixedclipping_mod``, :func:`offsite.federated.client.dp_clipping_mod`), and the aggregate gets
+    Flower's Gaussian noise (``add_gaussian_noise_to_params``: standard deviation
+    ``noise_multiplier x clip / n`` on the mean of ``n`` clipped updates, i.e. ``noise_multiplier x
+    clip`` on their sum) before the round's adapter is checkpointed. Two changes to Flower's
+    ``aggregate_fit``: ``n`` is the number of updates actually summed (Flower's uses the number
+    sampled, which after a dropout would add too little noise for the sum it covers), and a round with
+    failures keeps the updates that arrived, as without DP (Flower's discards the round)."""
+    from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping
+    from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+
+    class OffsiteDP(DifferentialPrivacyClientSideFixedClipping):
+        def aggregate_fit(self, server_round, results, failures):
+            new, record, n = self.strategy.aggregate(server_round, results, failures)
+            if n:
+                noised = add_gaussian_noise_to_params(ndarrays_to_parameters(new), self.noise_multiplier,
+                                                      self.clipping_norm, n)
+                new = [a.astype(np.float32) for a in parameters_to_ndarrays(noised)]
+                record["dp_noise_std"] = float(self.noise_multiplier * self.clipping_norm / n)
+            return self.strategy.commit(server_round, new, record)
+
+    return OffsiteDP(inner, noise_multiplier=plan.noise_multiplier, clipping_norm=plan.clip,
+                     num_sampled_clients=max(1, round(plan.sample_rate * plan.examples)))
 
 
 def _wmean(pairs):
@@ -497,6 +546,8 @@ def run_server(grid, context, cfg: FederationConfig) -> None:
         if cfg.secagg:
             max_weight = cfg.secagg_max_weight or float(max(int(p.get("train_examples") or 1)
                                                             for p in accepted.values()))
+            if owner.dp is not None:  # DP-FedAvg: every owner's clipped update weighs 1 (clients send weight 1)
+                max_weight = 1.0
             owner.state["secagg_max_weight"] = max_weight
             fit_workflow = secaggplus_workflow()(num_shares=1.0, reconstruction_threshold=cfg.secagg_threshold,
                                                  max_weight=max_weight, clipping_range=cfg.secagg_clip,
