@@ -28,7 +28,8 @@ What it does instead, and why:
   its ``S`` steps (token-mean per step, as the engine takes it; ``C``: the sum of the owner's own
   corrections over those steps, which it knows exactly). The shares are found by a grid search over the
   simplex (steps of one example for two labels) maximising the sign agreement; counts are shares times
-  the examples in between. A label is *present* when its estimated count rounds to one or more.
+  the examples in between. A label is *present* when its estimated share reaches
+  :data:`PRESENT_SHARE` (10 %: the estimate is off by a few examples in 32).
 * **Input tokens** (:func:`token_scores`): the embeddings do not train, but the first trained block's
   linear maps do, and a linear map's gradient is ``Σ_positions δ_p u_pᵀ``, with ``u_p`` what the map
   reads at position ``p``. In the bottom block ``u_p`` is (a normalised, position-free for rotary
@@ -431,6 +432,11 @@ def interval(values: list[float], bootstrap: int = 1000, seed: int = 0) -> dict:
     return {"mean": float(v.mean()), "ci95": [float(lo), float(hi)], "n": int(len(v))}
 
 
+#: a label is called present when its estimated share of the examples reaches this (the grid's
+#: estimate is off by a few examples on a one-label batch of 32, tests/test_stream_privacy.py)
+PRESENT_SHARE = 0.1
+
+
 class StreamAttack:
     """The owner's attack kit for one task: its emulator copy (``emu``), the trainable keys, the
     public prompts and the candidate label words."""
@@ -493,7 +499,7 @@ class StreamAttack:
         """Metrics of an estimate against one true batch (counts rescaled to the batch's size)."""
         shares = est["labels"]["shares"]
         est_counts = {lab: shares[lab] * victim_examples for lab in self.labels}
-        present_hat = {lab for lab, n in est_counts.items() if n >= 0.5}
+        present_hat = {lab for lab, sh in shares.items() if sh >= PRESENT_SHARE}
         present = {lab for lab, n in counts.items() if n > 0 and lab in self.labels}
         uniform = victim_examples / len(self.labels)
         n_hat = self.expected_set_size(victim_examples)
