@@ -4,7 +4,11 @@ recovery attack and the weight exposure of an emulator (:func:`offsite.experimen
 ``offsite privacy --side data --model M --emulator DIR --tuned-adapter DIR --data TRAIN --heldout FILE
 --json OUT [--canaries REC]`` (the data owner's side): membership inference and canary exposure
 against a tuned adapter (:mod:`offsite.privacy.membership`, :mod:`offsite.privacy.canary`);
-``offsite privacy --side data --data TRAIN --plant-canaries OUT.jsonl`` plants the canaries first."""
+``offsite privacy --side data --data TRAIN --plant-canaries OUT.jsonl`` plants the canaries first.
+
+``offsite privacy --side data --stream --model M --emulator DIR --data TRAIN --public FILE --json OUT``
+(the data owner's side, with the owner in the loop): tunes with the owner's correction, records the
+adapters the owner receives and attacks them (:mod:`offsite.privacy.stream`)."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from .attack import AttackConfig
 from .report import format_markdown
 from ..experiment.privacy import DEFAULT_BUDGETS, parse_budgets, run_privacy
 from ..errors import OffsiteError
+from ..assist import DEFAULT_SOURCE, RECIPE_EVERY
 
 
 def add_parser(sub) -> None:
@@ -60,9 +65,32 @@ def add_parser(sub) -> None:
                    "and 16 repetitions) and OUT.canaries.json, and stop")
     g.add_argument("--min-k", type=float, default=0.2, help="k of the min-k%% attack (default 0.2)")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the intervals (default 1000)")
+    g = p.add_argument_group("the owner-in-the-loop stream (--side data --stream; docs/privacy.md)")
+    g.add_argument("--stream", action="store_true",
+                   help="tune --data (a multiple-choice file) with the owner's correction on --emulator, record the "
+                        "adapters the owner receives, and measure what they reveal of each batch (labels, input "
+                        "tokens): stream, final adapter only, SecAgg+ sums")
+    g.add_argument("--public", help="the owner's public inputs: a multiple-choice file in the task's format (its "
+                                    "prompts and choices are used, its answers not)")
+    g.add_argument("--windows", type=int, default=8, help="corrections (windows of --assist-every steps) to tune and "
+                                                          "attack (default 8)")
+    g.add_argument("--assist-every", type=int, default=RECIPE_EVERY,
+                   help=f"optimizer steps between the owner's corrections (default {RECIPE_EVERY}, the recipe)")
+    g.add_argument("--assist-source", default=DEFAULT_SOURCE, help="the owner's public correction pairs (default "
+                                                                   f"{DEFAULT_SOURCE})")
+    g.add_argument("--assist-examples", type=int, default=32, help="public pairs per correction (default 32)")
+    g.add_argument("--secagg", default="4,16", help="data owners per simulated SecAgg+ round sum, comma-separated "
+                                                    "(default 4,16; empty: none)")
+    g.add_argument("--rounds", type=int, default=4, help="simulated rounds per SecAgg+ size (default 4)")
+    g.add_argument("--probe-examples", type=int, default=16,
+                   help="public inputs the owner takes each label's gradient on (default 16)")
 
 
 def cmd_privacy(args) -> None:
+    if args.stream:
+        if args.side != "data":
+            raise OffsiteError("--stream attacks the data owner's side; add --side data")
+        return cmd_privacy_stream(args)
     if args.side == "data":
         return cmd_privacy_data(args)
     if not args.emulator:
@@ -174,4 +202,106 @@ def format_data_side(out: dict) -> str:
             lines.append(f"canary exposure ({target}): " + ", ".join(
                 f"{r} repetition(s): {v['mean_bits']:.2f} bits" for r, v in reps.items())
                 + f" (at most {math.log2(out['canaries']['samples'] + 1):.1f} bits with this sample)")
+    return "\n".join(lines)
+
+
+def _mc_file(path: str, what: str):
+    from ..data.own import file_kind, load_own_task
+
+    if file_kind(path) != "mc":
+        load_own_task(path)  # says what is wrong with a file that is not evaluation data
+        raise OffsiteError(f"{what} {path} is not a multiple-choice file (question|context, choices, answer)")
+    return load_own_task(path)
+
+
+def stream_inputs(args):
+    """Check the stream's flags and read its files: (training pairs, public prompts, labels, secagg)."""
+    missing = [f for f in ("emulator", "data", "public", "json") if not getattr(args, f)]
+    if missing:
+        raise OffsiteError(f"offsite privacy --side data --stream needs --{missing[0]}")
+    for flag in ("windows", "assist_every", "assist_examples", "probe_examples"):
+        if getattr(args, flag) < 1:
+            raise OffsiteError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.rounds < 1 or args.bootstrap < 0:
+        raise OffsiteError(f"--rounds must be >= 1 and --bootstrap >= 0 (got {args.rounds}, {args.bootstrap})")
+    try:
+        secagg = tuple(int(x) for x in args.secagg.split(",") if x.strip())
+    except ValueError:
+        raise OffsiteError(f"--secagg takes data owner counts such as 4,16 (got {args.secagg!r})") from None
+    if any(n < 2 for n in secagg):
+        raise OffsiteError(f"--secagg counts must be >= 2 data owners (got {args.secagg!r})")
+    check_new_file(args.json)
+    task, public = _mc_file(args.data, "--data"), _mc_file(args.public, "--public")
+    labels = list(dict.fromkeys(c for d in public.docs for c in d.choices))
+    unknown = sorted({d.target for d in task.docs} - set(labels))
+    if unknown:
+        raise OffsiteError(f"{len(unknown)} answer(s) of {args.data} (e.g. {unknown[0]!r}) are none of the choices of "
+                           f"{args.public}: the owner's candidate labels must cover the task's")
+    if len(labels) > 6:
+        raise OffsiteError(f"{args.public} has {len(labels)} distinct choices; the label attack searches the shares "
+                           "of at most 6 labels (a classification task's label words)")
+    return task.train_pairs(), [d.context for d in public.docs], labels, secagg
+
+
+def check_new_file(path) -> None:
+    from ..files import check_new_file as check
+
+    check(path)
+
+
+def cmd_privacy_stream(args) -> None:
+    """The owner-in-the-loop stream attack (:mod:`offsite.privacy.stream`): see the module docstring."""
+    from ..bundle import load_emulator
+    from ..files import write_json_atomic
+    from ..models.load import load_model, model_display_name
+    from ..probe import ProbeOptions, task_probe_examples
+    from .stream import stream_experiment
+
+    pairs, prompts, labels, secagg = stream_inputs(args)
+    settings = tune_settings(args, base=PRESETS[args.preset].train_config())
+    cfg = settings.train
+
+    def say(msg):
+        print(f"[stream] {msg}", file=sys.stderr, flush=True)
+
+    say(f"{len(pairs)} training rows, {len(prompts)} public inputs, labels {labels}")
+    emu, owner_emu = load_emulator(args.emulator), load_emulator(args.emulator)
+    full, _ = load_model(args.model)
+    say(f"the owner's correction pairs: {args.assist_examples} of {args.assist_source}")
+    public_pairs = task_probe_examples(owner_emu.tokenizer, args.assist_source,
+                                       ProbeOptions(task_examples=args.assist_examples))
+    out = stream_experiment(full, emu, owner_emu, pairs, prompts, labels, windows=args.windows,
+                            every=args.assist_every, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                            secagg=secagg, rounds=args.rounds, assist_examples=args.assist_examples,
+                            assist_source=args.assist_source, public_pairs=public_pairs,
+                            probe_examples=args.probe_examples, max_length=cfg.max_length,
+                            bootstrap=args.bootstrap, progress=say)
+    record = {"format": "offsite-data-privacy-stream",
+              "command": "offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+              "model": model_display_name(args.model), "emulator": args.emulator, "data": args.data,
+              "public": args.public, "rows": len(pairs), **out}
+    write_json_atomic(args.json, record)
+    print(format_stream(record))
+    print(f"results: {args.json}")
+
+
+def format_stream(record: dict) -> str:
+    """A short table of the stream attack's summaries (means over batches, 95 % intervals)."""
+    def f(m):
+        return f"{m['mean']:.2f} ({m['ci95'][0]:.2f}-{m['ci95'][1]:.2f})"
+
+    st = record["settings"]
+    lines = [f"what the owner recovers of each batch of {st['every']} x {st['batch_size']} examples "
+             f"({st['windows']} windows; prior: no adapter at all)",
+             "| attacker sees | label recall | label precision | count error (prior) | token recall (prior) | "
+             "token precision (prior) | token AUC (prior) |", "|---|---|---|---|---|---|---|"]
+    res = record["results"]
+    rows = [(name, res[name]["summary"]) for name in res]
+    rows += [(f"{name} (one owner, same loop)", res[name]["single"]["summary"]) for name in res if "single" in res[name]]
+    for name, s in rows:
+        lines.append(f"| {name} | {f(s['label_recall'])} | {f(s['label_precision'])} | "
+                     f"{s['label_count_error']['mean']:.2f} ({s['prior_label_count_error']['mean']:.2f}) | "
+                     f"{f(s['token_recall'])} ({s['prior_token_recall']['mean']:.2f}) | "
+                     f"{f(s['token_precision'])} ({s['prior_token_precision']['mean']:.2f}) | "
+                     f"{s['token_auc']['mean']:.2f} ({s['prior_token_auc']['mean']:.2f}) |")
     return "\n".join(lines)
