@@ -30,6 +30,14 @@ def test_another_methods_option_exits_2_with_one_line_naming_its_method(command,
     assert err == "error: --kd-steps is an option of method kd, not uniform\n"
 
 
+def test_another_methods_option_is_named_before_a_missing_argument(capsys):
+    """The issue's command as typed, without --out: the option's owner is the line, not argparse's."""
+    assert main(["emulate", "--method", "uniform", "--kd-steps", "5"]) == 2
+    assert capsys.readouterr().err == "error: --kd-steps is an option of method kd, not uniform\n"
+    assert main(["emulate", "--method", "kd", "--kd-steps=5"]) == 2  # its own option: the missing --out is the error
+    assert "required: --out" in capsys.readouterr().err
+
+
 def test_the_default_method_refuses_another_methods_option_too(capsys):
     assert main(["emulate", "--keep", "4", "--ratio", "0.3", "--out", "x"]) == 2
     assert capsys.readouterr().err == "error: --ratio is an option of method gradot, not uniform\n"

@@ -50,7 +50,12 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         self._argv = list(sys.argv[1:] if args is None else args)  # what --help looks at
-        ns, extras = super().parse_known_args(self._argv, namespace)
+        try:
+            ns, extras = super().parse_known_args(self._argv, namespace)
+        except OffsiteError:  # another method's option says more than a missing --out: name it first
+            for choice in getattr(self, "_choices", ()):
+                choice.check_argv(self._argv, self.get_default(choice.dest))
+            raise
         for choice in getattr(self, "_choices", ()):
             choice.check(ns)
         return ns, extras
@@ -117,6 +122,14 @@ class _Choice:
             if hasattr(ns, dest) and value not in owners:
                 flag = self.actions[dest].option_strings[0]
                 raise OffsiteError(f"{flag} is an option of {self.noun} {', '.join(owners)}, not {value}")
+
+    def check_argv(self, argv: list[str], default) -> None:
+        """:meth:`check` on the command line itself (when argparse stopped before a namespace)."""
+        value = _typed_value(argv, self.flag) or default
+        for dest, owners in self.owners.items():
+            flags = self.actions[dest].option_strings
+            if value not in owners and any(a == f or a.startswith(f + "=") for a in argv for f in flags):
+                raise OffsiteError(f"{flags[0]} is an option of {self.noun} {', '.join(owners)}, not {value}")
 
     def show(self, value: str | None) -> None:
         for dest, action in self.actions.items():
