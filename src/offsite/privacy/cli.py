@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
 import sys
 from pathlib import Path
 
-from ..cli_args import add_dataclass_args, add_train_args, tune_settings
+from ..cli_args import add_dataclass_args, add_train_args, command_line, tune_settings
 from ..experiment.budget import PRESETS
 from .attack import AttackConfig
 from .report import format_markdown
@@ -104,7 +103,7 @@ def cmd_privacy(args) -> None:
     settings = tune_settings(args, base=PRESETS[args.preset].train_config())
     records, out = run_privacy(
         args.model, args.emulator, tasks, out, budgets, overwrite=args.overwrite,
-        command="offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]), settings=settings,
+        command=command_line(args), settings=settings,
         preset=args.preset, attack=attack, exposure=not args.no_exposure,
         eval_limit=args.eval_limit if args.eval_limit is not None else "preset",
         text_docs=args.text_docs if args.text_docs is not None else "preset", batch_size=args.batch_size_eval,
@@ -172,7 +171,7 @@ def cmd_privacy_data(args) -> None:
     tuned_emu = plug_into_emulator(emu, bundle).model
     results = membership({"plugged": (plugged, full), "emulator": (tuned_emu, shipped), "before": (full, None)},
                          ex_m, ex_n, pad_id=tok.pad_token_id or 0, k=args.min_k, bootstrap=args.bootstrap)
-    out = {"format": "offsite-data-privacy", "command": "offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    out = {"format": "offsite-data-privacy", "command": command_line(args),
            "model": model_display_name(args.model), "emulator": args.emulator, "adapter": args.tuned_adapter,
            "dp": bundle.dp, "members": len(ex_m), "nonmembers": len(ex_n), "data": args.data,
            "heldout": args.heldout, "min_k": args.min_k, "bootstrap": args.bootstrap, "membership": results}
@@ -277,7 +276,7 @@ def cmd_privacy_stream(args) -> None:
                             probe_examples=args.probe_examples, max_length=cfg.max_length,
                             bootstrap=args.bootstrap, progress=say)
     record = {"format": "offsite-data-privacy-stream",
-              "command": "offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+              "command": command_line(args),
               "model": model_display_name(args.model), "emulator": args.emulator, "data": args.data,
               "public": args.public, "rows": len(pairs), **out}
     write_json_atomic(args.json, record)
