@@ -62,13 +62,17 @@ def prepare(name: str):
     return task, planted, canary_record_path(planted), heldout
 
 
+def attack_path(task, recipe) -> Path:
+    return task.out / f"privacy-{'-'.join(recipe.label().replace('=', '').split())}.json"
+
+
 def attack(task, recipe, planted: Path, record: Path, heldout: Path) -> Path:
     """``offsite privacy --side data`` on the cell's adapter (once: its JSON is kept)."""
     from bench import content_seeds as cs
     from offsite.cli import main as offsite
 
     slug = "-".join(recipe.label().replace("=", "").split())
-    out = task.out / f"privacy-{slug}.json"
+    out = attack_path(task, recipe)
     if not out.exists():
         rc = offsite(["privacy", "--side", "data", "--model", cs.MODEL, "--emulator", str(cs.emulator_dir(recipe)),
                       "--tuned-adapter", str(task.out / "adapters" / slug), "--data", str(planted),
@@ -99,8 +103,11 @@ def task_results(name: str) -> dict:
     rows = []
     for rec in (r for r in res["records"] if r["row"] == "plugin"):
         eps = rec["spec"].get("dp", {}).get("epsilon", math.inf)
-        recipe = recipe_at(eps, rec["seeds"][0])
-        priv = json.loads(attack(task, recipe, *prepare(name)[1:]).read_text())
+        path = attack_path(task, recipe_at(eps, rec["seeds"][0]))
+        if not path.exists():  # a cell whose attack did not finish: left out, said
+            print(f"{name} at epsilon {eps:g}: no attack results ({path.name}); left out")
+            continue
+        priv = json.loads(path.read_text())
         rows.append({"epsilon": eps, "seeds": rec["seeds"], "plugin": rec["plugin"], "emu_ft": rec["emu_ft"],
                      "plugin_minus_full_zs": rec["plugin_minus_full_zs"], "stderr": rec["stderr"],
                      "transfer": rec.get("transfer"), "beyond_floor": rec.get("beyond_floor"), "dp": priv["dp"],
