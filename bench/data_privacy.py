@@ -137,7 +137,7 @@ def table(results: list[dict]) -> str:
     lines = []
     for t in results:
         for r in t["rows"]:
-            eps = "∞" if not math.isfinite(r["epsilon"]) else f"{r['epsilon']:g} ({r['dp']['delta']:.1g})"
+            eps = "∞" if not math.isfinite(r["epsilon"]) else f"{r['epsilon']:g} ({r['dp']['delta']:.2g})"
             bf = r.get("beyond_floor") or {}
             reps = r["canaries"]["plugged"] if r.get("canaries") else {}
             lines.append(" | ".join([
