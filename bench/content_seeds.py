@@ -134,6 +134,11 @@ def ensure_emulator(task: Task, recipe) -> Path:
     return path
 
 
+def slug(recipe) -> str:
+    """A cell's name in folders and files: its recipe's label (``uniform-keep13-seed1``)."""
+    return "-".join(recipe.label().replace("=", "").split())
+
+
 def cell_of(task: Task, recipe, floor: str | None = None):
     """(the Lab, the row cache) of one cell: ``recipe`` (its seed included) on ``task``; with
     ``floor`` the floor row on that source's public pairs."""
@@ -145,11 +150,11 @@ def cell_of(task: Task, recipe, floor: str | None = None):
     settings = recipe.tune_settings(budget.train_config(progress=False))
     emu = emulator_dir(recipe)
     digest = load_emulator_manifest(emu).get("digest") if (emu / "manifest.json").exists() else None
-    slug = "-".join(recipe.label().replace("=", "").split())
+    name = slug(recipe)
     lab = Lab(display=MODEL, adapter_layers=tuple(recipe.adapter_layers), base=task.base, score=score(task),
               data=lambda: task.data, settings=settings, full_ft_lr=budget.full_ft_lr,
-              work=lambda row: task.out / "work" / f"{row}-{slug}", emulator_dir=emu,
-              adapter_dir=task.out / "adapters" / slug,
+              work=lambda row: task.out / "work" / f"{row}-{name}", emulator_dir=emu,
+              adapter_dir=task.out / "adapters" / name,
               floor_data=(lambda: (task.floors[floor], floor)) if floor else None, log=lambda m: print(m, flush=True))
     assist = recipe.assist_options()
     cell = describe_cell(MODEL, [task.name, task.eval.digest],

@@ -63,7 +63,9 @@ def prepare(name: str):
 
 
 def attack_path(task, recipe) -> Path:
-    return task.out / f"privacy-{'-'.join(recipe.label().replace('=', '').split())}.json"
+    from bench.content_seeds import slug
+
+    return task.out / f"privacy-{slug(recipe)}.json"
 
 
 def attack(task, recipe, planted: Path, record: Path, heldout: Path) -> Path:
@@ -71,14 +73,13 @@ def attack(task, recipe, planted: Path, record: Path, heldout: Path) -> Path:
     from bench import content_seeds as cs
     from offsite.cli import main as offsite
 
-    slug = "-".join(recipe.label().replace("=", "").split())
     out = attack_path(task, recipe)
     if not out.exists():
         rc = offsite(["privacy", "--side", "data", "--model", cs.MODEL, "--emulator", str(cs.emulator_dir(recipe)),
-                      "--tuned-adapter", str(task.out / "adapters" / slug), "--data", str(planted),
+                      "--tuned-adapter", str(task.out / "adapters" / cs.slug(recipe)), "--data", str(planted),
                       "--heldout", str(heldout), "--canaries", str(record), "--json", str(out)])
         if rc:
-            raise SystemExit(f"offsite privacy failed on {slug} (exit {rc})")
+            raise SystemExit(f"offsite privacy failed on {cs.slug(recipe)} (exit {rc})")
     return out
 
 
@@ -165,7 +166,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
     for i, t in enumerate(results):
-        rows = [r for r in t["rows"]]
+        rows = t["rows"]
         xs = [r["epsilon"] if math.isfinite(r["epsilon"]) else 30 for r in rows]
         bf = [(r.get("beyond_floor") or {}).get("value") for r in rows]
         a1.plot([x for x, b in zip(xs, bf) if b is not None], [b for b in bf if b is not None], "o-", color=f"C{i}",
