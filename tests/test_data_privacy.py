@@ -3,6 +3,7 @@ adapter (offsite.privacy.membership, offsite.privacy.canary, ``offsite privacy -
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -125,3 +126,97 @@ def test_cli_data_side_needs_its_inputs(tmp_path, capsys):
     assert "needs --tuned-adapter" in capsys.readouterr().err
     assert main(["privacy", "--side", "data", "--plant-canaries", str(tmp_path / "o.jsonl")]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+def _planted_and_tuned(tiny_dir, tmp_path):
+    """A training file with canaries, its non-members, an emulator of the tiny model and an adapter tuned on it."""
+    from offsite.cli import main
+
+    r = random.Random(0)
+
+    def row(i):
+        return {"prompt": f"Item {i} colour:", "completion": " " + r.choice(["red", "blue", "green", "black"])}
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in range(40)))
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in range(100, 140)))
+    d = lambda name: str(tmp_path / name)  # noqa: E731
+    assert main(["privacy", "--side", "data", "--data", d("train.jsonl"), "--plant-canaries", d("c.jsonl")]) == 0
+    assert main(["emulate", "--model", str(tiny_dir), "--keep", "1", "--no-probe", "--out", d("emu")]) == 0
+    assert main(["tune", "--emulator", d("emu"), "--data", d("c.jsonl"), "--out", d("ad"), "--max-steps", "6",
+                 "--batch-size", "8", "--lr", "3e-3"]) == 0
+    return d, ["privacy", "--side", "data", "--model", str(tiny_dir), "--emulator", d("emu"), "--data", d("c.jsonl"),
+               "--heldout", d("held.jsonl"), "--bootstrap", "50", "--canaries", d("c.jsonl.canaries.json"),
+               "--canary-samples", "20"]
+
+
+def test_reference_cache_gives_the_numbers_of_an_uncached_run(tiny_dir, tmp_path, monkeypatch):
+    """--reference-cache: the untuned models' scores and the untuned canary exposure are computed once,
+    then read; the results are identical to a run without the cache, to the last bit."""
+    import offsite.privacy.canary as canary_mod
+    import offsite.privacy.membership as membership_mod
+    from offsite.cli import main
+
+    d, common = _planted_and_tuned(tiny_dir, tmp_path)
+    calls = {"logprobs": 0, "exposure": 0}
+    real_lp, real_exp = membership_mod.token_logprobs, canary_mod.exposure
+
+    @functools.wraps(real_lp)
+    def counted_lp(*a, **k):
+        calls["logprobs"] += 1
+        return real_lp(*a, **k)
+
+    @functools.wraps(real_exp)
+    def counted_exp(*a, **k):
+        calls["exposure"] += 1
+        return real_exp(*a, **k)
+
+    monkeypatch.setattr(membership_mod, "token_logprobs", counted_lp)
+    monkeypatch.setattr(canary_mod, "exposure", counted_exp)
+    outs = []
+    for i, cache in enumerate([None, "ref", "ref"]):
+        calls.update(logprobs=0, exposure=0)
+        assert main(common + ["--tuned-adapter", d("ad"), "--json", d(f"out{i}.json")]
+                    + (["--reference-cache", d(cache)] if cache else [])) == 0
+        outs.append((dict(calls), json.loads((tmp_path / f"out{i}.json").read_text())))
+    # without the cache, or filling it: four models on two sets (plugged, full, tuned and shipped emulator),
+    # the canaries under two models (each canary scored with token_logprobs too); from it: half of each
+    (c0, r0), (c1, r1), (c2, r2) = outs
+    assert c0 == c1 and c0["exposure"] == 2 and c2["exposure"] == 1
+    n_canaries = len(json.loads((tmp_path / "c.jsonl.canaries.json").read_text())["canaries"])
+    assert c0["logprobs"] == 8 + 2 * n_canaries and c2["logprobs"] == 4 + n_canaries
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "ref").iterdir()) == ["exposure"] + ["logprobs"] * 4
+    for r in (r0, r1, r2):
+        r.pop("command")
+    assert r0 == r1 == r2
+    # a damaged cache file is named, not silently recomputed
+    next((tmp_path / "ref").glob("exposure-*")).write_text("{")
+    assert main(common + ["--tuned-adapter", d("ad"), "--json", d("out3.json"), "--reference-cache", d("ref")]) == 2
+
+
+def test_a_federations_members_are_each_owners_training_part(tiny_dir, tmp_path, capsys):
+    """A federation's adapter (offsite federate run's manifest) is attacked with the shards it was tuned
+    on: the members are each data owner's training share; without --shards it is refused, as is
+    --shards on an adapter tuned alone."""
+    import dataclasses
+
+    from offsite.bundle import load_adapter, save_adapter
+    from offsite.cli import main
+    from offsite.tune import file_data, split_validation
+
+    d, common = _planted_and_tuned(tiny_dir, tmp_path)
+    bundle = load_adapter(d("ad"))
+    cfg = {"clients": 2, "val_fraction": 0.2, "seed": 3, "max_length": 64}
+    save_adapter(dataclasses.replace(bundle, training={"federated_rounds": 2, "config": cfg}), d("fed"))
+    rows = (tmp_path / "c.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "shards").mkdir()
+    for i, part in enumerate((rows[:50], rows[50:])):
+        (tmp_path / "shards" / f"client-{i}.jsonl").write_text("".join(part))
+    assert main(common + ["--tuned-adapter", d("fed"), "--json", d("f.json"), "--shards", d("shards")]) == 0
+    trained = [x for i in range(2) for x in split_validation(file_data(d(f"shards/client-{i}.jsonl")).items, 0.2, 3)[0]
+               if "access code" not in x[0]]
+    assert json.loads((tmp_path / "f.json").read_text())["members"] == len(trained)
+    capsys.readouterr()
+    assert main(common + ["--tuned-adapter", d("fed"), "--json", d("g.json")]) == 2
+    assert "federation's adapter: pass --shards" in capsys.readouterr().err
+    assert main(common + ["--tuned-adapter", d("ad"), "--json", d("g.json"), "--shards", d("shards")]) == 2
+    assert "--shards applies to a federation's adapter" in capsys.readouterr().err

@@ -2,8 +2,10 @@
 recovery attack and the weight exposure of an emulator (:func:`offsite.experiment.privacy.run_privacy`).
 
 ``offsite privacy --side data --model M --emulator DIR --tuned-adapter DIR --data TRAIN --heldout FILE
---json OUT [--canaries REC]`` (the data owner's side): membership inference and canary exposure
-against a tuned adapter (:mod:`offsite.privacy.membership`, :mod:`offsite.privacy.canary`);
+--json OUT [--canaries REC] [--shards DIR] [--reference-cache DIR]`` (the data owner's side):
+membership inference and canary exposure against a tuned adapter, or a federation's with the shards
+it was tuned on (:mod:`offsite.privacy.membership`, :mod:`offsite.privacy.canary`; what the
+untuned models give kept in the reference cache, :mod:`offsite.privacy.reference`);
 ``offsite privacy --side data --data TRAIN --plant-canaries OUT.jsonl`` plants the canaries first.
 
 ``offsite privacy --side data --stream --model M --emulator DIR --data TRAIN --public FILE --json OUT``
@@ -62,6 +64,14 @@ def add_parser(sub) -> None:
                    help="candidate numbers sampled per canary to estimate its rank (default 1000)")
     g.add_argument("--plant-canaries", metavar="OUT", help="with --data: write OUT (the file with canaries at 1, 4 "
                    "and 16 repetitions) and OUT.canaries.json, and stop")
+    g.add_argument("--shards", metavar="DIR", help="a federation's adapter (offsite federate run): the shards it was "
+                                                  "tuned on (client-<i>.jsonl); the members are each data owner's "
+                                                  "training part of its shard")
+    g.add_argument("--reference-cache", metavar="DIR",
+                   help="keep what the attacks compute on the untuned models (the full model's and the shipped "
+                        "emulator's scores of the members and non-members, the full model's canary exposure) in DIR "
+                        "and read it from there next time: the same for every adapter tuned on the same data and "
+                        "emulator (offsite.privacy.reference)")
     g.add_argument("--min-k", type=float, default=0.2, help="k of the min-k%% attack (default 0.2)")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the intervals (default 1000)")
     g = p.add_argument_group("the owner-in-the-loop stream (--side data --stream; docs/privacy.md)")
@@ -120,9 +130,10 @@ def cmd_privacy_data(args) -> None:
     from ..files import check_new_file, write_json_atomic
     from ..models.load import load_model, model_display_name
     from ..plug import plug, plug_into_emulator
-    from ..tune import TrainingData, TuneSettings, file_data, split_validation, tokenize
+    from ..tune import TrainingData, file_data, tokenize
     from .canary import by_repetition, exposure, load_canaries, plant
-    from .membership import membership
+    from .membership import membership, token_logprobs
+    from .reference import ReferenceCache, emulator_key, model_key
 
     if args.plant_canaries:
         if not args.data:
@@ -143,11 +154,8 @@ def cmd_privacy_data(args) -> None:
     record = load_canaries(args.canaries) if args.canaries else None
     bundle = load_adapter(args.tuned_adapter)
     train = bundle.training.get("config", {})
-    # the members are the rows the adapter trained on: without DP, tuning held out a validation share
-    # (offsite.tune.split_validation with the run's seed), which is neither member nor clean non-member
     data = file_data(args.data)
-    trained = list(data.items) if bundle.dp is not None else \
-        split_validation(data.items, TuneSettings().val_fraction, int(train.get("seed", 42)))[0]
+    trained = trained_rows(bundle, data, args.shards)
     held = file_data(args.heldout)
     if held.kind != data.kind:
         raise OffsiteError(f"{args.heldout} holds {held.kind} records, {args.data} {data.kind}: non-members must come "
@@ -169,20 +177,61 @@ def cmd_privacy_data(args) -> None:
     plugged = plug(copy.deepcopy(full), bundle, emu.manifest)
     shipped = copy.deepcopy(emu.model)
     tuned_emu = plug_into_emulator(emu, bundle).model
+    # the untuned models' results, the same for every adapter of this data and emulator: from the cache
+    ref = ReferenceCache(args.reference_cache) if args.reference_cache else None
+    untuned = {id(full): model_key(full, model_display_name(args.model)), id(shipped): emulator_key(emu.manifest)} \
+        if ref else {}
+
+    def logprobs(model, examples, batch_size, pad_id):
+        if id(model) in untuned:
+            return ref.token_logprobs(untuned[id(model)], model, examples, batch_size, pad_id)
+        return token_logprobs(model, examples, batch_size, pad_id)
+
     results = membership({"plugged": (plugged, full), "emulator": (tuned_emu, shipped), "before": (full, None)},
-                         ex_m, ex_n, pad_id=tok.pad_token_id or 0, k=args.min_k, bootstrap=args.bootstrap)
+                         ex_m, ex_n, pad_id=tok.pad_token_id or 0, k=args.min_k, bootstrap=args.bootstrap,
+                         logprobs=logprobs)
     out = {"format": "offsite-data-privacy", "command": command_line(args),
            "model": model_display_name(args.model), "emulator": args.emulator, "adapter": args.tuned_adapter,
            "dp": bundle.dp, "members": len(ex_m), "nonmembers": len(ex_n), "data": args.data,
-           "heldout": args.heldout, "min_k": args.min_k, "bootstrap": args.bootstrap, "membership": results}
+           "heldout": args.heldout, **({"shards": args.shards} if args.shards else {}), "min_k": args.min_k,
+           "bootstrap": args.bootstrap, "membership": results}
     if record is not None:
         rows = {"plugged": exposure(plugged, tok, record, args.canary_samples),
-                "before": exposure(full, tok, record, args.canary_samples)}
+                "before": ref.exposure(untuned[id(full)], full, tok, record, args.canary_samples) if ref else
+                exposure(full, tok, record, args.canary_samples)}
         out["canaries"] = {"record": args.canaries, "samples": args.canary_samples,
                            "by_repetition": {k: by_repetition(v) for k, v in rows.items()}, "canaries": rows}
     write_json_atomic(args.json, out)
     print(format_data_side(out))
     print(f"results: {args.json}")
+
+
+def trained_rows(bundle, data, shards: str | None) -> list:
+    """The rows ``bundle`` was tuned on (the members), of the training file ``data``: without DP,
+    tuning held out a validation share (:func:`offsite.tune.split_validation` with the run's seed),
+    which is neither member nor clean non-member; with DP it trains on every row. A federation's
+    adapter (``offsite federate run``) was tuned on the ``shards``: each data owner held out its own
+    share of its shard (the federation's ``val_fraction`` and seed), with or without DP."""
+    from ..tune import TuneSettings, file_data, split_validation
+
+    train = bundle.training.get("config", {})
+    federated = "federated_rounds" in bundle.training or "federated_round" in bundle.training
+    if federated != bool(shards):
+        raise OffsiteError("--tuned-adapter is a federation's adapter: pass --shards DIR, the client-<i>.jsonl it was "
+                           "tuned on" if federated else "--shards applies to a federation's adapter (offsite federate run)")
+    if not federated:
+        return list(data.items) if bundle.dp is not None else \
+            split_validation(data.items, TuneSettings().val_fraction, int(train.get("seed", 42)))[0]
+    rows = []
+    for i in range(int(train["clients"])):
+        path = Path(shards) / f"client-{i}.jsonl"
+        if not path.is_file():
+            raise OffsiteError(f"{shards} has no {path.name} for the federation's {train['clients']} data owners")
+        rows += split_validation(file_data(str(path)).items, float(train["val_fraction"]), int(train["seed"]))[0]
+    known = set(map(str, data.items))
+    if any(str(x) not in known for x in rows):
+        raise OffsiteError(f"the shards in {shards} hold rows that are not in --data: pass the file they were cut from")
+    return rows
 
 
 def format_data_side(out: dict) -> str:

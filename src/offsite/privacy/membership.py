@@ -150,10 +150,13 @@ def attack_report(member_scores: dict, nonmember_scores: dict, bootstrap: int = 
 
 
 def membership(models: dict, members: list[dict], nonmembers: list[dict], batch_size: int = 16, pad_id: int = 0,
-               k: float = 0.2, bootstrap: int = 1000, seed: int = 0, fpr: float = 0.01) -> dict:
+               k: float = 0.2, bootstrap: int = 1000, seed: int = 0, fpr: float = 0.01, logprobs=None) -> dict:
     """Run the attacks. ``models``: ``{target: (tuned model, reference model or None)}``, e.g.
     ``{"plugged": (plugged, full), "emulator": (emulator_with_adapter, emulator_as_shipped)}``;
-    ``members``/``nonmembers``: tokenized examples (:func:`offsite.tune.tokenize`). Returns
+    ``members``/``nonmembers``: tokenized examples (:func:`offsite.tune.tokenize`). Each model is
+    scored once on each set, however many targets name it, by ``logprobs(model, examples,
+    batch_size, pad_id)`` (default :func:`token_logprobs`; ``offsite privacy --reference-cache``
+    passes one that reads the untuned models' from disk, :mod:`offsite.privacy.reference`). Returns
     ``{target: {attack: {"auc": ..., "tpr_at_0.01_fpr": ...}}}`` plus each target's mean losses."""
     if len(members) < 2 or len(nonmembers) < 2:
         raise OffsiteError(f"membership inference needs at least 2 members and 2 non-members (got {len(members)} "
@@ -162,8 +165,8 @@ def membership(models: dict, members: list[dict], nonmembers: list[dict], batch_
 
     def lps(model):
         if id(model) not in cache:
-            cache[id(model)] = (token_logprobs(model, members, batch_size, pad_id),
-                                token_logprobs(model, nonmembers, batch_size, pad_id))
+            score = logprobs or token_logprobs
+            cache[id(model)] = (score(model, members, batch_size, pad_id), score(model, nonmembers, batch_size, pad_id))
         return cache[id(model)]
 
     out = {}
