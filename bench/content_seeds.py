@@ -139,29 +139,48 @@ def slug(recipe) -> str:
     return "-".join(recipe.label().replace("=", "").split())
 
 
-def cell_of(task: Task, recipe, floor: str | None = None):
-    """(the Lab, the row cache) of one cell: ``recipe`` (its seed included) on ``task``; with
-    ``floor`` the floor row on that source's public pairs."""
+def describe(task: Task, recipe, floor: str | None = None) -> dict:
+    """The description of one cell (:func:`offsite.experiment.cell.describe_cell`): what its rows'
+    cache keys are made of (:func:`cell_of`; bench/data_privacy.py keys its federated rows by it)."""
     from offsite.bundle import load_emulator_manifest
     from offsite.experiment.budget import preset
-    from offsite.experiment.cell import Lab, RowCache, describe_cell, row_key
+    from offsite.experiment.cell import describe_cell
 
     budget = preset("paper")
     settings = recipe.tune_settings(budget.train_config(progress=False))
     emu = emulator_dir(recipe)
     digest = load_emulator_manifest(emu).get("digest") if (emu / "manifest.json").exists() else None
-    name = slug(recipe)
-    lab = Lab(display=MODEL, adapter_layers=tuple(recipe.adapter_layers), base=task.base, score=score(task),
-              data=lambda: task.data, settings=settings, full_ft_lr=budget.full_ft_lr,
-              work=lambda row: task.out / "work" / f"{row}-{name}", emulator_dir=emu,
-              adapter_dir=task.out / "adapters" / name,
-              floor_data=(lambda: (task.floors[floor], floor)) if floor else None, log=lambda m: print(m, flush=True))
     assist = recipe.assist_options()
-    cell = describe_cell(MODEL, [task.name, task.eval.digest],
+    return describe_cell(MODEL, [task.name, task.eval.digest],
                          {"limit": task.limit, "calib": task.calib.digest if task.calib else None},
                          {"method": recipe.method, "options": recipe.options, "digest": digest},
                          recipe.adapter_layers, settings, budget.identity(), task.data,
                          assist.record() if assist.on else None, (floor, task.floors[floor]) if floor else None)
+
+
+def cell_of(task: Task, recipe, floor: str | None = None):
+    """(the Lab, the row cache) of one cell: ``recipe`` (its seed included) on ``task``; with
+    ``floor`` the floor row on that source's public pairs. A recipe with the owner in the loop
+    (``[assist]``) tunes its adapter with the owner's correction, the owner holding the full model
+    and its own copy of the emulator (as ``offsite run --assist-every`` does)."""
+    from offsite.assist import Assistant
+    from offsite.bundle import load_emulator
+    from offsite.experiment.budget import preset
+    from offsite.experiment.cell import Lab, RowCache, row_key
+
+    budget = preset("paper")
+    settings = recipe.tune_settings(budget.train_config(progress=False))
+    emu = emulator_dir(recipe)
+    name = slug(recipe)
+    assist = recipe.assist_options()
+    lab = Lab(display=MODEL, adapter_layers=tuple(recipe.adapter_layers), base=task.base, score=score(task),
+              data=lambda: task.data, settings=settings, full_ft_lr=budget.full_ft_lr,
+              work=lambda row: task.out / "work" / f"{row}-{name}", emulator_dir=emu,
+              adapter_dir=task.out / "adapters" / name,
+              floor_data=(lambda: (task.floors[floor], floor)) if floor else None,
+              assistant=(lambda: Assistant(task.base()[0], load_emulator(emu), assist)) if assist.on else None,
+              log=lambda m: print(m, flush=True))
+    cell = describe(task, recipe, floor)
     return lab, RowCache(task.out / "rows", lambda row: row_key(row, cell))
 
 
@@ -272,14 +291,7 @@ def collect(task: Task) -> dict:
     """The cache of ``task`` -> results: Full ZS, ceilings and floors per seed, a record per recipe and row."""
     got = read_cells(task)
     name = task.name
-    zs = got["full_zs"].correct[name]
-    ceilings = {s: r.correct[name] for s, r in got["ceiling"].items()}
-    floors = {f: {s: r.correct[name] for s, r in by.items()} for f, by in got["floors"].items()}
-    base = ("full_zs", zs)  # beyond the floor: from the higher of Full ZS and the best floor (seeds averaged)
-    for f, by in floors.items():
-        mean = [_mean(col) for col in zip(*by.values())]
-        if sum(mean) > sum(base[1]):
-            base = (f, mean)
+    zs, ceilings, floors, base = baseline(task, got)
     gold = [d.gold for d in task.eval.docs][:len(zs)]
     records = []
     for label, entry in sorted(got["recipes"].items()):
@@ -289,6 +301,22 @@ def collect(task: Task) -> dict:
             "floors": {f: {"seeds": sorted(by), "acc": [_mean(by[s]) for s in sorted(by)]} for f, by in floors.items()},
             "beyond_floor_from": base[0], "records": records,
             "head": head(zs, ceilings, floors, base[0])}
+
+
+def baseline(task: Task, got: dict) -> tuple:
+    """What every record of ``task`` is measured against, from :func:`read_cells`'s ``got``: Full ZS's
+    per-document correctness, the ceilings' and the floors' per seed, and the base of "beyond the
+    floor" (``(name, per-document scores)``: the higher of Full ZS and the best floor, seeds averaged)."""
+    name = task.name
+    zs = got["full_zs"].correct[name]
+    ceilings = {s: r.correct[name] for s, r in got["ceiling"].items()}
+    floors = {f: {s: r.correct[name] for s, r in by.items()} for f, by in got["floors"].items()}
+    base = ("full_zs", zs)
+    for f, by in floors.items():
+        mean = [_mean(col) for col in zip(*by.values())]
+        if sum(mean) > sum(base[1]):
+            base = (f, mean)
+    return zs, ceilings, floors, base
 
 
 def _rows_of(rows: dict, got: dict, name: str, gold: list[int]) -> dict:
