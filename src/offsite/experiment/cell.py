@@ -32,9 +32,7 @@ from ..bundle import load_adapter, load_emulator
 from ..errors import OffsiteError
 from ..files import write_json_atomic
 from ..plug import plug, plug_into_emulator
-from ..emulator import Emulator, build_emulator, parse_adapter_layers, split_layers
-from ..models.families import num_blocks
-from ..tune import TrainingData, TuneSettings, finetune_full, tune_adapter, tune_to_dir
+from ..tune import TrainingData, TuneSettings, finetune_full, tune_ceiling, tune_to_dir
 
 #: the rows of a cell, in the order :func:`run_cell` runs them
 ROW_ORDER = ("emu_zs", "emu_ft", "full_zs", "ceiling", "floor", "plugin", "full_ft")
@@ -252,8 +250,8 @@ def _full_model_row(lab: Lab, row: str) -> Row:
     data, source = lab.floor_data() if row == "floor" else (lab.data(), None)
     lab.log(f"{row}: tuning the adapter on the full model on {len(data.items)} "
             + (f"public {source} pairs" if source else "examples"))
-    full_middle, trained = tune_ceiling(model, tokenizer, lab.display, lab.adapter_layers, data, lab.settings,
-                                        lab.work(row))
+    full_middle, _, trained = tune_ceiling(model, tokenizer, lab.display, lab.adapter_layers, data, lab.settings,
+                                           lab.work(row))
     extra = {**_training(trained), "train_examples": len(data.items), **({"floor_source": source} if source else {})}
     return _scored(lab, full_middle.model, tokenizer, row, extra)
 
@@ -282,26 +280,6 @@ def _full_ft(lab: Lab) -> Row:
     return _scored(lab, model, tokenizer, "full_ft", {**_training(trained), "train_examples": len(data.items)})
 
 
-def ceiling_emulator(model, tokenizer, name: str, adapter_layers) -> Emulator:
-    """The ceiling's "emulator": the full middle, every original block (tuning the adapter on it is
-    tuning the adapter on the full model, through the same code path as on any emulator)."""
-    layers = parse_adapter_layers(adapter_layers)
-    middle = split_layers(num_blocks(model.config), layers)[1]
-    return build_emulator("uniform", model, tokenizer, name, layers, keep=len(middle))
-
-
-def tune_ceiling(model, tokenizer, name: str, adapter_layers, data: TrainingData, settings: TuneSettings,
-                 work: Path):
-    """The ceiling row's training (and the floor's, on public pairs): the adapter tuned with
-    ``settings`` on ``data`` on the full middle of ``model`` (which is not modified: the returned
-    emulator holds copies of the adapter blocks). Checkpoints go to ``work``, removed once done.
-    Returns (that emulator, the training result)."""
-    full_middle = ceiling_emulator(model, tokenizer, name, adapter_layers)
-    _, trained = tune_adapter(full_middle, data, settings, work)
-    shutil.rmtree(work, ignore_errors=True)
-    return full_middle, trained
-
-
 def tune_full_ft(model, tokenizer, data: TrainingData, settings: TuneSettings, lr: float, work: Path):
     """The Full FT row's training: every block of ``model`` fine-tuned in place with ``settings`` at
     the learning rate ``lr`` (the budget's ``full_ft_lr``). Checkpoints go to ``work``, removed once
@@ -324,6 +302,5 @@ def _gone():
 _COMPUTE = {"emu_zs": _emu_zs, "emu_ft": _emu_ft, "full_zs": _full_zs, "ceiling": lambda lab: _full_model_row(lab, "ceiling"),
             "floor": lambda lab: _full_model_row(lab, "floor"), "plugin": _plugin, "full_ft": _full_ft}
 
-__all__ = ["Lab", "ROW_ORDER", "Row", "RowCache", "ceiling_emulator", "data_digest", "describe_cell", "public_pairs_of",
-           "row_key", "run_cell",
-           "tune_ceiling", "tune_full_ft"]
+__all__ = ["Lab", "ROW_ORDER", "Row", "RowCache", "data_digest", "describe_cell", "public_pairs_of", "row_key", "run_cell",
+           "tune_full_ft"]
