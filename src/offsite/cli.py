@@ -6,6 +6,7 @@
     offsite tune --emulator DIR --task arc_easy --out DIR [--assist URL]   (data owner)
     offsite assist-serve --model M --emulator DIR                      (model owner, in the loop)
     offsite plug --model M --adapter DIR --out DIR                     (model owner)
+    offsite plug ... --emulator DIR --distill-template T --distill-choices A,B   (model owner, distilled)
     offsite eval --model M|--emulator DIR [--adapter DIR] --task arc_easy|--data FILE   (either)
     offsite probe --model M --emulator DIR                             (model owner, before shipping)
     offsite run --model M --task arc_easy --method uniform             (both, one machine)
@@ -29,7 +30,7 @@ import sys
 
 from .cli_args import (NON_NEGATIVE, POSITIVE, Parser, add_dataclass_args, add_dp_args, add_method_args,
                        add_template_arg, add_train_args, command_line, dp_of, method_options, template,
-                       tune_settings, tuning_of)
+                       tune_settings, tuning_of, typed)
 from .emulator import parse_adapter_layers
 from .dp import dp_summary
 from .errors import OffsiteError, one_line
@@ -43,6 +44,7 @@ from .assist import RECIPE_EVERY, AssistOptions
 from .assist_service import DEFAULT_BUDGET, DEFAULT_PER_MINUTE
 from .service import BODY_TIMEOUT_S
 from .experiment.budget import PRESETS
+from .distilled_plugin import DistillSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "before and after the plug-in on it and write nothing if the adapter makes it worse beyond noise")
     p.add_argument("--check-limit", type=int, metavar="N", help="with --check-data: its first N rows (default: all)")
     p.add_argument("--overwrite", action="store_true")
+    g = p.add_argument_group("the distilled Plug-in (docs/transfer.md)", "plug, instead of the returned adapter, the "
+                             "full model's adapter tuned on public sentences in the task's prompt, labelled by the "
+                             "emulator with the returned adapter (needs --emulator; the data owner states the "
+                             "template and the label words; the training settings are the adapter's)")
+    g.add_argument("--distill-template", metavar="T", help="the task's prompt with {text} where an input goes (one "
+                   "or more slots), e.g. 'Headline: {text}\\nSarcastic:'")
+    g.add_argument("--distill-choices", metavar="A,B,...", help="the label words, comma-separated (each scored as "
+                                                                "' ' + word after the prompt)")
+    g.add_argument("--distill-examples", type=POSITIVE, metavar="N",
+                   help=f"surrogate inputs to label and tune on (default {DistillSpec.examples})")
+    g.add_argument("--distill-sentences", type=POSITIVE, metavar="K",
+                   help=f"public sentences per {{text}} slot (default {DistillSpec.sentences})")
 
     p = sub.add_parser("eval", help="evaluate a model or an emulator on a task")
     who = p.add_mutually_exclusive_group(required=True)
@@ -368,6 +382,7 @@ def cmd_plug(args) -> None:
     from .plug import plug_to_dir
 
     check_new_path(args.out, args.overwrite)
+    spec = distill_spec(args)
     check = None
     if args.check_data:
         from .data.own import resolve_task
@@ -392,9 +407,55 @@ def cmd_plug(args) -> None:
                   f"{100 * c['plugin']:.1f} ({100 * c['diff']:+.1f} ± {100 * c['stderr']:.1f})")
             if c["harm"]:
                 raise OffsiteError(c["harm"] + "; nothing written")
+    extra = None
+    if spec is not None:
+        bundle, extra = distilled(model, tokenizer, bundle, spec, args)
     out = plug_to_dir(model, tokenizer, bundle, args.out, emulator_dir=args.emulator,
-                      overwrite=args.overwrite, peft_format=args.peft, check=check)
+                      overwrite=args.overwrite, peft_format=args.peft, check=check, extra_files=extra)
     print(f"wrote {out}")
+
+
+def distill_spec(args) -> DistillSpec | None:
+    """``offsite plug``'s --distill-* options as a checked spec, or None without them."""
+    given = [f"--{k.replace('_', '-')}" for k in ("distill_template", "distill_choices", "distill_examples",
+                                                   "distill_sentences") if getattr(args, k) is not None]
+    if not given:
+        return None
+    if args.distill_template is None or args.distill_choices is None:
+        raise OffsiteError(f"{given[0]} needs both --distill-template and --distill-choices")
+    if args.emulator is None:
+        raise OffsiteError("the distilled Plug-in labels its inputs with the emulator and the returned adapter: "
+                           "pass --emulator DIR, the emulator bundle the adapter was tuned on")
+    if args.peft:
+        raise OffsiteError("--peft writes the returned LoRA adapter; the distilled Plug-in writes a full model "
+                           "(leave out --peft)")
+    spec = DistillSpec(typed(args.distill_template), tuple(c.strip() for c in args.distill_choices.split(",")),
+                       **{k: v for k, v in (("examples", args.distill_examples), ("sentences", args.distill_sentences))
+                          if v is not None})
+    spec.check()
+    return spec
+
+
+def distilled(model, tokenizer, bundle, spec: DistillSpec, args):
+    """The distilled adapter of ``offsite plug --distill-*`` and its record (``distill.json``, bytes)."""
+    from pathlib import Path
+
+    from .bundle import load_emulator
+    from .distilled_plugin import distill_plugin, settings_of
+
+    settings = settings_of(bundle)  # the data owner's, as its manifest states them
+    emu = load_emulator(args.emulator)
+    out = Path(args.out)
+    print(f"distilling: labelling {spec.examples} public inputs with the emulator and the returned adapter, then "
+          "tuning the full model's adapter on them with the adapter's training settings", flush=True)
+    result, record = distill_plugin(model, tokenizer, emu, bundle, spec, settings,
+                                    out.with_name(out.name + ".distill-work"))
+    print(f"distilled in {record['seconds']:.0f}s; label shares "
+          + ", ".join(f"{c} {100 * s:.0f} %" for c, s in zip(spec.choices, record["label_shares"])), flush=True)
+    info = {"distilled": True, "adapter": args.adapter, "adapter_digest": bundle.manifest.get("digest"),
+            "emulator": args.emulator, "emulator_digest": emu.manifest["digest"], **record,
+            "training": {k: result.training.get(k) for k in ("examples", "steps", "config", "best_val_loss")}}
+    return result, {"distill.json": (json.dumps(info, indent=2) + "\n").encode()}
 
 
 def cmd_eval(args) -> None:

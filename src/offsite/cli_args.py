@@ -280,10 +280,14 @@ def add_template_arg(p) -> None:
                                       "rows with a question); each choice is scored as ' ' + choice after it")
 
 
+def typed(text: str | None) -> str | None:
+    """A template typed on a command line: ``\\n`` and ``\\t`` turned into a newline and a tab."""
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def template(args) -> str | None:
-    """The --template option, with ``\\n`` and ``\\t`` typed on a command line turned into a newline and a tab."""
-    t = getattr(args, "template", None)
-    return None if t is None else t.replace("\\n", "\n").replace("\\t", "\t")
+    """The --template option (:func:`typed`)."""
+    return typed(getattr(args, "template", None))
 
 
 def tuning_of(args) -> dict:

@@ -92,11 +92,13 @@ def plug_into_emulator(emu, bundle: AdapterBundle):
 
 
 def plug_to_dir(model, tokenizer, adapter: AdapterBundle | str | Path, out: str | Path, emulator_dir=None,
-                overwrite: bool = False, peft_format: bool = False, check=None) -> Path:
+                overwrite: bool = False, peft_format: bool = False, check=None,
+                extra_files: dict[str, bytes] | None = None) -> Path:
     """Plug an adapter bundle into ``model`` and save the result as a Hugging Face directory.
 
     ``check``: called with the plugged model before anything is written (it raises to refuse it;
-    ``offsite plug --check-data``, :mod:`offsite.harm`).
+    ``offsite plug --check-data``, :mod:`offsite.harm`). ``extra_files``: name -> bytes written
+    into the directory with the weights (``offsite plug --distill-*``'s ``distill.json``).
 
     With ``peft_format`` (LoRA only) the output is a PEFT adapter directory for the full model
     (``adapter_config.json`` + ``adapter_model.safetensors``) instead of merged weights.
@@ -114,6 +116,7 @@ def plug_to_dir(model, tokenizer, adapter: AdapterBundle | str | Path, out: str 
         check_unmerged(peft_model.eval(), bounds, "the model with the PEFT adapter")
         with atomic_dir(out, overwrite) as tmp:
             peft_model.save_pretrained(tmp)
+            _write_extra(tmp, extra_files)
         return Path(out)
     plugged = plug(model, bundle, manifest)
     if check is not None:
@@ -123,4 +126,10 @@ def plug_to_dir(model, tokenizer, adapter: AdapterBundle | str | Path, out: str 
         plugged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _write_extra(tmp, extra_files)
     return Path(out)
+
+
+def _write_extra(folder: Path, files: dict[str, bytes] | None) -> None:
+    for name, data in (files or {}).items():
+        (folder / name).write_bytes(data)

