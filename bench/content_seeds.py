@@ -4,6 +4,7 @@ so that recipes are compared on the same documents and over seeds (docs/transfer
 
     python bench/content_seeds.py --task sarcasm --limit 500 --seeds 1 2 3            # the default grid
     python bench/content_seeds.py --task sarcasm --recipe my.toml --seeds 1           # recipe files
+    python bench/content_seeds.py --task sarcasm --rows distilled --seeds 1 2 3      # and the distilled Plug-in
     python bench/content_seeds.py --task sarcasm --collect docs/transfer.md           # results and tables
 
 A task is a content task of :mod:`offsite.data.content` (its files built reproducibly under
@@ -12,7 +13,9 @@ files, TOML or JSON; default :data:`GRID`, every method at about half of the mid
 the ``paper`` preset's budget at each ``--seeds`` seed. The rows of a (recipe, seed): Full ZS (once
 per task), the ceiling and each floor (once per seed and layout: the generic WebQuestions pairs and
 the task's matched public file where it has one), Emulator ZS (once per emulator), Emulator FT and
-the Plug-in. Rows are cached under ``runs/content-seeds/<task>/rows`` (keyed by what each depends on,
+the Plug-in; with ``--rows distilled`` also the distilled Plug-in (:mod:`offsite.distilled_plugin`: the
+owner tunes the full model's adapter on public sentences in the task's prompt labelled by the tuned
+emulator; the task's spec is :func:`offsite.distilled_plugin.content_spec`). Rows are cached under ``runs/content-seeds/<task>/rows`` (keyed by what each depends on,
 so a second recipe reuses the first one's Full ZS, ceiling and floors), emulators under
 ``runs/content-seeds/emulators`` (shared by the tasks), and ``cells.json`` lists the cells run.
 
@@ -24,7 +27,8 @@ from the stored choice log-likelihoods with no new model work: Full ZS's scores 
 change under the tuned adapter (Emulator FT − Emulator ZS), centred per label word on the owner's
 public inputs where ``--calib`` gives them: the adaptation carried as a change of predictions, as in
 proxy-tuning (the owner then serves the full model beside the emulator with and without the
-adapter). Records measured before the benchmark became a grid of cells (2026-12-07) stay in the
+adapter). A recipe with distilled rows also has a **distilled** record, the same statistics of that
+row. Records measured before the benchmark became a grid of cells (2026-12-07) stay in the
 results file under ``earlier``, rendered after the new ones.
 """
 
@@ -61,6 +65,7 @@ class Task:
     sources: list  # the floors' sources as given (task names or files)
     calib: object = None
     model: list = field(default_factory=list)  # [model, tokenizer] once loaded
+    distill: object = None  # offsite.distilled_plugin.DistillSpec of the distilled row (None: it cannot run)
     root: Path | None = None  # where its cells live (default RUNS; emulators stay under RUNS, shared)
 
     @property
@@ -81,8 +86,9 @@ def load_task(name: str, limit: int | None, floors: list[str], calib: str | None
     task or a file); by default the generic WebQuestions pairs and the task's matched file. ``train``:
     another training file (the task's with canaries planted, bench/data_privacy.py); ``root``: where
     the cells live."""
-    from offsite.data.content import build_content_task
+    from offsite.data.content import build_content_task, content_task
     from offsite.data.own import load_own_task
+    from offsite.distilled_plugin import content_spec
     from offsite.experiment.cell import public_pairs_of
     from offsite.tune import file_data, task_data
 
@@ -91,7 +97,8 @@ def load_task(name: str, limit: int | None, floors: list[str], calib: str | None
     sources = floors or ["webqs"] + ([str(paths["floor"])] if paths.get("floor") else [])
     return Task(name, load_own_task(str(paths["eval"])), data,
                 {Path(s).stem: public_pairs_of(task_data(s), len(data.items)) for s in sources}, limit, sources,
-                load_own_task(calib) if calib else None, root=root)
+                load_own_task(calib) if calib else None, root=root,
+                distill=content_spec(name) if content_task(name).surrogate is not None else None)
 
 
 def score(task: Task):
@@ -155,7 +162,8 @@ def describe(task: Task, recipe, floor: str | None = None) -> dict:
                          {"limit": task.limit, "calib": task.calib.digest if task.calib else None},
                          {"method": recipe.method, "options": recipe.options, "digest": digest},
                          recipe.adapter_layers, settings, budget.identity(), task.data,
-                         assist.record() if assist.on else None, (floor, task.floors[floor]) if floor else None)
+                         assist.record() if assist.on else None, (floor, task.floors[floor]) if floor else None,
+                         task.distill.record() if task.distill else None)
 
 
 def cell_of(task: Task, recipe, floor: str | None = None):
@@ -179,13 +187,15 @@ def cell_of(task: Task, recipe, floor: str | None = None):
               adapter_dir=task.out / "adapters" / name,
               floor_data=(lambda: (task.floors[floor], floor)) if floor else None,
               assistant=(lambda: Assistant(task.base()[0], load_emulator(emu), assist)) if assist.on else None,
-              log=lambda m: print(m, flush=True))
+              distill=task.distill, log=lambda m: print(m, flush=True))
     cell = describe(task, recipe, floor)
     return lab, RowCache(task.out / "rows", lambda row: row_key(row, cell))
 
 
 #: the rows of a cell the grid runs (the floors apart, one per source)
 CELL_ROWS = ("full_zs", "ceiling", "emu_zs", "emu_ft", "plugin")
+#: rows a grid may add (--rows): the distilled Plug-in
+EXTRA_ROWS = ("distilled",)
 
 
 def run_grid(task: Task, recipes: list, seeds: list[int], rows=CELL_ROWS, floors: bool = True) -> None:
@@ -213,7 +223,8 @@ def run_grid(task: Task, recipes: list, seeds: list[int], rows=CELL_ROWS, floors
 
 def read_cells(task: Task) -> dict:
     """What the cache holds: ``{"full_zs": row, "ceiling": {seed: row}, "floors": {source: {seed: row}},
-    "recipes": {label: {"spec": recipe dict, "seeds": {seed: {"emu_zs", "emu_ft", "plugin": row}}}}}``."""
+    "recipes": {label: {"spec": recipe dict, "seeds": {seed: {"emu_zs", "emu_ft", "plugin"[, "distilled"]: row}}}}}``
+    (``distilled`` where that seed has one)."""
     from offsite.experiment.recipe import Recipe
 
     index = task.out / "cells.json"
@@ -233,6 +244,8 @@ def read_cells(task: Task) -> dict:
                 got["floors"].setdefault(floor, {})[seed] = row
         rows = {r: cache.read(r) for r in ("emu_zs", "emu_ft", "plugin")}
         if all(rows.values()):
+            distilled = cache.read("distilled") if task.distill else None
+            rows.update({"distilled": distilled} if distilled else {})
             unseeded = replace(recipe, tuning={k: v for k, v in recipe.tuning.items() if k != "seed"})
             entry = got["recipes"].setdefault(unseeded.label(), {"spec": unseeded.to_dict(), "seeds": {}})
             entry["seeds"][seed] = rows
@@ -255,7 +268,8 @@ def proxy(full: list, emu_zs: list, emu_ft: list, gold: list[int], centre: list 
 
 
 def record_of(task: Task, label: str, entry: dict, row: str, base: tuple, zs: list, ceilings: dict) -> dict:
-    """One record (docs/results-format.md): a recipe's ``row`` (``plugin`` or ``proxy``) over its seeds."""
+    """One record (docs/results-format.md): a recipe's ``row`` (``plugin``, ``proxy`` or ``distilled``) over
+    its seeds."""
     from offsite.experiment.stats import paired_seeds, transfer_seeds
 
     seeds = sorted(entry["seeds"])
@@ -297,6 +311,12 @@ def collect(task: Task) -> dict:
     for label, entry in sorted(got["recipes"].items()):
         entry = {"spec": entry["spec"], "seeds": {s: _rows_of(rows, got, name, gold) for s, rows in entry["seeds"].items()}}
         records += [record_of(task, label, entry, row, base, zs, ceilings) for row in ("plugin", "proxy")]
+        distilled = {s: rows for s, rows in entry["seeds"].items() if "distilled" in rows}
+        if distilled:
+            rec = record_of(task, label, {"spec": entry["spec"], "seeds": distilled}, "distilled", base, zs, ceilings)
+            rec["distill"] = {**task.distill.record(), "label_shares": [
+                got["recipes"][label]["seeds"][s]["distilled"].extra["distill"]["label_shares"] for s in rec["seeds"]]}
+            records.append(rec)
     return {"full_zs": _mean(zs), "ceiling": {"seeds": sorted(ceilings), "acc": [_mean(ceilings[s]) for s in sorted(ceilings)]},
             "floors": {f: {"seeds": sorted(by), "acc": [_mean(by[s]) for s in sorted(by)]} for f, by in floors.items()},
             "beyond_floor_from": base[0], "records": records,
@@ -320,13 +340,15 @@ def baseline(task: Task, got: dict) -> tuple:
 
 
 def _rows_of(rows: dict, got: dict, name: str, gold: list[int]) -> dict:
-    """One seed's per-document rows of a recipe: Emulator FT, the Plug-in and the proxy."""
+    """One seed's per-document rows of a recipe: Emulator FT, the Plug-in, the proxy and the distilled
+    Plug-in where it was run."""
     choices = {r: rows[r].choices for r in ("emu_zs", "emu_ft")}
     centre = None
     if "calib" in choices["emu_ft"]:
         centre = [_mean(t) - _mean(z) for t, z in zip(zip(*choices["emu_ft"]["calib"]), zip(*choices["emu_zs"]["calib"]))]
     return {"emu_ft": rows["emu_ft"].correct[name], "plugin": rows["plugin"].correct[name],
-            "proxy": proxy(got["full_zs"].choices[name], choices["emu_zs"][name], choices["emu_ft"][name], gold, centre)}
+            "proxy": proxy(got["full_zs"].choices[name], choices["emu_zs"][name], choices["emu_ft"][name], gold, centre),
+            **({"distilled": rows["distilled"].correct[name]} if "distilled" in rows else {})}
 
 
 def head(zs: list, ceilings: dict, floors: dict, base: str) -> str:
@@ -390,14 +412,16 @@ def earlier_of(path: Path) -> dict | None:
 
 def plot_frontier(records: list[dict], path: Path, task: str) -> None:
     """Transfer against the share of the middle kept, one marker per recipe (seed mean, error bar: the
-    interval over documents and seeds); the Plug-in and the proxy row, earlier records included."""
+    interval over documents and seeds); the Plug-in, the proxy and the distilled Plug-in, earlier records
+    included."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for rows, colour, label in ((("plugin", "plugin@1"), "C0", "Plug-in"), (("proxy",), "C1", "proxy (logit arithmetic)")):
+    for rows, colour, label in ((("plugin", "plugin@1"), "C0", "Plug-in"), (("proxy",), "C1", "proxy (logit arithmetic)"),
+                                (("distilled",), "C2", "distilled Plug-in")):
         pts = [(r["middle_share"], r["transfer"]["value"], r["transfer"]["stderr"], len(r["seeds"])) for r in records
                if r["row"] in rows and r.get("middle_share") and (r.get("transfer") or {}).get("value") is not None]
         for i, (x, y, e, n) in enumerate(sorted(pts)):
@@ -451,6 +475,8 @@ def main(argv=None) -> int:
                     help="public pairs for a floor, a task name or file (default: webqs and the task's matched file)")
     ap.add_argument("--limit", type=int, help="the first N evaluation documents")
     ap.add_argument("--calib", help="public inputs every model is also scored on (their labels unused)")
+    ap.add_argument("--rows", nargs="+", choices=EXTRA_ROWS, default=[],
+                    help="rows to add to each cell: distilled (the distilled Plug-in, offsite.distilled_plugin)")
     ap.add_argument("--collect", metavar="DOC", nargs="?", const="",
                     help="write bench/results/content-seeds-<task>.{json,md} from the cache (and the table in DOC)")
     a = ap.parse_args(argv)
@@ -466,8 +492,10 @@ def main(argv=None) -> int:
     task = load_task(a.task, a.limit, a.floor, a.calib)
     if a.collect is not None:
         return write_collected(task, a.collect)
+    if "distilled" in a.rows and task.distill is None:
+        raise SystemExit(f"content task {a.task} has no single prompt template: it has no distilled row")
     recipes = [Recipe.load(p) for p in a.recipe] or [Recipe.from_dict(r) for r in GRID]
-    run_grid(task, recipes, a.seeds)
+    run_grid(task, recipes, a.seeds, CELL_ROWS + tuple(a.rows))
     return 0
 
 

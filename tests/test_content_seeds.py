@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import make_tokenizer, tiny_model
@@ -65,6 +66,33 @@ def test_collect_gives_a_record_per_recipe_and_row_with_its_seeds(grid, tmp_path
     text = cs.table(res)
     assert "`uniform keep=1 layers=2-1`" in text and "`uniform_keep=13`" in text
     assert text.index("uniform keep=1") < text.index("Measured before") < text.index("uniform_keep=13")
+
+
+def test_the_distilled_row_runs_in_the_grid_and_is_collected(grid, tmp_path):
+    """--rows distilled: each cell adds a distilled Plug-in, keyed by its spec; collect gives a record of it."""
+    from offsite.distilled_plugin import DistillSpec
+
+    grid.distill = DistillSpec("Question: {text}\nAnswer:", ("bookstore", "library"), examples=16)
+    recipe = Recipe.from_dict({"options": {"keep": 1}, "adapter_layers": [2, 1]})
+    cs.run_grid(grid, [recipe], [1], cs.CELL_ROWS + ("distilled",), floors=False)
+    rows = sorted(p.name.split("-")[0] for p in (grid.out / "rows").iterdir())
+    assert rows == ["ceiling", "distilled", "emu_ft", "emu_zs", "full_zs", "plugin"]
+    lab, cache = cs.cell_of(grid, recipe.with_seed(1))
+    row = cache.read("distilled")
+    assert row.extra["distill"]["examples"] == 16 and row.extra["train_examples"] == 16
+    assert len(row.correct["quiz"]) == len(grid.eval.docs)
+    # another spec is another row; the grid's other rows keep their keys
+    other = cs.cell_of(replace(grid, distill=DistillSpec("Q: {text}\nA:", ("bookstore", "library"), examples=16)),
+                       recipe.with_seed(1))[1]
+    assert other.path("distilled") != cache.path("distilled") and other.path("plugin") == cache.path("plugin")
+    res = cs.collect(grid)
+    assert [r["row"] for r in res["records"]] == ["plugin", "proxy", "distilled"]
+    rec = res["records"][2]
+    assert rec["seeds"] == [1] and rec["plugin"] == [sum(row.correct["quiz"]) / len(row.correct["quiz"])]
+    assert rec["distill"]["template"] == "Question: {text}\nAnswer:" and len(rec["distill"]["label_shares"]) == 1
+    assert "| distilled |" in cs.table(res)
+    cs.plot_frontier(res["records"], tmp_path / "frontier.png", "quiz")
+    assert (tmp_path / "frontier.png").stat().st_size > 0
 
 
 def test_collect_refuses_a_task_with_nothing_run(grid):

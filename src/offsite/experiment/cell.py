@@ -8,6 +8,10 @@ A *cell* is one (model, task, emulator recipe, budget, seed). Its rows, in the o
 * ``ceiling``: the same adapter, data, settings and seed tuned on the full model (what a perfect
   emulator gives); ``floor``: the same on as many of the model owner's public pairs (what the owner
   gets alone); both before the Plug-in, which may write into the full model;
+* ``distilled``: the distilled Plug-in (:mod:`offsite.distilled_plugin`; only where the :class:`Lab`
+  has a ``distill`` spec): the full model's adapter tuned on public inputs in the task's prompt,
+  labelled by the emulator with the tuned adapter, plugged into the full model (before the Plug-in,
+  which may write into the full model);
 * ``plugin``: the tuned adapter plugged into the full model;
 * ``full_ft``: every block of a fresh copy of the full model fine-tuned through the same loop.
 
@@ -35,11 +39,11 @@ from ..plug import plug, plug_into_emulator
 from ..tune import TrainingData, TuneSettings, finetune_full, tune_ceiling, tune_to_dir
 
 #: the rows of a cell, in the order :func:`run_cell` runs them
-ROW_ORDER = ("emu_zs", "emu_ft", "full_zs", "ceiling", "floor", "plugin", "full_ft")
+ROW_ORDER = ("emu_zs", "emu_ft", "full_zs", "ceiling", "floor", "distilled", "plugin", "full_ft")
 
 #: what a row's log line calls it
 ROW_LABELS = {"emu_zs": "Emulator ZS", "emu_ft": "Emulator FT", "full_zs": "Full ZS", "ceiling": "ceiling",
-              "floor": "floor", "plugin": "Plug-in", "full_ft": "Full FT"}
+              "floor": "floor", "distilled": "distilled Plug-in", "plugin": "Plug-in", "full_ft": "Full FT"}
 
 
 @dataclass
@@ -77,7 +81,9 @@ class Lab:
     their source; ``work(row)`` a checkpoint folder, removed once a row's training is done;
     ``fresh_full()`` a full model for Full FT (default: a copy of ``base()``'s). ``assistant()``: the
     owner's side of the assisted protocol for the adapter's tuning, or ``None``. ``score`` may also
-    give a third element, each document's choice log-likelihoods per task (:attr:`Row.choices`)."""
+    give a third element, each document's choice log-likelihoods per task (:attr:`Row.choices`).
+    ``distill``: the task's template and label words for the distilled row
+    (:class:`offsite.distilled_plugin.DistillSpec`), or ``None``."""
 
     display: str
     adapter_layers: tuple
@@ -93,6 +99,7 @@ class Lab:
     fresh_full: Callable | None = None
     consume_base: bool = False
     assistant: Callable | None = None
+    distill: object = None  # offsite.distilled_plugin.DistillSpec
     log: Callable = print
 
     def emulator(self):
@@ -158,7 +165,7 @@ class RowCache:
 _DEPENDS = {"full_zs": ("eval",), "emu_zs": ("eval", "emulator"), "ceiling": ("eval", "layout", "training"),
             "floor": ("eval", "layout", "training", "floor"),
             "emu_ft": ("eval", "emulator", "training", "recipe"), "plugin": ("eval", "emulator", "training", "recipe"),
-            "full_ft": ("eval", "training")}
+            "distilled": ("eval", "emulator", "training", "recipe", "distill"), "full_ft": ("eval", "training")}
 
 
 def data_digest(data: TrainingData) -> str:
@@ -167,23 +174,25 @@ def data_digest(data: TrainingData) -> str:
 
 
 def describe_cell(model: str, task, evaluation: dict, emulator: dict | None, adapter_layers, settings: TuneSettings,
-                  budget: str, data: TrainingData, assist: dict | None, floor: tuple | None) -> dict:
+                  budget: str, data: TrainingData, assist: dict | None, floor: tuple | None,
+                  distill: dict | None = None) -> dict:
     """A cell's description for :func:`row_key`: the model's name, the task (a name, or [name, sha256]
     of an own file), what the rows are scored on (``evaluation``), the emulator (method, options and
     its manifest's digest), the adapter's layout, the training (``budget``'s identity, the settings
-    and the data's digest), the owner's correction (``assist``: its record, or None) and the floor's
-    (source, public pairs) or None."""
+    and the data's digest), the owner's correction (``assist``: its record, or None), the floor's
+    (source, public pairs) or None, and the distilled row's spec (its record, or None)."""
     return {"model": model, "task": task, "eval": evaluation, "emulator": emulator,
             "layout": {"adapter_layers": list(adapter_layers), "blocks": settings.blocks},
             "training": {"budget": budget, "settings": repr(settings), "data": data_digest(data)},
-            "recipe": assist, "floor": [floor[0], data_digest(floor[1])] if floor else None}
+            "recipe": assist, "floor": [floor[0], data_digest(floor[1])] if floor else None, "distill": distill}
 
 
 def row_key(row: str, cell: dict) -> dict:
     """The part of a cell's description ``cell`` that ``row``'s result depends on: ``cell`` holds
     ``model`` and ``task`` and the groups ``eval`` (documents scored), ``emulator`` (method and
     options), ``layout`` (adapter layers and tuned blocks), ``training`` (budget, seed, data),
-    ``recipe`` (the owner's correction) and ``floor`` (its public pairs); Full ZS, say, is shared by
+    ``recipe`` (the owner's correction), ``floor`` (its public pairs) and ``distill`` (the distilled
+    row's template, label words and surrogate inputs); Full ZS, say, is shared by
     every emulator of the same model, task and documents."""
     return {"row": row, "model": cell["model"], "task": cell["task"],
             **{k: cell.get(k) for k in _DEPENDS[row]}}
@@ -268,6 +277,23 @@ def _plugin(lab: Lab) -> Row:
     return _scored(lab, plugged, tokenizer, "plugin", _training(bundle))
 
 
+def _distilled(lab: Lab) -> Row:
+    from ..bundle import load_emulator_manifest
+    from ..distilled_plugin import distill_plugin
+
+    if lab.distill is None:
+        raise OffsiteError("this cell has no distillation spec (the task's template and label words): the "
+                           "distilled row cannot run")
+    bundle = lab.adapter()
+    model, tokenizer = lab.base()
+    lab.log(f"distilled Plug-in: labelling {lab.distill.examples} public inputs with the tuned emulator, tuning "
+            "the full model's adapter on them")
+    distilled, record = distill_plugin(model, tokenizer, lab.emulator(), bundle, lab.distill, lab.settings,
+                                       lab.work("distilled"))
+    plugged = plug(copy.deepcopy(model), distilled, load_emulator_manifest(lab.emulator_dir))
+    return _scored(lab, plugged, tokenizer, "distilled", {**_training(distilled), "distill": record})
+
+
 def _full_ft(lab: Lab) -> Row:
     if lab.fresh_full:
         model, tokenizer = lab.fresh_full()
@@ -300,7 +326,8 @@ def _gone():
 
 
 _COMPUTE = {"emu_zs": _emu_zs, "emu_ft": _emu_ft, "full_zs": _full_zs, "ceiling": lambda lab: _full_model_row(lab, "ceiling"),
-            "floor": lambda lab: _full_model_row(lab, "floor"), "plugin": _plugin, "full_ft": _full_ft}
+            "floor": lambda lab: _full_model_row(lab, "floor"), "distilled": _distilled, "plugin": _plugin,
+            "full_ft": _full_ft}
 
 __all__ = ["Lab", "ROW_ORDER", "Row", "RowCache", "data_digest", "describe_cell", "public_pairs_of", "row_key", "run_cell",
            "tune_full_ft"]

@@ -237,7 +237,9 @@ def run(model_name: str, task, recipe: Recipe, out: str | Path, preset: str | Bu
               fresh_full=lambda: load_model(model_name), consume_base=True,
               assistant=(lambda: Assistant(full[0], load_emulator(emu_dir), assist)) if assist.on else None,
               log=lambda msg: log(f"[offsite] {msg}"))
-    skipped = {row for row, on in (("ceiling", ceiling), ("floor", floor), ("full_ft", full_ft)) if not on}
+    # the distilled row needs the task's template and label words (offsite plug --distill-*, bench/content_seeds.py)
+    skipped = {row for row, on in (("ceiling", ceiling), ("floor", floor), ("full_ft", full_ft), ("distilled", False))
+               if not on}
     rows = [row for row in ROW_ORDER if row not in skipped]
     cell = describe_cell(_name(model_name), name if not isinstance(task, OwnTask) else [name, task.digest],
                          {"eval_limit": eval_limit, "text_docs": text_docs},
