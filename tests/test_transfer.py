@@ -226,17 +226,17 @@ def test_run_reads_rows_from_its_cache_and_writes_every_note_to_results(tok, tmp
 
     _qa_world(monkeypatch, tok)
     trained = []
-    for name in ("tune_adapter", "tune_to_dir"):
+    for name in ("tune_ceiling", "tune_to_dir"):
         real = getattr(cell_mod, name)
         monkeypatch.setattr(cell_mod, name, lambda *a, _real=real, _name=name, **k: (trained.append(_name), _real(*a, **k))[1])
     kw = dict(eval_limit=None, text_docs=0, probe=False, floor=False,
               cache=tmp_path / "rows", log=lambda *a: None)
     first = run("tiny", "arc_easy", _recipe(1), tmp_path / "a", **kw)
-    assert trained == ["tune_to_dir", "tune_adapter"]  # the adapter on the emulator, then the ceiling
+    assert trained == ["tune_to_dir", "tune_ceiling"]  # the adapter on the emulator, then the ceiling
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "rows").iterdir()) == [
         "ceiling", "emu_ft", "emu_zs", "full_zs", "plugin"]
     second = run("tiny", "arc_easy", _recipe(1), tmp_path / "b", **kw)
-    assert trained == ["tune_to_dir", "tune_adapter"]  # nothing trained again
+    assert trained == ["tune_to_dir", "tune_ceiling"]  # nothing trained again
     values = lambda res: [(r["row"], r["metric"], r["value"]) for r in res.records]  # noqa: E731
     assert values(second) == values(first) and second.notes == first.notes
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
