@@ -222,9 +222,11 @@ def run_grid(task: Task, recipes: list, seeds: list[int], rows=CELL_ROWS, floors
 # --- collecting ---------------------------------------------------------------------------------
 
 def read_cells(task: Task) -> dict:
-    """What the cache holds: ``{"full_zs": row, "ceiling": {seed: row}, "floors": {source: {seed: row}},
+    """What the cache holds: ``{"full_zs": row, "ceiling": {layout: {seed: row}}, "floors": {layout: {source:
+    {seed: row}}},
     "recipes": {label: {"spec": recipe dict, "seeds": {seed: {"emu_zs", "emu_ft", "plugin"[, "distilled"]: row}}}}}``
-    (``distilled`` where that seed has one)."""
+    (``distilled`` where that seed has one). The ceiling and the floors tune the recipe's adapter blocks,
+    so they are kept per :func:`layout_of` the recipe (every block, or the bottom ones only)."""
     from offsite.experiment.recipe import Recipe
 
     index = task.out / "cells.json"
@@ -237,11 +239,12 @@ def read_cells(task: Task) -> dict:
         seed = recipe.seed
         lab, cache = cell_of(task, recipe)
         got["full_zs"] = got["full_zs"] or cache.read("full_zs")
-        got["ceiling"][seed] = got["ceiling"].get(seed) or cache.read("ceiling")
+        ceilings = got["ceiling"].setdefault(layout_of(recipe), {})
+        ceilings[seed] = ceilings.get(seed) or cache.read("ceiling")
         for floor in task.floors:
             row = cell_of(task, recipe, floor)[1].read("floor")
             if row is not None:
-                got["floors"].setdefault(floor, {})[seed] = row
+                got["floors"].setdefault(layout_of(recipe), {}).setdefault(floor, {})[seed] = row
         rows = {r: cache.read(r) for r in ("emu_zs", "emu_ft", "plugin")}
         if all(rows.values()):
             distilled = cache.read("distilled") if task.distill else None
@@ -249,8 +252,20 @@ def read_cells(task: Task) -> dict:
             unseeded = replace(recipe, tuning={k: v for k, v in recipe.tuning.items() if k != "seed"})
             entry = got["recipes"].setdefault(unseeded.label(), {"spec": unseeded.to_dict(), "seeds": {}})
             entry["seeds"][seed] = rows
-    got["ceiling"] = {s: r for s, r in got["ceiling"].items() if r is not None}
+    got["ceiling"] = {lay: {s: r for s, r in by.items() if r is not None} for lay, by in got["ceiling"].items()}
     return got
+
+
+#: the layout of the papers' recipes: adapter 2,2, every adapter block tuned
+DEFAULT_LAYOUT = "2,2 all"
+
+
+def layout_of(recipe) -> str:
+    """The adapter layout a recipe's ceiling and floors share: its adapter layers and tuned blocks (``2,2 all``)."""
+    from offsite.experiment.recipe import Recipe
+
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
+    return "{},{} {}".format(*recipe.adapter_layers, recipe.tuning.get("blocks") or "all")
 
 
 def _mean(xs) -> float:
@@ -301,14 +316,17 @@ def middle_share(spec: dict) -> float | None:
     return shapes["middle_params"] / shapes["original_middle_params"]
 
 
-def collect(task: Task) -> dict:
-    """The cache of ``task`` -> results: Full ZS, ceilings and floors per seed, a record per recipe and row."""
+def collect(task: Task, reference: str | None = None) -> dict:
+    """The cache of ``task`` -> results: Full ZS, ceilings and floors per seed, a record per recipe and row,
+    each measured against the ceiling and floors of its own adapter layout, or of the layout ``reference``
+    for every recipe (bench/data_privacy.py: every protocol against the data owner alone's)."""
     got = read_cells(task)
     name = task.name
     zs, ceilings, floors, base = baseline(task, got)
     gold = [d.gold for d in task.eval.docs][:len(zs)]
     records = []
     for label, entry in sorted(got["recipes"].items()):
+        _, ceilings, _, base = baseline(task, got, reference or layout_of(entry["spec"]))
         entry = {"spec": entry["spec"], "seeds": {s: _rows_of(rows, got, name, gold) for s, rows in entry["seeds"].items()}}
         records += [record_of(task, label, entry, row, base, zs, ceilings) for row in ("plugin", "proxy")]
         distilled = {s: rows for s, rows in entry["seeds"].items() if "distilled" in rows}
@@ -317,20 +335,32 @@ def collect(task: Task) -> dict:
             rec["distill"] = {**task.distill.record(), "label_shares": [
                 got["recipes"][label]["seeds"][s]["distilled"].extra["distill"]["label_shares"] for s in rec["seeds"]]}
             records.append(rec)
-    return {"full_zs": _mean(zs), "ceiling": {"seeds": sorted(ceilings), "acc": [_mean(ceilings[s]) for s in sorted(ceilings)]},
-            "floors": {f: {"seeds": sorted(by), "acc": [_mean(by[s]) for s in sorted(by)]} for f, by in floors.items()},
+    main = DEFAULT_LAYOUT if DEFAULT_LAYOUT in got["ceiling"] else min(got["ceiling"], default=DEFAULT_LAYOUT)
+    zs, ceilings, floors, base = baseline(task, got, main)
+    others = {lay: baseline(task, got, lay) for lay in sorted(got["ceiling"]) if lay != main}
+    return {"full_zs": _mean(zs), "ceiling": _accs(ceilings), "floors": {f: _accs(by) for f, by in floors.items()},
             "beyond_floor_from": base[0], "records": records,
-            "head": head(zs, ceilings, floors, base[0])}
+            "layouts": {lay: {"ceiling": _accs(c), "floors": {f: _accs(by) for f, by in fl.items()}, "beyond_floor_from": b[0]}
+                        for lay, (_, c, fl, b) in others.items()},
+            "head": head(zs, ceilings, floors, base[0])
+            + "".join(f". Adapter {lay} (its own ceiling and floors): "
+                      + head(zs, c, fl, b[0], "the " + lay.split()[1] + " adapter blocks").split("; ", 1)[1]
+                      for lay, (_, c, fl, b) in others.items())}
 
 
-def baseline(task: Task, got: dict) -> tuple:
-    """What every record of ``task`` is measured against, from :func:`read_cells`'s ``got``: Full ZS's
-    per-document correctness, the ceilings' and the floors' per seed, and the base of "beyond the
-    floor" (``(name, per-document scores)``: the higher of Full ZS and the best floor, seeds averaged)."""
+def _accs(by_seed: dict) -> dict:
+    return {"seeds": sorted(by_seed), "acc": [_mean(by_seed[s]) for s in sorted(by_seed)]}
+
+
+def baseline(task: Task, got: dict, layout: str = DEFAULT_LAYOUT) -> tuple:
+    """What the records of ``task`` with adapter ``layout`` are measured against, from :func:`read_cells`'s
+    ``got``: Full ZS's per-document correctness, the layout's ceilings' and floors' per seed, and the base
+    of "beyond the floor" (``(name, per-document scores)``: the higher of Full ZS and the best floor,
+    seeds averaged)."""
     name = task.name
     zs = got["full_zs"].correct[name]
-    ceilings = {s: r.correct[name] for s, r in got["ceiling"].items()}
-    floors = {f: {s: r.correct[name] for s, r in by.items()} for f, by in got["floors"].items()}
+    ceilings = {s: r.correct[name] for s, r in got["ceiling"].get(layout, {}).items()}
+    floors = {f: {s: r.correct[name] for s, r in by.items()} for f, by in got["floors"].get(layout, {}).items()}
     base = ("full_zs", zs)
     for f, by in floors.items():
         mean = [_mean(col) for col in zip(*by.values())]
@@ -351,12 +381,12 @@ def _rows_of(rows: dict, got: dict, name: str, gold: list[int]) -> dict:
             **({"distilled": rows["distilled"].correct[name]} if "distilled" in rows else {})}
 
 
-def head(zs: list, ceilings: dict, floors: dict, base: str) -> str:
+def head(zs: list, ceilings: dict, floors: dict, base: str, tuned: str = "every adapter block") -> str:
     """The table's first line: Full ZS, the ceiling and each floor, with their paired differences."""
     from offsite.experiment.stats import paired_seeds
 
     text = f"Full ZS {100 * _mean(zs):.1f} on {len(zs)} documents"
-    parts = [("ceiling (every adapter block tuned on the full model)", ceilings)] + \
+    parts = [(f"ceiling ({tuned} tuned on the full model)", ceilings)] + \
             [(f"floor on {f}", by) for f, by in floors.items()]
     for what, by in parts:
         if by:

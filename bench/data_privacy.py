@@ -276,14 +276,14 @@ def task_results(name: str) -> dict:
     from offsite.experiment.recipe import Recipe
 
     task, *_ = prepare(name)
-    res = cs.collect(task)
+    res = cs.collect(task, reference=cs.layout_of(RECIPE))  # every protocol against the data owner alone's ceiling
     cells = []  # (protocol, recipe with its seed, content-grid record)
     for rec in (r for r in res["records"] if r["row"] == "plugin"):
         cells.append((protocol_of(rec["spec"]), Recipe.from_dict(rec["spec"]).with_seed(rec["seeds"][0]), rec))
     index = task.out / "federated.json"
     if index.exists():
         got = cs.read_cells(task)
-        zs, ceilings, _, base = cs.baseline(task, got)
+        zs, ceilings, _, base = cs.baseline(task, got, cs.layout_of(RECIPE))
         for fed_name, spec in json.loads(index.read_text()).items():
             recipe = Recipe.from_dict(spec)
             _, cache = federated_cell(task, recipe)

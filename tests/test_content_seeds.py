@@ -44,6 +44,24 @@ def test_a_second_recipe_reuses_the_rows_it_shares(grid):
         "uniform keep=1 layers=2-1 seed=1", "uniform keep=2 layers=2-1 seed=1"}
 
 
+def test_each_adapter_layout_is_measured_against_its_own_ceiling(grid):
+    every = Recipe.from_dict({"options": {"keep": 1}, "adapter_layers": [2, 1]})
+    bottom = Recipe.from_dict({"options": {"keep": 1}, "adapter_layers": [2, 1], "tuning": {"blocks": "bottom"}})
+    cs.run_grid(grid, [every, bottom], [1])
+    got = cs.read_cells(grid)
+    assert sorted(got["ceiling"]) == ["2,1 all", "2,1 bottom"]  # the bottom blocks tuned on the full model apart
+    own = {lay: got["ceiling"][lay][1].correct["quiz"] for lay in got["ceiling"]}
+    res = cs.collect(grid)
+    for rec in (r for r in res["records"] if r["row"] == "plugin"):
+        zs = got["full_zs"].correct["quiz"]
+        gain = sum(own[cs.layout_of(rec["spec"])]) / len(zs) - sum(zs) / len(zs)
+        assert rec["transfer"]["ceiling_gain"] == pytest.approx(gain)
+    assert list(res["layouts"]) == ["2,1 bottom"] and "Adapter 2,1 bottom (its own ceiling and floors)" in res["head"]
+    # a reference layout measures every recipe against that one ceiling (bench/data_privacy.py)
+    ref = cs.collect(grid, reference="2,1 all")
+    assert len({r["transfer"]["ceiling_gain"] for r in ref["records"] if r["row"] == "plugin"}) == 1
+
+
 def test_collect_gives_a_record_per_recipe_and_row_with_its_seeds(grid, tmp_path, monkeypatch):
     recipe = Recipe.from_dict({"options": {"keep": 1}, "adapter_layers": [2, 1]})
     cs.run_grid(grid, [recipe], [1, 2])
