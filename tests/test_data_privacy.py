@@ -85,18 +85,7 @@ def test_data_side_end_to_end(tiny_dir, tmp_path, capsys):
     target and attack, and the tuned models' members have lower loss than the non-members."""
     from offsite.cli import main
 
-    r = random.Random(0)
-
-    def row(i):
-        return {"prompt": f"Item {i} colour:", "completion": " " + r.choice(["red", "blue", "green", "black"])}
-
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in range(40)))
-    (tmp_path / "held.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in range(100, 140)))
-    d = lambda name: str(tmp_path / name)  # noqa: E731
-    assert main(["privacy", "--side", "data", "--data", d("train.jsonl"), "--plant-canaries", d("c.jsonl")]) == 0
-    assert main(["emulate", "--model", str(tiny_dir), "--keep", "1", "--no-probe", "--out", d("emu")]) == 0
-    assert main(["tune", "--emulator", d("emu"), "--data", d("c.jsonl"), "--out", d("ad"), "--max-steps", "40",
-                 "--batch-size", "8", "--lr", "3e-3"]) == 0
+    d, _ = _planted_and_tuned(tiny_dir, tmp_path, steps=40)
     common = ["privacy", "--side", "data", "--model", str(tiny_dir), "--emulator", d("emu"), "--tuned-adapter",
               d("ad"), "--data", d("c.jsonl"), "--heldout", d("held.jsonl"), "--bootstrap", "100"]
     assert main(common + ["--json", d("out.json"), "--canaries", d("c.jsonl.canaries.json"),
@@ -128,7 +117,7 @@ def test_cli_data_side_needs_its_inputs(tmp_path, capsys):
     assert "needs --data" in capsys.readouterr().err
 
 
-def _planted_and_tuned(tiny_dir, tmp_path):
+def _planted_and_tuned(tiny_dir, tmp_path, steps: int = 6):
     """A training file with canaries, its non-members, an emulator of the tiny model and an adapter tuned on it."""
     from offsite.cli import main
 
@@ -142,7 +131,7 @@ def _planted_and_tuned(tiny_dir, tmp_path):
     d = lambda name: str(tmp_path / name)  # noqa: E731
     assert main(["privacy", "--side", "data", "--data", d("train.jsonl"), "--plant-canaries", d("c.jsonl")]) == 0
     assert main(["emulate", "--model", str(tiny_dir), "--keep", "1", "--no-probe", "--out", d("emu")]) == 0
-    assert main(["tune", "--emulator", d("emu"), "--data", d("c.jsonl"), "--out", d("ad"), "--max-steps", "6",
+    assert main(["tune", "--emulator", d("emu"), "--data", d("c.jsonl"), "--out", d("ad"), "--max-steps", str(steps),
                  "--batch-size", "8", "--lr", "3e-3"]) == 0
     return d, ["privacy", "--side", "data", "--model", str(tiny_dir), "--emulator", d("emu"), "--data", d("c.jsonl"),
                "--heldout", d("held.jsonl"), "--bootstrap", "50", "--canaries", d("c.jsonl.canaries.json"),
