@@ -322,11 +322,13 @@ def collect(task: Task, reference: str | None = None) -> dict:
     for every recipe (bench/data_privacy.py: every protocol against the data owner alone's)."""
     got = read_cells(task)
     name = task.name
-    zs, ceilings, floors, base = baseline(task, got)
+    bases = {lay: baseline(task, got, lay) for lay in {reference or layout_of(e["spec"]) for e in got["recipes"].values()}
+             | set(got["ceiling"])}
+    zs = got["full_zs"].correct[name]
     gold = [d.gold for d in task.eval.docs][:len(zs)]
     records = []
     for label, entry in sorted(got["recipes"].items()):
-        _, ceilings, _, base = baseline(task, got, reference or layout_of(entry["spec"]))
+        _, ceilings, _, base = bases[reference or layout_of(entry["spec"])]
         entry = {"spec": entry["spec"], "seeds": {s: _rows_of(rows, got, name, gold) for s, rows in entry["seeds"].items()}}
         records += [record_of(task, label, entry, row, base, zs, ceilings) for row in ("plugin", "proxy")]
         distilled = {s: rows for s, rows in entry["seeds"].items() if "distilled" in rows}
@@ -336,15 +338,15 @@ def collect(task: Task, reference: str | None = None) -> dict:
                 got["recipes"][label]["seeds"][s]["distilled"].extra["distill"]["label_shares"] for s in rec["seeds"]]}
             records.append(rec)
     main = DEFAULT_LAYOUT if DEFAULT_LAYOUT in got["ceiling"] else min(got["ceiling"], default=DEFAULT_LAYOUT)
-    zs, ceilings, floors, base = baseline(task, got, main)
-    others = {lay: baseline(task, got, lay) for lay in sorted(got["ceiling"]) if lay != main}
+    zs, ceilings, floors, base = bases.get(main) or baseline(task, got, main)
+    others = {lay: bases[lay] for lay in sorted(got["ceiling"]) if lay != main}
     return {"full_zs": _mean(zs), "ceiling": _accs(ceilings), "floors": {f: _accs(by) for f, by in floors.items()},
             "beyond_floor_from": base[0], "records": records,
             "layouts": {lay: {"ceiling": _accs(c), "floors": {f: _accs(by) for f, by in fl.items()}, "beyond_floor_from": b[0]}
                         for lay, (_, c, fl, b) in others.items()},
             "head": head(zs, ceilings, floors, base[0])
             + "".join(f". Adapter {lay} (its own ceiling and floors): "
-                      + head(zs, c, fl, b[0], "the " + lay.split()[1] + " adapter blocks").split("; ", 1)[1]
+                      + references(zs, c, fl, b[0], "the " + lay.split()[1] + " adapter blocks")[2:]
                       for lay, (_, c, fl, b) in others.items())}
 
 
@@ -381,11 +383,17 @@ def _rows_of(rows: dict, got: dict, name: str, gold: list[int]) -> dict:
             **({"distilled": rows["distilled"].correct[name]} if "distilled" in rows else {})}
 
 
-def head(zs: list, ceilings: dict, floors: dict, base: str, tuned: str = "every adapter block") -> str:
+def head(zs: list, ceilings: dict, floors: dict, base: str) -> str:
     """The table's first line: Full ZS, the ceiling and each floor, with their paired differences."""
+    return f"Full ZS {100 * _mean(zs):.1f} on {len(zs)} documents" + references(zs, ceilings, floors, base)
+
+
+def references(zs: list, ceilings: dict, floors: dict, base: str, tuned: str = "every adapter block") -> str:
+    """``; ceiling ...; floor on ...; ...``: the ceiling and each floor against Full ZS, and the base of
+    "beyond the floor"."""
     from offsite.experiment.stats import paired_seeds
 
-    text = f"Full ZS {100 * _mean(zs):.1f} on {len(zs)} documents"
+    text = ""
     parts = [(f"ceiling ({tuned} tuned on the full model)", ceilings)] + \
             [(f"floor on {f}", by) for f, by in floors.items()]
     for what, by in parts:
